@@ -1,0 +1,56 @@
+"""`ringmaster` command line: one typer app; each command family lives in its own module.
+
+The controller imports no torch; commands that need workers start them by name.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import Enum
+
+import typer
+from rich.console import Console
+
+from controller.cli_data import data_app
+from controller.cli_demo import demo
+from scheduler.errors import RingmasterError
+
+app = typer.Typer(
+    name="ringmaster",
+    help="Orchestrate long-context LLM training on dynamic Hybrid-Data-Parallel meshes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_app, name="data")
+app.command("demo")(demo)
+err = Console(stderr=True)
+
+
+class SchemaKind(str, Enum):
+    plan = "plan"
+    model = "model"
+    cluster = "cluster"
+
+
+def _schema_models() -> dict:
+    from scheduler.plan import StepPlan
+    from scheduler.specs import ClusterSpec, ModelSpec
+
+    return {"plan": StepPlan, "model": ModelSpec, "cluster": ClusterSpec}
+
+
+@app.command()
+def schema(kind: SchemaKind = typer.Argument(..., help="Which document's JSON Schema.")):
+    """Print the JSON Schema of a plan, model spec or cluster spec."""
+    typer.echo(json.dumps(_schema_models()[kind.value].model_json_schema(), indent=2))
+
+
+def main() -> None:
+    """Entry point that turns domain errors into one clear line and exit status 2."""
+    try:
+        app()
+    except RingmasterError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)

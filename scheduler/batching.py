@@ -1,0 +1,61 @@
+"""Global batches from sample lengths: a deterministic token-budget packing.
+
+Torch-free: the controller forms batches from the dataset's lengths alone and sends their
+ids; workers read the tokens of exactly those ids. Order is a seeded permutation per
+epoch, so (seed, epoch, batch index) names a batch and is all a checkpoint must remember.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchPosition:
+    """Where the data stream is: the next batch to produce."""
+
+    epoch: int = 0  # passes over the dataset completed
+    index: int = 0  # batch index inside the epoch
+
+
+def epoch_batches(lengths: Sequence[int] | np.ndarray, *, tokens_per_batch: int, seed: int,
+                  epoch: int = 0) -> list[np.ndarray]:
+    """Sample ids of every global batch of one epoch, in order.
+
+    Samples are taken in a seeded permutation and appended to the current batch until the
+    next one would exceed `tokens_per_batch`; a sample longer than the budget forms a batch
+    of its own (the planner then decides whether it fits the cluster).
+    """
+    if tokens_per_batch < 1:
+        raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if lengths.size == 0:
+        raise ValueError("lengths: the dataset has no samples")
+    order = np.random.default_rng([seed, epoch]).permutation(lengths.size)
+    batches, current, used = [], [], 0
+    for i in order:
+        n = int(lengths[i])
+        if current and used + n > tokens_per_batch:
+            batches.append(np.asarray(current, dtype=np.int64))
+            current, used = [], 0
+        current.append(int(i))
+        used += n
+    if current:
+        batches.append(np.asarray(current, dtype=np.int64))
+    return batches
+
+
+def iter_batches(lengths: Sequence[int] | np.ndarray, *, tokens_per_batch: int, seed: int,
+                 start: BatchPosition = BatchPosition()) -> Iterator[tuple[BatchPosition,
+                                                                            np.ndarray]]:
+    """Endless (position, ids) stream from `start`, epoch after epoch."""
+    epoch, index = start.epoch, start.index
+    while True:
+        batches = epoch_batches(lengths, tokens_per_batch=tokens_per_batch, seed=seed,
+                                epoch=epoch)
+        for k in range(index, len(batches)):
+            yield BatchPosition(epoch=epoch, index=k), batches[k]
+        epoch, index = epoch + 1, 0
