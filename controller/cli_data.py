@@ -15,7 +15,8 @@ console = Console()
 
 
 def fail(exc: Exception) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {exc}")
+    """Show a user's mistake as one line on stderr and exit with status 2."""
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
     raise typer.Exit(2)
 
 
