@@ -1,0 +1,34 @@
+"""Launchers start and stop job worker groups; config selects one by name.
+
+`make_launcher("ray" | "kubernetes" | "fake", **options)` imports the implementation lazily
+so the controller only loads the client libraries of the launcher it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from controller.launchers.base import EventKind, FakeLauncher, Launcher, LauncherEvent
+
+LAUNCHERS: dict[str, tuple[str, str]] = {
+    "ray": ("controller.launchers.ray", "RayLauncher"),
+    "kubernetes": ("controller.launchers.kubernetes", "KubernetesLauncher"),
+    "fake": ("controller.launchers.base", "FakeLauncher"),
+}
+
+
+def make_launcher(name: str, **options) -> Launcher:
+    """The launcher called `name`, built with `options` (its constructor's keywords)."""
+    if name not in LAUNCHERS:
+        raise ValueError(f"launcher={name!r} is not known; valid: {', '.join(LAUNCHERS)}")
+    module_name, class_name = LAUNCHERS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(f"launcher={name!r} is not available in this installation "
+                         f"({module_name}: {exc})") from None
+    return getattr(module, class_name)(**options)
+
+
+__all__ = ["EventKind", "FakeLauncher", "LAUNCHERS", "Launcher", "LauncherEvent",
+           "make_launcher"]

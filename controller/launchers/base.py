@@ -1,0 +1,168 @@
+"""The launcher interface: how the job state machine starts and stops a job's workers.
+
+A launcher owns no job state; the state machine (controller.machine) decides, the launcher
+acts and reports. Four calls, all non-blocking and safe to repeat:
+
+- `admit(job)`: the gang check. True when every rank of the job can start now (all or
+  nothing); False leaves the job Pending and it is asked again on the next tick.
+- `start(job, attempt)`: start the worker group of that attempt (one worker per rank). The
+  attempt number travels to the workers, which present it on every report (fencing).
+- `stop(job_id)`: tear the job's workers down, whatever attempt they run. Idempotent.
+- `poll()`: events since the last poll: a group became ready, a worker was lost, the job's
+  workers finished (successfully or not), or the workers of a stopped job are gone.
+
+Implementations: `FakeLauncher` (in memory, for tests and dry runs), the Ray launcher and
+the Kubernetes launcher (KubeRay RayCluster per job). Config selects one by name
+(`launcher: ray|kubernetes`); see controller.launchers.make_launcher.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import StrEnum
+
+from controller.states import JobRecord
+
+
+class EventKind(StrEnum):
+    READY = "Ready"              # every rank of the attempt is up
+    WORKER_LOST = "WorkerLost"   # a rank died or stopped heartbeating
+    COMPLETED = "Completed"      # the workers finished all training steps
+    FAILED = "Failed"            # the workers exited with an error that a restart won't fix
+    STOPPED = "Stopped"          # after stop(): every worker of the job is gone
+
+
+@dataclass(frozen=True, kw_only=True)
+class LauncherEvent:
+    """Something a launcher observed about one attempt of one job."""
+
+    job_id: str
+    attempt: int  # the attempt the event is about; stale attempts are ignored
+    kind: EventKind
+    rank: int | None = None  # the rank concerned, when one is
+    message: str = ""  # human-readable detail (exit code, pod event, ...)
+
+
+class Launcher(ABC):
+    """Starts and stops job worker groups; see the module docstring for the contract."""
+
+    name: str = "abstract"
+
+    @abstractmethod
+    def admit(self, job: JobRecord) -> bool:
+        """True when all `job.spec.resources.num_ranks` ranks can start now (gang)."""
+
+    @abstractmethod
+    def start(self, job: JobRecord, attempt: int) -> None:
+        """Start the worker group of `attempt` (non-blocking; READY comes through poll)."""
+
+    @abstractmethod
+    def stop(self, job_id: str) -> None:
+        """Tear down every worker of the job (non-blocking; STOPPED comes through poll)."""
+
+    @abstractmethod
+    def poll(self) -> list[LauncherEvent]:
+        """Events observed since the previous call, oldest first."""
+
+    def close(self) -> None:
+        """Release the launcher's own resources (not the jobs' workers, which outlive it)."""
+        return None
+
+
+@dataclass(frozen=True, kw_only=True)
+class FakeGroup:
+    """What FakeLauncher remembers of a started attempt."""
+
+    job_id: str
+    attempt: int
+    num_ranks: int
+
+
+class FakeLauncher(Launcher):
+    """In-memory launcher with a fixed number of free ranks; tests script its events.
+
+    `start` reserves the ranks; READY is reported on the next poll when `auto_ready`.
+    `stop` frees them and reports STOPPED. Tests inject failures with `lose_worker`,
+    `complete`, `fail`, or any event with `push`. Thread-safe.
+    """
+
+    name = "fake"
+
+    def __init__(self, *, total_ranks: int = 1 << 20, auto_ready: bool = True):
+        if total_ranks < 1:
+            raise ValueError(f"total_ranks={total_ranks} must be >= 1")
+        self.total_ranks = total_ranks
+        self.auto_ready = auto_ready
+        self.groups: dict[str, FakeGroup] = {}
+        self.started: list[tuple[str, int]] = []  # (job_id, attempt), in call order
+        self.stopped: list[str] = []
+        self._events: list[LauncherEvent] = []
+        self._lock = threading.Lock()
+
+    @property
+    def free_ranks(self) -> int:
+        return self.total_ranks - sum(g.num_ranks for g in self.groups.values())
+
+    def admit(self, job: JobRecord) -> bool:
+        with self._lock:
+            return job.spec.resources.num_ranks <= self.free_ranks
+
+    def start(self, job: JobRecord, attempt: int) -> None:
+        with self._lock:
+            n = job.spec.resources.num_ranks
+            held = self.groups.pop(job.id, None)
+            if n > self.free_ranks:
+                if held:
+                    self.groups[job.id] = held
+                raise RuntimeError(f"job {job.id}: {n} ranks requested, {self.free_ranks} free")
+            self.groups[job.id] = FakeGroup(job_id=job.id, attempt=attempt, num_ranks=n)
+            self.started.append((job.id, attempt))
+            if self.auto_ready:
+                self._events.append(LauncherEvent(job_id=job.id, attempt=attempt,
+                                                  kind=EventKind.READY))
+
+    def stop(self, job_id: str) -> None:
+        with self._lock:
+            group = self.groups.pop(job_id, None)
+            self.stopped.append(job_id)
+            attempt = group.attempt if group else 0
+            self._events.append(LauncherEvent(job_id=job_id, attempt=attempt,
+                                              kind=EventKind.STOPPED))
+
+    def poll(self) -> list[LauncherEvent]:
+        with self._lock:
+            events, self._events = self._events, []
+            return events
+
+    def push(self, event: LauncherEvent) -> None:
+        """Queue any event for the next poll (frees the ranks of an ending attempt)."""
+        with self._lock:
+            if event.kind is not EventKind.READY:
+                group = self.groups.get(event.job_id)
+                if group and group.attempt == event.attempt:
+                    del self.groups[event.job_id]
+            self._events.append(event)
+
+    def _current(self, job_id: str) -> int:
+        group = self.groups.get(job_id)
+        if group is None:
+            raise KeyError(f"job {job_id} has no running group in the fake launcher")
+        return group.attempt
+
+    def ready(self, job_id: str) -> None:
+        self.push(LauncherEvent(job_id=job_id, attempt=self._current(job_id),
+                                kind=EventKind.READY))
+
+    def lose_worker(self, job_id: str, rank: int = 0, message: str = "worker died") -> None:
+        self.push(LauncherEvent(job_id=job_id, attempt=self._current(job_id),
+                                kind=EventKind.WORKER_LOST, rank=rank, message=message))
+
+    def complete(self, job_id: str) -> None:
+        self.push(LauncherEvent(job_id=job_id, attempt=self._current(job_id),
+                                kind=EventKind.COMPLETED))
+
+    def fail(self, job_id: str, message: str = "worker exited with an error") -> None:
+        self.push(LauncherEvent(job_id=job_id, attempt=self._current(job_id),
+                                kind=EventKind.FAILED, message=message))

@@ -1,0 +1,219 @@
+"""The job spec: what a user submits (YAML or JSON), validated at the edge with pydantic.
+
+Every section rejects unknown fields by name. The spec is resolved lazily: a model preset or
+an HF `config.json` path and a cluster preset become `ModelSpec`/`ClusterSpec` only when the
+planner needs them (`resolve_model`, `resolve_cluster`), so a spec stays small and stable
+in the store. `JobCreate` is the REST body and the file format; `load_job_spec` reads a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from scheduler.errors import SpecError
+from scheduler.specs import (
+    CLUSTER_PRESETS,
+    MODEL_PRESETS,
+    ClusterSpec,
+    ModelSpec,
+    cluster_preset,
+    format_validation_error,
+    model_preset,
+)
+
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SUBMISSION_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
+MAX_PATH_CHARS = 4096
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_path(value: str | None, field: str) -> str | None:
+    if value is not None and ("\x00" in value or not value.strip()):
+        raise ValueError(f"{field}: {value!r} is not a usable path (empty or contains NUL)")
+    return value
+
+
+class DatasetRef(_Section):
+    """Where the token dataset (.bin/.idx, see scheduler.dataset) lives."""
+
+    path: str = Field(min_length=1, max_length=MAX_PATH_CHARS,
+                      description="Dataset prefix or directory holding data.bin/data.idx, as "
+                                  "the controller and the workers see it.")
+
+    @field_validator("path")
+    @classmethod
+    def _usable(cls, v: str) -> str:
+        return _check_path(v, "path")
+
+
+class Resources(_Section):
+    """How many ranks the job runs on and what hardware they are."""
+
+    num_ranks: int = Field(ge=1, le=1_000_000, description="Ranks (GPUs, or CPU processes).")
+    cluster: str | ClusterSpec = Field(
+        default="cpu", union_mode="left_to_right",
+        description=f"Cluster preset ({', '.join(CLUSTER_PRESETS)}) or explicit ClusterSpec "
+                    "fields.")
+    gpus_per_node: int | None = Field(default=None, ge=1, le=1024,
+                                      description="Override the preset's ranks per node.")
+    capacity_tokens: int | None = Field(
+        default=None, ge=1, le=1 << 40,
+        description="Tokens one rank holds per micro-batch; default: the planner derives it "
+                    "from the model and the device memory.")
+
+    @model_validator(mode="after")
+    def _fits(self) -> Resources:
+        if isinstance(self.cluster, str):
+            if self.cluster not in CLUSTER_PRESETS:
+                raise ValueError(f"cluster={self.cluster!r} is not a preset; valid: "
+                                 f"{', '.join(CLUSTER_PRESETS)}, or ClusterSpec fields")
+            cluster_preset(self.cluster, num_ranks=self.num_ranks,
+                           gpus_per_node=self.gpus_per_node)
+        else:
+            if self.gpus_per_node is not None:
+                raise ValueError("gpus_per_node: only applies to a cluster preset; set "
+                                 "cluster.gpus_per_node instead")
+            if self.num_ranks > self.cluster.world_size:
+                raise ValueError(f"num_ranks={self.num_ranks} exceeds the cluster's "
+                                 f"{self.cluster.world_size} ranks (num_nodes x gpus_per_node)")
+        return self
+
+
+class Training(_Section):
+    """The training loop's settings."""
+
+    steps: int = Field(ge=1, le=10_000_000, description="Optimizer steps to run.")
+    global_batch_tokens: int = Field(ge=1, le=1 << 40,
+                                     description="Token budget of one global batch.")
+    learning_rate: float = Field(default=1e-3, gt=0, le=10, allow_inf_nan=False,
+                                 description="Peak AdamW learning rate.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Data order and init seed.")
+    checkpoint_dir: str | None = Field(default=None, max_length=MAX_PATH_CHARS,
+                                       description="Where checkpoints go; none: no checkpoints.")
+    checkpoint_interval: int = Field(default=100, ge=1, le=10_000_000,
+                                     description="Steps between checkpoints.")
+
+    @field_validator("checkpoint_dir")
+    @classmethod
+    def _usable(cls, v: str | None) -> str | None:
+        return _check_path(v, "checkpoint_dir")
+
+
+class PlannerSettings(_Section):
+    """How each global batch is planned (scheduler.plan_batch)."""
+
+    policy: Literal["hdp", "naive", "static"] = Field(
+        default="hdp", description="hdp: balanced dynamic mesh; naive: ByteScale Alg. 1 "
+                                   "without balancing; static: one CP degree for all.")
+    time_limit_s: float = Field(default=1.0, gt=0, le=600, allow_inf_nan=False,
+                                description="Solver time budget per global batch, seconds.")
+
+
+class FailurePolicy(_Section):
+    """What happens when a worker dies or stalls."""
+
+    max_restarts: int = Field(default=3, ge=0, le=1000,
+                              description="Attempts after the first before the job fails.")
+    heartbeat_timeout_s: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False,
+                                       description="A rank silent this long is lost.")
+
+
+class JobCreate(_Section):
+    """A job as submitted (file format and body of POST /v1/jobs)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN,
+                      description="DNS-label name (lowercase letters, digits, '-').")
+    submission_id: str | None = Field(
+        default=None, min_length=1, max_length=128, pattern=SUBMISSION_ID_PATTERN,
+        description="Client-chosen idempotency key: resubmitting the same body returns the "
+                    "same job; a different body with the same key is a conflict (409).")
+    model: str | ModelSpec = Field(
+        union_mode="left_to_right",
+        description=f"Model preset ({', '.join(MODEL_PRESETS)}), a path to a Hugging Face "
+                    "config.json, or explicit ModelSpec fields.")
+    dataset: DatasetRef
+    resources: Resources
+    training: Training
+    planner: PlannerSettings = PlannerSettings()
+    failure: FailurePolicy = FailurePolicy()
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, v: str | ModelSpec) -> str | ModelSpec:
+        if isinstance(v, str) and v not in MODEL_PRESETS and not v.endswith(".json"):
+            raise ValueError(f"model={v!r} is not a preset ({', '.join(MODEL_PRESETS)}) or a "
+                             "path ending in .json")
+        if isinstance(v, str):
+            _check_path(v, "model")
+        return v
+
+    def fingerprint(self) -> str:
+        """Hash of the canonical JSON form: equal bodies, equal fingerprints."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+    def resolve_model(self) -> ModelSpec:
+        """The ModelSpec (reads the HF config.json when `model` is a path)."""
+        return self.model if isinstance(self.model, ModelSpec) else model_preset(self.model)
+
+    def resolve_cluster(self) -> ClusterSpec:
+        """The ClusterSpec the planner sees: a preset sized to `num_ranks`, or the fields."""
+        r = self.resources
+        if isinstance(r.cluster, ClusterSpec):
+            return r.cluster
+        return cluster_preset(r.cluster, num_ranks=r.num_ranks, gpus_per_node=r.gpus_per_node)
+
+    @property
+    def num_nodes(self) -> int:
+        c = self.resolve_cluster()
+        return math.ceil(self.resources.num_ranks / c.gpus_per_node)
+
+
+def parse_job_spec(data: object, *, source: str = "job spec") -> JobCreate:
+    """Validate a decoded document; SpecError lists every bad field as 'path: message'."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: expected a mapping of job fields, got "
+                        f"{type(data).__name__}")
+    try:
+        return JobCreate.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(f"invalid {source}: {format_validation_error(exc)}") from None
+
+
+def load_job_spec(path: str | Path) -> JobCreate:
+    """Read a job spec from a .yaml/.yml/.json file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"job spec {path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"job spec {path}: cannot read ({exc})") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(f"job spec {path}: not valid {path.suffix.lstrip('.') or 'YAML'} "
+                        f"({exc})") from None
+    return parse_job_spec(data, source=f"job spec {path}")
+
+
+def inline_local_model(spec: JobCreate, *, base: Path | None = None) -> JobCreate:
+    """Replace a config.json path with its ModelSpec, read on the client's filesystem."""
+    if not isinstance(spec.model, str) or not spec.model.endswith(".json"):
+        return spec
+    path = Path(spec.model)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        return spec  # the server resolves it against its own filesystem
+    return spec.model_copy(update={"model": ModelSpec.from_hf_config(path)})
