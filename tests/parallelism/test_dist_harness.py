@@ -1,0 +1,53 @@
+"""tests/dist.py itself: results come back by rank, failures carry the rank's traceback,
+a hung rank is killed at the deadline instead of hanging the suite."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.dist import DistributedTestError, run_distributed
+
+pytestmark = pytest.mark.distributed
+
+
+def _sum_of_ranks(rank: int, world_size: int, scale: int, *, offset: int) -> tuple:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(rank)])
+    dist.all_reduce(t)
+    return rank, world_size, float(t) * scale + offset
+
+
+def _rank_one_fails(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("deliberate failure on rank one")
+    return rank
+
+
+def _rank_zero_hangs(rank: int, world_size: int) -> int:
+    if rank == 0:
+        time.sleep(60)
+    return rank
+
+
+def test_results_come_back_indexed_by_rank():
+    out = run_distributed(_sum_of_ranks, 3, 10, offset=1, timeout_s=60)
+    assert out == [(r, 3, 31.0) for r in range(3)]
+
+
+def test_failure_carries_rank_and_traceback():
+    with pytest.raises(DistributedTestError) as info:
+        run_distributed(_rank_one_fails, 2, timeout_s=60)
+    text = str(info.value)
+    assert "rank 1" in text and "deliberate failure on rank one" in text
+    assert "_rank_one_fails" in text  # the traceback, not just the message
+
+
+def test_hung_rank_is_killed_at_deadline():
+    start = time.monotonic()
+    with pytest.raises(DistributedTestError, match=r"ranks \[0\] did not finish"):
+        run_distributed(_rank_zero_hangs, 2, timeout_s=8)
+    assert time.monotonic() - start < 30
