@@ -1,0 +1,94 @@
+"""workers.data: deterministic global batches and per-rank sample reads."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from scheduler.batching import BatchPosition
+from scheduler.dataset import DatasetWriter, TokenDataset
+from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan
+from workers.data import BatchStream, read_samples, sequence_ids_of_rank
+
+
+@pytest.fixture
+def corpus(tmp_path, rng):
+    lengths = rng.integers(1, 40, size=37)
+    samples = [rng.integers(0, 2**32 - 1, size=int(n), dtype=np.uint64) for n in lengths]
+    with DatasetWriter(tmp_path / "data") as w:
+        for s in samples:
+            w.add(s)
+    return tmp_path, samples
+
+
+def test_batches_cover_each_epoch_once_within_budget(corpus):
+    path, samples = corpus
+    stream = BatchStream(path, tokens_per_batch=60, seed=3)
+    seen = []
+    while stream.position.epoch == 0:
+        b = stream.next_batch()
+        if b.position.epoch:
+            break
+        assert b.num_tokens <= 60 or len(b.sample_ids) == 1
+        assert list(b.lengths) == [len(samples[i]) for i in b.sample_ids]
+        seen += list(b.sample_ids)
+    assert sorted(seen) == list(range(len(samples)))
+
+
+def test_same_seed_same_batches_and_resume_from_position(corpus):
+    path, _ = corpus
+    straight = [b for b in itertools.islice(BatchStream(path, tokens_per_batch=50, seed=7), 25)]
+    again = BatchStream(TokenDataset(path), tokens_per_batch=50, seed=7)
+    first = [again.next_batch() for _ in range(11)]
+    resumed = BatchStream(path, tokens_per_batch=50, seed=7, start=again.position)
+    rest = [resumed.next_batch() for _ in range(14)]
+    assert len({b.position.epoch for b in straight}) > 1  # crosses an epoch boundary
+    for a, b in zip(straight, first + rest, strict=True):
+        assert a.position == b.position
+        np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+    other = BatchStream(path, tokens_per_batch=50, seed=8).next_batch()
+    assert not np.array_equal(other.sample_ids, straight[0].sample_ids)
+
+
+def test_position_at_epoch_end_rolls_over(corpus):
+    path, _ = corpus
+    stream = BatchStream(path, tokens_per_batch=50, seed=1)
+    n0 = sum(1 for b in itertools.takewhile(lambda b: b.position.epoch == 0, stream))
+    end = BatchStream(path, tokens_per_batch=50, seed=1,
+                      start=BatchPosition(epoch=0, index=n0)).next_batch()
+    assert end.position == BatchPosition(epoch=1, index=0)
+
+
+def test_read_samples_gives_tokens_by_plan_id(corpus):
+    path, samples = corpus
+    batch = BatchStream(path, tokens_per_batch=80, seed=2).next_batch()
+    got = read_samples(path, batch)
+    assert sorted(got) == list(range(len(batch.sample_ids)))
+    for i, t in got.items():
+        assert t.dtype.is_floating_point is False and t.dtype.itemsize == 8
+        np.testing.assert_array_equal(t.numpy(), samples[batch.sample_ids[i]].astype(np.int64))
+    assert sorted(read_samples(path, batch, [1, 0])) == [0, 1]
+    with pytest.raises(ValueError, match="plan id 99"):
+        read_samples(path, batch, [99])
+
+
+def test_sequence_ids_of_rank_reads_only_what_the_rank_holds():
+    plan = StepPlan(world_size=3, capacity_tokens=100, micro_batches=[
+        MicroBatch(groups=[RingGroup(ranks=[2, 0], sequences=[SeqSlice(id=1, length=10)]),
+                           RingGroup(ranks=[1], sequences=[SeqSlice(id=0, length=3),
+                                                           SeqSlice(id=3, length=4)])]),
+        MicroBatch(groups=[RingGroup(ranks=[0], sequences=[SeqSlice(id=2, length=5)])]),
+    ])
+    assert sequence_ids_of_rank(plan, 0) == [1, 2]
+    assert sequence_ids_of_rank(plan, 1) == [0, 3]
+    assert sequence_ids_of_rank(plan, 2) == [1]
+
+
+def test_bad_arguments_name_the_field(corpus):
+    path, _ = corpus
+    with pytest.raises(ValueError, match="tokens_per_batch=0"):
+        BatchStream(path, tokens_per_batch=0, seed=0)
+    with pytest.raises(ValueError, match="start="):
+        BatchStream(path, tokens_per_batch=5, seed=0, start=BatchPosition(epoch=-1))

@@ -1,0 +1,109 @@
+"""Worker-side data: global batches of a token dataset and the tokens of their samples.
+
+The batch order itself is scheduler.batching's (torch-free, so the controller forms the
+same batches from lengths alone): a seeded permutation per epoch packed to a token budget,
+named by a `BatchPosition`. This module adds what workers need on top: a stream object
+whose position a checkpoint stores, and reading the tokens of a batch's samples as torch
+tensors keyed the way a StepPlan names them (plan id i = the i-th sample of the batch).
+
+Memory: the dataset is memory-mapped; `read_samples` copies only the samples asked for, so
+a rank reads just the sequences its micro-batches hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scheduler.batching import BatchPosition, epoch_batches
+from scheduler.dataset import TokenDataset
+from scheduler.plan import StepPlan
+
+__all__ = ["BatchPosition", "BatchStream", "GlobalBatch", "open_dataset", "read_samples",
+           "sequence_ids_of_rank"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GlobalBatch:
+    """One global batch: which dataset samples it holds, in plan-id order."""
+
+    position: BatchPosition  # where the batch sits in the stream
+    sample_ids: np.ndarray  # int64[n]: dataset index of plan id i
+    lengths: np.ndarray  # int64[n]: tokens of plan id i (what the planner is given)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+def open_dataset(dataset: TokenDataset | str | Path) -> TokenDataset:
+    """A TokenDataset from itself, a `.bin`/`.idx` prefix or a directory holding `data.*`."""
+    return dataset if isinstance(dataset, TokenDataset) else TokenDataset(dataset)
+
+
+class BatchStream:
+    """Endless deterministic global batches: the same (seed, budget) gives the same batches.
+
+    `position` is the next batch to produce; storing it and passing it back as `start`
+    resumes the stream exactly (what a checkpoint records).
+    """
+
+    def __init__(self, dataset: TokenDataset | str | Path, *, tokens_per_batch: int, seed: int,
+                 start: BatchPosition = BatchPosition()):
+        if tokens_per_batch < 1:
+            raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
+        if start.epoch < 0 or start.index < 0:
+            raise ValueError(f"start={start} must have epoch >= 0 and index >= 0")
+        self.dataset = open_dataset(dataset)
+        self.tokens_per_batch = tokens_per_batch
+        self.seed = seed
+        self._lengths = self.dataset.lengths
+        self._epoch = -1
+        self._batches: list[np.ndarray] = []
+        self.position = start
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        if epoch != self._epoch:  # one permutation per epoch, computed once
+            self._batches = epoch_batches(self._lengths, tokens_per_batch=self.tokens_per_batch,
+                                          seed=self.seed, epoch=epoch)
+            self._epoch = epoch
+        return self._batches
+
+    def next_batch(self) -> GlobalBatch:
+        """The batch at `position`; advances `position` past it."""
+        pos = self.position
+        batches = self._epoch_batches(pos.epoch)
+        if pos.index >= len(batches):  # a position saved at an epoch's end rolls over
+            pos = BatchPosition(epoch=pos.epoch + 1, index=0)
+            batches = self._epoch_batches(pos.epoch)
+        ids = batches[pos.index]
+        self.position = BatchPosition(epoch=pos.epoch, index=pos.index + 1)
+        return GlobalBatch(position=pos, sample_ids=ids, lengths=self._lengths[ids])
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+
+def read_samples(dataset: TokenDataset | str | Path, batch: GlobalBatch,
+                 ids: Iterable[int] | None = None) -> dict[int, torch.Tensor]:
+    """Plan id -> LongTensor of that sample's tokens, for `ids` (default: the whole batch)."""
+    dataset = open_dataset(dataset)
+    n = len(batch.sample_ids)
+    wanted = range(n) if ids is None else ids
+    out: dict[int, torch.Tensor] = {}
+    for i in wanted:
+        if not 0 <= i < n:
+            raise ValueError(f"ids: plan id {i} is outside the batch (valid 0..{n - 1})")
+        tokens = np.asarray(dataset[int(batch.sample_ids[i])], dtype=np.int64)
+        out[int(i)] = torch.from_numpy(tokens)
+    return out
+
+
+def sequence_ids_of_rank(plan: StepPlan, rank: int) -> list[int]:
+    """Plan ids of every sequence `rank` holds a part of (what it must read)."""
+    return sorted({s.id for _, g in plan.micro_batches_of(rank) for s in g.sequences})
