@@ -1,0 +1,130 @@
+"""Building blocks of the Llama-style decoder (Touvron et al. 2023): RMSNorm, RoPE, GQA, SwiGLU.
+
+A decoder layer is cut at its one cross-token operation, attention, so that the memory
+schemes in parallelism/ can re-run any part of it for any subset of tokens:
+
+    query(x), key_value(x)   token-local: RMSNorm, projections, RoPE from explicit positions
+    core(q, k, v)            attention (the only op that mixes tokens; supplied by the caller)
+    post(x, o)               token-local: output projection, residual, RMSNorm, SwiGLU, residual
+
+StreamBP (arXiv 2506.03077, Sec. 3.2) needs exactly this cut (queries of one chunk against
+cached keys/values); MEMO's token-wise recomputation (arXiv 2407.12117, Sec. 4.1) needs it
+too (every op but attention is recomputable per token from the layer input and the
+attention output).
+
+Legend: T tokens, H hidden size, Hq query heads, Hkv key/value heads, D head dim, F MLP width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Norm statistics and rotary angles run at >= float32 (float64 stays float64)."""
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * w (Zhang & Sennrich 2019, Eq. 4)."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(_compute_dtype(x.dtype))
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, D/2] of RoPE angles pos * theta^(-2i/D) (Su et al. 2021, Eq. 34)."""
+    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=cdt, device=position_ids.device)
+                         / head_dim)
+    angles = position_ids.to(cdt)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x_THD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (the Hugging Face Llama layout) on [T, heads, D]."""
+    half = x_THD.shape[-1] // 2
+    x1, x2 = x_THD[..., :half].to(cos.dtype), x_THD[..., half:].to(cos.dtype)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x_THD.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer: h = x + Attn(norm1(x)); y = h + SwiGLU(norm2(h))."""
+
+    def __init__(self, *, hidden_size: int, num_heads: int, num_kv_heads: int,
+                 ffn_hidden_size: int, rope_theta: float, norm_eps: float, dtype: torch.dtype):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = hidden_size // num_heads
+        self.rope_theta = rope_theta
+        kv_dim = num_kv_heads * self.head_dim
+
+        def lin(n_in: int, n_out: int) -> nn.Linear:
+            return nn.Linear(n_in, n_out, bias=False, dtype=dtype)
+
+        self.attn_norm = RMSNorm(hidden_size, eps=norm_eps, dtype=dtype)
+        self.wq, self.wk, self.wv = lin(hidden_size, hidden_size), lin(hidden_size, kv_dim), \
+            lin(hidden_size, kv_dim)
+        self.wo = lin(hidden_size, hidden_size)
+        self.mlp_norm = RMSNorm(hidden_size, eps=norm_eps, dtype=dtype)
+        self.w_gate, self.w_up = lin(hidden_size, ffn_hidden_size), lin(hidden_size,
+                                                                          ffn_hidden_size)
+        self.w_down = lin(ffn_hidden_size, hidden_size)
+
+    def _rope(self, x_THD: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        cos, sin = rotary_cos_sin(position_ids, self.head_dim, self.rope_theta, x_THD.dtype)
+        return apply_rotary(x_THD, cos, sin)
+
+    def query(self, x_TH: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """q [T, Hq, D] for the tokens of x (token-local)."""
+        q = self.wq(self.attn_norm(x_TH)).view(-1, self.num_heads, self.head_dim)
+        return self._rope(q, position_ids)
+
+    def key_value(self, x_TH: torch.Tensor,
+                  position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v [T, Hkv, D] for the tokens of x (token-local)."""
+        n = self.attn_norm(x_TH)
+        k = self.wk(n).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.wv(n).view(-1, self.num_kv_heads, self.head_dim)
+        return self._rope(k, position_ids), v
+
+    def qkv(self, x_TH: torch.Tensor, position_ids: torch.Tensor):
+        """q, k, v with one RMSNorm (the path the plain forward takes)."""
+        n = self.attn_norm(x_TH)
+        q = self.wq(n).view(-1, self.num_heads, self.head_dim)
+        k = self.wk(n).view(-1, self.num_kv_heads, self.head_dim)
+        v = self.wv(n).view(-1, self.num_kv_heads, self.head_dim)
+        return self._rope(q, position_ids), self._rope(k, position_ids), v
+
+    def post(self, x_TH: torch.Tensor, o_THD: torch.Tensor) -> torch.Tensor:
+        """Everything after attention (token-local): y = h + W2(silu(W1 n) * W3 n)."""
+        h = x_TH + self.wo(o_THD.flatten(1))
+        n = self.mlp_norm(h)
+        return h + self.w_down(F.silu(self.w_gate(n)) * self.w_up(n))
+
+    def forward(self, x_TH: torch.Tensor, position_ids: torch.Tensor, core) -> torch.Tensor:
+        """core(q, k, v) -> o [T, Hq, D] is the attention of the caller's layout."""
+        q, k, v = self.qkv(x_TH, position_ids)
+        return self.post(x_TH, core(q, k, v))
+
+    @torch.no_grad()
+    def reset_parameters(self, *, std: float, out_std: float) -> None:
+        for lin_ in (self.wq, self.wk, self.wv, self.w_gate, self.w_up):
+            lin_.weight.normal_(0.0, std)
+        for lin_ in (self.wo, self.w_down):
+            lin_.weight.normal_(0.0, out_std)
+        self.attn_norm.weight.fill_(1.0)
+        self.mlp_norm.weight.fill_(1.0)

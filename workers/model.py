@@ -1,0 +1,256 @@
+"""The Llama-style Transformer the workers train, and its fused forward+backward step.
+
+`Transformer.__call__` is plain autograd on a packed varlen batch (the reference every memory
+scheme is tested against). `Transformer.forward_backward` is what the worker's step runs:
+it fuses forward and backward so that
+
+  - the LM head and the objective are streamed in sequence chunks (StreamBP Sec. 3.1,
+    workers/objectives.py), never materialising [T, V] logits;
+  - `stream_chunk_size` turns on layer-wise StreamBP (parallelism/streambp.py): the forward
+    keeps only layer inputs and each layer's backward runs chunk by chunk;
+  - `offload_ratio` turns on MEMO's token-wise swap/recompute (parallelism/offload.py), or,
+    with StreamBP, swaps that share of the kept layer inputs to host;
+  - `ring` runs the layers' attention as ring attention over a zigzag-sharded sequence
+    (parallelism/ring_attention.py); see docs/streambp.md for why a ring uses offload
+    rather than StreamBP.
+
+Loss: the objective's *sum* (next-token CE summed over predictions by default); gradients
+are accumulated (+=) times `grad_scale`, so the caller divides by the global number of
+predictions (DESIGN.md "Loss and gradients", ByteScale Eq. 1 = Eq. 2).
+
+Legend: T tokens (packed), H hidden, V vocab, S sequences.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from parallelism.offload import (
+    AttentionCore,
+    HostSwapper,
+    TokenwiseOffloadStack,
+    local_attention_core,
+)
+from parallelism.streambp import StreamBPStack
+from scheduler.specs import ModelSpec
+from workers.layers import DecoderLayer, RMSNorm
+from workers.objectives import DPO, GRPO, IGNORE_INDEX, HeadInputs, NextTokenCE, Objective
+
+DEFAULT_HEAD_CHUNK = 4096  # tokens per streamed head chunk when StreamBP is off
+INIT_STD = 0.02
+
+_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+           "bfloat16": torch.bfloat16}
+
+
+def next_token_targets(input_ids: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """targets[t] = input_ids[t + 1] within t's sequence; -100 at each sequence's last token."""
+    targets = torch.full_like(input_ids, IGNORE_INDEX)
+    targets[:-1] = input_ids[1:]
+    ends = cu_seqlens[1:].long()
+    ends = ends[ends > cu_seqlens[:-1].long()] - 1  # last token of each non-empty sequence
+    targets[ends.to(input_ids.device)] = IGNORE_INDEX
+    return targets
+
+
+def sequence_index(cu_seqlens: torch.Tensor, device=None) -> torch.Tensor:
+    """[T] index of the sequence each packed token belongs to."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long().cpu()
+    idx = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return idx.to(device) if device is not None else idx
+
+
+def default_position_ids(cu_seqlens: torch.Tensor, device=None) -> torch.Tensor:
+    """Position of each token within its own sequence."""
+    seq = sequence_index(cu_seqlens)
+    pos = torch.arange(len(seq)) - cu_seqlens.long().cpu()[seq]
+    return pos.to(device) if device is not None else pos
+
+
+class Transformer(nn.Module):
+    """Llama-style decoder: embedding, `num_layers` DecoderLayers, RMSNorm, untied LM head."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        dtype = _DTYPES[spec.dtype]
+        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        self.layers = nn.ModuleList(
+            DecoderLayer(hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+                         num_kv_heads=spec.num_kv_heads, ffn_hidden_size=spec.ffn_hidden_size,
+                         rope_theta=spec.rope_theta, norm_eps=spec.norm_eps, dtype=dtype)
+            for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, dtype=dtype)
+        self.head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """N(0, 0.02) weights, residual outputs scaled by 1/sqrt(2L) (GPT-2), unit norms."""
+        self.embed.weight.normal_(0.0, INIT_STD)
+        out_std = INIT_STD / math.sqrt(2 * self.spec.num_layers)
+        for layer in self.layers:
+            layer.reset_parameters(std=INIT_STD, out_std=out_std)
+        self.norm.weight.fill_(1.0)
+        self.head.weight.normal_(0.0, INIT_STD)
+
+    # ------------------------------------------------------------------ plain autograd
+    def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """logits [T, V] of a packed batch (plain autograd; the reference)."""
+        cu, pos = self._check_batch(input_ids, cu_seqlens, position_ids)
+        core = local_attention_core(cu).autograd
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            x = layer(x, pos, core)
+        return self.head(self.norm(x))
+
+    # ------------------------------------------------------------------ fused step
+    def forward_backward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor,
+                         position_ids: torch.Tensor | None = None,
+                         targets: torch.Tensor | None = None, grad_scale: float = 1.0,
+                         stream_chunk_size: int | None = None, offload_ratio: float = 0.0,
+                         ring: list[int] | None = None,
+                         objective: Objective | None = None) -> tuple[torch.Tensor, int]:
+        """(loss_sum, num_predictions); parameter .grad += grad_scale * d loss_sum / d param.
+
+        With `ring`, inputs (ids, cu_seqlens, position_ids, targets) are this rank's zigzag
+        shard (parallelism.zigzag_shard); position_ids and targets are then required.
+        loss_sum is a detached float64 scalar on the CPU; num_predictions an int (pairs
+        for DPO).
+        """
+        objective = NextTokenCE() if objective is None else objective
+        self._check_step(ring, position_ids, targets, stream_chunk_size, offload_ratio,
+                         grad_scale, objective)
+        cu, pos = self._check_batch(input_ids, cu_seqlens, position_ids)
+        targets = next_token_targets(input_ids, cu) if targets is None else targets
+        _check_same_length("targets", targets, input_ids)
+        stack = self._make_stack(cu, pos, stream_chunk_size, offload_ratio, ring)
+        with torch.no_grad():
+            hidden = stack.forward(F.embedding(input_ids, self.embed.weight))
+        inputs = HeadInputs(hidden_TH=hidden, targets_T=targets,
+                            seq_index_T=sequence_index(cu, input_ids.device),
+                            num_sequences=len(cu) - 1,
+                            chunk_size=stream_chunk_size or DEFAULT_HEAD_CHUNK,
+                            grad_scale=float(grad_scale))
+        loss_sum, num, grad_hidden = objective.streamed_backward(inputs, self.norm,
+                                                                 self.head.weight)
+        del hidden, inputs
+        grad_embed = stack.backward(grad_hidden)
+        with torch.enable_grad():
+            torch.autograd.backward([F.embedding(input_ids, self.embed.weight)], [grad_embed])
+        return loss_sum, num
+
+    def _make_stack(self, cu, pos, stream_chunk_size, offload_ratio, ring):
+        core = self._ring_core(cu, ring) if ring is not None else local_attention_core(cu)
+        swapper = HostSwapper(pos.device) if offload_ratio > 0 or ring is not None else None
+        if stream_chunk_size is not None and ring is not None:
+            warnings.warn("stream_chunk_size is ignored with ring: a context-parallel group "
+                          "uses token-wise offload instead of layer-wise StreamBP "
+                          "(docs/streambp.md); the loss head is still streamed",
+                          stacklevel=3)
+            stream_chunk_size = None
+        if stream_chunk_size is not None:
+            return StreamBPStack(self.layers, position_ids=pos, cu_seqlens=cu,
+                                 chunk_size=stream_chunk_size, core_forward=core.forward,
+                                 offload_ratio=offload_ratio, swapper=swapper)
+        if offload_ratio > 0:
+            return TokenwiseOffloadStack(self.layers, position_ids=pos, core=core,
+                                         alpha=offload_ratio, swapper=swapper)
+        return _AutogradStack(self.layers, position_ids=pos, core=core)
+
+    def _ring_core(self, cu: torch.Tensor, ring: list[int]) -> AttentionCore:
+        from parallelism.ring_attention import ring_attention_core
+
+        return ring_attention_core(cu, ring)
+
+    # ------------------------------------------------------------------ input checks
+    def _check_batch(self, input_ids, cu_seqlens, position_ids):
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 1 \
+                or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"input_ids must be a 1-D int tensor [T] (a packed batch); got "
+                             f"{_describe(input_ids)}")
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 \
+                or cu_seqlens.dtype != torch.int32:
+            raise ValueError(f"cu_seqlens must be a 1-D int32 tensor; got {_describe(cu_seqlens)}")
+        cu = cu_seqlens.cpu()
+        if len(cu) < 2 or int(cu[0]) != 0 or int(cu[-1]) != input_ids.shape[0] \
+                or bool((cu[1:] < cu[:-1]).any()):
+            raise ValueError(f"cu_seqlens={cu.tolist()} must start at 0, never decrease and end "
+                             f"at the number of tokens T={input_ids.shape[0]}")
+        if input_ids.numel() and (int(input_ids.min()) < 0
+                                  or int(input_ids.max()) >= self.spec.vocab_size):
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            raise ValueError(f"input_ids hold ids in [{lo}, {hi}]; valid ids are "
+                             f"0..{self.spec.vocab_size - 1}")
+        if position_ids is None:
+            return cu, default_position_ids(cu, input_ids.device)
+        _check_same_length("position_ids", position_ids, input_ids)
+        return cu, position_ids
+
+    @staticmethod
+    def _check_step(ring, position_ids, targets, stream_chunk_size, offload_ratio,
+                    grad_scale, objective) -> None:
+        if ring is not None:
+            if len(ring) < 1 or len(set(ring)) != len(ring):
+                raise ValueError(f"ring={ring} must list distinct global ranks")
+            missing = [n for n, v in (("position_ids", position_ids), ("targets", targets))
+                       if v is None]
+            if missing:
+                raise ValueError(f"with ring={ring} the inputs are a zigzag shard, so "
+                                 f"{' and '.join(missing)} must be given (sharded like "
+                                 "input_ids; a shard's last token predicts a token on "
+                                 "another rank)")
+            if isinstance(objective, DPO):
+                raise ValueError("objective=DPO needs whole sequences (sequence log-probs); "
+                                 "with ring it is not supported: give DPO pairs to "
+                                 "single-rank groups")
+        if stream_chunk_size is not None and (not isinstance(stream_chunk_size, int)
+                                              or stream_chunk_size < 1):
+            raise ValueError(f"stream_chunk_size={stream_chunk_size!r} must be None (off) or "
+                             "an int >= 1")
+        if not 0.0 <= offload_ratio <= 1.0:
+            raise ValueError(f"offload_ratio={offload_ratio} must be in [0, 1]")
+        if not math.isfinite(grad_scale):
+            raise ValueError(f"grad_scale={grad_scale} must be finite")
+        if not isinstance(objective, NextTokenCE | DPO | GRPO):
+            raise ValueError(f"objective={objective!r} must be NextTokenCE, DPO or GRPO "
+                             "(workers.objectives)")
+
+
+class _AutogradStack:
+    """All layers under plain autograd (no memory scheme), forward then backward."""
+
+    def __init__(self, layers, *, position_ids: torch.Tensor, core: AttentionCore):
+        self.layers, self.pos, self.core = layers, position_ids, core
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.x_leaf = x.detach().requires_grad_()
+        with torch.enable_grad():
+            y = self.x_leaf
+            for layer in self.layers:
+                y = layer(y, self.pos, self.core.autograd)
+        self.y_edge = get_gradient_edge(y)
+        return y.detach()
+
+    def backward(self, dy: torch.Tensor) -> torch.Tensor:
+        torch.autograd.backward([self.y_edge], [dy])
+        return self.x_leaf.grad
+
+
+def _check_same_length(name: str, t, input_ids: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(input_ids.shape):
+        raise ValueError(f"{name} must be a tensor shaped like input_ids "
+                         f"{tuple(input_ids.shape)}; got {_describe(t)}")
+
+
+def _describe(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor shape={tuple(t.shape)} dtype={t.dtype}"
+    return repr(t)

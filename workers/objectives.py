@@ -1,0 +1,214 @@
+"""The streamed loss head: LM head + objective, forward and backward one sequence chunk at a time.
+
+StreamBP (arXiv 2506.03077, Sec. 3.1) never materialises the [T, V] logits: for each chunk
+of tokens it computes the chunk's logits, its loss and that loss's backward into the hidden
+states and the head weight, then frees the chunk, so the head's activation peak is one
+chunk's logits instead of all of them. Objectives whose gradient couples tokens through a
+sequence-level quantity (DPO's sequence log-probability, Rafailov et al. 2023, Eq. 7) take
+a first no-grad chunked pass that computes the per-sequence factor dL/dlogp(seq); the
+chunked backward then weights each token's log-probability by its sequence's factor, which
+is the exact gradient (the StreamBP paper's treatment of DPO/GRPO, Sec. 3.3).
+
+Objectives (all return a *sum*; the caller divides by a global count, DESIGN.md "Loss"):
+  NextTokenCE  sum over predictions of -log p(target)       normalised per prediction
+  DPO          sum over pairs of -log sigmoid(beta * margin) normalised per pair
+  GRPO         sum over predictions of the clipped surrogate (Shao et al. 2024, Eq. 3, with
+               token-level sums as in DAPO) plus an optional k3 KL to a reference policy.
+
+Legend: T tokens, H hidden, V vocab, S sequences, P pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadInputs:
+    """What every objective sees: the final hidden states and where sequences start."""
+
+    hidden_TH: torch.Tensor  # last decoder layer's output (before the final norm), detached
+    targets_T: torch.Tensor  # next-token ids, IGNORE_INDEX where there is no prediction
+    seq_index_T: torch.Tensor  # which sequence of the packed batch each token belongs to
+    num_sequences: int  # sequences in the packed batch (len(cu_seqlens) - 1)
+    chunk_size: int  # tokens per streamed chunk
+    grad_scale: float  # multiplies every gradient (e.g. 1 / global number of predictions)
+
+
+def _chunks(num_tokens: int, chunk_size: int) -> Iterator[slice]:
+    for start in range(0, num_tokens, chunk_size):
+        yield slice(start, min(start + chunk_size, num_tokens))
+
+
+def token_logps(hidden_TH: torch.Tensor, norm, weight_VH: torch.Tensor,
+                targets_T: torch.Tensor) -> torch.Tensor:
+    """log p(target) per token (0 where the target is ignored), at >= float32."""
+    logits = F.linear(norm(hidden_TH), weight_VH)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    valid = targets_T != IGNORE_INDEX
+    picked = logits.log_softmax(-1).gather(1, targets_T.clamp(min=0)[:, None])[:, 0]
+    return torch.where(valid, picked, torch.zeros_like(picked))
+
+
+class _ChunkedHead:
+    """Runs f(chunk's token log-probs) -> loss chunk by chunk and backprops each chunk."""
+
+    def __init__(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
+        self.inputs, self.norm, self.weight = inputs, norm, weight_VH
+        self.grad_hidden = torch.zeros_like(inputs.hidden_TH)
+
+    def slices(self) -> Iterator[slice]:
+        return _chunks(self.inputs.hidden_TH.shape[0], self.inputs.chunk_size)
+
+    @torch.no_grad()
+    def logps_no_grad(self, sl: slice) -> torch.Tensor:
+        return token_logps(self.inputs.hidden_TH[sl], self.norm, self.weight,
+                           self.inputs.targets_T[sl])
+
+    def backward_chunk(self, sl: slice, loss_fn) -> torch.Tensor:
+        """loss_fn(logps_chunk, sl) -> scalar; its gradient lands in params and grad_hidden."""
+        with torch.enable_grad():
+            h = self.inputs.hidden_TH[sl].detach().requires_grad_()
+            loss = loss_fn(token_logps(h, self.norm, self.weight, self.inputs.targets_T[sl]), sl)
+            (loss * self.inputs.grad_scale).backward()
+        self.grad_hidden[sl] = h.grad
+        return loss.detach()
+
+
+@dataclass(frozen=True, kw_only=True)
+class NextTokenCE:
+    """SFT / pretraining: sum of next-token cross-entropy over all predictions."""
+
+    def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
+        """(loss_sum, num_predictions, d loss_sum*grad_scale / d hidden) via the fused kernel."""
+        grad_hidden = torch.zeros_like(inputs.hidden_TH)
+        loss_sum = torch.zeros((), dtype=torch.float64)
+        num = 0
+        for sl in _chunks(inputs.hidden_TH.shape[0], inputs.chunk_size):
+            with torch.enable_grad():
+                h = inputs.hidden_TH[sl].detach().requires_grad_()
+                loss, n = kernels.linear_cross_entropy(norm(h), weight_VH, inputs.targets_T[sl],
+                                                       ignore_index=IGNORE_INDEX,
+                                                       chunk_size=inputs.chunk_size)
+                (loss * inputs.grad_scale).backward()
+            grad_hidden[sl] = h.grad
+            loss_sum += loss.detach().double().cpu()
+            num += int(n)
+        return loss_sum, num, grad_hidden
+
+
+@dataclass(frozen=True, kw_only=True)
+class DPO:
+    """Direct preference optimisation over (chosen, rejected) sequence pairs of the batch."""
+
+    chosen: torch.Tensor  # [P] index of each pair's chosen sequence in the packed batch
+    rejected: torch.Tensor  # [P] index of each pair's rejected sequence
+    ref_chosen_logps: torch.Tensor  # [P] reference policy's summed log-prob of the chosen seq
+    ref_rejected_logps: torch.Tensor  # [P] same for the rejected sequence
+    beta: float = 0.1  # inverse temperature of the implicit reward
+
+    def validate(self, num_sequences: int) -> None:
+        p = self.chosen.shape[0]
+        for name in ("chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"):
+            t = getattr(self, name)
+            if t.dim() != 1 or t.shape[0] != p:
+                raise ValueError(f"DPO.{name} has shape {tuple(t.shape)}; expected [{p}] "
+                                 "(one entry per pair, like DPO.chosen)")
+        for name in ("chosen", "rejected"):
+            idx = getattr(self, name)
+            if p and (int(idx.min()) < 0 or int(idx.max()) >= num_sequences):
+                raise ValueError(f"DPO.{name}={idx.tolist()} must index the batch's "
+                                 f"{num_sequences} sequences (0..{num_sequences - 1})")
+        if bool((self.chosen == self.rejected).any()):
+            raise ValueError("DPO.chosen and DPO.rejected must differ in every pair")
+        if self.beta <= 0:
+            raise ValueError(f"DPO.beta={self.beta} must be > 0")
+
+    def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
+        self.validate(inputs.num_sequences)
+        head = _ChunkedHead(inputs, norm, weight_VH)
+        seq_logps = torch.zeros(inputs.num_sequences, dtype=torch.float64,
+                                device=inputs.hidden_TH.device)
+        for sl in head.slices():  # pass 1 (no grad): sequence log-probs
+            seq_logps.index_add_(0, inputs.seq_index_T[sl], head.logps_no_grad(sl).double())
+        z = self.beta * ((seq_logps[self.chosen] - self.ref_chosen_logps.double())
+                         - (seq_logps[self.rejected] - self.ref_rejected_logps.double()))
+        loss_sum = F.softplus(-z).sum()  # -log sigmoid(z)
+        dz = -torch.sigmoid(-z) * self.beta  # d loss / d logp(chosen); rejected gets minus
+        factor = torch.zeros_like(seq_logps)
+        factor.index_add_(0, self.chosen, dz).index_add_(0, self.rejected, -dz)
+        for sl in reversed(list(head.slices())):  # pass 2: factor-weighted chunk backward
+            head.backward_chunk(sl, lambda lp, s: (factor[inputs.seq_index_T[s]].to(lp.dtype)
+                                                   * lp).sum())
+        return loss_sum.cpu(), int(self.chosen.shape[0]), head.grad_hidden
+
+
+@dataclass(frozen=True, kw_only=True)
+class GRPO:
+    """Group-relative policy optimisation: clipped ratio surrogate with per-sequence advantages."""
+
+    advantages: torch.Tensor  # [S] one advantage per sequence (see group_advantages)
+    old_logps: torch.Tensor  # [T] log-prob of each target under the sampling policy
+    clip_eps: float = 0.2  # ratio is clipped to [1 - clip_eps, 1 + clip_eps]
+    ref_logps: torch.Tensor | None = None  # [T] reference policy log-probs for the KL term
+    kl_coef: float = 0.0  # weight of the k3 KL estimator exp(r - l) - (r - l) - 1
+
+    def validate(self, num_tokens: int, num_sequences: int) -> None:
+        if tuple(self.advantages.shape) != (num_sequences,):
+            raise ValueError(f"GRPO.advantages has shape {tuple(self.advantages.shape)}; "
+                             f"expected [{num_sequences}] (one per sequence)")
+        for name in ("old_logps", "ref_logps"):
+            t = getattr(self, name)
+            if t is not None and tuple(t.shape) != (num_tokens,):
+                raise ValueError(f"GRPO.{name} has shape {tuple(t.shape)}; expected "
+                                 f"[{num_tokens}] (one per token, aligned with targets)")
+        if not 0 <= self.clip_eps < 1:
+            raise ValueError(f"GRPO.clip_eps={self.clip_eps} must be in [0, 1)")
+        if self.kl_coef and self.ref_logps is None:
+            raise ValueError(f"GRPO.kl_coef={self.kl_coef} needs GRPO.ref_logps")
+
+    def token_loss(self, logps: torch.Tensor, sl: slice, seq_index: torch.Tensor):
+        adv = self.advantages[seq_index].to(logps.dtype)
+        ratio = torch.exp(logps - self.old_logps[sl].to(logps.dtype))
+        clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps)
+        loss = -torch.minimum(ratio * adv, clipped * adv)
+        if self.kl_coef:
+            d = self.ref_logps[sl].to(logps.dtype) - logps
+            loss = loss + self.kl_coef * (torch.exp(d) - d - 1)
+        return loss
+
+    def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
+        self.validate(inputs.hidden_TH.shape[0], inputs.num_sequences)
+        head = _ChunkedHead(inputs, norm, weight_VH)
+        valid = inputs.targets_T != IGNORE_INDEX
+        loss_sum = torch.zeros((), dtype=torch.float64)
+
+        def chunk_loss(lp: torch.Tensor, sl: slice) -> torch.Tensor:
+            per_token = self.token_loss(lp, sl, inputs.seq_index_T[sl])
+            return torch.where(valid[sl], per_token, torch.zeros_like(per_token)).sum()
+
+        for sl in reversed(list(head.slices())):  # token-local: one pass suffices
+            loss_sum += head.backward_chunk(sl, chunk_loss).double().cpu()
+        return loss_sum, int(valid.sum()), head.grad_hidden
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, eps: float = 1e-6):
+    """GRPO's A_i = (r_i - mean(group)) / (std(group) + eps), groups of consecutive sequences."""
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the "
+                         f"{rewards.numel()} rewards")
+    r = rewards.reshape(-1, group_size).double()
+    std = r.std(dim=1, keepdim=True, unbiased=False) if group_size > 1 else torch.zeros_like(r)
+    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).reshape(-1)
+
+
+Objective = NextTokenCE | DPO | GRPO
