@@ -1,0 +1,280 @@
+"""KubeRay `RayCluster` (ray.io/v1) manifests for one attempt of one job: built, not applied.
+
+One RayCluster per attempt: a head pod that runs the job's driver (`python -m
+workers.driver --job ID --attempt A --controller ADDR`, submitted through the Ray job API)
+and worker pods that host the rank actors, one pod per node of the job's cluster spec with
+that node's GPUs (`resources.gpus_per_node`, the last pod holding the remainder when
+`num_ranks` is not a multiple). Memory follows the spec's `host_memory_gib`; CPUs are
+`cpus_per_rank` per rank. Every pod carries owner labels (which controller, job and
+attempt) so the launcher finds and watches exactly its own pods, the chart's NetworkPolicy
+lets them reach the controller's gRPC port, and a controller restart can find its clusters.
+
+Pure functions of (job, attempt, settings): no API calls, no clock, so tests check the
+objects field by field. `LAUNCHER_RBAC_RULES` is the single list of API verbs the launcher
+uses; the Helm chart's Role grants exactly these (tests/deploy hold them equal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from controller.states import JobRecord
+
+GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayclusters", "RayCluster"
+
+# Labels (ray.io/* ones are set by KubeRay itself on the pods it creates).
+LABEL_OWNER = "ringmaster.io/owner"
+LABEL_JOB = "ringmaster.io/job-id"
+LABEL_ATTEMPT = "ringmaster.io/attempt"
+LABEL_WORKER = "ringmaster.io/worker"
+LABEL_NODE_TYPE = "ray.io/node-type"
+LABEL_CLUSTER = "ray.io/cluster"
+
+HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
+MAX_CLUSTER_NAME = 40  # KubeRay derives pod/service names from it; keep them under 63
+CPU_CLUSTER_PRESETS = frozenset({"cpu"})  # presets whose ranks are CPU processes
+
+
+@dataclass(frozen=True, kw_only=True)
+class RbacRule:
+    """One Role rule: an API group, a resource and the verbs used on it."""
+
+    api_group: str
+    resource: str
+    verbs: tuple[str, ...]
+
+
+LAUNCHER_RBAC_RULES: tuple[RbacRule, ...] = (
+    RbacRule(api_group=GROUP, resource=PLURAL, verbs=("create", "delete", "get", "list")),
+    RbacRule(api_group="", resource="pods", verbs=("list", "watch")),
+)
+
+
+def _default_head_resources() -> dict:
+    return {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "4", "memory": "16Gi"}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterSettings:
+    """What every RayCluster of one controller shares (the chart sets it through env)."""
+
+    image: str  # image of head and workers (the Dockerfile's `worker` target)
+    ray_version: str  # Ray in that image (spec.rayVersion)
+    controller_address: str  # host:port of the controller's gRPC service, seen from pods
+    owner: str  # this controller's instance name (label ringmaster.io/owner)
+    gpu_resource: str = "nvidia.com/gpu"  # extended resource of one GPU
+    head_resources: Mapping = field(default_factory=_default_head_resources)
+    cpus_per_rank: int = 8  # CPU cores requested per rank (data loading, NCCL proxies)
+    host_memory_fraction: float = 0.85  # share of a node's host memory a worker pod requests
+    run_as_user: int = 10001  # non-root UID of the image's user
+    env: Mapping[str, str] = field(default_factory=dict)  # extra env (OTEL_* and the like)
+    image_pull_secrets: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("image", "ray_version", "controller_address", "owner"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}={getattr(self, name)!r} must not be empty")
+        if ":" not in self.controller_address.rsplit("]", 1)[-1]:
+            raise ValueError(f"controller_address={self.controller_address!r} needs host:port")
+        if self.cpus_per_rank < 1:
+            raise ValueError(f"cpus_per_rank={self.cpus_per_rank} must be >= 1")
+        if not 0 < self.host_memory_fraction <= 1:
+            raise ValueError(f"host_memory_fraction={self.host_memory_fraction} must be in "
+                             "(0, 1]")
+        if not _LABEL_VALUE.match(self.owner):
+            raise ValueError(f"owner={self.owner!r} is not a valid label value (<= 63 "
+                             "alphanumerics, '-', '_', '.')")
+
+
+_LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerGroupShape:
+    """One KubeRay worker group: `replicas` identical pods of `ranks_per_pod` ranks."""
+
+    name: str
+    replicas: int
+    ranks_per_pod: int
+    memory_gib: int  # host memory requested per pod
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobShape:
+    """How a job's ranks map onto pods."""
+
+    num_ranks: int
+    uses_gpus: bool
+    groups: tuple[WorkerGroupShape, ...]
+
+
+def job_shape(job: JobRecord, settings: ClusterSettings) -> JobShape:
+    """Pods for the job: whole nodes of `gpus_per_node` ranks, then one remainder pod."""
+    res = job.spec.resources
+    cluster = job.spec.resolve_cluster()
+    per_node, num_ranks = cluster.gpus_per_node, res.num_ranks
+    node_mem = cluster.host_memory_gib * settings.host_memory_fraction
+    full, rest = divmod(num_ranks, per_node)
+    groups = []
+    if full:
+        groups.append(WorkerGroupShape(name="ranks", replicas=full, ranks_per_pod=per_node,
+                                       memory_gib=max(1, math.floor(node_mem))))
+    if rest:
+        groups.append(WorkerGroupShape(name="ranks-rest", replicas=1, ranks_per_pod=rest,
+                                       memory_gib=max(1, math.floor(node_mem * rest / per_node))))
+    uses_gpus = not (isinstance(res.cluster, str) and res.cluster in CPU_CLUSTER_PRESETS)
+    return JobShape(num_ranks=num_ranks, uses_gpus=uses_gpus, groups=tuple(groups))
+
+
+def cluster_name(job_id: str, attempt: int) -> str:
+    """`rm-<job>-a<attempt>`, shortened with a hash of the id when too long for KubeRay."""
+    if attempt < 1:
+        raise ValueError(f"attempt={attempt} must be >= 1")
+    base = re.sub(r"[^a-z0-9-]", "-", job_id.lower()).strip("-") or "job"
+    suffix = f"-a{attempt}"
+    name = f"rm-{base}{suffix}"
+    if len(name) <= MAX_CLUSTER_NAME:
+        return name
+    digest = hashlib.sha256(job_id.encode()).hexdigest()[:8]
+    keep = MAX_CLUSTER_NAME - len("rm-") - len(digest) - 1 - len(suffix)
+    return f"rm-{base[:keep].rstrip('-')}-{digest}{suffix}"
+
+
+def owner_labels(settings: ClusterSettings, job_id: str, attempt: int) -> dict[str, str]:
+    """Labels on the RayCluster and every pod of it."""
+    if not _LABEL_VALUE.match(job_id):
+        raise ValueError(f"job_id={job_id!r} is not a valid label value")
+    return {
+        "app.kubernetes.io/part-of": "ringmaster",
+        "app.kubernetes.io/managed-by": "ringmaster-controller",
+        LABEL_OWNER: settings.owner,
+        LABEL_JOB: job_id,
+        LABEL_ATTEMPT: str(attempt),
+        LABEL_WORKER: "true",
+    }
+
+
+def owner_selector(settings: ClusterSettings, job_id: str | None = None) -> str:
+    """Label selector for this controller's pods/clusters (optionally one job's)."""
+    parts = [f"{LABEL_OWNER}={settings.owner}"]
+    if job_id is not None:
+        parts.append(f"{LABEL_JOB}={job_id}")
+    return ",".join(parts)
+
+
+def driver_entrypoint(job_id: str, attempt: int, controller_address: str) -> list[str]:
+    """The command the head runs (same driver and flags as the Ray launcher)."""
+    return ["python", "-m", "workers.driver", "--job", job_id, "--attempt", str(attempt),
+            "--controller", controller_address]
+
+
+def pod_env(settings: ClusterSettings, job_id: str, attempt: int) -> list[dict]:
+    """Env of every Ray container: who the job is, where the controller is, OTEL_*."""
+    env = {
+        **settings.env,
+        "RINGMASTER_JOB_ID": job_id,
+        "RINGMASTER_ATTEMPT": str(attempt),
+        "RINGMASTER_CONTROLLER": settings.controller_address,
+        "OTEL_SERVICE_NAME": "ringmaster-worker",
+        "HOME": "/tmp",  # the root filesystem is read-only; Ray and pip caches go here
+        "PYTHONUNBUFFERED": "1",
+    }
+    return [{"name": k, "value": v} for k, v in sorted(env.items())]
+
+
+def _security_context(settings: ClusterSettings) -> tuple[dict, dict]:
+    pod = {"runAsNonRoot": True, "runAsUser": settings.run_as_user,
+           "runAsGroup": settings.run_as_user, "fsGroup": settings.run_as_user,
+           "seccompProfile": {"type": "RuntimeDefault"}}
+    container = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                 "privileged": False, "capabilities": {"drop": ["ALL"]}}
+    return pod, container
+
+
+def _pod_template(settings: ClusterSettings, *, labels: dict, container: dict) -> dict:
+    pod_sc, container_sc = _security_context(settings)
+    container = {**container, "image": settings.image, "imagePullPolicy": "IfNotPresent",
+                 "securityContext": container_sc,
+                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
+                                  {"name": "shm", "mountPath": "/dev/shm"}]}
+    spec = {
+        "automountServiceAccountToken": False,  # Ray pods never call the Kubernetes API
+        "enableServiceLinks": False,
+        "securityContext": pod_sc,
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {}},
+                    {"name": "shm", "emptyDir": {"medium": "Memory"}}],
+    }
+    if settings.image_pull_secrets:
+        spec["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]
+    return {"metadata": {"labels": dict(labels)}, "spec": spec}
+
+
+def _worker_resources(settings: ClusterSettings, shape: JobShape,
+                      group: WorkerGroupShape) -> dict:
+    amounts = {"cpu": str(group.ranks_per_pod * settings.cpus_per_rank),
+               "memory": f"{group.memory_gib}Gi"}
+    if shape.uses_gpus:
+        amounts[settings.gpu_resource] = str(group.ranks_per_pod)
+    # requests == limits: Guaranteed QoS, so a training pod is the last to be evicted.
+    return {"requests": dict(amounts), "limits": dict(amounts)}
+
+
+def _head_group(settings: ClusterSettings, labels: dict, env: list[dict]) -> dict:
+    ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS.items()]
+    container = {"name": "ray-head", "env": env, "ports": ports,
+                 "resources": {k: dict(v) for k, v in settings.head_resources.items()}}
+    return {
+        # num-cpus 0: no rank actor lands on the head; it only runs the driver.
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+        "template": _pod_template(settings, labels=labels, container=container),
+    }
+
+
+def _worker_group(settings: ClusterSettings, shape: JobShape, group: WorkerGroupShape,
+                  labels: dict, env: list[dict]) -> dict:
+    params = {"num-cpus": str(group.ranks_per_pod * settings.cpus_per_rank)}
+    if shape.uses_gpus:
+        params["num-gpus"] = str(group.ranks_per_pod)
+    container = {"name": "ray-worker", "env": env,
+                 "resources": _worker_resources(settings, shape, group)}
+    return {
+        "groupName": group.name,
+        # A fixed size: the gang either exists whole or the attempt is lost.
+        "replicas": group.replicas, "minReplicas": group.replicas,
+        "maxReplicas": group.replicas,
+        "rayStartParams": params,
+        "template": _pod_template(settings, labels=labels, container=container),
+    }
+
+
+def build_raycluster(*, job: JobRecord, attempt: int, namespace: str,
+                     settings: ClusterSettings) -> dict:
+    """The RayCluster object (API JSON form) for `attempt` of `job` in `namespace`."""
+    shape = job_shape(job, settings)
+    labels = owner_labels(settings, job.id, attempt)
+    env = pod_env(settings, job.id, attempt)
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": KIND,
+        "metadata": {"name": cluster_name(job.id, attempt), "namespace": namespace,
+                     "labels": labels,
+                     "annotations": {"ringmaster.io/entrypoint":
+                                     " ".join(driver_entrypoint(job.id, attempt,
+                                                                settings.controller_address))}},
+        "spec": {
+            "rayVersion": settings.ray_version,
+            "headGroupSpec": _head_group(settings, labels, env),
+            "workerGroupSpecs": [_worker_group(settings, shape, g, labels, env)
+                                 for g in shape.groups],
+        },
+    }
+
+
+def head_dashboard_url(name: str, namespace: str) -> str:
+    """The Ray job API of a cluster's head (KubeRay's `<name>-head-svc` Service)."""
+    return f"http://{name}-head-svc.{namespace}.svc:{HEAD_PORTS['dashboard']}"

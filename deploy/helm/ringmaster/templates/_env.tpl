@@ -1,0 +1,97 @@
+{{/* Environment of the controller container: token, Redis, launcher, OpenTelemetry. */}}
+{{- define "ringmaster.controllerEnv" -}}
+- name: RINGMASTER_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.auth.existingSecret | default (include "ringmaster.secretName" .) }}
+      key: {{ ternary .Values.auth.existingSecretKey "token" (ne .Values.auth.existingSecret "") }}
+{{- if .Values.redis.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "ringmaster.secretName" . }}
+      key: redis-password
+- name: REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" (include "ringmaster.redisName" .) (int .Values.redis.port) | quote }}
+{{- else }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      {{- if .Values.redis.external.existingSecret }}
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.existingSecretKey }}
+      {{- else }}
+      name: {{ include "ringmaster.secretName" . }}
+      key: redis-url
+      {{- end }}
+{{- end }}
+- name: RINGMASTER_LAUNCHER
+  value: {{ .Values.launcher.type | quote }}
+{{- if .Values.launcher.ray.address }}
+- name: RAY_ADDRESS
+  value: {{ .Values.launcher.ray.address | quote }}
+{{- end }}
+{{- if include "ringmaster.k8sLauncher" . }}
+{{- $k := .Values.launcher.kubernetes }}
+- name: RINGMASTER_K8S_NAMESPACES
+  value: {{ include "ringmaster.launcherNamespaces" . | fromJsonArray | join "," | quote }}
+- name: RINGMASTER_K8S_IMAGE
+  value: {{ printf "%s:%s" $k.workerImage.repository $k.workerImage.tag | quote }}
+- name: RINGMASTER_K8S_RAY_VERSION
+  value: {{ $k.rayVersion | quote }}
+- name: RINGMASTER_K8S_GPU_RESOURCE
+  value: {{ $k.gpuResourceName | quote }}
+- name: RINGMASTER_K8S_HEAD_RESOURCES
+  value: {{ toJson $k.headResources | quote }}
+- name: RINGMASTER_K8S_READY_TIMEOUT_S
+  value: {{ $k.readyTimeoutSeconds | quote }}
+- name: RINGMASTER_K8S_OWNER
+  value: {{ include "ringmaster.fullname" . | quote }}
+- name: RINGMASTER_CONTROLLER_ADDRESS
+  value: {{ printf "%s.%s.svc:%d" (include "ringmaster.fullname" .) .Release.Namespace (int .Values.controller.grpcPort) | quote }}
+{{- end }}
+{{- include "ringmaster.otelEnv" . }}
+{{- with .Values.controller.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "ringmaster.otelEnv" -}}
+{{- $o := .Values.otel }}
+{{- if not $o.enabled }}
+- name: OTEL_SDK_DISABLED
+  value: "true"
+{{- else }}
+- name: OTEL_SERVICE_NAME
+  value: {{ $o.serviceName | quote }}
+{{- $exporters := list }}
+{{- if $o.endpoint }}
+{{- $exporters = append $exporters "otlp" }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $o.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $o.protocol | quote }}
+{{- end }}
+- name: OTEL_TRACES_EXPORTER
+  value: {{ ternary "otlp" "none" (ne $o.endpoint "") | quote }}
+{{- if .Values.serviceMonitor.enabled }}
+{{- $exporters = append $exporters "prometheus" }}
+- name: OTEL_EXPORTER_PROMETHEUS_HOST
+  value: "0.0.0.0"
+- name: OTEL_EXPORTER_PROMETHEUS_PORT
+  value: {{ .Values.serviceMonitor.metricsPort | quote }}
+{{- end }}
+- name: OTEL_METRICS_EXPORTER
+  value: {{ $exporters | default (list "none") | join "," | quote }}
+- name: OTEL_LOGS_EXPORTER
+  value: "none"
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $o.tracesSampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $o.tracesSamplerArg | quote }}
+{{- if $o.resourceAttributes }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ $o.resourceAttributes | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}

@@ -1,0 +1,172 @@
+"""The Helm chart with a real helm: lint, render, schema, and Kubernetes' own JSON schemas.
+
+Kubernetes versions: 1.35 (the API version the pinned Helm 4.1 is built against) and the
+newest schema kubernetes-validate bundles. Only the optional ServiceMonitor (a
+prometheus-operator CRD) has no bundled schema; it is checked by hand below.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.deploy.conftest import CHART, VARIANTS
+
+K8S_VERSIONS = ("1.35.0",)
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def _latest_k8s() -> str:
+    from kubernetes_validate.utils import latest_version
+
+    return latest_version()
+
+
+def test_every_main_variant_has_ci_values():
+    assert set(VARIANTS) >= {"embedded-redis", "external-redis", "kubernetes-launcher-on"}
+
+
+def test_lint_strict(helm, variant):
+    proc = subprocess.run([helm, "lint", "--strict", str(CHART), "-f",
+                           str(CHART / "ci" / f"{variant}-values.yaml")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout
+
+
+def test_kubernetes_validate_strict(rendered, variant, tmp_path):
+    """`kubernetes-validate --strict` (the CLI) accepts every built-in object."""
+    path = tmp_path / f"{variant}.yaml"
+    path.write_text(rendered.text)
+    versions = [*K8S_VERSIONS, _latest_k8s()]
+    cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet"]
+    for v in versions:
+        cmd += ["-k", v]
+    proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warned = [line for line in proc.stdout.splitlines() if line.startswith("WARN")]
+    crds = [o for o in rendered.objects if (o["apiVersion"], o["kind"]) in CRD_KINDS]
+    # One "no schema" warning per CRD object and version, nothing else.
+    assert len(warned) == len(crds) * len(versions), proc.stdout
+    assert all("ServiceMonitor" in line for line in warned)
+
+
+def test_servicemonitor_shape(render):
+    r = render(values_file="external-redis")
+    sm = r.one("ServiceMonitor")
+    svc = r.one("Service", "rm-ringmaster")
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
+    assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
+    assert sm["metadata"]["labels"]["release"] == "prometheus"
+    assert render(values_file="embedded-redis").of_kind("ServiceMonitor") == []
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--set", "replicas=0"], "/replicas"),
+    (["--set", "controller.port=http"], "/controller/port"),
+    (["--set-string", "controller.grpcPort=50051"], "/controller/grpcPort"),
+    (["--set", "controller.port=70000"], "/controller/port"),
+    (["--set", "redis.port=1.5"], "/redis/port"),
+    (["--set", "launcher.type=slurm"], "/launcher/type"),
+    (["--set", "image.tag=latest"], "/image/tag"),
+    (["--set", "otel.protocol=http/json"], "/otel/protocol"),
+    (["--set", "controller.resources.limits.memory=lots"], "/controller/resources/limits/memory"),
+    (["--set", "controller.replicas=2"], "replicas"),  # unknown key: a typo is an error
+    (["--set", "redis.enabled=false"], "/redis/external"),
+])
+def test_schema_rejects_bad_values(render, args, field):
+    r = render(*args)
+    assert r.rc != 0
+    assert field in r.err, r.err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "replicas=2", "--set", "podDisruptionBudget.minAvailable=2"], "minAvailable"),
+    (["--set", "launcher.type=kubernetes", "--set", "launcher.ray.address=ray://h:10001"],
+     "launcher.ray.address"),
+    (["--set", "redis.external.url=redis://r:6379"], "redis.enabled"),
+])
+def test_template_rejects_contradictions(render, args, message):
+    r = render(*args)
+    assert r.rc != 0 and message in r.err, r.err
+
+
+def _leaf_paths(node, prefix=()):
+    if isinstance(node, dict) and node:
+        for k, v in node.items():
+            yield from _leaf_paths(v, (*prefix, k))
+    else:
+        yield prefix
+
+
+def _schema_at(schema: dict, path: tuple[str, ...]) -> dict | None:
+    defs = schema["definitions"]
+    node = schema
+    for key in path:
+        while "$ref" in node:
+            node = {**defs[node["$ref"].rsplit("/", 1)[-1]], **{k: v for k, v in node.items()
+                                                                if k != "$ref"}}
+        props = node.get("properties") or {}
+        if key in props:
+            node = props[key]
+        elif isinstance(node.get("additionalProperties"), dict):
+            node = node["additionalProperties"]
+        else:
+            return None
+    return node
+
+
+def test_schema_covers_every_value():
+    import json
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    missing = [".".join(p) for p in _leaf_paths(values) if _schema_at(schema, p) is None]
+    assert missing == []
+
+
+def _uncommented_keys(text: str) -> list[str]:
+    """Keys of values.yaml with no comment above them or above an enclosing key."""
+    stack: list[tuple[int, bool]] = []  # (indent, covered by a comment)
+    out, prev_comment = [], False
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not stripped:
+            prev_comment = False
+            continue
+        if stripped.startswith("#"):
+            prev_comment = True
+            continue
+        indent = len(line) - len(line.lstrip())
+        if stripped.startswith("- ") or ":" not in stripped:
+            prev_comment = False
+            continue
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        covered = prev_comment or any(c for _, c in stack)
+        key, _, rest = stripped.partition(":")
+        if not covered and rest.strip():  # a leaf (value on the line) nobody explains
+            out.append(key)
+        stack.append((indent, covered))
+        prev_comment = False
+    return out
+
+
+def test_every_value_is_commented():
+    assert _uncommented_keys((CHART / "values.yaml").read_text()) == []
+
+
+def test_comment_checker_finds_a_bare_key():
+    assert _uncommented_keys("a:\n  # -- doc\n  b: 1\n  c: 2\n") == ["c"]
+
+
+def test_chart_files_are_what_helm_packages(helm, tmp_path):
+    proc = subprocess.run([helm, "package", str(CHART), "-d", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in Path(tmp_path).iterdir()] == ["ringmaster-0.1.0.tgz"]
