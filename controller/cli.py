@@ -14,6 +14,7 @@ from rich.console import Console
 
 from controller.cli_data import data_app
 from controller.cli_demo import demo
+from controller.cli_jobs import register as register_job_commands
 from scheduler.errors import RingmasterError
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.command("demo")(demo)
+register_job_commands(app)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -32,18 +34,20 @@ class SchemaKind(StrEnum):
     plan = "plan"
     model = "model"
     cluster = "cluster"
+    job = "job"
 
 
 def _schema_models() -> dict:
+    from controller.spec import JobCreate
     from scheduler.plan import StepPlan
     from scheduler.specs import ClusterSpec, ModelSpec
 
-    return {"plan": StepPlan, "model": ModelSpec, "cluster": ClusterSpec}
+    return {"plan": StepPlan, "model": ModelSpec, "cluster": ClusterSpec, "job": JobCreate}
 
 
 @app.command()
 def schema(kind: SchemaKind = typer.Argument(..., help="Which document's JSON Schema.")):
-    """Print the JSON Schema of a plan, model spec or cluster spec."""
+    """Print the JSON Schema of a plan, model spec, cluster spec or job spec."""
     typer.echo(json.dumps(_schema_models()[kind.value].model_json_schema(), indent=2))
 
 

@@ -83,8 +83,8 @@ class Resources(_Section):
             if self.gpus_per_node is not None:
                 raise ValueError("gpus_per_node: only applies to a cluster preset; set "
                                  "cluster.gpus_per_node instead")
-            if self.num_ranks > self.cluster.world_size:
-                raise ValueError(f"num_ranks={self.num_ranks} exceeds the cluster's "
+            if self.num_ranks != self.cluster.world_size:
+                raise ValueError(f"num_ranks={self.num_ranks} must equal the cluster's "
                                  f"{self.cluster.world_size} ranks (num_nodes x gpus_per_node)")
         return self
 

@@ -101,3 +101,4 @@ class JobRecord:
     last_checkpoint_step: int | None = None
     stop_requested: bool = False
     not_before: float = 0.0  # Restarting: earliest time the next attempt may start
+    trace_parent: str = ""  # W3C traceparent of the current attempt's job.schedule span

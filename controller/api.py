@@ -1,0 +1,203 @@
+"""The REST API (FastAPI), version 1: submit, watch, stop, delete and preview jobs.
+
+`create_app(...)` wires the routes to a `JobStore` and a `JobStateMachine` given by the
+caller (controller.server builds the real ones; tests pass a FakeLauncher). Every route
+but /healthz and /readyz needs `Authorization: Bearer <token>`. Handlers are plain `def`
+functions: FastAPI runs them on its thread pool, where the blocking Redis client belongs.
+Errors: see controller.errors (no client input yields a 5xx). docs/api.md documents every
+route with examples.
+
+Annotations here are evaluated eagerly (no `from __future__ import annotations`): route
+parameters are built in closures over the settings, and FastAPI must see their types.
+"""
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated
+
+import redis
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from opentelemetry.sdk.trace import TracerProvider
+
+from controller import preview as preview_mod
+from controller.errors import BodySizeLimit, error_response, install_error_handlers
+from controller.machine import JobStateMachine
+from controller.schemas import (
+    ErrorResponse,
+    Health,
+    JobList,
+    JobPublic,
+    LogChunk,
+    LogLinePublic,
+    MetricsPage,
+    PlanPreview,
+    StepMetricsPublic,
+)
+from controller.spec import JobCreate
+from controller.store import JobStore
+from controller.telemetry import instrument_fastapi
+
+API_VERSION = "v1"
+JOB_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,79}$"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiSettings:
+    token: str  # the bearer token every client must present
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    max_page_size: int = 500  # jobs per GET /v1/jobs page
+    max_log_lines: int = 1000  # lines per GET .../logs chunk
+    max_log_wait_s: float = 30.0  # longest a follow=true read blocks
+
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 409, 413, 422, 503)}
+JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN, description="Job id from POST /v1/jobs.")]
+
+
+def create_app(*, store: JobStore, machine: JobStateMachine, settings: ApiSettings,
+               tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The ASGI app; the caller owns store, machine and their lifetimes."""
+    if not settings.token:
+        raise ValueError("settings.token: an empty bearer token would let anyone in")
+    app = FastAPI(title="Ringmaster controller", version="1.0.0",
+                  description="Submit, watch, stop and preview long-context training jobs.",
+                  responses=ERRORS)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    tracer = (tracer_provider.get_tracer("controller.api") if tracer_provider
+              else preview_mod.default_tracer())
+    app.include_router(_health_router(store))
+    app.include_router(_jobs_router(store, machine, settings, tracer),
+                       dependencies=[Depends(_auth(settings.token))])
+    if tracer_provider is not None:
+        instrument_fastapi(app, tracer_provider)
+    return app
+
+
+def _auth(token: str):
+    bearer = HTTPBearer(auto_error=False, description="The controller's API token.")
+    expected = token.encode()
+
+    def require_token(cred: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if cred is None or cred.scheme.lower() != "bearer":
+            raise HTTPException(401, "missing bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not secrets.compare_digest(cred.credentials.encode(), expected):
+            raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate":
+                                                                    "Bearer"})
+
+    return require_token
+
+
+def _health_router(store: JobStore) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/healthz", response_model=Health)
+    def healthz() -> Health:
+        """The process is up (liveness)."""
+        return Health(status="ok")
+
+    @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+    def readyz(response: Response) -> Health:
+        """The job store answers (readiness)."""
+        try:
+            store.r.ping()
+        except redis.RedisError as exc:
+            response.status_code = 503
+            return Health(status="unavailable", detail=f"job store: {exc}")
+        return Health(status="ok")
+
+    return router
+
+
+def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSettings,
+                 tracer) -> APIRouter:
+    router = APIRouter(prefix=f"/{API_VERSION}", tags=["jobs"])
+
+    @router.post("/jobs:plan", response_model=PlanPreview)
+    def preview_job(spec: JobCreate,
+                    num_batches: Annotated[int, Query(ge=1, le=8)] = 2,
+                    gantt: Annotated[bool, Query(description="Include a PNG Gantt.")] = False,
+                    ) -> PlanPreview:
+        """Dry run: plan the first global batches of the job's dataset (nothing starts)."""
+        return preview_mod.preview_plan(spec, num_batches=num_batches, gantt=gantt,
+                                        tracer=tracer)
+
+    @router.post("/jobs", response_model=JobPublic, status_code=201,
+                 responses={200: {"model": JobPublic, "description": "Idempotent replay."}})
+    def submit_job(spec: JobCreate, response: Response) -> JobPublic:
+        """Submit a job; with a known submission_id and the same body, return that job."""
+        with tracer.start_as_current_span("job.submit") as span:
+            span.set_attribute("job.name", spec.name)
+            span.set_attribute("job.num_ranks", spec.resources.num_ranks)
+            rec, created = store.create(spec)
+            span.set_attribute("job.id", rec.id)
+            span.set_attribute("job.created", created)
+        if not created:
+            response.status_code = 200
+        return JobPublic.of(rec)
+
+    @router.get("/jobs", response_model=JobList)
+    def list_jobs(limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = 50,
+                  page_token: Annotated[str | None, Query(max_length=20,
+                                                          pattern=r"^\d+$")] = None,
+                  ) -> JobList:
+        """Jobs, newest first, one page at a time."""
+        records, token = store.list(limit=limit, page_token=page_token)
+        return JobList(jobs=[JobPublic.of(r) for r in records], next_page_token=token,
+                       total=store.count())
+
+    @router.get("/jobs/{job_id}", response_model=JobPublic)
+    def get_job(job_id: JobId) -> JobPublic:
+        """One job, with every state transition it went through."""
+        return JobPublic.of(store.get(job_id), store.transitions(job_id))
+
+    @router.post("/jobs/{job_id}:stop", response_model=JobPublic)
+    def stop_job(job_id: JobId) -> JobPublic:
+        """Stop a job (idempotent while it stops; 409 once it has finished)."""
+        return JobPublic.of(machine.request_stop(job_id))
+
+    @router.delete("/jobs/{job_id}", status_code=204, response_class=Response)
+    def delete_job(job_id: JobId) -> Response:
+        """Delete a finished job and its metrics and logs (409 while it is active)."""
+        store.delete(job_id)
+        return Response(status_code=204)
+
+    _add_watch_routes(router, store, settings)
+    return router
+
+
+def _add_watch_routes(router: APIRouter, store: JobStore, settings: ApiSettings) -> None:
+    @router.get("/jobs/{job_id}/logs", response_model=LogChunk)
+    def job_logs(job_id: JobId,
+                 tail: Annotated[int | None, Query(ge=1, le=settings.max_log_lines,
+                                                   description="Last N lines.")] = None,
+                 cursor: Annotated[str | None, Query(max_length=42, pattern=r"^\d+(-\d+)?$",
+                                                     description="next_cursor of the previous "
+                                                                 "chunk; '0' = start.")] = None,
+                 follow: bool = False,
+                 wait_s: Annotated[float, Query(ge=0, le=settings.max_log_wait_s)] = 10.0,
+                 limit: Annotated[int, Query(ge=1, le=settings.max_log_lines)] = 500,
+                 ) -> LogChunk:
+        """A bounded chunk of a job's log; follow=true waits up to wait_s for new lines."""
+        if tail is not None and cursor is not None:
+            return error_response(422, "tail and cursor: give one, not both", details=[
+                {"field": "query.tail", "message": "conflicts with cursor"}])
+        finished = store.get(job_id).state.terminal
+        block = int(wait_s * 1000) if follow and not finished and cursor is not None else 0
+        lines, nxt = store.read_logs(job_id, cursor=cursor, tail=tail, limit=limit,
+                                     block_ms=block)
+        return LogChunk(job_id=job_id, lines=[LogLinePublic.of(x) for x in lines],
+                        next_cursor=nxt, finished=store.get(job_id).state.terminal)
+
+    @router.get("/jobs/{job_id}/metrics", response_model=MetricsPage)
+    def job_metrics(job_id: JobId,
+                    since_step: Annotated[int, Query(ge=0, le=2**53)] = 0,
+                    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> MetricsPage:
+        """Per-step loss, tokens/s, predicted vs measured step time and imbalance."""
+        rows = store.step_metrics(job_id, since_step=since_step, limit=limit)
+        nxt = rows[-1].step + 1 if len(rows) == limit else None
+        return MetricsPage(job_id=job_id, steps=[StepMetricsPublic.of(m) for m in rows],
+                           next_since_step=nxt)
+

@@ -1,0 +1,243 @@
+"""`ringmaster serve | submit | status | list | logs | stop | preview`: the job commands.
+
+All but `serve` talk to a controller through controller.client (URL from --url or
+$RINGMASTER_URL or the local state directory; token from $RINGMASTER_TOKEN or the state
+directory). `--output json` prints the API's JSON; errors are one line on stderr and exit
+status 2 (a job that ends without succeeding under `submit --wait` exits 1).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from controller.client import RingmasterClient
+from controller.schemas import JobPublic, PlanPreview
+from scheduler.errors import RingmasterError
+
+console = Console()
+err = Console(stderr=True)
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+class LauncherName(StrEnum):
+    ray = "ray"
+    kubernetes = "kubernetes"
+    fake = "fake"
+
+
+URL = typer.Option(None, "--url", envvar="RINGMASTER_URL", help="Controller base URL.")
+STATE_DIR = typer.Option(None, "--state-dir", envvar="RINGMASTER_STATE_DIR",
+                         help="Local controller state directory (default ~/.ringmaster).")
+OUTPUT = typer.Option(Output.table, "--output", "-o", help="table or json.")
+
+
+def fail(exc: Exception) -> None:
+    err.print(f"[red]error:[/red] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _client(url: str | None, state_dir: Path | None) -> RingmasterClient:
+    return RingmasterClient(url, state_dir=state_dir)
+
+
+def _print_json(model) -> None:
+    typer.echo(model.model_dump_json(indent=2))
+
+
+def job_table(jobs: list[JobPublic], title: str = "jobs") -> Table:
+    table = Table(title=title)
+    for col in ("id", "phase", "result", "attempt", "step", "reason", "created"):
+        table.add_column(col)
+    for j in jobs:
+        table.add_row(j.id, j.phase, j.result or "", str(j.attempt),
+                      f"{j.current_step}/{j.total_steps}", j.reason,
+                      j.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    return table
+
+
+def show_job(job: JobPublic) -> None:
+    console.print(job_table([job], title=f"job {job.id}"))
+    if job.message:
+        console.print(f"message: {job.message}", highlight=False)
+    if job.last_checkpoint:
+        console.print(f"last checkpoint: {job.last_checkpoint} (step "
+                      f"{job.last_checkpoint_step})", highlight=False)
+    for t in job.transitions or []:
+        console.print(f"  {t.at:%H:%M:%S} {t.from_state or '-'} -> {t.to_state} "
+                      f"[{t.reason}] {t.message}", highlight=False)
+
+
+def serve(
+    host: str = typer.Option("127.0.0.1", help="REST bind address."),
+    port: int = typer.Option(8080, help="REST port."),
+    grpc_port: int = typer.Option(50051, "--grpc-port", help="Port workers call back on."),
+    state_dir: Path = STATE_DIR,
+    launcher: LauncherName = typer.Option(LauncherName.ray, help="How job workers start "
+                                          "(fake: in memory, starts nothing; for API tests)."),
+    redis_url: str = typer.Option(None, "--redis-url", envvar="REDIS_URL",
+                                  help="External Redis (default: embedded in state dir)."),
+    log_level: str = typer.Option("info", "--log-level", help="debug | info | warning"),
+):
+    """Run the controller (REST API, job store, state machine) in the foreground."""
+    from controller.server import ControllerConfig, default_state_dir
+    from controller.server import serve as run
+
+    config = ControllerConfig(state_dir=state_dir or default_state_dir(), host=host, port=port,
+                              grpc_port=grpc_port, redis_url=redis_url,
+                              launcher=launcher.value)
+    err.print(f"state directory {config.state_dir} (API token in {config.state_dir / 'token'})",
+              highlight=False)
+    try:
+        run(config, log_level=log_level)
+    except (ValueError, RingmasterError, OSError) as exc:
+        fail(exc)
+
+
+def submit(
+    file: Path = typer.Argument(..., help="Job spec (.yaml or .json)."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job until it finishes."),
+    output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR,
+):
+    """Submit a job; with --wait show its progress until it ends."""
+    try:
+        with _client(url, state_dir) as rm:
+            job = rm.submit(file)
+            if wait:
+                job = _wait_with_progress(rm, job)
+    except (RingmasterError, ValueError) as exc:
+        fail(exc)
+    if output is Output.json:
+        _print_json(job)
+    else:
+        show_job(job)
+    if wait and job.result != "Succeeded":
+        raise typer.Exit(1)
+
+
+def _wait_with_progress(rm: RingmasterClient, job: JobPublic) -> JobPublic:
+    progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("step {task.completed}/{task.total}"),
+                        TextColumn("{task.fields[extra]}"), console=err)
+    with progress:
+        task = progress.add_task(job.id, total=job.total_steps, extra="")
+
+        def update(j: JobPublic) -> None:
+            extra = j.phase if not j.result else j.result
+            steps = rm.metrics(j.id, since_step=max(j.current_step, 0), limit=1).steps
+            if steps:
+                extra += f"  loss {steps[-1].loss:.4f}  {steps[-1].tokens_per_s:,.0f} tok/s"
+            progress.update(task, completed=j.current_step, extra=extra)
+
+        return rm.wait(job.id, on_update=update, poll_s=1.0)
+
+
+def status(job_id: str = typer.Argument(..., help="Job id."), output: Output = OUTPUT,
+           url: str = URL, state_dir: Path = STATE_DIR):
+    """Show one job: phase, result, attempt, step, checkpoint and its transitions."""
+    try:
+        with _client(url, state_dir) as rm:
+            job = rm.get(job_id)
+    except RingmasterError as exc:
+        fail(exc)
+    _print_json(job) if output is Output.json else show_job(job)
+
+
+def list_(limit: int = typer.Option(50, help="Jobs per page."),
+          all_pages: bool = typer.Option(False, "--all", help="Every page, not just one."),
+          output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR):
+    """List jobs, newest first."""
+    try:
+        with _client(url, state_dir) as rm:
+            jobs = list(rm.iter_jobs(page_size=limit)) if all_pages else rm.list(
+                limit=limit).jobs
+    except RingmasterError as exc:
+        fail(exc)
+    if output is Output.json:
+        typer.echo(json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+    else:
+        console.print(job_table(jobs))
+
+
+def logs(job_id: str = typer.Argument(..., help="Job id."),
+         follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines "
+                                     "until the job ends."),
+         tail: int = typer.Option(100, help="Lines from the end to start with."),
+         output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR):
+    """Print a job's log (bounded chunks; -f follows it)."""
+    try:
+        with _client(url, state_dir) as rm:
+            lines = rm.follow_logs(job_id, tail=tail) if follow else \
+                rm.logs(job_id, tail=tail).lines
+            for line in lines:
+                if output is Output.json:
+                    typer.echo(line.model_dump_json())
+                else:
+                    who = "ctl" if line.rank is None else f"r{line.rank}"
+                    typer.echo(f"{line.at:%H:%M:%S} {who}: {line.text}")
+    except RingmasterError as exc:
+        fail(exc)
+
+
+def stop(job_id: str = typer.Argument(..., help="Job id."), output: Output = OUTPUT,
+         url: str = URL, state_dir: Path = STATE_DIR):
+    """Stop a job (running workers drain at the next step boundary)."""
+    try:
+        with _client(url, state_dir) as rm:
+            job = rm.stop(job_id)
+    except RingmasterError as exc:
+        fail(exc)
+    _print_json(job) if output is Output.json else show_job(job)
+
+
+def preview(file: Path = typer.Argument(..., help="Job spec (.yaml or .json)."),
+            num_batches: int = typer.Option(2, "--num-batches", help="Batches to plan (1-8)."),
+            png: Path = typer.Option(None, "--png", help="Write the first batch's Gantt here."),
+            output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR):
+    """Dry run: plan the job's first global batches on the controller; nothing starts."""
+    try:
+        with _client(url, state_dir) as rm:
+            result = rm.preview(file, num_batches=num_batches, gantt=png is not None)
+    except (RingmasterError, ValueError) as exc:
+        fail(exc)
+    if png is not None and result.gantt_png_base64:
+        png.write_bytes(base64.b64decode(result.gantt_png_base64))
+    if output is Output.json:
+        _print_json(result)
+        return
+    console.print(preview_table(result))
+    if png is not None:
+        console.print(f"Gantt chart written to {png}", highlight=False)
+
+
+def preview_table(p: PlanPreview) -> Table:
+    table = Table(title=f"{p.job_name}: {p.num_samples} samples, {p.num_batches_in_epoch} "
+                        f"batches/epoch, {p.world_size} ranks, capacity {p.capacity_tokens} "
+                        "tokens/rank")
+    for col in ("batch", "sequences", "tokens", "max len", "groups by size",
+                "predicted s", "bound s", "peak GiB/rank"):
+        table.add_column(col, justify="right")
+    for b in p.batches:
+        groups = " ".join(f"{k}x{v}" for k, v in b.groups_by_size.items())
+        table.add_row(str(b.index), str(b.num_sequences), f"{b.num_tokens:,}",
+                      str(b.max_length), groups, f"{b.predicted_step_s:.3f}",
+                      f"{b.lower_bound_s:.3f}", f"{max(b.peak_memory_gib_per_rank):.2f}")
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    """Add the job commands to the `ringmaster` app."""
+    for fn, name in ((serve, "serve"), (submit, "submit"), (status, "status"),
+                     (list_, "list"), (logs, "logs"), (stop, "stop"), (preview, "preview")):
+        app.command(name)(fn)

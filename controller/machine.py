@@ -1,0 +1,214 @@
+"""The job state machine: turns launcher events and stop requests into transitions.
+
+`JobStateMachine.tick()` is one reconcile pass: apply the launcher's events, admit Pending
+jobs whose gang fits (FIFO with backfill by default), start the next attempt of Restarting
+jobs whose back-off has passed. All state lives in the store (compare-and-set
+transitions), so several passes, the REST API's stop requests and a restarted controller
+can interleave without losing or repeating a transition. Policies are injected:
+`RestartPolicy` decides restart-or-fail when an attempt ends abnormally, `AdmissionPolicy`
+orders the Pending queue. Events of an attempt other than the job's current one are
+dropped (fencing); terminal jobs never move again.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from controller.launchers.base import EventKind, Launcher, LauncherEvent
+from controller.states import JobRecord, StaleState, State
+from controller.store import JobNotFound, JobStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RestartDecision:
+    restart: bool
+    delay_s: float = 0.0  # back-off before the next attempt starts
+    reason: str = ""  # the transition's reason when the job fails instead
+
+
+class RestartPolicy(Protocol):
+    def decide(self, job: JobRecord, event: LauncherEvent) -> RestartDecision: ...
+
+
+class AdmissionPolicy(Protocol):
+    def order(self, pending: list[JobRecord]) -> list[JobRecord]: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundedRestarts:
+    """Restart up to the job's failure.max_restarts, with exponential back-off."""
+
+    base_delay_s: float = 1.0  # delay before the first restart
+    max_delay_s: float = 60.0  # cap of the doubling delay
+
+    def decide(self, job: JobRecord, event: LauncherEvent) -> RestartDecision:
+        used = max(job.attempt - 1, 0)
+        limit = job.spec.failure.max_restarts
+        if used >= limit:
+            return RestartDecision(restart=False, reason="RestartLimitReached")
+        return RestartDecision(restart=True,
+                               delay_s=min(self.max_delay_s, self.base_delay_s * 2 ** used))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FifoBackfill:
+    """Oldest first; a job that does not fit does not block smaller ones behind it."""
+
+    def order(self, pending: list[JobRecord]) -> list[JobRecord]:
+        return sorted(pending, key=lambda j: (j.created_at, j.id))
+
+
+class JobStateMachine:
+    """Steps every active job; see the module docstring."""
+
+    def __init__(self, *, store: JobStore, launcher: Launcher,
+                 restart_policy: RestartPolicy | None = None,
+                 admission: AdmissionPolicy | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.store = store
+        self.launcher = launcher
+        self.restart_policy = restart_policy or BoundedRestarts()
+        self.admission = admission or FifoBackfill()
+        self.clock = clock
+
+    def tick(self) -> None:
+        """One reconcile pass."""
+        for event in self.launcher.poll():
+            self.handle(event)
+        jobs = []
+        for job_id in self.store.active_ids():
+            try:
+                jobs.append(self.store.get(job_id))
+            except JobNotFound:
+                continue
+        for job in self.admission.order([j for j in jobs if j.state is State.PENDING]):
+            if self.launcher.admit(job):
+                self._start_attempt(job, "Admitted")
+        now = self.clock()
+        for job in jobs:
+            if job.state is State.RESTARTING and now >= job.not_before:
+                self._start_attempt(job, "Restarted")
+
+    def _start_attempt(self, job: JobRecord, reason: str) -> None:
+        attempt = job.attempt + 1
+        try:
+            job = self.store.transition(job.id, src=job.state, dst=State.SCHEDULING,
+                                        reason=reason, message=f"attempt {attempt}",
+                                        attempt=attempt)
+        except (StaleState, JobNotFound):
+            return  # someone else moved it (a stop request); the next pass sees the truth
+        try:
+            self.launcher.start(job, attempt)
+        except Exception as exc:  # a launcher's API failing is an attempt failure, not ours
+            log.warning("job %s attempt %d failed to start: %s", job.id, attempt, exc)
+            self.handle(LauncherEvent(job_id=job.id, attempt=attempt,
+                                      kind=EventKind.WORKER_LOST,
+                                      message=f"start failed: {exc}"))
+            return
+        if self.store.get(job.id).state is State.STOPPING:
+            self.launcher.stop(job.id)  # a stop raced with the start: stop what started
+
+    def handle(self, event: LauncherEvent) -> None:
+        """Apply one launcher event (stale or unknown ones are dropped)."""
+        try:
+            job = self.store.get(event.job_id)
+        except JobNotFound:
+            return
+        if job.state.terminal:
+            return
+        if event.kind is EventKind.STOPPED and job.state is State.STOPPING:
+            self._move(job, State.STOPPED, "StopRequested", "workers stopped")
+            return
+        if event.attempt != job.attempt:
+            log.info("job %s: dropped %s of attempt %d (current %d)", job.id, event.kind,
+                     event.attempt, job.attempt)
+            return
+        self._apply(job, event)
+
+    def _apply(self, job: JobRecord, event: LauncherEvent) -> None:
+        s, kind = job.state, event.kind
+        if kind is EventKind.READY and s is State.SCHEDULING:
+            self._move(job, State.RUNNING, "WorkersReady", event.message)
+        elif kind is EventKind.COMPLETED and s in (State.SCHEDULING, State.RUNNING,
+                                                   State.STOPPING):
+            self._move(job, State.SUCCEEDED, "Completed", event.message)
+        elif kind is EventKind.FAILED and s in (State.SCHEDULING, State.RUNNING, State.STOPPING):
+            self._move(job, State.FAILED, "WorkersFailed", event.message)
+        elif kind in (EventKind.WORKER_LOST, EventKind.STOPPED) and s in (State.SCHEDULING,
+                                                                          State.RUNNING):
+            self._attempt_lost(job, event)
+
+    def _attempt_lost(self, job: JobRecord, event: LauncherEvent) -> None:
+        where = f"rank {event.rank}: " if event.rank is not None else ""
+        message = f"attempt {job.attempt}: {where}{event.message or 'worker lost'}"
+        self.launcher.stop(job.id)  # tear the rest of the group down
+        decision = self.restart_policy.decide(job, event)
+        if decision.restart:
+            self._move(job, State.RESTARTING, "WorkerLost", message,
+                       not_before=self.clock() + decision.delay_s)
+        else:
+            self._move(job, State.FAILED, decision.reason or "WorkerLost", message)
+
+    def _move(self, job: JobRecord, dst: State, reason: str, message: str = "",
+              **updates) -> JobRecord | None:
+        try:
+            return self.store.transition(job.id, src=job.state, dst=dst, reason=reason,
+                                         message=message, **updates)
+        except (StaleState, JobNotFound):
+            return None
+
+    def request_stop(self, job_id: str) -> JobRecord:
+        """Stop a job: Pending/Restarting stop at once, running workers drain first.
+
+        Raises JobNotFound, or StaleState when the job has already finished.
+        """
+        for _ in range(5):
+            job = self.store.get(job_id)
+            if job.state.terminal:
+                raise StaleState(f"job {job_id} already finished ({job.state.value}); "
+                                 "nothing to stop")
+            if job.state is State.STOPPING:
+                return job
+            dst = State.STOPPED if job.state in (State.PENDING, State.RESTARTING) \
+                else State.STOPPING
+            moved = self._move(job, dst, "StopRequested", "stop requested by a client",
+                               stop_requested=True)
+            if moved is not None:
+                if dst is State.STOPPING or job.state is State.RESTARTING:
+                    self.launcher.stop(job_id)
+                return moved
+        raise StaleState(f"job {job_id} kept changing state; retry the stop")
+
+
+class Reconciler:
+    """Runs `machine.tick()` every `interval_s` on a daemon thread until `close()`."""
+
+    def __init__(self, machine: JobStateMachine, *, interval_s: float = 0.5):
+        self.machine = machine
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="reconciler", daemon=True)
+
+    def start(self) -> Reconciler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.machine.tick()
+            except Exception:  # Redis briefly away, a launcher hiccup: log, retry next pass
+                log.exception("reconcile pass failed; retrying")
+            self._stop.wait(self.interval_s)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)

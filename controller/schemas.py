@@ -1,0 +1,182 @@
+"""REST bodies (pydantic, versioned with the API under /v1): what clients send and receive.
+
+`JobCreate` (controller.spec) is the request body; `JobPublic`/`JobList` what comes back;
+`ErrorBody` the shape of every 4xx/5xx. The typed client (controller.client) parses
+responses into these same classes.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.spec import JobCreate
+from controller.states import JobRecord, Transition
+from controller.store import LogLine, StepMetrics
+from scheduler.plan import StepPlan
+
+Phase = Literal["Pending", "Scheduling", "Running", "Restarting", "Stopping", "Finished"]
+Result = Literal["Succeeded", "Failed", "Stopped"]
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ts(t: float | None) -> datetime | None:
+    return None if t is None else datetime.fromtimestamp(t, tz=UTC)
+
+
+class TransitionPublic(_Public):
+    from_state: str | None = Field(description="State before (null at submission).")
+    to_state: str = Field(description="State after.")
+    at: datetime
+    attempt: int
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, t: Transition) -> TransitionPublic:
+        return cls(from_state=t.src.value if t.src else None, to_state=t.dst.value,
+                   at=_ts(t.at), attempt=t.attempt, reason=t.reason, message=t.message)
+
+
+class JobPublic(_Public):
+    """A job as the API shows it."""
+
+    id: str
+    name: str
+    submission_id: str | None
+    phase: Phase = Field(description="Lifecycle phase; 'Finished' once `result` is set.")
+    result: Result | None = Field(description="How the job ended; null while it runs.")
+    reason: str = Field(description="CamelCase cause of the last transition.")
+    message: str = Field(description="Human-readable detail of the last transition.")
+    attempt: int = Field(description="Attempts started so far (fencing token).")
+    current_step: int = Field(description="Last step a worker reported.")
+    total_steps: int
+    last_checkpoint: str | None
+    last_checkpoint_step: int | None
+    stop_requested: bool
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    spec: JobCreate
+    transitions: list[TransitionPublic] | None = Field(
+        default=None, description="Every state change, oldest first (GET /v1/jobs/{id} only).")
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None
+
+    @classmethod
+    def of(cls, rec: JobRecord, transitions: list[Transition] | None = None) -> JobPublic:
+        return cls(
+            id=rec.id, name=rec.spec.name, submission_id=rec.spec.submission_id,
+            phase=rec.state.phase, result=rec.state.result, reason=rec.reason,
+            message=rec.message, attempt=rec.attempt, current_step=rec.current_step,
+            total_steps=rec.spec.training.steps, last_checkpoint=rec.last_checkpoint,
+            last_checkpoint_step=rec.last_checkpoint_step, stop_requested=rec.stop_requested,
+            created_at=_ts(rec.created_at), updated_at=_ts(rec.updated_at),
+            started_at=_ts(rec.started_at), finished_at=_ts(rec.finished_at), spec=rec.spec,
+            transitions=None if transitions is None else [TransitionPublic.of(t)
+                                                          for t in transitions])
+
+
+class JobList(_Public):
+    jobs: list[JobPublic]
+    next_page_token: str | None = Field(description="Pass as page_token for the next page; "
+                                                    "null on the last page.")
+    total: int = Field(description="Jobs in the store.")
+
+
+class StepMetricsPublic(_Public):
+    step: int
+    attempt: int
+    loss: float
+    tokens_per_s: float
+    predicted_step_s: float
+    measured_step_s: float
+    imbalance: float = Field(description="max rank busy / mean rank busy - 1.")
+    at: datetime
+
+    @classmethod
+    def of(cls, m: StepMetrics) -> StepMetricsPublic:
+        return cls(step=m.step, attempt=m.attempt, loss=m.loss, tokens_per_s=m.tokens_per_s,
+                   predicted_step_s=m.predicted_step_s, measured_step_s=m.measured_step_s,
+                   imbalance=m.imbalance, at=_ts(m.at))
+
+
+class MetricsPage(_Public):
+    job_id: str
+    steps: list[StepMetricsPublic]
+    next_since_step: int | None = Field(description="since_step for the next page; null if "
+                                                    "this page is the last so far.")
+
+
+class LogLinePublic(_Public):
+    cursor: str
+    at: datetime
+    rank: int | None
+    text: str
+
+    @classmethod
+    def of(cls, line: LogLine) -> LogLinePublic:
+        return cls(cursor=line.cursor, at=_ts(line.at), rank=line.rank, text=line.text)
+
+
+class LogChunk(_Public):
+    job_id: str
+    lines: list[LogLinePublic]
+    next_cursor: str = Field(description="Pass as cursor to read what follows.")
+    finished: bool = Field(description="The job has finished: no more lines will come.")
+
+
+class ErrorDetail(_Public):
+    field: str | None = Field(description="Dotted path of the offending field, if any.")
+    message: str
+
+
+class ErrorBody(_Public):
+    code: str = Field(description="Machine-readable error code, e.g. invalid_request.")
+    message: str = Field(description="One line naming the field and what is valid.")
+    details: list[ErrorDetail] = Field(default_factory=list)
+
+
+class ErrorResponse(_Public):
+    error: ErrorBody
+
+
+class BatchPreview(_Public):
+    """The plan of one global batch of the job's dataset."""
+
+    index: int
+    num_sequences: int
+    num_tokens: int
+    max_length: int
+    groups_by_size: dict[str, int] = Field(description="Ring size -> number of groups.")
+    predicted_step_s: float
+    lower_bound_s: float
+    peak_tokens_per_rank: list[float] = Field(
+        description="Per rank: most tokens held in any one micro-batch, after offload.")
+    peak_memory_gib_per_rank: list[float] = Field(
+        description="Per rank: model states plus peak activations, GiB (cost model).")
+    plan: StepPlan
+
+
+class PlanPreview(_Public):
+    job_name: str
+    num_samples: int = Field(description="Samples in the dataset.")
+    num_batches_in_epoch: int
+    capacity_tokens: int
+    world_size: int
+    batches: list[BatchPreview]
+    gantt_png_base64: str | None = Field(default=None,
+                                         description="Gantt chart of the first batch (PNG).")
+
+
+class Health(_Public):
+    status: Literal["ok", "unavailable"]
+    detail: str = ""

@@ -1,0 +1,157 @@
+"""The controller process: Redis, job store, launcher, state machine and REST API together.
+
+`Controller(config)` opens the store (embedded Redis in the state directory unless
+`REDIS_URL`), builds the launcher that config names, and the app; `serve(config)` runs it
+under uvicorn until SIGINT/SIGTERM and then stops what it started (the embedded Redis is
+shut down with a final save; jobs' workers are left running: they outlive the controller).
+
+State directory layout (default ~/.ringmaster, or $RINGMASTER_STATE_DIR):
+    token             the API bearer token (mode 0600), created on first start
+    controller.json   where the running controller listens (the CLI reads it)
+    redis.db, appendonly.aof   the embedded Redis's data
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opentelemetry.sdk.trace import TracerProvider
+
+from controller.api import ApiSettings, create_app
+from controller.launchers import Launcher, make_launcher
+from controller.machine import JobStateMachine, Reconciler
+from controller.redis_server import open_redis
+from controller.store import JobStore
+from controller.telemetry import instrument_redis, make_tracer_provider
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 8080
+DEFAULT_GRPC_PORT = 50051
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("RINGMASTER_STATE_DIR") or Path.home() / ".ringmaster")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControllerConfig:
+    """How one controller process runs."""
+
+    state_dir: Path = field(default_factory=default_state_dir)  # token, Redis data
+    host: str = "127.0.0.1"  # REST bind address
+    port: int = DEFAULT_PORT  # REST port (0: any free port)
+    grpc_port: int = DEFAULT_GRPC_PORT  # port workers call back on (execution plane)
+    redis_url: str | None = None  # external Redis; default $REDIS_URL, else embedded
+    launcher: str = "ray"  # ray | kubernetes | fake (in-memory: starts no workers)
+    launcher_options: dict = field(default_factory=dict)  # extra constructor keywords
+    token: str | None = None  # default $RINGMASTER_TOKEN, else state_dir/token
+    reconcile_interval_s: float = 0.5  # how often the state machine steps
+    max_body_bytes: int = 1 << 20  # REST request size limit
+
+
+def load_or_create_token(state_dir: Path) -> str:
+    """The token in state_dir/token, created (random, mode 0600) when absent."""
+    path = state_dir / "token"
+    if path.exists():
+        token = path.read_text().strip()
+        if token:
+            return token
+    state_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class Controller:
+    """Everything one controller process owns; `close()` releases it in reverse order."""
+
+    def __init__(self, config: ControllerConfig, *, launcher: Launcher | None = None,
+                 tracer_provider: TracerProvider | None = None):
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.token = config.token or os.environ.get("RINGMASTER_TOKEN") or \
+            load_or_create_token(config.state_dir)
+        self.tracer_provider = tracer_provider or make_tracer_provider()
+        self.redis = open_redis(state_dir=config.state_dir, url=config.redis_url)
+        try:
+            instrument_redis(self.redis.client, self.tracer_provider)
+            self.store = JobStore(self.redis.client,
+                                  tracer=self.tracer_provider.get_tracer("controller.store"))
+            self.launcher = launcher or self._make_launcher()
+        except BaseException:
+            self.redis.close()
+            raise
+        self.machine = JobStateMachine(store=self.store, launcher=self.launcher)
+        self.reconciler = Reconciler(self.machine, interval_s=config.reconcile_interval_s)
+        self.app = create_app(store=self.store, machine=self.machine,
+                              settings=ApiSettings(token=self.token,
+                                                   max_body_bytes=config.max_body_bytes),
+                              tracer_provider=self.tracer_provider)
+
+    def _make_launcher(self) -> Launcher:
+        c = self.config
+        options = dict(c.launcher_options)
+        if c.launcher != "fake":
+            options.setdefault("controller_address", f"{c.host}:{c.grpc_port}")
+        if c.launcher == "ray":
+            options.setdefault("state_dir", c.state_dir)
+        return make_launcher(c.launcher, **options)
+
+    def start(self) -> Controller:
+        self.reconciler.start()
+        return self
+
+    def write_endpoint(self, url: str) -> None:
+        """Tell local CLIs where this controller listens (state_dir/controller.json)."""
+        info = {"url": url, "pid": os.getpid(), "redis": self.redis.description}
+        (self.config.state_dir / "controller.json").write_text(json.dumps(info) + "\n")
+
+    def close(self) -> None:
+        self.reconciler.close()
+        self.launcher.close()
+        self.tracer_provider.shutdown()
+        self.redis.close()
+        (self.config.state_dir / "controller.json").unlink(missing_ok=True)
+
+
+def serve(config: ControllerConfig, *, log_level: str = "info") -> None:
+    """Run the controller in the foreground until interrupted."""
+    import uvicorn
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s "
+                                                        "%(name)s: %(message)s")
+    controller = Controller(config, tracer_provider=make_tracer_provider(install=True))
+    try:
+        server = uvicorn.Server(uvicorn.Config(controller.app, host=config.host,
+                                               port=config.port, log_level=log_level,
+                                               access_log=False))
+        controller.start()
+        _announce(controller, server)
+        server.run()
+    finally:
+        controller.close()
+
+
+def _announce(controller: Controller, server) -> None:
+    """Write controller.json once uvicorn has bound its socket (port 0 picks one)."""
+    import threading
+    import time
+
+    def wait_bound() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            host, port = server.servers[0].sockets[0].getsockname()[:2]
+            controller.write_endpoint(f"http://{host}:{port}")
+            log.info("controller listening on http://%s:%s (state in %s, store: %s)", host,
+                     port, controller.config.state_dir, controller.redis.description)
+
+    threading.Thread(target=wait_bound, daemon=True, name="announce").start()

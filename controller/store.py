@@ -1,0 +1,358 @@
+"""The job store: every job record, transition, step metric and log line, in Redis.
+
+Nothing that matters lives only in process memory: a controller killed with SIGKILL and
+started again against the same Redis finds every job with the same id and state. Redis
+runs with append-only persistence (controller.redis_server). Keys, all under one prefix:
+
+    {p}:seq                   INCR counter; orders jobs for paging
+    {p}:jobs                  ZSET job id -> seq (newest first when listing)
+    {p}:active                SET of ids of non-terminal jobs (what the machine steps)
+    {p}:sub:{submission_id}   STRING job id (idempotent submission)
+    {p}:job:{id}              HASH the record (spec JSON, state, attempt, timestamps, ...)
+    {p}:job:{id}:transitions  LIST of transition JSON, oldest first
+    {p}:job:{id}:metrics      ZSET step metrics JSON scored by step
+    {p}:job:{id}:logs         STREAM of log lines (the stream id is the log cursor)
+
+State changes are compare-and-set (WATCH/MULTI on the job hash): a transition applies only
+if the job is still in the state the caller saw, so the API and the reconciler may race
+safely. Every transition is traced as a `job.transition` span.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+
+import redis
+from opentelemetry import trace
+
+from controller.spec import JobCreate
+from controller.states import JobRecord, StaleState, State, Transition, check_transition
+
+MAX_LOG_LINES = 100_000  # per job; older lines are trimmed (approximately) on append
+MAX_LOG_LINE_CHARS = 8192
+_CURSOR = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+
+
+class JobNotFound(LookupError):
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        super().__init__(f"job {job_id!r} not found")
+
+
+class SubmissionConflict(RuntimeError):
+    """The submission_id names a job whose spec differs from this body."""
+
+    def __init__(self, submission_id: str, job_id: str):
+        self.submission_id, self.job_id = submission_id, job_id
+        super().__init__(f"submission_id={submission_id!r} already names job {job_id} with a "
+                         "different spec; resubmit the same body or pick a new submission_id")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepMetrics:
+    """What one training step measured (reported by the workers, once per step)."""
+
+    step: int
+    attempt: int
+    loss: float
+    tokens_per_s: float
+    predicted_step_s: float  # the planner's makespan for the step's plan
+    measured_step_s: float  # wall time of the step (slowest rank)
+    imbalance: float  # max rank busy time / mean rank busy time - 1 (0 = perfectly balanced)
+    at: float = 0.0  # unix seconds when recorded
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogLine:
+    cursor: str  # stream id; pass it back to read what follows
+    at: float
+    rank: int | None  # None for the controller's own lines
+    text: str
+
+
+_RECORD_FIELDS = {f.name for f in fields(JobRecord)}
+
+
+def _encode(rec: JobRecord) -> dict[str, str]:
+    out = {}
+    for k, v in asdict(rec).items():
+        if k == "spec":
+            out[k] = rec.spec.model_dump_json()
+        elif k == "state":
+            out[k] = rec.state.value
+        else:
+            out[k] = json.dumps(v)
+    return out
+
+
+def _decode(h: dict[str, str]) -> JobRecord:
+    values = {k: json.loads(v) for k, v in h.items() if k in _RECORD_FIELDS
+              and k not in ("spec", "state")}
+    return JobRecord(spec=JobCreate.model_validate_json(h["spec"]), state=State(h["state"]),
+                     **values)
+
+
+def _encode_fields(updates: dict) -> dict[str, str]:
+    unknown = set(updates) - _RECORD_FIELDS
+    assert not unknown, f"not JobRecord fields: {unknown}"
+    return {k: (v.value if isinstance(v, State) else json.dumps(v)) for k, v in updates.items()}
+
+
+def check_cursor(cursor: str) -> str:
+    if not _CURSOR.match(cursor):
+        raise ValueError(f"cursor={cursor!r} is not a log cursor (from a previous response's "
+                         "next_cursor, e.g. '1732600000000-0'; '0' reads from the start)")
+    return cursor
+
+
+class JobStore:
+    """Typed access to the job keys of one Redis (see the module docstring for the layout)."""
+
+    def __init__(self, client: redis.Redis, *, prefix: str = "rm",
+                 tracer: trace.Tracer | None = None, clock: Callable[[], float] = time.time):
+        self.r = client
+        self.p = prefix
+        self.tracer = tracer or trace.get_tracer("controller.store")
+        self.clock = clock
+
+    def _k(self, *parts: str) -> str:
+        return ":".join((self.p, *parts))
+
+    # --- jobs -------------------------------------------------------------------------
+
+    def create(self, spec: JobCreate) -> tuple[JobRecord, bool]:
+        """Store a new Pending job; with a known submission_id return that job instead.
+
+        Returns (record, created). Raises SubmissionConflict when the submission_id names a
+        job with a different spec.
+        """
+        seq = self.r.incr(self._k("seq"))
+        now = self.clock()
+        rec = JobRecord(id=f"{spec.name[:48]}-{secrets.token_hex(5)}", spec=spec,
+                        state=State.PENDING, created_at=now, updated_at=now)
+        sub_key = self._k("sub", spec.submission_id) if spec.submission_id else None
+        result: list = []
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            existing = pipe.get(sub_key) if sub_key else None
+            if existing is not None:
+                result[:] = [existing]
+                return
+            pipe.multi()
+            if sub_key:
+                pipe.set(sub_key, rec.id)
+            pipe.hset(self._k("job", rec.id), mapping={**_encode(rec),
+                                                         "fingerprint": spec.fingerprint()})
+            pipe.zadd(self._k("jobs"), {rec.id: seq})
+            pipe.sadd(self._k("active"), rec.id)
+            pipe.rpush(self._k("job", rec.id, "transitions"), self._transition_json(
+                Transition(src=None, dst=State.PENDING, at=now, attempt=0, reason="Submitted")))
+
+        with self.tracer.start_as_current_span("job.transition") as span:
+            self.r.transaction(txn, *([sub_key] if sub_key else []))
+            if result:
+                span.set_attribute("job.idempotent_replay", True)
+                return self._replay(result[0], spec), False
+            self._annotate(span, rec.id, None, State.PENDING, "Submitted", 0)
+        return rec, True
+
+    def _replay(self, job_id: str, spec: JobCreate) -> JobRecord:
+        if self.r.hget(self._k("job", job_id), "fingerprint") != spec.fingerprint():
+            raise SubmissionConflict(spec.submission_id or "", job_id)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> JobRecord:
+        h = self.r.hgetall(self._k("job", job_id))
+        if not h:
+            raise JobNotFound(job_id)
+        return _decode(h)
+
+    def exists(self, job_id: str) -> bool:
+        return bool(self.r.exists(self._k("job", job_id)))
+
+    def list(self, *, limit: int = 50, page_token: str | None = None,
+             ) -> tuple[list[JobRecord], str | None]:
+        """Newest first; `page_token` is the previous page's next_page_token."""
+        if limit < 1:
+            raise ValueError(f"limit={limit} must be >= 1")
+        top = "+inf"
+        if page_token is not None:
+            if not page_token.isdigit() or len(page_token) > 20:
+                raise ValueError(f"page_token={page_token!r} is not a token from a previous "
+                                 "page (a decimal number)")
+            top = f"({page_token}"
+        rows = self.r.zrevrangebyscore(self._k("jobs"), top, "-inf", start=0, num=limit + 1,
+                                       withscores=True)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, _ in rows:
+            pipe.hgetall(self._k("job", job_id))
+        records = [_decode(h) for h in pipe.execute() if h]
+        return records, (str(int(rows[-1][1])) if more else None)
+
+    def active_ids(self) -> list[str]:
+        return sorted(self.r.smembers(self._k("active")))
+
+    def count(self) -> int:
+        return int(self.r.zcard(self._k("jobs")))
+
+    def update(self, job_id: str, **updates) -> None:
+        """Set non-state fields of a job (stop_requested, not_before, ...)."""
+        assert "state" not in updates, "state changes go through transition()"
+        key = self._k("job", job_id)
+        if not self.r.exists(key):
+            raise JobNotFound(job_id)
+        self.r.hset(key, mapping={**_encode_fields(updates),
+                                  "updated_at": json.dumps(self.clock())})
+
+    def transition(self, job_id: str, *, src: State, dst: State, reason: str,
+                   message: str = "", **updates) -> JobRecord:
+        """Move job `job_id` from `src` to `dst` atomically; StaleState if it moved on."""
+        check_transition(src, dst)
+        key = self._k("job", job_id)
+        now = self.clock()
+        out: list[JobRecord] = []
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            h = pipe.hgetall(key)
+            if not h:
+                raise JobNotFound(job_id)
+            rec = _decode(h)
+            if rec.state != src:
+                raise StaleState(f"job {job_id} is {rec.state.value}, not {src.value}")
+            new = replace(rec, state=dst, reason=reason, message=message, updated_at=now,
+                          **updates)
+            if dst.terminal:
+                new = replace(new, finished_at=now)
+            if dst is State.RUNNING and new.started_at is None:
+                new = replace(new, started_at=now)
+            pipe.multi()
+            pipe.hset(key, mapping=_encode(new))
+            pipe.rpush(self._k("job", job_id, "transitions"), self._transition_json(
+                Transition(src=src, dst=dst, at=now, attempt=new.attempt, reason=reason,
+                           message=message)))
+            if dst.terminal:
+                pipe.srem(self._k("active"), job_id)
+            out[:] = [new]
+
+        with self.tracer.start_as_current_span("job.transition") as span:
+            self.r.transaction(txn, key)
+            self._annotate(span, job_id, src, dst, reason, out[0].attempt)
+        return out[0]
+
+    @staticmethod
+    def _annotate(span: trace.Span, job_id: str, src: State | None, dst: State, reason: str,
+                  attempt: int) -> None:
+        span.set_attribute("job.id", job_id)
+        span.set_attribute("job.from", src.value if src else "")
+        span.set_attribute("job.to", dst.value)
+        span.set_attribute("job.reason", reason)
+        span.set_attribute("job.attempt", attempt)
+
+    @staticmethod
+    def _transition_json(t: Transition) -> str:
+        d = asdict(t)
+        d["src"] = t.src.value if t.src else None
+        d["dst"] = t.dst.value
+        return json.dumps(d)
+
+    def transitions(self, job_id: str) -> list[Transition]:
+        if not self.exists(job_id):
+            raise JobNotFound(job_id)
+        out = []
+        for raw in self.r.lrange(self._k("job", job_id, "transitions"), 0, -1):
+            d = json.loads(raw)
+            out.append(Transition(**{**d, "src": State(d["src"]) if d["src"] else None,
+                                     "dst": State(d["dst"])}))
+        return out
+
+    def delete(self, job_id: str) -> None:
+        """Remove a terminal job and everything recorded about it."""
+        rec = self.get(job_id)
+        if not rec.state.terminal:
+            raise StaleState(f"job {job_id} is {rec.state.value}; only a finished job "
+                             "(Succeeded, Failed, Stopped) can be deleted; stop it first")
+        pipe = self.r.pipeline()
+        pipe.delete(self._k("job", job_id), *(self._k("job", job_id, s)
+                                               for s in ("transitions", "metrics", "logs")))
+        pipe.zrem(self._k("jobs"), job_id)
+        pipe.srem(self._k("active"), job_id)
+        if rec.spec.submission_id:
+            pipe.delete(self._k("sub", rec.spec.submission_id))
+        pipe.execute()
+
+    # --- what the workers report -------------------------------------------------------
+
+    def append_step_metrics(self, job_id: str, m: StepMetrics) -> None:
+        """Record one step's measurements; the job's current_step follows the report."""
+        key = self._k("job", job_id)
+        if not self.r.exists(key):
+            raise JobNotFound(job_id)
+        m = m if m.at else replace(m, at=self.clock())
+        pipe = self.r.pipeline()
+        pipe.zadd(self._k("job", job_id, "metrics"), {json.dumps(asdict(m)): m.step})
+        pipe.hset(key, mapping=_encode_fields({"current_step": m.step}))
+        pipe.execute()
+
+    def step_metrics(self, job_id: str, *, since_step: int = 0,
+                     limit: int = 1000) -> list[StepMetrics]:
+        if not self.exists(job_id):
+            raise JobNotFound(job_id)
+        rows = self.r.zrangebyscore(self._k("job", job_id, "metrics"), since_step, "+inf",
+                                    start=0, num=limit)
+        return [StepMetrics(**json.loads(r)) for r in rows]
+
+    def record_checkpoint(self, job_id: str, *, step: int, path: str) -> None:
+        self.update(job_id, last_checkpoint=path, last_checkpoint_step=step)
+
+    def append_logs(self, job_id: str, lines: list[str], *, rank: int | None = None) -> str:
+        """Append log lines (each cut at MAX_LOG_LINE_CHARS); returns the last cursor."""
+        if not self.exists(job_id):
+            raise JobNotFound(job_id)
+        now = self.clock()
+        pipe = self.r.pipeline(transaction=False)
+        for text in lines:
+            pipe.xadd(self._k("job", job_id, "logs"),
+                      {"at": now, "rank": "" if rank is None else rank,
+                       "text": text[:MAX_LOG_LINE_CHARS]},
+                      maxlen=MAX_LOG_LINES, approximate=True)
+        ids = pipe.execute()
+        return ids[-1] if ids else "0"
+
+    def read_logs(self, job_id: str, *, cursor: str | None = None, tail: int | None = None,
+                  limit: int = 1000, block_ms: int = 0) -> tuple[list[LogLine], str]:
+        """Lines after `cursor` (or the last `tail` lines), at most `limit` of them.
+
+        With `block_ms` > 0 and nothing new, wait up to that long for a line. Returns the
+        lines and the cursor to continue from.
+        """
+        if not self.exists(job_id):
+            raise JobNotFound(job_id)
+        key = self._k("job", job_id, "logs")
+        if cursor is None:
+            rows = list(reversed(self.r.xrevrange(key, count=min(tail or limit, limit))))
+            cursor = rows[-1][0] if rows else self._end_cursor(key)
+            return [self._line(r) for r in rows], cursor
+        check_cursor(cursor)
+        rows = self.r.xrange(key, min=f"({cursor}" if cursor != "0" else "-", count=limit)
+        if not rows and block_ms > 0:
+            got = self.r.xread({key: cursor}, count=limit, block=block_ms)
+            rows = got[0][1] if got else []
+        lines = [self._line(r) for r in rows]
+        return lines, (lines[-1].cursor if lines else cursor)
+
+    def _end_cursor(self, key: str) -> str:
+        last = self.r.xrevrange(key, count=1)
+        return last[0][0] if last else "0"
+
+    @staticmethod
+    def _line(row: tuple[str, dict[str, str]]) -> LogLine:
+        cursor, f = row
+        return LogLine(cursor=cursor, at=float(f.get("at", 0)),
+                       rank=int(f["rank"]) if f.get("rank") else None, text=f.get("text", ""))

@@ -1,0 +1,80 @@
+"""A real controller for tests: embedded Redis, FakeLauncher, uvicorn on a loopback port.
+
+`running_controller(state_dir)` yields a `Harness` with the base URL, the token, the
+Controller (store, machine, launcher) and an in-memory span exporter. The reconciler is not
+started: tests step the state machine themselves with `harness.controller.machine.tick()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import uvicorn
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from controller.launchers import FakeLauncher
+from controller.server import Controller, ControllerConfig
+from controller.telemetry import make_tracer_provider
+
+DEMO_SPEC = {
+    "name": "demo",
+    "model": "tiny",
+    "dataset": {"path": "/nonexistent/data"},
+    "resources": {"num_ranks": 4, "cluster": "cpu"},
+    "training": {"steps": 10, "global_batch_tokens": 4096},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Harness:
+    url: str
+    token: str
+    controller: Controller
+    launcher: FakeLauncher
+    spans: InMemorySpanExporter
+
+    def client(self, token: str | None = "default") -> httpx.Client:
+        tok = self.token if token == "default" else token
+        headers = {"Authorization": f"Bearer {tok}"} if tok else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+
+@contextlib.contextmanager
+def running_controller(state_dir: Path, *, total_ranks: int = 64,
+                       token: str = "test-token") -> Iterator[Harness]:
+    spans = InMemorySpanExporter()
+    launcher = FakeLauncher(total_ranks=total_ranks)
+    provider = make_tracer_provider(exporters=[spans], synchronous=True)
+    ctl = Controller(ControllerConfig(state_dir=state_dir, launcher="fake", token=token,
+                                      redis_url=""),
+                     launcher=launcher, tracer_provider=provider)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(ctl.app, host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield Harness(url=f"http://127.0.0.1:{port}", token=token, controller=ctl,
+                      launcher=launcher, spans=spans)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        ctl.close()
