@@ -36,6 +36,7 @@ from parallelism.offload import (
     HostSwapper,
     TokenwiseOffloadStack,
     local_attention_core,
+    ring_attention_core,
 )
 from parallelism.streambp import StreamBPStack
 from scheduler.specs import ModelSpec
@@ -149,13 +150,14 @@ class Transformer(nn.Module):
 
     def _make_stack(self, cu, pos, stream_chunk_size, offload_ratio, ring):
         core = self._ring_core(cu, ring) if ring is not None else local_attention_core(cu)
-        swapper = HostSwapper(pos.device) if offload_ratio > 0 or ring is not None else None
+        swapper = HostSwapper(pos.device)
         if stream_chunk_size is not None and ring is not None:
-            warnings.warn("stream_chunk_size is ignored with ring: a context-parallel group "
-                          "uses token-wise offload instead of layer-wise StreamBP "
-                          "(docs/streambp.md); the loss head is still streamed",
-                          stacklevel=3)
-            stream_chunk_size = None
+            warnings.warn(f"stream_chunk_size={stream_chunk_size} is not used with ring: a "
+                          "context-parallel group runs MEMO token-wise offload/recompute "
+                          f"(offload_ratio={offload_ratio}) instead of layer-wise StreamBP "
+                          "(docs/streambp.md); the loss head is still streamed", stacklevel=3)
+            return TokenwiseOffloadStack(self.layers, position_ids=pos, core=core,
+                                         alpha=offload_ratio, swapper=swapper)
         if stream_chunk_size is not None:
             return StreamBPStack(self.layers, position_ids=pos, cu_seqlens=cu,
                                  chunk_size=stream_chunk_size, core_forward=core.forward,
@@ -165,9 +167,8 @@ class Transformer(nn.Module):
                                          alpha=offload_ratio, swapper=swapper)
         return _AutogradStack(self.layers, position_ids=pos, core=core)
 
-    def _ring_core(self, cu: torch.Tensor, ring: list[int]) -> AttentionCore:
-        from parallelism.ring_attention import ring_attention_core
-
+    @staticmethod
+    def _ring_core(cu: torch.Tensor, ring: list[int]) -> AttentionCore:
         return ring_attention_core(cu, ring)
 
     # ------------------------------------------------------------------ input checks
