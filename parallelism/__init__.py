@@ -1,5 +1,12 @@
 """Parallelism: ring attention, zigzag sharding, StreamBP, activation offload, HDP grad sync."""
 
+from parallelism.comm import (
+    CommProtocolError,
+    CommStats,
+    RingComm,
+    RingCommError,
+    check_ring,
+)
 from parallelism.offload import (
     AttentionCore,
     HostSwapper,
@@ -7,15 +14,36 @@ from parallelism.offload import (
     TokenwiseOffloadStack,
     local_attention_core,
 )
+from parallelism.ring_attention import ring_attention
+from parallelism.ring_reference import ring_attention_reference
 from parallelism.streambp import StreamBPStack, plan_stream_chunks, streambp_layer_backward
+from parallelism.zigzag import (
+    ZigzagLayout,
+    zigzag_chunk_bounds,
+    zigzag_index,
+    zigzag_shard,
+    zigzag_unshard,
+)
 
 __all__ = [
     "AttentionCore",
+    "CommProtocolError",
+    "CommStats",
     "HostSwapper",
     "LiveBytesMeter",
+    "RingComm",
+    "RingCommError",
     "StreamBPStack",
     "TokenwiseOffloadStack",
+    "ZigzagLayout",
+    "check_ring",
     "local_attention_core",
     "plan_stream_chunks",
+    "ring_attention",
+    "ring_attention_reference",
     "streambp_layer_backward",
+    "zigzag_chunk_bounds",
+    "zigzag_index",
+    "zigzag_shard",
+    "zigzag_unshard",
 ]

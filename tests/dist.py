@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import multiprocessing as mp
+import pickle
 import queue
 import time
 import traceback
@@ -50,7 +51,9 @@ def _rank_main(
             "gloo", store=store, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout_s),
         )
-        results.put((rank, True, fn(rank, world_size, *args, **kwargs)))
+        # Plain pickle, not the queue's ForkingPickler: torch registers shared-memory
+        # reductions there, which need the sending rank alive while the parent unpickles.
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args, **kwargs))))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
     finally:
@@ -140,4 +143,4 @@ def _unpack(outcomes: dict[int, tuple[bool, Any]], world_size: int, timeout_s: f
         failures.append(f"ranks {missing} did not finish within {timeout_s} s and were killed")
     if failures:
         raise DistributedTestError("distributed run failed:\n" + "\n".join(failures))
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

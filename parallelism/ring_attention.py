@@ -1,0 +1,382 @@
+"""Zigzag ring attention over a dynamic ring of global ranks (exact, varlen, GQA, causal).
+
+Why: a sequence too long for one rank is split over a ring (ByteScale's context-parallel
+groups, arXiv 2502.21231 Sec. 4); each member keeps its query shard and sees every other
+member's keys/values as they travel around the ring (Li et al. 2105.13120; Liu et al.
+2310.01889). Each ring step is one call of kernels.attention_with_lse; partial results merge
+exactly with their log-sum-exps (kernels.merge_attention: lse = log(e^lse_a + e^lse_b),
+O = e^(lse_a-lse) O_a + e^(lse_b-lse) O_b), in float32 (float64 for float64 inputs).
+
+Zigzag (parallelism/zigzag.py): position i holds chunks i and 2d-1-i of every sequence, so
+with r the owner of the block seen at step s (r = i - s mod d), causal attention needs
+    r == i: the local shard against itself, causal (lq == lk, aligned);
+    r <  i: all local queries against r's first chunks (all visible), no mask;
+    r >  i: the local second chunks against all of r's keys (all visible), no mask;
+so every member does the same work (half a block) at every step after the first. Chunks may
+be uneven or empty (any lengths); sequences with no query or no key rows in a step are
+simply left out of that step's kernel call.
+
+Forward: KV blocks travel to the next member with batch_isend_irecv, the next block in
+flight while the current one is computed. Backward (FlashAttention-2 Alg. 2 per block, from
+the merged out/lse): the KV blocks travel again; dq accumulates locally; each block's dk/dv
+accumulator travels with it, one step behind, and after d hops arrives back at its owner.
+
+Before the forward, members exchange a fixed header (ring digest, position, shapes, dtype,
+causal, scale) and then their per-sequence local lengths with every other member (two small
+rounds). Mismatched rings, shapes or shards fail there with a clear error instead of
+deadlocking or silently mixing data; the lengths also give every member every block's size,
+since uneven chunks make shards differ by a token. The backward reuses that layout.
+
+Concurrency: point-to-point ops on one process group (no group per ring); disjoint rings
+run at the same time. Every member must call forward (and backward) of the same ring op in
+the same order. Memory: two KV blocks (current and in flight) plus, in backward, two dk/dv
+accumulators in the accumulation dtype.
+
+Legend: T tokens (packed, local), Hq/Hkv query/kv heads, D head dim, d ring size,
+i this rank's ring position, r the owner of a KV block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from kernels import attention_with_lse, attention_with_lse_backward, merge_attention
+from parallelism.comm import (
+    CommStats,
+    RingComm,
+    RingCommError,
+    check_ring,
+    current_rank_and_world,
+)
+from parallelism.zigzag import ZigzagLayout, _lengths_from_cu
+
+__all__ = ["ring_attention"]
+
+_MAGIC = 0x52494E47  # "RING": a header from something else is caught, not misread
+_HEADER_FIELDS = ("magic", "ring digest", "ring size", "position", "num sequences",
+                  "q heads", "kv heads", "head dim", "causal", "dtype", "softmax scale")
+_TAG_HANDSHAKE, _TAG_KV, _TAG_BWD_KV, _TAG_BWD_DKV = 7, 1, 2, 3
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Block:
+    """One ring step's kernel call: which local rows, which rows of the KV block, how."""
+
+    q_rows: torch.Tensor | None
+    """Local query rows used (int64), or None for all of them in order."""
+    kv_rows: torch.Tensor | None
+    """Rows of the received KV block used, or None for all."""
+    cu_q: torch.Tensor
+    """int32 cu_seqlens of the selected query rows (sequences with no rows left out)."""
+    cu_k: torch.Tensor
+    """int32 cu_seqlens of the selected key rows, same sequences."""
+    causal: bool
+    """Whether the kernel applies the (aligned) causal mask: the diagonal step only."""
+
+
+def _segments(layout: ZigzagLayout, j: int, part: str) -> list[tuple[int, int]]:
+    """(start row, length) per sequence of position j's first/second chunks or whole shard."""
+    first, second = layout.chunk_sizes(j)
+    segs, offset = [], 0
+    for a, b in zip(first, second, strict=True):
+        segs.append({"both": (offset, a + b), "first": (offset, a),
+                     "second": (offset + a, b)}[part])
+        offset += a + b
+    return segs
+
+
+def _rows_and_cu(segs: list[tuple[int, int]], total: int, device: torch.device
+                 ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    rows = torch.cat([torch.arange(s, s + n) for s, n in segs])
+    cu = torch.zeros(len(segs) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor([n for _, n in segs]), 0)
+    return (None if len(rows) == total else rows.to(device)), cu.to(device)
+
+
+def _make_block(layout: ZigzagLayout, i: int, r: int, causal: bool,
+                device: torch.device) -> _Block | None:
+    """The kernel call of position i against owner r's KV block (None: nothing visible)."""
+    if not causal or r == i:
+        q_part, k_part = "both", "both"
+    else:
+        q_part, k_part = ("both", "first") if r < i else ("second", "both")
+    q_segs, k_segs = _segments(layout, i, q_part), _segments(layout, r, k_part)
+    keep = [s for s in range(len(q_segs)) if q_segs[s][1] > 0 and k_segs[s][1] > 0]
+    if not keep:
+        return None
+    q_rows, cu_q = _rows_and_cu([q_segs[s] for s in keep], sum(layout.local_lengths(i)), device)
+    kv_rows, cu_k = _rows_and_cu([k_segs[s] for s in keep], sum(layout.local_lengths(r)), device)
+    return _Block(q_rows=q_rows, kv_rows=kv_rows, cu_q=cu_q, cu_k=cu_k,
+                  causal=causal and r == i)
+
+
+def _pick(x: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+    return x if rows is None else x.index_select(dim, rows)
+
+
+# ---------------------------------------------------------------- handshake
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def _header(ring: tuple[int, ...], position: int, q: torch.Tensor, k: torch.Tensor,
+            num_seqs: int, causal: bool, scale: float) -> torch.Tensor:
+    scale_bits = struct.unpack("<q", struct.pack("<d", scale))[0]
+    fields = [_MAGIC, _digest(repr(ring)), len(ring), position, num_seqs, q.shape[1],
+              k.shape[1], q.shape[2], int(causal), _digest(str(q.dtype)), scale_bits]
+    return torch.tensor(fields, dtype=torch.int64, device=q.device)
+
+
+def _gather_members(comm: RingComm, tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every member's `tensor` (same shape everywhere), in ring order, in one round."""
+    got = []
+    for peer in comm.ring:
+        if peer == comm.rank:
+            got.append(tensor)
+        else:
+            got.append(comm.recv(torch.empty_like(tensor), src=peer))
+            comm.send(tensor, to=peer)
+    comm.commit()
+    comm.wait()
+    return got
+
+
+def _check_headers(comm: RingComm, headers: list[torch.Tensor]) -> None:
+    mine = headers[comm.position].tolist()
+    for m, peer in enumerate(comm.ring):
+        theirs = headers[m].tolist()
+        expected = list(mine)
+        expected[3] = m  # the peer's own position in the ring as this rank sees it
+        diff = [f"{name}: {t} (this rank expects {e})"
+                for name, t, e in zip(_HEADER_FIELDS, theirs, expected, strict=True) if t != e]
+        if diff:
+            raise RingCommError(
+                f"rank {comm.rank} (position {comm.position} of ring {list(comm.ring)}) and "
+                f"rank {peer} disagree on the ring attention call: " + "; ".join(diff)
+                + ". All members must call with the same ring (same order), heads, head dim, "
+                "dtype, causal and softmax_scale, the same number of times."
+            )
+
+
+def _agree_layout(comm: RingComm, q: torch.Tensor, k: torch.Tensor, local_lengths: tuple,
+                  causal: bool, scale: float) -> ZigzagLayout:
+    header = _header(comm.ring, comm.position, q, k, len(local_lengths), causal, scale)
+    _check_headers(comm, _gather_members(comm, header))
+    lengths = torch.tensor(local_lengths, dtype=torch.int64, device=q.device)
+    everyone = _gather_members(comm, lengths)
+    return ZigzagLayout.from_local_lengths([t.tolist() for t in everyone])
+
+
+# ---------------------------------------------------------------- forward / backward
+
+
+def _owner(position: int, step: int, size: int) -> int:
+    return (position - step) % size
+
+
+def _ring_forward(q, k, v, *, blocks, block_tokens, comm, scale, backend):
+    """Returns (out [T, Hq, D] in q.dtype, lse [Hq, T] in the accumulation dtype)."""
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    size = len(blocks)
+    for step in range(size):
+        if step + 1 < size:
+            nxt = comm.send_recv(kv, kv.new_empty((2, block_tokens[step + 1], *k.shape[1:])))
+            comm.commit()
+        block = blocks[step]
+        if block is not None:
+            out_b, lse_b = attention_with_lse(
+                _pick(q, block.q_rows), _pick(kv[0], block.kv_rows),
+                _pick(kv[1], block.kv_rows), cu_seqlens_q=block.cu_q, cu_seqlens_k=block.cu_k,
+                causal=block.causal, softmax_scale=scale, backend=backend)
+            merged, merged_lse = merge_attention(_pick(out, block.q_rows), _pick(
+                lse, block.q_rows, 1), out_b, lse_b)
+            _put(out, block.q_rows, merged)
+            _put(lse, block.q_rows, merged_lse, dim=1)
+        if step + 1 < size:
+            comm.wait()
+            kv = nxt
+    return out.to(q.dtype), lse
+
+
+def _put(dst: torch.Tensor, rows: torch.Tensor | None, src: torch.Tensor, dim: int = 0) -> None:
+    if rows is None:
+        dst.copy_(src)
+    else:
+        dst.index_copy_(dim, rows, src.to(dst.dtype))
+
+
+def _ring_backward(dout, q, k, v, out, lse, *, blocks, block_tokens, kv_comm, dkv_comm, scale,
+                   backend):
+    """Returns (dq, dk, dv) in the dtypes of q, k, v."""
+    acc = lse.dtype
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    kv = torch.stack([k, v])
+    size = len(blocks)
+    dkv_in = None
+    for step in range(size):
+        if step + 1 < size:
+            nxt = kv_comm.send_recv(kv, kv.new_empty((2, block_tokens[step + 1], *k.shape[1:])))
+            kv_comm.commit()
+        dkv = torch.zeros((2, block_tokens[step], *k.shape[1:]), dtype=acc, device=k.device)
+        block = blocks[step]
+        if block is not None:
+            rows = block.q_rows
+            dq_b, dk_b, dv_b = attention_with_lse_backward(
+                _pick(dout, rows), _pick(q, rows), _pick(kv[0], block.kv_rows),
+                _pick(kv[1], block.kv_rows), _pick(out, rows), _pick(lse, rows, 1),
+                cu_seqlens_q=block.cu_q, cu_seqlens_k=block.cu_k, causal=block.causal,
+                softmax_scale=scale, backend=backend)
+            _add(dq, rows, dq_b)
+            _add(dkv[0], block.kv_rows, dk_b)
+            _add(dkv[1], block.kv_rows, dv_b)
+        if dkv_in is not None:
+            dkv_comm.wait()  # the accumulator of this same block, from the previous member
+            dkv += dkv_in
+        if size > 1:
+            # After d hops the accumulator that arrives is this rank's own block's.
+            dkv_in = dkv_comm.send_recv(dkv, dkv.new_empty(
+                (2, block_tokens[(step + 1) % size], *k.shape[1:])))
+            dkv_comm.commit()
+        if step + 1 < size:
+            kv_comm.wait()
+            kv = nxt
+    if size > 1:
+        dkv_comm.wait()
+        dkv = dkv_in
+    return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
+
+
+def _add(dst: torch.Tensor, rows: torch.Tensor | None, src: torch.Tensor) -> None:
+    if rows is None:
+        dst.add_(src.to(dst.dtype))
+    else:
+        dst.index_add_(0, rows, src.to(dst.dtype))
+
+
+# ---------------------------------------------------------------- autograd + public API
+
+
+@dataclass(frozen=True, kw_only=True)
+class _RingSetup:
+    ring: tuple[int, ...]
+    """Global ranks in ring order."""
+    position: int
+    """This rank's index in `ring`."""
+    blocks: tuple[_Block | None, ...]
+    """Kernel call of each ring step (None: no visible key)."""
+    block_tokens: tuple[int, ...]
+    """Rows of the KV block held at each step (its owner's local token count)."""
+    scale: float
+    """Softmax scale."""
+    backend: str
+    """kernels backend."""
+    group: dist.ProcessGroup | None
+    """Process group carrying the point-to-point ops (None: the default group)."""
+    stats: CommStats | None
+    """Where bytes moved are counted (None: not counted)."""
+
+
+def _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, stats) -> _RingSetup:
+    local_lengths = _lengths_from_cu(cu_seqlens, "cu_seqlens")
+    if sum(local_lengths) != q.shape[0]:
+        raise ValueError(f"cu_seqlens[-1] must equal the local token count q.shape[0]="
+                         f"{q.shape[0]}, got {sum(local_lengths)}")
+    if len(ring) == 1:
+        members, position = check_ring(ring, *current_rank_and_world()), 0
+        layout = ZigzagLayout(lengths=local_lengths, ring_size=1)
+    else:
+        comm = RingComm(ring, channel="handshake", group=group, tag=_TAG_HANDSHAKE, stats=stats)
+        members, position = comm.ring, comm.position
+        layout = _agree_layout(comm, q, k, local_lengths, causal, scale)
+    size = len(members)
+    owners = [_owner(position, s, size) for s in range(size)]
+    return _RingSetup(
+        ring=members, position=position,
+        blocks=tuple(_make_block(layout, position, r, causal, q.device) for r in owners),
+        block_tokens=tuple(sum(layout.local_lengths(r)) for r in owners),
+        scale=scale, backend=backend, group=group, stats=stats)
+
+
+def _comm(setup: _RingSetup, channel: str, tag: int) -> RingComm:
+    return RingComm(setup.ring, channel=channel, group=setup.group, tag=tag, stats=setup.stats)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, setup: _RingSetup):
+        comm = _comm(setup, "kv", _TAG_KV) if len(setup.ring) > 1 else None
+        out, lse = _ring_forward(q, k, v, blocks=setup.blocks, block_tokens=setup.block_tokens,
+                                 comm=comm, scale=setup.scale, backend=setup.backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup = setup
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        setup = ctx.setup
+        multi = len(setup.ring) > 1
+        dq, dk, dv = _ring_backward(
+            dout.contiguous(), q, k, v, out, lse, blocks=setup.blocks,
+            block_tokens=setup.block_tokens,
+            kv_comm=_comm(setup, "bwd_kv", _TAG_BWD_KV) if multi else None,
+            dkv_comm=_comm(setup, "bwd_dkv", _TAG_BWD_DKV) if multi else None,
+            scale=setup.scale, backend=setup.backend)
+        return dq, dk, dv, None
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a [T_local, H, D] tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k and v must be [T_local, Hkv, D] with q's T_local and D; got q "
+                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads "
+                         f"({k.shape[1]}) for GQA")
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    ring: Sequence[int],
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    comm_stats: CommStats | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Attention of this rank's zigzag shard over the whole of every sequence; differentiable.
+
+    q [T_local, Hq, D], k/v [T_local, Hkv, D] and `cu_seqlens` are what zigzag_shard gave
+    this rank's ring position (q/k/v after RoPE with its position ids). `ring` lists the
+    ring's global ranks in ring order; this rank's position is its index there. A ring of
+    one rank is plain local attention (no communication). `group` carries the
+    point-to-point ops (default: the global group); `comm_stats` counts bytes per channel
+    ('handshake', 'kv'; backward: 'bwd_kv', 'bwd_dkv'). Returns out [T_local, Hq, D].
+    """
+    _check_qkv(q, k, v)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale!r}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    setup = _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, comm_stats)
+    return _RingAttention.apply(q, k, v, setup)

@@ -1,0 +1,35 @@
+"""Independent float64 full attention over a packed varlen batch, for the ring tests.
+
+Written from the definition, one sequence at a time, with no code shared with parallelism/:
+out[t] = sum_{k visible} softmax_k(q[t].k[k] * scale) v[k], a key visible iff it is in the
+same sequence and (causal) not after the query. GQA: query head h uses kv head h // g.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def full_attention(q, k, v, cu_seqlens, *, causal: bool, scale: float | None = None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+    cu = [int(c) for c in cu_seqlens]
+    for start, end in zip(cu, cu[1:], strict=False):
+        if end == start:
+            continue
+        qs = q[start:end]
+        ks = k[start:end].repeat_interleave(groups, dim=1)
+        vs = v[start:end].repeat_interleave(groups, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        if causal:
+            n = end - start
+            future = torch.ones(n, n, dtype=torch.bool).triu(1)
+            scores = scores.masked_fill(future, float("-inf"))
+        out[start:end] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs)
+    return out
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (max-norm relative error)."""
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
