@@ -3,11 +3,11 @@
 One RayCluster per attempt: a head pod that runs the job's driver (`python -m
 workers.driver --job ID --attempt A --controller ADDR`, submitted through the Ray job API)
 and worker pods that host the rank actors, one pod per node of the job's cluster spec with
-that node's GPUs (`resources.gpus_per_node`, the last pod holding the remainder when
-`num_ranks` is not a multiple). Memory follows the spec's `host_memory_gib`; CPUs are
-`cpus_per_rank` per rank. Every pod carries owner labels (which controller, job and
-attempt) so the launcher finds and watches exactly its own pods, the chart's NetworkPolicy
-lets them reach the controller's gRPC port, and a controller restart can find its clusters.
+that node's GPUs (`gpus_per_node`; the spec guarantees whole nodes). Memory follows the
+spec's `host_memory_gib`; CPUs are `cpus_per_rank` per rank. Every pod carries owner
+labels (which controller, job and attempt) so the launcher finds and watches exactly its
+own pods, the chart's NetworkPolicy lets them reach the controller's gRPC port, and a
+controller restart can find its clusters.
 
 Pure functions of (job, attempt, settings): no API calls, no clock, so tests check the
 objects field by field. `LAUNCHER_RBAC_RULES` is the single list of API verbs the launcher
@@ -113,21 +113,18 @@ class JobShape:
 
 
 def job_shape(job: JobRecord, settings: ClusterSettings) -> JobShape:
-    """Pods for the job: whole nodes of `gpus_per_node` ranks, then one remainder pod."""
+    """Pods for the job: one per node of its cluster spec, `gpus_per_node` ranks each."""
     res = job.spec.resources
     cluster = job.spec.resolve_cluster()
     per_node, num_ranks = cluster.gpus_per_node, res.num_ranks
-    node_mem = cluster.host_memory_gib * settings.host_memory_fraction
-    full, rest = divmod(num_ranks, per_node)
-    groups = []
-    if full:
-        groups.append(WorkerGroupShape(name="ranks", replicas=full, ranks_per_pod=per_node,
-                                       memory_gib=max(1, math.floor(node_mem))))
-    if rest:
-        groups.append(WorkerGroupShape(name="ranks-rest", replicas=1, ranks_per_pod=rest,
-                                       memory_gib=max(1, math.floor(node_mem * rest / per_node))))
+    if num_ranks % per_node:  # the job spec guarantees whole nodes; say so if that changes
+        raise ValueError(f"num_ranks={num_ranks} is not a multiple of gpus_per_node="
+                         f"{per_node}; a RayCluster needs whole nodes")
+    memory_gib = max(1, math.floor(cluster.host_memory_gib * settings.host_memory_fraction))
+    group = WorkerGroupShape(name="ranks", replicas=num_ranks // per_node,
+                             ranks_per_pod=per_node, memory_gib=memory_gib)
     uses_gpus = not (isinstance(res.cluster, str) and res.cluster in CPU_CLUSTER_PRESETS)
-    return JobShape(num_ranks=num_ranks, uses_gpus=uses_gpus, groups=tuple(groups))
+    return JobShape(num_ranks=num_ranks, uses_gpus=uses_gpus, groups=(group,))
 
 
 def cluster_name(job_id: str, attempt: int) -> str:

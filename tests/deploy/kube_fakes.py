@@ -1,0 +1,156 @@
+"""Test helpers for the Kubernetes launcher: jobs, recorded pod events, a fake API server.
+
+`FakeKube` stands in for the `kubernetes` client's CustomObjectsApi and CoreV1Api (same
+method names and keyword arguments) over an in-memory object store, and records every
+call as (api_group, resource, verb) so tests can hold the launcher's real API usage
+against the chart's RBAC. `FakeWatch` replays scripted pod events like
+`kubernetes.watch.Watch().stream`. `FakeRayJobs` is the Ray job API of a head.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from kubernetes.client.exceptions import ApiException
+
+from controller.spec import parse_job_spec
+from controller.states import JobRecord, State
+
+FIXTURES = Path(__file__).parent / "fixtures" / "pod_events"
+
+
+def make_job(*, num_ranks: int, cluster="h100", gpus_per_node: int | None = None,
+             job_id: str = "tiny-run-3f9a0c1b2d") -> JobRecord:
+    resources = {"num_ranks": num_ranks, "cluster": cluster}
+    if gpus_per_node is not None:
+        resources["gpus_per_node"] = gpus_per_node
+    spec = parse_job_spec({"name": "tiny-run", "model": "tiny",
+                           "dataset": {"path": "/data/tokens"}, "resources": resources,
+                           "training": {"steps": 10, "global_batch_tokens": 4096}})
+    return JobRecord(id=job_id, spec=spec, state=State.SCHEDULING, attempt=1)
+
+
+def recorded(name: str) -> list[dict]:
+    """The watch events of one fixture: [{"type": ..., "object": pod}, ...]."""
+    return json.loads((FIXTURES / f"{name}.json").read_text())["events"]
+
+
+def _not_found(what: str) -> ApiException:
+    exc = ApiException(status=404, reason="Not Found")
+    exc.body = json.dumps({"kind": "Status", "reason": "NotFound", "message": what})
+    return exc
+
+
+def _matches(obj: dict, selector: str) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    wanted = dict(p.split("=", 1) for p in selector.split(",") if p)
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+class FakeKube:
+    """CustomObjectsApi + CoreV1Api over dicts; `calls` records (group, resource, verb)."""
+
+    def __init__(self):
+        self.clusters: dict[tuple[str, str], dict] = {}  # (namespace, name) -> RayCluster
+        self.pods: dict[tuple[str, str], dict] = {}
+        self.calls: list[tuple[str, str, str]] = []
+        self.deleting: set[tuple[str, str]] = set()  # deleted, still finalizing
+        self.resource_version = 100
+
+    # CustomObjectsApi ---------------------------------------------------------------------
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kw):
+        self.calls.append((group, plural, "create"))
+        key = (namespace, body["metadata"]["name"])
+        if key in self.clusters:
+            raise ApiException(status=409, reason="Conflict")
+        self.clusters[key] = json.loads(json.dumps(body))
+        return self.clusters[key]
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+        self.calls.append((group, plural, "get"))
+        if (namespace, name) not in self.clusters:
+            raise _not_found(f"{plural} {name!r} not found")
+        return self.clusters[(namespace, name)]
+
+    def list_namespaced_custom_object(self, group, version, namespace, plural,
+                                      label_selector="", **kw):
+        self.calls.append((group, plural, "list"))
+        items = [c for (ns, _), c in self.clusters.items()
+                 if ns == namespace and _matches(c, label_selector)]
+        return {"items": items, "metadata": {"resourceVersion": str(self.resource_version)}}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
+        self.calls.append((group, plural, "delete"))
+        if (namespace, name) not in self.clusters:
+            raise _not_found(f"{plural} {name!r} not found")
+        self.deleting.add((namespace, name))
+        return {"kind": "Status", "status": "Success"}
+
+    # CoreV1Api --------------------------------------------------------------------------
+    def list_namespaced_pod(self, namespace, label_selector="", watch=False, **kw):
+        self.calls.append(("", "pods", "watch" if watch else "list"))
+        items = [p for (ns, _), p in self.pods.items()
+                 if ns == namespace and _matches(p, label_selector)]
+        return {"items": items, "metadata": {"resourceVersion": str(self.resource_version)}}
+
+    # test controls ------------------------------------------------------------------------
+    def set_state(self, namespace: str, name: str, state: str) -> None:
+        self.clusters[(namespace, name)]["status"] = {"state": state}
+
+    def finish_deletes(self) -> None:
+        """The API server's garbage collector finishes every pending deletion."""
+        for key in self.deleting:
+            self.clusters.pop(key, None)
+        self.deleting.clear()
+
+
+class FakeWatch:
+    """Replays `script` (list of events) per stream call, like kubernetes.watch.Watch."""
+
+    def __init__(self, script: list[dict] | None = None):
+        self.script = list(script or [])
+        self.stopped = False
+        self.kwargs: list[dict] = []
+
+    def stream(self, func, **kwargs):
+        self.kwargs.append(kwargs)
+        func(watch=True, **{k: v for k, v in kwargs.items() if k != "timeout_seconds"})
+        events, self.script = self.script, []
+        yield from events
+
+    def stop(self):
+        self.stopped = True
+
+
+class FakeRayJobs:
+    """The Ray job API of every head: submissions by address, statuses set by tests."""
+
+    def __init__(self):
+        self.submitted: dict[str, dict] = {}  # submission_id -> submit_job kwargs + address
+        self.status: dict[str, tuple[str, int | None, str]] = {}  # id -> (status, code, msg)
+        self.fail_next_get = False
+
+    def __call__(self, address: str) -> FakeRayJobs._Client:
+        return FakeRayJobs._Client(self, address)
+
+    class _Client:
+        def __init__(self, jobs: FakeRayJobs, address: str):
+            self.jobs, self.address = jobs, address
+
+        def submit_job(self, *, entrypoint, submission_id, runtime_env=None, metadata=None):
+            if submission_id in self.jobs.submitted:
+                raise RuntimeError(f"Job with submission_id {submission_id} already exists")
+            self.jobs.submitted[submission_id] = dict(
+                entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata,
+                address=self.address)
+            self.jobs.status[submission_id] = ("RUNNING", None, "")
+            return submission_id
+
+        def get_job_info(self, submission_id):
+            if self.jobs.fail_next_get:
+                self.jobs.fail_next_get = False
+                raise ConnectionError("head unreachable")
+            status, code, message = self.jobs.status[submission_id]
+            return type("JobDetails", (), {"status": status, "driver_exit_code": code,
+                                           "message": message})()
