@@ -12,19 +12,22 @@ a rank reads just the sequences its micro-batches hold.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.dataset import TokenDataset
 from scheduler.plan import StepPlan
+from workers.train import StepInput
 
-__all__ = ["BatchPosition", "BatchStream", "GlobalBatch", "open_dataset", "read_samples",
-           "sequence_ids_of_rank"]
+__all__ = ["BatchPosition", "BatchStream", "DatasetPlanSource", "GlobalBatch", "open_dataset",
+           "read_samples", "sequence_ids_of_rank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,3 +110,35 @@ def read_samples(dataset: TokenDataset | str | Path, batch: GlobalBatch,
 def sequence_ids_of_rank(plan: StepPlan, rank: int) -> list[int]:
     """Plan ids of every sequence `rank` holds a part of (what it must read)."""
     return sorted({s.id for _, g in plan.micro_batches_of(rank) for s in g.sequences})
+
+
+class DatasetPlanSource:
+    """A workers.train.PlanSource over a token dataset, for runs without a controller.
+
+    At a data position it forms the global batch, plans it with `planner(lengths)` on rank
+    0 of `group` only (a planner with a time limit need not return the same plan twice, and
+    every rank must run the same one), broadcasts the plan, and reads this rank's samples.
+    """
+
+    def __init__(self, dataset: TokenDataset | str | Path, *, tokens_per_batch: int,
+                 seed: int, planner: Callable[[np.ndarray], StepPlan], rank: int = 0,
+                 group=None):
+        self.stream = BatchStream(dataset, tokens_per_batch=tokens_per_batch, seed=seed)
+        self.planner, self.rank, self.group = planner, rank, group
+
+    def _plan(self, lengths: np.ndarray) -> StepPlan:
+        distributed = dist.is_available() and dist.is_initialized() \
+            and dist.get_world_size(self.group) > 1
+        text = [None]
+        if not distributed or dist.get_rank(self.group) == 0:
+            text = [self.planner(lengths).check([int(n) for n in lengths]).model_dump_json()]
+        if distributed:
+            dist.broadcast_object_list(text, group_src=0, group=self.group)
+        return StepPlan.model_validate(json.loads(text[0]))
+
+    def __call__(self, position: BatchPosition) -> StepInput:
+        self.stream.position = position
+        batch = self.stream.next_batch()
+        plan = self._plan(batch.lengths)
+        samples = read_samples(self.stream.dataset, batch, sequence_ids_of_rank(plan, self.rank))
+        return StepInput(plan=plan, samples=samples, next_position=self.stream.position)

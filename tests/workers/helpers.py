@@ -1,0 +1,78 @@
+"""Shared helpers of the workers tests: small models, plans, the plain-autograd reference."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan
+from scheduler.specs import ModelSpec, model_preset
+from workers.model import Transformer
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny shapes gain nothing from threads, and the dev box's two cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_spec(dtype: str = "float64") -> ModelSpec:
+    return model_preset("tiny").model_copy(update={"dtype": dtype})
+
+
+def tiny_model(seed: int = 0, dtype: str = "float64") -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_spec(dtype))
+
+
+def random_samples(lengths: Sequence[int], seed: int, vocab: int = 256) -> dict[int, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {i: torch.randint(0, vocab, (int(n),), generator=g) for i, n in enumerate(lengths)}
+
+
+def group(ranks: Sequence[int], seqs: Sequence[tuple[int, int]], offload: float = 0.0):
+    """A RingGroup from (id, length) pairs."""
+    return RingGroup(ranks=list(ranks), sequences=[SeqSlice(id=i, length=n, offload_ratio=offload)
+                                                   for i, n in seqs])
+
+
+def plan_of(world_size: int, micro_batches: Sequence[Sequence[RingGroup]],
+            capacity_tokens: int = 10**6) -> StepPlan:
+    return StepPlan(world_size=world_size, capacity_tokens=capacity_tokens,
+                    micro_batches=[MicroBatch(groups=list(g)) for g in micro_batches]).check()
+
+
+def one_rank_planner(lengths: np.ndarray) -> StepPlan:
+    """Everything packed on rank 0 in one micro-batch (for single-process loops)."""
+    return plan_of(1, [[group([0], [(i, int(n)) for i, n in enumerate(lengths)])]])
+
+
+def reference_loss_and_grads(model: torch.nn.Module, samples: Mapping[int, torch.Tensor]
+                             ) -> tuple[float, dict[str, torch.Tensor]]:
+    """DESIGN.md's loss by plain autograd, one sequence at a time: sum CE / sum (L - 1)."""
+    model.zero_grad(set_to_none=True)
+    total, count = 0.0, 0
+    for tokens in samples.values():
+        if len(tokens) < 2:
+            continue
+        cu = torch.tensor([0, len(tokens)], dtype=torch.int32)
+        logits = model(tokens, cu)
+        total = total + F.cross_entropy(logits[:-1].double(), tokens[1:], reduction="sum")
+        count += len(tokens) - 1
+    loss = total / count
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return float(loss.detach()), grads
+
+
+def max_rel_err(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> float:
+    """max over tensors of ||got - want|| / ||want||."""
+    return max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)

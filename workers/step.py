@@ -1,0 +1,197 @@
+"""One training step of a StepPlan on one rank: forward + backward of its micro-batches,
+then one gradient all-reduce over the world.
+
+The loss is DESIGN.md's: next-token cross-entropy summed over every prediction of the
+global batch, divided by the global number of predictions N = sum(L_i - 1). Every rank
+knows N from the plan's lengths alone, so it runs each of its micro-batches with
+grad_scale = 1 / N and its gradients are its partial sums of d(loss)/d(theta); one SUM
+all-reduce (parallelism.grad_sync) then gives every rank the full-batch gradient, however
+many micro-batches each rank ran (ByteScale, arXiv 2502.21231, Eq. 1 = Eq. 2).
+
+Per micro-batch a rank is in exactly one group (the plan guarantees disjoint ranks):
+  - a group of one rank packs its sequences whole (varlen, cu_seqlens);
+  - a group of d ranks splits every sequence zigzag over its ring (ring position j holds
+    chunks j and 2d-1-j, parallelism.zigzag_shard); targets and position ids are sharded
+    the same way, so each rank predicts exactly the tokens it holds and ring attention
+    supplies the keys/values of the other ranks.
+Memory (`memory_scheme`): the plan's offload_ratio (ByteScale Eq. 3) is forwarded to the
+model as the token-weighted mean over the group's sequences, which offloads exactly the
+tokens the plan's memory rule counts (MEMO token-wise offload); a packed micro-batch
+without planned offload whose layer activations exceed ACTIVATION_BUDGET_BYTES runs
+layer-wise StreamBP (arXiv 2506.03077) in chunks that fit. The LM head is always streamed.
+
+Legend: T tokens this rank holds in the micro-batch.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from parallelism.grad_sync import all_reduce_gradients
+from parallelism.zigzag import zigzag_shard
+from scheduler.plan import RingGroup, StepPlan
+from workers.model import next_token_targets
+
+__all__ = ["ACTIVATION_BUDGET_BYTES", "StepStats", "global_num_predictions", "memory_scheme",
+           "run_step"]
+
+# Layer activations of one packed micro-batch above this many bytes switch on layer-wise
+# StreamBP (the LM head is always streamed by the model).
+ACTIVATION_BUDGET_BYTES = 8 * 1024**3
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepStats:
+    """What one rank reports of a step (global figures are the same on every rank)."""
+
+    loss: float  # global loss: summed CE over the batch / num_predictions
+    num_predictions: int  # global predictions, sum over sequences of (length - 1)
+    num_tokens: int  # global tokens of the batch
+    local_num_tokens: int  # tokens this rank held over its micro-batches (its shards)
+    local_loss_sum: float  # this rank's part of the summed CE
+    micro_batch_times_s: tuple[float, ...]  # wall time of each micro-batch this rank ran
+    step_time_s: float  # the whole step on this rank, gradient all-reduce included
+    peak_memory_bytes: int  # CUDA: peak allocated in the step; CPU: process peak RSS
+
+
+def global_num_predictions(plan: StepPlan) -> int:
+    """N = sum(L - 1) over every sequence of the plan (what the loss is divided by)."""
+    return sum(s.length - 1 for _, g in plan.groups() for s in g.sequences)
+
+
+def _check_inputs(plan: StepPlan, samples: Mapping[int, torch.Tensor], rank: int,
+                  group) -> None:
+    if not 0 <= rank < plan.world_size:
+        raise ValueError(f"rank={rank} is outside the plan (valid 0..{plan.world_size - 1})")
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size(group)
+        if world != plan.world_size:
+            raise ValueError(f"plan.world_size={plan.world_size} but the process group has "
+                             f"{world} ranks")
+    for _, g in plan.micro_batches_of(rank):
+        for s in g.sequences:
+            if s.id not in samples:
+                raise ValueError(f"samples: sequence id {s.id} (in a group of ranks {g.ranks}) "
+                                 f"is missing; rank {rank} needs it")
+            t = samples[s.id]
+            if t.dim() != 1 or t.numel() != s.length or t.dtype.is_floating_point:
+                raise ValueError(f"samples[{s.id}]: expected 1-D integer tokens of length "
+                                 f"{s.length} (the plan's), got {t.dtype} of shape "
+                                 f"{tuple(t.shape)}")
+
+
+def _packed(g: RingGroup, samples: Mapping[int, torch.Tensor], device) -> tuple:
+    tokens = [samples[s.id] for s in g.sequences]
+    lengths = torch.tensor([0] + [len(t) for t in tokens], dtype=torch.int64)
+    cu = torch.cumsum(lengths, 0).to(torch.int32)
+    return torch.cat(tokens).to(device=device, dtype=torch.long), cu.to(device)
+
+
+def _offload_ratio(g: RingGroup) -> float:
+    """Token-weighted mean: offloads exactly sum(L * ratio) tokens as the plan counts."""
+    return sum(s.length * s.offload_ratio for s in g.sequences) / g.num_tokens
+
+
+def _activation_bytes_per_token(spec) -> int:
+    """Rough bytes one token's activations take in one decoder layer under autograd.
+
+    Inputs of the norms, q/k/v/o and the SwiGLU (gate, up, product, down input):
+    about 8 hidden-wide and 3 ffn-wide tensors, at >= 2 bytes per element.
+    """
+    return (8 * spec.hidden_size + 3 * spec.ffn_hidden_size) * max(spec.dtype_bytes, 2)
+
+
+def memory_scheme(g: RingGroup, num_tokens: int, spec) -> dict:
+    """forward_backward's memory arguments for a rank holding `num_tokens` of group `g`.
+
+    A ring always runs token-wise offload at the plan's ratio (the model's only scheme for
+    context-parallel groups). A packed group with offload planned runs MEMO's token-wise
+    offload as the plan costed it; without offload, layer-wise StreamBP turns on only when
+    the layers' activations would exceed ACTIVATION_BUDGET_BYTES, in chunks that fit it.
+    """
+    ratio = _offload_ratio(g)
+    if g.ring_size > 1 or ratio > 0:
+        return {"offload_ratio": ratio, "stream_chunk_size": None}
+    per_token = _activation_bytes_per_token(spec) * spec.num_layers
+    if num_tokens * per_token <= ACTIVATION_BUDGET_BYTES:
+        return {"offload_ratio": 0.0, "stream_chunk_size": None}
+    # StreamBP keeps every layer's input (hidden-wide) plus one chunk's activations.
+    kept = num_tokens * spec.hidden_size * max(spec.dtype_bytes, 2) * spec.num_layers
+    room = max(ACTIVATION_BUDGET_BYTES - kept, per_token)
+    return {"offload_ratio": 0.0, "stream_chunk_size": max(1, room // per_token)}
+
+
+def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float) -> tuple:
+    """forward_backward of this rank's part of one group: (loss_sum, predictions, tokens)."""
+    device = next(model.parameters()).device
+    ids_T, cu = _packed(g, samples, device)
+    kwargs = {}
+    if g.ring_size > 1:
+        d, j = g.ring_size, g.ranks.index(rank)
+        targets_T = next_token_targets(ids_T, cu)
+        ids_T, cu_local, pos_T = zigzag_shard(ids_T, cu, d, j)
+        targets_T = zigzag_shard(targets_T, cu, d, j)[0]
+        kwargs.update(position_ids=pos_T, targets=targets_T, ring=list(g.ranks))
+        cu = cu_local
+    kwargs.update(memory_scheme(g, ids_T.numel(), model.spec))
+    loss_sum, num_pred = model.forward_backward(ids_T, cu_seqlens=cu, grad_scale=grad_scale,
+                                                **kwargs)
+    return float(loss_sum), int(num_pred), ids_T.numel()
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank: int,
+             group=None) -> StepStats:
+    """Run `rank`'s share of `plan`; on return every rank's `.grad` is the global gradient.
+
+    Gradients are overwritten (zeroed first), not accumulated into; the optimizer is not
+    stepped. `samples` maps plan sequence id -> 1-D integer tensor of its tokens (a rank
+    needs only the ids of the groups it is in). `group` is the world process group
+    (default: the default group); ring groups address their members by global rank on it.
+    """
+    _check_inputs(plan, samples, rank, group)
+    num_predictions = global_num_predictions(plan)
+    if num_predictions < 1:
+        raise ValueError("plan: every sequence has length 1, so the batch has no predictions")
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    times, loss_sum, local_pred, local_tokens = [], 0.0, 0, 0
+    for _, g in plan.micro_batches_of(rank):
+        t0 = time.perf_counter()
+        ls, n, tok = _run_group(model, g, samples, rank, 1.0 / num_predictions)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        loss_sum, local_pred, local_tokens = loss_sum + ls, local_pred + n, local_tokens + tok
+    all_reduce_gradients(model.parameters(), group=group)
+    # float64 keeps the summed CE exact enough to report; NCCL needs it on the device.
+    totals = torch.tensor([loss_sum, float(local_pred)], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals, group=group)
+    _sync(device)
+    assert int(totals[1]) == num_predictions, (totals, num_predictions)
+    return StepStats(
+        loss=float(totals[0]) / num_predictions, num_predictions=num_predictions,
+        num_tokens=sum(g.num_tokens for _, g in plan.groups()), local_num_tokens=local_tokens,
+        local_loss_sum=loss_sum, micro_batch_times_s=tuple(times),
+        step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device))
