@@ -1,0 +1,72 @@
+"""Cluster topology: which ranks share a node, and how fast a ring's slowest link is.
+
+A networkx graph with one vertex per node (machine) carrying its intra-node (NVLink)
+bandwidth, and one edge per node pair carrying the per-rank inter-node (NIC) bandwidth
+(a non-blocking fat tree: every pair is one hop). A ring's KV hand-off runs at the speed
+of the slowest hop of its ring order, so a ring inside one node runs at NVLink speed and
+one that spans nodes at NIC speed. The balance scheduler keeps rings inside one node when
+they fit and otherwise spans the fewest nodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import networkx as nx
+
+from scheduler.specs import ClusterSpec
+
+
+class Topology:
+    """Nodes and links of a cluster of `world_size` ranks (the last node may be partial)."""
+
+    def __init__(self, cluster: ClusterSpec, world_size: int | None = None):
+        self.world_size = world_size or cluster.world_size
+        if self.world_size < 1:
+            raise ValueError(f"world_size={self.world_size} must be >= 1")
+        self.gpus_per_node = cluster.gpus_per_node
+        self.num_nodes = -(-self.world_size // self.gpus_per_node)
+        self.graph = nx.Graph()
+        for n in range(self.num_nodes):
+            self.graph.add_node(n, bandwidth_gbps=cluster.intra_node_bandwidth_gbps)
+        self._inter = cluster.inter_node_bandwidth_gbps
+        self._intra = cluster.intra_node_bandwidth_gbps
+        # Edges are implicit for big clusters (a complete graph of 1,536 nodes has >1M
+        # edges); `link_bandwidth` falls back to the NIC figure for absent pairs.
+        if self.num_nodes <= 64:
+            for u in range(self.num_nodes):
+                for v in range(u + 1, self.num_nodes):
+                    self.graph.add_edge(u, v, bandwidth_gbps=self._inter)
+
+    def node_of(self, rank: int) -> int:
+        return rank // self.gpus_per_node
+
+    def ranks_of(self, node: int) -> range:
+        lo = node * self.gpus_per_node
+        return range(lo, min(lo + self.gpus_per_node, self.world_size))
+
+    def link_bandwidth(self, u: int, v: int) -> float:
+        """Per-rank bandwidth between two nodes (a node to itself: NVLink)."""
+        if u == v:
+            return self.graph.nodes[u]["bandwidth_gbps"]
+        data = self.graph.get_edge_data(u, v)
+        return data["bandwidth_gbps"] if data else self._inter
+
+    def ring_bandwidth(self, ranks: Sequence[int]) -> float:
+        """Bandwidth of the slowest hop of the ring in its given order."""
+        nodes = [r // self.gpus_per_node for r in ranks]
+        if len(set(nodes)) == 1:
+            return self.link_bandwidth(nodes[0], nodes[0])
+        hops = {(min(a, b), max(a, b)) for a, b in zip(nodes, nodes[1:] + nodes[:1], strict=True)}
+        return min(self.link_bandwidth(a, b) for a, b in hops)
+
+    def bandwidth_for_size(self, ring_size: int) -> float:
+        """Bandwidth a ring of this size gets when placed as the scheduler places it."""
+        return self._intra if ring_size <= self.gpus_per_node else self._inter
+
+    def nodes_spanned(self, ranks: Sequence[int]) -> int:
+        return len({r // self.gpus_per_node for r in ranks})
+
+    def ring_order(self, ranks: Sequence[int]) -> list[int]:
+        """Ranks sorted so that each node's members are adjacent (fewest inter-node hops)."""
+        return sorted(ranks)

@@ -1,0 +1,77 @@
+"""plan_batch: valid plans for every policy, the shapes the worker tests rely on, errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler import InfeasibleBatchError, plan_batch, simulate
+from scheduler.specs import cluster_preset, model_preset
+
+TINY = model_preset("tiny")
+CPU4 = cluster_preset("cpu", num_ranks=4)
+WORKER_BATCH = [200, 150, 90, 40, 30, 7, 5, 3]
+
+
+@pytest.mark.parametrize("policy", ["hdp", "naive", "static"])
+def test_every_policy_gives_a_valid_plan_with_predictions(policy):
+    plan = plan_batch(WORKER_BATCH, CPU4, TINY, policy=policy, capacity_tokens=64)
+    plan.check(WORKER_BATCH)
+    assert plan.predicted is not None
+    assert len(plan.predicted.per_rank_busy_s) == 4
+    assert plan.predicted.makespan_s >= plan.predicted.lower_bound_s > 0
+
+
+@pytest.mark.parametrize("policy", ["hdp", "naive"])
+def test_small_capacity_gives_rings_of_2_3_4_packs_and_uneven_micro_batches(policy):
+    # The worker runtime tests need every shape at once: D(200)=4, D(150)=3, D(90)=2 at
+    # 64 tokens per rank, packed single ranks, ranks running different numbers of
+    # micro-batches. The cpu preset offloads only when a sequence needs it.
+    plan = plan_batch(WORKER_BATCH, CPU4, TINY, policy=policy, capacity_tokens=64)
+    sizes = {g.ring_size: [s.length for s in g.sequences] for _, g in plan.groups()}
+    assert sizes[4] == [200] and sizes[3] == [150] and sizes[2] == [90]
+    assert all(s.offload_ratio == 0.0 for _, g in plan.groups() for s in g.sequences)
+    packed = [g for _, g in plan.groups() if g.ring_size == 1]
+    assert packed and any(len(g.sequences) > 1 for g in packed)
+    counts = {len(plan.micro_batches_of(r)) for r in range(4)}
+    assert len(counts) > 1
+
+
+def test_derived_capacity_comes_from_gpu_memory():
+    plan = plan_batch([1000, 20, 3], CPU4, TINY)
+    # 12 GiB x 0.9 over ~8.7 KB of fp32 activations per token: about 1.3M tokens.
+    assert 1_000_000 < plan.capacity_tokens < 2_000_000
+    plan.check([1000, 20, 3])
+
+
+def test_simulate_matches_predicted():
+    plan = plan_batch(WORKER_BATCH, CPU4, TINY, capacity_tokens=64)
+    sim = simulate(plan, CPU4, TINY)
+    assert sim.makespan_s == pytest.approx(plan.predicted.makespan_s, rel=1e-12)
+    assert sim.lower_bound_s == pytest.approx(plan.predicted.lower_bound_s, rel=1e-12)
+    assert sim.makespan_s >= sim.lower_bound_s
+
+
+def test_infeasible_sequence_names_id_length_and_limit():
+    # cpu preset: 3 GiB of host per rank over ~8.7 KB per token of offload room.
+    with pytest.raises(InfeasibleBatchError) as exc:
+        plan_batch([5, 10**9, 7], CPU4, TINY, capacity_tokens=64)
+    assert exc.value.seq_id == 1 and exc.value.length == 10**9
+    assert 0 < exc.value.max_length < 10**9
+    assert "sequence id 1" in str(exc.value)
+    assert plan_batch([exc.value.max_length], CPU4, TINY, capacity_tokens=64).check()
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(lengths=[]), "lengths"),
+    (dict(lengths=[3, 0, 2]), "lengths[1]=0"),
+    (dict(lengths=[3, -4]), "lengths[1]=-4"),
+    (dict(policy="megatron"), "policy='megatron'"),
+    (dict(capacity_tokens=0), "capacity_tokens=0"),
+    (dict(time_limit_s=-1.0), "time_limit_s=-1.0"),
+])
+def test_bad_arguments_name_the_field(kwargs, field):
+    args = dict(lengths=[5, 6], policy="hdp", capacity_tokens=64, time_limit_s=0.1)
+    args.update(kwargs)
+    lengths = args.pop("lengths")
+    with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        plan_batch(lengths, CPU4, TINY, **args)
