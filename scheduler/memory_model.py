@@ -1,0 +1,334 @@
+"""MEMO memory planner, level 2: whole layers as blocks, plus embedding and LM head.
+
+MEMO (arXiv 2407.12117, Sec. 4.3) observes that every decoder layer issues the same
+memory requests, so its bi-level MIP solves one layer exactly (level 1,
+scheduler/memory.py) and then places each layer's memory as a block in a model-wide plan
+(level 2). Here one layer's traced tensors (a `RegionProfile`) fall into four kinds:
+
+    saved       born in the forward, last used in the backward (kept for backward)
+    output      the layer's output, live until the next layer's backward has used it
+    grad_input  the gradient handed to the layer below, live until that one's backward
+    transient   born and dead inside the forward, or inside the backward
+
+Level 1 packs a layer's transients with `plan_offsets` into a workspace (its forward part
+and its backward part never coexist), and stacks saved + output tensors into a resident
+block. Level 2 then places, on the model's op axis
+
+    0 embed fwd | 1..N layer fwd | N+1 head fwd+bwd | N+2..2N+1 layer bwd | 2N+2 embed bwd
+
+one resident block per layer (its forward op to its backward op), one workspace block
+per layer forward and per layer backward, one gradient hand-off block per backward, and
+the embedding's and head's own blocks; again with `plan_offsets`. The lower bound is the
+max-live bytes of the unrolled op-level model trace. A profile is affine in the number of
+tokens (every size is a * tokens + b, a fact the trace tests check), so one profile,
+recorded once per model by workers/memtrace.py and stored as JSON, plans every length
+without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from scheduler.errors import SpecError
+from scheduler.memory import MemoryPlan, max_live_bytes, plan_offsets
+from scheduler.specs import ModelSpec
+
+PROFILE_VERSION = 1
+PROFILES_PATH = Path(__file__).with_name("memory_profiles.json")
+KINDS = ("saved", "output", "grad_input", "transient")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorProfile:
+    """One traced allocation: its size as a function of tokens and its op span."""
+
+    bytes_per_token: int   # a in size = a * tokens + b
+    bytes_fixed: int       # b
+    first_op: int          # op that allocates it (region-local)
+    last_op: int           # last op it is live at, inclusive
+    kind: str              # one of KINDS
+
+    def size(self, num_tokens: int) -> int:
+        return self.bytes_per_token * num_tokens + self.bytes_fixed
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegionProfile:
+    """The activation trace of one region (a layer, the embedding or the head)."""
+
+    tensors: tuple[TensorProfile, ...]   # in allocation order
+    num_ops: int                         # ops of forward + backward
+    backward_op: int                     # first op of the backward
+    fixed_bytes: int                     # parameter-gradient bytes (not activations)
+    chunk_tokens: int | None = None      # the region runs in chunks of this many tokens:
+                                         # all but its grad_input repeat per chunk
+
+    def size(self, tensor: TensorProfile, num_tokens: int) -> int:
+        """Bytes of `tensor` when the region runs over `num_tokens` tokens."""
+        if self.chunk_tokens is not None and tensor.kind != "grad_input":
+            num_tokens = min(num_tokens, self.chunk_tokens)
+        return tensor.size(num_tokens)
+
+    def trace(self, num_tokens: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """(sizes, lifetimes) at `num_tokens`: the input of `plan_offsets`."""
+        return ([self.size(t, num_tokens) for t in self.tensors],
+                [(t.first_op, t.last_op) for t in self.tensors])
+
+    def of_kind(self, *kinds: str) -> list[TensorProfile]:
+        return [t for t in self.tensors if t.kind in kinds]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelMemoryProfile:
+    """Activation traces of one model: a decoder layer, the embedding and the head."""
+
+    model: ModelSpec
+    layer: RegionProfile
+    embedding: RegionProfile
+    head: RegionProfile
+    recorded_tokens: tuple[int, ...]     # token counts the affine fit was recorded at
+    source: str                          # how it was recorded (device, dtype, tool)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelMemoryPlan:
+    """Level-1 layer plans and the level-2 placement of the whole model."""
+
+    num_tokens: int
+    layer_workspace: MemoryPlan       # level 1: a layer's transients
+    resident_bytes: int               # one layer's saved + output bytes (stacked)
+    blocks: tuple[str, ...]           # level-2 block names, aligned with `model_plan`
+    model_plan: MemoryPlan            # level 2: blocks on the model's op axis
+    unrolled_max_live_bytes: int      # lower bound from the op-level model trace
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.model_plan.peak_bytes
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.peak_bytes / self.num_tokens
+
+    @property
+    def ratio_to_lower_bound(self) -> float:
+        return self.peak_bytes / self.unrolled_max_live_bytes
+
+
+def plan_layer(region: RegionProfile, num_tokens: int, *,
+               time_limit_s: float = 5.0) -> MemoryPlan:
+    """Level 1 on a whole region trace (forward and backward as recorded)."""
+    sizes, lifetimes = region.trace(_check_tokens(num_tokens))
+    return plan_offsets(sizes, lifetimes, time_limit_s=time_limit_s)
+
+
+def plan_model(profile: ModelMemoryProfile, num_tokens: int, *, num_layers: int | None = None,
+               time_limit_s: float = 5.0) -> ModelMemoryPlan:
+    """Bi-level plan of the activations of one forward+backward over `num_tokens`."""
+    n = profile.model.num_layers if num_layers is None else num_layers
+    if n < 1:
+        raise ValueError(f"num_layers={n} must be >= 1")
+    tokens = _check_tokens(num_tokens)
+    layer = profile.layer
+    workspace = _plan_workspace(layer, tokens, time_limit_s)
+    fwd_ws, bwd_ws = _workspace_split(layer, workspace)
+    resident = sum(layer.size(t, tokens) for t in layer.of_kind("saved", "output"))
+    handoff = sum(layer.size(t, tokens) for t in layer.of_kind("grad_input"))
+    names, sizes, spans = [], [], []
+
+    def block(name: str, size: int, first: int, last: int) -> None:
+        names.append(name)
+        sizes.append(size)
+        spans.append((first, last))
+
+    emb_ws = _plan_workspace(profile.embedding, tokens, time_limit_s)
+    emb_fwd, emb_bwd = _workspace_split(profile.embedding, emb_ws)
+    emb = profile.embedding
+    emb_keep = sum(emb.size(t, tokens) for t in emb.of_kind("saved", "output"))
+    block("embedding.resident", emb_keep, 0, 2 * n + 1)
+    block("embedding.fwd", emb_fwd, 0, 0)
+    block("embedding.bwd", emb_bwd, 2 * n + 2, 2 * n + 2)
+    for i in range(n):
+        fwd, bwd = 1 + i, 2 * n + 1 - i
+        block(f"layer{i}.resident", resident, fwd, bwd)
+        block(f"layer{i}.fwd", fwd_ws, fwd, fwd)
+        block(f"layer{i}.bwd", bwd_ws, bwd, bwd)
+        block(f"layer{i}.grad_input", handoff, bwd, bwd + 1)
+    head = _plan_kinds(profile.head, tokens, time_limit_s, "saved", "output", "transient")
+    head_grad = sum(profile.head.size(t, tokens) for t in profile.head.of_kind("grad_input"))
+    block("head", head.peak_bytes, n + 1, n + 1)
+    block("head.grad_input", head_grad, n + 1, n + 2)
+    model_plan = plan_offsets(sizes, spans, time_limit_s=time_limit_s)
+    return ModelMemoryPlan(
+        num_tokens=tokens, layer_workspace=workspace, resident_bytes=resident,
+        blocks=tuple(names), model_plan=model_plan,
+        unrolled_max_live_bytes=unrolled_max_live(profile, tokens, num_layers=n))
+
+
+def _plan_workspace(region: RegionProfile, tokens: int, time_limit_s: float) -> MemoryPlan:
+    return _plan_kinds(region, tokens, time_limit_s, "transient")
+
+
+def _plan_kinds(region: RegionProfile, tokens: int, time_limit_s: float,
+                *kinds: str) -> MemoryPlan:
+    chosen = region.of_kind(*kinds)
+    return plan_offsets([region.size(t, tokens) for t in chosen],
+                        [(t.first_op, t.last_op) for t in chosen], time_limit_s=time_limit_s)
+
+
+def _workspace_split(region: RegionProfile, plan: MemoryPlan) -> tuple[int, int]:
+    """Peak of the forward part and of the backward part of a workspace plan."""
+    fwd = bwd = 0
+    for (first, _), off, size in zip(plan.lifetimes, plan.offsets, plan.sizes, strict=True):
+        if first < region.backward_op:
+            fwd = max(fwd, off + size)
+        else:
+            bwd = max(bwd, off + size)
+    return fwd, bwd
+
+
+def unrolled_max_live(profile: ModelMemoryProfile, num_tokens: int, *,
+                      num_layers: int | None = None) -> int:
+    """Max-live bytes of the op-level model trace (every tensor of every layer, in order).
+
+    Region ops are laid out as in the module docstring. A saved tensor spans from its op in
+    the region's forward to its op in the region's backward; an output stays until the
+    region that reads it has finished its backward; a gradient hand-off stays until the
+    region below has finished its backward.
+    """
+    n = profile.model.num_layers if num_layers is None else num_layers
+    order = ["embedding"] + [f"layer{i}" for i in range(n)] + ["head"]
+    regions = {name: profile.layer if name.startswith("layer") else getattr(profile, name)
+               for name in order}
+    starts, ends = _region_ops(order, regions)
+    sizes, spans = [], []
+    for k, name in enumerate(order):
+        region, (fwd0, bwd0) = regions[name], starts[name]
+        above = order[k + 1] if k + 1 < len(order) else name
+        below = order[k - 1] if k > 0 else name
+        for t in region.tensors:
+            first = _global_op(t.first_op, region, fwd0, bwd0)
+            last = _global_op(t.last_op, region, fwd0, bwd0)
+            if t.kind == "output":
+                last = max(last, ends[above])
+            elif t.kind == "grad_input":
+                last = max(last, ends[below])
+            sizes.append(region.size(t, num_tokens))
+            spans.append((first, last))
+    return max_live_bytes(sizes, spans)
+
+
+def _region_ops(order: list[str], regions: dict[str, RegionProfile]
+                ) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
+    """Global first forward op and first backward op of each region, and its last op.
+
+    Forwards run bottom-up, then the head (order[-1]) runs its forward and backward, then
+    backwards run top-down.
+    """
+    fwd0: dict[str, int] = {}
+    bwd0: dict[str, int] = {}
+    op = 0
+    for name in order:
+        fwd0[name] = op
+        op += regions[name].backward_op
+    for name in reversed(order):
+        bwd0[name] = op
+        op += regions[name].num_ops - regions[name].backward_op
+    ends = {name: bwd0[name] + regions[name].num_ops - regions[name].backward_op - 1
+            for name in order}
+    return {name: (fwd0[name], bwd0[name]) for name in order}, ends
+
+
+def _global_op(op: int, region: RegionProfile, fwd0: int, bwd0: int) -> int:
+    return fwd0 + op if op < region.backward_op else bwd0 + op - region.backward_op
+
+
+def _check_tokens(num_tokens: int) -> int:
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"num_tokens={num_tokens!r} must be a positive integer")
+    return num_tokens
+
+
+# -- profiles on disk ------------------------------------------------------------------
+
+def profile_to_json(profile: ModelMemoryProfile) -> dict:
+    def region(r: RegionProfile) -> dict:
+        return {"num_ops": r.num_ops, "backward_op": r.backward_op,
+                "fixed_bytes": r.fixed_bytes, "chunk_tokens": r.chunk_tokens,
+                "tensors": [[t.bytes_per_token, t.bytes_fixed, t.first_op, t.last_op, t.kind]
+                            for t in r.tensors]}
+    return {"version": PROFILE_VERSION, "model": profile.model.model_dump(),
+            "recorded_tokens": list(profile.recorded_tokens), "source": profile.source,
+            "layer": region(profile.layer), "embedding": region(profile.embedding),
+            "head": region(profile.head)}
+
+
+def profile_from_json(data: dict) -> ModelMemoryProfile:
+    if data.get("version") != PROFILE_VERSION:
+        raise SpecError(f"memory profile version={data.get('version')!r}; this build reads "
+                        f"version {PROFILE_VERSION} (re-record with workers.memtrace)")
+
+    def region(r: dict) -> RegionProfile:
+        tensors = []
+        for a, b, first, last, kind in r["tensors"]:
+            if kind not in KINDS:
+                raise SpecError(f"memory profile tensor kind={kind!r}; valid: {KINDS}")
+            tensors.append(TensorProfile(bytes_per_token=a, bytes_fixed=b, first_op=first,
+                                         last_op=last, kind=kind))
+        return RegionProfile(tensors=tuple(tensors), num_ops=r["num_ops"],
+                             backward_op=r["backward_op"], fixed_bytes=r["fixed_bytes"],
+                             chunk_tokens=r.get("chunk_tokens"))
+    return ModelMemoryProfile(
+        model=ModelSpec.model_validate(data["model"]), layer=region(data["layer"]),
+        embedding=region(data["embedding"]), head=region(data["head"]),
+        recorded_tokens=tuple(data["recorded_tokens"]), source=data["source"])
+
+
+def stored_profiles(path: Path = PROFILES_PATH) -> dict[str, ModelMemoryProfile]:
+    """Profiles shipped with the package (recorded by `python -m workers.memtrace`)."""
+    if not path.exists():
+        return {}
+    return {name: profile_from_json(d) for name, d in json.loads(path.read_text()).items()}
+
+
+def find_profile(model: ModelSpec, *, path: Path = PROFILES_PATH) -> ModelMemoryProfile:
+    """The stored profile recorded for exactly this ModelSpec."""
+    for profile in stored_profiles(path).values():
+        if profile.model == model:
+            return profile
+    raise SpecError(
+        f"no memory profile for model {model.model_dump()} in {path}; record one with "
+        "`python -m workers.memtrace --model <preset or config.json>`")
+
+
+@lru_cache(maxsize=64)
+def planned_bytes_per_token(model: ModelSpec, *, num_tokens: int = 65536,
+                            time_limit_s: float = 2.0) -> float:
+    """Planned activation peak of one forward+backward over `num_tokens`, per token.
+
+    The figure the cost model's `activation_bytes_per_token` takes in place of its
+    analytic estimate. Cached: planning is done once per (model, length).
+    """
+    plan = plan_model(find_profile(model), num_tokens, time_limit_s=time_limit_s)
+    return plan.bytes_per_token
+
+
+def layer_trace(model: ModelSpec, num_tokens: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """(sizes, lifetimes) of one decoder layer's forward+backward at `num_tokens`."""
+    return find_profile(model).layer.trace(_check_tokens(num_tokens))
+
+
+def fit_affine(token_counts: Sequence[int], sizes: Sequence[int]) -> tuple[int, int]:
+    """Exact integer (a, b) with sizes[k] = a * token_counts[k] + b, or ValueError."""
+    if len(token_counts) < 2 or len(set(token_counts)) != len(token_counts):
+        raise ValueError(f"token_counts={list(token_counts)} needs >= 2 distinct counts")
+    (t0, s0), (t1, s1) = (token_counts[0], sizes[0]), (token_counts[1], sizes[1])
+    a, rem = divmod(s1 - s0, t1 - t0)
+    b = s0 - a * t0
+    if rem or any(a * t + b != s for t, s in zip(token_counts, sizes, strict=True)):
+        raise ValueError(f"sizes {list(sizes)} at tokens {list(token_counts)} are not affine "
+                         "in the token count")
+    return a, b
