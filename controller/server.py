@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,9 @@ def serve(config: ControllerConfig, *, log_level: str = "info") -> None:
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s "
                                                         "%(name)s: %(message)s")
     controller = Controller(config, tracer_provider=make_tracer_provider(install=True))
+    # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown; turn them into
+    # exceptions so the `finally` below still stops the reconciler and the embedded Redis.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         server = uvicorn.Server(uvicorn.Config(controller.app, host=config.host,
                                                port=config.port, log_level=log_level,
@@ -136,8 +140,14 @@ def serve(config: ControllerConfig, *, log_level: str = "info") -> None:
         controller.start()
         _announce(controller, server)
         server.run()
+    except (KeyboardInterrupt, SystemExit):
+        log.info("controller stopping")
     finally:
         controller.close()
+
+
+def _exit_on_signal(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _announce(controller: Controller, server) -> None:

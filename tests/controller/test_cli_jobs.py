@@ -1,0 +1,97 @@
+"""`ringmaster submit/status/list/logs/stop/schema job` against a real controller on loopback.
+
+Server errors must reach the user as one line on stderr (exit status 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from controller.cli import app
+from tests.controller.harness import DEMO_SPEC
+
+
+@pytest.fixture
+def run(ctl, tmp_path):
+    runner = CliRunner()
+    env = {"RINGMASTER_URL": ctl.url, "RINGMASTER_TOKEN": ctl.token,
+           "RINGMASTER_STATE_DIR": str(tmp_path)}
+
+    def invoke(*args: str, token: str | None = None):
+        e = dict(env) if token is None else {**env, "RINGMASTER_TOKEN": token}
+        return runner.invoke(app, list(args), env=e)
+
+    return invoke
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump({**DEMO_SPEC, "name": "cli"}))
+    return path
+
+
+def test_submit_status_list_stop_as_json(run, spec_file, ctl):
+    r = run("submit", str(spec_file), "-o", "json")
+    assert r.exit_code == 0, r.output
+    job = json.loads(r.stdout)
+    assert job["phase"] == "Pending" and job["name"] == "cli"
+    status = json.loads(run("status", job["id"], "--output", "json").stdout)
+    assert status["id"] == job["id"] and status["transitions"][0]["to_state"] == "Pending"
+    listed = json.loads(run("list", "-o", "json", "--all", "--limit", "2").stdout)
+    assert job["id"] in [j["id"] for j in listed]
+    stopped = json.loads(run("stop", job["id"], "-o", "json").stdout)
+    assert stopped["result"] == "Stopped"
+
+
+def test_tables_and_logs(run, spec_file, ctl):
+    job_id = json.loads(run("submit", str(spec_file), "-o", "json").stdout)["id"]
+    ctl.controller.store.append_logs(job_id, ["hello from rank 2"], rank=2)
+    table = run("status", job_id)
+    assert table.exit_code == 0 and job_id in table.stdout and "Pending" in table.stdout
+    logs = run("logs", job_id)
+    assert logs.exit_code == 0 and "r2: hello from rank 2" in logs.stdout
+    run("stop", job_id)
+    follow = run("logs", job_id, "-f")  # a finished job: follow ends after the last line
+    assert follow.exit_code == 0 and "hello from rank 2" in follow.stdout
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("status", "no-such-job"), "job 'no-such-job' not found (HTTP 404)"),
+    (("stop", "Bad_Id"), "job_id: String should match pattern"),
+    (("logs", "no-such-job"), "not found"),
+])
+def test_server_errors_are_one_line(run, args, fragment):
+    r = run(*args)
+    assert r.exit_code == 2
+    assert fragment in r.stderr and "Traceback" not in r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_token_and_bad_spec_are_one_line(run, spec_file, tmp_path):
+    r = run("list", token="wrong")
+    assert r.exit_code == 2 and "wrong bearer token (HTTP 401)" in r.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**DEMO_SPEC, "resources": {"num_ranks": -1}}))
+    r = run("submit", str(bad))
+    assert r.exit_code == 2 and "resources.num_ranks" in r.stderr
+    assert "Traceback" not in r.output
+
+
+def test_unreachable_controller_is_one_line(tmp_path, spec_file):
+    from tests.controller.harness import free_port
+
+    r = CliRunner().invoke(app, ["list"], env={
+        "RINGMASTER_URL": f"http://127.0.0.1:{free_port()}", "RINGMASTER_TOKEN": "x"})
+    assert r.exit_code == 2 and "cannot reach the controller" in r.stderr
+
+
+def test_schema_job_prints_the_job_spec_schema():
+    r = CliRunner().invoke(app, ["schema", "job"])
+    assert r.exit_code == 0
+    schema = json.loads(r.stdout)
+    assert schema["title"] == "JobCreate" and "resources" in schema["properties"]
