@@ -157,6 +157,25 @@ class PodTracker:
         kind, message = failure
         return [LauncherEvent(job_id=job_id, attempt=attempt, kind=kind, message=message)]
 
+    def resync(self, namespace: str, pods: list[dict]) -> list[LauncherEvent]:
+        """A fresh list of the namespace's pods: observe each; known pods missing from it
+        were deleted while nobody watched."""
+        events: list[LauncherEvent] = []
+        present = set()
+        for pod in pods:
+            present.add(f"{namespace}/{(pod.get('metadata') or {}).get('name', '')}")
+            events += self.observe("ADDED", pod)
+        for key, view in list(self.pods.items()):
+            if key.startswith(f"{namespace}/") and key not in present:
+                events += self.observe("DELETED", self._stub(namespace, view))
+        return events
+
+    def _stub(self, namespace: str, view: PodView) -> dict:
+        return {"metadata": {"name": view.name, "namespace": namespace,
+                             "labels": {LABEL_OWNER: self.owner, LABEL_JOB: view.job_id,
+                                        LABEL_ATTEMPT: str(view.attempt),
+                                        LABEL_NODE_TYPE: view.node_type}}}
+
     def attempt_pods(self, job_id: str, attempt: int) -> list[PodView]:
         return sorted((p for p in self.pods.values()
                        if p.job_id == job_id and p.attempt == attempt), key=lambda p: p.name)

@@ -82,11 +82,12 @@ def test_redis_probes_and_append_only_persistence(render):
     assert "secretKeyRef" in _env(c)["REDIS_PASSWORD"]["valueFrom"]
 
 
-def test_controller_command_line_and_service_ports(rendered):
+def test_controller_command_line_and_service_ports(rendered, variant):
     c = _controller(rendered)["containers"][0]
     assert c["command"] == ["ringmaster"]
+    launcher = "kubernetes" if variant == "kubernetes-launcher-on" else "ray"
     assert c["args"] == ["serve", "--host=0.0.0.0", "--port=8000", "--grpc-port=50051",
-                         "--state-dir=/var/lib/ringmaster"]
+                         "--state-dir=/var/lib/ringmaster", f"--launcher={launcher}"]
     svc = rendered.one("Service", "rm-ringmaster")
     ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
     assert ports["http"] == 8000 and ports["grpc"] == 50051
@@ -269,3 +270,33 @@ def test_local_ray_gets_shared_memory_only_when_local(render):
     assert shm(render())[0]["emptyDir"]["medium"] == "Memory"
     assert shm(render(values_file="external-redis")) == []  # RAY_ADDRESS points elsewhere
     assert shm(render(values_file="kubernetes-launcher-on")) == []
+
+
+def test_the_launcher_reads_the_env_the_chart_writes(render):
+    """Chart and launcher agree on every RINGMASTER_K8S_* variable (no dead settings)."""
+    from controller.launchers.kubernetes import KubernetesLauncherConfig
+
+    r = render(values_file="kubernetes-launcher-on")
+    env = {k: e["value"] for k, e in _env(_controller(r)["containers"][0]).items()
+           if "value" in e}
+    config = KubernetesLauncherConfig.from_env("0.0.0.0:50051", env)
+    assert config.namespaces == ("ringmaster-jobs", "ringmaster-batch")
+    assert config.cluster.image == "registry.example.com/ringmaster-worker:0.1.0-cuda12.8"
+    assert config.cluster.controller_address == f"rm-ringmaster.{NAMESPACE}.svc:50051"
+    assert config.cluster.owner == "rm-ringmaster"
+    assert config.cluster.head_resources["requests"] == {"cpu": "2", "memory": "8Gi"}
+    assert (config.ready_timeout_s, config.max_gpus) == (900, 0)
+    assert (config.cluster.cpus_per_rank, config.cluster.host_memory_fraction) == (8, 0.85)
+    assert config.cluster.env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    k8s_vars = {k for k in env if k.startswith("RINGMASTER_K8S_")}
+    import inspect
+
+    import controller.launchers.kubernetes as module
+
+    read = set(re.findall(r'"(RINGMASTER_K8S_[A-Z_]+)"', inspect.getsource(module)))
+    assert k8s_vars == read
+    # The owner label the NetworkPolicy selects Ray heads by is the one the launcher sets.
+    policy = _controller_policy(r)
+    owners = {p["podSelector"]["matchLabels"].get("ringmaster.io/owner")
+              for rule in policy["egress"] for p in rule["to"] if "podSelector" in p}
+    assert config.cluster.owner in owners

@@ -25,8 +25,6 @@
       key: redis-url
       {{- end }}
 {{- end }}
-- name: RINGMASTER_LAUNCHER
-  value: {{ .Values.launcher.type | quote }}
 {{- if .Values.launcher.ray.address }}
 - name: RAY_ADDRESS
   value: {{ .Values.launcher.ray.address | quote }}
@@ -45,6 +43,12 @@
   value: {{ toJson $k.headResources | quote }}
 - name: RINGMASTER_K8S_READY_TIMEOUT_S
   value: {{ $k.readyTimeoutSeconds | quote }}
+- name: RINGMASTER_K8S_MAX_GPUS
+  value: {{ $k.maxGpus | quote }}
+- name: RINGMASTER_K8S_CPUS_PER_RANK
+  value: {{ $k.cpusPerRank | quote }}
+- name: RINGMASTER_K8S_HOST_MEMORY_FRACTION
+  value: {{ $k.hostMemoryFraction | quote }}
 - name: RINGMASTER_K8S_OWNER
   value: {{ include "ringmaster.fullname" . | quote }}
 - name: RINGMASTER_CONTROLLER_ADDRESS

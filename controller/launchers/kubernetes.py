@@ -1,0 +1,522 @@
+"""Kubernetes launcher: one KubeRay `RayCluster` per job attempt, the driver run through Ray.
+
+Lifecycle of an attempt (`start(job, attempt)`):
+1. create the RayCluster (controller.launchers.kuberay builds it) in the job's namespace;
+2. `poll()` waits until KubeRay reports it ready (`status.state == "ready"` or the
+   `RayClusterProvisioned` condition), at most `ready_timeout_s`; then submits the driver
+   (`python -m workers.driver --job ID --attempt A --controller ADDR`) to the head's Ray
+   job API, with a deterministic submission id so a restarted controller never submits twice;
+3. while it runs, the driver's Ray job status maps to events with the Ray launcher's exit
+   protocol (0 COMPLETED, 3 FAILED, anything else WORKER_LOST), and the pod watch
+   (controller.launchers.podwatch) turns pod failures into WORKER_LOST/FAILED, which feed
+   the job's restart policy in the state machine; READY comes from the gRPC service
+   (`report()`) once every rank registered, exactly as with the Ray launcher;
+4. the RayCluster is deleted when the attempt ends (COMPLETED/FAILED here, WORKER_LOST and
+   stop requests through `stop()`); STOPPED is reported once the API server no longer has it.
+
+A watch thread per namespace lists and watches this controller's pods (label selector on
+`ringmaster.io/owner`) and queues the events; `poll()` drains the queue, so every call the
+state machine makes stays non-blocking apart from a few API requests (each cluster is
+checked at most every `check_interval_s`). A restarted controller lists its RayClusters
+and adopts them. API verbs used are exactly `kuberay.LAUNCHER_RBAC_RULES` (the chart's Role).
+
+The Kubernetes and Ray clients are injected (`custom_api`, `core_api`, `ray_jobs`,
+`watch_factory`): in a pod the defaults use the in-cluster service account; tests pass fakes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+
+from controller.launchers.base import EventKind, Launcher, LauncherEvent
+from controller.launchers.kuberay import (
+    GROUP,
+    LABEL_ATTEMPT,
+    LABEL_JOB,
+    LAUNCHER_RBAC_RULES,
+    PLURAL,
+    VERSION,
+    ClusterSettings,
+    build_raycluster,
+    cluster_name,
+    driver_entrypoint,
+    head_dashboard_url,
+    job_shape,
+    owner_selector,
+)
+from controller.launchers.podwatch import PodTracker
+from controller.states import JobRecord
+
+log = logging.getLogger(__name__)
+
+EXIT_COMPLETED, EXIT_FAILED = 0, 3  # the driver's exit protocol (see controller.launchers.ray)
+SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "127.0.0.1", "localhost", "")
+FORWARDED_OTEL_SKIP = ("OTEL_SERVICE_NAME",)  # workers name themselves
+
+__all__ = ["KubernetesLauncher", "KubernetesLauncherConfig", "LAUNCHER_RBAC_RULES"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KubernetesLauncherConfig:
+    """How this controller's jobs run on Kubernetes (the chart sets it through env)."""
+
+    namespaces: tuple[str, ...]  # where RayClusters may go; jobs use the first
+    cluster: ClusterSettings  # what every RayCluster shares (image, addresses, owner...)
+    ready_timeout_s: float = 900.0  # a RayCluster not ready by then loses the attempt
+    max_gpus: int = 0  # admission: GPUs all running attempts may hold together (0: no cap)
+    check_interval_s: float = 2.0  # least time between API checks of one cluster
+
+    def __post_init__(self) -> None:
+        if not self.namespaces:
+            raise ValueError("namespaces=() must name at least one namespace")
+        if self.ready_timeout_s <= 0:
+            raise ValueError(f"ready_timeout_s={self.ready_timeout_s} must be > 0")
+        if self.max_gpus < 0:
+            raise ValueError(f"max_gpus={self.max_gpus} must be >= 0 (0: no cap)")
+
+    @classmethod
+    def from_env(cls, controller_address: str,
+                 env: Mapping[str, str] | None = None) -> KubernetesLauncherConfig:
+        """Read the RINGMASTER_K8S_* variables the Helm chart sets (docs/deploy.md)."""
+        env = os.environ if env is None else env
+        address = env.get("RINGMASTER_CONTROLLER_ADDRESS") or controller_address
+        if address.rsplit(":", 1)[0] in WILDCARD_HOSTS:
+            raise ValueError(f"controller_address={address!r} is not reachable from worker "
+                             "pods; set RINGMASTER_CONTROLLER_ADDRESS to the controller "
+                             "Service's host:port (the Helm chart does)")
+        image = env.get("RINGMASTER_K8S_IMAGE", "")
+        if not image:
+            raise ValueError("RINGMASTER_K8S_IMAGE is not set: the image of the Ray pods")
+        head = _json_env(env, "RINGMASTER_K8S_HEAD_RESOURCES")
+        settings = ClusterSettings(
+            image=image, ray_version=env.get("RINGMASTER_K8S_RAY_VERSION") or _ray_version(),
+            controller_address=address, owner=env.get("RINGMASTER_K8S_OWNER", "ringmaster"),
+            gpu_resource=env.get("RINGMASTER_K8S_GPU_RESOURCE", "nvidia.com/gpu"),
+            cpus_per_rank=_int_env(env, "RINGMASTER_K8S_CPUS_PER_RANK", 8),
+            host_memory_fraction=_float_env(env, "RINGMASTER_K8S_HOST_MEMORY_FRACTION", 0.85),
+            env={k: v for k, v in env.items()
+                 if k.startswith("OTEL_") and k not in FORWARDED_OTEL_SKIP
+                 and "HEADERS" not in k},  # headers may hold collector credentials
+            **({"head_resources": head} if head else {}))
+        return cls(namespaces=_namespaces(env), cluster=settings,
+                   ready_timeout_s=_float_env(env, "RINGMASTER_K8S_READY_TIMEOUT_S", 900.0),
+                   max_gpus=_int_env(env, "RINGMASTER_K8S_MAX_GPUS", 0))
+
+
+def _ray_version() -> str:
+    try:
+        return version("ray")
+    except PackageNotFoundError:
+        raise ValueError("RINGMASTER_K8S_RAY_VERSION is not set and Ray is not installed "
+                         "here to take its version from") from None
+
+
+def _namespaces(env: Mapping[str, str]) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in env.get("RINGMASTER_K8S_NAMESPACES", "").split(",")
+                  if n.strip())
+    if names:
+        return names
+    try:  # in a pod: its own namespace
+        with open(SA_NAMESPACE_FILE) as f:
+            return (f.read().strip(),)
+    except OSError:
+        raise ValueError("RINGMASTER_K8S_NAMESPACES is not set and this is not a pod "
+                         f"({SA_NAMESPACE_FILE} is missing)") from None
+
+
+def _typed_env(env: Mapping[str, str], name: str, default, kind: type, what: str):
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not {what}") from None
+
+
+def _int_env(env, name, default):
+    return _typed_env(env, name, default, int, "an integer")
+
+
+def _float_env(env, name, default):
+    return _typed_env(env, name, default, float, "a number")
+
+
+def _json_env(env: Mapping[str, str], name: str) -> dict | None:
+    raw = env.get(name)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        raise ValueError(f"{name}={raw!r} is not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={raw!r} must be a JSON object (requests/limits)")
+    return value
+
+
+@dataclass(kw_only=True)
+class _Attempt:
+    """One attempt the launcher is running or tearing down."""
+
+    job_id: str
+    attempt: int
+    namespace: str
+    name: str  # RayCluster name
+    num_gpus: int  # what admission counts
+    phase: str = "provisioning"  # provisioning -> running -> stopping
+    deadline: float = 0.0  # provisioning: when readiness times out
+    next_check: float = 0.0  # earliest time of the next API check
+
+    @property
+    def submission_id(self) -> str:
+        return f"{self.name}-driver"
+
+
+@dataclass(kw_only=True)
+class _Clients:
+    custom: object  # kubernetes.client.CustomObjectsApi (or a fake)
+    core: object  # kubernetes.client.CoreV1Api
+    ray_jobs: Callable[[str], object]  # dashboard URL -> JobSubmissionClient
+    watch_factory: Callable[[], object]  # -> kubernetes.watch.Watch
+    serialize: Callable[[object], object] = field(default=lambda obj: obj)
+
+
+def _default_clients() -> _Clients:
+    from kubernetes import client, config, watch
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()  # a developer's kubeconfig, outside a cluster
+    api = client.ApiClient()
+
+    def ray_jobs(address: str):
+        from ray.job_submission import JobSubmissionClient
+
+        return JobSubmissionClient(address)
+
+    return _Clients(custom=client.CustomObjectsApi(api), core=client.CoreV1Api(api),
+                    ray_jobs=ray_jobs, watch_factory=watch.Watch,
+                    serialize=api.sanitize_for_serialization)
+
+
+def _status(exc: Exception) -> int | None:
+    return getattr(exc, "status", None)
+
+
+def _is_ready(obj: dict) -> bool:
+    status = obj.get("status") or {}
+    if str(status.get("state", "")).lower() == "ready":
+        return True
+    return any(c.get("type") == "RayClusterProvisioned" and c.get("status") == "True"
+               for c in status.get("conditions") or [])
+
+
+class KubernetesLauncher(Launcher):
+    """Runs each job attempt on its own KubeRay RayCluster (see the module docstring)."""
+
+    name = "kubernetes"
+
+    def __init__(self, *, controller_address: str = "",
+                 config: KubernetesLauncherConfig | None = None,
+                 custom_api=None, core_api=None, ray_jobs: Callable[[str], object] | None = None,
+                 watch_factory: Callable[[], object] | None = None,
+                 clock: Callable[[], float] = time.monotonic, watch: bool = True):
+        self.config = config or KubernetesLauncherConfig.from_env(controller_address)
+        injected = (custom_api, core_api, ray_jobs, watch_factory)
+        defaults = _default_clients() if any(x is None for x in injected) else None
+        self.clients = _Clients(
+            custom=custom_api or defaults.custom, core=core_api or defaults.core,
+            ray_jobs=ray_jobs or defaults.ray_jobs,
+            watch_factory=watch_factory or defaults.watch_factory,
+            serialize=defaults.serialize if defaults else (lambda obj: obj))
+        self.clock = clock
+        self.tracker = PodTracker(self.config.cluster.owner)
+        self._lock = threading.Lock()
+        self._events: list[LauncherEvent] = []
+        self._attempts: dict[tuple[str, int], _Attempt] = {}
+        self._ray_clients: dict[str, object] = {}
+        self._pod_events: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = threading.Event()
+        self._watches: list[object] = []
+        self._threads: list[threading.Thread] = []
+        self._adopt()
+        if watch:
+            for ns in self.config.namespaces:
+                t = threading.Thread(target=self._watch_loop, args=(ns,), daemon=True,
+                                     name=f"pod-watch-{ns}")
+                t.start()
+                self._threads.append(t)
+
+    # Launcher -------------------------------------------------------------------------------
+    def admit(self, job: JobRecord) -> bool:
+        cap = self.config.max_gpus
+        if cap == 0:
+            return True
+        shape = job_shape(job, self.config.cluster)
+        need = shape.num_ranks if shape.uses_gpus else 0
+        with self._lock:
+            used = sum(a.num_gpus for a in self._attempts.values() if a.job_id != job.id)
+        return used + need <= cap
+
+    def start(self, job: JobRecord, attempt: int) -> None:
+        namespace = self.config.namespaces[0]
+        body = build_raycluster(job=job, attempt=attempt, namespace=namespace,
+                                settings=self.config.cluster)
+        shape = job_shape(job, self.config.cluster)
+        with self._lock:
+            for old in self._live(job.id):
+                self._delete(old)  # a superseded attempt frees its GPUs first
+            try:
+                self.clients.custom.create_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, body)
+            except Exception as exc:
+                if _status(exc) != 409:
+                    raise
+                log.info("RayCluster %s/%s already exists; adopting it", namespace,
+                         body["metadata"]["name"])
+            self._attempts[(job.id, attempt)] = _Attempt(
+                job_id=job.id, attempt=attempt, namespace=namespace,
+                name=body["metadata"]["name"],
+                num_gpus=shape.num_ranks if shape.uses_gpus else 0,
+                deadline=self.clock() + self.config.ready_timeout_s)
+
+    def stop(self, job_id: str) -> None:
+        with self._lock:
+            live = [a for a in self._attempts.values() if a.job_id == job_id]
+            if not live:
+                self._events.append(LauncherEvent(job_id=job_id, attempt=0,
+                                                  kind=EventKind.STOPPED))
+                return
+            for a in live:
+                if a.phase != "stopping":
+                    self._delete(a)
+
+    def report(self, event: LauncherEvent) -> None:
+        """Queue an event observed elsewhere (the gRPC service: READY, a rank lost)."""
+        with self._lock:
+            self._events.append(event)
+
+    def poll(self) -> list[LauncherEvent]:
+        self._drain_pod_events()
+        now = self.clock()
+        with self._lock:
+            for a in list(self._attempts.values()):
+                if now < a.next_check or a.phase == "lost":
+                    continue
+                a.next_check = now + self.config.check_interval_s
+                {"provisioning": self._check_provisioning, "running": self._check_running,
+                 "stopping": self._check_stopping}[a.phase](a, now)
+            events, self._events = self._events, []
+        return events
+
+    def close(self) -> None:
+        """Stop watching; RayClusters keep running (they outlive the controller)."""
+        self._closed.set()
+        for w in list(self._watches):
+            w.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+
+    # attempt steps (called with the lock held) ------------------------------------------------
+    def _live(self, job_id: str) -> list[_Attempt]:
+        return [a for a in self._attempts.values() if a.job_id == job_id
+                and a.phase != "stopping"]
+
+    def _emit(self, a: _Attempt, kind: EventKind, message: str = "") -> None:
+        self._events.append(LauncherEvent(job_id=a.job_id, attempt=a.attempt, kind=kind,
+                                          message=message))
+
+    def _lose(self, a: _Attempt, message: str) -> None:
+        a.phase = "lost"  # one loss per attempt; the state machine's stop() tears it down
+        self._emit(a, EventKind.WORKER_LOST, message)
+
+    def _get(self, a: _Attempt) -> dict | None:
+        try:
+            return self.clients.serialize(self.clients.custom.get_namespaced_custom_object(
+                GROUP, VERSION, a.namespace, PLURAL, a.name))
+        except Exception as exc:
+            if _status(exc) == 404:
+                return None
+            raise
+
+    def _delete(self, a: _Attempt) -> None:
+        a.phase, a.next_check = "stopping", 0.0
+        self.tracker.ignore_through(a.job_id, a.attempt)
+        self._ray_clients.pop(a.submission_id, None)
+        try:
+            self.clients.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, a.namespace, PLURAL, a.name, propagation_policy="Foreground")
+        except Exception as exc:
+            if _status(exc) != 404:
+                raise
+
+    def _check_provisioning(self, a: _Attempt, now: float) -> None:
+        obj = self._get(a)
+        if obj is None:
+            self._lose(a, f"RayCluster {a.namespace}/{a.name} disappeared before it was ready")
+        elif _is_ready(obj):
+            self._submit(a, now)
+        elif now >= a.deadline:
+            self._lose(a, f"RayCluster {a.namespace}/{a.name} not ready after "
+                          f"{self.config.ready_timeout_s:g} s: "
+                          f"{self.tracker.diagnose(a.job_id, a.attempt)}")
+
+    def _ray_client(self, a: _Attempt):
+        if a.submission_id not in self._ray_clients:
+            self._ray_clients[a.submission_id] = self.clients.ray_jobs(
+                head_dashboard_url(a.name, a.namespace))
+        return self._ray_clients[a.submission_id]
+
+    def _submit(self, a: _Attempt, now: float) -> None:
+        entrypoint = shlex.join(driver_entrypoint(a.job_id, a.attempt,
+                                                  self.config.cluster.controller_address))
+        try:
+            self._ray_client(a).submit_job(
+                entrypoint=entrypoint, submission_id=a.submission_id,
+                metadata={LABEL_JOB: a.job_id, LABEL_ATTEMPT: str(a.attempt)})
+        except Exception as exc:
+            if "already exists" not in str(exc):  # else: submitted before a restart of ours
+                if now >= a.deadline:
+                    self._lose(a, f"driver of {a.name} could not be submitted: {exc}")
+                else:
+                    log.info("submitting the driver of %s failed (%s); retrying", a.name, exc)
+                return
+        a.phase = "running"
+
+    def _check_running(self, a: _Attempt, now: float) -> None:
+        try:
+            info = self._ray_client(a).get_job_info(a.submission_id)
+        except Exception as exc:  # head briefly away; a dead head shows in the pod watch
+            log.info("driver status of %s unavailable: %s", a.name, exc)
+            return
+        status = str(getattr(info.status, "value", info.status))
+        if status in ("PENDING", "RUNNING"):
+            return
+        code, detail = getattr(info, "driver_exit_code", None), info.message or ""
+        if status == "SUCCEEDED":
+            self._emit(a, EventKind.COMPLETED, detail)
+            self._delete(a)  # the job is over: give the GPUs back
+        elif status == "FAILED" and code == EXIT_FAILED:
+            self._emit(a, EventKind.FAILED, detail or f"driver exited with status {code}")
+            self._delete(a)
+        else:
+            self._lose(a, f"driver {status.lower()} (exit status {code}): {detail}".rstrip(": "))
+
+    def _check_stopping(self, a: _Attempt, now: float) -> None:
+        if self._get(a) is not None:
+            return  # KubeRay and the garbage collector are still removing pods
+        del self._attempts[(a.job_id, a.attempt)]
+        self._emit(a, EventKind.STOPPED, f"RayCluster {a.namespace}/{a.name} deleted")
+        if not any(k[0] == a.job_id for k in self._attempts):
+            self.tracker.forget_job(a.job_id)
+
+    # restart recovery -------------------------------------------------------------------------
+    def _adopt(self) -> None:
+        """Find this controller's RayClusters (after a restart) and resume tracking them."""
+        selector = owner_selector(self.config.cluster)
+        found: list[_Attempt] = []
+        for ns in self.config.namespaces:
+            listing = self.clients.serialize(self.clients.custom.list_namespaced_custom_object(
+                GROUP, VERSION, ns, PLURAL, label_selector=selector))
+            for obj in listing.get("items") or []:
+                a = self._attempt_from(obj, ns)
+                if a is not None:
+                    found.append(a)
+        newest: dict[str, int] = {}
+        for a in found:
+            newest[a.job_id] = max(a.attempt, newest.get(a.job_id, 0))
+        with self._lock:
+            for a in found:
+                self._attempts[(a.job_id, a.attempt)] = a
+                if a.attempt < newest[a.job_id] and a.phase != "stopping":
+                    self._delete(a)
+        if found:
+            log.info("adopted %d RayCluster(s) of a previous controller run", len(found))
+
+    def _attempt_from(self, obj: dict, namespace: str) -> _Attempt | None:
+        meta = obj.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        try:
+            job_id, attempt = labels[LABEL_JOB], int(labels[LABEL_ATTEMPT])
+        except (KeyError, ValueError):
+            log.warning("RayCluster %s/%s carries our owner label but no job/attempt labels; "
+                        "leaving it alone", namespace, meta.get("name"))
+            return None
+        groups = (obj.get("spec") or {}).get("workerGroupSpecs") or []
+        gpus = sum(int(g.get("replicas", 0)) * int(g.get("rayStartParams", {})
+                                                    .get("num-gpus", 0)) for g in groups)
+        a = _Attempt(job_id=job_id, attempt=attempt, namespace=namespace,
+                     name=meta.get("name", cluster_name(job_id, attempt)), num_gpus=gpus,
+                     deadline=self.clock() + self.config.ready_timeout_s)
+        if meta.get("deletionTimestamp"):
+            a.phase = "stopping"
+            self.tracker.ignore_through(job_id, attempt)
+        return a
+
+    # pod watch ----------------------------------------------------------------------------
+    def sync_pods(self, namespace: str, *, timeout_s: int = 300) -> None:
+        """One list + one watch pass over this controller's pods in `namespace`.
+
+        Events are queued for the next `poll()`; a pod that vanished while nobody watched
+        (missing from the list) counts as deleted.
+        """
+        core, selector = self.clients.core, owner_selector(self.config.cluster)
+        listing = self.clients.serialize(core.list_namespaced_pod(namespace,
+                                                                  label_selector=selector))
+        pods = listing.get("items") or []
+        self._pod_events.put(("RESYNC", {"namespace": namespace, "pods": pods}))
+        version = (listing.get("metadata") or {}).get("resourceVersion")
+        w = self.clients.watch_factory()
+        self._watches.append(w)
+        try:
+            for ev in w.stream(core.list_namespaced_pod, namespace=namespace,
+                               label_selector=selector, resource_version=version,
+                               timeout_seconds=timeout_s):
+                if self._closed.is_set():
+                    break
+                if ev.get("type") == "ERROR":  # e.g. 410 Gone: our version is too old; relist
+                    break
+                pod = ev.get("raw_object") or self.clients.serialize(ev["object"])
+                self._pod_events.put((ev["type"], pod))
+        finally:
+            w.stop()
+            self._watches.remove(w)
+
+    def _watch_loop(self, namespace: str) -> None:
+        backoff = 1.0
+        while not self._closed.is_set():
+            began = time.monotonic()
+            try:
+                self.sync_pods(namespace)
+                backoff = 1.0
+                if time.monotonic() - began < 1.0:  # a server closing watches at once:
+                    self._closed.wait(1.0)  # relist at most once a second
+            except Exception as exc:  # API server restart, expired token, network
+                log.warning("pod watch in %s failed (%s); retrying in %.0f s", namespace, exc,
+                            backoff)
+                self._closed.wait(backoff)
+                backoff = min(backoff * 2, 60.0)
+
+    def _drain_pod_events(self) -> None:
+        while True:
+            try:
+                kind, obj = self._pod_events.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                if kind == "RESYNC":
+                    self._events += self.tracker.resync(obj["namespace"], obj["pods"])
+                else:
+                    self._events += self.tracker.observe(kind, obj)
