@@ -68,9 +68,7 @@
 {{- else }}
 - name: OTEL_SERVICE_NAME
   value: {{ $o.serviceName | quote }}
-{{- $exporters := list }}
 {{- if $o.endpoint }}
-{{- $exporters = append $exporters "otlp" }}
 - name: OTEL_EXPORTER_OTLP_ENDPOINT
   value: {{ $o.endpoint | quote }}
 - name: OTEL_EXPORTER_OTLP_PROTOCOL
@@ -79,16 +77,13 @@
 - name: OTEL_TRACES_EXPORTER
   value: {{ ternary "otlp" "none" (ne $o.endpoint "") | quote }}
 {{- if .Values.serviceMonitor.enabled }}
-{{- $exporters = append $exporters "prometheus" }}
+- name: OTEL_METRICS_EXPORTER
+  value: "prometheus"
 - name: OTEL_EXPORTER_PROMETHEUS_HOST
   value: "0.0.0.0"
 - name: OTEL_EXPORTER_PROMETHEUS_PORT
   value: {{ .Values.serviceMonitor.metricsPort | quote }}
 {{- end }}
-- name: OTEL_METRICS_EXPORTER
-  value: {{ $exporters | default (list "none") | join "," | quote }}
-- name: OTEL_LOGS_EXPORTER
-  value: "none"
 - name: OTEL_TRACES_SAMPLER
   value: {{ $o.tracesSampler | quote }}
 - name: OTEL_TRACES_SAMPLER_ARG
