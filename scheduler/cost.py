@@ -25,7 +25,8 @@ parameter: bf16/fp32 weights and grads, fp32 Adam moments, sharded over all rank
 the HDP data-parallel group is the whole world) divided by the activation bytes per token.
 That last figure is injectable (`activation_bytes_per_token`), so the MEMO memory planner
 can replace the default estimate (Korthikanti et al. 2022, Eq. 2 with flash attention:
-34 h bytes per token per layer in 16-bit) with its planned peak per token.
+34 h bytes per token per layer in 16-bit) with its planned peak per token; it does so by
+default for every model with a stored memory profile (scheduler/memory_model.py).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scheduler.memory_model import planned_bytes_per_token_or_none
 from scheduler.specs import ClusterSpec, ModelSpec
 
 GIB = 1024**3
@@ -111,7 +113,8 @@ class CostModel:
         self.cluster = cluster
         self.memory_fraction = memory_fraction
         self.activation_bytes_per_token = float(
-            activation_bytes_per_token or default_activation_bytes_per_token(model))
+            activation_bytes_per_token or planned_bytes_per_token_or_none(model)
+            or default_activation_bytes_per_token(model))
         flops = cluster.achieved_tflops * 1e12
         h, L = model.hidden_size, model.num_layers
         self.a = 6.0 * L * h / flops  # seconds per token^2 (attention)

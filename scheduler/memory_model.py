@@ -332,3 +332,12 @@ def fit_affine(token_counts: Sequence[int], sizes: Sequence[int]) -> tuple[int, 
         raise ValueError(f"sizes {list(sizes)} at tokens {list(token_counts)} are not affine "
                          "in the token count")
     return a, b
+
+
+def planned_bytes_per_token_or_none(model: ModelSpec) -> float | None:
+    """`planned_bytes_per_token(model)` if a profile is stored for it, else None (the
+    cost model then keeps its analytic estimate)."""
+    try:
+        return planned_bytes_per_token(model)
+    except SpecError:
+        return None

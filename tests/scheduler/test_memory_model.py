@@ -116,3 +116,19 @@ def test_stored_profiles_plan_every_length_within_two_percent(name):
         assert layer.peak_bytes <= 1.02 * layer.max_live_bytes
     per_token = planned_bytes_per_token(model_preset(name), num_tokens=1 << 16)
     assert per_token == plan_model(profile, 1 << 16, time_limit_s=2.0).bytes_per_token
+
+
+def test_cost_model_checks_capacity_with_the_planned_peak_per_token():
+    from scheduler.cost import CostModel, default_activation_bytes_per_token
+    from scheduler.specs import cluster_preset
+
+    cluster = cluster_preset("h100", num_ranks=8)
+    spec = model_preset("llama-7b")
+    cost = CostModel(spec, cluster)
+    assert cost.activation_bytes_per_token == planned_bytes_per_token(spec)
+    assert cost.activation_bytes_per_token != default_activation_bytes_per_token(spec)
+    unknown = spec.model_copy(update={"num_layers": 3})      # no stored profile: estimate
+    assert CostModel(unknown, cluster).activation_bytes_per_token == \
+        default_activation_bytes_per_token(unknown)
+    assert CostModel(spec, cluster, activation_bytes_per_token=123.0) \
+        .activation_bytes_per_token == 123.0
