@@ -295,9 +295,10 @@ def stored_profiles(path: Path = PROFILES_PATH) -> dict[str, ModelMemoryProfile]
 
 
 def find_profile(model: ModelSpec, *, path: Path = PROFILES_PATH) -> ModelMemoryProfile:
-    """The stored profile recorded for exactly this ModelSpec."""
+    """The stored profile of this ModelSpec; the layer count may differ (a layer's trace
+    does not depend on it, and plans take `num_layers` from the caller's spec)."""
     for profile in stored_profiles(path).values():
-        if profile.model == model:
+        if profile.model.model_copy(update={"num_layers": model.num_layers}) == model:
             return profile
     raise SpecError(
         f"no memory profile for model {model.model_dump()} in {path}; record one with "
@@ -312,7 +313,8 @@ def planned_bytes_per_token(model: ModelSpec, *, num_tokens: int = 65536,
     The figure the cost model's `activation_bytes_per_token` takes in place of its
     analytic estimate. Cached: planning is done once per (model, length).
     """
-    plan = plan_model(find_profile(model), num_tokens, time_limit_s=time_limit_s)
+    plan = plan_model(find_profile(model), num_tokens, num_layers=model.num_layers,
+                      time_limit_s=time_limit_s)
     return plan.bytes_per_token
 
 

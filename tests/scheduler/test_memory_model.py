@@ -127,8 +127,11 @@ def test_cost_model_checks_capacity_with_the_planned_peak_per_token():
     cost = CostModel(spec, cluster)
     assert cost.activation_bytes_per_token == planned_bytes_per_token(spec)
     assert cost.activation_bytes_per_token != default_activation_bytes_per_token(spec)
-    unknown = spec.model_copy(update={"num_layers": 3})      # no stored profile: estimate
+    unknown = spec.model_copy(update={"dtype": "float32"})   # no stored profile: estimate
     assert CostModel(unknown, cluster).activation_bytes_per_token == \
         default_activation_bytes_per_token(unknown)
+    # The layer count is free: a 3-layer llama-7b plans from the same layer profile.
+    shallow = spec.model_copy(update={"num_layers": 3})
+    assert planned_bytes_per_token(shallow) < planned_bytes_per_token(spec) / 5
     assert CostModel(spec, cluster, activation_bytes_per_token=123.0) \
         .activation_bytes_per_token == 123.0
