@@ -194,13 +194,16 @@ class HostSwapper:
     def saved_tensors_to_host(self, params: Iterable[torch.Tensor], handles: list[HostTensor]):
         """Every activation autograd saves inside goes to host (parameters stay put)."""
         param_keys = {_storage_key(p) for p in params}
+        seen: dict[tuple, HostTensor] = {}  # a tensor saved by several ops is copied once
 
         def pack(t: torch.Tensor):
             if _storage_key(t) in param_keys or t.numel() == 0:
                 return t
-            h = self.offload(t)
-            handles.append(h)
-            return h
+            ident = (_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            if ident not in seen:
+                seen[ident] = self.offload(t)
+                handles.append(seen[ident])
+            return seen[ident]
 
         def unpack(h):
             return self.fetch(h) if isinstance(h, HostTensor) else h

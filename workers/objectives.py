@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from parallelism.offload import track_buffer
 
 IGNORE_INDEX = -100
 
@@ -64,7 +65,7 @@ class _ChunkedHead:
 
     def __init__(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
         self.inputs, self.norm, self.weight = inputs, norm, weight_VH
-        self.grad_hidden = torch.zeros_like(inputs.hidden_TH)
+        self.grad_hidden = track_buffer(torch.zeros_like(inputs.hidden_TH))
 
     def slices(self) -> Iterator[slice]:
         return _chunks(self.inputs.hidden_TH.shape[0], self.inputs.chunk_size)
@@ -90,7 +91,7 @@ class NextTokenCE:
 
     def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
         """(loss_sum, num_predictions, d loss_sum*grad_scale / d hidden) via the fused kernel."""
-        grad_hidden = torch.zeros_like(inputs.hidden_TH)
+        grad_hidden = track_buffer(torch.zeros_like(inputs.hidden_TH))
         loss_sum = torch.zeros((), dtype=torch.float64)
         num = 0
         for sl in _chunks(inputs.hidden_TH.shape[0], inputs.chunk_size):
