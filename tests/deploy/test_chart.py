@@ -170,3 +170,10 @@ def test_chart_files_are_what_helm_packages(helm, tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in Path(tmp_path).iterdir()] == ["ringmaster-0.1.0.tgz"]
+
+
+def test_docs_list_every_value():
+    docs = (CHART.parents[2] / "docs" / "deploy.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [".".join(p) for p in _leaf_paths(values) if f"`{'.'.join(p)}`" not in docs]
+    assert missing == []
