@@ -192,7 +192,13 @@ def _workspace_split(region: RegionProfile, plan: MemoryPlan) -> tuple[int, int]
 
 def unrolled_max_live(profile: ModelMemoryProfile, num_tokens: int, *,
                       num_layers: int | None = None) -> int:
-    """Max-live bytes of the op-level model trace (every tensor of every layer, in order).
+    """Max-live bytes of the op-level model trace: the lower bound of any placement."""
+    return max_live_bytes(*unrolled_trace(profile, num_tokens, num_layers=num_layers))
+
+
+def unrolled_trace(profile: ModelMemoryProfile, num_tokens: int, *,
+                   num_layers: int | None = None) -> tuple[list[int], list[tuple[int, int]]]:
+    """(sizes, lifetimes) of every tensor of every region on the model's op axis.
 
     Region ops are laid out as in the module docstring. A saved tensor spans from its op in
     the region's forward to its op in the region's backward; an output stays until the
@@ -218,7 +224,7 @@ def unrolled_max_live(profile: ModelMemoryProfile, num_tokens: int, *,
                 last = max(last, ends[below])
             sizes.append(region.size(t, num_tokens))
             spans.append((first, last))
-    return max_live_bytes(sizes, spans)
+    return sizes, spans
 
 
 def _region_ops(order: list[str], regions: dict[str, RegionProfile]
