@@ -14,7 +14,13 @@ from parallelism.offload import (
     TokenwiseOffloadStack,
     local_attention_core,
 )
-from parallelism.ring_attention import ring_attention
+from parallelism.ring_attention import (
+    RingSetup,
+    ring_attention,
+    ring_attention_backward,
+    ring_attention_forward,
+    ring_attention_setup,
+)
 from parallelism.ring_reference import ring_attention_reference
 from parallelism.streambp import StreamBPStack, plan_stream_chunks, streambp_layer_backward
 from parallelism.zigzag import (
@@ -33,6 +39,7 @@ __all__ = [
     "LiveBytesMeter",
     "RingComm",
     "RingCommError",
+    "RingSetup",
     "StreamBPStack",
     "TokenwiseOffloadStack",
     "ZigzagLayout",
@@ -40,7 +47,10 @@ __all__ = [
     "local_attention_core",
     "plan_stream_chunks",
     "ring_attention",
+    "ring_attention_backward",
+    "ring_attention_forward",
     "ring_attention_reference",
+    "ring_attention_setup",
     "streambp_layer_backward",
     "zigzag_chunk_bounds",
     "zigzag_index",

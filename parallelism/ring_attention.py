@@ -56,7 +56,13 @@ from parallelism.comm import (
 )
 from parallelism.zigzag import ZigzagLayout, _lengths_from_cu
 
-__all__ = ["ring_attention"]
+__all__ = [
+    "RingSetup",
+    "ring_attention",
+    "ring_attention_backward",
+    "ring_attention_forward",
+    "ring_attention_setup",
+]
 
 _MAGIC = 0x52494E47  # "RING": a header from something else is caught, not misread
 _HEADER_FIELDS = ("magic", "ring digest", "ring size", "position", "num sequences",
@@ -268,7 +274,13 @@ def _add(dst: torch.Tensor, rows: torch.Tensor | None, src: torch.Tensor) -> Non
 
 
 @dataclass(frozen=True, kw_only=True)
-class _RingSetup:
+class RingSetup:
+    """Everything a ring attention call needs besides q/k/v, agreed by all members.
+
+    Built by ring_attention_setup (one handshake); reusable for every call with the same
+    ring, shard layout, heads, dtype, causal and scale (e.g. every layer of a step).
+    """
+
     ring: tuple[int, ...]
     """Global ranks in ring order."""
     position: int
@@ -287,7 +299,7 @@ class _RingSetup:
     """Where bytes moved are counted (None: not counted)."""
 
 
-def _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, stats) -> _RingSetup:
+def _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, stats) -> RingSetup:
     local_lengths = _lengths_from_cu(cu_seqlens, "cu_seqlens")
     if sum(local_lengths) != q.shape[0]:
         raise ValueError(f"cu_seqlens[-1] must equal the local token count q.shape[0]="
@@ -301,23 +313,69 @@ def _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, stats) -> _Rin
         layout = _agree_layout(comm, q, k, local_lengths, causal, scale)
     size = len(members)
     owners = [_owner(position, s, size) for s in range(size)]
-    return _RingSetup(
+    return RingSetup(
         ring=members, position=position,
         blocks=tuple(_make_block(layout, position, r, causal, q.device) for r in owners),
         block_tokens=tuple(sum(layout.local_lengths(r)) for r in owners),
         scale=scale, backend=backend, group=group, stats=stats)
 
 
-def _comm(setup: _RingSetup, channel: str, tag: int) -> RingComm:
+def _comm(setup: RingSetup, channel: str, tag: int) -> RingComm:
     return RingComm(setup.ring, channel=channel, group=setup.group, tag=tag, stats=setup.stats)
+
+
+def ring_attention_setup(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    ring: Sequence[int],
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    group: dist.ProcessGroup | None = None,
+    comm_stats: CommStats | None = None,
+    backend: str = "auto",
+) -> RingSetup:
+    """Agree on the ring's layout with every member (collective over the ring).
+
+    Same arguments as ring_attention; q and k only lend their shapes, dtype and device.
+    """
+    _check_qkv(q, k, k)
+    if not isinstance(causal, bool):
+        raise ValueError(f"causal must be a bool, got {causal!r}")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale!r}")
+    return _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, comm_stats)
+
+
+def ring_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           setup: RingSetup) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward without autograd: (out [T, Hq, D] in q's dtype, lse [Hq, T] float32/64)."""
+    comm = _comm(setup, "kv", _TAG_KV) if len(setup.ring) > 1 else None
+    return _ring_forward(q.contiguous(), k.contiguous(), v.contiguous(), blocks=setup.blocks,
+                         block_tokens=setup.block_tokens, comm=comm, scale=setup.scale,
+                         backend=setup.backend)
+
+
+def ring_attention_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, setup: RingSetup,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of this rank's shard from the forward's out and lse (collective)."""
+    multi = len(setup.ring) > 1
+    return _ring_backward(
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+        blocks=setup.blocks, block_tokens=setup.block_tokens,
+        kv_comm=_comm(setup, "bwd_kv", _TAG_BWD_KV) if multi else None,
+        dkv_comm=_comm(setup, "bwd_dkv", _TAG_BWD_DKV) if multi else None,
+        scale=setup.scale, backend=setup.backend)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, setup: _RingSetup):
-        comm = _comm(setup, "kv", _TAG_KV) if len(setup.ring) > 1 else None
-        out, lse = _ring_forward(q, k, v, blocks=setup.blocks, block_tokens=setup.block_tokens,
-                                 comm=comm, scale=setup.scale, backend=setup.backend)
+    def forward(ctx, q, k, v, setup: RingSetup):
+        out, lse = ring_attention_forward(q, k, v, setup)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.setup = setup
         return out
@@ -325,15 +383,7 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        setup = ctx.setup
-        multi = len(setup.ring) > 1
-        dq, dk, dv = _ring_backward(
-            dout.contiguous(), q, k, v, out, lse, blocks=setup.blocks,
-            block_tokens=setup.block_tokens,
-            kv_comm=_comm(setup, "bwd_kv", _TAG_BWD_KV) if multi else None,
-            dkv_comm=_comm(setup, "bwd_dkv", _TAG_BWD_DKV) if multi else None,
-            scale=setup.scale, backend=setup.backend)
-        return dq, dk, dv, None
+        return (*ring_attention_backward(dout, q, k, v, out, lse, ctx.setup), None)
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -370,13 +420,11 @@ def ring_attention(
     one rank is plain local attention (no communication). `group` carries the
     point-to-point ops (default: the global group); `comm_stats` counts bytes per channel
     ('handshake', 'kv'; backward: 'bwd_kv', 'bwd_dkv'). Returns out [T_local, Hq, D].
+    Each call runs the handshake; to reuse one across layers, use ring_attention_setup with
+    ring_attention_forward / ring_attention_backward.
     """
     _check_qkv(q, k, v)
-    if not isinstance(causal, bool):
-        raise ValueError(f"causal must be a bool, got {causal!r}")
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    if not scale > 0:
-        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale!r}")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    setup = _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, comm_stats)
-    return _RingAttention.apply(q, k, v, setup)
+    setup = ring_attention_setup(q, k, cu_seqlens=cu_seqlens, ring=ring, causal=causal,
+                                 softmax_scale=softmax_scale, group=group,
+                                 comm_stats=comm_stats, backend=backend)
+    return _RingAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), setup)

@@ -27,9 +27,8 @@ def _rank_one_fails(rank: int, world_size: int) -> int:
     return rank
 
 
-def _rank_zero_hangs(rank: int, world_size: int) -> int:
-    if rank == 0:
-        time.sleep(60)
+def _hangs(rank: int, world_size: int) -> int:
+    time.sleep(120)
     return rank
 
 
@@ -48,6 +47,6 @@ def test_failure_carries_rank_and_traceback():
 
 def test_hung_rank_is_killed_at_deadline():
     start = time.monotonic()
-    with pytest.raises(DistributedTestError, match=r"ranks \[0\] did not finish"):
-        run_distributed(_rank_zero_hangs, 2, timeout_s=8)
-    assert time.monotonic() - start < 30
+    with pytest.raises(DistributedTestError, match=r"ranks \[0\] did not finish within 10"):
+        run_distributed(_hangs, 1, timeout_s=10)
+    assert time.monotonic() - start < 40

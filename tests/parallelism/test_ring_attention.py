@@ -35,6 +35,8 @@ CASES = {
     "ring2_mha_noncausal": dict(rings=[[2, 1]], lengths=[[33, 6]], hq=2, hkv=2,
                                 causal=False),
     "ring3_inside_graph": dict(rings=[[1, 3, 0]], lengths=[[50, 1, 17]], graph=True),
+    "ring2_setup_reused": dict(rings=[[0, 2], [3, 1]], lengths=[[9, 70], [1, 4]],
+                               reuse_setup=True),
 }
 DEFAULTS = dict(hq=4, hkv=1, d=8, causal=True, seed=1)
 
@@ -110,6 +112,13 @@ def test_forward_sends_ring_size_minus_one_kv_blocks(world4, name):
                        for s in range(d - 1))
             assert per_rank[rank]["fwd_bytes"].get("kv", 0) == want
             assert set(per_rank[rank]["fwd_bytes"]) <= {"kv", "handshake"}
+
+
+def test_reused_setup_shakes_hands_once(world4):
+    case, per_rank = world4["ring2_setup_reused"]
+    once = per_rank[0]["fwd_bytes"]["handshake"]
+    assert once == per_rank[0]["bytes"]["handshake"] > 0
+    assert per_rank[0]["bytes"]["kv"] == 2 * per_rank[0]["fwd_bytes"]["kv"]
 
 
 def test_ring_of_one_sends_nothing(world4):
