@@ -194,22 +194,27 @@ class HostSwapper:
     def saved_tensors_to_host(self, params: Iterable[torch.Tensor], handles: list[HostTensor]):
         """Every activation autograd saves inside goes to host (parameters stay put)."""
         param_keys = {_storage_key(p) for p in params}
-        seen: dict[tuple, HostTensor] = {}  # a tensor saved by several ops is copied once
+        # A tensor saved by several ops is copied once. `seen` also holds the tensor until
+        # the block ends, so its storage address cannot be reused by a new tensor meanwhile.
+        seen: dict[tuple, tuple[torch.Tensor, HostTensor]] = {}
 
         def pack(t: torch.Tensor):
             if _storage_key(t) in param_keys or t.numel() == 0:
                 return t
             ident = (_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if ident not in seen:
-                seen[ident] = self.offload(t)
-                handles.append(seen[ident])
-            return seen[ident]
+                seen[ident] = (t, self.offload(t))
+                handles.append(seen[ident][1])
+            return seen[ident][1]
 
         def unpack(h):
             return self.fetch(h) if isinstance(h, HostTensor) else h
 
-        with saved_tensors_hooks(pack, unpack):
-            yield
+        try:
+            with saved_tensors_hooks(pack, unpack):
+                yield
+        finally:
+            seen.clear()
 
 
 # --------------------------------------------------------------------------- attention core
