@@ -34,6 +34,8 @@ import shlex
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 
@@ -75,6 +77,7 @@ class KubernetesLauncherConfig:
     ready_timeout_s: float = 900.0  # a RayCluster not ready by then loses the attempt
     max_gpus: int = 0  # admission: GPUs all running attempts may hold together (0: no cap)
     check_interval_s: float = 2.0  # least time between API checks of one cluster
+    api_timeout_s: float = 30.0  # bound on one Kubernetes or Ray job API request
 
     def __post_init__(self) -> None:
         if not self.namespaces:
@@ -247,6 +250,8 @@ class KubernetesLauncher(Launcher):
         self._events: list[LauncherEvent] = []
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._ray_clients: dict[str, object] = {}
+        self._ray_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ray-job-api")
+        self._timeout = {"_request_timeout": self.config.api_timeout_s}
         self._pod_events: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = threading.Event()
         self._watches: list[object] = []
@@ -280,7 +285,7 @@ class KubernetesLauncher(Launcher):
                 self._delete(old)  # a superseded attempt frees its GPUs first
             try:
                 self.clients.custom.create_namespaced_custom_object(
-                    GROUP, VERSION, namespace, PLURAL, body)
+                    GROUP, VERSION, namespace, PLURAL, body, **self._timeout)
             except Exception as exc:
                 if _status(exc) != 409:
                     raise
@@ -328,6 +333,7 @@ class KubernetesLauncher(Launcher):
             w.stop()
         for t in self._threads:
             t.join(timeout=5)
+        self._ray_pool.shutdown(wait=False, cancel_futures=True)
 
     # attempt steps (called with the lock held) ------------------------------------------------
     def _live(self, job_id: str) -> list[_Attempt]:
@@ -345,7 +351,7 @@ class KubernetesLauncher(Launcher):
     def _get(self, a: _Attempt) -> dict | None:
         try:
             return self.clients.serialize(self.clients.custom.get_namespaced_custom_object(
-                GROUP, VERSION, a.namespace, PLURAL, a.name))
+                GROUP, VERSION, a.namespace, PLURAL, a.name, **self._timeout))
         except Exception as exc:
             if _status(exc) == 404:
                 return None
@@ -357,7 +363,8 @@ class KubernetesLauncher(Launcher):
         self._ray_clients.pop(a.submission_id, None)
         try:
             self.clients.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, a.namespace, PLURAL, a.name, propagation_policy="Foreground")
+                GROUP, VERSION, a.namespace, PLURAL, a.name, propagation_policy="Foreground",
+                **self._timeout)
         except Exception as exc:
             if _status(exc) != 404:
                 raise
@@ -373,19 +380,29 @@ class KubernetesLauncher(Launcher):
                           f"{self.config.ready_timeout_s:g} s: "
                           f"{self.tracker.diagnose(a.job_id, a.attempt)}")
 
-    def _ray_client(self, a: _Attempt):
-        if a.submission_id not in self._ray_clients:
-            self._ray_clients[a.submission_id] = self.clients.ray_jobs(
-                head_dashboard_url(a.name, a.namespace))
-        return self._ray_clients[a.submission_id]
+    def _ray_call(self, a: _Attempt, method: str, *args, **kwargs):
+        """One Ray job API call on the attempt's head, bounded by api_timeout_s (the Ray
+        client sets no timeout of its own; a hung head must not stall the state machine)."""
+        def call():
+            if a.submission_id not in self._ray_clients:
+                self._ray_clients[a.submission_id] = self.clients.ray_jobs(
+                    head_dashboard_url(a.name, a.namespace))
+            return getattr(self._ray_clients[a.submission_id], method)(*args, **kwargs)
+
+        future = self._ray_pool.submit(call)
+        try:
+            return future.result(timeout=self.config.api_timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(f"Ray job API of {a.name}: {method} took over "
+                               f"{self.config.api_timeout_s:g} s") from None
 
     def _submit(self, a: _Attempt, now: float) -> None:
         entrypoint = shlex.join(driver_entrypoint(a.job_id, a.attempt,
                                                   self.config.cluster.controller_address))
         try:
-            self._ray_client(a).submit_job(
-                entrypoint=entrypoint, submission_id=a.submission_id,
-                metadata={LABEL_JOB: a.job_id, LABEL_ATTEMPT: str(a.attempt)})
+            self._ray_call(a, "submit_job", entrypoint=entrypoint,
+                           submission_id=a.submission_id,
+                           metadata={LABEL_JOB: a.job_id, LABEL_ATTEMPT: str(a.attempt)})
         except Exception as exc:
             if "already exists" not in str(exc):  # else: submitted before a restart of ours
                 if now >= a.deadline:
@@ -397,7 +414,7 @@ class KubernetesLauncher(Launcher):
 
     def _check_running(self, a: _Attempt, now: float) -> None:
         try:
-            info = self._ray_client(a).get_job_info(a.submission_id)
+            info = self._ray_call(a, "get_job_info", a.submission_id)
         except Exception as exc:  # head briefly away; a dead head shows in the pod watch
             log.info("driver status of %s unavailable: %s", a.name, exc)
             return
@@ -429,7 +446,7 @@ class KubernetesLauncher(Launcher):
         found: list[_Attempt] = []
         for ns in self.config.namespaces:
             listing = self.clients.serialize(self.clients.custom.list_namespaced_custom_object(
-                GROUP, VERSION, ns, PLURAL, label_selector=selector))
+                GROUP, VERSION, ns, PLURAL, label_selector=selector, **self._timeout))
             for obj in listing.get("items") or []:
                 a = self._attempt_from(obj, ns)
                 if a is not None:
@@ -473,8 +490,8 @@ class KubernetesLauncher(Launcher):
         (missing from the list) counts as deleted.
         """
         core, selector = self.clients.core, owner_selector(self.config.cluster)
-        listing = self.clients.serialize(core.list_namespaced_pod(namespace,
-                                                                  label_selector=selector))
+        listing = self.clients.serialize(core.list_namespaced_pod(
+            namespace, label_selector=selector, **self._timeout))
         pods = listing.get("items") or []
         self._pod_events.put(("RESYNC", {"namespace": namespace, "pods": pods}))
         version = (listing.get("metadata") or {}).get("resourceVersion")

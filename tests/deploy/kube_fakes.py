@@ -130,6 +130,7 @@ class FakeRayJobs:
         self.submitted: dict[str, dict] = {}  # submission_id -> submit_job kwargs + address
         self.status: dict[str, tuple[str, int | None, str]] = {}  # id -> (status, code, msg)
         self.fail_next_get = False
+        self.hang = None  # a threading.Event: get_job_info blocks until it is set
 
     def __call__(self, address: str) -> FakeRayJobs._Client:
         return FakeRayJobs._Client(self, address)
@@ -148,6 +149,8 @@ class FakeRayJobs:
             return submission_id
 
         def get_job_info(self, submission_id):
+            if self.jobs.hang is not None:
+                self.jobs.hang.wait(10)
             if self.jobs.fail_next_get:
                 self.jobs.fail_next_get = False
                 raise ConnectionError("head unreachable")

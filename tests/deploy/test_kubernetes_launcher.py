@@ -103,6 +103,26 @@ def test_driver_exit_follows_the_exit_protocol(world, status, code, kind):
     assert la.poll() == []  # reported once
 
 
+def test_a_hung_or_unreachable_head_does_not_stall_polling(world):
+    import threading
+    import time
+
+    la = world["launcher"](api_timeout_s=0.2)
+    la.start(make_job(num_ranks=8), 1)
+    world["kube"].set_state(NS, NAME, "ready")
+    la.poll()
+    world["jobs"].fail_next_get = True
+    assert la.poll() == []  # connection error: transient, the pod watch sees real deaths
+    world["jobs"].hang = threading.Event()
+    began = time.monotonic()
+    assert la.poll() == []
+    assert time.monotonic() - began < 5
+    world["jobs"].hang.set()
+    world["jobs"].hang = None
+    world["jobs"].status[f"{NAME}-driver"] = ("SUCCEEDED", 0, "")
+    assert _kinds(la.poll()) == [(EventKind.COMPLETED, 1)]
+
+
 def test_worker_lost_then_stop_then_restart(world):
     kube = world["kube"]
     la = _start_running(world)
