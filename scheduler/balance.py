@@ -33,6 +33,12 @@ from scheduler.cost import CostModel
 from scheduler.sharding import Shard, best_fit_packs, shard_sequence
 from scheduler.topology import Topology
 
+# Pass 2 targets, as multiples of the balance bound; 0 means "finish each ring earliest".
+PLACEMENT_TARGETS = (1.0, 1.05, 0.0)
+# A short sequence longer than this share of the target is placed with the rings (pass 2),
+# where it may get a ring of its own to fill a gap, rather than by LPT at the end.
+GRAIN = 0.05
+
 
 @dataclass(frozen=True, kw_only=True)
 class Task:
@@ -209,10 +215,15 @@ class FreeView:
         self.F = free.reshape(-1, self.gpn)  # a view: updates write through to `free`
         self.order = np.argsort(self.F, axis=1, kind="stable")
         self.S = np.take_along_axis(self.F, self.order, axis=1)
-        self._sort_nodes()
+        self.node_sum = self.F.sum(axis=1)
+        self._nodes: np.ndarray | None = None
 
-    def _sort_nodes(self) -> None:
-        self.nodes = np.lexsort((self.F.sum(axis=1), self.S[:, -1]))  # (last free, total)
+    @property
+    def nodes(self) -> np.ndarray:
+        """Node ids by (when the whole node is free, total busy time): sorted on demand."""
+        if self._nodes is None:
+            self._nodes = np.lexsort((self.node_sum, self.S[:, -1]))
+        return self._nodes
 
     def occupy(self, ranks: Sequence[int], until_s: float) -> None:
         """Mark `ranks` busy until `until_s`, re-sorting only the nodes they sit on."""
@@ -222,7 +233,8 @@ class FreeView:
         rows = self.F[touched]
         self.order[touched] = np.argsort(rows, axis=1, kind="stable")
         self.S[touched] = np.take_along_axis(rows, self.order[touched], axis=1)
-        self._sort_nodes()
+        self.node_sum[touched] = rows.sum(axis=1)
+        self._nodes = None
 
     def start(self, d: int) -> float:
         """Earliest time d ranks placed this way are all free."""
@@ -238,9 +250,10 @@ class FreeView:
         """The ranks `start(d)` refers to, in ring order (least idle on ties)."""
         gpn, S = self.gpn, self.S
         if d <= gpn:
-            start = S[:, d - 1]
-            idle = d * start - S[:, :d].sum(axis=1)
-            node = int(np.lexsort((idle, start))[0])
+            col = S[:, d - 1]
+            tied = np.flatnonzero(col <= col.min())
+            idle = d * col[tied] - S[tied, :d].sum(axis=1)
+            node = int(tied[np.argmin(idle)])
             return sorted(node * gpn + int(j) for j in self.order[node, :d])
         k, rem = divmod(d, gpn)
         full = self.nodes[:k]
@@ -266,7 +279,8 @@ def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
     counts = view.free_counts() if spans and spans[-1][-1] > topo.gpus_per_node else []
     for span in spans:
         cand.update((span[0], span[-1]))
-        cand.update(int(x) for x in np.geomspace(span[0], span[-1], num=8))
+        lo, hi = span[0], span[-1]
+        cand.update(round(lo * (hi / lo) ** (k / 7)) for k in range(1, 7))
         cand.update(c for c in counts if span[0] <= c <= span[-1])
     return sorted(cand)
 
@@ -323,18 +337,52 @@ def held_tokens(sh: Shard) -> int:
     return int(np.ceil(sh.length * (1.0 - sh.offload_ratio) - 1e-9))
 
 
+def water_level(base: np.ndarray, work_s: float) -> float:
+    """Finish time if `work_s` of perfectly divisible work filled the ranks from `base` up."""
+    b = np.sort(base)
+    fill = np.arange(1, b.size + 1) * b - np.cumsum(b)  # work to lift the k lowest to b[k-1]
+    k = int(np.searchsorted(fill, work_s, side="right"))  # ranks below the level
+    return float(max(b[-1], (work_s + b[:k].sum()) / k))
+
+
 def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
                     capacity_tokens: int) -> Schedule:
-    """Passes 1-3: ring sizes against the balance target, rings, then short packs."""
+    """Passes 1-3: ring sizes against the balance target, rings, then short packs.
+
+    Pass 2 is tried with a few targets (the bound, 5% above it, and "finish each ring as
+    early as possible"); the placement whose rings leave the lowest water level for the
+    short sequences is kept, then pass 3 runs once.
+    """
     target = balance_target(shards, cost, topo, capacity_tokens)
+    single = cost.single_rank_times([sh.length for sh in shards],
+                                    [sh.offload_ratio for sh in shards])
     sized = []
-    for sh in shards:
-        d = choose_ring_size(sh, target, cost, topo) if sh.length > 1 else 1
+    for sh, t in zip(shards, single.tolist(), strict=True):
+        d = choose_ring_size(sh, target, cost, topo) if sh.ring_size > 1 or t > target else 1
         sized.append(resize(sh, d, capacity_tokens, cost))
-    free = np.zeros(topo.world_size, dtype=np.float64)
-    rings = place_rings([sh for sh in sized if sh.ring_size > 1], free, cost, topo,
-                        capacity_tokens, target)
-    shorts = [sh for sh in sized if sh.ring_size == 1]
+    # Rings, and short sequences too coarse to fill gaps late, are placed in pass 2.
+    coarse = [sh.ring_size > 1 or t > GRAIN * target for sh, t in zip(sized, single.tolist(),
+                                                                     strict=True)]
+    long = [sh for sh, big in zip(sized, coarse, strict=True) if big]
+    shorts = [sh for sh, big in zip(sized, coarse, strict=True) if not big]
+    short_work = float(cost.single_rank_times([sh.length for sh in shorts],
+                                              [sh.offload_ratio for sh in shorts]).sum())
+    # The longest sequence on its largest hidden ring: no placement finishes before that.
+    longest = max(shards, key=lambda sh: (sh.length, -sh.ring_size, sh.seq_id))
+    spans = hidden_ring_sizes(longest, cost, topo)
+    widest = spans[-1][-1] if spans else longest.ring_size
+    reachable = max(target, cost.c + ring_time(resize(longest, widest, capacity_tokens, cost),
+                                               widest, cost, topo))
+    best = None
+    for factor in PLACEMENT_TARGETS if long else (1.0,):
+        free = np.zeros(topo.world_size, dtype=np.float64)
+        rings = place_rings(long, free, cost, topo, capacity_tokens, target * factor)
+        level = water_level(free, short_work)
+        if best is None or level < best[0] * (1 - 1e-9):
+            best = (level, rings, free)
+        if level <= reachable * (1 + 1e-6):
+            break  # nothing can beat the bound
+    _, rings, free = best
     items = place_shorts(shorts, free, cost, capacity_tokens)
     return Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens, rings=rings,
                     base_s=free.copy(), items=items)
