@@ -13,6 +13,7 @@ from parallelism.offload import (
     LiveBytesMeter,
     TokenwiseOffloadStack,
     local_attention_core,
+    ring_attention_core,
 )
 from parallelism.ring_attention import (
     RingSetup,
@@ -48,6 +49,7 @@ __all__ = [
     "plan_stream_chunks",
     "ring_attention",
     "ring_attention_backward",
+    "ring_attention_core",
     "ring_attention_forward",
     "ring_attention_reference",
     "ring_attention_setup",

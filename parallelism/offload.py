@@ -246,42 +246,31 @@ def ring_attention_core(cu_seqlens: torch.Tensor, ring: Sequence[int], *,
                         softmax_scale: float | None = None, group=None) -> AttentionCore:
     """Zigzag ring attention of this rank's shard (parallelism/ring_attention.py).
 
-    The ring handshake (layout agreement) runs once, on the first forward; every layer of
-    the step reuses it, since every layer sees the same shard layout. All members must run
-    the same layers in the same order (they do: the step is the same program on each).
+    The ring handshake (ring_attention_setup) runs once, on the first forward; every layer
+    of the step reuses it, since every layer sees the same shard layout. All members must
+    run the same layers in the same order (they do: the step is the same program on each).
     """
-    from parallelism import ring_attention as ra
+    from parallelism.ring_attention import (
+        ring_attention,
+        ring_attention_backward,
+        ring_attention_forward,
+        ring_attention_setup,
+    )
 
     state: dict[str, object] = {}
 
     def setup(q: torch.Tensor, k: torch.Tensor):
         if "setup" not in state:
-            scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-            state["setup"] = ra._setup(q, k, cu_seqlens, list(ring), True, scale, "auto",
-                                       group, None)
+            state["setup"] = ring_attention_setup(q, k, cu_seqlens=cu_seqlens, ring=ring,
+                                                  softmax_scale=softmax_scale, group=group)
         return state["setup"]
 
-    def forward(q, k, v):
-        s = setup(q, k)
-        comm = ra._comm(s, "kv", ra._TAG_KV) if len(s.ring) > 1 else None
-        return ra._ring_forward(q.contiguous(), k.contiguous(), v.contiguous(),
-                                blocks=s.blocks, block_tokens=s.block_tokens, comm=comm,
-                                scale=s.scale, backend=s.backend)
-
-    def backward(do, q, k, v, o, lse):
-        s = setup(q, k)
-        multi = len(s.ring) > 1
-        return ra._ring_backward(
-            do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), o, lse,
-            blocks=s.blocks, block_tokens=s.block_tokens,
-            kv_comm=ra._comm(s, "bwd_kv", ra._TAG_BWD_KV) if multi else None,
-            dkv_comm=ra._comm(s, "bwd_dkv", ra._TAG_BWD_DKV) if multi else None,
-            scale=s.scale, backend=s.backend)
-
     return AttentionCore(
-        forward=forward, backward=backward,
-        autograd=lambda q, k, v: ra.ring_attention(q, k, v, cu_seqlens=cu_seqlens, ring=ring,
-                                                   softmax_scale=softmax_scale, group=group))
+        forward=lambda q, k, v: ring_attention_forward(q, k, v, setup(q, k)),
+        backward=lambda do, q, k, v, o, lse: ring_attention_backward(do, q, k, v, o, lse,
+                                                                      setup(q, k)),
+        autograd=lambda q, k, v: ring_attention(q, k, v, cu_seqlens=cu_seqlens, ring=ring,
+                                                softmax_scale=softmax_scale, group=group))
 
 
 # --------------------------------------------------------------------------- MEMO layer stack
