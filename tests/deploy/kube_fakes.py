@@ -14,10 +14,22 @@ from pathlib import Path
 
 from kubernetes.client.exceptions import ApiException
 
+from controller.launchers.kuberay import ClusterSettings
+from controller.launchers.kubernetes import KubernetesLauncherConfig
 from controller.spec import parse_job_spec
 from controller.states import JobRecord, State
 
 FIXTURES = Path(__file__).parent / "fixtures" / "pod_events"
+NS = "ringmaster-jobs"
+
+
+def launcher_config(**kw) -> KubernetesLauncherConfig:
+    """Two namespaces, a 600 s readiness timeout, no wait between checks (tests step time)."""
+    settings = ClusterSettings(image="registry.example.com/ringmaster-worker:0.1.0-cuda12.8",
+                               ray_version="2.60.0", owner="rm-ringmaster",
+                               controller_address="rm-ringmaster.ml.svc:50051")
+    return KubernetesLauncherConfig(namespaces=(NS, "ringmaster-batch"), cluster=settings,
+                                    ready_timeout_s=600, check_interval_s=0.0, **kw)
 
 
 def make_job(*, num_ranks: int, cluster="h100", gpus_per_node: int | None = None,

@@ -6,11 +6,18 @@ import pytest
 
 from controller.launchers import make_launcher
 from controller.launchers.base import EventKind, LauncherEvent
-from controller.launchers.kuberay import LAUNCHER_RBAC_RULES, ClusterSettings
+from controller.launchers.kuberay import LAUNCHER_RBAC_RULES
 from controller.launchers.kubernetes import KubernetesLauncher, KubernetesLauncherConfig
-from tests.deploy.kube_fakes import FakeKube, FakeRayJobs, FakeWatch, make_job, recorded
+from tests.deploy.kube_fakes import (
+    NS,
+    FakeKube,
+    FakeRayJobs,
+    FakeWatch,
+    launcher_config,
+    make_job,
+    recorded,
+)
 
-NS = "ringmaster-jobs"
 JOB_ID = "tiny-run-3f9a0c1b2d"
 NAME = f"rm-{JOB_ID}-a1"
 
@@ -23,21 +30,13 @@ class Clock:
         return self.now
 
 
-def _config(**kw) -> KubernetesLauncherConfig:
-    settings = ClusterSettings(image="registry.example.com/ringmaster-worker:0.1.0-cuda12.8",
-                               ray_version="2.60.0", owner="rm-ringmaster",
-                               controller_address="rm-ringmaster.ml.svc:50051")
-    return KubernetesLauncherConfig(namespaces=(NS, "ringmaster-batch"), cluster=settings,
-                                    ready_timeout_s=600, check_interval_s=0.0, **kw)
-
-
 @pytest.fixture
 def world():
     kube, jobs, clock = FakeKube(), FakeRayJobs(), Clock()
     watch = FakeWatch()
 
     def launcher(**kw):
-        return KubernetesLauncher(config=_config(**kw), custom_api=kube, core_api=kube,
+        return KubernetesLauncher(config=launcher_config(**kw), custom_api=kube, core_api=kube,
                                   ray_jobs=jobs, watch_factory=lambda: watch, clock=clock,
                                   watch=False)
 
@@ -245,7 +244,7 @@ def test_api_calls_are_exactly_the_rbac_rules(world):
 
 
 def test_make_launcher_builds_it_by_name(world):
-    la = make_launcher("kubernetes", config=_config(), custom_api=world["kube"],
+    la = make_launcher("kubernetes", config=launcher_config(), custom_api=world["kube"],
                        core_api=world["kube"], ray_jobs=world["jobs"],
                        watch_factory=FakeWatch, watch=False)
     assert isinstance(la, KubernetesLauncher) and la.name == "kubernetes"
@@ -255,9 +254,10 @@ def test_watch_threads_deliver_events_and_close(world):
     import time
 
     world["watch"].script = recorded("worker_oom_killed")
-    la = KubernetesLauncher(config=_config(), custom_api=world["kube"], core_api=world["kube"],
-                            ray_jobs=world["jobs"], watch_factory=lambda: world["watch"],
-                            clock=world["clock"], watch=True)
+    la = KubernetesLauncher(config=launcher_config(), custom_api=world["kube"],
+                            core_api=world["kube"], ray_jobs=world["jobs"],
+                            watch_factory=lambda: world["watch"], clock=world["clock"],
+                            watch=True)
     la.start(make_job(num_ranks=16), 1)
     deadline = time.monotonic() + 10
     events = []
