@@ -1,0 +1,140 @@
+"""`ringmaster plan`: plan one global batch and show it (JSON, a table, a Gantt chart).
+
+Torch-free, like the rest of the controller: it only needs sequence lengths. A user's
+mistake (missing file, bad length, unknown preset, a sequence that cannot fit) prints one
+line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from scheduler.errors import RingmasterError
+
+console = Console()
+
+
+class PlanPolicy(StrEnum):
+    hdp = "hdp"
+    naive = "naive"
+    static = "static"
+
+
+class PlanOutput(StrEnum):
+    json = "json"
+    table = "table"
+
+
+def fail(exc: Exception | str) -> None:
+    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", markup=True,
+                                               highlight=False)
+    raise typer.Exit(2)
+
+
+def read_lengths(path: Path) -> list[int]:
+    """Lengths from a .npy array, a JSON list, or one integer per line."""
+    if not path.is_file():
+        raise ValueError(f"--lengths {path}: file not found")
+    if path.suffix == ".npy":
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ValueError(f"--lengths {path}: not a numeric .npy array ({exc})") from None
+        return _as_ints(arr.reshape(-1).tolist(), path)
+    text = path.read_text().strip()
+    if text.startswith("["):
+        try:
+            return _as_ints(json.loads(text), path)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--lengths {path}: not a valid JSON list ({exc})") from None
+    return _as_ints([line for line in text.splitlines() if line.strip()], path)
+
+
+def _as_ints(values: list, path: Path) -> list[int]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            x = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"--lengths {path}: entry {i} is {v!r}, not an integer") from None
+        if x != int(x):
+            raise ValueError(f"--lengths {path}: entry {i} is {v!r}, not an integer")
+        out.append(int(x))
+    return out
+
+
+def plan(
+    lengths: Path = typer.Option(..., "--lengths", help="Sequence lengths: one per line, a "
+                                 "JSON list, or a .npy array."),
+    ranks: int = typer.Option(..., "--ranks", help="Number of ranks (GPUs) to plan for."),
+    gpus_per_node: int = typer.Option(None, "--gpus-per-node",
+                                      help="Ranks per node (default: the preset's, 8 on h100)."),
+    model: str = typer.Option("llama-7b", help="Model preset or a HF config.json path."),
+    cluster: str = typer.Option("h100", help="Cluster preset: h100, a800 or cpu."),
+    capacity_tokens: int = typer.Option(None, "--capacity-tokens", help="Tokens one rank may "
+                                        "hold per micro-batch (default: from GPU memory)."),
+    policy: PlanPolicy = typer.Option(PlanPolicy.hdp, help="hdp, naive (Alg. 1 only) or "
+                                      "static (one CP degree for all)."),
+    time_limit: float = typer.Option(0.5, "--time-limit", help="Seconds of CP-SAT search."),
+    seed: int = typer.Option(0, help="Seed of the search (same seed, same plan)."),
+    output: PlanOutput = typer.Option(PlanOutput.table, help="json: the StepPlan; table: a "
+                                      "summary."),
+    png: Path = typer.Option(None, "--png", help="Also draw a Gantt chart to this PNG."),
+):
+    """Plan one global batch on a dynamic HDP mesh and print it."""
+    from scheduler.planner import plan_batch
+    from scheduler.simulator import simulate
+    from scheduler.specs import cluster_preset, model_preset
+
+    try:
+        if ranks < 1:
+            raise ValueError(f"--ranks {ranks}: need at least one rank")
+        batch = read_lengths(lengths)
+        spec = model_preset(model)
+        hw = cluster_preset(cluster, num_ranks=ranks, gpus_per_node=gpus_per_node)
+        step = plan_batch(batch, hw, spec, policy=policy.value, capacity_tokens=capacity_tokens,
+                          time_limit_s=time_limit, seed=seed)
+        static = step if policy is PlanPolicy.static else plan_batch(
+            batch, hw, spec, policy="static", capacity_tokens=step.capacity_tokens)
+    except (ValueError, RingmasterError) as exc:
+        fail(exc)
+    if output is PlanOutput.json:
+        typer.echo(step.model_dump_json(indent=2))
+    else:
+        console.print(summary_table(step, static.predicted.makespan_s, policy.value))
+    if png is not None:
+        from scheduler.gantt import draw_gantt
+
+        draw_gantt(step, simulate(step, hw, spec), png)
+        Console(stderr=True).print(f"wrote {png}")
+
+
+def summary_table(step, static_makespan_s: float, policy: str) -> Table:
+    """Groups by ring size, then makespan, bound, their ratio and the speed-up vs static."""
+    sizes = Counter(g.ring_size for _, g in step.groups())
+    seqs = Counter()
+    for _, g in step.groups():
+        seqs[g.ring_size] += len(g.sequences)
+    table = Table(title=f"{policy} plan: {step.world_size} ranks, "
+                        f"{len(step.micro_batches)} micro-batch(es), "
+                        f"capacity {step.capacity_tokens} tokens")
+    table.add_column("ring size", justify="right")
+    table.add_column("groups", justify="right")
+    table.add_column("sequences", justify="right")
+    for d in sorted(sizes):
+        table.add_row(str(d), str(sizes[d]), str(seqs[d]))
+    p = step.predicted
+    table.add_section()
+    table.add_row("makespan (s)", f"{p.makespan_s:.4g}", "")
+    table.add_row("lower bound (s)", f"{p.lower_bound_s:.4g}", "")
+    table.add_row("makespan / bound", f"{p.makespan_s / p.lower_bound_s:.3f}", "")
+    table.add_row("speed-up vs static", f"{static_makespan_s / p.makespan_s:.2f}x", "")
+    return table
