@@ -4,15 +4,17 @@ Reads only the dataset's index (sample lengths, scheduler.dataset.read_lengths),
 epoch's batches exactly as training will (scheduler.batching.epoch_batches with the job's
 seed), and plans each with scheduler.plan_batch under the job's policy and time budget.
 Each plan is traced as a `planner.plan_step` span (world size, groups by size, predicted
-makespan, lower bound, solver status). Memory per rank is the cost model's figure: model
-states (ZeRO-3 sharded) plus the activations of the most tokens the rank holds in one
-micro-batch (ByteScale Eq. 3 after offload).
+makespan, lower bound, solver status: "optimal" when the simulated makespan meets the
+lower bound, which proves it optimal, else "feasible"). Memory per rank is the cost
+model's figure: model states (ZeRO-3 sharded) plus the activations of the most tokens the
+rank holds in one micro-batch (ByteScale Eq. 3 after offload).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import json
 from collections import Counter
 
 from opentelemetry import trace
@@ -48,9 +50,8 @@ def groups_by_size(plan: StepPlan) -> dict[str, int]:
 def preview_plan(spec: JobCreate, *, num_batches: int = 2, gantt: bool = False,
                  tracer: trace.Tracer | None = None) -> PlanPreview:
     """Plan the first `num_batches` global batches of `spec`'s dataset."""
-    from scheduler import plan_batch
     from scheduler.batching import epoch_batches
-    from scheduler.cost import STATE_BYTES_PER_PARAM, CostModel
+    from scheduler.cost import CostModel
     from scheduler.dataset import read_lengths
 
     budget = num_batches * spec.planner.time_limit_s
@@ -65,46 +66,81 @@ def preview_plan(spec: JobCreate, *, num_batches: int = 2, gantt: bool = False,
     capacity = spec.resources.capacity_tokens or cost.capacity_tokens(cluster.world_size)
     batches = epoch_batches(lengths, tokens_per_batch=spec.training.global_batch_tokens,
                             seed=spec.training.seed)
-    states_gib = STATE_BYTES_PER_PARAM * model.num_params / cluster.world_size / GIB
-    out = []
+    out, first_sim = [], None
     for index, ids in enumerate(batches[:num_batches]):
         batch = [int(x) for x in lengths[ids]]
-        with tracer.start_as_current_span("planner.plan_step") as span:
-            plan = plan_batch(batch, cluster, model, policy=spec.planner.policy,
-                              capacity_tokens=capacity, time_limit_s=spec.planner.time_limit_s,
-                              seed=spec.training.seed)
-            _annotate(span, plan, index)
-        peak = peak_tokens_per_rank(plan)
-        out.append(BatchPreview(
-            index=index, num_sequences=len(batch), num_tokens=sum(batch),
-            max_length=max(batch), groups_by_size=groups_by_size(plan),
-            predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0,
-            lower_bound_s=plan.predicted.lower_bound_s if plan.predicted else 0.0,
-            peak_tokens_per_rank=peak,
-            peak_memory_gib_per_rank=[states_gib + t * cost.activation_bytes_per_token / GIB
-                                      for t in peak],
-            plan=plan))
-    png = _gantt_png(out[0].plan, cluster, model) if gantt and out else None
+        preview, sim = _plan_one(spec, index, batch, cluster, model, cost, capacity, tracer)
+        out.append(preview)
+        first_sim = first_sim or sim
+    png = gantt_png(out[0].plan, first_sim, title=f"{spec.name}: batch 0") \
+        if gantt and out else None
     return PlanPreview(job_name=spec.name, num_samples=int(lengths.size),
                        num_batches_in_epoch=len(batches), capacity_tokens=capacity,
                        world_size=cluster.world_size, batches=out, gantt_png_base64=png)
 
 
-def _annotate(span: trace.Span, plan: StepPlan, index: int) -> None:
+def _plan_one(spec: JobCreate, index: int, batch: list[int], cluster, model, cost, capacity,
+              tracer: trace.Tracer):
+    from scheduler.cost import STATE_BYTES_PER_PARAM
+    from scheduler.planner import plan_batch
+    from scheduler.simulator import simulate
+
+    with tracer.start_as_current_span("planner.plan_step") as span:
+        plan = plan_batch(batch, cluster, model, policy=spec.planner.policy,
+                          capacity_tokens=capacity, time_limit_s=spec.planner.time_limit_s,
+                          seed=spec.training.seed, cost=cost)
+        sim = simulate(plan, cluster, model, cost=cost)
+        annotate_plan_span(span, plan, sim, index=index, policy=spec.planner.policy)
+    peak = peak_tokens_per_rank(plan)
+    states_gib = STATE_BYTES_PER_PARAM * model.num_params / cluster.world_size / GIB
+    return BatchPreview(
+        index=index, num_sequences=len(batch), num_tokens=sum(batch), max_length=max(batch),
+        groups_by_size=groups_by_size(plan), predicted_step_s=sim.makespan_s,
+        lower_bound_s=sim.lower_bound_s, peak_tokens_per_rank=peak,
+        peak_memory_gib_per_rank=[states_gib + t * cost.activation_bytes_per_token / GIB
+                                  for t in peak],
+        plan=plan), sim
+
+
+def solver_status(sim) -> str:
+    """'optimal' when the makespan meets the (valid) lower bound, else 'feasible'."""
+    return "optimal" if sim.makespan_s <= sim.lower_bound_s * (1 + 1e-9) else "feasible"
+
+
+def annotate_plan_span(span: trace.Span, plan: StepPlan, sim, *, index: int,
+                       policy: str) -> None:
+    """The attributes of a `planner.plan_step` span."""
     span.set_attribute("planner.batch_index", index)
+    span.set_attribute("planner.policy", policy)
     span.set_attribute("planner.world_size", plan.world_size)
-    span.set_attribute("planner.groups_by_size", str(groups_by_size(plan)))
-    if plan.predicted is not None:
-        span.set_attribute("planner.predicted_makespan_s", plan.predicted.makespan_s)
-        span.set_attribute("planner.lower_bound_s", plan.predicted.lower_bound_s)
-    status = getattr(plan, "solver_status", None)
-    span.set_attribute("planner.solver_status", str(status) if status else "n/a")
+    span.set_attribute("planner.capacity_tokens", plan.capacity_tokens)
+    span.set_attribute("planner.groups_by_size", json.dumps(groups_by_size(plan)))
+    span.set_attribute("planner.predicted_makespan_s", sim.makespan_s)
+    span.set_attribute("planner.lower_bound_s", sim.lower_bound_s)
+    span.set_attribute("planner.solver_status", solver_status(sim))
 
 
-def _gantt_png(plan: StepPlan, cluster, model) -> str:
-    from scheduler import gantt_figure
+def gantt_png(plan: StepPlan, sim, *, title: str = "") -> str:
+    """Base64 PNG: one row per rank, one bar per group run, coloured by ring size."""
+    import matplotlib
 
-    fig = gantt_figure(plan, cluster, model)
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, max(2.0, 0.25 * plan.world_size + 1)))
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["viridis"]
+    top = max((len(t.ranks) for t in sim.timeline), default=1)
+    for t in sim.timeline:
+        colour = cmap(0.15 + 0.8 * (len(t.ranks) - 1) / max(top - 1, 1))
+        for r in t.ranks:
+            ax.broken_barh([(t.start_s, t.end_s - t.start_s)], (r - 0.4, 0.8),
+                           facecolors=colour, edgecolors="black", linewidth=0.3)
+    ax.axvline(sim.lower_bound_s, color="red", linestyle="--", linewidth=1,
+               label="lower bound")
+    ax.set(xlabel="seconds (predicted)", ylabel="rank", title=title or "plan")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     return base64.b64encode(buf.getvalue()).decode()

