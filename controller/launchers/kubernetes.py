@@ -321,8 +321,13 @@ class KubernetesLauncher(Launcher):
                 if now < a.next_check or a.phase == "lost":
                     continue
                 a.next_check = now + self.config.check_interval_s
-                {"provisioning": self._check_provisioning, "running": self._check_running,
-                 "stopping": self._check_stopping}[a.phase](a, now)
+                check = {"provisioning": self._check_provisioning,
+                         "running": self._check_running, "stopping": self._check_stopping}
+                try:
+                    check[a.phase](a, now)
+                except Exception as exc:  # API server hiccup, RBAC change: retry next check
+                    log.warning("checking RayCluster %s/%s failed: %s", a.namespace, a.name,
+                                exc)
             events, self._events = self._events, []
         return events
 

@@ -122,6 +122,30 @@ def test_a_hung_or_unreachable_head_does_not_stall_polling(world):
     assert _kinds(la.poll()) == [(EventKind.COMPLETED, 1)]
 
 
+def test_an_api_error_on_one_cluster_does_not_block_the_others(world):
+    from kubernetes.client.exceptions import ApiException
+
+    kube = world["kube"]
+    la = world["launcher"]()
+    la.start(make_job(num_ranks=8), 1)
+    la.start(make_job(num_ranks=8, job_id="other-00aa11bb22"), 1)
+    kube.set_state(NS, NAME, "ready")
+    kube.set_state(NS, "rm-other-00aa11bb22-a1", "ready")
+    real_get = kube.get_namespaced_custom_object
+
+    def flaky_get(group, version, namespace, plural, name, **kw):
+        if name == NAME:
+            raise ApiException(status=500, reason="Internal Server Error")
+        return real_get(group, version, namespace, plural, name, **kw)
+
+    kube.get_namespaced_custom_object = flaky_get
+    assert la.poll() == []
+    assert set(world["jobs"].submitted) == {"rm-other-00aa11bb22-a1-driver"}
+    kube.get_namespaced_custom_object = real_get
+    la.poll()
+    assert f"{NAME}-driver" in world["jobs"].submitted
+
+
 def test_worker_lost_then_stop_then_restart(world):
     kube = world["kube"]
     la = _start_running(world)
