@@ -10,15 +10,20 @@ scheduler/memory.py) and then places each layer's memory as a block in a model-w
     grad_input  the gradient handed to the layer below, live until that one's backward
     transient   born and dead inside the forward, or inside the backward
 
-Level 1 packs a layer's transients with `plan_offsets` into a workspace (its forward part
-and its backward part never coexist), and stacks saved + output tensors into a resident
-block. Level 2 then places, on the model's op axis
+Level 1 plans a layer's forward and backward (all kinds but grad_input) with
+`plan_offsets`, with one side constraint: saved and output tensors stay below S, their
+total (they are all live when the forward turns into the backward, so they fill [0, S)
+exactly), while transients may use any address that is free at their ops, including
+slots in [0, S) of resident tensors not yet born or already freed. The layer is then a
+block whose low part [0, S) is held from its forward op to its backward op, and whose
+part above S is held only during its forward op (up to the forward's peak) and its
+backward op (up to the backward's peak). Level 2 places, on the model's op axis
 
     0 embed fwd | 1..N layer fwd | N+1 head fwd+bwd | N+2..2N+1 layer bwd | 2N+2 embed bwd
 
-one resident block per layer (its forward op to its backward op), one workspace block
-per layer forward and per layer backward, one gradient hand-off block per backward, and
-the embedding's and head's own blocks; again with `plan_offsets`. The lower bound is the
+these blocks for every layer and the embedding (the parts above S linked S bytes above
+the resident part, so a block stays one piece), a gradient hand-off block per backward
+and the head's block, again with `plan_offsets`. The lower bound is the
 max-live bytes of the unrolled op-level model trace. A profile is affine in the number of
 tokens (every size is a * tokens + b, a fact the trace tests check), so one profile,
 recorded once per model by workers/memtrace.py and stored as JSON, plans every length
@@ -95,12 +100,25 @@ class ModelMemoryProfile:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RegionBlock:
+    """A region's level-1 plan seen as a block: [0, resident) held from its forward op to
+    its backward op, up to `forward_peak` during the forward, `backward_peak` during the
+    backward."""
+
+    plan: MemoryPlan          # level 1: every tensor of the region but its grad_input
+    resident_bytes: int       # S: saved + output tensors, placed in [0, S)
+    forward_peak: int         # highest address used by tensors born in the forward
+    backward_peak: int        # highest address used by tensors born in the backward
+
+
+@dataclass(frozen=True, kw_only=True)
 class ModelMemoryPlan:
-    """Level-1 layer plans and the level-2 placement of the whole model."""
+    """Level-1 region plans and the level-2 placement of the whole model."""
 
     num_tokens: int
-    layer_workspace: MemoryPlan       # level 1: a layer's transients
-    resident_bytes: int               # one layer's saved + output bytes (stacked)
+    layer: RegionBlock                # level 1 of one decoder layer (all layers share it)
+    embedding: RegionBlock            # level 1 of the embedding
+    head: MemoryPlan                  # level 1 of the head (one op on the model axis)
     blocks: tuple[str, ...]           # level-2 block names, aligned with `model_plan`
     model_plan: MemoryPlan            # level 2: blocks on the model's op axis
     unrolled_max_live_bytes: int      # lower bound from the op-level model trace
@@ -117,77 +135,97 @@ class ModelMemoryPlan:
     def ratio_to_lower_bound(self) -> float:
         return self.peak_bytes / self.unrolled_max_live_bytes
 
+    def offset_of(self, block: str) -> int:
+        """Level-2 address of a named block (e.g. 'layer3.resident')."""
+        return self.model_plan.offsets[self.blocks.index(block)]
+
 
 def plan_layer(region: RegionProfile, num_tokens: int, *,
                time_limit_s: float = 5.0) -> MemoryPlan:
-    """Level 1 on a whole region trace (forward and backward as recorded)."""
+    """Level 1 on a whole region trace (forward and backward as recorded, no constraint)."""
     sizes, lifetimes = region.trace(_check_tokens(num_tokens))
     return plan_offsets(sizes, lifetimes, time_limit_s=time_limit_s)
+
+
+def plan_region_block(region: RegionProfile, num_tokens: int, *,
+                      time_limit_s: float = 5.0) -> RegionBlock:
+    """Level 1 with saved and output tensors kept in [0, S) (see the module docstring)."""
+    chosen = region.of_kind("saved", "output", "transient")
+    sizes = [region.size(t, num_tokens) for t in chosen]
+    resident = sum(s for s, t in zip(sizes, chosen, strict=True) if t.kind != "transient")
+    ceilings = {k: resident for k, t in enumerate(chosen) if t.kind != "transient"}
+    plan = plan_offsets(sizes, [(t.first_op, t.last_op) for t in chosen],
+                        time_limit_s=time_limit_s, ceilings=ceilings)
+    fwd = bwd = resident
+    for t, off, size in zip(chosen, plan.offsets, plan.sizes, strict=True):
+        if t.first_op < region.backward_op:
+            fwd = max(fwd, off + size)
+        else:
+            bwd = max(bwd, off + size)
+    return RegionBlock(plan=plan, resident_bytes=resident, forward_peak=fwd, backward_peak=bwd)
 
 
 def plan_model(profile: ModelMemoryProfile, num_tokens: int, *, num_layers: int | None = None,
                time_limit_s: float = 5.0) -> ModelMemoryPlan:
     """Bi-level plan of the activations of one forward+backward over `num_tokens`."""
     n = profile.model.num_layers if num_layers is None else num_layers
-    if n < 1:
-        raise ValueError(f"num_layers={n} must be >= 1")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_layers={n!r} must be an integer >= 1")
     tokens = _check_tokens(num_tokens)
-    layer = profile.layer
-    workspace = _plan_workspace(layer, tokens, time_limit_s)
-    fwd_ws, bwd_ws = _workspace_split(layer, workspace)
-    resident = sum(layer.size(t, tokens) for t in layer.of_kind("saved", "output"))
-    handoff = sum(layer.size(t, tokens) for t in layer.of_kind("grad_input"))
-    names, sizes, spans = [], [], []
-
-    def block(name: str, size: int, first: int, last: int) -> None:
-        names.append(name)
-        sizes.append(size)
-        spans.append((first, last))
-
-    emb_ws = _plan_workspace(profile.embedding, tokens, time_limit_s)
-    emb_fwd, emb_bwd = _workspace_split(profile.embedding, emb_ws)
-    emb = profile.embedding
-    emb_keep = sum(emb.size(t, tokens) for t in emb.of_kind("saved", "output"))
-    block("embedding.resident", emb_keep, 0, 2 * n + 1)
-    block("embedding.fwd", emb_fwd, 0, 0)
-    block("embedding.bwd", emb_bwd, 2 * n + 2, 2 * n + 2)
+    layer = plan_region_block(profile.layer, tokens, time_limit_s=time_limit_s)
+    embedding = plan_region_block(profile.embedding, tokens, time_limit_s=time_limit_s)
+    head = plan_offsets(*_trace_of(profile.head, tokens, "saved", "output", "transient"),
+                        time_limit_s=time_limit_s)
+    blocks = _Blocks()
+    blocks.region("embedding", embedding, 0, 2 * n + 2)
     for i in range(n):
         fwd, bwd = 1 + i, 2 * n + 1 - i
-        block(f"layer{i}.resident", resident, fwd, bwd)
-        block(f"layer{i}.fwd", fwd_ws, fwd, fwd)
-        block(f"layer{i}.bwd", bwd_ws, bwd, bwd)
-        block(f"layer{i}.grad_input", handoff, bwd, bwd + 1)
-    head = _plan_kinds(profile.head, tokens, time_limit_s, "saved", "output", "transient")
-    head_grad = sum(profile.head.size(t, tokens) for t in profile.head.of_kind("grad_input"))
-    block("head", head.peak_bytes, n + 1, n + 1)
-    block("head.grad_input", head_grad, n + 1, n + 2)
-    model_plan = plan_offsets(sizes, spans, time_limit_s=time_limit_s)
+        blocks.region(f"layer{i}", layer, fwd, bwd)
+        blocks.add(f"layer{i}.grad_input", _kind_bytes(profile.layer, tokens, "grad_input"),
+                   bwd, bwd + 1)
+    blocks.add("head", head.peak_bytes, n + 1, n + 1)
+    blocks.add("head.grad_input", _kind_bytes(profile.head, tokens, "grad_input"), n + 1, n + 2)
+    model_plan = plan_offsets(blocks.sizes, blocks.spans, time_limit_s=time_limit_s,
+                              links=blocks.links)
     return ModelMemoryPlan(
-        num_tokens=tokens, layer_workspace=workspace, resident_bytes=resident,
-        blocks=tuple(names), model_plan=model_plan,
+        num_tokens=tokens, layer=layer, embedding=embedding, head=head,
+        blocks=tuple(blocks.names), model_plan=model_plan,
         unrolled_max_live_bytes=unrolled_max_live(profile, tokens, num_layers=n))
 
 
-def _plan_workspace(region: RegionProfile, tokens: int, time_limit_s: float) -> MemoryPlan:
-    return _plan_kinds(region, tokens, time_limit_s, "transient")
+class _Blocks:
+    """Level-2 blocks being collected: names, sizes, op spans and links."""
+
+    def __init__(self):
+        self.names: list[str] = []
+        self.sizes: list[int] = []
+        self.spans: list[tuple[int, int]] = []
+        self.links: dict[int, tuple[int, int]] = {}
+
+    def add(self, name: str, size: int, first: int, last: int) -> int:
+        self.names.append(name)
+        self.sizes.append(size)
+        self.spans.append((first, last))
+        return len(self.names) - 1
+
+    def region(self, name: str, block: RegionBlock, fwd: int, bwd: int) -> None:
+        """The resident part over [fwd, bwd] and the forward/backward parts above it."""
+        s = block.resident_bytes
+        base = self.add(f"{name}.resident", s, fwd, bwd)
+        f = self.add(f"{name}.fwd", block.forward_peak - s, fwd, fwd)
+        b = self.add(f"{name}.bwd", block.backward_peak - s, bwd, bwd)
+        self.links[f] = (base, s)
+        self.links[b] = (base, s)
 
 
-def _plan_kinds(region: RegionProfile, tokens: int, time_limit_s: float,
-                *kinds: str) -> MemoryPlan:
+def _trace_of(region: RegionProfile, tokens: int, *kinds: str
+              ) -> tuple[list[int], list[tuple[int, int]]]:
     chosen = region.of_kind(*kinds)
-    return plan_offsets([region.size(t, tokens) for t in chosen],
-                        [(t.first_op, t.last_op) for t in chosen], time_limit_s=time_limit_s)
+    return [region.size(t, tokens) for t in chosen], [(t.first_op, t.last_op) for t in chosen]
 
 
-def _workspace_split(region: RegionProfile, plan: MemoryPlan) -> tuple[int, int]:
-    """Peak of the forward part and of the backward part of a workspace plan."""
-    fwd = bwd = 0
-    for (first, _), off, size in zip(plan.lifetimes, plan.offsets, plan.sizes, strict=True):
-        if first < region.backward_op:
-            fwd = max(fwd, off + size)
-        else:
-            bwd = max(bwd, off + size)
-    return fwd, bwd
+def _kind_bytes(region: RegionProfile, tokens: int, kind: str) -> int:
+    return sum(region.size(t, tokens) for t in region.of_kind(kind))
 
 
 def unrolled_max_live(profile: ModelMemoryProfile, num_tokens: int, *,

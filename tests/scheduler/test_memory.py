@@ -11,7 +11,7 @@ import itertools
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from scheduler.memory import STATUS_OPTIMAL, MemoryPlan, best_fit_offsets, plan_offsets
@@ -165,3 +165,46 @@ def test_numpy_integers_and_large_sizes_are_accepted():
 def test_bad_input_names_the_field(sizes, lifetimes, kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_offsets(sizes, lifetimes, **kwargs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(intervals, st.data())
+def test_ceilings_and_links_are_honoured(case, data):
+    sizes, lifetimes = case
+    n = len(sizes)
+    chosen = data.draw(st.lists(st.integers(0, max(0, n - 1)), unique=True, max_size=n)
+                       if n else st.just([]))
+    capped, linked = chosen[: len(chosen) // 2], chosen[len(chosen) // 2:]
+    ceilings = {i: sum(sizes[j] for j in capped) for i in capped}
+    anchors = [i for i in range(n) if i not in linked and i not in ceilings]
+    links = {j: (data.draw(st.sampled_from(anchors)), data.draw(st.integers(0, 3000)))
+             for j in linked if anchors}
+    try:
+        plan = plan_offsets(sizes, lifetimes, time_limit_s=0.2, ceilings=ceilings, links=links)
+    except ValueError as exc:   # deltas that make two live pieces of one block collide
+        assert "overlapping addresses" in str(exc)
+        assume(False)
+    check_plan(plan, sizes, lifetimes)
+    for i, c in ceilings.items():
+        assert plan.offsets[i] + plan.sizes[i] <= c
+    for j, (i, d) in links.items():
+        assert plan.offsets[j] == plan.offsets[i] + d
+
+
+def test_a_ceiling_trades_peak_for_placement():
+    # Two tensors live together; capping the big one at its own size pins it at 0.
+    plan = plan_offsets([4, 2], [(0, 1), (1, 2)], ceilings={0: 4}, time_limit_s=1.0)
+    assert plan.offsets == (0, 4) and plan.peak_bytes == 6
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"ceilings": {0: 1}}, r"ceilings\[0\]=1"),
+    ({"ceilings": {5: 10}}, r"ceilings\[5\]"),
+    ({"links": {0: (0, 0)}}, r"links\[0\]"),
+    ({"links": {1: (0, -1)}}, r"links\[1\]"),
+    ({"links": {1: (0, 2), 0: (2, 2)}}, "both linked and anchors"),
+    ({"links": {1: (0, 1)}}, "overlapping addresses"),
+])
+def test_bad_constraints_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_offsets([2, 2, 2], [(0, 1), (0, 1), (1, 2)], **kwargs)
