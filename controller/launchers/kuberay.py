@@ -34,7 +34,8 @@ LABEL_WORKER = "ringmaster.io/worker"
 LABEL_NODE_TYPE = "ray.io/node-type"
 LABEL_CLUSTER = "ray.io/cluster"
 
-HEAD_PORTS = {"gcs": 6379, "dashboard": 8265, "client": 10001}
+# Port names are the ones KubeRay looks up to build the head Service.
+HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 MAX_CLUSTER_NAME = 40  # KubeRay derives pod/service names from it; keep them under 63
 CPU_CLUSTER_PRESETS = frozenset({"cpu"})  # presets whose ranks are CPU processes
 

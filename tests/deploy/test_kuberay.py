@@ -83,7 +83,10 @@ def test_image_version_and_head():
     assert head["rayStartParams"]["num-cpus"] == "0"  # ranks never land on the head
     head_c = head["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in head_c["resources"]["limits"]
-    assert {p["containerPort"] for p in head_c["ports"]} == {6379, 8265, 10001}
+    # KubeRay builds the head Service from these names (its defaults: gcs-server, dashboard,
+    # client); the launcher submits the driver to the dashboard port.
+    assert {p["name"]: p["containerPort"] for p in head_c["ports"]} == \
+        {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
 
 
 def test_env_names_job_attempt_controller_and_otel():
