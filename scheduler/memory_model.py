@@ -265,6 +265,32 @@ def unrolled_trace(profile: ModelMemoryProfile, num_tokens: int, *,
     return sizes, spans
 
 
+def placed_trace(profile: ModelMemoryProfile, plan: ModelMemoryPlan
+                 ) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    """The unrolled model trace with every tensor's absolute address under `plan`.
+
+    Addresses compose the two levels: a region's tensors sit at its block's base plus
+    their level-1 offsets; a gradient hand-off fills its own block. What checks a bi-level
+    plan end to end (no two live tensors of the whole model share an address).
+    """
+    n = sum(1 for b in plan.blocks if b.startswith("layer") and b.endswith(".resident"))
+    sizes, spans = unrolled_trace(profile, plan.num_tokens, num_layers=n)
+    offsets: list[int] = []
+    for name in ["embedding"] + [f"layer{i}" for i in range(n)] + ["head"]:
+        region = profile.layer if name.startswith("layer") else getattr(profile, name)
+        level1 = {"embedding": plan.embedding.plan, "head": plan.head}.get(name, plan.layer.plan)
+        base = plan.offset_of("head" if name == "head" else f"{name}.resident")
+        local = iter(level1.offsets)
+        handoff = plan.offset_of(f"{name}.grad_input") if region.of_kind("grad_input") else 0
+        for t in region.tensors:
+            if t.kind == "grad_input":
+                offsets.append(handoff)
+                handoff += region.size(t, plan.num_tokens)
+            else:
+                offsets.append(base + next(local))
+    return sizes, spans, offsets
+
+
 def _region_ops(order: list[str], regions: dict[str, RegionProfile]
                 ) -> tuple[dict[str, tuple[int, int]], dict[str, int]]:
     """Global first forward op and first backward op of each region, and its last op.

@@ -10,12 +10,14 @@ from __future__ import annotations
 import pytest
 
 from scheduler.errors import SpecError
+from scheduler.memory import MemoryPlan
 from scheduler.memory_model import (
     ModelMemoryProfile,
     RegionProfile,
     TensorProfile,
     find_profile,
     fit_affine,
+    placed_trace,
     plan_layer,
     plan_model,
     planned_bytes_per_token,
@@ -135,3 +137,30 @@ def test_cost_model_checks_capacity_with_the_planned_peak_per_token():
     assert planned_bytes_per_token(shallow) < planned_bytes_per_token(spec) / 5
     assert CostModel(spec, cluster, activation_bytes_per_token=123.0) \
         .activation_bytes_per_token == 123.0
+
+
+@pytest.mark.parametrize(("name", "tokens"), [("tiny", 4099), ("llama-7b", 65536)])
+def test_bi_level_plan_composes_into_a_valid_whole_model_placement(name, tokens):
+    """Expand both levels to absolute addresses of every tensor of the unrolled model and
+    run the independent checker: no two live tensors of the whole model overlap."""
+    profile = find_profile(model_preset(name))
+    plan = plan_model(profile, tokens, num_layers=3, time_limit_s=2.0)
+    sizes, lifetimes, offsets = placed_trace(profile, plan)
+    placed = MemoryPlan(offsets=tuple(offsets), sizes=tuple(sizes), lifetimes=tuple(lifetimes),
+                        peak_bytes=max(o + s for o, s in zip(offsets, sizes, strict=True)),
+                        lower_bound_bytes=0, max_live_bytes=0, status="expanded", gap=0.0,
+                        heuristic_peak_bytes=0, solve_time_s=0.0)
+    check_plan(placed, sizes, lifetimes)
+    assert placed.peak_bytes <= plan.peak_bytes
+    assert plan.peak_bytes <= 1.03 * plan.unrolled_max_live_bytes
+
+
+def test_hand_profile_composes_too():
+    profile = hand_profile(4)
+    plan = plan_model(profile, 9, time_limit_s=1.0)
+    sizes, lifetimes, offsets = placed_trace(profile, plan)
+    placed = MemoryPlan(offsets=tuple(offsets), sizes=tuple(sizes), lifetimes=tuple(lifetimes),
+                        peak_bytes=max(o + s for o, s in zip(offsets, sizes, strict=True)),
+                        lower_bound_bytes=0, max_live_bytes=0, status="expanded", gap=0.0,
+                        heuristic_peak_bytes=0, solve_time_s=0.0)
+    check_plan(placed, sizes, lifetimes)
