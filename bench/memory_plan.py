@@ -9,7 +9,9 @@ reproduces a fresh trace exactly). Per row: tensors in the trace, max-live bytes
 placement can do better), the planned peak and its ratio to max-live (target <= 1.02),
 the planner's status and wall time (target <= 10 s), and the peak reserved by a simulated
 PyTorch caching allocator replaying the same trace (scheduler/alloc_sim.py) with its ratio
-to max-live. Torch-free; prints a Markdown table.
+to max-live. The "steps" row replays steps of different lengths through one allocator
+(its cache carries over, as in training) against one plan sized for the longest step.
+Torch-free; prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ from __future__ import annotations
 import argparse
 import time
 
-from scheduler.alloc_sim import simulate_caching_allocator
+from scheduler.alloc_sim import CachingAllocatorSim, simulate_caching_allocator
 from scheduler.memory import plan_offsets
 from scheduler.memory_model import find_profile, plan_model, unrolled_trace
 from scheduler.specs import model_preset
 
 GIB = 1024**3
 TOKENS = (4096, 16384, 65536, 262144, 1048576)
+# Long-tail step lengths (most short, a few long), replayed back to back.
+VARYING = [16384, 98304, 32768, 131072, 65536, 114688, 24576, 131072]
 
 
 def layer_row(name: str, tokens: int, time_limit_s: float) -> str:
@@ -55,6 +59,24 @@ def model_row(name: str, tokens: int, time_limit_s: float) -> str:
             f"{sim.peak_reserved_bytes / live:.4f} |")
 
 
+def varying_lengths_row(name: str, token_counts: list[int], time_limit_s: float) -> str:
+    """One allocator across steps of different lengths (its cache carries over, as in
+    training) against a plan sized for the longest step (reused by every shorter one)."""
+    spec = model_preset(name)
+    profile = find_profile(spec)
+    sim = CachingAllocatorSim()
+    for tokens in token_counts:
+        sim.replay(*unrolled_trace(profile, tokens, num_layers=spec.num_layers))
+    longest = max(token_counts)
+    plan = plan_model(profile, longest, num_layers=spec.num_layers, time_limit_s=time_limit_s)
+    live = plan.unrolled_max_live_bytes
+    steps = ",".join(f"{t // 1024}K" for t in token_counts)
+    return (f"| {name} | model, steps {steps} | {longest:>7} | - | {live / GIB:.3f} | "
+            f"{plan.peak_bytes / GIB:.3f} | {plan.peak_bytes / live:.4f} | "
+            f"{plan.model_plan.status} | - | {sim.peak_reserved / GIB:.3f} | "
+            f"{sim.peak_reserved / live:.4f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "llama-7b"])
@@ -69,6 +91,7 @@ def main() -> None:
             print(layer_row(name, tokens, args.time_limit), flush=True)
         for tokens in args.tokens:
             print(model_row(name, tokens, args.time_limit), flush=True)
+        print(varying_lengths_row(name, VARYING, args.time_limit), flush=True)
 
 
 if __name__ == "__main__":

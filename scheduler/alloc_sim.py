@@ -115,6 +115,11 @@ class CachingAllocatorSim:
                 block = _merge(block, neighbour)
         self._add_free(block)
 
+    def replay(self, sizes: Sequence[int], lifetimes: Sequence[tuple[int, int]]) -> bool:
+        """Run one trace on this allocator, keeping its cache from earlier traces (as a
+        training loop does from step to step); False if it ran out of memory."""
+        return _replay(self, sizes, lifetimes)
+
     def stats(self, *, out_of_memory: bool = False) -> AllocatorStats:
         return AllocatorStats(
             peak_reserved_bytes=self.peak_reserved, peak_allocated_bytes=self.peak_allocated,
@@ -209,8 +214,16 @@ def simulate_caching_allocator(
     sizes: Sequence[int], lifetimes: Sequence[tuple[int, int]], *,
     capacity_bytes: int | None = None,
 ) -> AllocatorStats:
-    """Replay a trace: at each op, allocate the tensors born there (in index order), then
-    free those whose last op it is. Stops at the first out-of-memory."""
+    """Replay one trace on a fresh allocator (see `CachingAllocatorSim.replay`)."""
+    sim = CachingAllocatorSim(capacity_bytes=capacity_bytes)
+    ok = sim.replay(sizes, lifetimes)
+    return sim.stats(out_of_memory=not ok)
+
+
+def _replay(sim: CachingAllocatorSim, sizes: Sequence[int],
+            lifetimes: Sequence[tuple[int, int]]) -> bool:
+    """At each op, allocate the tensors born there (in index order), then free those whose
+    last op it is. False at the first out-of-memory (what was allocated stays)."""
     if len(sizes) != len(lifetimes):
         raise ValueError(f"sizes has {len(sizes)} entries but lifetimes has {len(lifetimes)}")
     born: dict[int, list[int]] = {}
@@ -220,17 +233,16 @@ def simulate_caching_allocator(
             raise ValueError(f"lifetimes[{i}]={(first, last)!r} must satisfy 0 <= first <= last")
         born.setdefault(first, []).append(i)
         dying.setdefault(last, []).append(i)
-    sim = CachingAllocatorSim(capacity_bytes=capacity_bytes)
     blocks: dict[int, _Block] = {}
     for op in sorted(set(born) | set(dying)):
         for i in born.get(op, ()):
             block = sim.malloc(int(sizes[i]))
             if block is None:
-                return sim.stats(out_of_memory=True)
+                return False
             blocks[i] = block
         for i in dying.get(op, ()):
             sim.free(blocks.pop(i))
-    return sim.stats()
+    return True
 
 
 def fragmentation_ratio(stats: AllocatorStats, planned_peak_bytes: int) -> float:

@@ -116,3 +116,15 @@ def test_live_blocks_never_overlap_and_peaks_are_ordered(rows):
     stats = sim.stats()
     assert stats.peak_requested_bytes <= stats.peak_allocated_bytes <= stats.peak_reserved_bytes
     assert sim.allocated == 0 and sim.requested == 0
+
+
+def test_cache_carries_over_between_steps_of_different_lengths():
+    # Step 1 caches a 30 MiB and a 12 MiB segment; step 2 asks for 36 MiB live at once
+    # (two 18 MiB): neither cached segment can serve 18 MiB twice, so it reserves more
+    # than a fresh allocator would.
+    sim = CachingAllocatorSim()
+    assert sim.replay([30 * MiB, 12 * MiB], [(0, 1), (1, 1)])
+    assert sim.replay([18 * MiB, 18 * MiB], [(0, 1), (1, 1)])
+    fresh = simulate_caching_allocator([18 * MiB, 18 * MiB], [(0, 1), (1, 1)])
+    assert sim.stats().peak_reserved_bytes == 30 * MiB + 12 * MiB + 18 * MiB
+    assert fresh.peak_reserved_bytes == 36 * MiB
