@@ -310,12 +310,20 @@ def place_rings(rings: Sequence[Shard], free: np.ndarray, cost: CostModel, topo:
     return tasks
 
 
-def place_shorts(shorts: Sequence[Shard], base: np.ndarray, cost: CostModel,
-                 capacity_tokens: int) -> list[list[Shard]]:
-    """LPT: longest first onto the least-loaded rank, opening a pack when one is full."""
-    items: list[list[Shard]] = [[] for _ in range(base.size)]
-    room = np.zeros(base.size, dtype=np.int64)  # free tokens in each rank's open pack
-    heap = [(float(t), r) for r, t in enumerate(base)]
+def place_shorts(shorts: Sequence[Shard], start: np.ndarray, items: list[list[Shard]],
+                 cost: CostModel, capacity_tokens: int) -> list[list[Shard]]:
+    """LPT: longest first onto the least-loaded rank, opening a pack when one is full.
+
+    `start` is when each rank's fixed groups end; `items` already holds movable sequences
+    per rank (their time counts as one open pack) and is extended in place.
+    """
+    room = np.zeros(start.size, dtype=np.int64)  # free tokens in each rank's open pack
+    heap = []
+    for r, t in enumerate(start.tolist()):
+        if items[r]:
+            t += short_load(items[r], cost, capacity_tokens)
+            room[r] = max(0, capacity_tokens - sum(held_tokens(sh) for sh in items[r]))
+        heap.append((t, r))
     heapq.heapify(heap)
     ordered = sorted(shorts, key=lambda x: (-x.length, x.seq_id))
     times = cost.single_rank_times([sh.length for sh in ordered],
@@ -331,6 +339,29 @@ def place_shorts(shorts: Sequence[Shard], base: np.ndarray, cost: CostModel,
         items[r].append(sh)
         heapq.heappush(heap, (load + extra, r))
     return items
+
+
+def split_movable(tasks: Sequence[Task], world_size: int
+                  ) -> tuple[list[Task], np.ndarray, list[list[Shard]]]:
+    """Single-rank tasks after a rank's last ring become movable items of that rank.
+
+    Returns (fixed tasks, when each rank's fixed tasks end, movable items per rank), so
+    the LNS can still move sequences that pass 2 placed alone.
+    """
+    last_ring = np.zeros(world_size)
+    for t in tasks:
+        if len(t.ranks) > 1:
+            last_ring[list(t.ranks)] = np.maximum(last_ring[list(t.ranks)], t.end_s)
+    fixed, items = [], [[] for _ in range(world_size)]
+    base = np.zeros(world_size)
+    for t in tasks:
+        r = t.ranks[0]
+        if len(t.ranks) == 1 and t.start_s >= last_ring[r]:
+            items[r].extend(t.shards)
+        else:
+            fixed.append(t)
+            base[list(t.ranks)] = np.maximum(base[list(t.ranks)], t.end_s)
+    return fixed, base, items
 
 
 def held_tokens(sh: Shard) -> int:
@@ -382,7 +413,8 @@ def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
             best = (level, rings, free)
         if level <= reachable * (1 + 1e-6):
             break  # nothing can beat the bound
-    _, rings, free = best
-    items = place_shorts(shorts, free, cost, capacity_tokens)
-    return Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens, rings=rings,
-                    base_s=free.copy(), items=items)
+    _, rings, _ = best
+    fixed, base, items = split_movable(rings, topo.world_size)
+    items = place_shorts(shorts, base, items, cost, capacity_tokens)
+    return Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens, rings=fixed,
+                    base_s=base, items=items)

@@ -33,7 +33,8 @@ from scheduler.cost import CostModel
 
 DET_PER_SECOND = 0.2  # CP-SAT deterministic time per second of limit (~5x slower here)
 DET_PER_SOLVE = 0.05  # cap per neighbourhood
-WALL_GUARD = 2.0
+WALL_GUARD = 5.0  # stop between rounds past this multiple of the limit (safety net only)
+SOLVE_WALL_CAP_S = 60.0  # per-solve safety net; the deterministic limit binds long before
 NEIGHBOURHOOD_RANKS = 12
 MAX_ITEMS = 240  # free at most this many sequences per neighbourhood
 MAX_STALE = 12  # stop after this many neighbourhoods in a row without improvement
@@ -48,7 +49,7 @@ def improve(schedule: Schedule, cost: CostModel, *, time_limit_s: float, seed: i
     rng = np.random.default_rng(seed)
     loads = schedule.loads(cost)
     budget, spent, stale = time_limit_s * DET_PER_SECOND, 0.0, 0
-    deadline = time.perf_counter() + WALL_GUARD * time_limit_s
+    deadline = time.perf_counter() + WALL_GUARD * time_limit_s + 1.0
     while spent < budget and stale < MAX_STALE and time.perf_counter() < deadline:
         hood = neighbourhood(schedule, loads, rng, neighbourhood_ranks)
         if hood is None:
@@ -127,7 +128,7 @@ def solve_neighbourhood(schedule: Schedule, hood: Sequence[int], cost: CostModel
     solver.parameters.random_seed = int(seed) % (2**31)
     solver.parameters.linearization_level = 0  # faster first solutions on these models
     solver.parameters.max_deterministic_time = max(det_limit, 1e-3)
-    solver.parameters.max_time_in_seconds = max(1.0, WALL_GUARD * det_limit / DET_PER_SECOND)
+    solver.parameters.max_time_in_seconds = SOLVE_WALL_CAP_S
     status = solver.solve(m)
     det = float(solver.response_proto.deterministic_time)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
