@@ -73,7 +73,8 @@ class ClusterSettings:
     host_memory_fraction: float = 0.85  # share of a node's host memory a worker pod requests
     run_as_user: int = 10001  # non-root UID of the image's user
     env: Mapping[str, str] = field(default_factory=dict)  # extra env (OTEL_* and the like)
-    image_pull_secrets: tuple[str, ...] = ()
+    image_pull_secrets: tuple[str, ...] = ()  # Secrets in the job namespace, for the image
+    volumes: tuple[SharedVolume, ...] = ()  # datasets and checkpoints, same paths everywhere
 
     def __post_init__(self) -> None:
         for name in ("image", "ray_version", "controller_address", "owner"):
@@ -86,12 +87,52 @@ class ClusterSettings:
         if not 0 < self.host_memory_fraction <= 1:
             raise ValueError(f"host_memory_fraction={self.host_memory_fraction} must be in "
                              "(0, 1]")
+        names = [v.name for v in self.volumes]
+        if len(set(names)) != len(names):
+            raise ValueError(f"volumes: names {names} must be unique")
         if not _LABEL_VALUE.match(self.owner):
             raise ValueError(f"owner={self.owner!r} is not a valid label value (<= 63 "
                              "alphanumerics, '-', '_', '.')")
 
 
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+RESERVED_MOUNTS = ("/tmp", "/dev/shm")  # the pods' own scratch volumes
+RESERVED_VOLUMES = ("tmp", "shm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SharedVolume:
+    """A volume mounted at the same path in the controller and in every Ray pod, so the
+    dataset and checkpoint paths of a job spec mean the same on both sides."""
+
+    name: str  # volume name inside the pod (DNS label)
+    mount_path: str  # absolute path
+    source: Mapping  # one Kubernetes volume source, e.g. {"persistentVolumeClaim": {...}}
+    read_only: bool = False
+
+    def __post_init__(self) -> None:
+        if not _DNS_LABEL.match(self.name) or self.name in RESERVED_VOLUMES:
+            raise ValueError(f"volumes: name={self.name!r} must be a DNS label other than "
+                             f"{', '.join(RESERVED_VOLUMES)}")
+        if not self.mount_path.startswith("/") or self.mount_path.rstrip("/") in \
+                RESERVED_MOUNTS:
+            raise ValueError(f"volumes[{self.name}]: mount_path={self.mount_path!r} must be "
+                             f"absolute and not one of {', '.join(RESERVED_MOUNTS)}")
+        if not isinstance(self.source, Mapping) or len(self.source) != 1 or \
+                not all(isinstance(v, Mapping) for v in self.source.values()):
+            raise ValueError(f"volumes[{self.name}]: source={self.source!r} must hold exactly "
+                             "one volume source (persistentVolumeClaim, nfs, hostPath, ...)")
+
+    @classmethod
+    def from_json(cls, item: Mapping) -> SharedVolume:
+        """From the chart's form: {name, mountPath, readOnly, source}."""
+        unknown = set(item) - {"name", "mountPath", "readOnly", "source"}
+        if unknown:
+            raise ValueError(f"volumes: unknown field(s) {sorted(unknown)}; valid: name, "
+                             "mountPath, readOnly, source")
+        return cls(name=str(item.get("name", "")), mount_path=str(item.get("mountPath", "")),
+                   source=item.get("source"), read_only=bool(item.get("readOnly", False)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,17 +236,19 @@ def _security_context(settings: ClusterSettings) -> tuple[dict, dict]:
 
 def _pod_template(settings: ClusterSettings, *, labels: dict, container: dict) -> dict:
     pod_sc, container_sc = _security_context(settings)
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}]
+    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}}]
+    for v in settings.volumes:
+        mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only})
+        volumes.append({"name": v.name, **{k: dict(s) for k, s in v.source.items()}})
     container = {**container, "image": settings.image, "imagePullPolicy": "IfNotPresent",
-                 "securityContext": container_sc,
-                 "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"},
-                                  {"name": "shm", "mountPath": "/dev/shm"}]}
+                 "securityContext": container_sc, "volumeMounts": mounts}
     spec = {
         "automountServiceAccountToken": False,  # Ray pods never call the Kubernetes API
         "enableServiceLinks": False,
         "securityContext": pod_sc,
         "containers": [container],
-        "volumes": [{"name": "tmp", "emptyDir": {}},
-                    {"name": "shm", "emptyDir": {"medium": "Memory"}}],
+        "volumes": volumes,
     }
     if settings.image_pull_secrets:
         spec["imagePullSecrets"] = [{"name": s} for s in settings.image_pull_secrets]

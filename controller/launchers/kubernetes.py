@@ -48,6 +48,7 @@ from controller.launchers.kuberay import (
     PLURAL,
     VERSION,
     ClusterSettings,
+    SharedVolume,
     build_raycluster,
     cluster_name,
     driver_entrypoint,
@@ -101,6 +102,7 @@ class KubernetesLauncherConfig:
         if not image:
             raise ValueError("RINGMASTER_K8S_IMAGE is not set: the image of the Ray pods")
         head = _json_env(env, "RINGMASTER_K8S_HEAD_RESOURCES")
+        volumes = _json_env(env, "RINGMASTER_K8S_VOLUMES", kind=list) or []
         settings = ClusterSettings(
             image=image, ray_version=env.get("RINGMASTER_K8S_RAY_VERSION") or _ray_version(),
             controller_address=address, owner=env.get("RINGMASTER_K8S_OWNER", "ringmaster"),
@@ -110,6 +112,8 @@ class KubernetesLauncherConfig:
             env={k: v for k, v in env.items()
                  if k.startswith("OTEL_") and k not in FORWARDED_OTEL_SKIP
                  and "HEADERS" not in k},  # headers may hold collector credentials
+            image_pull_secrets=_names(env.get("RINGMASTER_K8S_IMAGE_PULL_SECRETS", "")),
+            volumes=tuple(SharedVolume.from_json(v) for v in volumes),
             **({"head_resources": head} if head else {}))
         return cls(namespaces=_namespaces(env), cluster=settings,
                    ready_timeout_s=_float_env(env, "RINGMASTER_K8S_READY_TIMEOUT_S", 900.0),
@@ -124,9 +128,12 @@ def _ray_version() -> str:
                          "here to take its version from") from None
 
 
+def _names(raw: str) -> tuple[str, ...]:
+    return tuple(n.strip() for n in raw.split(",") if n.strip())
+
+
 def _namespaces(env: Mapping[str, str]) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in env.get("RINGMASTER_K8S_NAMESPACES", "").split(",")
-                  if n.strip())
+    names = _names(env.get("RINGMASTER_K8S_NAMESPACES", ""))
     if names:
         return names
     try:  # in a pod: its own namespace
@@ -155,7 +162,7 @@ def _float_env(env, name, default):
     return _typed_env(env, name, default, float, "a number")
 
 
-def _json_env(env: Mapping[str, str], name: str) -> dict | None:
+def _json_env(env: Mapping[str, str], name: str, *, kind: type = dict):
     raw = env.get(name)
     if not raw:
         return None
@@ -163,8 +170,9 @@ def _json_env(env: Mapping[str, str], name: str) -> dict | None:
         value = json.loads(raw)
     except json.JSONDecodeError:
         raise ValueError(f"{name}={raw!r} is not JSON") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{name}={raw!r} must be a JSON object (requests/limits)")
+    if not isinstance(value, kind):
+        raise ValueError(f"{name}={raw!r} must be a JSON "
+                         f"{'object' if kind is dict else 'list'}")
     return value
 
 

@@ -14,6 +14,7 @@ from kubernetes_validate import validate
 from controller.launchers.kuberay import (
     LAUNCHER_RBAC_RULES,
     ClusterSettings,
+    SharedVolume,
     build_raycluster,
     cluster_name,
     driver_entrypoint,
@@ -126,6 +127,53 @@ def test_pods_are_locked_down_and_valid_pod_templates():
         validate({"apiVersion": "v1", "kind": "PodTemplate",
                   "metadata": {"name": "check", "namespace": "ringmaster-jobs"},
                   "template": t}, "1.35.0", strict=True)
+
+
+def test_shared_volumes_reach_every_pod():
+    import dataclasses
+
+    volumes = (SharedVolume(name="datasets", mount_path="/data", read_only=True,
+                            source={"persistentVolumeClaim": {"claimName": "ds"}}),
+               SharedVolume(name="ckpt", mount_path="/checkpoints",
+                            source={"nfs": {"server": "nfs", "path": "/x"}}))
+    settings = dataclasses.replace(SETTINGS, volumes=volumes, image_pull_secrets=("reg",))
+    rc = _build(make_job(num_ranks=16), settings=settings)
+    templates = [rc["spec"]["headGroupSpec"]["template"],
+                 *(g["template"] for g in rc["spec"]["workerGroupSpecs"])]
+    for t in templates:
+        spec = t["spec"]
+        mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts["/data"] == {"name": "datasets", "mountPath": "/data", "readOnly": True}
+        assert mounts["/checkpoints"]["readOnly"] is False  # workers write checkpoints
+        assert {v["name"]: v for v in spec["volumes"]}["datasets"] == \
+            {"name": "datasets", "persistentVolumeClaim": {"claimName": "ds"}}
+        assert spec["imagePullSecrets"] == [{"name": "reg"}]
+        validate({"apiVersion": "v1", "kind": "PodTemplate",
+                  "metadata": {"name": "check", "namespace": "ringmaster-jobs"},
+                  "template": t}, "1.35.0", strict=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="tmp", mount_path="/d", source={"emptyDir": {}}), "name='tmp'"),
+    (dict(name="d", mount_path="/dev/shm", source={"emptyDir": {}}), "mount_path='/dev/shm'"),
+    (dict(name="d", mount_path="rel", source={"emptyDir": {}}), "mount_path='rel'"),
+    (dict(name="d", mount_path="/d", source={}), "exactly one volume source"),
+    (dict(name="d", mount_path="/d", source={"nfs": "server:/x"}), "exactly one volume source"),
+])
+def test_bad_shared_volumes_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SharedVolume(**kwargs)
+
+
+def test_shared_volume_from_the_charts_json():
+    v = SharedVolume.from_json({"name": "d", "mountPath": "/d", "readOnly": True,
+                                "source": {"hostPath": {"path": "/mnt"}}})
+    assert (v.name, v.mount_path, v.read_only) == ("d", "/d", True)
+    with pytest.raises(ValueError, match="unknown field"):
+        SharedVolume.from_json({"name": "d", "mountPath": "/d", "source": {}, "mode": "rw"})
+    with pytest.raises(ValueError, match="must be unique"):
+        ClusterSettings(image="i:1", ray_version="2", controller_address="c:1", owner="o",
+                        volumes=(v, v))
 
 
 def test_entrypoint_matches_the_ray_launchers_driver():

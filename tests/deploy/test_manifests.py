@@ -185,12 +185,17 @@ def test_pdb_only_from_two_replicas(render):
     assert pdb["spec"]["minAvailable"] == 1
 
 
+NOT_SECRET = {"RINGMASTER_K8S_IMAGE_PULL_SECRETS"}  # names of Secrets, not their contents
+
+
 def _secret_literals(rendered) -> list[str]:
     """Env vars whose name smells secret but whose value is written in the manifest."""
     bad = []
     for name, spec in _pod_specs(rendered):
         for c in spec["containers"]:
             for e in c.get("env", []):
+                if e["name"] in NOT_SECRET:
+                    continue
                 if re.search(r"TOKEN|PASSWORD|SECRET|REDIS_URL|AUTH", e["name"]) and "value" in e:
                     if e["name"] == "REDIS_URL" and "$(REDIS_PASSWORD)" in e["value"]:
                         continue  # composed from the Secret-backed variable
@@ -288,6 +293,11 @@ def test_the_launcher_reads_the_env_the_chart_writes(render):
     assert (config.ready_timeout_s, config.max_gpus) == (900, 0)
     assert (config.cluster.cpus_per_rank, config.cluster.host_memory_fraction) == (8, 0.85)
     assert config.cluster.env["OTEL_EXPORTER_OTLP_PROTOCOL"] == "http/protobuf"
+    assert config.cluster.image_pull_secrets == ("registry-example",)
+    assert [(v.name, v.mount_path, v.read_only) for v in config.cluster.volumes] == \
+        [("datasets", "/data", True), ("checkpoints", "/checkpoints", False)]
+    assert config.cluster.volumes[0].source == {
+        "persistentVolumeClaim": {"claimName": "ringmaster-datasets"}}
     k8s_vars = {k for k in env if k.startswith("RINGMASTER_K8S_")}
     import inspect
 
@@ -300,3 +310,39 @@ def test_the_launcher_reads_the_env_the_chart_writes(render):
     owners = {p["podSelector"]["matchLabels"].get("ringmaster.io/owner")
               for rule in policy["egress"] for p in rule["to"] if "podSelector" in p}
     assert config.cluster.owner in owners
+
+
+def test_shared_volumes_are_mounted_read_only_in_the_controller(render):
+    spec = _controller(render(values_file="kubernetes-launcher-on"))
+    mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts["datasets"] == {"name": "datasets", "mountPath": "/data", "readOnly": True}
+    assert mounts["checkpoints"]["readOnly"] is True  # the controller never writes them
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["checkpoints"]["nfs"] == {"server": "nfs.example.com",
+                                             "path": "/exports/ringmaster"}
+    assert spec["imagePullSecrets"] == [{"name": "registry-example"}]
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--set", "storage.volumes[0].name=shm", "--set", "storage.volumes[0].mountPath=/x",
+      "--set", "storage.volumes[0].source.emptyDir.medium=Memory"], "/storage/volumes/0/name"),
+    (["--set", "storage.volumes[0].name=d", "--set", "storage.volumes[0].mountPath=data",
+      "--set", "storage.volumes[0].source.emptyDir.medium=Memory"],
+     "/storage/volumes/0/mountPath"),
+    (["--set", "storage.volumes[0].name=d", "--set", "storage.volumes[0].mountPath=/d"],
+     "/storage/volumes/0"),  # no source
+])
+def test_bad_shared_volumes_are_rejected(render, args, field):
+    r = render(*args)
+    assert r.rc != 0 and field in r.err, r.err
+
+
+def test_local_ray_drivers_may_write_checkpoints(render):
+    r = render("--set", "storage.volumes[0].name=ckpt",
+               "--set", "storage.volumes[0].mountPath=/checkpoints",
+               "--set", "storage.volumes[0].source.persistentVolumeClaim.claimName=c",
+               "--set", "storage.volumes[1].name=data", "--set", "storage.volumes[1].readOnly=true",
+               "--set", "storage.volumes[1].mountPath=/data",
+               "--set", "storage.volumes[1].source.persistentVolumeClaim.claimName=d")
+    mounts = {m["name"]: m for m in _controller(r)["containers"][0]["volumeMounts"]}
+    assert mounts["ckpt"]["readOnly"] is False and mounts["data"]["readOnly"] is True

@@ -49,6 +49,10 @@
   value: {{ $k.cpusPerRank | quote }}
 - name: RINGMASTER_K8S_HOST_MEMORY_FRACTION
   value: {{ $k.hostMemoryFraction | quote }}
+- name: RINGMASTER_K8S_VOLUMES
+  value: {{ toJson .Values.storage.volumes | quote }}
+- name: RINGMASTER_K8S_IMAGE_PULL_SECRETS
+  value: {{ join "," .Values.imagePullSecrets | quote }}
 - name: RINGMASTER_K8S_OWNER
   value: {{ include "ringmaster.fullname" . | quote }}
 - name: RINGMASTER_CONTROLLER_ADDRESS
