@@ -12,12 +12,15 @@ from kernels.attention import (
 )
 from kernels.linear_ce import linear_cross_entropy
 from kernels.lse_merge import merge_attention
+from kernels.reference import attention_reference, linear_cross_entropy_reference
 
 __all__ = [
     "attention",
+    "attention_reference",
     "attention_with_lse",
     "attention_with_lse_backward",
     "linear_cross_entropy",
+    "linear_cross_entropy_reference",
     "merge_attention",
     "resolve_backend",
 ]

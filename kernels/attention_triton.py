@@ -132,7 +132,8 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
               CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    # Last query blocks first: under a causal mask they have the most keys to visit.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1)
     q_start, lq, k_start, lk = _seq_bounds(CU_Q, CU_K, tl.program_id(2))
     if start_m >= lq:
@@ -298,7 +299,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, softmax_scale, qk_scal
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                  CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    # Last query blocks first: under a causal mask they have the most keys to visit.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     h = tl.program_id(1)
     q_start, lq, k_start, lk = _seq_bounds(CU_Q, CU_K, tl.program_id(2))
     if start_m >= lq:

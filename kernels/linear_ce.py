@@ -22,18 +22,45 @@ contribute neither loss nor gradient and are not counted in ``num_valid``.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from kernels.varlen import accumulation_dtype
 
-CHUNK_ELEMENTS = 2**25
-"""Default chunk: rows such that one chunk of float32 logits is 128 MiB."""
+CHUNK_ELEMENTS_CUDA = 2**27
+"""Default logits per chunk on CUDA (256 MiB in bf16): every chunk also reads and writes
+the float32 dW accumulator (V x H), so chunks must be large enough for the chunk's matmuls
+to dominate that traffic (1024 rows at V = 128K)."""
+CHUNK_ELEMENTS_CPU = 2**25
+"""Default logits per chunk elsewhere (128 MiB in float32); CPU matmuls are slow enough."""
 
 
-def default_chunk_size(num_tokens: int, vocab_size: int) -> int:
-    rows = max(64, CHUNK_ELEMENTS // max(1, vocab_size))
+def default_chunk_size(num_tokens: int, vocab_size: int, device: torch.device) -> int:
+    elements = CHUNK_ELEMENTS_CUDA if device.type == "cuda" else CHUNK_ELEMENTS_CPU
+    rows = max(64, elements // max(1, vocab_size))
     return max(1, min(num_tokens, rows))
+
+
+_warned_dw_fallback = False
+
+
+def _accumulate_dw(dw: torch.Tensor, grad: torch.Tensor, h_c: torch.Tensor) -> None:
+    """dw += grad^T h_c with float32 accumulation, in the GEMM epilogue where possible."""
+    global _warned_dw_fallback
+    if dw.dtype == grad.dtype:
+        dw.addmm_(grad.T, h_c)
+        return
+    if dw.is_cuda:
+        try:
+            torch.addmm(dw, grad.T, h_c, out_dtype=dw.dtype, out=dw)
+            return
+        except (TypeError, RuntimeError) as err:  # torch < 2.8 or no such cuBLAS path
+            if not _warned_dw_fallback:
+                warnings.warn(f"addmm(out_dtype=float32) unavailable ({err}); dW accumulates "
+                              "through a temporary (slower, same result)", stacklevel=3)
+                _warned_dw_fallback = True
+    dw += (grad.T @ h_c).to(dw.dtype)
 
 
 def _validate(hidden, weight, targets, chunk_size, backend) -> None:
@@ -114,7 +141,7 @@ def _run_chunks(hidden, weight, targets, ignore_index, chunk_size, backend, need
             if need_dh:
                 dh[c0:c1] = grad @ weight
             if need_dw:
-                dw += (grad.T @ h_c).to(acc)
+                _accumulate_dw(dw, grad, h_c)
     return loss_sum, dh, dw
 
 
@@ -155,14 +182,14 @@ def linear_cross_entropy(
     ``loss_sum`` is a differentiable scalar in float32 (float64 for float64 inputs) summed
     over rows whose target is not ``ignore_index``; ``num_valid`` is an int64 scalar tensor
     (no host sync), so callers can all-reduce both and divide by the global count.
-    ``chunk_size`` rows of logits exist at a time (``None``: 128 MiB of float32 logits).
+    ``chunk_size`` rows of logits exist at a time (``None``: see ``default_chunk_size``).
     ``backend``: ``auto`` uses the Triton chunk kernel on CUDA, torch elsewhere.
     """
     _validate(hidden, weight, targets, chunk_size, backend)
     _check_targets(targets, weight.shape[0], ignore_index)
     if backend == "auto":
         backend = "triton" if hidden.is_cuda and hidden.dtype != torch.float64 else "torch"
-    size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0])
+    size = chunk_size or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.device)
     num_valid = (targets != ignore_index).sum()
     loss_sum = _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, size, backend)
     return loss_sum, num_valid
