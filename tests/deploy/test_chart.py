@@ -177,3 +177,36 @@ def test_docs_list_every_value():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     missing = [".".join(p) for p in _leaf_paths(values) if f"`{'.'.join(p)}`" not in docs]
     assert missing == []
+
+
+def _get_helm(*args: str, path_prefix: str | None = None) -> subprocess.CompletedProcess:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "HELM"}
+    if path_prefix:
+        env["PATH"] = f"{path_prefix}:{env['PATH']}"
+    return subprocess.run([str(CHART.parents[1] / "get-helm.sh"), *args], capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_pinned_helm_is_the_checked_binary(helm):
+    import hashlib
+
+    proc = _get_helm("--pinned")
+    assert proc.returncode == 0, proc.stderr
+    path = Path(proc.stdout.strip())
+    script = (CHART.parents[1] / "get-helm.sh").read_text()
+    pinned = script.split('HELM_SHA256="')[1].split('"')[0]
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == pinned
+    version = subprocess.run([str(path), "version", "--template", "{{.Version}}"],
+                             capture_output=True, text=True, timeout=30).stdout
+    assert version == "v4.1.4"
+
+
+def test_a_helm_3_on_path_is_passed_over(helm, tmp_path):
+    fake = tmp_path / "helm"
+    fake.write_text("#!/bin/sh\necho v3.15.0\n")
+    fake.chmod(0o755)
+    proc = _get_helm(path_prefix=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() != str(fake) and "not Helm 4" in proc.stderr
