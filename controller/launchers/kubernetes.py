@@ -61,7 +61,7 @@ from controller.states import JobRecord
 
 log = logging.getLogger(__name__)
 
-EXIT_COMPLETED, EXIT_FAILED = 0, 3  # the driver's exit protocol (see controller.launchers.ray)
+EXIT_FAILED = 3  # driver exit status for "a restart will not help" (as the Ray launcher)
 SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "127.0.0.1", "localhost", "")
 FORWARDED_OTEL_SKIP = ("OTEL_SERVICE_NAME",)  # workers name themselves
