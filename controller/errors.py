@@ -48,6 +48,7 @@ def _field_of(loc: tuple) -> str:
 def _describe(err: dict) -> dict:
     field = _field_of(tuple(err.get("loc", ())))
     msg = "unknown field" if err.get("type") == "extra_forbidden" else err.get("msg", "")
+    msg = msg.removeprefix("Value error, ")
     if err.get("type") == "json_invalid":
         field, msg = "body", f"not valid JSON ({err.get('ctx', {}).get('error', msg)})"
     value = err.get("input")

@@ -12,10 +12,19 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    ValidationError,
+    model_validator,
+)
 
 from scheduler.errors import SpecError
 from scheduler.specs import (
@@ -30,38 +39,49 @@ from scheduler.specs import (
 
 NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 SUBMISSION_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
+PATH_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"  # not blank, no NUL
 MAX_PATH_CHARS = 4096
+
+ModelPreset = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
+ClusterPreset = Literal[tuple(CLUSTER_PRESETS)]  # type: ignore[valid-type]
+HfConfigPath = Annotated[str, StringConstraints(pattern=r"^[^\x00]*\.json$",
+                                                max_length=MAX_PATH_CHARS)]
+
+
+def _kind(value: object) -> str:
+    """Which form a model/cluster reference takes: explicit fields, a .json path, a preset."""
+    if isinstance(value, dict | BaseModel):
+        return "spec"
+    return "path" if isinstance(value, str) and value.endswith(".json") else "preset"
+
+
+ModelRef = Annotated[
+    Annotated[ModelPreset, Tag("preset")] | Annotated[HfConfigPath, Tag("path")]
+    | Annotated[ModelSpec, Tag("spec")], Discriminator(_kind)]
+ClusterRef = Annotated[
+    Annotated[ClusterPreset, Tag("preset")] | Annotated[ClusterSpec, Tag("spec")],
+    Discriminator(lambda v: "spec" if isinstance(v, dict | BaseModel) else "preset")]
+PathStr = Annotated[str, StringConstraints(pattern=PATH_PATTERN, min_length=1,
+                                           max_length=MAX_PATH_CHARS)]
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _check_path(value: str | None, field: str) -> str | None:
-    if value is not None and ("\x00" in value or not value.strip()):
-        raise ValueError(f"{field}: {value!r} is not a usable path (empty or contains NUL)")
-    return value
-
-
 class DatasetRef(_Section):
     """Where the token dataset (.bin/.idx, see scheduler.dataset) lives."""
 
-    path: str = Field(min_length=1, max_length=MAX_PATH_CHARS,
-                      description="Dataset prefix or directory holding data.bin/data.idx, as "
-                                  "the controller and the workers see it.")
-
-    @field_validator("path")
-    @classmethod
-    def _usable(cls, v: str) -> str:
-        return _check_path(v, "path")
+    path: PathStr = Field(description="Dataset prefix or directory holding data.bin/data.idx, "
+                                      "as the controller and the workers see it.")
 
 
 class Resources(_Section):
     """How many ranks the job runs on and what hardware they are."""
 
     num_ranks: int = Field(ge=1, le=1_000_000, description="Ranks (GPUs, or CPU processes).")
-    cluster: str | ClusterSpec = Field(
-        default="cpu", union_mode="left_to_right",
+    cluster: ClusterRef = Field(
+        default="cpu",
         description=f"Cluster preset ({', '.join(CLUSTER_PRESETS)}) or explicit ClusterSpec "
                     "fields.")
     gpus_per_node: int | None = Field(default=None, ge=1, le=1024,
@@ -74,9 +94,6 @@ class Resources(_Section):
     @model_validator(mode="after")
     def _fits(self) -> Resources:
         if isinstance(self.cluster, str):
-            if self.cluster not in CLUSTER_PRESETS:
-                raise ValueError(f"cluster={self.cluster!r} is not a preset; valid: "
-                                 f"{', '.join(CLUSTER_PRESETS)}, or ClusterSpec fields")
             cluster_preset(self.cluster, num_ranks=self.num_ranks,
                            gpus_per_node=self.gpus_per_node)
         else:
@@ -98,15 +115,11 @@ class Training(_Section):
     learning_rate: float = Field(default=1e-3, gt=0, le=10, allow_inf_nan=False,
                                  description="Peak AdamW learning rate.")
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Data order and init seed.")
-    checkpoint_dir: str | None = Field(default=None, max_length=MAX_PATH_CHARS,
-                                       description="Where checkpoints go; none: no checkpoints.")
+    checkpoint_dir: PathStr | None = Field(default=None,
+                                           description="Where checkpoints go; none: no "
+                                                       "checkpoints.")
     checkpoint_interval: int = Field(default=100, ge=1, le=10_000_000,
                                      description="Steps between checkpoints.")
-
-    @field_validator("checkpoint_dir")
-    @classmethod
-    def _usable(cls, v: str | None) -> str | None:
-        return _check_path(v, "checkpoint_dir")
 
 
 class PlannerSettings(_Section):
@@ -137,8 +150,7 @@ class JobCreate(_Section):
         default=None, min_length=1, max_length=128, pattern=SUBMISSION_ID_PATTERN,
         description="Client-chosen idempotency key: resubmitting the same body returns the "
                     "same job; a different body with the same key is a conflict (409).")
-    model: str | ModelSpec = Field(
-        union_mode="left_to_right",
+    model: ModelRef = Field(
         description=f"Model preset ({', '.join(MODEL_PRESETS)}), a path to a Hugging Face "
                     "config.json, or explicit ModelSpec fields.")
     dataset: DatasetRef
@@ -146,16 +158,6 @@ class JobCreate(_Section):
     training: Training
     planner: PlannerSettings = PlannerSettings()
     failure: FailurePolicy = FailurePolicy()
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, v: str | ModelSpec) -> str | ModelSpec:
-        if isinstance(v, str) and v not in MODEL_PRESETS and not v.endswith(".json"):
-            raise ValueError(f"model={v!r} is not a preset ({', '.join(MODEL_PRESETS)}) or a "
-                             "path ending in .json")
-        if isinstance(v, str):
-            _check_path(v, "model")
-        return v
 
     def fingerprint(self) -> str:
         """Hash of the canonical JSON form: equal bodies, equal fingerprints."""

@@ -46,10 +46,14 @@ def test_fingerprint_ignores_key_order_not_values():
     (lambda d: d.update(priority=1), "priority: unknown field"),
     (lambda d: d["resources"].update(num_ranks=12, cluster="h100"),
      "num_ranks=12 is not a multiple"),
-    (lambda d: d["resources"].update(cluster={"num_nodes": 1}), "resources.cluster"),
+    (lambda d: d["resources"].update(cluster={"num_nodes": 1}),
+     "resources.cluster.spec.gpus_per_node: Field required"),
+    (lambda d: d["resources"].update(cluster="tpu"), "resources.cluster.preset"),
     (lambda d: d["training"].update(learning_rate=float("nan")), "training.learning_rate"),
-    (lambda d: d["dataset"].update(path="a\x00b"), "dataset.path"),
-    (lambda d: d.update(model="tiny.yaml"), "model='tiny.yaml' is not a preset"),
+    (lambda d: d["dataset"].update(path="a\x00b"), "dataset.path: String should match"),
+    (lambda d: d["training"].update(checkpoint_dir="  "), "training.checkpoint_dir"),
+    (lambda d: d.update(model="tiny.yaml"), "model.preset: Input should be 'tiny'"),
+    (lambda d: d.update(model={"vocab_size": 8}), "model.spec.hidden_size: Field required"),
     (lambda d: d["planner"].update(time_limit_s=0), "planner.time_limit_s"),
 ])
 def test_mistakes_name_the_field(mutate, fragment):
