@@ -17,8 +17,10 @@ autograd saves for backward, seen through `torch.autograd.graph.saved_tensors_ho
 
 Parameters (and views of them) are saved by reference, not copied. Memory safety: a slot
 is reused only by a pack that comes after its tensor's last unpack, and an unpacked view
-is consumed by the backward node that unpacked it before the next hook event; the same
-step must issue the same sequence of saves as the recorded one (checked, else ValueError).
+is consumed by the backward node that unpacked it before the next hook event. A step
+must issue the same sequence of saves as the recorded one, each at most as large (checked,
+else ValueError): as MEMO does, one arena planned at the longest length serves every
+shorter batch of the same structure (sizes are affine in tokens, slots only shrink).
 """
 
 from __future__ import annotations
@@ -128,10 +130,10 @@ class ActivationArena:
             return t
         k = self._next
         nbytes = t.numel() * t.element_size()
-        if k >= len(self.trace.nbytes) or (nbytes, t.dtype) != (self.trace.nbytes[k],
-                                                                self.trace.dtypes[k]):
-            planned = (self.trace.nbytes[k], self.trace.dtypes[k]) \
-                if k < len(self.trace.nbytes) else "nothing"
+        if k >= len(self.trace.nbytes) or nbytes > self.trace.nbytes[k] \
+                or t.dtype != self.trace.dtypes[k]:
+            planned = (f"at most {self.trace.nbytes[k]} bytes of {self.trace.dtypes[k]}"
+                       if k < len(self.trace.nbytes) else "nothing")
             raise ValueError(f"saved tensor #{k} is {nbytes} bytes of {t.dtype}, the arena "
                              f"planned {planned}; re-plan for this step's shapes")
         self._next += 1

@@ -113,7 +113,25 @@ def test_a_different_step_is_refused_with_the_reason():
     ids, cu = batch()
     arena = ActivationArena.for_step(lambda: plain_step(model, ids, cu),
                                      parameters=model.parameters())
-    other_ids = ids[:8]
-    other_cu = torch.tensor([0, 8], dtype=torch.int32)
+    other_ids = torch.cat([ids, ids])                        # longer than planned
+    other_cu = torch.tensor([0, 7, 8, 42], dtype=torch.int32)
     with pytest.raises(ValueError, match="re-plan"), arena.saving():
         plain_step(model, other_ids, other_cu)
+
+
+def test_an_arena_planned_for_a_long_batch_serves_a_shorter_one_exactly():
+    ids, cu = batch()                                       # 21 tokens in 3 sequences
+    model = tiny_model()
+    arena = ActivationArena.for_step(lambda: plain_step(model, ids, cu),
+                                     parameters=model.parameters())
+    gen = torch.Generator().manual_seed(9)
+    short_ids = torch.randint(0, 256, (15,), generator=gen)
+    short_cu = torch.tensor([0, 5, 6, 15], dtype=torch.int32)   # same structure, shorter
+    ref = tiny_model()
+    ref_loss = plain_step(ref, short_ids, short_cu)
+    model.zero_grad(set_to_none=True)
+    with arena.saving():
+        loss = plain_step(model, short_ids, short_cu)
+    assert torch.equal(loss, ref_loss)
+    for g, r in zip(grads(model), grads(ref), strict=True):
+        assert torch.equal(g, r)
