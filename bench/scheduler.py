@@ -1,0 +1,98 @@
+"""Benchmark of the HDP planner (issue 6): quality against the lower bound and the static
+mesh, and plan time, on llama-7b over an h100 cluster preset.
+
+Global batches of 32M tokens (32K tokens per rank beyond 1,024 ranks) drawn from the
+`byted` and `github` length distributions with a 2M-token maximum. For each: the hdp plan
+(greedy + CP-SAT LNS under --time-limit), the static mesh and naive HDP on the same cost
+model; makespan / lower bound, static / makespan (speed-up), static / bound (the best
+speed-up any plan could reach) and the hdp plan time (wall clock, whole `plan_batch`
+including sharding, simulation and building the StepPlan).
+
+    .venv/bin/python bench/scheduler.py [--ranks 64 256 1024 4096 12288] [--seed 0]
+
+Prints a markdown table (the one recorded in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+# This file is named like the package it measures: drop its own folder from the import
+# path (python puts it first) so `import scheduler` finds the package, not this script.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import numpy as np  # noqa: E402
+
+from scheduler import CostModel, plan_batch  # noqa: E402
+from scheduler.specs import cluster_preset, model_preset  # noqa: E402
+from scheduler.synth import sample_lengths  # noqa: E402
+
+MAX_LENGTH = 2 * 1024 * 1024
+
+
+def global_batch(distribution: str, num_tokens: int, seed: int) -> np.ndarray:
+    """Samples from `distribution` until their lengths sum to at least `num_tokens`."""
+    chunk = max(1024, num_tokens // 8192)
+    parts, total, k = [], 0, 0
+    while total < num_tokens:
+        draw = sample_lengths(distribution, chunk, MAX_LENGTH, seed=seed * 1000 + k)
+        parts.append(draw)
+        total += int(draw.sum())
+        k += 1
+    lengths = np.concatenate(parts)
+    return lengths[: int(np.searchsorted(np.cumsum(lengths), num_tokens)) + 1]
+
+
+def run(ranks: int, distribution: str, *, seed: int, time_limit_s: float) -> dict:
+    model = model_preset("llama-7b")
+    cluster = cluster_preset("h100", num_ranks=ranks)
+    tokens = max(32 * 1024 * 1024, 32 * 1024 * ranks)
+    lengths = global_batch(distribution, tokens, seed)
+    t0 = time.perf_counter()
+    hdp = plan_batch(lengths, cluster, model, policy="hdp", time_limit_s=time_limit_s,
+                     seed=seed)
+    plan_s = time.perf_counter() - t0
+    static = plan_batch(lengths, cluster, model, policy="static")
+    naive = plan_batch(lengths, cluster, model, policy="naive")
+    m, b = hdp.predicted.makespan_s, hdp.predicted.lower_bound_s
+    s = static.predicted.makespan_s
+    rings = [g.ring_size for _, g in hdp.groups()]
+    return dict(ranks=ranks, dist=distribution, seqs=len(lengths), tokens=int(lengths.sum()),
+                capacity=hdp.capacity_tokens, longest=int(lengths.max()), max_ring=max(rings),
+                makespan=m, bound=b, ratio=m / b, static_over=s / m, static_bound=s / b,
+                naive_over=naive.predicted.makespan_s / m, plan_s=plan_s,
+                static_cp=max(g.ring_size for _, g in static.groups()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096, 12288])
+    ap.add_argument("--dists", nargs="+", default=["byted", "github"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--time-limit", type=float, default=0.5)
+    args = ap.parse_args()
+    cost = CostModel(model_preset("llama-7b"), cluster_preset("h100"))
+    print(f"<!-- {platform.node()} python {platform.python_version()}; activation bytes/token "
+          f"{cost.activation_bytes_per_token:.0f} -->")
+    print("| ranks | dist | seqs | tokens | capacity | static CP | hdp max ring | makespan s "
+          "| bound s | makespan/bound | static/makespan | static/bound | naive/makespan "
+          "| plan s |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for ranks in args.ranks:
+        for dist in args.dists:
+            r = run(ranks, dist, seed=args.seed, time_limit_s=args.time_limit)
+            print(f"| {r['ranks']} | {r['dist']} | {r['seqs']} | {r['tokens'] / 2**20:.1f}M "
+                  f"| {r['capacity']} | {r['static_cp']} | {r['max_ring']} "
+                  f"| {r['makespan']:.2f} | {r['bound']:.2f} | {r['ratio']:.3f} "
+                  f"| {r['static_over']:.2f} | {r['static_bound']:.2f} "
+                  f"| {r['naive_over']:.2f} | {r['plan_s']:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
