@@ -31,7 +31,7 @@ def naive_attention(q, k, v, lens_q, lens_k, causal, scale=None):
         vs = v[k0:k0 + lk].double().repeat_interleave(group, dim=1)
         q0, k0 = q0 + lq, k0 + lk
         scores = torch.einsum("ihd,jhd->hij", qs, ks) * scale
-        allowed = torch.ones(lq, lk, dtype=torch.bool)
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
         if causal:
             allowed = allowed.tril(diagonal=lk - lq)
         has_key = allowed.any(dim=1)
