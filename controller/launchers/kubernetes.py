@@ -209,7 +209,9 @@ def _default_clients() -> _Clients:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()  # a developer's kubeconfig, outside a cluster
+        # A developer's kubeconfig, outside a cluster ($KUBECONFIG as it is now, not as it
+        # was when the kubernetes package was imported).
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))
     api = client.ApiClient()
 
     def ray_jobs(address: str):
@@ -264,7 +266,8 @@ class KubernetesLauncher(Launcher):
         self._closed = threading.Event()
         self._watches: list[object] = []
         self._threads: list[threading.Thread] = []
-        self._adopt()
+        self._adopted = False
+        self._try_adopt()
         if watch:
             for ns in self.config.namespaces:
                 t = threading.Thread(target=self._watch_loop, args=(ns,), daemon=True,
@@ -322,6 +325,8 @@ class KubernetesLauncher(Launcher):
             self._events.append(event)
 
     def poll(self) -> list[LauncherEvent]:
+        if not self._adopted:
+            self._try_adopt()
         self._drain_pod_events()
         now = self.clock()
         with self._lock:
@@ -453,6 +458,14 @@ class KubernetesLauncher(Launcher):
             self.tracker.forget_job(a.job_id)
 
     # restart recovery -------------------------------------------------------------------------
+    def _try_adopt(self) -> None:
+        """Adopt now, or on a later poll when the API server cannot be reached yet."""
+        try:
+            self._adopt()
+            self._adopted = True
+        except Exception as exc:
+            log.warning("cannot list this controller's RayClusters yet (%s); will retry", exc)
+
     def _adopt(self) -> None:
         """Find this controller's RayClusters (after a restart) and resume tracking them."""
         selector = owner_selector(self.config.cluster)
