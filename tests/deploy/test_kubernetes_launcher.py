@@ -332,3 +332,16 @@ def test_config_from_the_charts_env():
 def test_config_errors_name_the_variable(change, message):
     with pytest.raises(ValueError, match=message):
         KubernetesLauncherConfig.from_env("0.0.0.0:50051", {**ENV, **change})
+
+
+def test_importing_the_launcher_loads_no_torch_workers_ray_or_kubernetes():
+    """The controller stays small: clients load only when a launcher is built for real."""
+    import subprocess
+    import sys
+
+    code = ("import sys, controller.launchers.kubernetes, controller.launchers.podwatch; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'workers', 'ray', 'kubernetes')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == "[]"
