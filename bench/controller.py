@@ -1,0 +1,132 @@
+"""Benchmark of the controller's REST API (issue 8): submit and GET latency under load.
+
+Starts a real controller (`ringmaster serve --launcher fake`, embedded Redis in a temporary
+state directory, reconciler running) as a subprocess on a loopback port, then drives it
+from this process with asyncio + httpx: C concurrent clients, each sending its requests
+back to back. Reports p50/p99/max latency and throughput of POST /v1/jobs at 1, 10 and 50
+clients, and of GET /v1/jobs/{id} and GET /v1/jobs?limit=50 at 1 and 10 clients.
+
+    .venv/bin/python bench/controller.py [--requests 300] [--clients 1 10 50]
+
+Prints a markdown table (the one recorded in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# This file is named like the package it measures: drop its own folder from the import
+# path (python puts it first) so `import controller` finds the package, not this script.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+SPEC = {"name": "bench", "model": "tiny", "dataset": {"path": "/data/none"},
+        "resources": {"num_ranks": 4, "cluster": "cpu"},
+        "training": {"steps": 10, "global_batch_tokens": 4096}}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_controller(state_dir: Path, port: int) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "serve",
+           "--port", str(port), "--state-dir", str(state_dir), "--launcher", "fake",
+           "--log-level", "warning"]
+    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
+    env.pop("REDIS_URL", None)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("controller did not start")
+
+
+async def drive(url: str, token: str, clients: int, total: int, request) -> tuple[list, float]:
+    """`clients` tasks share `total` requests; returns per-request seconds and wall time."""
+    latencies: list[float] = []
+    per_client = max(1, total // clients)
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
+                                 timeout=60, limits=limits) as http:
+        async def one_client(k: int) -> None:
+            for i in range(per_client):
+                t0 = time.perf_counter()
+                r = await request(http, k, i)
+                latencies.append(time.perf_counter() - t0)
+                assert r.status_code < 300, r.text
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(k) for k in range(clients)))
+        return latencies, time.perf_counter() - t0
+
+
+def row(what: str, clients: int, lat: list[float], wall: float) -> str:
+    ms = np.asarray(lat) * 1e3
+    return (f"| {what} | {clients} | {len(ms)} | {np.percentile(ms, 50):.1f} | "
+            f"{np.percentile(ms, 99):.1f} | {ms.max():.1f} | {len(ms) / wall:.0f} |")
+
+
+async def run(url: str, token: str, args) -> list[str]:
+    rows = []
+    for c in args.clients:
+        lat, wall = await drive(url, token, c, args.requests, lambda h, k, i, c=c: h.post(
+            "/v1/jobs", json={**SPEC, "submission_id": f"c{c}-{k}-{i}"}))
+        rows.append(row("POST /v1/jobs", c, lat, wall))
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}
+                                 ) as http:
+        job_id = (await http.post("/v1/jobs", json=SPEC)).json()["id"]
+    for c in [c for c in args.clients if c <= 10]:
+        lat, wall = await drive(url, token, c, args.requests,
+                                lambda h, k, i: h.get(f"/v1/jobs/{job_id}"))
+        rows.append(row("GET /v1/jobs/{id}", c, lat, wall))
+        lat, wall = await drive(url, token, c, args.requests // 2,
+                                lambda h, k, i: h.get("/v1/jobs", params={"limit": 50}))
+        rows.append(row("GET /v1/jobs?limit=50", c, lat, wall))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=300, help="Requests per measurement.")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 10, 50])
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        proc = start_controller(Path(tmp), port)
+        try:
+            token = (Path(tmp) / "token").read_text().strip()
+            rows = asyncio.run(run(f"http://127.0.0.1:{port}", token, args))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python "
+          f"{platform.python_version()}; controller and clients share the machine\n")
+    print("| request | clients | n | p50 ms | p99 ms | max ms | req/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
