@@ -6,12 +6,14 @@ Server errors must reach the user as one line on stderr (exit status 2), never a
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from controller.cli import app
+from controller.store import StepMetrics
 from tests.controller.harness import DEMO_SPEC
 
 
@@ -95,3 +97,38 @@ def test_schema_job_prints_the_job_spec_schema():
     assert r.exit_code == 0
     schema = json.loads(r.stdout)
     assert schema["title"] == "JobCreate" and "resources" in schema["properties"]
+
+
+def test_submit_wait_follows_the_job_to_its_result(run, spec_file, ctl):
+    """A driver thread plays the workers: it steps the machine, reports steps, completes."""
+    store, machine, launcher = ctl.controller.store, ctl.controller.machine, ctl.launcher
+    done = threading.Event()
+
+    def workers() -> None:
+        reported = 0
+        while not done.wait(0.05):
+            machine.tick()
+            for job_id in store.active_ids():
+                job = store.get(job_id)
+                if job.spec.name != "waited" or job.state.value != "Running":
+                    continue
+                reported += 1
+                store.append_step_metrics(job_id, StepMetrics(
+                    step=reported, attempt=job.attempt, loss=1.0 / reported,
+                    tokens_per_s=1e4, predicted_step_s=0.1, measured_step_s=0.1,
+                    imbalance=0.0))
+                if reported == job.spec.training.steps:
+                    launcher.complete(job_id)
+
+    spec_file.write_text(yaml.safe_dump({**DEMO_SPEC, "name": "waited",
+                                         "training": {"steps": 3, "global_batch_tokens": 64}}))
+    driver = threading.Thread(target=workers, daemon=True)
+    driver.start()
+    try:
+        r = run("submit", str(spec_file), "--wait", "-o", "json")
+    finally:
+        done.set()
+        driver.join(timeout=10)
+    assert r.exit_code == 0, r.output
+    job = json.loads(r.stdout)
+    assert (job["result"], job["current_step"], job["attempt"]) == ("Succeeded", 3, 1)
