@@ -346,3 +346,11 @@ def test_local_ray_drivers_may_write_checkpoints(render):
                "--set", "storage.volumes[1].source.persistentVolumeClaim.claimName=d")
     mounts = {m["name"]: m for m in _controller(r)["containers"][0]["volumeMounts"]}
     assert mounts["ckpt"]["readOnly"] is False and mounts["data"]["readOnly"] is True
+
+
+def test_api_client_cidrs_open_only_the_rest_port(render):
+    spec = _controller_policy(render("--set", "networkPolicy.apiClientCidrs={203.0.113.0/24}"))
+    api_rule = spec["ingress"][0]
+    assert {"ipBlock": {"cidr": "203.0.113.0/24"}} in api_rule["from"]
+    assert api_rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert all("ipBlock" not in p for rule in spec["ingress"][1:] for p in rule["from"])
