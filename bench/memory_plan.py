@@ -19,12 +19,20 @@ fused step with and without the activation arena (workers/arena.py).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
-from scheduler.alloc_sim import CachingAllocatorSim, simulate_caching_allocator
-from scheduler.memory import plan_offsets
-from scheduler.memory_model import find_profile, plan_model, unrolled_trace
-from scheduler.specs import model_preset
+# bench/ holds scripts named like the packages they measure (bench/scheduler.py): put the
+# repository root, not this folder, first on the import path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+from scheduler.alloc_sim import CachingAllocatorSim, simulate_caching_allocator  # noqa: E402
+from scheduler.memory import plan_offsets  # noqa: E402
+from scheduler.memory_model import find_profile, plan_model, unrolled_trace  # noqa: E402
+from scheduler.specs import model_preset  # noqa: E402
 
 GIB = 1024**3
 TOKENS = (4096, 16384, 65536, 262144, 1048576)
