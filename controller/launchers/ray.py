@@ -1,0 +1,231 @@
+"""Ray launcher: each attempt of a job is one detached driver process on Ray.
+
+`start(job, attempt)` spawns `python -m workers.driver --job ID --attempt A --controller
+ADDR` in a session of its own. The driver joins Ray (`RAY_ADDRESS`, or a local Ray it
+starts with `ray.init()`), creates one actor per rank and calls back over gRPC. Because
+the driver is not a child that dies with us, workers outlive a controller restart: the
+launcher remembers every driver in `<state_dir>/ray/<job>.json` and finds them again.
+
+What the launcher sees itself (process exits) it reports through `poll()`; what the gRPC
+service sees (all ranks registered, a rank lost or stalled) it reports with `report()`.
+Exit protocol of the driver: 0 = all steps done (COMPLETED), 3 = an error a restart will
+not fix (FAILED), anything else or a missing exit file = WORKER_LOST. The driver's output
+goes to `<state_dir>/ray/<job>-<attempt>.log`; `poll()` forwards new lines to `on_logs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from controller.launchers.base import EventKind, Launcher, LauncherEvent
+from controller.states import JobRecord
+
+EXIT_COMPLETED = 0
+EXIT_FAILED = 3
+_LOG_CHUNK = 256 * 1024  # bytes of driver output forwarded per poll and job
+
+
+@dataclass(kw_only=True)
+class DriverRecord:
+    """A started driver, as persisted in the state directory."""
+
+    job_id: str
+    attempt: int
+    pid: int
+    num_ranks: int
+    log_path: str
+    exit_path: str
+    stopping: bool = False
+    kill_at: float = 0.0  # unix seconds after which a stopping driver is killed
+    log_offset: int = 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RayLauncher(Launcher):
+    """Runs job attempts as detached Ray driver processes (see the module docstring)."""
+
+    name = "ray"
+
+    def __init__(self, *, state_dir: str | Path, controller_address: str,
+                 total_ranks: int | None = None, ray_address: str | None = None,
+                 python: str = sys.executable, extra_env: dict[str, str] | None = None,
+                 on_logs: Callable[[str, list[str]], None] | None = None,
+                 drain_timeout_s: float = 60.0):
+        self.dir = Path(state_dir) / "ray"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.controller_address = controller_address
+        self.total_ranks = total_ranks or int(os.environ.get("RINGMASTER_MAX_RANKS", "0")) \
+            or max(8, os.cpu_count() or 1)
+        self.ray_address = ray_address if ray_address is not None else \
+            os.environ.get("RAY_ADDRESS")
+        self.python = python
+        self.extra_env = dict(extra_env or {})
+        self.on_logs = on_logs
+        self.drain_timeout_s = drain_timeout_s
+        self._lock = threading.Lock()
+        self._events: list[LauncherEvent] = []
+        self._children: dict[int, subprocess.Popen] = {}
+        self._drivers: dict[str, DriverRecord] = self._load()
+
+    # persistence ---------------------------------------------------------------------------
+    def _record_path(self, job_id: str) -> Path:
+        return self.dir / f"{job_id}.json"
+
+    def _save(self, rec: DriverRecord) -> None:
+        tmp = self._record_path(rec.job_id).with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(rec)))
+        tmp.replace(self._record_path(rec.job_id))
+
+    def _load(self) -> dict[str, DriverRecord]:
+        out = {}
+        for path in self.dir.glob("*.json"):
+            try:
+                rec = DriverRecord(**json.loads(path.read_text()))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            out[rec.job_id] = rec
+        return out
+
+    # Launcher -------------------------------------------------------------------------------
+    def admit(self, job: JobRecord) -> bool:
+        with self._lock:
+            used = sum(d.num_ranks for d in self._drivers.values() if d.job_id != job.id)
+            return job.spec.resources.num_ranks <= self.total_ranks - used
+
+    def start(self, job: JobRecord, attempt: int) -> None:
+        with self._lock:
+            old = self._drivers.get(job.id)
+            if old is not None and _alive(old.pid):
+                self._kill(old)
+            log_path = self.dir / f"{job.id}-{attempt}.log"
+            exit_path = self.dir / f"{job.id}-{attempt}.exit"
+            exit_path.unlink(missing_ok=True)
+            cmd = [self.python, "-m", "workers.driver", "--job", job.id, "--attempt",
+                   str(attempt), "--controller", self.controller_address,
+                   "--exit-file", str(exit_path)]
+            env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+            if self.ray_address:
+                env["RAY_ADDRESS"] = self.ray_address
+            with open(log_path, "ab") as log:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env,
+                                        start_new_session=True)
+            self._children[proc.pid] = proc
+            rec = DriverRecord(job_id=job.id, attempt=attempt, pid=proc.pid,
+                               num_ranks=job.spec.resources.num_ranks,
+                               log_path=str(log_path), exit_path=str(exit_path))
+            self._drivers[job.id] = rec
+            self._save(rec)
+
+    def stop(self, job_id: str) -> None:
+        """Let the workers drain at a step boundary; kill them after `drain_timeout_s`."""
+        with self._lock:
+            rec = self._drivers.get(job_id)
+            if rec is None:
+                self._events.append(LauncherEvent(job_id=job_id, attempt=0,
+                                                  kind=EventKind.STOPPED))
+                return
+            if not rec.stopping:
+                rec.stopping = True
+                rec.kill_at = time.time() + self.drain_timeout_s
+                self._save(rec)
+
+    def _kill(self, rec: DriverRecord, grace_s: float = 5.0) -> None:
+        """SIGTERM the driver's session (driver, its Ray, its actors), SIGKILL if it lingers."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(rec.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+            deadline = time.monotonic() + grace_s
+            while time.monotonic() < deadline and self._running(rec.pid):
+                time.sleep(0.05)
+            if not self._running(rec.pid):
+                return
+
+    def _running(self, pid: int) -> bool:
+        child = self._children.get(pid)
+        if child is not None:
+            return child.poll() is None
+        return _alive(pid)
+
+    def report(self, event: LauncherEvent) -> None:
+        """Queue an event observed elsewhere (the gRPC service) for the next poll."""
+        with self._lock:
+            self._events.append(event)
+
+    def poll(self) -> list[LauncherEvent]:
+        with self._lock:
+            for rec in list(self._drivers.values()):
+                self._forward_logs(rec)
+                if rec.stopping and time.time() >= rec.kill_at:
+                    self._kill(rec)
+                if self._running(rec.pid):
+                    continue
+                self._events.append(self._exit_event(rec))
+                self._forget(rec)
+            events, self._events = self._events, []
+            return events
+
+    def _exit_event(self, rec: DriverRecord) -> LauncherEvent:
+        if rec.stopping:
+            return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=EventKind.STOPPED)
+        code, message = None, "driver process vanished without an exit status"
+        try:
+            info = json.loads(Path(rec.exit_path).read_text())
+            code, message = int(info["code"]), str(info.get("message", ""))
+        except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
+            child = self._children.get(rec.pid)
+            if child is not None and child.returncode is not None:
+                code = child.returncode
+                message = f"driver exited with status {code} without an exit file"
+        kind = {EXIT_COMPLETED: EventKind.COMPLETED, EXIT_FAILED: EventKind.FAILED}.get(
+            code, EventKind.WORKER_LOST)
+        return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=kind, message=message)
+
+    def _forget(self, rec: DriverRecord) -> None:
+        self._drivers.pop(rec.job_id, None)
+        self._children.pop(rec.pid, None)
+        self._record_path(rec.job_id).unlink(missing_ok=True)
+
+    def _forward_logs(self, rec: DriverRecord) -> None:
+        if self.on_logs is None:
+            return
+        try:
+            with open(rec.log_path, "rb") as f:
+                f.seek(rec.log_offset)
+                chunk = f.read(_LOG_CHUNK)
+        except FileNotFoundError:
+            return
+        end = chunk.rfind(b"\n") + 1
+        if end == 0:
+            return
+        rec.log_offset += end
+        lines = chunk[:end].decode("utf-8", "replace").splitlines()
+        try:
+            self.on_logs(rec.job_id, lines)
+        finally:
+            self._save(rec)
+
+    def close(self) -> None:
+        """Drop our handles; the drivers keep running (they outlive the controller)."""
+        with self._lock:
+            self._children.clear()

@@ -1,0 +1,162 @@
+"""Plans ahead: while step t trains, steps t+1 and t+2 are planned in another process.
+
+Planning (CP-SAT under a time budget) is CPU-heavy; running it in the API's process would
+stall REST and gRPC. `PlanPipeline` owns one job attempt's plan stream: it forms the
+global batches from the dataset's lengths (deterministic for the job's seed, so step s
+always gets the same batch, also after a restart), submits `plan_batch` for the next
+`depth` steps to a planner process pool, and feeds measured group times back into the cost
+model (`CostModel.update`), whose coefficients travel with every later planning request,
+so predictions converge to what the workers measure.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+
+import numpy as np
+
+from controller.spec import JobCreate
+from scheduler.batching import BatchPosition, epoch_batches
+from scheduler.cost import CostModel, Observation
+from scheduler.dataset import read_lengths
+from scheduler.plan import StepPlan
+
+MIN_OBSERVATIONS = 3  # a, b and c need three distinct profiles
+MAX_OBSERVATIONS = 512  # a sliding window: the newest measurements win
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedStep:
+    """One step's plan and where its batch came from."""
+
+    step: int  # 0-based optimizer step
+    plan: StepPlan
+    sample_ids: list[int]  # dataset sample of each plan id
+    next_position: BatchPosition  # data position after this batch
+    planning_s: float  # wall time the planner process spent
+
+
+def make_planner_pool() -> ProcessPoolExecutor:
+    """One planner process (spawned: forking a threaded server is unsafe)."""
+    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+
+
+def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | None,
+                    seed: int) -> tuple[str, float]:
+    """Runs in the planner process: plan one batch, return (plan JSON, seconds)."""
+    from scheduler.planner import plan_batch
+
+    spec = JobCreate.model_validate_json(spec_json)
+    model, cluster = spec.resolve_model(), spec.resolve_cluster()
+    cost = CostModel(model, cluster)
+    if coefficients is not None:
+        cost.a, cost.b, cost.c = coefficients
+    t0 = time.perf_counter()
+    plan = plan_batch(lengths, cluster, model, policy=spec.planner.policy,
+                      capacity_tokens=spec.resources.capacity_tokens,
+                      time_limit_s=spec.planner.time_limit_s, seed=seed, cost=cost)
+    return plan.model_dump_json(), time.perf_counter() - t0
+
+
+class BatchSchedule:
+    """Step -> (sample ids, next position): a pure function of the job's data settings."""
+
+    def __init__(self, lengths: np.ndarray, *, tokens_per_batch: int, seed: int):
+        self.lengths = lengths
+        self.tokens_per_batch = tokens_per_batch
+        self.seed = seed
+        self._epochs: dict[int, list[np.ndarray]] = {}
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        if epoch not in self._epochs:
+            self._epochs[epoch] = epoch_batches(
+                self.lengths, tokens_per_batch=self.tokens_per_batch, seed=self.seed, epoch=epoch)
+        return self._epochs[epoch]
+
+    def batch(self, step: int) -> tuple[np.ndarray, BatchPosition]:
+        epoch, index = 0, step
+        while index >= len(self._epoch(epoch)):
+            index -= len(self._epoch(epoch))
+            epoch += 1
+        nxt = (epoch, index + 1) if index + 1 < len(self._epoch(epoch)) else (epoch + 1, 0)
+        return self._epoch(epoch)[index], BatchPosition(epoch=nxt[0], index=nxt[1])
+
+
+class PlanPipeline:
+    """Plans of one job attempt, `depth` steps ahead of the slowest consumer."""
+
+    def __init__(self, spec: JobCreate, executor: Executor, *, depth: int = 2,
+                 lengths: np.ndarray | None = None):
+        self.spec = spec
+        self._spec_json = spec.model_dump_json()
+        self.executor = executor
+        self.depth = depth
+        lengths = read_lengths(spec.dataset.path) if lengths is None else lengths
+        self.schedule = BatchSchedule(lengths, tokens_per_batch=spec.training.global_batch_tokens,
+                                      seed=spec.training.seed)
+        self._cost = CostModel(spec.resolve_model(), spec.resolve_cluster())
+        self._coefficients: tuple | None = None
+        self._observations: list[Observation] = []
+        self._futures: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}
+        self._done: dict[int, PlannedStep] = {}
+        self._lock = threading.Lock()
+
+    def _submit(self, step: int) -> None:
+        if step in self._futures or step in self._done or step >= self.spec.training.steps:
+            return
+        ids, nxt = self.schedule.batch(step)
+        lengths = [int(x) for x in self.schedule.lengths[ids]]
+        fut = self.executor.submit(plan_in_process, lengths, self._spec_json,
+                                   self._coefficients, self.spec.training.seed + step)
+        self._futures[step] = (fut, ids, nxt)
+
+    def prefetch(self, step: int) -> None:
+        """Make sure steps step..step+depth are being planned."""
+        with self._lock:
+            for s in range(step, step + self.depth + 1):
+                self._submit(s)
+
+    def get(self, step: int, timeout_s: float | None = None) -> PlannedStep:
+        """The plan of `step` (blocks while it is computed); plans the next ones meanwhile."""
+        self.prefetch(step)
+        with self._lock:
+            if step in self._done:
+                return self._done[step]
+            fut, ids, nxt = self._futures[step]
+        plan_json, seconds = fut.result(timeout=timeout_s)
+        planned = PlannedStep(step=step, plan=StepPlan.model_validate_json(plan_json),
+                              sample_ids=[int(i) for i in ids], next_position=nxt,
+                              planning_s=seconds)
+        with self._lock:
+            self._futures.pop(step, None)
+            self._done[step] = planned
+            for old in [s for s in self._done if s < step - 2 * self.depth]:
+                del self._done[old]
+        return planned
+
+    def observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float]) -> None:
+        """Measured seconds of each (micro_batch, group index) of `plan` refit the model."""
+        for (m, gi), seconds in group_seconds.items():
+            g = plan.micro_batches[m].groups[gi]
+            self._observations.append(Observation(
+                lengths=tuple(s.length for s in g.sequences), ring_size=len(g.ranks),
+                seconds=seconds))
+        self._observations = self._observations[-MAX_OBSERVATIONS:]
+        if len(self._observations) < MIN_OBSERVATIONS:
+            return
+        try:
+            self._cost.update(self._observations)
+        except ValueError:
+            return  # not yet three distinct profiles
+        self._coefficients = (self._cost.a, self._cost.b, self._cost.c)
+
+    def predict_s(self, plan: StepPlan) -> float:
+        """Step time the current (refitted) model predicts for `plan`."""
+        from scheduler.simulate import simulate
+
+        return simulate(plan, self.spec.resolve_cluster(), self.spec.resolve_model(),
+                        cost=self._cost).makespan_s

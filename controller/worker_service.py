@@ -1,0 +1,346 @@
+"""The gRPC side of the execution plane: workers register, stream plans, report, beat.
+
+One `AttemptRuntime` per live (job, attempt) holds what only matters while the attempt
+runs (who registered, when each rank last made progress, the step reports not yet
+complete, the plan pipeline); everything durable goes to the store. After a controller
+restart the runtime is rebuilt lazily from the store on the first call of a worker of the
+current attempt, so workers carry on across the restart.
+
+Fencing: a call is accepted only from the job's current attempt while the job is
+Scheduling, Running or Stopping. READY is reported to the launcher when every rank has
+registered; a rank whose progress counter has not moved for the job's heartbeat timeout,
+or that reports a failure, ends the attempt (WORKER_LOST).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import grpc
+from opentelemetry import propagate, trace
+
+from controller.launchers.base import EventKind, LauncherEvent
+from controller.planning import PlannedStep, PlanPipeline
+from controller.rpc import ringmaster_pb2 as pb
+from controller.rpc import ringmaster_pb2_grpc as pb_grpc
+from controller.states import JobRecord, State
+from controller.store import JobNotFound, JobStore, StepMetrics
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = (State.SCHEDULING, State.RUNNING, State.STOPPING)
+DRIVER_RANK = -1  # the attempt's driver process registers with this rank
+PLANS_AHEAD = 2  # a rank may hold plans this many steps past the last completed one
+
+
+@dataclass(kw_only=True)
+class RankState:
+    registered: bool = False
+    progress: tuple[int, int] = (-1, -1)  # (step, progress counter) last heard
+    progress_at: float = 0.0  # monotonic time the progress last changed
+    done_step: int = -1  # newest step this rank has finished (reported or resumed past)
+
+
+@dataclass(kw_only=True)
+class AttemptRuntime:
+    job: JobRecord
+    pipeline: PlanPipeline
+    ranks: dict[int, RankState]
+    reports: dict[int, dict[int, pb.StepReport]] = field(default_factory=dict)
+    plans: dict[int, tuple[PlannedStep, str]] = field(default_factory=dict)  # + traceparent
+    plan_lock: threading.Lock = field(default_factory=threading.Lock)
+    ready_sent: bool = False
+    lost_sent: bool = False
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+class WorkerService(pb_grpc.WorkerServiceServicer):
+    """See the module docstring; `launcher` must offer `report(event)`."""
+
+    def __init__(self, *, store: JobStore, launcher, planner_pool: Executor,
+                 tracer_provider=None, clock=time.monotonic):
+        self.store = store
+        self.launcher = launcher
+        self.planner_pool = planner_pool
+        self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
+            "controller.worker_service")
+        self.clock = clock
+        self._runtimes: dict[str, AttemptRuntime] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._monitor = threading.Thread(target=self._watch, name="heartbeat-monitor",
+                                         daemon=True)
+        self._monitor.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._monitor.join(timeout=5)
+
+    # fencing ---------------------------------------------------------------------------
+    def _runtime(self, worker: pb.WorkerId) -> tuple[AttemptRuntime | None, str]:
+        try:
+            job = self.store.get(worker.job_id)
+        except JobNotFound:
+            return None, f"job {worker.job_id!r} not found"
+        if job.state not in LIVE_STATES or job.attempt != worker.attempt:
+            self._drop(worker.job_id, worker.attempt)
+            return None, (f"attempt {worker.attempt} of job {job.id} is not current (job is "
+                          f"{job.state.value}, attempt {job.attempt})")
+        n = job.spec.resources.num_ranks
+        if not (worker.rank == DRIVER_RANK or 0 <= worker.rank < n):
+            return None, f"rank={worker.rank} is out of range (valid 0..{n - 1})"
+        with self._lock:
+            rt = self._runtimes.get(job.id)
+            if rt is None or rt.job.attempt != job.attempt:
+                rt = self._new_runtime(job)
+                self._runtimes[job.id] = rt
+            rt.job = job
+            return rt, ""
+
+    def _new_runtime(self, job: JobRecord) -> AttemptRuntime:
+        now = self.clock()
+        resumed = _resume_step(job) - 1
+        ranks = {r: RankState(progress_at=now, done_step=resumed)
+                 for r in range(job.spec.resources.num_ranks)}
+        return AttemptRuntime(job=job, pipeline=PlanPipeline(job.spec, self.planner_pool),
+                              ranks=ranks)
+
+    def _drop(self, job_id: str, attempt: int) -> None:
+        with self._lock:
+            rt = self._runtimes.get(job_id)
+            if rt is not None and rt.job.attempt <= attempt:
+                self._runtimes.pop(job_id, None)
+                with rt.cond:
+                    rt.cond.notify_all()
+
+    # RPCs ------------------------------------------------------------------------------
+    def Register(self, request, context):
+        rt, why = self._runtime(request.worker)
+        if rt is None:
+            return pb.RegisterReply(accepted=False, reason=why)
+        job, rank = rt.job, request.worker.rank
+        if rank != DRIVER_RANK:
+            with rt.cond:
+                st = rt.ranks[rank]
+                st.registered, st.progress_at = True, self.clock()
+                everyone = all(s.registered for s in rt.ranks.values())
+            if everyone and not rt.ready_sent:
+                rt.ready_sent = True
+                self.launcher.report(LauncherEvent(job_id=job.id, attempt=job.attempt,
+                                                   kind=EventKind.READY))
+            self.store.append_logs(job.id, [f"rank {rank} registered from {request.host} "
+                                            f"pid {request.pid} (attempt {job.attempt})"])
+        return pb.RegisterReply(
+            accepted=True, world_size=job.spec.resources.num_ranks,
+            job_spec_json=worker_config_json(job), start_step=_resume_step(job),
+            checkpoint_dir=job.spec.training.checkpoint_dir or "",
+            resume_from=job.last_checkpoint or "")
+
+    def Heartbeat(self, request, context):
+        rt, why = self._runtime(request.worker)
+        if rt is None:
+            return pb.HeartbeatReply(accepted=False, reason=why)
+        with rt.cond:
+            st = rt.ranks.get(request.worker.rank)
+            if st is not None and (request.step, request.progress) != st.progress:
+                st.progress, st.progress_at = (request.step, request.progress), self.clock()
+        stop = rt.job.state is State.STOPPING
+        return pb.HeartbeatReply(accepted=True, stop=stop,
+                                 reason="stop requested" if stop else "")
+
+    def ReportFailure(self, request, context):
+        rt, why = self._runtime(request.worker)
+        if rt is None:
+            return pb.Ack(accepted=False, reason=why)
+        self._lose(rt, request.worker.rank, f"rank {request.worker.rank} failed at step "
+                                            f"{request.step}: {request.error}")
+        return pb.Ack(accepted=True)
+
+    def ReportStep(self, request, context):
+        rt, why = self._runtime(request.worker)
+        if rt is None:
+            return pb.Ack(accepted=False, reason=why)
+        with rt.cond:
+            st = rt.ranks[request.worker.rank]
+            st.progress, st.progress_at = (request.step + 1, 0), self.clock()
+            st.done_step = max(st.done_step, request.step)
+            rt.cond.notify_all()
+            got = rt.reports.setdefault(request.step, {})
+            got[request.worker.rank] = request
+            complete = len(got) == len(rt.ranks)
+        if complete:
+            self._finish_step(rt, request.step)
+        return pb.Ack(accepted=True)
+
+    def StreamPlans(self, request, context):
+        rt, why = self._runtime(request.worker)
+        if rt is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+        step, total = request.from_step, rt.job.spec.training.steps
+        with rt.cond:  # a rank (re)connecting has finished everything before from_step
+            st = rt.ranks.get(request.worker.rank)
+            if st is not None:
+                st.done_step = max(st.done_step, step - 1)
+        while context.is_active():
+            rt, why = self._runtime(request.worker)
+            if rt is None:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+            if rt.job.state is State.STOPPING or step >= total:
+                yield pb.PlanMessage(step=step, stop=True)
+                return
+            if not self._wait_turn(rt, step, context):
+                continue
+            yield self._plan_message(rt, step)
+            step += 1
+
+    # helpers ---------------------------------------------------------------------------
+    def _wait_turn(self, rt: AttemptRuntime, step: int, context) -> bool:
+        """Block until `step` is within PLANS_AHEAD of the step every rank has finished."""
+        with rt.cond:
+            if step <= min(s.done_step for s in rt.ranks.values()) + PLANS_AHEAD:
+                return True
+            rt.cond.wait(timeout=0.5)
+        return False
+
+    def _planned(self, rt: AttemptRuntime, step: int) -> tuple[PlannedStep, str]:
+        """The step's plan and its span's traceparent, computed once for all ranks."""
+        with rt.plan_lock:
+            if step in rt.plans:
+                return rt.plans[step]
+            job = rt.job
+            parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
+                                       else {})
+            with self.tracer.start_as_current_span("planner.plan_step", context=parent) as span:
+                planned = rt.pipeline.get(step)
+                plan = planned.plan
+                sizes = Counter(len(g.ranks) for _, g in plan.groups())
+                predicted = plan.predicted
+                span.set_attributes({
+                    "ringmaster.job_id": job.id, "ringmaster.attempt": job.attempt,
+                    "ringmaster.step": step, "planner.world_size": plan.world_size,
+                    "planner.groups_by_size": json.dumps(dict(sorted(sizes.items()))),
+                    "planner.predicted_makespan_s": predicted.makespan_s if predicted else 0.0,
+                    "planner.lower_bound_s": predicted.lower_bound_s if predicted else 0.0,
+                    "planner.planning_s": planned.planning_s,
+                })
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+            rt.plans[step] = (planned, carrier.get("traceparent", ""))
+            return rt.plans[step]
+
+    def _plan_message(self, rt: AttemptRuntime, step: int) -> pb.PlanMessage:
+        planned, traceparent = self._planned(rt, step)
+        plan, training = planned.plan, rt.job.spec.training
+        checkpoint = bool(training.checkpoint_dir) and (
+            (step + 1) % training.checkpoint_interval == 0 or step + 1 == training.steps)
+        return pb.PlanMessage(
+            step=step, plan_json=plan.model_dump_json(), sample_ids=planned.sample_ids,
+            data_epoch=planned.next_position.epoch, data_index=planned.next_position.index,
+            checkpoint=checkpoint, traceparent=traceparent,
+            predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0)
+
+    def _finish_step(self, rt: AttemptRuntime, step: int) -> None:
+        with rt.cond:
+            reports = rt.reports.pop(step)
+        planned, _ = rt.plans.pop(step, (None, ""))
+        metrics = step_metrics(step, rt.job.attempt, reports, planned)
+        self.store.append_step_metrics(rt.job.id, metrics)
+        ckpt = next((r.checkpoint_path for r in reports.values() if r.checkpoint_path), "")
+        if ckpt:
+            self.store.record_checkpoint(rt.job.id, step=step + 1, path=ckpt)
+        if planned is not None:
+            rt.pipeline.observe(planned.plan, group_seconds(planned.plan, reports))
+
+    def _lose(self, rt: AttemptRuntime, rank: int | None, message: str) -> None:
+        if rt.lost_sent:
+            return
+        rt.lost_sent = True
+        log.warning("job %s attempt %d: %s", rt.job.id, rt.job.attempt, message)
+        self.store.append_logs(rt.job.id, [message])
+        self.launcher.report(LauncherEvent(job_id=rt.job.id, attempt=rt.job.attempt,
+                                           kind=EventKind.WORKER_LOST, rank=rank,
+                                           message=message))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.25):
+            with self._lock:
+                runtimes = list(self._runtimes.values())
+            for rt in runtimes:
+                self._check_liveness(rt)
+
+    def _check_liveness(self, rt: AttemptRuntime) -> None:
+        if not rt.ready_sent or rt.lost_sent:
+            return
+        timeout = rt.job.spec.failure.heartbeat_timeout_s
+        now = self.clock()
+        for rank, st in rt.ranks.items():
+            if now - st.progress_at > timeout:
+                self._lose(rt, rank, f"rank {rank} made no progress for {now - st.progress_at:.1f}"
+                                     f" s (heartbeat_timeout_s={timeout:g}); presumed stalled")
+                return
+
+
+def _resume_step(job: JobRecord) -> int:
+    return job.last_checkpoint_step or 0 if job.last_checkpoint else 0
+
+
+def worker_config_json(job: JobRecord) -> str:
+    """What a worker needs of the job, as plain JSON (workers do not import controller)."""
+    spec = job.spec
+    return json.dumps({
+        "job_id": job.id, "attempt": job.attempt, "name": spec.name,
+        "model": spec.resolve_model().model_dump(mode="json"),
+        "dataset": spec.dataset.path, "num_ranks": spec.resources.num_ranks,
+        "training": spec.training.model_dump(mode="json"),
+        "heartbeat_interval_s": max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
+    })
+
+
+def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
+                 planned: PlannedStep | None) -> StepMetrics:
+    """One StepMetrics from every rank's report of a step."""
+    times = [r.step_time_s for r in reports.values()]
+    busy = [sum(r.micro_batch_times_s) for r in reports.values()]
+    measured = max(times) if times else 0.0
+    mean_busy = sum(busy) / len(busy) if busy else 0.0
+    any_report = next(iter(reports.values()))
+    predicted = planned.plan.predicted.makespan_s if planned and planned.plan.predicted else 0.0
+    return StepMetrics(
+        step=step, attempt=attempt, loss=any_report.loss,
+        tokens_per_s=sum(r.tokens for r in reports.values()) / measured if measured else 0.0,
+        predicted_step_s=predicted, measured_step_s=measured,
+        imbalance=(max(busy) / mean_busy - 1.0) if mean_busy > 0 else 0.0)
+
+
+def group_seconds(plan, reports: dict[int, pb.StepReport]) -> dict[tuple[int, int], float]:
+    """Measured time of each (micro_batch, group): the slowest member's micro-batch time."""
+    out: dict[tuple[int, int], float] = {}
+    for rank, rep in reports.items():
+        mine = [(m, gi) for m, mb in enumerate(plan.micro_batches)
+                for gi, g in enumerate(mb.groups) if rank in g.ranks]
+        for key, seconds in zip(mine, rep.micro_batch_times_s, strict=False):
+            out[key] = max(out.get(key, 0.0), seconds)
+    return out
+
+
+def serve_grpc(service: WorkerService, *, host: str, port: int,
+               max_workers: int = 64) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `service`; returns it and the bound port."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"))
+    pb_grpc.add_WorkerServiceServicer_to_server(service, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"grpc port {host}:{port} could not be bound")
+    server.start()
+    return server, bound
+
+
+__all__ = ["WorkerService", "serve_grpc", "worker_config_json"]

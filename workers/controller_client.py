@@ -1,0 +1,113 @@
+"""A rank's gRPC client to the controller (register, plan stream, reports, heartbeats).
+
+Every call carries (job, attempt, rank); a reply with `accepted=False` means this attempt
+has been fenced off (a newer attempt exists, or the job ended) and raises `Fenced`, which
+ends the rank. Calls retry while the controller is unreachable for up to `reconnect_s`,
+so ranks survive a controller restart; the plan stream resumes from the first step not yet
+received. Trace context goes out as W3C `traceparent` metadata on every call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from opentelemetry import propagate
+
+from controller.rpc import ringmaster_pb2 as pb
+from controller.rpc import ringmaster_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class Fenced(RuntimeError):
+    """The controller no longer accepts this (job, attempt, rank)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerIdentity:
+    job_id: str  # the job's id in the controller
+    attempt: int  # fencing token: the attempt this rank belongs to
+    rank: int  # global rank
+
+    def to_pb(self) -> pb.WorkerId:
+        return pb.WorkerId(job_id=self.job_id, attempt=self.attempt, rank=self.rank)
+
+
+class ControllerClient:
+    """Thin typed wrapper over the generated stub with retries and fencing."""
+
+    def __init__(self, address: str, identity: WorkerIdentity, *, call_timeout_s: float = 10.0,
+                 reconnect_s: float = 120.0):
+        self.identity = identity
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.WorkerServiceStub(self._channel)
+        self._timeout = call_timeout_s
+        self._reconnect_s = reconnect_s
+
+    def close(self) -> None:
+        self._channel.close()
+
+    @staticmethod
+    def _metadata() -> list[tuple[str, str]]:
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        return list(carrier.items())
+
+    def _call(self, fn: Callable[..., T], request) -> T:
+        deadline = time.monotonic() + self._reconnect_s
+        delay = 0.2
+        while True:
+            try:
+                return fn(request, timeout=self._timeout, metadata=self._metadata())
+            except grpc.RpcError as exc:
+                if exc.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def _accepted(self, reply):
+        if not reply.accepted:
+            raise Fenced(f"controller rejected {self.identity}: {reply.reason}")
+        return reply
+
+    def register(self, *, host: str, pid: int) -> pb.RegisterReply:
+        req = pb.RegisterRequest(worker=self.identity.to_pb(), host=host, pid=pid)
+        return self._accepted(self._call(self._stub.Register, req))
+
+    def report_step(self, **fields) -> None:
+        req = pb.StepReport(worker=self.identity.to_pb(), **fields)
+        self._accepted(self._call(self._stub.ReportStep, req))
+
+    def heartbeat(self, *, step: int, progress: int) -> pb.HeartbeatReply:
+        req = pb.HeartbeatRequest(worker=self.identity.to_pb(), step=step, progress=progress)
+        return self._accepted(self._call(self._stub.Heartbeat, req))
+
+    def report_failure(self, *, step: int, error: str) -> None:
+        req = pb.FailureReport(worker=self.identity.to_pb(), step=step, error=error[:4000])
+        self._call(self._stub.ReportFailure, req)
+
+    def plans(self, from_step: int) -> Iterator[pb.PlanMessage]:
+        """Plans from `from_step` on, reconnecting (and resuming) across controller restarts."""
+        next_step = from_step
+        deadline = time.monotonic() + self._reconnect_s
+        while True:
+            req = pb.PlanRequest(worker=self.identity.to_pb(), from_step=next_step)
+            try:
+                for msg in self._stub.StreamPlans(req, metadata=self._metadata()):
+                    deadline = time.monotonic() + self._reconnect_s
+                    yield msg
+                    if msg.stop:
+                        return
+                    next_step = msg.step + 1
+                return
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    raise Fenced(f"controller closed the plan stream: {exc.details()}") from None
+                if exc.code() not in _RETRYABLE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
