@@ -156,7 +156,7 @@ class PlanPipeline:
 
     def predict_s(self, plan: StepPlan) -> float:
         """Step time the current (refitted) model predicts for `plan`."""
-        from scheduler.simulate import simulate
+        from scheduler import simulate
 
         return simulate(plan, self.spec.resolve_cluster(), self.spec.resolve_model(),
                         cost=self._cost).makespan_s
