@@ -69,3 +69,30 @@ def test_unreachable_api_server_at_start_is_retried(tmp_path, monkeypatch):
                             watch=False)
     assert la.poll() == [] and la._adopted is False
     la.close()
+
+
+def test_controller_builds_the_launcher_from_the_charts_env(api, render, tmp_path,
+                                                            monkeypatch):
+    """`ringmaster serve --launcher=kubernetes` in the chart's pod: env in, launcher out."""
+    from controller.server import Controller, ControllerConfig
+
+    r = render(values_file="kubernetes-launcher-on")
+    (deployment,) = r.of_kind("Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    for e in container["env"]:
+        if "value" in e and not e["name"].startswith("REDIS"):
+            monkeypatch.setenv(e["name"], e["value"])
+    monkeypatch.delenv("REDIS_URL", raising=False)  # embedded Redis in tmp_path instead
+    args = dict(a.removeprefix("--").split("=", 1) for a in container["args"][1:])
+    config = ControllerConfig(state_dir=tmp_path / "state", host=args["host"], port=0,
+                              grpc_port=int(args["grpc-port"]), launcher=args["launcher"],
+                              token="t" * 32)
+    controller = Controller(config)
+    try:
+        launcher = controller.launcher
+        assert isinstance(launcher, KubernetesLauncher)
+        assert launcher.config.cluster.controller_address == "rm-ringmaster.ml.svc:50051"
+        assert launcher.config.namespaces == ("ringmaster-jobs", "ringmaster-batch")
+        assert ("ray.io", "rayclusters", "list") in api.calls  # adoption ran at start
+    finally:
+        controller.close()
