@@ -15,6 +15,7 @@ from rich.console import Console
 from controller.cli_data import data_app
 from controller.cli_demo import demo
 from controller.cli_jobs import register as register_job_commands
+from controller.cli_memory import memory
 from controller.cli_plan import plan
 from scheduler.errors import RingmasterError
 
@@ -28,6 +29,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("demo")(demo)
 app.command("plan")(plan)
+app.command("memory")(memory)
 register_job_commands(app)
 err = Console(stderr=True, soft_wrap=True)
 
