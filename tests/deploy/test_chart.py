@@ -1,7 +1,7 @@
 """The Helm chart with a real helm: lint, render, schema, and Kubernetes' own JSON schemas.
 
-Kubernetes versions: 1.35 (the API version the pinned Helm 4.1 is built against) and the
-newest schema kubernetes-validate bundles. Only the optional ServiceMonitor (a
+Kubernetes versions: 1.29 (the chart's kubeVersion floor), 1.35 (the API version the pinned
+Helm 4.1 is built against) and the newest schema kubernetes-validate bundles. Only the optional ServiceMonitor (a
 prometheus-operator CRD) has no bundled schema; it is checked by hand below.
 """
 
@@ -16,7 +16,7 @@ import yaml
 
 from tests.deploy.conftest import CHART, VARIANTS
 
-K8S_VERSIONS = ("1.35.0",)
+K8S_VERSIONS = ("1.29.0", "1.35.0")
 CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 
