@@ -32,7 +32,6 @@ LABEL_JOB = "ringmaster.io/job-id"
 LABEL_ATTEMPT = "ringmaster.io/attempt"
 LABEL_WORKER = "ringmaster.io/worker"
 LABEL_NODE_TYPE = "ray.io/node-type"
-LABEL_CLUSTER = "ray.io/cluster"
 
 # Port names are the ones KubeRay looks up to build the head Service.
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
