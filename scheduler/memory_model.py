@@ -19,11 +19,12 @@ block whose low part [0, S) is held from its forward op to its backward op, and 
 part above S is held only during its forward op (up to the forward's peak) and its
 backward op (up to the backward's peak). Level 2 places, on the model's op axis
 
-    0 embed fwd | 1..N layer fwd | N+1 head fwd+bwd | N+2..2N+1 layer bwd | 2N+2 embed bwd
+    0 embed fwd | 1..N layer fwd | N+1 head fwd+bwd | layer N-1 .. 0 bwd | embed bwd
 
-these blocks for every layer and the embedding (the parts above S linked S bytes above
-the resident part, so a block stays one piece), a gradient hand-off block per backward
-and the head's block, again with `plan_offsets`. The lower bound is the
+(every backward is two ops: before and from the birth of its gradient hand-off) these
+blocks for every layer and the embedding (the parts above S linked S bytes above the
+resident part, so a block stays one piece), a gradient hand-off block per backward and
+the head's block, again with `plan_offsets`. The lower bound is the
 max-live bytes of the unrolled op-level model trace. A profile is affine in the number of
 tokens (every size is a * tokens + b, a fact the trace tests check), so one profile,
 recorded once per model by workers/memtrace.py and stored as JSON, plans every length
@@ -101,14 +102,17 @@ class ModelMemoryProfile:
 
 @dataclass(frozen=True, kw_only=True)
 class RegionBlock:
-    """A region's level-1 plan seen as a block: [0, resident) held from its forward op to
-    its backward op, up to `forward_peak` during the forward, `backward_peak` during the
-    backward."""
+    """A region's level-1 plan seen as a block: [0, resident) held from its forward to the
+    end of its backward; above it, up to `forward_peak` during the forward, `backward_peak`
+    during the backward until its gradient hand-off is born (`tail_op`), `tail_peak` from
+    then on (so the hand-off can sit where the backward's workspace was)."""
 
     plan: MemoryPlan          # level 1: every tensor of the region but its grad_input
     resident_bytes: int       # S: saved + output tensors, placed in [0, S)
-    forward_peak: int         # highest address used by tensors born in the forward
-    backward_peak: int        # highest address used by tensors born in the backward
+    forward_peak: int         # highest address live at a forward op
+    backward_peak: int        # highest address live at a backward op before tail_op
+    tail_peak: int            # highest address live at tail_op or later
+    tail_op: int              # first op of the grad_input (num_ops if it has none)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,13 +160,18 @@ def plan_region_block(region: RegionProfile, num_tokens: int, *,
     ceilings = {k: resident for k, t in enumerate(chosen) if t.kind != "transient"}
     plan = plan_offsets(sizes, [(t.first_op, t.last_op) for t in chosen],
                         time_limit_s=time_limit_s, ceilings=ceilings)
-    fwd = bwd = resident
+    tail = min((t.first_op for t in region.of_kind("grad_input")), default=region.num_ops)
+    tail = max(tail, region.backward_op)
+    fwd = bwd = end = resident
     for t, off, size in zip(chosen, plan.offsets, plan.sizes, strict=True):
         if t.first_op < region.backward_op:
             fwd = max(fwd, off + size)
-        else:
+        if t.first_op < tail and t.last_op >= region.backward_op:
             bwd = max(bwd, off + size)
-    return RegionBlock(plan=plan, resident_bytes=resident, forward_peak=fwd, backward_peak=bwd)
+        if t.last_op >= tail:
+            end = max(end, off + size)
+    return RegionBlock(plan=plan, resident_bytes=resident, forward_peak=fwd, backward_peak=bwd,
+                       tail_peak=end, tail_op=tail)
 
 
 def plan_model(profile: ModelMemoryProfile, num_tokens: int, *, num_layers: int | None = None,
@@ -176,15 +185,19 @@ def plan_model(profile: ModelMemoryProfile, num_tokens: int, *, num_layers: int 
     embedding = plan_region_block(profile.embedding, tokens, time_limit_s=time_limit_s)
     head = plan_offsets(*_trace_of(profile.head, tokens, "saved", "output", "transient"),
                         time_limit_s=time_limit_s)
+    def bwd_ops(i: int) -> tuple[int, int]:   # layer i's backward, -1 is the embedding
+        a = n + 2 + 2 * (n - 1 - i)
+        return a, a + 1
+
     blocks = _Blocks()
-    blocks.region("embedding", embedding, 0, 2 * n + 2)
+    blocks.region("embedding", embedding, 0, *bwd_ops(-1))
     for i in range(n):
-        fwd, bwd = 1 + i, 2 * n + 1 - i
-        blocks.region(f"layer{i}", layer, fwd, bwd)
+        blocks.region(f"layer{i}", layer, 1 + i, *bwd_ops(i))
         blocks.add(f"layer{i}.grad_input", _kind_bytes(profile.layer, tokens, "grad_input"),
-                   bwd, bwd + 1)
+                   bwd_ops(i)[1], bwd_ops(i - 1)[1])
     blocks.add("head", head.peak_bytes, n + 1, n + 1)
-    blocks.add("head.grad_input", _kind_bytes(profile.head, tokens, "grad_input"), n + 1, n + 2)
+    blocks.add("head.grad_input", _kind_bytes(profile.head, tokens, "grad_input"), n + 1,
+               bwd_ops(n - 1)[1])
     model_plan = plan_offsets(blocks.sizes, blocks.spans, time_limit_s=time_limit_s,
                               links=blocks.links)
     return ModelMemoryPlan(
@@ -208,14 +221,14 @@ class _Blocks:
         self.spans.append((first, last))
         return len(self.names) - 1
 
-    def region(self, name: str, block: RegionBlock, fwd: int, bwd: int) -> None:
-        """The resident part over [fwd, bwd] and the forward/backward parts above it."""
+    def region(self, name: str, block: RegionBlock, fwd: int, bwd: int, tail: int) -> None:
+        """The resident part over [fwd, tail] and, linked above it, the forward part, the
+        backward part and the backward's tail part (from the gradient hand-off's birth)."""
         s = block.resident_bytes
-        base = self.add(f"{name}.resident", s, fwd, bwd)
-        f = self.add(f"{name}.fwd", block.forward_peak - s, fwd, fwd)
-        b = self.add(f"{name}.bwd", block.backward_peak - s, bwd, bwd)
-        self.links[f] = (base, s)
-        self.links[b] = (base, s)
+        base = self.add(f"{name}.resident", s, fwd, tail)
+        for part, size, op in (("fwd", block.forward_peak, fwd), ("bwd", block.backward_peak, bwd),
+                               ("tail", block.tail_peak, tail)):
+            self.links[self.add(f"{name}.{part}", size - s, op, op)] = (base, s)
 
 
 def _trace_of(region: RegionProfile, tokens: int, *kinds: str

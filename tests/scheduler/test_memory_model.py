@@ -152,7 +152,7 @@ def test_bi_level_plan_composes_into_a_valid_whole_model_placement(name, tokens)
                         heuristic_peak_bytes=0, solve_time_s=0.0)
     check_plan(placed, sizes, lifetimes)
     assert placed.peak_bytes <= plan.peak_bytes
-    assert plan.peak_bytes <= 1.03 * plan.unrolled_max_live_bytes
+    assert plan.peak_bytes <= 1.005 * plan.unrolled_max_live_bytes
 
 
 def test_hand_profile_composes_too():
