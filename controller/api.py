@@ -173,9 +173,9 @@ def _add_watch_routes(router: APIRouter, store: JobStore, settings: ApiSettings)
     def job_logs(job_id: JobId,
                  tail: Annotated[int | None, Query(ge=1, le=settings.max_log_lines,
                                                    description="Last N lines.")] = None,
-                 cursor: Annotated[str | None, Query(max_length=42, pattern=r"^\d+(-\d+)?$",
-                                                     description="next_cursor of the previous "
-                                                                 "chunk; '0' = start.")] = None,
+                 cursor: Annotated[str | None, Query(
+                     max_length=41, pattern=r"^\d{1,20}(-\d{1,20})?$",
+                     description="next_cursor of the previous chunk; '0' = start.")] = None,
                  follow: bool = False,
                  wait_s: Annotated[float, Query(ge=0, le=settings.max_log_wait_s)] = 10.0,
                  limit: Annotated[int, Query(ge=1, le=settings.max_log_lines)] = 500,

@@ -49,7 +49,20 @@ def groups_by_size(plan: StepPlan) -> dict[str, int]:
 
 def preview_plan(spec: JobCreate, *, num_batches: int = 2, gantt: bool = False,
                  tracer: trace.Tracer | None = None) -> PlanPreview:
-    """Plan the first `num_batches` global batches of `spec`'s dataset."""
+    """Plan the first `num_batches` global batches of `spec`'s dataset.
+
+    Extreme model or cluster figures (a 1e300 GiB GPU, a 1e-300 TFLOP/s one) overflow the
+    cost model's arithmetic; that is the spec's fault, so it is reported as a SpecError.
+    """
+    try:
+        return _preview(spec, num_batches=num_batches, gantt=gantt, tracer=tracer)
+    except ArithmeticError as exc:
+        raise SpecError(f"model/resources.cluster: figures out of the range the cost model "
+                        f"can compute with ({type(exc).__name__}: {exc})") from None
+
+
+def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
+             tracer: trace.Tracer | None) -> PlanPreview:
     from scheduler.batching import epoch_batches
     from scheduler.cost import CostModel
     from scheduler.dataset import read_lengths

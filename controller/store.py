@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 
 import redis
-from opentelemetry import trace
+from opentelemetry import propagate, trace
 
 from controller.spec import JobCreate
 from controller.states import JobRecord, StaleState, State, Transition, check_transition
@@ -104,7 +104,8 @@ def _encode_fields(updates: dict) -> dict[str, str]:
 
 
 def check_cursor(cursor: str) -> str:
-    if not _CURSOR.match(cursor):
+    """A log cursor is a Redis stream id 'ms-seq' (or 'ms'), both parts below 2**64."""
+    if not _CURSOR.match(cursor) or any(int(p) >= 2**64 for p in cursor.split("-")):
         raise ValueError(f"cursor={cursor!r} is not a log cursor (from a previous response's "
                          "next_cursor, e.g. '1732600000000-0'; '0' reads from the start)")
     return cursor
@@ -133,8 +134,11 @@ class JobStore:
         """
         seq = self.r.incr(self._k("seq"))
         now = self.clock()
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)  # the submission's trace: every attempt joins it
         rec = JobRecord(id=f"{spec.name[:48]}-{secrets.token_hex(5)}", spec=spec,
-                        state=State.PENDING, created_at=now, updated_at=now)
+                        state=State.PENDING, created_at=now, updated_at=now,
+                        trace_parent=carrier.get("traceparent", ""))
         sub_key = self._k("sub", spec.submission_id) if spec.submission_id else None
         result: list = []
 

@@ -176,6 +176,9 @@ def test_logs_and_metrics_are_served_from_the_store(ctl):
     empty = c.get(f"/v1/jobs/{job_id}/logs", params={"cursor": rest["next_cursor"],
                                                       "follow": True, "wait_s": 0.2}).json()
     assert empty["lines"] == [] and empty["next_cursor"] == rest["next_cursor"]
+    for bad in ("99999999999999999999-0", "18446744073709551616", "1-2-3", "-1"):
+        r = c.get(f"/v1/jobs/{job_id}/logs", params={"cursor": bad})
+        assert r.status_code == 422 and "cursor" in r.json()["error"]["message"], bad
     both = c.get(f"/v1/jobs/{job_id}/logs", params={"cursor": "0", "tail": 3})
     assert both.status_code == 422 and "tail and cursor" in both.json()["error"]["message"]
     m = c.get(f"/v1/jobs/{job_id}/metrics", params={"since_step": 2}).json()

@@ -77,6 +77,13 @@ def test_preview_errors_are_422_naming_the_cause(ctl, dataset, tmp_path):
     r = c.post("/v1/jobs:plan", json=too_long)
     assert r.status_code == 422, r.text
     assert "cannot fit" in r.json()["error"]["message"]
+    absurd = job(dataset)
+    absurd["resources"] = {"num_ranks": 4, "cluster": dict(
+        num_nodes=1, gpus_per_node=4, gpu_memory_gib=1e300, achieved_tflops=1e-300,
+        intra_node_bandwidth_gbps=1e-300, inter_node_bandwidth_gbps=1e300,
+        pcie_bandwidth_gbps=1e-300, host_memory_gib=1e300)}
+    r = c.post("/v1/jobs:plan", json=absurd)
+    assert r.status_code == 422 and "out of the range" in r.json()["error"]["message"]
     slow = job(dataset)
     slow["planner"]["time_limit_s"] = 40
     r = c.post("/v1/jobs:plan", json=slow, params={"num_batches": 2})
