@@ -48,10 +48,10 @@ from scheduler.memory_model import (
     profile_to_json,
 )
 from scheduler.specs import ModelSpec, model_preset
+from workers.model import DEFAULT_HEAD_CHUNK as HEAD_CHUNK_TOKENS  # the head's chunk
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
-HEAD_CHUNK_TOKENS = 4096   # workers.model.DEFAULT_HEAD_CHUNK: the head's per-chunk workspace
 
 
 @dataclass(frozen=True, kw_only=True)
