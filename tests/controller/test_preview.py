@@ -7,10 +7,14 @@ straight from the dataset file, not by anything the preview computed.
 from __future__ import annotations
 
 import base64
+import json
 
 import numpy as np
 import pytest
+import yaml
+from typer.testing import CliRunner
 
+from controller.cli import app
 from scheduler.batching import epoch_batches
 from scheduler.dataset import DatasetWriter, TokenDataset
 from scheduler.plan import StepPlan
@@ -90,3 +94,17 @@ def test_preview_errors_are_422_naming_the_cause(ctl, dataset, tmp_path):
     assert r.status_code == 422 and "planner.time_limit_s=40" in r.json()["error"]["message"]
     assert c.post("/v1/jobs:plan", json=job(dataset), params={"num_batches": 9}
                   ).status_code == 422
+
+
+def test_cli_preview_writes_the_gantt_and_prints_the_table(ctl, dataset, tmp_path):
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(job(dataset)))
+    env = {"RINGMASTER_URL": ctl.url, "RINGMASTER_TOKEN": ctl.token}
+    png = tmp_path / "plan.png"
+    r = CliRunner().invoke(app, ["preview", str(spec_file), "--num-batches", "1", "--png",
+                                 str(png)], env=env)
+    assert r.exit_code == 0, r.output
+    assert "16 samples, 3 batches/epoch" in r.stdout and "Gantt chart written" in r.stdout
+    assert png.read_bytes().startswith(b"\x89PNG")
+    r = CliRunner().invoke(app, ["preview", str(spec_file), "-o", "json"], env=env)
+    assert r.exit_code == 0 and len(json.loads(r.stdout)["batches"]) == 2
