@@ -35,20 +35,27 @@ import kernels  # noqa: E402
 
 
 def _timed(fn, *, warmup: int, iters: int) -> float:
-    """Median seconds of ``fn()`` (CUDA-synchronized when on GPU)."""
+    """Median wall seconds of ``fn()`` (CUDA-synchronized when on GPU)."""
+    return statistics.median(_samples(fn, warmup=warmup, iters=iters)[0])
+
+
+def _samples(fn, *, warmup: int, iters: int) -> tuple[list[float], list[float]]:
+    """Wall and process-CPU seconds per call. On a shared CPU box the wall time includes
+    waiting for cores; CPU seconds (all threads) are the steadier figure there."""
     cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    samples = []
+    wall, cpu = [], []
     for _ in range(iters):
         if cuda:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         if cuda:
             torch.cuda.synchronize()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return wall, cpu
 
 
 def _causal_fwd_flops(tokens: int, heads: int, head_dim: int) -> float:
@@ -111,9 +118,11 @@ def attention_cpu(rows: list[dict]) -> None:
         impls = (("torch backend", _ours(cu, "torch")), ("naive reference", _reference(cu)),
                  ("torch SDPA", _sdpa(4, False)))
         for name, fwd in impls:
-            seconds = _timed(_fwd_bwd(fwd, leaves, dout), warmup=1, iters=3)
+            wall, cpu = _samples(_fwd_bwd(fwd, leaves, dout), warmup=1, iters=3)
+            seconds, cpu_seconds = statistics.median(wall), statistics.median(cpu)
             rows.append(dict(bench="attention fwd+bwd", device="cpu", impl=name, tokens=tokens,
-                             ms=round(seconds * 1e3, 1), gflops=round(flops / seconds / 1e9, 2)))
+                             wall_ms=round(seconds * 1e3, 1), cpu_ms=round(cpu_seconds * 1e3, 1),
+                             gflop_per_cpu_s=round(flops / cpu_seconds / 1e9, 2)))
 
 
 def attention_cuda(rows: list[dict], seqlens: list[int]) -> None:
@@ -158,11 +167,10 @@ def ce_child(mode: str, tokens: int, vocab: int, hidden: int) -> None:
     h, w, t = _ce_inputs(tokens, vocab, hidden, torch.float32, "cpu")
     with open("/proc/self/statm") as f:
         base_kib = int(f.read().split()[1]) * resource.getpagesize() // 1024
-    start = time.perf_counter()
-    _ce_step(mode, h, w, t)()
-    seconds = time.perf_counter() - start
+    wall, cpu = _samples(_ce_step(mode, h, w, t), warmup=0, iters=1)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": seconds, "extra_mib": (peak_kib - base_kib) / 1024}))
+    print(json.dumps({"seconds": wall[0], "cpu_seconds": cpu[0],
+                      "extra_mib": (peak_kib - base_kib) / 1024}))
 
 
 def linear_ce_cpu(rows: list[dict]) -> None:
@@ -174,7 +182,8 @@ def linear_ce_cpu(rows: list[dict]) -> None:
         )
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(dict(bench=f"linear CE fwd+bwd f32 T={tokens} V={vocab} H={hidden}",
-                         device="cpu", impl=mode, ms=round(res["seconds"] * 1e3),
+                         device="cpu", impl=mode, wall_ms=round(res["seconds"] * 1e3),
+                         cpu_ms=round(res["cpu_seconds"] * 1e3),
                          extra_mib=round(res["extra_mib"])))
 
 

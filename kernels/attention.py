@@ -23,6 +23,8 @@ from kernels import attention_torch
 from kernels.varlen import validate_attention, validate_backward_extras
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+"""Larger heads would not fit a tile of q, k and v in shared memory."""
 
 
 def _triton_usable(q: torch.Tensor) -> bool:
@@ -32,7 +34,8 @@ def _triton_usable(q: torch.Tensor) -> bool:
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
     """Turn ``auto`` into a concrete backend; reject ``triton`` where it cannot run."""
     if backend == "auto":
-        return "triton" if q.is_cuda and q.dtype in TRITON_DTYPES else "torch"
+        fits = q.dtype in TRITON_DTYPES and q.shape[2] <= TRITON_MAX_HEAD_DIM
+        return "triton" if q.is_cuda and fits else "torch"
     if backend == "triton":
         if not _triton_usable(q):
             raise ValueError(
@@ -43,6 +46,11 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
             raise ValueError(
                 f"backend='triton' supports dtypes {TRITON_DTYPES}, got {q.dtype}; use "
                 f"backend='torch' for it"
+            )
+        if q.shape[2] > TRITON_MAX_HEAD_DIM:
+            raise ValueError(
+                f"backend='triton' supports head dim <= {TRITON_MAX_HEAD_DIM}, got "
+                f"{q.shape[2]}; use backend='torch'"
             )
     return backend
 

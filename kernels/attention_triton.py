@@ -333,6 +333,18 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, softmax_scale, qk_scal
              mask=rows_ok[:, None] & d_ok[None, :])
 
 
+MAX_GRID_SEQS = 65535
+"""CUDA's limit on the third grid dimension, which indexes the packed sequences."""
+
+
+def _check_num_seqs(seqs: PackedSeqs) -> None:
+    if seqs.num_seqs > MAX_GRID_SEQS:
+        raise ValueError(
+            f"cu_seqlens_q describes {seqs.num_seqs} sequences; the triton backend takes at "
+            f"most {MAX_GRID_SEQS} per call (split the batch or use backend='torch')"
+        )
+
+
 def _common(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
     head_dim = q.shape[2]
     return dict(
@@ -347,6 +359,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
 def attention_forward(q, k, v, *, cu_seqlens_q, cu_seqlens_k, seqs: PackedSeqs, causal,
                       scale):
     """Validated inputs in, ``(out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)`` out."""
+    _check_num_seqs(seqs)
     q, k, v = (t.contiguous() for t in (q, k, v))
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
@@ -377,6 +390,7 @@ def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k,
                        seqs: PackedSeqs, causal, scale):
     """Validated inputs in, ``(dq, dk, dv)`` in the dtypes of ``q, k, v`` out."""
+    _check_num_seqs(seqs)
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     lse = lse.to(torch.float32).contiguous()
     delta = _delta(out, dout)

@@ -89,3 +89,17 @@ def test_linear_ce_rejects_garbage(needle, change):
         kernels.linear_cross_entropy(
             kw.pop("hidden"), kw.pop("weight"), kw.pop("targets"), **kw
         )
+
+
+@pytest.mark.parametrize(
+    "needle,dtype,head_dim",
+    [("supports dtypes", torch.float64, 16), ("head dim <= 256", torch.float32, 288)],
+)
+def test_triton_backend_rejects_what_it_cannot_run(needle, dtype, head_dim, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # past the device check, no kernel launched
+    q = torch.randn(4, 2, head_dim, dtype=dtype)
+    cu = make_cu([4])
+    with pytest.raises(ValueError, match=needle):
+        kernels.attention_with_lse(
+            q, q, q, cu_seqlens_q=cu, cu_seqlens_k=cu, causal=False, backend="triton"
+        )
