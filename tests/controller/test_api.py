@@ -108,6 +108,14 @@ def test_oversized_body_is_413(ctl):
     r = ctl.client().post("/v1/jobs", json=huge)
     assert r.status_code == 413 and "over" in r.json()["error"]["message"]
 
+    def chunks():  # no Content-Length: the limit applies to what actually arrives
+        for _ in range(300):
+            yield b"x" * 8192
+
+    r = ctl.client().post("/v1/jobs", content=chunks(), headers={"Content-Type":
+                                                                  "application/json"})
+    assert r.status_code == 413
+
 
 def test_bad_query_and_path_parameters(ctl):
     c = ctl.client()
