@@ -33,3 +33,17 @@ def full_attention(q, k, v, cu_seqlens, *, causal: bool, scale: float | None = N
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """max |got - want| / max |want| (max-norm relative error)."""
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
+
+
+def sdpa_attention(q, k, v, cu_seqlens, *, causal: bool):
+    """torch's own scaled_dot_product_attention per sequence, in the inputs' dtype: the
+    yardstick for low-precision error (our error may be a small multiple of its error)."""
+    groups = q.shape[1] // k.shape[1]
+    outs = []
+    cu = [int(c) for c in cu_seqlens]
+    for start, end in zip(cu, cu[1:], strict=False):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        ks, vs = ks.repeat_interleave(groups, 0), vs.repeat_interleave(groups, 0)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal)
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)

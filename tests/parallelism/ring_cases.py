@@ -57,6 +57,8 @@ def _run_case(rank: int, case: dict) -> dict | None:
     shard = {name: zigzag_shard(b[name], b["cu"], d, j)[0] for name in ("q", "k", "v", "dout", "x")}
     _, cu_local, pos_local = zigzag_shard(b["q"], b["cu"], d, j)
     stats = CommStats()
+    dtype = getattr(torch, case.get("dtype", "float64"))
+    shard = {n: t.to(dtype) for n, t in shard.items()}
     if case.get("graph"):
         params = {n: b[n].clone().requires_grad_(True) for n in ("wq", "wk", "wv")}
         x = shard["x"]
@@ -72,10 +74,11 @@ def _run_case(rank: int, case: dict) -> dict | None:
                                                       shard["dout"])
     else:
         out = ring_attention(q, k, v, cu_seqlens=cu_local, ring=ring, causal=case["causal"],
-                             comm_stats=stats)
+                             comm_stats=stats, backend=case.get("backend", "auto"))
         fwd_bytes = dict(stats.bytes_sent)
         grads = torch.autograd.grad(out, leaves, shard["dout"])
-    return {"group": g, "position": j, "out": out.detach(), "grads": grads,
+    grads = tuple(t.double() for t in grads)
+    return {"group": g, "position": j, "out": out.detach().double(), "grads": grads,
             "fwd_bytes": fwd_bytes, "bytes": dict(stats.bytes_sent)}
 
 
@@ -99,6 +102,41 @@ def _two_layers_one_setup(q, k, v, cu_local, ring, case, stats, dout):
 
 def run_cases(rank: int, world_size: int, cases: list[dict]) -> list[dict | None]:
     return [_run_case(rank, case) for case in cases]
+
+
+def _protocol(rank: int) -> dict:
+    from parallelism import CommProtocolError, CommStats, RingComm
+
+    ring = [2, 0, 1]  # not sorted: next/prev follow the list, not rank order
+    stats = CommStats()
+    comm = RingComm(ring, channel="t", stats=stats)
+    seen = {}
+
+    def expect(name, fn):
+        try:
+            fn()
+            seen[name] = "no error"
+        except CommProtocolError as exc:
+            seen[name] = str(exc)
+
+    mine = torch.full((3, 5), float(rank), dtype=torch.float32)
+    got = comm.send_recv(mine)
+    expect("send_to_stranger", lambda: comm.send(mine, to=rank))
+    expect("non_contiguous", lambda: comm.send(mine.t(), to=comm.next_rank))
+    comm.commit()
+    expect("send_in_flight", lambda: comm.send(mine, to=comm.next_rank))
+    expect("commit_twice", comm.commit)
+    expect("close_in_flight", comm.close)
+    comm.wait()
+    expect("wait_twice", comm.wait)
+    comm.close()
+    return {"got": float(got[0, 0]), "prev": comm.prev_rank, "next": comm.next_rank,
+            "errors": seen, "sent": stats.bytes_sent, "received": stats.bytes_received}
+
+
+def run_misuse_world(rank: int, world_size: int) -> dict:
+    """World of 3: the RingComm protocol checks, then ring attention misuse (timeouts last)."""
+    return {"protocol": _protocol(rank), "ring": run_error_cases(rank, world_size)}
 
 
 def run_error_cases(rank: int, world_size: int) -> dict:

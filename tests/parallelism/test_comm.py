@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from parallelism import CommProtocolError, CommStats, RingComm
-from tests.dist import run_distributed
+from parallelism import CommProtocolError, RingComm
 
 
 def test_single_rank_ring_has_no_peers():
@@ -26,38 +25,10 @@ def test_ring_must_name_ranks_of_this_world():
         RingComm([1, 2], channel="t")
 
 
-def _protocol(rank: int, world_size: int) -> dict:
-    ring = [2, 0, 1]  # not sorted: next/prev follow the list, not rank order
-    stats = CommStats()
-    comm = RingComm(ring, channel="t", stats=stats)
-    seen = {}
-
-    def expect(name, fn):
-        try:
-            fn()
-            seen[name] = "no error"
-        except CommProtocolError as exc:
-            seen[name] = str(exc)
-
-    mine = torch.full((3, 5), float(rank), dtype=torch.float32)
-    got = comm.send_recv(mine)
-    expect("send_to_stranger", lambda: comm.send(mine, to=rank))
-    expect("non_contiguous", lambda: comm.send(mine.t(), to=comm.next_rank))
-    comm.commit()
-    expect("send_in_flight", lambda: comm.send(mine, to=comm.next_rank))
-    expect("commit_twice", comm.commit)
-    expect("close_in_flight", comm.close)
-    comm.wait()
-    expect("wait_twice", comm.wait)
-    comm.close()
-    return {"got": float(got[0, 0]), "prev": comm.prev_rank, "next": comm.next_rank,
-            "errors": seen, "sent": stats.bytes_sent, "received": stats.bytes_received}
-
-
 @pytest.mark.distributed
-def test_protocol_misuse_raises_and_bytes_are_counted():
-    results = run_distributed(_protocol, 3, timeout_s=60)
-    for rank, res in enumerate(results):
+def test_protocol_misuse_raises_and_bytes_are_counted(misuse_world):
+    """3 ranks, ring [2, 0, 1] (shared launch: tests/parallelism/conftest.py)."""
+    for rank, res in enumerate(r["protocol"] for r in misuse_world):
         ring = [2, 0, 1]
         pos = ring.index(rank)
         assert res["prev"] == ring[pos - 1] and res["next"] == ring[(pos + 1) % 3]

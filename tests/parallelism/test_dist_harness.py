@@ -33,8 +33,8 @@ def _hangs(rank: int, world_size: int) -> int:
 
 
 def test_results_come_back_indexed_by_rank():
-    out = run_distributed(_sum_of_ranks, 3, 10, offset=1, timeout_s=60)
-    assert out == [(r, 3, 31.0) for r in range(3)]
+    out = run_distributed(_sum_of_ranks, 2, 10, offset=1, timeout_s=60)
+    assert out == [(r, 2, 11.0) for r in range(2)]
 
 
 def test_failure_carries_rank_and_traceback():
@@ -47,6 +47,6 @@ def test_failure_carries_rank_and_traceback():
 
 def test_hung_rank_is_killed_at_deadline():
     start = time.monotonic()
-    with pytest.raises(DistributedTestError, match=r"ranks \[0\] did not finish within 10"):
-        run_distributed(_hangs, 1, timeout_s=10)
+    with pytest.raises(DistributedTestError, match=r"ranks \[0\] did not finish within 5"):
+        run_distributed(_hangs, 1, timeout_s=5)
     assert time.monotonic() - start < 40

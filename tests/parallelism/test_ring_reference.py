@@ -24,10 +24,11 @@ def _batch(lengths, hq, hkv, d=8, seed=0):
     return cu, q, k, v, dout
 
 
-@pytest.mark.parametrize("ring_size", [1, 2, 3, 4, 8])
-@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize(("ring_size", "causal"),
+                         [(1, True), (2, True), (3, True), (4, True), (3, False),
+                          pytest.param(8, True, marks=pytest.mark.slow)])
 def test_simulated_ring_matches_full_attention(ring_size, causal):
-    cu, q, k, v, dout = _batch([1, 5, 127, 300, 2], hq=4, hkv=1, seed=ring_size)
+    cu, q, k, v, dout = _batch([1, 5, 127, 40, 2], hq=4, hkv=1, seed=ring_size)
     want = full_attention(q, k, v, cu, causal=causal)
     want_grads = torch.autograd.grad(want, (q, k, v), dout)
     shards = [[zigzag_shard(x, cu, ring_size, j)[0] for j in range(ring_size)]
