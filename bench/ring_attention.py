@@ -76,7 +76,8 @@ def cpu_bench(lengths: list[int], reps: int) -> None:
     print(f"one process, ring of 1 : wall {single['median_s']*1e3:8.1f} ms, CPU "
           f"{single['cpu_s']*1e3:8.1f} ms ({single['tokens']} tokens, 0 bytes sent)")
     for rank, r in enumerate(ring2):
-        mib = {c: f"{b / 2**20:.2f} MiB" for c, b in sorted(r["bytes_sent"].items())}
+        mib = {c: f"{b / 2**20:.2f} MiB" if b >= 2**16 else f"{b} B"
+               for c, b in sorted(r["bytes_sent"].items())}
         print(f"ring of 2, rank {rank}     : wall {r['median_s']*1e3:8.1f} ms, CPU "
               f"{r['cpu_s']*1e3:8.1f} ms ({r['tokens']} tokens) sent {mib}")
     slowest_cpu = max(r["cpu_s"] for r in ring2)

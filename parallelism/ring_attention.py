@@ -29,8 +29,10 @@ since uneven chunks make shards differ by a token. The backward reuses that layo
 
 Concurrency: point-to-point ops on one process group (no group per ring); disjoint rings
 run at the same time. Every member must call forward (and backward) of the same ring op in
-the same order. Memory: two KV blocks (current and in flight) plus, in backward, two dk/dv
-accumulators in the accumulation dtype.
+the same order. With NCCL, the first operation on the group must be a collective of all
+ranks (e.g. the start-up barrier) before any ring's batch_isend_irecv (a torch rule for
+batched p2p on a subset of ranks). Memory: two KV blocks (current and in flight) plus, in
+backward, two dk/dv accumulators in the accumulation dtype.
 
 Legend: T tokens (packed, local), Hq/Hkv query/kv heads, D head dim, d ring size,
 i this rank's ring position, r the owner of a KV block.
@@ -349,6 +351,7 @@ def ring_attention_setup(
     return _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, comm_stats)
 
 
+@torch.no_grad()
 def ring_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            setup: RingSetup) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward without autograd: (out [T, Hq, D] in q's dtype, lse [Hq, T] float32/64)."""
@@ -358,6 +361,7 @@ def ring_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          backend=setup.backend)
 
 
+@torch.no_grad()
 def ring_attention_backward(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
     lse: torch.Tensor, setup: RingSetup,
