@@ -2,8 +2,9 @@
 
 Why: causal attention over a sequence cut into d contiguous pieces gives the last piece d
 times the work of the first. Cutting it into 2d chunks and giving ring position j chunks j
-and 2d-1-j (Brandon et al. "Striped/zigzag" layout, as in zhuzilin/ring-flash-attention)
-makes every position's causal work equal, so every ring step costs the same on every member.
+and 2d-1-j (the zigzag layout of zhuzilin/ring-flash-attention; Llama 3's context
+parallelism, arXiv 2407.21783 Sec. 3.3.2, does the same) makes every position's causal
+work equal, so every ring step costs the same on every member.
 
 Lengths need not be divisible by 2d (ByteScale shards whatever the planner sends). We use
 *uneven chunks*, no padding: a sequence of length L is cut into 2d chunks whose sizes are
