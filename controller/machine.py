@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from opentelemetry import propagate, trace
+
 from controller.launchers.base import EventKind, Launcher, LauncherEvent
 from controller.states import JobRecord, StaleState, State
 from controller.store import JobNotFound, JobStore
@@ -71,8 +73,9 @@ class JobStateMachine:
     def __init__(self, *, store: JobStore, launcher: Launcher,
                  restart_policy: RestartPolicy | None = None,
                  admission: AdmissionPolicy | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, tracer: trace.Tracer | None = None):
         self.store = store
+        self.tracer = tracer or trace.get_tracer("controller.machine")
         self.launcher = launcher
         self.restart_policy = restart_policy or BoundedRestarts()
         self.admission = admission or FifoBackfill()
@@ -97,11 +100,24 @@ class JobStateMachine:
                 self._start_attempt(job, "Restarted")
 
     def _start_attempt(self, job: JobRecord, reason: str) -> None:
+        # One job.schedule span per attempt, in the trace the submission started (each
+        # attempt under the previous one); its context goes to the workers with every plan.
+        parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
+                                   else {})
+        with self.tracer.start_as_current_span("job.schedule", context=parent) as span:
+            span.set_attributes({"job.id": job.id, "job.attempt": job.attempt + 1,
+                                 "job.reason": reason,
+                                 "job.num_ranks": job.spec.resources.num_ranks})
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)
+            self._launch(job, reason, carrier.get("traceparent", job.trace_parent))
+
+    def _launch(self, job: JobRecord, reason: str, trace_parent: str) -> None:
         attempt = job.attempt + 1
         try:
             job = self.store.transition(job.id, src=job.state, dst=State.SCHEDULING,
                                         reason=reason, message=f"attempt {attempt}",
-                                        attempt=attempt)
+                                        attempt=attempt, trace_parent=trace_parent)
         except (StaleState, JobNotFound):
             return  # someone else moved it (a stop request); the next pass sees the truth
         try:

@@ -27,7 +27,7 @@ from controller.api import ApiSettings, create_app
 from controller.launchers import Launcher, make_launcher
 from controller.machine import JobStateMachine, Reconciler
 from controller.redis_server import open_redis
-from controller.store import JobStore
+from controller.store import JobNotFound, JobStore
 from controller.telemetry import instrument_redis, make_tracer_provider
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,12 @@ class Controller:
         except BaseException:
             self.redis.close()
             raise
-        self.machine = JobStateMachine(store=self.store, launcher=self.launcher)
+        self.machine = JobStateMachine(store=self.store, launcher=self.launcher,
+                                       tracer=self.tracer_provider.get_tracer(
+                                           "controller.machine"))
+        self.grpc_server, self.worker_service, self._planner_pool = None, None, None
+        if hasattr(self.launcher, "report"):  # launchers whose workers call back over gRPC
+            self._start_worker_service()
         self.reconciler = Reconciler(self.machine, interval_s=config.reconcile_interval_s)
         self.app = create_app(store=self.store, machine=self.machine,
                               settings=ApiSettings(token=self.token,
@@ -104,7 +109,21 @@ class Controller:
             options.setdefault("controller_address", f"{c.host}:{c.grpc_port}")
         if c.launcher == "ray":
             options.setdefault("state_dir", c.state_dir)
+            options.setdefault("on_logs", self._worker_logs)
         return make_launcher(c.launcher, **options)
+
+    def _start_worker_service(self) -> None:
+        from controller.planning import make_planner_pool
+        from controller.worker_service import WorkerService, serve_grpc
+
+        self._planner_pool = make_planner_pool()
+        self.worker_service = WorkerService(store=self.store, launcher=self.launcher,
+                                            planner_pool=self._planner_pool,
+                                            tracer_provider=self.tracer_provider)
+        self.grpc_server, self.grpc_port = serve_grpc(
+            self.worker_service, host=self.config.host, port=self.config.grpc_port)
+        if hasattr(self.launcher, "controller_address"):  # grpc_port 0 picks a free port
+            self.launcher.controller_address = f"{self.config.host}:{self.grpc_port}"
 
     def start(self) -> Controller:
         self.reconciler.start()
@@ -115,8 +134,18 @@ class Controller:
         info = {"url": url, "pid": os.getpid(), "redis": self.redis.description}
         (self.config.state_dir / "controller.json").write_text(json.dumps(info) + "\n")
 
+    def _worker_logs(self, job_id: str, lines: list[str]) -> None:
+        try:
+            self.store.append_logs(job_id, lines)
+        except JobNotFound:
+            pass  # deleted while its workers were still printing
+
     def close(self) -> None:
         self.reconciler.close()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=2).wait(5)
+            self.worker_service.close()
+            self._planner_pool.shutdown(wait=False, cancel_futures=True)
         self.launcher.close()
         self.tracer_provider.shutdown()
         self.redis.close()

@@ -143,6 +143,14 @@ class RankWorker:
             return {n: p.grad.detach().cpu().clone() for n, p in pairs if p.grad is not None}
         raise ValueError(f"what={what!r} is not valid; valid: params, grads")
 
+    def run_agent(self, controller: str, job_id: str, attempt: int):
+        """Serve the controller's plan stream as this rank until the job ends (agent mode)."""
+        from workers.agent import RankAgent
+        from workers.controller_client import WorkerIdentity
+
+        identity = WorkerIdentity(job_id=job_id, attempt=attempt, rank=self.rank)
+        return RankAgent(controller=controller, identity=identity).run(self.trainer)
+
     def stop(self) -> None:
         import torch.distributed as dist
 
@@ -264,6 +272,14 @@ class WorkerGroup:
             if on_step is not None:
                 on_step(stats)
         return out
+
+    def run_agents(self, controller: str, job_id: str, attempt: int) -> list:
+        """Every rank runs workers.agent.RankAgent against the controller until the job ends.
+
+        Returns each rank's AgentResult; raises WorkerError/WorkerDiedError naming the first
+        rank that fails or dies (the others may be blocked in a collective with it).
+        """
+        return self._call("run_agent", controller, job_id, attempt, timeout_s=1e9)
 
     def save(self, directory: str | Path) -> Path:
         """DCP checkpoint of every rank into `directory` (shared storage across nodes)."""

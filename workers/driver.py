@@ -1,0 +1,106 @@
+"""Job entrypoint: `python -m workers.driver --job ID --attempt A --controller ADDR`.
+
+The controller's launcher starts one driver per job attempt, detached from the controller
+so that the workers outlive a controller restart. The driver registers as the attempt's
+driver (rank -1) to learn the job's worker config, joins Ray (`RAY_ADDRESS`, or a local
+Ray it starts), starts the worker group (one actor per rank, one global process group),
+and has every rank serve the controller's plan stream (workers.agent). It exits when the
+ranks do:
+
+    0  every rank finished (all steps done, or drained after a stop request)
+    1  a rank died, failed or was fenced off: the attempt is lost (the job may restart)
+    3  the job cannot run as specified (bad worker config): restarting will not help
+
+and writes `{"code": ..., "message": ...}` to `--exit-file` first, which is how the launcher
+tells these apart after a controller restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+
+EXIT_OK, EXIT_LOST, EXIT_FAILED = 0, 1, 3
+DRIVER_RANK = -1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m workers.driver", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", required=True, help="the job's id in the controller")
+    p.add_argument("--attempt", type=int, default=1, help="attempt number (fencing token)")
+    p.add_argument("--controller", required=True, help="controller gRPC address host:port")
+    p.add_argument("--exit-file", type=Path, default=None, help="where to write the status")
+    return p.parse_args(argv)
+
+
+def _write_exit(path: Path | None, code: int, message: str) -> int:
+    if path is not None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"code": code, "message": message[-4000:]}))
+        tmp.replace(path)
+    print(f"driver exiting with status {code}: {message}", flush=True)
+    return code
+
+
+def _init_ray(num_ranks: int) -> None:
+    import ray
+
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:  # a private local Ray, small enough for a laptop or CI
+        ray.init(include_dashboard=False, num_cpus=max(num_ranks, os.cpu_count() or 1),
+                 object_store_memory=100_000_000, log_to_driver=True)
+
+
+def run(args: argparse.Namespace) -> tuple[int, str]:
+    """The attempt, start to finish; returns (exit code, message)."""
+    from scheduler.specs import ModelSpec
+    from workers.agent import train_config
+    from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
+    from workers.group import GroupConfig, WorkerError, WorkerGroup
+
+    me = ControllerClient(args.controller, WorkerIdentity(job_id=args.job, attempt=args.attempt,
+                                                           rank=DRIVER_RANK))
+    try:
+        cfg = json.loads(me.register(host=socket.gethostname(), pid=os.getpid()).job_spec_json)
+    except Fenced as exc:
+        return EXIT_LOST, str(exc)
+    try:
+        config = GroupConfig(num_ranks=int(cfg["num_ranks"]),
+                             model=ModelSpec.model_validate(cfg["model"]),
+                             train=train_config(cfg), seed=int(cfg["training"]["seed"]))
+    except (KeyError, ValueError) as exc:
+        return EXIT_FAILED, f"worker config is not usable: {exc}"
+    _init_ray(config.num_ranks)
+    try:
+        with WorkerGroup(config) as group:
+            results = group.run_agents(args.controller, args.job, args.attempt)
+    except WorkerError as exc:
+        try:
+            me.report_failure(step=-1, error=str(exc))
+        except Exception:  # the controller may be away; the exit file still tells
+            pass
+        return EXIT_LOST, str(exc)
+    stopped = any(r.stopped for r in results)
+    steps = max(r.final_step for r in results)
+    return EXIT_OK, f"{'stopped' if stopped else 'finished'} at step {steps}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        code, message = run(args)
+    except Exception:  # anything unexpected loses the attempt; the job's policy decides
+        code, message = EXIT_LOST, traceback.format_exc()
+    return _write_exit(args.exit_file, code, message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
