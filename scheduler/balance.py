@@ -24,6 +24,7 @@ waits for the last one). `scheduler.lns` then improves pass 3 with CP-SAT.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,8 +34,9 @@ from scheduler.cost import CostModel
 from scheduler.sharding import Shard, best_fit_packs, shard_sequence
 from scheduler.topology import Topology
 
-# Pass 2 targets, as multiples of the balance bound; 0 means "finish each ring earliest".
-PLACEMENT_TARGETS = (1.0, 1.05, 0.0)
+# Pass 2 targets, as multiples of the balance bound; 0 means "finish each ring earliest",
+# inf "every ring on its memory minimum D(s)" (best when per-group overhead dominates).
+PLACEMENT_TARGETS = (1.0, 1.05, 0.0, math.inf)
 # A short sequence longer than this share of the target is placed with the rings (pass 2),
 # where it may get a ring of its own to fill a gap, rather than by LPT at the end.
 GRAIN = 0.05
@@ -108,83 +110,118 @@ def ring_time(sh: Shard, d: int, cost: CostModel, topo: Topology) -> float:
                          offload_ratio=sh.offload_ratio)
 
 
-def hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[range]:
-    """Ring sizes >= D(s) (ascending) at which ring communication hides behind compute."""
+def ring_regions(sh: Shard, topo: Topology) -> list[tuple[int, int, float]]:
+    """(smallest, largest, bandwidth) ring sizes >= D(s) inside one node, then across."""
     gpn, N = topo.gpus_per_node, topo.world_size
-    intra = cost.max_hidden_ring(sh.length, bandwidth_gbps=topo.bandwidth_for_size(1))
-    inter = cost.max_hidden_ring(sh.length, bandwidth_gbps=topo.bandwidth_for_size(gpn + 1))
-    spans = [range(sh.ring_size, min(gpn, intra, N) + 1),
-             range(max(sh.ring_size, gpn + 1), min(inter, N) + 1)]
-    return [s for s in spans if len(s)]
+    out = []
+    for lo, hi in ((sh.ring_size, min(gpn, N)), (max(sh.ring_size, gpn + 1), N)):
+        if lo <= hi:
+            out.append((lo, hi, topo.bandwidth_for_size(lo)))
+    return out
+
+
+def fastest_ring(length: int, lo: int, hi: int, bandwidth_gbps: float, cost: CostModel) -> int:
+    """The ring size in [lo, hi] with the least compute + exposed communication.
+
+    That time is max((A+B)/d, K + (B-K)/d + A/d^2) with A = a s^2, B = b s and K the
+    sequence's whole ring traffic time: convex in 1/d, so the integer minimum sits next to
+    the hiding limit, next to the convex piece's minimum d* = 2A/(K-B), or at an end.
+    """
+    cand = {lo, hi}
+    d_hide = cost.max_hidden_ring(length, bandwidth_gbps=bandwidth_gbps)
+    cand |= {d_hide, d_hide + 1}
+    K = cost.ring_bytes_per_token * length / (bandwidth_gbps * 1e9)
+    A, B = cost.a * length * length, cost.b * length
+    if K > B and A > 0:
+        d_star = min(2 * A / (K - B), hi)
+        cand |= {math.floor(d_star), math.ceil(d_star)}
+    return min({min(hi, max(lo, d)) for d in cand},
+               key=lambda d: (cost.seq_time(length, d, bandwidth_gbps=bandwidth_gbps), d))
+
+
+def hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[range]:
+    """Per bandwidth region, the sizes from D(s) up to where ring communication stops
+    hiding behind attention (never past the fastest size)."""
+    out = []
+    for lo, hi, bw in ring_regions(sh, topo):
+        top = min(fastest_ring(sh.length, lo, hi, bw, cost),
+                  cost.max_hidden_ring(sh.length, bandwidth_gbps=bw))
+        if top >= lo:
+            out.append(range(lo, top + 1))
+    return out
+
+
+def useful_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[range]:
+    """Per bandwidth region, the sizes from D(s) up to the fastest: enlarging a ring pays
+    while its KV hand-off hides behind attention and a little beyond, until the exposed
+    communication grows faster than the compute shrinks. T(s, d) decreases along each."""
+    return [range(lo, fastest_ring(sh.length, lo, hi, bw, cost) + 1)
+            for lo, hi, bw in ring_regions(sh, topo)]
 
 
 def resize(sh: Shard, d: int, capacity_tokens: int, cost: CostModel) -> Shard:
     """`sh` on a ring of d >= D(s) ranks: the offload it still needs there (never more)."""
     if d == sh.ring_size:
         return sh
+    if sh.offload_ratio == 0.0:
+        return Shard(seq_id=sh.seq_id, length=sh.length, ring_size=d, offload_ratio=0.0)
     need = shard_sequence(sh.seq_id, sh.length, capacity_tokens=capacity_tokens,
                           world_size=d, cost=cost, offload="needed")
     return Shard(seq_id=sh.seq_id, length=sh.length, ring_size=d,
                  offload_ratio=min(need.offload_ratio, sh.offload_ratio))
 
 
-def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology) -> int:
-    """Smallest hidden ring size with T(s, d) <= target, else the fastest hidden one.
+def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology, *,
+                     level_s: float = 0.0) -> int:
+    """Ring size for `sh` against the balance target.
 
-    Over the hidden sizes T(s, d) = compute / d (+ offload that shrinks with d) is
-    decreasing, so a binary search over the concatenated spans finds it.
+    A ring beyond the hiding limit is faster but spends d T(s, d) - compute(s) rank-seconds
+    on exposed communication, which lifts every rank's level by that / N. With
+    f(d) = max(T(s, d), level + waste(d) / N): the smallest useful size whose T(s, d) meets
+    the target if f does too (T decreases along each region's useful sizes: binary
+    search, inside a node first), else the size on a grid that minimises f.
     """
-    if ring_time(sh, sh.ring_size, cost, topo) <= target_s:
-        return sh.ring_size
-    spans = hidden_ring_sizes(sh, cost, topo)
-    flat_len = sum(len(s) for s in spans)
-    if not flat_len:
-        return sh.ring_size
+    N = topo.world_size
+    base = cost.c + cost.compute_s(sh.length)
 
-    def at(i: int) -> int:
-        for s in spans:
-            if i < len(s):
-                return s[i]
-            i -= len(s)
-        raise IndexError(i)
+    def time(d: int) -> float:
+        return cost.c + ring_time(sh, d, cost, topo)
 
-    lo, hi = 0, flat_len - 1
-    if ring_time(sh, at(hi), cost, topo) > target_s:
-        return at(hi)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if ring_time(sh, at(mid), cost, topo) <= target_s:
-            hi = mid
-        else:
-            lo = mid + 1
-    return at(lo)
+    def f(d: int) -> float:
+        t = time(d)
+        return max(t, level_s + max(0.0, d * t - base) / N)
+
+    if time(sh.ring_size) <= target_s:
+        return sh.ring_size
+    spans = useful_ring_sizes(sh, cost, topo)
+    for span in spans:
+        if time(span[-1]) > target_s:
+            continue
+        lo, hi = 0, len(span) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if time(span[mid]) <= target_s:
+                hi = mid
+            else:
+                lo = mid + 1
+        if f(span[lo]) <= target_s:
+            return span[lo]
+        break
+    grid = {sh.ring_size}
+    for span in spans:
+        lo, hi = span[0], span[-1]
+        grid.update(round(lo * (hi / lo) ** (k / 15)) for k in range(16))
+    grid.update(span[-1] for span in hidden_ring_sizes(sh, cost, topo))
+    return min(grid, key=lambda d: (f(d), d))
 
 
 def best_ring_time(sh: Shard, cost: CostModel, topo: Topology, capacity_tokens: int) -> float:
-    """A lower bound on one sequence's group time over every ring size d >= D(s).
-
-    Per bandwidth region (inside a node: d <= gpus_per_node; across nodes: above) the
-    compute-plus-exposed-communication time is max((A+B)/d, K + (B-K)/d + A/d^2) with
-    A = a s^2, B = b s, K the whole sequence's ring traffic time: convex in 1/d, so the
-    integer minimum sits next to the hiding limit, next to the convex piece's minimum
-    d* = 2A/(K-B), or at a region end. Offload can only add time; its smallest possible
-    exposure (at d = world_size, the least offload needed) is added.
-    """
-    s, N, gpn = sh.length, topo.world_size, topo.gpus_per_node
-    best = np.inf
-    for lo, hi in ((sh.ring_size, min(gpn, N)), (max(sh.ring_size, gpn + 1), N)):
-        if lo > hi:
-            continue
-        bw = topo.bandwidth_for_size(lo)
-        cand = {lo, hi}
-        d_hide = cost.max_hidden_ring(s, bandwidth_gbps=bw)
-        cand |= {d_hide, d_hide + 1}
-        K, A, B = cost.ring_bytes_per_token * s / (bw * 1e9), cost.a * s * s, cost.b * s
-        if K > B and A > 0:
-            d_star = 2 * A / (K - B)
-            cand |= {int(np.floor(min(d_star, N))), int(np.ceil(min(d_star, N)))}
-        for d in {min(hi, max(lo, d)) for d in cand}:
-            best = min(best, cost.seq_time(s, d, bandwidth_gbps=bw))
+    """A lower bound on one sequence's group time over every ring size d >= D(s): c plus
+    the fastest compute + exposed communication of any region (`fastest_ring`), plus the
+    smallest possible offload exposure (at d = world_size, the least offload needed)."""
+    s, N = sh.length, topo.world_size
+    best = min(cost.seq_time(s, fastest_ring(s, lo, hi, bw, cost), bandwidth_gbps=bw)
+               for lo, hi, bw in ring_regions(sh, topo))
     least = resize(sh, N, capacity_tokens, cost)
     offload = cost.seq_cost(s, N, bandwidth_gbps=topo.bandwidth_for_size(N),
                             offload_ratio=least.offload_ratio).exposed_offload_s
@@ -272,8 +309,10 @@ class FreeView:
 
 def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
                     topo: Topology) -> list[int]:
-    """Ring sizes worth trying for `sh`: D(s), the target's size d0, the hidden limits, a
-    geometric grid between, and the numbers of ranks that free up first."""
+    """Ring sizes worth trying for `sh`: D(s), the target's size d0 (which may lie beyond
+    the hiding limit when only such a ring meets the target), the hiding limits, a
+    geometric grid between, and the numbers of ranks that free up first. Other sizes
+    beyond the hiding limit would spend rank time on exposed communication."""
     spans = hidden_ring_sizes(sh, cost, topo)
     cand = {sh.ring_size, d0}
     counts = view.free_counts() if spans and spans[-1][-1] > topo.gpus_per_node else []
@@ -285,28 +324,30 @@ def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
     return sorted(cand)
 
 
-def place_rings(rings: Sequence[Shard], free: np.ndarray, cost: CostModel, topo: Topology,
-                capacity_tokens: int, target_s: float) -> list[Task]:
-    """Alg. 2 for the rings: largest work first, each onto the smallest ring that still
-    ends by the balance target (leaving the most ranks to the rest), or, if none can, the
-    ring size and ranks that finish it earliest."""
-    timed = sorted(((ring_time(sh, sh.ring_size, cost, topo), sh) for sh in rings),
-                   key=lambda t: (-t[0] * t[1].ring_size, -t[0], t[1].seq_id))
+def place_rings(rings: Sequence[tuple[Shard, int]], free: np.ndarray, cost: CostModel,
+                topo: Topology, capacity_tokens: int, target_s: float) -> list[Task]:
+    """Alg. 2 for the rings, given as (shard at D(s), ring size d0 sized to the target):
+    largest work first, each onto the smallest ring that still ends by the target (leaving
+    the most ranks to the rest), or, if none can, the size and ranks that end it earliest."""
+    timed = sorted(((ring_time(sh, d0, cost, topo), sh, d0) for sh, d0 in rings),
+                   key=lambda t: (-t[0] * t[2], -t[0], t[1].seq_id))
     tasks = []
     view = FreeView(free, topo)
-    for _, sh in timed:
-        ends = [(view.start(d) + ring_time(sh, d, cost, topo), d)
-                for d in candidate_sizes(sh, sh.ring_size, view, cost, topo)]
+    for _, sh, d0 in timed:
+        sized = {d: resize(sh, d, capacity_tokens, cost)
+                 for d in candidate_sizes(sh, d0, view, cost, topo)}
+        ends = [(view.start(d) + cost.c + ring_time(x, d, cost, topo), d)
+                for d, x in sized.items()]
         under = [d for end, d in ends if end <= target_s * (1 + 1e-9)]
         d = min(under) if under else min(ends)[1]
-        sized = resize(sh, d, capacity_tokens, cost) if d != sh.ring_size else sh
         ranks = view.ranks(d)
         start = float(free[ranks].max())
         bw = topo.ring_bandwidth(ranks)
-        dur = cost.c + cost.seq_time(sized.length, d, bandwidth_gbps=bw,
-                                     offload_ratio=sized.offload_ratio)
+        dur = cost.c + cost.seq_time(sh.length, d, bandwidth_gbps=bw,
+                                     offload_ratio=sized[d].offload_ratio)
         view.occupy(ranks, start + dur)
-        tasks.append(Task(ranks=tuple(ranks), shards=(sized,), start_s=start, duration_s=dur))
+        tasks.append(Task(ranks=tuple(ranks), shards=(sized[d],), start_s=start,
+                          duration_s=dur))
     return tasks
 
 
@@ -368,53 +409,48 @@ def held_tokens(sh: Shard) -> int:
     return int(np.ceil(sh.length * (1.0 - sh.offload_ratio) - 1e-9))
 
 
-def water_level(base: np.ndarray, work_s: float) -> float:
-    """Finish time if `work_s` of perfectly divisible work filled the ranks from `base` up."""
-    b = np.sort(base)
-    fill = np.arange(1, b.size + 1) * b - np.cumsum(b)  # work to lift the k lowest to b[k-1]
-    k = int(np.searchsorted(fill, work_s, side="right"))  # ranks below the level
-    return float(max(b[-1], (work_s + b[:k].sum()) / k))
-
-
 def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
                     capacity_tokens: int) -> Schedule:
     """Passes 1-3: ring sizes against the balance target, rings, then short packs.
 
-    Pass 2 is tried with a few targets (the bound, 5% above it, and "finish each ring as
-    early as possible"); the placement whose rings leave the lowest water level for the
-    short sequences is kept, then pass 3 runs once.
+    Passes 2 and 3 are tried with a few targets (`PLACEMENT_TARGETS`) and the schedule with
+    the smallest makespan is kept; the search stops early once a schedule reaches what no
+    placement can beat (the bound, or the longest sequence on its fastest ring).
     """
     target = balance_target(shards, cost, topo, capacity_tokens)
     single = cost.single_rank_times([sh.length for sh in shards],
                                     [sh.offload_ratio for sh in shards])
-    sized = []
-    for sh, t in zip(shards, single.tolist(), strict=True):
-        d = choose_ring_size(sh, target, cost, topo) if sh.ring_size > 1 or t > target else 1
-        sized.append(resize(sh, d, capacity_tokens, cost))
+    sized = [(sh, 1) for sh in shards]  # (shard at D(s), ring size for the target)
+    level = sum(cost.compute_s(sh.length) for sh in shards) / topo.world_size
+    for k in sorted(range(len(shards)), key=lambda k: (-shards[k].length, k)):
+        sh = shards[k]
+        if sh.ring_size == 1 and single[k] <= target:
+            continue
+        d = choose_ring_size(sh, target, cost, topo, level_s=level)
+        t = cost.c + ring_time(sh, d, cost, topo)
+        level += max(0.0, d * t - cost.c - cost.compute_s(sh.length)) / topo.world_size
+        sized[k] = (sh, d)
     # Rings, and short sequences too coarse to fill gaps late, are placed in pass 2.
-    coarse = [sh.ring_size > 1 or t > GRAIN * target for sh, t in zip(sized, single.tolist(),
-                                                                     strict=True)]
-    long = [sh for sh, big in zip(sized, coarse, strict=True) if big]
-    shorts = [sh for sh, big in zip(sized, coarse, strict=True) if not big]
-    short_work = float(cost.single_rank_times([sh.length for sh in shorts],
-                                              [sh.offload_ratio for sh in shorts]).sum())
-    # The longest sequence on its largest hidden ring: no placement finishes before that.
+    coarse = [d > 1 or t > GRAIN * target for (_, d), t in zip(sized, single.tolist(),
+                                                                strict=True)]
+    long = [x for x, big in zip(sized, coarse, strict=True) if big]
+    shorts = [sh for (sh, _), big in zip(sized, coarse, strict=True) if not big]
+    # The longest sequence on its fastest ring: no placement finishes before that.
     longest = max(shards, key=lambda sh: (sh.length, -sh.ring_size, sh.seq_id))
-    spans = hidden_ring_sizes(longest, cost, topo)
-    widest = spans[-1][-1] if spans else longest.ring_size
-    reachable = max(target, cost.c + ring_time(resize(longest, widest, capacity_tokens, cost),
-                                               widest, cost, topo))
+    ends = [span[-1] for span in useful_ring_sizes(longest, cost, topo)] or [longest.ring_size]
+    reachable = max(target, cost.c + min(
+        ring_time(resize(longest, d, capacity_tokens, cost), d, cost, topo) for d in ends))
     best = None
     for factor in PLACEMENT_TARGETS if long else (1.0,):
         free = np.zeros(topo.world_size, dtype=np.float64)
         rings = place_rings(long, free, cost, topo, capacity_tokens, target * factor)
-        level = water_level(free, short_work)
-        if best is None or level < best[0] * (1 - 1e-9):
-            best = (level, rings, free)
-        if level <= reachable * (1 + 1e-6):
+        fixed, base, items = split_movable(rings, topo.world_size)
+        items = place_shorts(shorts, base, items, cost, capacity_tokens)
+        schedule = Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens,
+                            rings=fixed, base_s=base, items=items)
+        makespan = float(schedule.loads(cost).max())
+        if best is None or makespan < best[0] * (1 - 1e-9):
+            best = (makespan, schedule)
+        if makespan <= reachable * (1 + 1e-6):
             break  # nothing can beat the bound
-    _, rings, _ = best
-    fixed, base, items = split_movable(rings, topo.world_size)
-    items = place_shorts(shorts, base, items, cost, capacity_tokens)
-    return Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens, rings=fixed,
-                    base_s=base, items=items)
+    return best[1]

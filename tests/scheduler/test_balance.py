@@ -36,16 +36,17 @@ def brute_force_makespan(lengths: list[int], num_ranks: int, cost: CostModel) ->
 @given(lengths=st.lists(st.integers(1, 48), min_size=1, max_size=7),
        num_ranks=st.integers(2, 3))
 def test_small_cases_are_solved_optimally(lengths, num_ranks):
-    # Sequences this short never gain from a ring on the cpu cluster (ring traffic cannot
-    # hide behind so little attention), so the optimum is an assignment of whole sequences
-    # to ranks, which brute force enumerates. Tolerance: CP-SAT works on times rounded to
-    # 1/200000 of the horizon.
+    # Brute force enumerates every assignment of whole sequences to ranks. The planner
+    # may also split a sequence over a ring (exposed communication can still pay off for
+    # a lone sequence), so it must match the optimum or beat it. Tolerance: CP-SAT works
+    # on times rounded to 1/200000 of the horizon.
     cluster = cluster_preset("cpu", num_ranks=num_ranks)
     cost = CostModel(TINY, cluster)
     plan = plan_batch(lengths, cluster, TINY, capacity_tokens=10_000, time_limit_s=1.0)
-    assert all(g.ring_size == 1 for _, g in plan.groups())
     want = brute_force_makespan(lengths, num_ranks, cost)
-    assert plan.predicted.makespan_s == pytest.approx(want, rel=1e-4)
+    assert plan.predicted.makespan_s <= want * (1 + 1e-4)
+    if all(g.ring_size == 1 for _, g in plan.groups()):
+        assert plan.predicted.makespan_s == pytest.approx(want, rel=1e-4)
 
 
 def cpu_cluster(draw_nodes: int, gpn: int):
