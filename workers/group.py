@@ -145,11 +145,17 @@ class RankWorker:
 
     def run_agent(self, controller: str, job_id: str, attempt: int):
         """Serve the controller's plan stream as this rank until the job ends (agent mode)."""
+        from scheduler.telemetry import make_tracer_provider
         from workers.agent import RankAgent
         from workers.controller_client import WorkerIdentity
 
         identity = WorkerIdentity(job_id=job_id, attempt=attempt, rank=self.rank)
-        return RankAgent(controller=controller, identity=identity).run(self.trainer)
+        provider = make_tracer_provider(default_service_name="ringmaster-worker")
+        try:
+            return RankAgent(controller=controller, identity=identity,
+                             tracer_provider=provider).run(self.trainer)
+        finally:
+            provider.shutdown()  # flush what the batch exporters still hold
 
     def stop(self) -> None:
         import torch.distributed as dist
