@@ -153,7 +153,9 @@ class HostSwapper:
 
     def offload(self, t: torch.Tensor) -> HostTensor:
         t = t.detach()
-        host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self.is_cuda)
+        # meta tensors (shape-only memory accounting) get a meta "host" copy
+        host = torch.empty(t.shape, dtype=t.dtype, device="meta" if t.is_meta else "cpu",
+                           pin_memory=self.is_cuda)
         meter = _METER.get()
         if meter is not None:
             meter.add_host(host.nbytes)
@@ -229,16 +231,28 @@ class AttentionCore:
     autograd: Callable  # (q, k, v) -> o with autograd (the plain path)
 
 
+def cu_seqlens_for(cu_seqlens: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """cu_seqlens where the kernels want it: q's device (the CPU for meta, shape-only runs)."""
+    device = torch.device("cpu") if q.device.type == "meta" else q.device
+    return cu_seqlens if cu_seqlens.device == device else cu_seqlens.to(device)
+
+
 def local_attention_core(cu_seqlens: torch.Tensor, *,
                          softmax_scale: float | None = None) -> AttentionCore:
     """Causal varlen attention of a packed batch held whole by this rank (kernels/)."""
-    kw = dict(cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, causal=True,
-              softmax_scale=softmax_scale)
+    placed: dict[torch.device, torch.Tensor] = {}
+
+    def kw(q: torch.Tensor) -> dict:
+        if q.device not in placed:
+            placed[q.device] = cu_seqlens_for(cu_seqlens, q)
+        cu = placed[q.device]
+        return dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, softmax_scale=softmax_scale)
+
     return AttentionCore(
-        forward=lambda q, k, v: kernels.attention_with_lse(q, k, v, **kw),
+        forward=lambda q, k, v: kernels.attention_with_lse(q, k, v, **kw(q)),
         backward=lambda do, q, k, v, o, lse: kernels.attention_with_lse_backward(
-            do, q, k, v, o, lse, **kw),
-        autograd=lambda q, k, v: kernels.attention(q, k, v, **kw),
+            do, q, k, v, o, lse, **kw(q)),
+        autograd=lambda q, k, v: kernels.attention(q, k, v, **kw(q)),
     )
 
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import kernels
-from parallelism.offload import HostSwapper, HostTensor, track_buffer
+from parallelism.offload import HostSwapper, HostTensor, cu_seqlens_for, track_buffer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +59,9 @@ def plan_stream_chunks(cu_seqlens: Sequence[int], chunk_size: int) -> list[Strea
         s = bisect.bisect_right(cu, a) - 1  # sequence holding token a (skips empty ones)
         key_start, q_lens, k_lens = cu[s], [], []
         while s < len(cu) - 1 and cu[s] < b:
-            q_lens.append(min(cu[s + 1], b) - max(cu[s], a))
-            k_lens.append(min(cu[s + 1], b) - cu[s])
+            if cu[s + 1] > cu[s]:  # empty sequences take no part (kernels reject them)
+                q_lens.append(min(cu[s + 1], b) - max(cu[s], a))
+                k_lens.append(min(cu[s + 1], b) - cu[s])
             s += 1
         chunks.append(StreamChunk(start=a, stop=b, key_start=key_start,
                                   cu_seqlens_q=_cumsum(q_lens), cu_seqlens_k=_cumsum(k_lens)))
@@ -92,8 +93,8 @@ def streambp_layer_backward(layer, x_TH: torch.Tensor, dy_TH: torch.Tensor, *,
         v_c = v_cache[c.key_start:c.stop].detach().requires_grad_()
         with torch.enable_grad():
             q = layer.query(x_c, position_ids[c.start:c.stop])
-            o = kernels.attention(q, k_c, v_c, cu_seqlens_q=c.cu_seqlens_q.to(q.device),
-                                  cu_seqlens_k=c.cu_seqlens_k.to(q.device), causal=True,
+            o = kernels.attention(q, k_c, v_c, cu_seqlens_q=cu_seqlens_for(c.cu_seqlens_q, q),
+                                  cu_seqlens_k=cu_seqlens_for(c.cu_seqlens_k, q), causal=True,
                                   softmax_scale=softmax_scale)
             y = layer.post(x_c, o)
         torch.autograd.backward([y], [dy_TH[c.start:c.stop]])
