@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from scheduler import cluster_preset, plan_batch
+from scheduler import cluster_preset
 from scheduler.plan import StepPlan
 from tests.dist import run_distributed
 from workers import step as step_module
@@ -45,6 +45,8 @@ REL_TOL = 1e-10
 
 
 def _planned_cases() -> list[tuple[list[int], StepPlan, bool]]:
+    from scheduler import plan_batch  # here: the spawned ranks need not import OR-tools
+
     rng = np.random.default_rng(2026)
     cluster = cluster_preset("cpu", num_ranks=WORLD)
     cases = []
