@@ -78,7 +78,7 @@ def _forward_seq(q_s, k_s, v_s, *, causal, scale, block_q, block_k, acc):
     lq, hq, d = q_s.shape
     lk, hkv, _ = k_s.shape
     g = hq // hkv
-    q_KRD = _group_rows(q_s, hkv, acc)
+    q_KRD = _group_rows(q_s, hkv, acc) * scale  # scores = (scale q) k^T
     k_KTD = k_s.to(acc).transpose(0, 1)
     v_KTD = v_s.to(acc).transpose(0, 1)
     out_KRD = torch.zeros_like(q_KRD)
@@ -93,17 +93,17 @@ def _forward_seq(q_s, k_s, v_s, *, causal, scale, block_q, block_k, acc):
         o = torch.zeros_like(qb)
         for j0 in range(0, end, block_k):
             j1 = min(end, j0 + block_k)
-            s = torch.bmm(qb, k_KTD[:, j0:j1].transpose(1, 2)).mul_(scale)
+            s = torch.bmm(qb, k_KTD[:, j0:j1].transpose(1, 2))
             if j1 > unmasked_end:
                 mask = _causal_mask(i0, i1, j0, j1, g, lk - lq, q_s.device)
                 s.masked_fill_(~mask, NEG_INF)
             m_new = torch.maximum(m, s.amax(dim=-1))
             # A row that has seen only masked keys keeps m = -inf; shift by 0 so exp gives 0.
             m_safe = torch.where(m_new == NEG_INF, 0.0, m_new)
-            p = torch.exp(s - m_safe[..., None])
+            p = s.sub_(m_safe[..., None]).exp_()
             alpha = torch.exp(m - m_safe)
             l = l * alpha + p.sum(dim=-1)
-            o = o * alpha[..., None] + torch.bmm(p, v_KTD[:, j0:j1])
+            o = o.mul_(alpha[..., None]).baddbmm_(p, v_KTD[:, j0:j1])
             m = m_new
         seen = l > 0
         out_KRD[:, r0:r1] = o / torch.where(seen, l, 1.0)[..., None]
@@ -142,7 +142,7 @@ def _backward_seq(do_s, q_s, k_s, v_s, o_s, lse_s, *, causal, scale, block_q, bl
     lq, hq, d = q_s.shape
     lk, hkv, _ = k_s.shape
     g = hq // hkv
-    q_KRD = _group_rows(q_s, hkv, acc)
+    q_KRD = _group_rows(q_s, hkv, acc) * scale  # scores and dK both use scale * q
     do_KRD = _group_rows(do_s, hkv, acc)
     delta_KR = (do_KRD * _group_rows(o_s, hkv, acc)).sum(dim=-1)
     lse_KR = _lse_rows(lse_s.to(acc), hkv)
@@ -161,15 +161,15 @@ def _backward_seq(do_s, q_s, k_s, v_s, o_s, lse_s, *, causal, scale, block_q, bl
         for j0 in range(0, end, block_k):
             j1 = min(end, j0 + block_k)
             kb, vb = k_KTD[:, j0:j1], v_KTD[:, j0:j1]
-            s = torch.bmm(qb, kb.transpose(1, 2)).mul_(scale)
+            s = torch.bmm(qb, kb.transpose(1, 2))
             if j1 > unmasked_end:
                 mask = _causal_mask(i0, i1, j0, j1, g, lk - lq, q_s.device)
                 s.masked_fill_(~mask, NEG_INF)
-            p = torch.exp(s - lse_KR[:, r0:r1, None])
-            dv_KTD[:, j0:j1] += torch.bmm(p.transpose(1, 2), dob)
-            ds = p * (torch.bmm(dob, vb.transpose(1, 2)) - delta_KR[:, r0:r1, None])
-            dq_KRD[:, r0:r1] += torch.bmm(ds, kb) * scale
-            dk_KTD[:, j0:j1] += torch.bmm(ds.transpose(1, 2), qb) * scale
+            p = s.sub_(lse_KR[:, r0:r1, None]).exp_()
+            dv_KTD[:, j0:j1].baddbmm_(p.transpose(1, 2), dob)
+            ds = torch.bmm(dob, vb.transpose(1, 2)).sub_(delta_KR[:, r0:r1, None]).mul_(p)
+            dq_KRD[:, r0:r1].baddbmm_(ds, kb, alpha=scale)
+            dk_KTD[:, j0:j1].baddbmm_(ds.transpose(1, 2), qb)
     return _ungroup_rows(dq_KRD, lq), dk_KTD.transpose(0, 1), dv_KTD.transpose(0, 1)
 
 
