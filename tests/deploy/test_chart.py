@@ -1,8 +1,9 @@
 """The Helm chart with a real helm: lint, render, schema, and Kubernetes' own JSON schemas.
 
 Kubernetes versions: 1.29 (the chart's kubeVersion floor), 1.35 (the API version the pinned
-Helm 4.1 is built against) and the newest schema kubernetes-validate bundles. Only the optional ServiceMonitor (a
-prometheus-operator CRD) has no bundled schema; it is checked by hand below.
+Helm 4.1 is built against) and the newest schema kubernetes-validate bundles. Only the
+optional ServiceMonitor (a prometheus-operator CRD) has no bundled schema; it is checked
+by hand below.
 """
 
 from __future__ import annotations

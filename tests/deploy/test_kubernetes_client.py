@@ -84,9 +84,10 @@ def test_controller_builds_the_launcher_from_the_charts_env(api, render, tmp_pat
             monkeypatch.setenv(e["name"], e["value"])
     monkeypatch.delenv("REDIS_URL", raising=False)  # embedded Redis in tmp_path instead
     args = dict(a.removeprefix("--").split("=", 1) for a in container["args"][1:])
-    config = ControllerConfig(state_dir=tmp_path / "state", host=args["host"], port=0,
-                              grpc_port=int(args["grpc-port"]), launcher=args["launcher"],
-                              token="t" * 32)
+    assert args["grpc-port"] == "50051"  # what RINGMASTER_CONTROLLER_ADDRESS names
+    # A free port here: this machine may have something on 50051.
+    config = ControllerConfig(state_dir=tmp_path / "state", host="127.0.0.1", port=0,
+                              grpc_port=0, launcher=args["launcher"], token="t" * 32)
     controller = Controller(config)
     try:
         launcher = controller.launcher
@@ -94,5 +95,8 @@ def test_controller_builds_the_launcher_from_the_charts_env(api, render, tmp_pat
         assert launcher.config.cluster.controller_address == "rm-ringmaster.ml.svc:50051"
         assert launcher.config.namespaces == ("ringmaster-jobs", "ringmaster-batch")
         assert ("ray.io", "rayclusters", "list") in api.calls  # adoption ran at start
+        # The gRPC service runs (the launcher takes READY from it); workers are told the
+        # Service address, not the bind address.
+        assert controller.worker_service is not None and controller.grpc_port > 0
     finally:
         controller.close()
