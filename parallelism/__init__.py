@@ -7,6 +7,7 @@ from parallelism.comm import (
     RingCommError,
     check_ring,
 )
+from parallelism.grad_sync import all_reduce_gradients
 from parallelism.offload import (
     AttentionCore,
     HostSwapper,
@@ -44,6 +45,7 @@ __all__ = [
     "StreamBPStack",
     "TokenwiseOffloadStack",
     "ZigzagLayout",
+    "all_reduce_gradients",
     "check_ring",
     "local_attention_core",
     "plan_stream_chunks",

@@ -2,14 +2,23 @@
 
 from workers.model import Transformer, default_position_ids, next_token_targets, sequence_index
 from workers.objectives import DPO, GRPO, NextTokenCE, group_advantages
+from workers.step import StepStats, run_step
+from workers.train import StepInput, TrainConfig, Trainer, TrainStats, train
 
 __all__ = [
     "DPO",
     "GRPO",
     "NextTokenCE",
+    "StepInput",
+    "StepStats",
+    "TrainConfig",
+    "TrainStats",
+    "Trainer",
     "Transformer",
     "default_position_ids",
     "group_advantages",
     "next_token_targets",
+    "run_step",
     "sequence_index",
+    "train",
 ]

@@ -34,8 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallelism import zigzag_shard
-from parallelism.grad_sync import all_reduce_gradients
+from parallelism import all_reduce_gradients, zigzag_shard
 from scheduler.plan import RingGroup, StepPlan
 from workers.model import next_token_targets
 
