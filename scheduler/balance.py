@@ -40,6 +40,9 @@ PLACEMENT_TARGETS = (1.0, 1.05, 0.0, math.inf)
 # A short sequence longer than this share of the target is placed with the rings (pass 2),
 # where it may get a ring of its own to fill a gap, rather than by LPT at the end.
 GRAIN = 0.05
+# Rings past their hiding limit are tried only while (rings placed) x (ranks) stays under
+# this, which keeps the plan time of 4,096+ rank clusters within budget.
+FASTEST_MODE_CAP = 8_000_000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,14 +175,15 @@ def resize(sh: Shard, d: int, capacity_tokens: int, cost: CostModel) -> Shard:
 
 
 def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology, *,
-                     level_s: float = 0.0) -> int:
+                     level_s: float = 0.0, beyond_hidden: bool = True) -> int:
     """Ring size for `sh` against the balance target.
 
     A ring beyond the hiding limit is faster but spends d T(s, d) - compute(s) rank-seconds
     on exposed communication, which lifts every rank's level by that / N. With
     f(d) = max(T(s, d), level + waste(d) / N): the smallest useful size whose T(s, d) meets
     the target if f does too (T decreases along each region's useful sizes: binary
-    search, inside a node first), else the size on a grid that minimises f.
+    search, inside a node first), else the size on a grid that minimises f. With
+    `beyond_hidden` False the sizes stop at the hiding limit.
     """
     N = topo.world_size
     base = cost.c + cost.compute_s(sh.length)
@@ -193,7 +197,7 @@ def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology
 
     if time(sh.ring_size) <= target_s:
         return sh.ring_size
-    spans = useful_ring_sizes(sh, cost, topo)
+    spans = (useful_ring_sizes if beyond_hidden else hidden_ring_sizes)(sh, cost, topo)
     for span in spans:
         if time(span[-1]) > target_s:
             continue
@@ -409,48 +413,68 @@ def held_tokens(sh: Shard) -> int:
     return int(np.ceil(sh.length * (1.0 - sh.offload_ratio) - 1e-9))
 
 
-def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
-                    capacity_tokens: int) -> Schedule:
-    """Passes 1-3: ring sizes against the balance target, rings, then short packs.
-
-    Passes 2 and 3 are tried with a few targets (`PLACEMENT_TARGETS`) and the schedule with
-    the smallest makespan is kept; the search stops early once a schedule reaches what no
-    placement can beat (the bound, or the longest sequence on its fastest ring).
-    """
-    target = balance_target(shards, cost, topo, capacity_tokens)
-    single = cost.single_rank_times([sh.length for sh in shards],
-                                    [sh.offload_ratio for sh in shards])
-    sized = [(sh, 1) for sh in shards]  # (shard at D(s), ring size for the target)
+def size_rings(shards: Sequence[Shard], single: np.ndarray, target: float, cost: CostModel,
+               topo: Topology, *, beyond_hidden: bool) -> list[tuple[Shard, int]]:
+    """Pass 1: (shard at D(s), ring size for the target), longest first, the level rising
+    with the exposed communication of every ring enlarged past its hiding limit."""
+    sized = [(sh, 1) for sh in shards]
     level = sum(cost.compute_s(sh.length) for sh in shards) / topo.world_size
     for k in sorted(range(len(shards)), key=lambda k: (-shards[k].length, k)):
         sh = shards[k]
         if sh.ring_size == 1 and single[k] <= target:
             continue
-        d = choose_ring_size(sh, target, cost, topo, level_s=level)
+        d = choose_ring_size(sh, target, cost, topo, level_s=level, beyond_hidden=beyond_hidden)
         t = cost.c + ring_time(sh, d, cost, topo)
         level += max(0.0, d * t - cost.c - cost.compute_s(sh.length)) / topo.world_size
         sized[k] = (sh, d)
-    # Rings, and short sequences too coarse to fill gaps late, are placed in pass 2.
-    coarse = [d > 1 or t > GRAIN * target for (_, d), t in zip(sized, single.tolist(),
-                                                                strict=True)]
-    long = [x for x, big in zip(sized, coarse, strict=True) if big]
-    shorts = [sh for (sh, _), big in zip(sized, coarse, strict=True) if not big]
-    # The longest sequence on its fastest ring: no placement finishes before that.
+    return sized
+
+
+def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
+                    capacity_tokens: int) -> Schedule:
+    """Passes 1-3: ring sizes against the balance target, rings, then short packs.
+
+    Tried first with rings capped at their hiding limit, then (when the problem is small
+    enough, `FASTEST_MODE_CAP`) with rings allowed up to their fastest size; passes 2 and
+    3 with a few targets each (`PLACEMENT_TARGETS`). The schedule with the smallest
+    makespan is kept; a mode stops early once a schedule reaches what it cannot beat.
+    """
+    target = balance_target(shards, cost, topo, capacity_tokens)
+    single = cost.single_rank_times([sh.length for sh in shards],
+                                    [sh.offload_ratio for sh in shards])
     longest = max(shards, key=lambda sh: (sh.length, -sh.ring_size, sh.seq_id))
-    ends = [span[-1] for span in useful_ring_sizes(longest, cost, topo)] or [longest.ring_size]
-    reachable = max(target, cost.c + min(
-        ring_time(resize(longest, d, capacity_tokens, cost), d, cost, topo) for d in ends))
     best = None
-    for factor in PLACEMENT_TARGETS if long else (1.0,):
-        free = np.zeros(topo.world_size, dtype=np.float64)
-        rings = place_rings(long, free, cost, topo, capacity_tokens, target * factor)
-        fixed, base, items = split_movable(rings, topo.world_size)
-        items = place_shorts(shorts, base, items, cost, capacity_tokens)
-        schedule = Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens,
-                            rings=fixed, base_s=base, items=items)
-        makespan = float(schedule.loads(cost).max())
-        if best is None or makespan < best[0] * (1 - 1e-9):
-            best = (makespan, schedule)
-        if makespan <= reachable * (1 + 1e-6):
-            break  # nothing can beat the bound
+    for beyond_hidden in (False, True):
+        if beyond_hidden and (best[0] <= target * (1 + 1e-6) or best[2] * topo.world_size
+                              > FASTEST_MODE_CAP):
+            break
+        sized = size_rings(shards, single, target, cost, topo, beyond_hidden=beyond_hidden)
+        # Rings, and short sequences too coarse to fill gaps late, are placed in pass 2.
+        coarse = [d > 1 or t > GRAIN * target
+                  for (_, d), t in zip(sized, single.tolist(), strict=True)]
+        long = [x for x, big in zip(sized, coarse, strict=True) if big]
+        shorts = [sh for (sh, _), big in zip(sized, coarse, strict=True) if not big]
+        # The longest sequence on its largest ring of this mode: nothing ends before that.
+        spans = (useful_ring_sizes if beyond_hidden else hidden_ring_sizes)(longest, cost, topo)
+        ends = [span[-1] for span in spans] or [longest.ring_size]
+        reachable = max(target, cost.c + min(
+            ring_time(resize(longest, d, capacity_tokens, cost), d, cost, topo) for d in ends))
+        for factor in PLACEMENT_TARGETS if long else (1.0,):
+            schedule = place_all(long, shorts, cost, topo, capacity_tokens, target * factor)
+            makespan = float(schedule.loads(cost).max())
+            if best is None or makespan < best[0] * (1 - 1e-9):
+                best = (makespan, schedule, len(long))
+            if makespan <= reachable * (1 + 1e-6):
+                break  # nothing in this mode can beat it
     return best[1]
+
+
+def place_all(long: Sequence[tuple[Shard, int]], shorts: Sequence[Shard], cost: CostModel,
+              topo: Topology, capacity_tokens: int, target_s: float) -> Schedule:
+    """Passes 2 and 3 for one target."""
+    free = np.zeros(topo.world_size, dtype=np.float64)
+    rings = place_rings(long, free, cost, topo, capacity_tokens, target_s)
+    fixed, base, items = split_movable(rings, topo.world_size)
+    items = place_shorts(shorts, base, items, cost, capacity_tokens)
+    return Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens, rings=fixed,
+                    base_s=base, items=items)
