@@ -12,6 +12,7 @@ backward 2.5x that (FlashAttention-2 counting).
 
     .venv/bin/python bench/kernels.py                 # whatever device is present
     .venv/bin/python bench/kernels.py --json out.json # also write the rows as JSON
+    .venv/bin/python bench/kernels.py --threads 2     # CPU: more intra-op threads
 Correctness is not checked here: bench/gpu_check.sh runs tests/kernels/test_gpu.py first.
 """
 
@@ -177,7 +178,8 @@ def linear_ce_cpu(rows: list[dict]) -> None:
     tokens, vocab, hidden = 16384, 32768, 256
     for mode in ("naive", "fused"):
         proc = subprocess.run(
-            [sys.executable, __file__, "--ce-child", mode, str(tokens), str(vocab), str(hidden)],
+            [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--ce-child",
+             mode, str(tokens), str(vocab), str(hidden)],
             capture_output=True, text=True, check=True,
         )
         res = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -221,8 +223,11 @@ def main() -> None:
     parser.add_argument("--seqlens", default="4096,16384,32768,65536",
                         help="CUDA attention sequence lengths, comma-separated")
     parser.add_argument("--ce-tokens", type=int, default=16384, help="CUDA linear-CE tokens")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads (1: steady figures on a shared box)")
     parser.add_argument("--ce-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.ce_child:
         mode, *sizes = args.ce_child
         ce_child(mode, *(int(s) for s in sizes))
