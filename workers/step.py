@@ -163,8 +163,10 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
 
     Gradients are overwritten (zeroed first), not accumulated into; the optimizer is not
     stepped. `samples` maps plan sequence id -> 1-D integer tensor of its tokens (a rank
-    needs only the ids of the groups it is in). `group` is the world process group
-    (default: the default group); ring groups address their members by global rank on it.
+    needs only the ids of the groups it is in). `group` is the world process group of the
+    gradient all-reduce (default: the default group); ring attention addresses ring members
+    by global rank with point-to-point ops on the default group (DESIGN.md: one global
+    group, never a group per batch).
     """
     _check_inputs(plan, samples, rank, group)
     num_predictions = global_num_predictions(plan)
