@@ -7,8 +7,9 @@ the naive full-logits version.
 CUDA: forward+backward TFLOP/s of the Triton kernel against SDPA's flash backend, causal
 bf16, Hq=32, Hkv=8, D=128, one sequence of 4K/16K/32K/64K tokens (SDPA gets k/v already
 expanded to 32 heads, outside the timing); linear CE time and peak memory against the
-naive version at V=128K. FLOPs: forward 4 * pairs * Hq * D with pairs = T(T+1)/2 causal,
-backward 2.5x that (FlashAttention-2 counting).
+naive version at V=128K, H=4096 for T=16K and 32K tokens. FLOPs: forward
+4 * pairs * Hq * D with pairs = T(T+1)/2 causal, backward 2.5x that (FlashAttention-2
+counting).
 
     .venv/bin/python bench/kernels.py                 # whatever device is present
     .venv/bin/python bench/kernels.py --json out.json # also write the rows as JSON
@@ -222,7 +223,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     parser.add_argument("--seqlens", default="4096,16384,32768,65536",
                         help="CUDA attention sequence lengths, comma-separated")
-    parser.add_argument("--ce-tokens", type=int, default=16384, help="CUDA linear-CE tokens")
+    parser.add_argument("--ce-tokens", default="16384,32768",
+                        help="CUDA linear-CE token counts, comma-separated")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU intra-op threads (1: steady figures on a shared box)")
     parser.add_argument("--ce-child", nargs=4, help=argparse.SUPPRESS)
@@ -236,7 +238,8 @@ def main() -> None:
     if torch.cuda.is_available():
         print(f"device: {torch.cuda.get_device_name()}", flush=True)
         attention_cuda(rows, [int(s) for s in args.seqlens.split(",")])
-        linear_ce_cuda(rows, args.ce_tokens)
+        for tokens in args.ce_tokens.split(","):
+            linear_ce_cuda(rows, int(tokens))
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads)", flush=True)
         attention_cpu(rows)

@@ -146,25 +146,30 @@ def _run_chunks(hidden, weight, targets, ignore_index, chunk_size, backend, need
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
+    """Gradients are computed in the forward (dl/dz never outlives its chunk); the backward
+    scales them in place by the incoming scalar, so no second copy of dW (V x H) exists.
+    They are handed over once: a second backward (``retain_graph=True``) raises."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, backend):
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss_sum, dh, dw = _run_chunks(
             hidden, weight, targets, ignore_index, chunk_size, backend, need_dh, need_dw
         )
-        ctx.save_for_backward(
-            dh if dh is not None else torch.empty(0),
-            dw.to(weight.dtype) if dw is not None else torch.empty(0),
-        )
-        ctx.need = (need_dh, need_dw)
+        ctx.grads = (dh, dw.to(weight.dtype) if dw is not None else None)
         return loss_sum
 
     @staticmethod
     def backward(ctx, grad_loss):
-        dh, dw = ctx.saved_tensors
-        need_dh, need_dw = ctx.need
-        g_dh = (dh * grad_loss.to(dh.dtype)) if need_dh else None
-        g_dw = (dw * grad_loss.to(dw.dtype)) if need_dw else None
+        if ctx.grads is None:
+            raise RuntimeError(
+                "linear_cross_entropy: backward already ran; its gradients are released "
+                "after one backward (retain_graph=True is not supported)"
+            )
+        dh, dw = ctx.grads
+        ctx.grads = None
+        g_dh = dh.mul_(grad_loss.to(dh.dtype)) if dh is not None else None
+        g_dw = dw.mul_(grad_loss.to(dw.dtype)) if dw is not None else None
         return g_dh, g_dw, None, None, None, None
 
 

@@ -131,3 +131,13 @@ def test_peak_memory_at_most_one_eighth_of_naive():
     fused = _peak_extra_kib("fused")
     assert abs(fused["loss"] - naive["loss"]) <= 1e-4 * abs(naive["loss"])
     assert fused["extra_kib"] * 8 <= naive["extra_kib"], (fused, naive)
+
+
+def test_second_backward_is_refused_not_wrong():
+    """Gradients are scaled in place and handed over once; a retained graph cannot reuse them."""
+    hidden, weight, targets = _inputs(8, 4, 9)
+    h = hidden.clone().requires_grad_()
+    loss, _ = kernels.linear_cross_entropy(h, weight, targets)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward already ran"):
+        loss.backward()
