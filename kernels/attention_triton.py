@@ -361,6 +361,7 @@ def attention_forward(q, k, v, *, cu_seqlens_q, cu_seqlens_k, seqs: PackedSeqs, 
     """Validated inputs in, ``(out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)`` out."""
     _check_num_seqs(seqs)
     q, k, v = (t.contiguous() for t in (q, k, v))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
     out = torch.empty_like(q)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device)
     tiles = _tiles("fwd", q.shape[2], q.dtype)
@@ -392,6 +393,7 @@ def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k,
     """Validated inputs in, ``(dq, dk, dv)`` in the dtypes of ``q, k, v`` out."""
     _check_num_seqs(seqs)
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
     lse = lse.to(torch.float32).contiguous()
     delta = _delta(out, dout)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

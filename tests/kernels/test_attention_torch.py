@@ -167,3 +167,33 @@ def test_float32_runs_and_returns_float32_lse():
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     # float32 eps is 1.2e-7; sums of <= 17 terms stay within a few hundred ulps.
     assert rel_err(out, ref_out) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
+
+
+_MEMORY_SCRIPT = """
+import resource, sys
+import torch
+import kernels
+torch.set_num_threads(1)
+t = 16384
+q = torch.randn(t, 1, 16)
+k, v, dout = torch.randn(t, 1, 16), torch.randn(t, 1, 16), torch.randn(t, 1, 16)
+cu = torch.tensor([0, t], dtype=torch.int32)
+kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, backend="torch")
+out, lse = kernels.attention_with_lse(q, k, v, **kw)
+with open("/proc/self/statm") as f:
+    base = int(f.read().split()[1]) * resource.getpagesize() // 1024
+kernels.attention_with_lse_backward(dout, q, k, v, out, lse, **kw)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+"""
+
+
+def test_memory_is_tiles_not_scores():
+    """16K tokens causal: the T x T float32 scores alone would be 1 GiB; the backward's peak
+    RSS growth must stay under 64 MiB (tiles of 256 x 512 floats and O(T) rows)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True,
+                          text=True, timeout=600, check=True)
+    extra_kib = int(proc.stdout.strip().splitlines()[-1])
+    assert extra_kib < 64 * 1024, extra_kib
