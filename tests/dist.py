@@ -34,7 +34,7 @@ def _rank_main(
     rank: int,
     world_size: int,
     port: int,
-    pg_timeout_s: float,
+    timeouts: tuple[float, float],
     fn: Callable[..., Any],
     args: tuple,
     kwargs: dict,
@@ -44,9 +44,15 @@ def _rank_main(
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    start_timeout_s, pg_timeout_s = timeouts
     try:
         store = dist.TCPStore(_HOST, port, world_size=None, is_master=False,
-                              timeout=datetime.timedelta(seconds=pg_timeout_s))
+                              timeout=datetime.timedelta(seconds=start_timeout_s))
+        # Wait for every rank to be up before the process group's (short) timeout starts
+        # counting: on a loaded box, spawning and importing torch can take many seconds.
+        if store.add("ranks_started", 1) == world_size:
+            store.set("all_started", "1")
+        store.wait(["all_started"])
         dist.init_process_group(
             "gloo", store=store, rank=rank, world_size=world_size,
             timeout=datetime.timedelta(seconds=pg_timeout_s),
@@ -74,7 +80,8 @@ def run_distributed(
     Returns each rank's result, indexed by rank. Raises DistributedTestError carrying every
     failed rank's traceback, or naming the ranks still running after `timeout_s` seconds
     (they are killed). `pg_timeout_s` (default: half of `timeout_s`, at least 5 s) bounds
-    every collective and point-to-point wait inside the ranks. `pg_timeout_s` and
+    every collective and point-to-point wait inside the ranks; it starts counting once all
+    ranks are up (start-up itself is bounded by `timeout_s`). `pg_timeout_s` and
     `timeout_s` are consumed here and not passed on to `fn`.
     """
     if world_size < 1:
@@ -89,7 +96,8 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, store.port, pg_timeout, fn, args, kwargs, results),
+            args=(rank, world_size, store.port, (timeout_s, pg_timeout), fn, args, kwargs,
+                  results),
             daemon=True,
         )
         for rank in range(world_size)
