@@ -13,8 +13,9 @@ import pytest
 import ray
 import torch
 
+from scheduler.batching import BatchPosition
 from workers.group import GroupConfig, WorkerDiedError, WorkerError, WorkerGroup
-from workers.train import TrainConfig
+from workers.train import StepInput, TrainConfig
 
 from .helpers import (
     group,
@@ -44,9 +45,15 @@ def local_ray():
     ray.shutdown()
 
 
-def _config(**kw) -> GroupConfig:
-    return GroupConfig(num_ranks=4, model=tiny_spec(), seed=3, timeout_s=60,
-                       train=TrainConfig(lr=1e-2, max_grad_norm=1.0), **kw)
+def _source(position: BatchPosition) -> StepInput:
+    """A PlanSource of fixed batches: batch k has its own tokens."""
+    return StepInput(plan=PLAN, samples=random_samples(LENGTHS, seed=position.index),
+                     next_position=BatchPosition(index=position.index + 1))
+
+
+def _config(num_ranks: int = 4) -> GroupConfig:
+    return GroupConfig(num_ranks=num_ranks, model=tiny_spec(), seed=3, timeout_s=60,
+                       train=TrainConfig(lr=1e-2, max_grad_norm=1.0))
 
 
 def test_group_step_matches_autograd_and_resumes_bit_identically(local_ray, tmp_path):
@@ -58,35 +65,35 @@ def test_group_step_matches_autograd_and_resumes_bit_identically(local_ray, tmp_
         assert all(abs(s.loss - want_loss) <= 1e-10 * want_loss for s in stats)
         for grads in g.state("grads"):
             assert max_rel_err(grads, want_grads) <= 1e-10
-        batches = [random_samples(LENGTHS, seed=k) for k in range(4)]
-        straight = [g.train_step(PLAN, b)[0].stats.loss for b in batches[:2]]
+        straight = [s[0].stats.loss for s in g.train(2, _source)]
         g.save(tmp_path / "ckpt")
-        straight += [g.train_step(PLAN, b)[0].stats.loss for b in batches[2:]]
+        straight += [s[0].stats.loss for s in g.train(2, _source)]
         end = g.state("params")
-        assert g.restore(tmp_path / "ckpt") == 2
-        again = [g.train_step(PLAN, b)[0].stats.loss for b in batches[2:]]
+        assert g.restore(tmp_path / "ckpt") == 2 and g.data_position.index == 2
+        again = [s[0].stats.loss for s in g.train(2, _source)]
         assert again == straight[2:]
         for a, b in zip(end, g.state("params"), strict=True):
             assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_dead_actor_is_reported_not_hung(local_ray):
-    g = WorkerGroup(_config())
+    g = WorkerGroup(_config(num_ranks=2))
+    plan = plan_of(2, [[group([1, 0], [(0, 9), (1, 4)])]])
     try:
-        ray.kill(g.actors[2], no_restart=True)
+        ray.kill(g.actors[1], no_restart=True)
         start = time.monotonic()
-        with pytest.raises(WorkerDiedError, match="rank 2") as err:
-            g.run_step(PLAN, random_samples(LENGTHS, seed=0))
-        assert err.value.rank == 2
+        with pytest.raises(WorkerDiedError, match="rank 1") as err:
+            g.run_step(plan, random_samples([9, 4], seed=0))
+        assert err.value.rank == 1
         assert time.monotonic() - start < 30  # well before the 60 s process-group timeout
         with pytest.raises(WorkerError, match="broken"):
-            g.run_step(PLAN, random_samples(LENGTHS, seed=0))
+            g.run_step(plan, random_samples([9, 4], seed=0))
     finally:
         g.stop()
     g.stop()  # idempotent
 
 
-def test_user_errors_name_the_field(local_ray):
+def test_user_errors_name_the_field():
     with pytest.raises(ValueError, match="num_ranks=0"):
         GroupConfig(num_ranks=0, model=tiny_spec())
     with pytest.raises(ValueError, match="cpus_per_rank=-1"):
