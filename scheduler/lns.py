@@ -88,12 +88,14 @@ def solve_neighbourhood(schedule: Schedule, hood: Sequence[int], cost: CostModel
                         seed: int, det_limit: float):
     """CP-SAT re-assignment of the neighbourhood's short sequences.
 
-    Returns (list of item lists per hood rank or None, deterministic time used, proved).
+    Returns (item lists per hood rank or None, deterministic time used, whether CP-SAT
+    proved the whole neighbourhood optimal).
     """
     items = [sh for r in hood for sh in schedule.items[r]]
     if not items:
         return None, 0.0, False
-    if len(items) > MAX_ITEMS:  # keep the largest; the rest stay where they are
+    whole = len(items) <= MAX_ITEMS
+    if not whole:  # keep the largest; the rest stay where they are
         items = sorted(items, key=lambda sh: (-sh.length, sh.seq_id))[:MAX_ITEMS]
     keep = {sh.seq_id for sh in items}
     fixed = {r: [sh for sh in schedule.items[r] if sh.seq_id not in keep] for r in hood}
@@ -137,7 +139,7 @@ def solve_neighbourhood(schedule: Schedule, hood: Sequence[int], cost: CostModel
     for i, sh in enumerate(items):
         j = next(j for j in range(len(hood)) if solver.boolean_value(x[i][j]))
         new[j].append(sh)
-    return new, det, status == cp_model.OPTIMAL
+    return new, det, whole and status == cp_model.OPTIMAL
 
 
 def apply_if_better(schedule: Schedule, hood: Sequence[int], assignment, loads: np.ndarray,
