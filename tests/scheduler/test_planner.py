@@ -75,3 +75,18 @@ def test_bad_arguments_name_the_field(kwargs, field):
     lengths = args.pop("lengths")
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         plan_batch(lengths, CPU4, TINY, **args)
+
+
+def test_offload_policy_defaults_per_cluster():
+    from scheduler.simulator import default_offload
+
+    # h100: 256 GiB of host per rank vs 80 on the device; cpu: one RAM split in two.
+    assert default_offload(cluster_preset("h100")) == "auto"
+    assert default_offload(CPU4) == "needed"
+    # "auto" lets a GPU cluster shrink a ring by offloading (Eq. 3); "needed" never does.
+    llama, h100 = model_preset("llama-7b"), cluster_preset("h100", num_ranks=16)
+    auto = plan_batch([300_000], h100, llama, capacity_tokens=20_000, time_limit_s=0)
+    plain = plan_batch([300_000], h100, llama, capacity_tokens=20_000, time_limit_s=0,
+                       offload="needed")
+    assert all(s.offload_ratio == 0 for _, g in plain.groups() for s in g.sequences)
+    assert auto.predicted.makespan_s <= plain.predicted.makespan_s * (1 + 1e-9)
