@@ -100,13 +100,15 @@ class StepMetricsPublic(_Public):
     predicted_step_s: float
     measured_step_s: float
     imbalance: float = Field(description="max rank busy / mean rank busy - 1.")
+    groups: str = Field(default="", description="The step plan's groups by ring size, "
+                                                "'SIZExCOUNT' words, e.g. '1x6 2x1 4x1'.")
     at: datetime
 
     @classmethod
     def of(cls, m: StepMetrics) -> StepMetricsPublic:
         return cls(step=m.step, attempt=m.attempt, loss=m.loss, tokens_per_s=m.tokens_per_s,
                    predicted_step_s=m.predicted_step_s, measured_step_s=m.measured_step_s,
-                   imbalance=m.imbalance, at=_ts(m.at))
+                   imbalance=m.imbalance, groups=m.groups, at=_ts(m.at))
 
 
 class MetricsPage(_Public):

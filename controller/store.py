@@ -64,6 +64,7 @@ class StepMetrics:
     predicted_step_s: float  # the planner's makespan for the step's plan
     measured_step_s: float  # wall time of the step (slowest rank)
     imbalance: float  # max rank busy time / mean rank busy time - 1 (0 = perfectly balanced)
+    groups: str = ""  # the plan's groups by ring size, e.g. "2x1 5x2" (size x count)
     at: float = 0.0  # unix seconds when recorded
 
 

@@ -45,6 +45,7 @@ class RankState:
     progress: tuple[int, int] = (-1, -1)  # (step, progress counter) last heard
     progress_at: float = 0.0  # monotonic time the progress last changed
     done_step: int = -1  # newest step this rank has finished (reported or resumed past)
+    finished: bool = False  # received the end of its plan stream: no longer watched
 
 
 @dataclass(kw_only=True)
@@ -192,6 +193,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if rt is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
             if rt.job.state is State.STOPPING or step >= total:
+                with rt.cond:
+                    if st is not None:
+                        st.finished = True
                 yield pb.PlanMessage(step=step, stop=True)
                 return
             if not self._wait_turn(rt, step, context):
@@ -219,12 +223,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             with self.tracer.start_as_current_span("planner.plan_step", context=parent) as span:
                 planned = rt.pipeline.get(step)
                 plan = planned.plan
-                sizes = Counter(len(g.ranks) for _, g in plan.groups())
                 predicted = plan.predicted
                 span.set_attributes({
                     "ringmaster.job_id": job.id, "ringmaster.attempt": job.attempt,
                     "ringmaster.step": step, "planner.world_size": plan.world_size,
-                    "planner.groups_by_size": json.dumps(dict(sorted(sizes.items()))),
+                    "planner.groups_by_size": groups_by_size(plan),
                     "planner.predicted_makespan_s": predicted.makespan_s if predicted else 0.0,
                     "planner.lower_bound_s": predicted.lower_bound_s if predicted else 0.0,
                     "planner.planning_s": planned.planning_s,
@@ -280,7 +283,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         timeout = rt.job.spec.failure.heartbeat_timeout_s
         now = self.clock()
         for rank, st in rt.ranks.items():
-            if now - st.progress_at > timeout:
+            if not st.finished and now - st.progress_at > timeout:
                 self._lose(rt, rank, f"rank {rank} made no progress for {now - st.progress_at:.1f}"
                                      f" s (heartbeat_timeout_s={timeout:g}); presumed stalled")
                 return
@@ -315,7 +318,14 @@ def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
         step=step, attempt=attempt, loss=any_report.loss,
         tokens_per_s=sum(r.tokens for r in reports.values()) / measured if measured else 0.0,
         predicted_step_s=predicted, measured_step_s=measured,
-        imbalance=(max(busy) / mean_busy - 1.0) if mean_busy > 0 else 0.0)
+        imbalance=(max(busy) / mean_busy - 1.0) if mean_busy > 0 else 0.0,
+        groups=groups_by_size(planned.plan) if planned else "")
+
+
+def groups_by_size(plan) -> str:
+    """'SIZExCOUNT' words of a plan's groups, smallest ring first (e.g. '1x6 2x1 4x1')."""
+    sizes = Counter(len(g.ranks) for _, g in plan.groups())
+    return " ".join(f"{size}x{count}" for size, count in sorted(sizes.items()))
 
 
 def group_seconds(plan, reports: dict[int, pb.StepReport]) -> dict[tuple[int, int], float]:

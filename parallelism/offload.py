@@ -420,7 +420,7 @@ class TokenwiseOffloadStack:
         n_s, fetch = st.num_swapped, self.swapper.fetch
         x, o, lse = fetch(st.x), fetch(st.o), fetch(st.lse)
         # post: swapped tokens replay their saved graph, the others recompute it
-        x_r, o_r = x[n_s:].requires_grad_(), o[n_s:].detach().requires_grad_()
+        x_r, o_r = x[n_s:].detach().requires_grad_(), o[n_s:].detach().requires_grad_()
         with torch.enable_grad():
             torch.autograd.backward([layer.post(x_r, o_r)], [dy[n_s:]])
         if n_s:

@@ -9,8 +9,9 @@ progress counter (bumped per step); the controller presumes a rank whose counter
 moving to be stalled. A plan message with `stop` (job done or stop requested) ends the
 loop at a step boundary.
 
-Fault injection for tests and drills: `RINGMASTER_FAULT="stall|crash:rank=R:step=S[:attempt=A]"`
-makes rank R hang (or exit) when it reaches step S of attempt A (default 1).
+Fault injection for tests and drills:
+`RINGMASTER_FAULT="stall|crash:rank=R:step=S[:attempt=A][:job=NAME]"` makes rank R hang (or
+exit) when it reaches step S of attempt A (default 1) of jobs named NAME (default any).
 """
 
 from __future__ import annotations
@@ -50,14 +51,17 @@ def train_config(cfg: dict) -> TrainConfig:
                        warmup_steps=min(10, steps // 10))
 
 
-def _fault(rank: int, step: int, attempt: int) -> str | None:
+def _fault(identity: WorkerIdentity, step: int) -> str | None:
+    """The fault RINGMASTER_FAULT asks this rank to simulate at `step`, if any."""
     spec = os.environ.get("RINGMASTER_FAULT", "")
     if not spec:
         return None
     kind, *parts = spec.split(":")
     fields = dict(p.split("=", 1) for p in parts)
-    hit = (int(fields.get("rank", -1)) == rank and int(fields.get("step", -1)) == step
-           and int(fields.get("attempt", 1)) == attempt)
+    job = fields.get("job")
+    hit = (int(fields.get("rank", -1)) == identity.rank and int(fields.get("step", -1)) == step
+           and int(fields.get("attempt", 1)) == identity.attempt
+           and (job is None or identity.job_id.startswith(job + "-")))
     return kind if hit else None
 
 
@@ -122,7 +126,7 @@ class RankAgent:
         if msg.step != trainer.step:
             raise RuntimeError(f"rank {rank}: controller sent step {msg.step} but the trainer "
                                f"is at step {trainer.step}")
-        fault = _fault(rank, msg.step, self.identity.attempt)
+        fault = _fault(self.identity, msg.step)
         if fault == "stall":
             time.sleep(1e9)  # hang like a rank stuck in a collective
         if fault == "crash":
@@ -133,7 +137,8 @@ class RankAgent:
         parent = propagate.extract({"traceparent": msg.traceparent} if msg.traceparent else {})
         t0 = time.perf_counter()
         with self.tracer.start_as_current_span("worker.step", context=parent) as span:
-            span.set_attributes({"ringmaster.rank": rank, "ringmaster.step": msg.step,
+            span.set_attributes({"ringmaster.job_id": self.identity.job_id,
+                                 "ringmaster.rank": rank, "ringmaster.step": msg.step,
                                  "ringmaster.attempt": self.identity.attempt})
             stats = trainer.train_step(plan, samples, next_position=BatchPosition(
                 epoch=msg.data_epoch, index=msg.data_index))

@@ -27,6 +27,7 @@ from pathlib import Path
 
 EXIT_OK, EXIT_LOST, EXIT_FAILED = 0, 1, 3
 DRIVER_RANK = -1
+FORWARDED_PREFIXES = ("RINGMASTER_", "OTEL_")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +47,11 @@ def _write_exit(path: Path | None, code: int, message: str) -> int:
         tmp.replace(path)
     print(f"driver exiting with status {code}: {message}", flush=True)
     return code
+
+
+def forwarded_env() -> dict[str, str]:
+    """The driver's variables every rank needs too (tracing, fault drills)."""
+    return {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_PREFIXES)}
 
 
 def _init_ray(num_ranks: int) -> None:
@@ -75,7 +81,8 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
     try:
         config = GroupConfig(num_ranks=int(cfg["num_ranks"]),
                              model=ModelSpec.model_validate(cfg["model"]),
-                             train=train_config(cfg), seed=int(cfg["training"]["seed"]))
+                             train=train_config(cfg), seed=int(cfg["training"]["seed"]),
+                             env=forwarded_env())
     except (KeyError, ValueError) as exc:
         return EXIT_FAILED, f"worker config is not usable: {exc}"
     _init_ray(config.num_ranks)

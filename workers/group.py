@@ -67,6 +67,7 @@ class GroupConfig:
     torch_threads: int = 1  # intra-op threads per CPU actor
     timeout_s: float = 600.0  # process-group timeout and the longest wait on one call
     start_timeout_s: float = 120.0  # actors scheduled and process group joined
+    env: dict[str, str] = field(default_factory=dict)  # environment of every rank's process
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -192,6 +193,8 @@ class WorkerGroup:
         self._broken: WorkerError | None = None
         _ensure_ray()
         self.use_gpu, options = _resources(config)
+        if config.env:  # actors start from the raylet's environment, not the driver's
+            options["runtime_env"] = {"env_vars": dict(config.env)}
         actor = ray.remote(RankWorker).options(max_restarts=0, **options)
         self.actors = [actor.remote(r, config, self.use_gpu) for r in range(config.num_ranks)]
         try:

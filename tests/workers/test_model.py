@@ -211,3 +211,19 @@ def test_rejects_out_of_vocab_ids(model):
 def test_spec_dtype_is_used():
     spec = ModelSpec(**(MODEL_PRESETS["tiny"].model_dump() | {"dtype": "bfloat16"}))
     assert Transformer(spec).head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("kwargs", [{"stream_chunk_size": 7}, {"offload_ratio": 0.5}],
+                         ids=["streambp-7", "offload-0.5"])
+def test_float32_error_is_within_a_small_multiple_of_torchs(model, batch, kwargs):
+    """At float32 our schemes must be as accurate as plain float32 autograd, vs float64."""
+    ids, cu = batch
+    _, exact = _reference_sft(model, ids, cu)
+    m32 = Transformer(MODEL_PRESETS["tiny"]).to(torch.float32)
+    m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+    _, plain32 = _reference_sft(m32, ids, cu)
+    ours = _grads(m32, lambda: m32.forward_backward(ids, cu_seqlens=cu, **kwargs))
+    for name, g in exact.items():
+        torch_err = ((plain32[name].double() - g).norm() / g.norm()).item()
+        our_err = ((ours[name].double() - g).norm() / g.norm()).item()
+        assert our_err <= 4 * torch_err + 1e-6, (name, our_err, torch_err)
