@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -164,15 +163,23 @@ def _ce_step(mode, h, w, t):
     return run
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def ce_child(mode: str, tokens: int, vocab: int, hidden: int) -> None:
-    """One process per measurement: ru_maxrss above the inputs, one fwd+bwd, on CPU."""
+    """One process per measurement: peak RSS growth over one fwd+bwd, on CPU (Linux).
+
+    The peak (VmHWM, what ru_maxrss reports) is reset once the inputs exist, so library
+    pages evicted after import cannot distort the difference."""
     h, w, t = _ce_inputs(tokens, vocab, hidden, torch.float32, "cpu")
-    with open("/proc/self/statm") as f:
-        base_kib = int(f.read().split()[1]) * resource.getpagesize() // 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base_kib = _status_kib("VmRSS")
     wall, cpu = _samples(_ce_step(mode, h, w, t), warmup=0, iters=1)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": wall[0], "cpu_seconds": cpu[0],
-                      "extra_mib": (peak_kib - base_kib) / 1024}))
+    extra_mib = (_status_kib("VmHWM") - base_kib) / 1024
+    print(json.dumps({"seconds": wall[0], "cpu_seconds": cpu[0], "extra_mib": extra_mib}))
 
 
 def linear_ce_cpu(rows: list[dict]) -> None:

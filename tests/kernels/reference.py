@@ -61,3 +61,22 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     assert torch.equal(finite, torch.isfinite(x)), "infinite entries differ"
     scale = ref[finite].abs().max().clamp_min(1e-300) if finite.any() else 1.0
     return float((x[finite] - ref[finite]).abs().max() / scale) if finite.any() else 0.0
+
+
+PEAK_RSS_SNIPPET = '''
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+def reset_peak_rss():
+    """Start a fresh peak (the kernel's VmHWM, which ru_maxrss reports); returns RSS now.
+    Without the reset, shared-library pages evicted under memory pressure after import
+    would make any "peak minus now" difference meaningless."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+def peak_rss_kib():
+    return _status_kib("VmHWM")
+'''
+"""Source for memory-measuring subprocesses (Linux): peak RSS growth of one step."""

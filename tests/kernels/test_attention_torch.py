@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import attention_torch
 from kernels.varlen import PackedSeqs
-from tests.kernels.reference import make_cu, naive_attention, rel_err
+from tests.kernels.reference import PEAK_RSS_SNIPPET, make_cu, naive_attention, rel_err
 
 F64_TOL = 1e-12
 
@@ -169,8 +169,7 @@ def test_float32_runs_and_returns_float32_lse():
     assert rel_err(out, ref_out) <= 1e-5 and rel_err(lse, ref_lse) <= 1e-5
 
 
-_MEMORY_SCRIPT = """
-import resource, sys
+_MEMORY_SCRIPT = PEAK_RSS_SNIPPET + """
 import torch
 import kernels
 torch.set_num_threads(1)
@@ -179,17 +178,16 @@ q = torch.randn(t, 1, 16)
 k, v, dout = torch.randn(t, 1, 16), torch.randn(t, 1, 16), torch.randn(t, 1, 16)
 cu = torch.tensor([0, t], dtype=torch.int32)
 kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, backend="torch")
+base = reset_peak_rss()
 out, lse = kernels.attention_with_lse(q, k, v, **kw)
-with open("/proc/self/statm") as f:
-    base = int(f.read().split()[1]) * resource.getpagesize() // 1024
 kernels.attention_with_lse_backward(dout, q, k, v, out, lse, **kw)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base)
+print(peak_rss_kib() - base)
 """
 
 
 def test_memory_is_tiles_not_scores():
-    """16K tokens causal: the T x T float32 scores alone would be 1 GiB; the backward's peak
-    RSS growth must stay under 64 MiB (tiles of 256 x 512 floats and O(T) rows)."""
+    """16K tokens causal: the T x T float32 scores alone would be 1 GiB; the peak RSS growth
+    of forward + backward must stay under 64 MiB (tiles of 256 x 512 floats, O(T) rows)."""
     import subprocess
     import sys
 
