@@ -93,11 +93,13 @@ def _validate(hidden, weight, targets, chunk_size, backend) -> None:
 
 
 def _check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    valid = targets[targets != ignore_index]
-    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
+    """One device sync: the out-of-range test is reduced on the device first."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        first = int(targets[bad][0])
         raise ValueError(
             f"targets must be in [0, {vocab_size}) or equal ignore_index={ignore_index}, got "
-            f"values in [{int(valid.min())}, {int(valid.max())}]"
+            f"{first} (and {int(bad.sum()) - 1} more out of range)"
         )
 
 
