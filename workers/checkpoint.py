@@ -4,9 +4,8 @@ One directory per checkpoint, written by all ranks together (DCP plans the write
 replicated tensor is stored once) and read back by all ranks. What it holds:
   model      the module's state dict
   optim      AdamW state keyed by parameter name (DCP's get_state_dict), so it does not
-             depend on parameter order
-  progress   optimizer step, data position (epoch, index) and whether optim is present,
-             as int64 tensors
+             depend on parameter order; with ZeRO-1 each rank stores its own shard
+  progress   optimizer step and data position (epoch, index) as int64 tensors
   rng.rank<r> each rank's torch CPU (and CUDA) generator state: ranks may differ
 Together with a deterministic step these make resume bit-identical: k steps, save, a fresh
 process, restore, N-k steps gives exactly the N-step losses and weights.
@@ -65,27 +64,33 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _progress(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Replicated progress (the same on every rank: DCP stores it once)."""
     pos = trainer.data_position
-    has_optim = bool(trainer.optimizer.state)
     return {name: torch.tensor(v, dtype=torch.int64) for name, v in
-            [("step", trainer.step), ("epoch", pos.epoch), ("index", pos.index),
-             ("has_optim", int(has_optim))]}
+            [("step", trainer.step), ("epoch", pos.epoch), ("index", pos.index)]}
 
 
-def _state(trainer: Trainer, *, with_optim: bool) -> dict:
-    """The DCP state dict of a trainer (tensors are views that loading fills in place).
+def _state(trainer: Trainer, *, with_optim: bool) -> tuple[dict, dict | None]:
+    """(DCP state dict, full optimizer state dict) of a trainer.
+
+    Tensors are views that loading fills in place. Only the optimizer's per-parameter
+    *state* is checkpointed: its hyperparameters (param_groups) are the config's, and the
+    LR a function of the step, so the live ones are kept.
 
     DCP's get_state_dict materialises the state of an optimizer that has not stepped
-    (a zero-LR step), which would change its next update; so an optimizer without state
-    is saved without an "optim" entry and left untouched.
+    (a zero-LR step), which would change its next update; so before the first step
+    (step 0, AdamW has no state yet) there is no "optim" entry and the optimizer is left
+    untouched. After it every parameter has state (run_step gives each one a gradient);
+    with ZeRO-1 each rank's entry holds only the parameters it owns (distinct keys).
     """
     device = next(trainer.model.parameters()).device
     state = {"progress": _progress(trainer), f"rng.rank{trainer.rank}": _rng_state(device)}
-    if with_optim:
-        state["model"], state["optim"] = get_state_dict(trainer.model, trainer.optimizer)
-    else:
+    if not with_optim:
         state["model"] = get_model_state_dict(trainer.model)
-    return state
+        return state, None
+    state["model"], optim = get_state_dict(trainer.model, trainer.optimizer)
+    state["optim"] = {"state": optim["state"]}
+    return state, optim
 
 
 def save_checkpoint(directory: str | Path, trainer: Trainer) -> Path:
@@ -97,8 +102,7 @@ def save_checkpoint(directory: str | Path, trainer: Trainer) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier(trainer.group)
-    _dcp(dcp.save, _state(trainer, with_optim=bool(trainer.optimizer.state)), partial,
-         trainer.group)
+    _dcp(dcp.save, _state(trainer, with_optim=trainer.step > 0)[0], partial, trainer.group)
     _barrier(trainer.group)
     if lead:
         shutil.rmtree(final, ignore_errors=True)
@@ -115,17 +119,17 @@ def load_checkpoint(directory: str | Path, trainer: Trainer) -> None:
                          f"(no .metadata; an unfinished save leaves '<dir>.partial')")
     progress = _progress(trainer)
     _dcp(dcp.load, {"progress": progress}, path, trainer.group)
-    with_optim = bool(progress["has_optim"])
+    with_optim = int(progress["step"]) > 0
     if not with_optim:  # saved before the first update: the optimizer starts fresh
         trainer.optimizer.state.clear()
     # With state saved, get_state_dict materialises AdamW's state so DCP can fill it
     # (it only does so for parameters without gradients).
     trainer.model.zero_grad(set_to_none=True)
-    state = _state(trainer, with_optim=with_optim)
+    state, optim = _state(trainer, with_optim=with_optim)
     _dcp(dcp.load, state, path, trainer.group)
     if with_optim:
         set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+                       optim_state_dict=optim)
     else:
         set_model_state_dict(trainer.model, state["model"])
     trainer.step = int(progress["step"])

@@ -1,10 +1,11 @@
 """The training loop around `run_step`: AdamW, gradient clipping, LR schedule, checkpoints.
 
-Every rank holds the full model and the full optimizer state (plain data parallelism of
-the state; ZeRO-1 sharding is not implemented). After `run_step` all ranks hold the same
-global gradient, so clipping (by the global L2 norm, Pascanu et al. 2013) and the AdamW
-update (Loshchilov & Hutter 2019, Alg. 2) run locally and keep the replicas identical
-without further communication.
+Every rank holds the full model. After `run_step` all ranks hold the same global
+gradient, so clipping (by the global L2 norm, Pascanu et al. 2013) and the AdamW update
+(Loshchilov & Hutter 2019, Alg. 2) run locally and keep the replicas identical without
+further communication. Optionally (`zero1`) the AdamW state is sharded over the ranks
+(ZeRO stage 1, Rajbhandari et al. 2020): each rank updates the parameters it owns and
+broadcasts them.
 
 The LR schedule is a pure function of the optimizer step (linear warmup, then cosine or
 linear decay to `min_lr_ratio * lr`), so a restored step count alone restores it. A
@@ -22,13 +23,14 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 
 from scheduler.batching import BatchPosition
 from scheduler.plan import StepPlan
 from workers.step import StepStats, run_step
 
-__all__ = ["PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer", "build_optimizer",
-           "lr_at", "train"]
+__all__ = ["PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer",
+           "broadcast_parameters", "build_optimizer", "lr_at", "partition_parameters", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,6 +46,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: float | None = 1.0  # clip the global gradient L2 norm; None: no clipping
+    zero1: bool = False  # shard AdamW state over the ranks (ZeRO stage 1); see Trainer
 
     def __post_init__(self) -> None:
         checks = [
@@ -79,10 +82,14 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings, projections) and none on norms."""
+def build_optimizer(model: torch.nn.Module, config: TrainConfig,
+                    params: list[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings, projections) and none on norms.
+
+    `params` restricts it to a subset of the model's parameters (a ZeRO-1 shard).
+    """
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in model.parameters() if params is None else params:
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay},
@@ -114,12 +121,56 @@ class TrainStats:
     stats: StepStats  # the forward/backward step's figures
 
 
+def partition_parameters(params: list[torch.nn.Parameter], num_ranks: int) -> list[int]:
+    """Owner rank of each parameter: largest first onto the least-loaded rank (ZeRO-1)."""
+    if len(params) < num_ranks:
+        raise ValueError(f"zero1: {len(params)} parameter tensors cannot be sharded over "
+                         f"{num_ranks} ranks (each rank must own one); set zero1=False")
+    load = [0] * num_ranks
+    owners = [0] * len(params)
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        r = min(range(num_ranks), key=lambda r: (load[r], r))
+        owners[i] = r
+        load[r] += params[i].numel()
+    return owners
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter], owners: list[int], group) -> None:
+    """Every rank receives each parameter from its owner (one broadcast per owner and dtype)."""
+    for r in sorted(set(owners)):
+        mine = [p for p, o in zip(params, owners, strict=True) if o == r]
+        for dtype in sorted({p.dtype for p in mine}, key=str):
+            same = [p for p in mine if p.dtype == dtype]
+            flat = torch.cat([p.detach().reshape(-1) for p in same])
+            dist.broadcast(flat, group=group, group_src=r)
+            offset = 0
+            with torch.no_grad():
+                for p in same:
+                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                    offset += p.numel()
+
+
 class Trainer:
-    """One rank's model, optimizer and progress (step count, data position)."""
+    """One rank's model, optimizer and progress (step count, data position).
+
+    With `config.zero1` on several ranks, each rank keeps AdamW state only for the
+    parameters it owns (`partition_parameters`), updates those after the step's
+    all-reduce, and receives the others from their owners, so optimizer memory is divided
+    by the world size. The update is the same per-parameter AdamW, so weights and losses
+    are bit-identical to the unsharded trainer.
+    """
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, *, rank: int, group=None):
         self.model, self.config, self.rank, self.group = model, config, rank, group
-        self.optimizer = build_optimizer(model, config)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() \
+            else 1
+        self.owners = partition_parameters(self.params, world) if config.zero1 and world > 1 \
+            else None
+        local = rank if group is None else dist.get_rank(group)
+        owned = None if self.owners is None else [
+            p for p, o in zip(self.params, self.owners, strict=True) if o == local]
+        self.optimizer = build_optimizer(model, config, owned)
         self.step = 0  # optimizer steps completed
         self.data_position = BatchPosition()  # next batch of the data stream
 
@@ -127,13 +178,15 @@ class Trainer:
                    next_position: BatchPosition | None = None) -> TrainStats:
         """run_step, clip, one AdamW update at this step's LR."""
         stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=False))
+        # Every rank holds the full gradient, so every rank computes the same norm.
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
         lr = lr_at(self.step, self.config)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         self.optimizer.step()
+        if self.owners is not None:
+            broadcast_parameters(self.params, self.owners, self.group)
         self.step += 1
         if next_position is not None:
             self.data_position = next_position

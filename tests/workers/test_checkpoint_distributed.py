@@ -1,5 +1,6 @@
 """Bit-identical resume on 4 gloo ranks with rings: N steps straight == k steps, DCP save,
-a fresh trainer (other initial weights, other RNG) restored, N - k steps.
+a fresh trainer (other initial weights, other RNG) restored, N - k steps; with and without
+ZeRO-1 (sharded AdamW state), which must also match each other bit for bit.
 
 Data come from a token dataset through workers.data.DatasetPlanSource with a small
 deterministic planner (the two longest sequences on rings [1, 3] and [2, 0], the rest
@@ -33,34 +34,42 @@ def _planner(lengths: np.ndarray):
     return plan_of(4, [rings, packs] if packs else [rings])
 
 
-def _run(rank: int, world_size: int, data_dir: str, ckpt_dir: str) -> dict:
-    torch.set_num_threads(1)
-    cfg = TrainConfig(lr=2e-3, warmup_steps=1, total_steps=TOTAL, max_grad_norm=0.5)
+def _source(data_dir: str, rank: int, ring_sizes: list[int]):
+    inner = DatasetPlanSource(data_dir, tokens_per_batch=300, seed=1, planner=_planner,
+                              rank=rank)
 
-    ring_sizes: list[int] = []
+    def tracked(position):
+        inp = inner(position)
+        ring_sizes.extend(len(g.ranks) for _, g in inp.plan.groups())
+        return inp
+    return tracked
 
-    def source():
-        inner = DatasetPlanSource(data_dir, tokens_per_batch=300, seed=1, planner=_planner,
-                                  rank=rank)
 
-        def tracked(position):
-            inp = inner(position)
-            ring_sizes.extend(len(g.ranks) for _, g in inp.plan.groups())
-            return inp
-        return tracked
-
+def _straight_and_resumed(rank: int, data_dir: str, ckpt_dir: str, zero1: bool) -> dict:
+    cfg = TrainConfig(lr=2e-3, warmup_steps=1, total_steps=TOTAL, max_grad_norm=0.5,
+                      zero1=zero1)
+    rings: list[int] = []
     straight = Trainer(tiny_model(seed=0, dtype="float32"), cfg, rank=rank)
-    losses = [s.stats.loss for s in train(straight, num_steps=TOTAL, plan_source=source(),
+    losses = [s.stats.loss for s in train(straight, num_steps=TOTAL,
+                                          plan_source=_source(data_dir, rank, rings),
                                           checkpoint_dir=ckpt_dir, checkpoint_every=K)]
     torch.manual_seed(1000 + rank)
     resumed = Trainer(tiny_model(seed=1, dtype="float32"), cfg, rank=rank)
     resumed.restore(f"{ckpt_dir}/step_{K}")
-    tail = [s.stats.loss for s in train(resumed, num_steps=TOTAL - K, plan_source=source())]
+    tail = [s.stats.loss for s in train(resumed, num_steps=TOTAL - K,
+                                        plan_source=_source(data_dir, rank, []))]
     same_params = all(torch.equal(a, b) for a, b in zip(straight.model.parameters(),
                                                         resumed.model.parameters(), strict=True))
     return {"losses": losses, "tail": tail, "same_params": same_params,
             "position": resumed.data_position == straight.data_position,
-            "max_ring": max(ring_sizes)}
+            "max_ring": max(rings), "optim_entries": len(resumed.optimizer.state),
+            "params": [p.detach().clone() for p in straight.model.parameters()]}
+
+
+def _run(rank: int, world_size: int, data_dir: str, ckpt_dir: str) -> list[dict]:
+    torch.set_num_threads(1)
+    return [_straight_and_resumed(rank, data_dir, f"{ckpt_dir}/zero1={z}", z)
+            for z in (False, True)]
 
 
 def test_resume_on_four_ranks_with_rings_is_bit_identical(tmp_path, rng):
@@ -68,9 +77,21 @@ def test_resume_on_four_ranks_with_rings_is_bit_identical(tmp_path, rng):
         for n in rng.integers(2, 90, size=40):
             w.add(rng.integers(0, 256, size=int(n)))
     out = run_distributed(_run, 4, str(tmp_path / "data"), str(tmp_path / "ckpt"),
-                          timeout_s=120)
-    for rank, r in enumerate(out):
-        assert r["tail"] == r["losses"][K:], (rank, r)  # exact equality
-        assert r["same_params"] and r["position"], rank
-        assert r["losses"] == out[0]["losses"]
-        assert r["max_ring"] >= 2  # sequences were split over rings
+                          timeout_s=150)
+    num_params = len(list(tiny_model().parameters()))
+    for z in (0, 1):
+        for rank, runs in enumerate(out):
+            r = runs[z]
+            assert r["tail"] == r["losses"][K:], (z, rank, r["tail"], r["losses"])  # exact
+            assert r["same_params"] and r["position"], (z, rank)
+            assert r["losses"] == out[0][z]["losses"]
+            assert r["max_ring"] >= 2  # sequences were split over rings
+    # ZeRO-1 shards the AdamW state (every parameter's state on exactly one rank) and
+    # changes nothing else: the same per-parameter update, bit for bit.
+    assert all(runs[0]["optim_entries"] == num_params for runs in out)
+    assert sum(runs[1]["optim_entries"] for runs in out) == num_params
+    assert all(0 < runs[1]["optim_entries"] < num_params for runs in out)
+    for runs in out:
+        assert runs[1]["losses"] == runs[0]["losses"]
+        assert all(torch.equal(a, b) for a, b in zip(runs[0]["params"], runs[1]["params"],
+                                                      strict=True))

@@ -14,7 +14,14 @@ import torch
 from scheduler.dataset import DatasetWriter
 from workers.data import DatasetPlanSource
 from workers.step import run_step
-from workers.train import TrainConfig, Trainer, build_optimizer, lr_at, train
+from workers.train import (
+    TrainConfig,
+    Trainer,
+    build_optimizer,
+    lr_at,
+    partition_parameters,
+    train,
+)
 
 from .helpers import (
     group,
@@ -120,3 +127,13 @@ def test_loop_follows_the_data_stream_and_checkpoints(tmp_path, rng):
     assert all(np.isfinite(s.stats.loss) for s in out)
     with pytest.raises(ValueError, match="checkpoint_every"):
         train(trainer, num_steps=1, plan_source=source, checkpoint_every=3)
+
+
+def test_zero1_partition_balances_and_refuses_too_few_tensors():
+    params = [torch.nn.Parameter(torch.zeros(n)) for n in (50, 7, 30, 20, 1, 12)]
+    owners = partition_parameters(params, 3)
+    load = [sum(p.numel() for p, o in zip(params, owners, strict=True) if o == r)
+            for r in range(3)]
+    assert sorted(set(owners)) == [0, 1, 2] and max(load) == 50  # the 50 alone, rest split
+    with pytest.raises(ValueError, match="zero1"):
+        partition_parameters(params[:2], 3)
