@@ -92,9 +92,9 @@ class NextTokenCE:
     def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
         """(loss_sum, num_predictions, d loss_sum*grad_scale / d hidden) via the fused kernel."""
         grad_hidden = track_buffer(torch.zeros_like(inputs.hidden_TH))
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        num = 0
-        for sl in _chunks(inputs.hidden_TH.shape[0], inputs.chunk_size):
+        loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.hidden_TH.device)
+        num = torch.zeros((), dtype=torch.int64, device=inputs.hidden_TH.device)
+        for sl in _chunks(inputs.hidden_TH.shape[0], inputs.chunk_size):  # no host syncs
             with torch.enable_grad():
                 h = inputs.hidden_TH[sl].detach().requires_grad_()
                 loss, n = kernels.linear_cross_entropy(norm(h), weight_VH, inputs.targets_T[sl],
@@ -102,9 +102,9 @@ class NextTokenCE:
                                                        chunk_size=inputs.chunk_size)
                 (loss * inputs.grad_scale).backward()
             grad_hidden[sl] = h.grad
-            loss_sum += loss.detach().double().cpu()
-            num += int(n)
-        return loss_sum, num, grad_hidden
+            loss_sum += loss.detach().double()
+            num += n
+        return loss_sum.cpu(), int(num), grad_hidden
 
 
 @dataclass(frozen=True, kw_only=True)
