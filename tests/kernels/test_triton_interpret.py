@@ -52,3 +52,9 @@ def test_linear_ce_triton_chunk_matches_naive(interpreted_errors, name):
     assert errors.pop("count_ok") == 1.0
     for what, err in errors.items():
         assert err <= tol, f"{name}: {what} relative error {err:.2e} > {tol:.0e}"
+
+
+def test_ring_step_backward_from_merged_lse(interpreted_errors):
+    """Two key blocks merged by LSE, each block's backward from the merged out/lse."""
+    for what, err in interpreted_errors["ring-merge-f32"].items():
+        assert err <= TOLERANCE["f32"], f"ring merge: {what} relative error {err:.2e}"
