@@ -67,13 +67,14 @@ def global_num_predictions(plan: StepPlan) -> int:
 
 def _check_inputs(plan: StepPlan, samples: Mapping[int, torch.Tensor], rank: int,
                   group) -> None:
+    plan.check()  # a broken plan (a rank in two groups at once, ...) would deadlock the ring
     if not 0 <= rank < plan.world_size:
         raise ValueError(f"rank={rank} is outside the plan (valid 0..{plan.world_size - 1})")
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size(group)
-        if world != plan.world_size:
-            raise ValueError(f"plan.world_size={plan.world_size} but the process group has "
-                             f"{world} ranks")
+    initialized = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size(group) if initialized else 1
+    if world != plan.world_size:
+        raise ValueError(f"plan.world_size={plan.world_size} but the process group has {world} "
+                         f"rank(s){'' if initialized else ' (none is initialized)'}")
     for _, g in plan.micro_batches_of(rank):
         for s in g.sequences:
             if s.id not in samples:
@@ -190,7 +191,9 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(totals, group=group)
     _sync(device)
-    assert int(totals[1]) == num_predictions, (totals, num_predictions)
+    if int(totals[1]) != num_predictions:
+        raise RuntimeError(f"the ranks computed {int(totals[1])} predictions, the plan has "
+                           f"{num_predictions}: did every rank get the same plan?")
     return StepStats(
         loss=float(totals[0]) / num_predictions, num_predictions=num_predictions,
         num_tokens=sum(g.num_tokens for _, g in plan.groups()), local_num_tokens=local_tokens,

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from scheduler.dataset import DatasetWriter
+from scheduler.errors import PlanValidationError
+from scheduler.plan import MicroBatch, StepPlan
 from workers.data import DatasetPlanSource
 from workers.step import run_step
 from workers.train import (
@@ -109,6 +111,12 @@ def test_run_step_overwrites_gradients_and_checks_samples():
         run_step(model, plan, samples, rank=3)
     with pytest.raises(ValueError, match="no predictions"):
         run_step(model, plan_of(1, [[group([0], [(0, 1)])]]), {0: samples[0][:1]}, rank=0)
+    with pytest.raises(ValueError, match="plan.world_size=2"):
+        run_step(model, plan_of(2, [[group([1, 0], [(0, 5), (1, 4)])]]), samples, rank=0)
+    clash = StepPlan(world_size=1, capacity_tokens=100, micro_batches=[MicroBatch(
+        groups=[group([0], [(0, 5)]), group([0], [(1, 4)])])])
+    with pytest.raises(PlanValidationError, match="rank 0 is also in group"):
+        run_step(model, clash, samples, rank=0)
 
 
 def test_loop_follows_the_data_stream_and_checkpoints(tmp_path, rng):
