@@ -38,13 +38,17 @@ def synth(
                                    "published 2M-token distribution down)."),
     vocab_size: int = typer.Option(256, "--vocab-size", help="Token ids are in [1, vocab)."),
     seed: int = typer.Option(0, help="Random seed."),
+    period: int = typer.Option(None, help="Copy distance: repeat a random block of this many "
+                               "tokens (default: the second half copies the first)."),
+    min_length: int = typer.Option(2, "--min-length", help="Raise shorter samples to this."),
 ):
     """Write a synthetic copy-task corpus with a published length distribution."""
     from scheduler.synth import length_stats, synthesize
 
     try:
         lengths = synthesize(out, distribution=distribution, num_samples=num_samples,
-                             max_length=max_length, vocab_size=vocab_size, seed=seed)
+                             max_length=max_length, vocab_size=vocab_size, seed=seed,
+                             period=period, min_length=min_length)
     except (ValueError, RingmasterError) as exc:
         fail(exc)
     console.print(stats_table(f"{distribution}: {out}", length_stats(lengths,

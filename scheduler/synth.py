@@ -101,23 +101,40 @@ def sample_lengths(distribution: str, num_samples: int, max_length: int, *,
     return np.clip(np.rint(out), 2, max_length).astype(np.int64)
 
 
-def copy_task_tokens(length: int, vocab_size: int, rng: np.random.Generator) -> np.ndarray:
-    """A random prefix (ids 1..vocab-1) followed by its copy; length tokens in all."""
+def copy_task_tokens(length: int, vocab_size: int, rng: np.random.Generator, *,
+                     period: int | None = None) -> np.ndarray:
+    """A copy-task sample of `length` tokens with ids in 1..vocab-1.
+
+    Default: a random prefix (the first half, rounded up) followed by its copy, so the
+    second half can only be predicted by attending back half the sequence. With `period`,
+    a random block of `period` tokens repeated to the length (token t = token t - period):
+    the same task at a fixed distance, which a small model learns much sooner.
+    """
     if vocab_size < 2:
         raise ValueError(f"vocab_size={vocab_size} must be >= 2")
-    half = length - length // 2
-    prefix = rng.integers(1, vocab_size, size=half, dtype=np.uint32)
-    return np.concatenate([prefix, prefix[: length // 2]])
+    if period is not None and period < 1:
+        raise ValueError(f"period={period} must be >= 1 (or None for half the length)")
+    block = length - length // 2 if period is None else min(period, length)
+    prefix = rng.integers(1, vocab_size, size=block, dtype=np.uint32)
+    return np.resize(prefix, length)
 
 
 def synthesize(out: str | Path, *, distribution: str, num_samples: int, max_length: int,
-               vocab_size: int = 256, seed: int = 0) -> np.ndarray:
-    """Write a copy-task corpus to `out` (a directory, holding data.bin/data.idx)."""
-    lengths = sample_lengths(distribution, num_samples, max_length, seed=seed)
+               vocab_size: int = 256, seed: int = 0, period: int | None = None,
+               min_length: int = 2) -> np.ndarray:
+    """Write a copy-task corpus to `out` (a directory, holding data.bin/data.idx).
+
+    `min_length` raises shorter samples to it (the demo wants every sample to need a
+    copy); `period` is copy_task_tokens'.
+    """
+    if not 2 <= min_length <= max_length:
+        raise ValueError(f"min_length={min_length} must be in [2, max_length={max_length}]")
+    lengths = np.maximum(sample_lengths(distribution, num_samples, max_length, seed=seed),
+                         min_length)
     rng = np.random.default_rng(seed + 1)
     with DatasetWriter(Path(out) / "data") as w:
         for n in lengths:
-            w.add(copy_task_tokens(int(n), vocab_size, rng))
+            w.add(copy_task_tokens(int(n), vocab_size, rng, period=period))
     return lengths
 
 

@@ -69,6 +69,22 @@ def test_copy_task_content(tmp_path):
         np.testing.assert_array_equal(tokens[half:], tokens[: len(tokens) // 2])
 
 
+def test_periodic_copy_task(tmp_path):
+    lengths = synthesize(tmp_path, distribution="uniform", num_samples=40, max_length=200,
+                         vocab_size=9, seed=2, period=13, min_length=20)
+    ds = TokenDataset(tmp_path)
+    assert lengths.min() >= 20
+    for i in range(len(ds)):
+        tokens = ds[i]
+        np.testing.assert_array_equal(tokens[13:], tokens[:-13])
+    with pytest.raises(ValueError, match="period=0"):
+        synthesize(tmp_path / "x", distribution="uniform", num_samples=1, max_length=9,
+                   period=0)
+    with pytest.raises(ValueError, match="min_length=50"):
+        synthesize(tmp_path / "y", distribution="uniform", num_samples=1, max_length=9,
+                   min_length=50)
+
+
 def test_batches_respect_budget_and_cover_epoch():
     lengths = sample_lengths("byted", 3000, 4096, seed=0)
     batches = epoch_batches(lengths, tokens_per_batch=20000, seed=5)
