@@ -107,8 +107,10 @@ class _EmbeddedController:
 
         trace_file = self.out / "trace.jsonl"
         os.environ["RINGMASTER_TRACE_FILE"] = str(trace_file)  # the workers' spans
-        provider = make_tracer_provider(exporters=[JsonLinesSpanExporter(trace_file)],
-                                        synchronous=True)
+        # Keep the job's traces; drop the reconciler's own Redis polling (root spans).
+        keep = lambda span: span.parent is not None or "db.system" not in span.attributes  # noqa: E731
+        provider = make_tracer_provider(
+            exporters=[JsonLinesSpanExporter(trace_file, keep=keep)], synchronous=True)
         self.ctl = Controller(ControllerConfig(state_dir=self.out / "state", launcher="ray",
                                                port=0, grpc_port=0, token="demo"),
                               tracer_provider=provider)

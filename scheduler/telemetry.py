@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
@@ -38,12 +38,17 @@ class JsonLinesSpanExporter(SpanExporter):
     """Appends each finished span as one JSON object per line (safe across processes:
     every line is a single O_APPEND write)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *,
+                 keep: Callable[[ReadableSpan], bool] | None = None):
         self.path = os.fspath(path)
+        self.keep = keep  # None keeps every span
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = "".join(json.dumps(json.loads(s.to_json())) + "\n" for s in spans)
+        kept = [s for s in spans if self.keep is None or self.keep(s)]
+        if not kept:
+            return SpanExportResult.SUCCESS
+        lines = "".join(json.dumps(json.loads(s.to_json())) + "\n" for s in kept)
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             try:
