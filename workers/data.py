@@ -118,17 +118,19 @@ class DatasetPlanSource:
     At a data position it forms the global batch, plans it with `planner(lengths)` on rank
     0 of `group` only (a planner with a time limit need not return the same plan twice, and
     every rank must run the same one), broadcasts the plan, and reads this rank's samples.
+    `rank=None` reads every sample of the batch: a driver feeding a WorkerGroup, which is
+    outside the process group and sends each actor its part.
     """
 
     def __init__(self, dataset: TokenDataset | str | Path, *, tokens_per_batch: int,
-                 seed: int, planner: Callable[[np.ndarray], StepPlan], rank: int = 0,
+                 seed: int, planner: Callable[[np.ndarray], StepPlan], rank: int | None = 0,
                  group=None):
         self.stream = BatchStream(dataset, tokens_per_batch=tokens_per_batch, seed=seed)
         self.planner, self.rank, self.group = planner, rank, group
 
     def _plan(self, lengths: np.ndarray) -> StepPlan:
-        distributed = dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size(self.group) > 1
+        distributed = self.rank is not None and dist.is_available() \
+            and dist.is_initialized() and dist.get_world_size(self.group) > 1
         text = [None]
         if not distributed or dist.get_rank(self.group) == 0:
             text = [self.planner(lengths).check([int(n) for n in lengths]).model_dump_json()]
@@ -140,5 +142,6 @@ class DatasetPlanSource:
         self.stream.position = position
         batch = self.stream.next_batch()
         plan = self._plan(batch.lengths)
-        samples = read_samples(self.stream.dataset, batch, sequence_ids_of_rank(plan, self.rank))
+        ids = None if self.rank is None else sequence_ids_of_rank(plan, self.rank)
+        samples = read_samples(self.stream.dataset, batch, ids)
         return StepInput(plan=plan, samples=samples, next_position=self.stream.position)

@@ -54,6 +54,16 @@ def one_rank_planner(lengths: np.ndarray) -> StepPlan:
     return plan_of(1, [[group([0], [(i, int(n)) for i, n in enumerate(lengths)])]])
 
 
+def odd_ring_planner(lengths: np.ndarray) -> StepPlan:
+    """4 ranks: the two longest sequences on rings [1, 3] and [2, 0], the rest packed
+    round-robin in a second micro-batch (deterministic, so reruns see the same plans)."""
+    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
+    seqs = [(i, int(lengths[i])) for i in order]
+    rings = [group([1, 3], seqs[:1]), group([2, 0], seqs[1:2])]
+    packs = [group([r], seqs[2 + r::4]) for r in range(4) if seqs[2 + r::4]]
+    return plan_of(4, [rings, packs] if packs else [rings])
+
+
 def reference_loss_and_grads(model: torch.nn.Module, samples: Mapping[int, torch.Tensor]
                              ) -> tuple[float, dict[str, torch.Tensor]]:
     """DESIGN.md's loss by plain autograd, one sequence at a time: sum CE / sum (L - 1)."""

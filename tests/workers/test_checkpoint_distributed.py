@@ -3,14 +3,13 @@ a fresh trainer (other initial weights, other RNG) restored, N - k steps; with a
 ZeRO-1 (sharded AdamW state), which must also match each other bit for bit.
 
 Data come from a token dataset through workers.data.DatasetPlanSource with a small
-deterministic planner (the two longest sequences on rings [1, 3] and [2, 0], the rest
-packed round-robin in a second micro-batch), so both runs see the same plans. float32 so
+deterministic planner (helpers.odd_ring_planner: the two longest sequences on rings
+[1, 3] and [2, 0], the rest packed round-robin), so both runs see the same plans. float32 so
 that any difference in order of operations would show.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,23 +18,15 @@ from tests.dist import run_distributed
 from workers.data import DatasetPlanSource
 from workers.train import TrainConfig, Trainer, train
 
-from .helpers import group, plan_of, tiny_model
+from .helpers import odd_ring_planner, tiny_model
 
 pytestmark = pytest.mark.distributed
 
 TOTAL, K = 4, 2
 
 
-def _planner(lengths: np.ndarray):
-    order = sorted(range(len(lengths)), key=lambda i: (-int(lengths[i]), i))
-    seqs = [(i, int(lengths[i])) for i in order]
-    rings = [group([1, 3], seqs[:1]), group([2, 0], seqs[1:2])]
-    packs = [group([r], seqs[2 + r::4]) for r in range(4) if seqs[2 + r::4]]
-    return plan_of(4, [rings, packs] if packs else [rings])
-
-
 def _source(data_dir: str, rank: int, ring_sizes: list[int]):
-    inner = DatasetPlanSource(data_dir, tokens_per_batch=300, seed=1, planner=_planner,
+    inner = DatasetPlanSource(data_dir, tokens_per_batch=300, seed=1, planner=odd_ring_planner,
                               rank=rank)
 
     def tracked(position):

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 import ray
 import torch
 
-from scheduler.batching import BatchPosition
+from scheduler.dataset import DatasetWriter
+from scheduler.plan import StepPlan
+from workers.data import DatasetPlanSource
 from workers.group import GroupConfig, WorkerDiedError, WorkerError, WorkerGroup
-from workers.train import StepInput, TrainConfig
+from workers.train import TrainConfig
 
 from .helpers import (
     group,
     max_rel_err,
+    odd_ring_planner,
     plan_of,
     random_samples,
     reference_loss_and_grads,
@@ -45,32 +49,42 @@ def local_ray():
     ray.shutdown()
 
 
-def _source(position: BatchPosition) -> StepInput:
-    """A PlanSource of fixed batches: batch k has its own tokens."""
-    return StepInput(plan=PLAN, samples=random_samples(LENGTHS, seed=position.index),
-                     next_position=BatchPosition(index=position.index + 1))
-
-
 def _config(num_ranks: int = 4) -> GroupConfig:
     return GroupConfig(num_ranks=num_ranks, model=tiny_spec(), seed=3, timeout_s=60,
                        train=TrainConfig(lr=1e-2, max_grad_norm=1.0))
 
 
+def _planned_case() -> tuple[list[int], StepPlan]:
+    from scheduler import cluster_preset, plan_batch
+
+    lengths = [70, 33, 1, 12, 45, 9, 28]
+    return lengths, plan_batch(lengths, cluster_preset("cpu", num_ranks=4), tiny_spec(),
+                               capacity_tokens=24, time_limit_s=0.05)
+
+
 def test_group_step_matches_autograd_and_resumes_bit_identically(local_ray, tmp_path):
-    samples = random_samples(LENGTHS, seed=0)
-    want_loss, want_grads = reference_loss_and_grads(tiny_model(seed=3), samples)
     with WorkerGroup(_config()) as g:
         assert len(set(g.pids)) == 4
-        stats = g.run_step(PLAN, samples)
-        assert all(abs(s.loss - want_loss) <= 1e-10 * want_loss for s in stats)
-        for grads in g.state("grads"):
-            assert max_rel_err(grads, want_grads) <= 1e-10
-        straight = [s[0].stats.loss for s in g.train(2, _source)]
+        for lengths, plan in [(LENGTHS, PLAN), _planned_case()]:
+            samples = random_samples(lengths, seed=0)
+            want_loss, want_grads = reference_loss_and_grads(tiny_model(seed=3), samples)
+            stats = g.run_step(plan, samples)
+            assert all(abs(s.loss - want_loss) <= 1e-10 * want_loss for s in stats)
+            for grads in g.state("grads"):
+                assert max_rel_err(grads, want_grads) <= 1e-10
+        # The driver's loop: batches from a token dataset, planned on the driver.
+        rng = np.random.default_rng(0)
+        with DatasetWriter(tmp_path / "data" / "data") as w:
+            for n in rng.integers(2, 60, size=30):
+                w.add(rng.integers(0, 256, size=int(n)))
+        source = DatasetPlanSource(tmp_path / "data", tokens_per_batch=150, seed=0,
+                                   planner=odd_ring_planner, rank=None)
+        straight = [s[0].stats.loss for s in g.train(2, source)]
         g.save(tmp_path / "ckpt")
-        straight += [s[0].stats.loss for s in g.train(2, _source)]
+        straight += [s[0].stats.loss for s in g.train(2, source)]
         end = g.state("params")
         assert g.restore(tmp_path / "ckpt") == 2 and g.data_position.index == 2
-        again = [s[0].stats.loss for s in g.train(2, _source)]
+        again = [s[0].stats.loss for s in g.train(2, source)]
         assert again == straight[2:]
         for a, b in zip(end, g.state("params"), strict=True):
             assert all(torch.equal(a[n], b[n]) for n in a)
