@@ -54,27 +54,38 @@ def _interpreting() -> bool:
 
 
 def _tiles(kind: str, head_dim: int, dtype: torch.dtype) -> _Tiles:
-    """Fixed tile table (tuned shapes of the Triton tutorial for Hopper/Ampere)."""
+    """Fixed tile table: the Triton tutorial's tile shapes, with warp counts picked so the
+    sm_90 build of each kernel spills no (or few) registers (checked with cuobjdump
+    --dump-resource-usage at head_dim 64/128: forward none, dq <= 32 B, dkdv none at 64
+    and ~800 B at 128, where the tutorial's own backward spills ~500-2900 B)."""
     if _interpreting():
         return _Tiles(block_m=16, block_n=16, num_warps=1, num_stages=1)
     wide = head_dim > 128 or dtype == torch.float32  # halve tiles to fit shared memory
-    warps = 8 if head_dim >= 128 else 4
+    stages = 2 if wide else 3
     if kind == "fwd":
         return _Tiles(block_m=64 if wide else 128, block_n=32 if wide else 64,
-                      num_warps=warps, num_stages=2 if wide else 3)
+                      num_warps=8 if head_dim >= 128 else 4, num_stages=stages)
     if kind == "dkdv":
-        return _Tiles(block_m=16 if wide else 32, block_n=64 if wide else 128,
-                      num_warps=warps, num_stages=2 if wide else 3)
-    return _Tiles(block_m=64 if wide else 128, block_n=16 if wide else 32,
-                  num_warps=warps, num_stages=2 if wide else 3)
+        return _Tiles(block_m=16 if wide else 32, block_n=64 if wide else 128, num_warps=8,
+                      num_stages=stages)
+    return _Tiles(block_m=64 if wide else 128, block_n=16 if wide else 32, num_warps=8,
+                  num_stages=stages)
 
 
 @triton.jit
-def _load_rows(ptrs, rows_ok, d_ok, EVEN_D: tl.constexpr):
-    """Load a [rows, D] tile, zero where the row or the (padded) head dim is out of range."""
+def _load_tile(base, rows, stride, rows_ok, d_ok, CHECK_ROWS: tl.constexpr,
+               EVEN_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a [rows, D] tile at ``base + row * stride + d``; zeros outside the sequence or
+    the (padded) head dim. Offsets are computed here, per tile, so no pointer tensor stays
+    live across a loop (that costs registers)."""
+    ptrs = base + rows[:, None] * stride + tl.arange(0, BLOCK_D)[None, :]
+    if CHECK_ROWS:
+        if EVEN_D:
+            return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+        return tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
     if EVEN_D:
-        return tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
-    return tl.load(ptrs, mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -99,16 +110,17 @@ def _key_range(start_m, lq, lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_k, stride_v, lo, hi, offs_m, offs_n,
-                diag, lk, d_ok, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-                EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_k, stride_v, lo, hi, offs_m, diag,
+                lk, d_ok, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+                EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + offs_n
+        keys = start_n + tl.arange(0, BLOCK_N)
         keys_ok = keys < lk
-        k = tl.trans(_load_rows(k_ptrs + start_n * stride_k, keys_ok, d_ok, EVEN_D))
-        v = _load_rows(v_ptrs + start_n * stride_v, keys_ok, d_ok, EVEN_D)
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+        k = _load_tile(k_base, keys, stride_k, keys_ok, d_ok, MASKED, EVEN_D, BLOCK_D)
+        v = _load_tile(v_base, keys, stride_v, keys_ok, d_ok, MASKED, EVEN_D, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             visible = keys_ok[None, :]
             if CAUSAL:
@@ -140,30 +152,27 @@ def _attn_fwd(Q, K, V, O, LSE, CU_Q, CU_K, qk_scale,
         return
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_ok, d_ok = offs_m < lq, offs_d < HEAD_DIM
-    q_rows = (q_start + offs_m).to(tl.int64)
-    q = _load_rows(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                   rows_ok, d_ok, EVEN_D)
-    key_rows = (k_start + offs_n).to(tl.int64)
+    rows_ok, d_ok = offs_m < lq, tl.arange(0, BLOCK_D) < HEAD_DIM
     kvh = h // GROUP
-    k_ptrs = K + key_rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
-    v_ptrs = V + key_rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
+    q = _load_tile(Q + q_start.to(tl.int64) * stride_qt + h * stride_qh, offs_m, stride_qt,
+                   rows_ok, d_ok, True, EVEN_D, BLOCK_D)
+    k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _key_range(start_m, lq, lk, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0,
-                                full, offs_m, offs_n, lk - lq, lk, d_ok, qk_scale, CAUSAL,
-                                False, EVEN_D, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, full,
-                                hi, offs_m, offs_n, lk - lq, lk, d_ok, qk_scale, CAUSAL,
-                                True, EVEN_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, 0,
+                                full, offs_m, lk - lq, lk, d_ok, qk_scale, CAUSAL, False,
+                                EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, stride_kt, stride_vt, full,
+                                hi, offs_m, lk - lq, lk, d_ok, qk_scale, CAUSAL, True,
+                                EVEN_D, BLOCK_N, BLOCK_D, PRECISION)
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :]
+    o_ptrs = (O + q_start.to(tl.int64) * stride_ot + h * stride_oh
+              + offs_m[:, None] * stride_ot + tl.arange(0, BLOCK_D)[None, :])
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
     lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=rows_ok)
@@ -195,20 +204,16 @@ def _load_lse_delta(LSE, DELTA, h, stride_lh, q_start, offs_m, rows_ok):
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, h, q_start, lq, lo, hi, offs_n, diag,
-                 stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, d_ok, qk_scale,
-                 MASKED: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, BLOCK_D)
+def _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE, DELTA, h, q_start, lq, lo, hi, offs_n,
+                 diag, stride_qt, stride_dot, stride_lh, d_ok, qk_scale, MASKED: tl.constexpr,
+                 EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         rows_ok = offs_m < lq
-        rows = (q_start + offs_m).to(tl.int64)
-        q = _load_rows(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                       rows_ok, d_ok, EVEN_D)
-        do = _load_rows(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                        rows_ok, d_ok, EVEN_D)
+        q = _load_tile(q_base, offs_m, stride_qt, rows_ok, d_ok, True, EVEN_D, BLOCK_D)
+        do = _load_tile(do_base, offs_m, stride_dot, rows_ok, d_ok, True, EVEN_D, BLOCK_D)
         lse, delta = _load_lse_delta(LSE, DELTA, h, stride_lh, q_start, offs_m, rows_ok)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
         p_t = tl.math.exp2(qk_t - lse[None, :])
@@ -235,13 +240,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, softmax_scale, q
         return
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    keys_ok, d_ok = offs_n < lk, offs_d < HEAD_DIM
-    key_rows = (k_start + offs_n).to(tl.int64)
-    k = _load_rows(K + key_rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :],
-                   keys_ok, d_ok, EVEN_D)
-    v = _load_rows(V + key_rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :],
-                   keys_ok, d_ok, EVEN_D)
+    keys_ok, d_ok = offs_n < lk, tl.arange(0, BLOCK_D) < HEAD_DIM
+    k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
+    k = _load_tile(k_base, offs_n, stride_kt, keys_ok, d_ok, True, EVEN_D, BLOCK_D)
+    v = _load_tile(v_base, offs_n, stride_vt, keys_ok, d_ok, True, EVEN_D, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     diag = lk - lq
@@ -254,31 +257,34 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, softmax_scale, q
         full = tl.minimum(full, tl.cdiv(lq, BLOCK_M) * BLOCK_M)
     for g in range(GROUP):
         h = kvh * GROUP + g
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, h, q_start, lq, lo, full,
-                              offs_n, diag, stride_qt, stride_qh, stride_dot, stride_doh,
-                              stride_lh, d_ok, qk_scale, True, EVEN_D, BLOCK_M, BLOCK_D,
-                              PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, h, q_start, lq, full, lq,
-                              offs_n, diag, stride_qt, stride_qh, stride_dot, stride_doh,
-                              stride_lh, d_ok, qk_scale, False, EVEN_D, BLOCK_M, BLOCK_D,
-                              PRECISION)
+        q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
+        do_base = DO + q_start.to(tl.int64) * stride_dot + h * stride_doh
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE, DELTA, h, q_start, lq, lo,
+                              full, offs_n, diag, stride_qt, stride_dot, stride_lh, d_ok,
+                              qk_scale, True, EVEN_D, BLOCK_M, BLOCK_D, PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, LSE, DELTA, h, q_start, lq, full,
+                              lq, offs_n, diag, stride_qt, stride_dot, stride_lh, d_ok,
+                              qk_scale, False, EVEN_D, BLOCK_M, BLOCK_D, PRECISION)
     mask = keys_ok[:, None] & d_ok[None, :]
-    dk_ptrs = DK + key_rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
-    dv_ptrs = DV + key_rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    offs = offs_n[:, None] * stride_kt + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(DK + k_start.to(tl.int64) * stride_kt + kvh * stride_kh + offs,
+             (dk * softmax_scale).to(DK.dtype.element_ty), mask=mask)
+    offs = offs_n[:, None] * stride_vt + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(DV + k_start.to(tl.int64) * stride_vt + kvh * stride_vh + offs,
+             dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_k, stride_v, lo, hi, offs_m,
-               offs_n, diag, lk, d_ok, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
-               EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_k, stride_v, lo, hi, offs_m,
+               diag, lk, d_ok, qk_scale, CAUSAL: tl.constexpr, MASKED: tl.constexpr,
+               EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        keys = start_n + offs_n
+        keys = start_n + tl.arange(0, BLOCK_N)
         keys_ok = keys < lk
-        k = _load_rows(k_ptrs + start_n * stride_k, keys_ok, d_ok, EVEN_D)
-        v = _load_rows(v_ptrs + start_n * stride_v, keys_ok, d_ok, EVEN_D)
+        k = _load_tile(k_base, keys, stride_k, keys_ok, d_ok, MASKED, EVEN_D, BLOCK_D)
+        v = _load_tile(v_base, keys, stride_v, keys_ok, d_ok, MASKED, EVEN_D, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(qk - lse[:, None])
         if MASKED:
@@ -307,42 +313,51 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, softmax_scale, qk_scal
         return
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    rows_ok, d_ok = offs_m < lq, offs_d < HEAD_DIM
-    rows = (q_start + offs_m).to(tl.int64)
-    q = _load_rows(Q + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                   rows_ok, d_ok, EVEN_D)
-    do = _load_rows(DO + rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                    rows_ok, d_ok, EVEN_D)
+    rows_ok, d_ok = offs_m < lq, tl.arange(0, BLOCK_D) < HEAD_DIM
+    q_base = Q + q_start.to(tl.int64) * stride_qt + h * stride_qh
+    q = _load_tile(q_base, offs_m, stride_qt, rows_ok, d_ok, True, EVEN_D, BLOCK_D)
+    do = _load_tile(DO + q_start.to(tl.int64) * stride_dot + h * stride_doh, offs_m,
+                    stride_dot, rows_ok, d_ok, True, EVEN_D, BLOCK_D)
     lse, delta = _load_lse_delta(LSE, DELTA, h, stride_lh, q_start, offs_m, rows_ok)
-    key_rows = (k_start + offs_n).to(tl.int64)
     kvh = h // GROUP
-    k_ptrs = K + key_rows[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
-    v_ptrs = V + key_rows[:, None] * stride_vt + kvh * stride_vh + offs_d[None, :]
+    k_base = K + k_start.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kvh * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full, hi = _key_range(start_m, lq, lk, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, full,
-                    offs_m, offs_n, lk - lq, lk, d_ok, qk_scale, CAUSAL, False, EVEN_D,
-                    BLOCK_N, PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_vt, full, hi,
-                    offs_m, offs_n, lk - lq, lk, d_ok, qk_scale, CAUSAL, True, EVEN_D,
-                    BLOCK_N, PRECISION)
-    dq_ptrs = DQ + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * softmax_scale).to(DQ.dtype.element_ty),
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, 0, full,
+                    offs_m, lk - lq, lk, d_ok, qk_scale, CAUSAL, False, EVEN_D, BLOCK_N,
+                    BLOCK_D, PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, full, hi,
+                    offs_m, lk - lq, lk, d_ok, qk_scale, CAUSAL, True, EVEN_D, BLOCK_N,
+                    BLOCK_D, PRECISION)
+    offs = offs_m[:, None] * stride_qt + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(DQ + q_start.to(tl.int64) * stride_qt + h * stride_qh + offs,
+             (dq * softmax_scale).to(DQ.dtype.element_ty),
              mask=rows_ok[:, None] & d_ok[None, :])
 
 
 MAX_GRID_SEQS = 65535
 """CUDA's limit on the third grid dimension, which indexes the packed sequences."""
+INT32_MAX = 2**31 - 1
 
 
-def _check_num_seqs(seqs: PackedSeqs) -> None:
+def _check_launch_limits(seqs: PackedSeqs, q: torch.Tensor, k: torch.Tensor) -> None:
+    """Limits of this kernel's indexing: one grid row per sequence, and in-sequence offsets
+    (row * row stride, head * token count) in int32; sequence starts are 64-bit."""
     if seqs.num_seqs > MAX_GRID_SEQS:
         raise ValueError(
             f"cu_seqlens_q describes {seqs.num_seqs} sequences; the triton backend takes at "
             f"most {MAX_GRID_SEQS} per call (split the batch or use backend='torch')"
         )
+    spans = (("q", seqs.max_len_q * q.shape[1] * q.shape[2]),
+             ("k", seqs.max_len_k * k.shape[1] * k.shape[2]), ("lse", q.shape[0] * q.shape[1]))
+    for name, extent in spans:
+        if extent > INT32_MAX:
+            raise ValueError(
+                f"{name} spans {extent} elements within one sequence (or one lse row set); "
+                f"the triton backend indexes that in int32 (<= {INT32_MAX}): split the "
+                f"sequence (ring attention) or use backend='torch'"
+            )
 
 
 def _common(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
@@ -359,7 +374,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, causal: bool) -> dict:
 def attention_forward(q, k, v, *, cu_seqlens_q, cu_seqlens_k, seqs: PackedSeqs, causal,
                       scale):
     """Validated inputs in, ``(out [Tq, Hq, D] in q.dtype, lse [Hq, Tq] float32)`` out."""
-    _check_num_seqs(seqs)
+    _check_launch_limits(seqs, q, k)
     q, k, v = (t.contiguous() for t in (q, k, v))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
     out = torch.empty_like(q)
@@ -391,7 +406,7 @@ def _delta(out: torch.Tensor, dout: torch.Tensor) -> torch.Tensor:
 def attention_backward(dout, q, k, v, out, lse, *, cu_seqlens_q, cu_seqlens_k,
                        seqs: PackedSeqs, causal, scale):
     """Validated inputs in, ``(dq, dk, dv)`` in the dtypes of ``q, k, v`` out."""
-    _check_num_seqs(seqs)
+    _check_launch_limits(seqs, q, k)
     dout, q, k, v, out = (t.contiguous() for t in (dout, q, k, v, out))
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.to(q.device), cu_seqlens_k.to(q.device)
     lse = lse.to(torch.float32).contiguous()
