@@ -91,9 +91,15 @@ class LiveBytesMeter:
         weakref.finalize(t, self._release, key)
         return t
 
-    def add_host(self, nbytes: int) -> None:
+    def track_host(self, host: torch.Tensor) -> None:
+        """Count a host copy until it dies (host memory, apart from `live_bytes`)."""
+        nbytes = host.untyped_storage().nbytes()
         self.host_bytes += nbytes
         self.peak_host_bytes = max(self.peak_host_bytes, self.host_bytes)
+        weakref.finalize(host, self._drop_host, nbytes)
+
+    def _drop_host(self, nbytes: int) -> None:
+        self.host_bytes -= nbytes
 
     def pack(self, t: torch.Tensor):
         return _Counted(self, t)
@@ -158,7 +164,7 @@ class HostSwapper:
                            pin_memory=self.is_cuda)
         meter = _METER.get()
         if meter is not None:
-            meter.add_host(host.nbytes)
+            meter.track_host(host)
         if not self.is_cuda:
             host.copy_(t)
             return HostTensor(host=host, device=self.device)

@@ -213,6 +213,7 @@ class Transformer(nn.Module):
                                  "with ring it is not supported: give DPO pairs to "
                                  "single-rank groups")
         if stream_chunk_size is not None and (not isinstance(stream_chunk_size, int)
+                                              or isinstance(stream_chunk_size, bool)
                                               or stream_chunk_size < 1):
             raise ValueError(f"stream_chunk_size={stream_chunk_size!r} must be None (off) or "
                              "an int >= 1")
