@@ -107,6 +107,20 @@ def test_dead_actor_is_reported_not_hung(local_ray):
     g.stop()  # idempotent
 
 
+def test_rank_error_is_reported_while_the_others_wait_in_the_ring(local_ray):
+    # Rank 0 lacks sample 2 and raises before any communication; rank 1 meanwhile blocks
+    # in the ring with rank 0 (until the 60 s process-group timeout). The group must
+    # report rank 0's error at once rather than wait for rank 1.
+    plan = plan_of(2, [[group([1, 0], [(0, 9), (1, 4)])], [group([0], [(2, 3)])]])
+    samples = random_samples([9, 4, 3], seed=0)
+    del samples[2]
+    with WorkerGroup(_config(num_ranks=2)) as g:
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match="rank 0: ValueError: samples: sequence id 2"):
+            g.run_step(plan, samples)
+        assert time.monotonic() - start < 30
+
+
 def test_user_errors_name_the_field():
     with pytest.raises(ValueError, match="num_ranks=0"):
         GroupConfig(num_ranks=0, model=tiny_spec())
