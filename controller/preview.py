@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-from collections import Counter
 
 from opentelemetry import trace
 
@@ -43,8 +42,7 @@ def peak_tokens_per_rank(plan: StepPlan) -> list[float]:
 
 
 def groups_by_size(plan: StepPlan) -> dict[str, int]:
-    sizes = Counter(g.ring_size for _, g in plan.groups())
-    return {str(k): v for k, v in sorted(sizes.items())}
+    return {str(k): v for k, v in plan.groups_by_size().items()}
 
 
 def preview_plan(spec: JobCreate, *, num_batches: int = 2, gantt: bool = False,
@@ -134,26 +132,9 @@ def annotate_plan_span(span: trace.Span, plan: StepPlan, sim, *, index: int,
 
 
 def gantt_png(plan: StepPlan, sim, *, title: str = "") -> str:
-    """Base64 PNG: one row per rank, one bar per group run, coloured by ring size."""
-    import matplotlib
+    """Base64 PNG of scheduler.gantt's chart: one row per rank, one bar per group run."""
+    from scheduler.gantt import draw_gantt
 
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, max(2.0, 0.25 * plan.world_size + 1)))
-    ax = fig.add_subplot()
-    cmap = matplotlib.colormaps["viridis"]
-    top = max((len(t.ranks) for t in sim.timeline), default=1)
-    for t in sim.timeline:
-        colour = cmap(0.15 + 0.8 * (len(t.ranks) - 1) / max(top - 1, 1))
-        for r in t.ranks:
-            ax.broken_barh([(t.start_s, t.end_s - t.start_s)], (r - 0.4, 0.8),
-                           facecolors=colour, edgecolors="black", linewidth=0.3)
-    ax.axvline(sim.lower_bound_s, color="red", linestyle="--", linewidth=1,
-               label="lower bound")
-    ax.set(xlabel="seconds (predicted)", ylabel="rank", title=title or "plan")
-    ax.invert_yaxis()
-    ax.legend(loc="lower right")
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    draw_gantt(plan, sim, buf, title=title or None, dpi=80)
     return base64.b64encode(buf.getvalue()).decode()

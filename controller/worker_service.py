@@ -18,7 +18,6 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
@@ -324,8 +323,7 @@ def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
 
 def groups_by_size(plan) -> str:
     """'SIZExCOUNT' words of a plan's groups, smallest ring first (e.g. '1x6 2x1 4x1')."""
-    sizes = Counter(len(g.ranks) for _, g in plan.groups())
-    return " ".join(f"{size}x{count}" for size, count in sorted(sizes.items()))
+    return " ".join(f"{size}x{count}" for size, count in plan.groups_by_size().items())
 
 
 def group_seconds(plan, reports: dict[int, pb.StepReport]) -> dict[tuple[int, int], float]:

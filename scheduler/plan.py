@@ -86,6 +86,13 @@ class StepPlan(_PlanModel):
         """The (micro_batch_index, group) pairs `rank` takes part in, in order."""
         return [(m, g) for m, g in self.groups() if rank in g.ranks]
 
+    def groups_by_size(self) -> dict[int, int]:
+        """Ring size -> number of groups of that size, smallest first."""
+        sizes: dict[int, int] = {}
+        for _, g in self.groups():
+            sizes[g.ring_size] = sizes.get(g.ring_size, 0) + 1
+        return dict(sorted(sizes.items()))
+
     def sequence_ids(self) -> list[int]:
         return sorted(s.id for _, g in self.groups() for s in g.sequences)
 

@@ -49,6 +49,7 @@ def test_valid_plan_with_lengths():
     assert plan.violations([250, 60, 40, 200]) == []
     assert [m for m, _ in plan.micro_batches_of(2)] == [0, 1]
     assert [m for m, _ in plan.micro_batches_of(0)] == [0]
+    assert plan.groups_by_size() == {1: 1, 2: 1, 3: 1}
 
 
 def test_every_violation_is_reported():
