@@ -2,8 +2,9 @@
 `run_step` give the loss and gradient of one process running plain autograd on the whole
 batch (sum of next-token CE over every prediction / number of predictions).
 
-Plans: from `scheduler.plan_batch` with a small capacity (rings of 2, 3 and 4 ranks, packs,
-ranks running different numbers of micro-batches; the test asserts this coverage), and
+Plans: from `scheduler.plan_batch` with a small capacity, all three policies (rings of 2,
+3 and 4 ranks, packs, ranks running different numbers of micro-batches; the test asserts
+this coverage), and
 hand-written ones with rings in odd order ([3, 0, 2], [1, 3, 0, 2]), sequences shorter than
 2 x ring size (empty zigzag chunks), a length-1 sequence, an idle rank, planned offload,
 and layer-wise StreamBP forced on.
@@ -50,10 +51,10 @@ def _planned_cases() -> list[tuple[list[int], StepPlan, bool]]:
     rng = np.random.default_rng(2026)
     cluster = cluster_preset("cpu", num_ranks=WORLD)
     cases = []
-    for seed in range(3):
+    for seed, policy in enumerate(["hdp", "hdp", "hdp", "naive", "static"]):
         lengths = [int(n) for n in rng.integers(1, 60, size=9)] + [int(rng.integers(70, 125))]
-        plan = plan_batch(lengths, cluster, tiny_spec(), capacity_tokens=32, time_limit_s=0.05,
-                          seed=seed)
+        plan = plan_batch(lengths, cluster, tiny_spec(), policy=policy, capacity_tokens=32,
+                          time_limit_s=0.05, seed=seed)
         cases.append((lengths, plan, False))
     return cases
 
