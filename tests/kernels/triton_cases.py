@@ -14,13 +14,14 @@ import os
 import torch
 
 # (name, lens_q, lens_k, Hq, Hkv, D, causal, dtype): odd lengths, lq != lk both ways (rows
-# with no visible key included), GQA 1:1/2:1/4:1/8:1, padded head dim 24.
+# with no visible key included), GQA 1:1/2:1/3:1/4:1/8:1, padded head dim 24.
 ATTENTION_CASES = [
     ("packed-causal-f32", [1, 7, 20], [1, 7, 20], 2, 1, 32, True, torch.float32),
     ("lq-ne-lk-causal-f32", [5, 33, 3], [20, 17, 1], 4, 1, 24, True, torch.float32),
     ("lq-ne-lk-full-f32", [5, 33, 3], [20, 17, 1], 4, 1, 24, False, torch.float32),
     ("gqa8-causal-f32", [19], [19], 8, 1, 64, True, torch.float32),
     ("d128-mha-f32", [9, 4], [9, 6], 2, 2, 128, True, torch.float32),
+    ("gqa3-d16-f32", [13, 2], [29, 40], 3, 1, 16, True, torch.float32),
     ("packed-causal-f16", [1, 7, 20], [1, 7, 20], 2, 1, 32, True, torch.float16),
     ("lq-ne-lk-causal-f16", [5, 33, 3], [20, 17, 1], 4, 1, 24, True, torch.float16),
 ]
