@@ -217,6 +217,22 @@ def linear_ce_cuda(rows: list[dict], tokens: int) -> None:
         torch.cuda.empty_cache()
 
 
+def _print_targets(rows: list[dict]) -> None:
+    """The issue's targets, from the CUDA rows: attention fwd+bwd >= 1.0x SDPA flash at
+    32K tokens; linear CE memory <= 1/8 of naive with time <= 1.2x."""
+    by = {(r["bench"], r["impl"], r.get("tokens")): r for r in rows}
+    for (bench, impl, tokens), row in by.items():
+        if impl == "triton":
+            sdpa = by[(bench, "SDPA flash", tokens)]
+            ratio = row["fwd_bwd_tflops"] / sdpa["fwd_bwd_tflops"]
+            goal = " (target >= 1.0)" if tokens == 32768 else ""
+            print(f"attention {tokens}: triton/SDPA fwd+bwd TFLOP/s = {ratio:.2f}{goal}")
+        if impl == "fused":
+            naive = by[(bench, "naive", tokens)]
+            print(f"{bench}: memory {row['extra_mib'] / max(naive['extra_mib'], 1):.3f}x "
+                  f"(target <= 0.125), time {row['ms'] / naive['ms']:.2f}x (target <= 1.2)")
+
+
 def _print_table(rows: list[dict]) -> None:
     keys = list(dict.fromkeys(k for row in rows for k in row))
     print("| " + " | ".join(keys) + " |")
@@ -247,11 +263,13 @@ def main() -> None:
         attention_cuda(rows, [int(s) for s in args.seqlens.split(",")])
         for tokens in args.ce_tokens.split(","):
             linear_ce_cuda(rows, int(tokens))
+        _print_table(rows)
+        _print_targets(rows)
     else:
         print(f"device: cpu ({torch.get_num_threads()} threads)", flush=True)
         attention_cpu(rows)
         linear_ce_cpu(rows)
-    _print_table(rows)
+        _print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
