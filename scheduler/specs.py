@@ -146,7 +146,8 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 #   NVLink capped at 400 GB/s bidirectional (200 per direction); 200 Gb/s NIC per GPU =
 #   25 GB/s; PCIe Gen4 ~25 GB/s achieved; 1 TiB host memory.
 # - cpu: this 2-core machine, measured roughly: ~0.05 TFLOP/s fp32 matmul, loopback gloo
-#   ~2 GB/s, memcpy ~5 GB/s; 24 GiB memory split as 12 "device" + 12 host.
+#   ~2 GB/s, memcpy ~5 GB/s; 24 GiB memory split as 12 "device" + 12 host. One node holds
+#   every rank (gpus_per_node None: as many as asked for).
 CLUSTER_PRESETS: dict[str, dict] = {
     "h100": dict(gpus_per_node=8, gpu_memory_gib=80.0, achieved_tflops=400.0,
                  intra_node_bandwidth_gbps=450.0, inter_node_bandwidth_gbps=50.0,
@@ -154,7 +155,7 @@ CLUSTER_PRESETS: dict[str, dict] = {
     "a800": dict(gpus_per_node=8, gpu_memory_gib=80.0, achieved_tflops=200.0,
                  intra_node_bandwidth_gbps=200.0, inter_node_bandwidth_gbps=25.0,
                  pcie_bandwidth_gbps=25.0, host_memory_gib=1024.0),
-    "cpu": dict(gpus_per_node=4, gpu_memory_gib=12.0, achieved_tflops=0.05,
+    "cpu": dict(gpus_per_node=None, gpu_memory_gib=12.0, achieved_tflops=0.05,
                 intra_node_bandwidth_gbps=2.0, inter_node_bandwidth_gbps=1.0,
                 pcie_bandwidth_gbps=5.0, host_memory_gib=12.0),
 }
@@ -177,6 +178,8 @@ def cluster_preset(name: str, *, num_ranks: int | None = None,
     if name not in CLUSTER_PRESETS:
         raise SpecError(f"cluster={name!r} is not a preset; valid: {', '.join(CLUSTER_PRESETS)}")
     fields = dict(CLUSTER_PRESETS[name])
+    if fields["gpus_per_node"] is None:  # a single-machine preset: one node of every rank
+        fields["gpus_per_node"] = num_ranks or 1
     if gpus_per_node is not None:
         if gpus_per_node < 1:
             raise SpecError(f"gpus_per_node={gpus_per_node} must be >= 1")
