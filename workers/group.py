@@ -110,6 +110,9 @@ class RankWorker:
             "nccl" if self.use_gpu else "gloo", init_method=f"tcp://{address}:{port}",
             rank=self.rank, world_size=self.config.num_ranks,
             timeout=datetime.timedelta(seconds=self.config.timeout_s))
+        # NCCL wants one collective over every rank before any ring's point-to-point ops
+        # (docs/ring-attention.md); it is also a cheap check that every rank arrived.
+        dist.barrier()
         torch.manual_seed(self.config.seed)
         model = Transformer(self.config.model)
         if self.use_gpu:
