@@ -91,7 +91,8 @@ def serve(
                                   help="External Redis (default: embedded in state dir)."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning"),
 ):
-    """Run the controller (REST API, job store, state machine) in the foreground."""
+    """Run the controller (REST API, job store, state machine, gRPC for workers) in the
+    foreground."""
     from controller.server import ControllerConfig, default_state_dir
     from controller.server import serve as run
 
