@@ -28,11 +28,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from scheduler.memory import MemoryPlan, plan_offsets
 
+T = TypeVar("T")
 DEFAULT_ALIGNMENT = 512  # bytes; the CUDA caching allocator's granularity, any dtype fits
 
 
@@ -141,6 +143,61 @@ class ActivationArena:
         slot = self.buffer[offset:offset + nbytes].view(t.dtype).view(t.shape)
         slot.copy_(t)
         return slot
+
+
+@dataclass(kw_only=True)
+class _Planned:
+    arena: ActivationArena
+    size: tuple[int, ...]  # the recorded micro-batch's size figures
+
+
+class ArenaCache:
+    """Arenas for a worker's micro-batches, a few per kind of micro-batch.
+
+    A kind (`key`) names micro-batches that save the same sequence of tensors (the step
+    decides: e.g. a packed micro-batch with the same number of streamed-head chunks); its
+    `size` figures (tokens, sequences) bound every saved tensor. A micro-batch runs
+    through the first arena of its kind that it fits (every size figure at most the
+    recorded one); otherwise it is recorded by running it (that run is the real one, so
+    nothing is computed twice) and planned. Each kind keeps its `per_kind` most recently
+    planned arenas (MEMO plans at the longest length; sizes that are not ordered, more
+    tokens but fewer sequences, need more than one).
+    """
+
+    def __init__(self, *, parameters: Iterable[torch.Tensor], device: torch.device | str,
+                 time_limit_s: float = 5.0, per_kind: int = 2):
+        if per_kind < 1:
+            raise ValueError(f"per_kind={per_kind} must be >= 1")
+        self.parameters = list(parameters)
+        self.device = device
+        self.time_limit_s = time_limit_s
+        self.per_kind = per_kind
+        self.num_recorded = 0  # micro-batches that had to be recorded and planned
+        self._planned: dict[object, list[_Planned]] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by every arena (what the planned placement costs in memory)."""
+        return sum(p.arena.nbytes for kind in self._planned.values() for p in kind)
+
+    def run(self, key: object, size: tuple[int, ...], step: Callable[[], T]) -> T:
+        """`step()`'s result, its saved tensors placed in an arena of kind `key`."""
+        kind = self._planned.setdefault(key, [])
+        for planned in kind:
+            if all(a <= b for a, b in zip(size, planned.size, strict=True)):
+                with planned.arena.saving():
+                    return step()
+        result: list[T] = []
+        arena = ActivationArena.for_step(lambda: result.append(step()),
+                                         parameters=self.parameters, device=self.device,
+                                         time_limit_s=self.time_limit_s)
+        self.num_recorded += 1
+        # The new arena covers every recorded size it dominates; keep the rest (newest last).
+        kind[:] = [p for p in kind if not all(a <= b for a, b in zip(p.size, size,
+                                                                         strict=True))]
+        kind.append(_Planned(arena=arena, size=tuple(size)))
+        del kind[:-self.per_kind]
+        return result[0]
 
 
 def _storages(tensors: Iterable[torch.Tensor]) -> set[int]:

@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from parallelism import all_reduce_gradients, zigzag_shard
 from scheduler.plan import RingGroup, StepPlan
-from workers.model import next_token_targets
+from workers.arena import ArenaCache
+from workers.model import DEFAULT_HEAD_CHUNK, next_token_targets
 
 __all__ = ["ACTIVATION_BUDGET_BYTES", "StepStats", "global_num_predictions", "memory_scheme",
            "run_step"]
@@ -58,6 +59,7 @@ class StepStats:
     micro_batch_times_s: tuple[float, ...]  # wall time of each micro-batch this rank ran
     step_time_s: float  # the whole step on this rank, gradient all-reduce included
     peak_memory_bytes: int  # CUDA: peak allocated in the step; CPU: process peak RSS
+    arena_bytes: int = 0  # MEMO activation arenas in use (workers.arena.ArenaCache)
 
 
 def global_num_predictions(plan: StepPlan) -> int:
@@ -128,7 +130,20 @@ def memory_scheme(g: RingGroup, num_tokens: int, spec) -> dict:
     return {"offload_ratio": 0.0, "stream_chunk_size": max(1, room // per_token)}
 
 
-def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float) -> tuple:
+def _arena_key(g: RingGroup, num_tokens: int, scheme: dict) -> tuple | None:
+    """The arena kind of a micro-batch, or None where the arena does not apply.
+
+    Packed micro-batches without offload or StreamBP save the same tensors for the same
+    number of streamed-head chunks; rings and offload/StreamBP manage their activations
+    themselves (host copies, recompute), so they run without an arena.
+    """
+    if g.ring_size > 1 or scheme["offload_ratio"] > 0 or scheme["stream_chunk_size"]:
+        return None
+    return ("pack", -(-num_tokens // DEFAULT_HEAD_CHUNK))
+
+
+def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float,
+               arenas: ArenaCache | None = None) -> tuple:
     """forward_backward of this rank's part of one group: (loss_sum, predictions, tokens)."""
     device = next(model.parameters()).device
     ids_T, cu = _packed(g, samples, device)
@@ -141,8 +156,15 @@ def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float) -> tu
         kwargs.update(position_ids=pos_T, targets=targets_T, ring=list(g.ranks))
         cu = cu_local
     kwargs.update(memory_scheme(g, ids_T.numel(), model.spec))
-    loss_sum, num_pred = model.forward_backward(ids_T, cu_seqlens=cu, grad_scale=grad_scale,
-                                                **kwargs)
+
+    def step():
+        return model.forward_backward(ids_T, cu_seqlens=cu, grad_scale=grad_scale, **kwargs)
+
+    key = _arena_key(g, ids_T.numel(), kwargs) if arenas is not None else None
+    if key is None:
+        loss_sum, num_pred = step()
+    else:
+        loss_sum, num_pred = arenas.run(key, (ids_T.numel(), len(cu) - 1), step)
     return float(loss_sum), int(num_pred), ids_T.numel()
 
 
@@ -159,7 +181,7 @@ def _sync(device: torch.device) -> None:
 
 
 def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank: int,
-             group=None) -> StepStats:
+             group=None, arenas: ArenaCache | None = None) -> StepStats:
     """Run `rank`'s share of `plan`; on return every rank's `.grad` is the global gradient.
 
     Gradients are overwritten (zeroed first), not accumulated into; the optimizer is not
@@ -167,7 +189,9 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     needs only the ids of the groups it is in). `group` is the world process group of the
     gradient all-reduce (default: the default group); ring attention addresses ring members
     by global rank with point-to-point ops on the default group (DESIGN.md: one global
-    group, never a group per batch).
+    group, never a group per batch). With `arenas` (workers.arena.ArenaCache), packed
+    micro-batches keep their saved activations at MEMO-planned offsets of one arena per
+    micro-batch kind (exact: the same loss and gradients as without).
     """
     _check_inputs(plan, samples, rank, group)
     num_predictions = global_num_predictions(plan)
@@ -181,7 +205,7 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     times, loss_sum, local_pred, local_tokens = [], 0.0, 0, 0
     for _, g in plan.micro_batches_of(rank):
         t0 = time.perf_counter()
-        ls, n, tok = _run_group(model, g, samples, rank, 1.0 / num_predictions)
+        ls, n, tok = _run_group(model, g, samples, rank, 1.0 / num_predictions, arenas)
         _sync(device)
         times.append(time.perf_counter() - t0)
         loss_sum, local_pred, local_tokens = loss_sum + ls, local_pred + n, local_tokens + tok
@@ -198,4 +222,5 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
         loss=float(totals[0]) / num_predictions, num_predictions=num_predictions,
         num_tokens=sum(g.num_tokens for _, g in plan.groups()), local_num_tokens=local_tokens,
         local_loss_sum=loss_sum, micro_batch_times_s=tuple(times),
-        step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device))
+        step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device),
+        arena_bytes=arenas.nbytes if arenas is not None else 0)

@@ -47,6 +47,10 @@ class TrainConfig:
     eps: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: float | None = 1.0  # clip the global gradient L2 norm; None: no clipping
     zero1: bool = False  # shard AdamW state over the ranks (ZeRO stage 1); see Trainer
+    # MEMO activation arenas for packed micro-batches (workers.arena.ArenaCache): "auto"
+    # uses them on CUDA, where they keep activations out of the caching allocator; on CPU
+    # the path is exact but saves nothing.
+    activation_arena: Literal["auto", "on", "off"] = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -61,10 +65,23 @@ class TrainConfig:
              "> 0 or None"),
             ("schedule", self.schedule in ("cosine", "linear", "constant"),
              "cosine, linear or constant"),
+            ("activation_arena", self.activation_arena in ("auto", "on", "off"),
+             "auto, on or off"),
         ]
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid (must be {valid})")
+
+
+def _arena_cache(model: torch.nn.Module, config: TrainConfig):
+    """The step's activation arenas, or None (see TrainConfig.activation_arena)."""
+    device = next(model.parameters()).device
+    if config.activation_arena == "off" or (config.activation_arena == "auto"
+                                            and device.type != "cuda"):
+        return None
+    from workers.arena import ArenaCache
+
+    return ArenaCache(parameters=model.parameters(), device=device)
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -173,11 +190,13 @@ class Trainer:
         self.optimizer = build_optimizer(model, config, owned)
         self.step = 0  # optimizer steps completed
         self.data_position = BatchPosition()  # next batch of the data stream
+        self.arenas = _arena_cache(model, config)
 
     def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
                    next_position: BatchPosition | None = None) -> TrainStats:
         """run_step, clip, one AdamW update at this step's LR."""
-        stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group)
+        stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group,
+                         arenas=self.arenas)
         max_norm = self.config.max_grad_norm if self.config.max_grad_norm else math.inf
         # Every rank holds the full gradient, so every rank computes the same norm.
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
