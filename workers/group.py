@@ -273,17 +273,14 @@ class WorkerGroup:
 
     def train(self, num_steps: int, plan_source: PlanSource,
               on_step: Callable[[list[TrainStats]], None] | None = None) -> list[list[TrainStats]]:
-        """`num_steps` steps from `data_position`; plan_source returns every rank's samples."""
-        if num_steps < 0:
-            raise ValueError(f"num_steps={num_steps} must be >= 0")
-        out = []
-        for _ in range(num_steps):
-            inp = plan_source(self.data_position)
-            stats = self.train_step(inp.plan, inp.samples, next_position=inp.next_position)
-            out.append(stats)
-            if on_step is not None:
-                on_step(stats)
-        return out
+        """`num_steps` steps from `data_position`; plan_source returns every rank's samples.
+
+        The same loop as workers.train.train: the group is a trainer whose steps run on
+        every rank (it has `data_position` and `train_step`).
+        """
+        from workers.train import train
+
+        return train(self, num_steps=num_steps, plan_source=plan_source, on_step=on_step)
 
     def run_agents(self, controller: str, job_id: str, attempt: int) -> list:
         """Every rank runs workers.agent.RankAgent against the controller until the job ends.
