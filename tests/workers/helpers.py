@@ -32,6 +32,20 @@ def tiny_model(seed: int = 0, dtype: str = "float64") -> Transformer:
     return Transformer(tiny_spec(dtype))
 
 
+def perturbed_model_and_batch(lengths: Sequence[int], *, data_seed: int):
+    """A float64 tiny model with weights nudged off their init (so no gradient is trivially
+    zero) and a packed batch of random ids: (model, ids, cu_seqlens)."""
+    torch.manual_seed(0)
+    model = Transformer(model_preset("tiny")).to(torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    ids = torch.randint(0, 256, (int(cu[-1]),),
+                        generator=torch.Generator().manual_seed(data_seed))
+    return model, ids, cu
+
+
 def random_samples(lengths: Sequence[int], seed: int, vocab: int = 256) -> dict[int, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {i: torch.randint(0, vocab, (int(n),), generator=g) for i, n in enumerate(lengths)}

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scheduler.specs import MODEL_PRESETS
-from workers.model import Transformer, next_token_targets
+from workers.model import next_token_targets
 from workers.objectives import DPO, GRPO, group_advantages
+
+from .helpers import perturbed_model_and_batch
 
 TOL = 1e-10
 LENGTHS = [9, 5, 13, 6, 1, 8]
@@ -21,14 +22,7 @@ LENGTHS = [9, 5, 13, 6, 1, 8]
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = Transformer(MODEL_PRESETS["tiny"]).to(torch.float64)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    ids = torch.randint(0, 256, (int(cu[-1]),), generator=torch.Generator().manual_seed(2))
-    return model, ids, cu
+    return perturbed_model_and_batch(LENGTHS, data_seed=2)
 
 
 def _token_logps(model, ids, cu):

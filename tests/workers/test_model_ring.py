@@ -25,17 +25,9 @@ CONFIGS = {
 
 
 def _model_and_batch():
-    from scheduler.specs import MODEL_PRESETS
-    from workers.model import Transformer
+    from tests.workers.helpers import perturbed_model_and_batch
 
-    torch.manual_seed(0)
-    model = Transformer(MODEL_PRESETS["tiny"]).to(torch.float64)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.1)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    ids = torch.randint(0, 256, (int(cu[-1]),), generator=torch.Generator().manual_seed(4))
-    return model, ids, cu
+    return perturbed_model_and_batch(LENGTHS, data_seed=4)
 
 
 def _grpo_inputs(num_tokens: int):
