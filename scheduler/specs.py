@@ -60,14 +60,18 @@ class ModelSpec(_Spec):
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    def parameter_numels(self) -> list[int]:
+        """Elements of each parameter tensor, in workers.model.Transformer.parameters() order
+        (embedding; per layer attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
+        final norm; head)."""
+        h, kv, f = self.hidden_size, self.num_kv_heads * self.head_dim, self.ffn_hidden_size
+        layer = [h, h * h, h * kv, h * kv, h * h, h, h * f, h * f, f * h]
+        return [self.vocab_size * h, *layer * self.num_layers, h, self.vocab_size * h]
+
     @property
     def num_params(self) -> int:
         """Exact parameter count of workers.model.Transformer for this spec."""
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        attn = h * h * 2 + h * kv * 2  # q, o, k, v
-        mlp = 3 * h * self.ffn_hidden_size
-        per_layer = attn + mlp + 2 * h  # two RMSNorm weights
-        return self.num_layers * per_layer + 2 * self.vocab_size * h + h
+        return sum(self.parameter_numels())
 
     @classmethod
     def from_hf_config(cls, source: str | Path | dict, *, dtype: DType | None = None) -> ModelSpec:

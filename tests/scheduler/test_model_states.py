@@ -1,0 +1,72 @@
+"""The model-state byte table agrees with the tensors the runtime builds."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.errors import SpecError
+from scheduler.model_states import (
+    compute_dtype,
+    model_state_bytes,
+    shard_numel,
+    zero1_owned_numel,
+)
+from scheduler.specs import MODEL_PRESETS, ModelSpec
+
+SPECS = [MODEL_PRESETS["tiny"],
+         ModelSpec(vocab_size=97, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2,
+                   ffn_hidden_size=80, dtype="float32")]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=["tiny", "odd"])
+def test_parameter_numels_are_the_transformers_tensors(spec):
+    from workers.model import Transformer
+
+    model = Transformer(spec)
+    assert [p.numel() for p in model.parameters()] == spec.parameter_numels()
+    assert sum(p.numel() for p in model.parameters()) == spec.num_params
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_zero1_loads_match_the_runtime_partition(world):
+    from workers.model import Transformer
+    from workers.train import partition_parameters
+
+    spec = SPECS[1]
+    params = list(Transformer(spec).parameters())
+    owners = partition_parameters(params, world)
+    expected = [sum(p.numel() for p, o in zip(params, owners, strict=True) if o == r)
+                for r in range(world)]
+    assert zero1_owned_numel(spec.parameter_numels(), world) == expected
+
+
+def test_bytes_by_precision_and_sharding():
+    spec = SPECS[1]
+    p = spec.num_params
+    # Hand-computed from the table in the module docstring.
+    mixed = model_state_bytes(spec, precision="bf16-mixed", sharding="none", world_size=4)
+    assert (mixed.params, mixed.grads, mixed.masters, mixed.moments) == (2 * p, 4 * p, 4 * p,
+                                                                         8 * p)
+    dist = model_state_bytes(spec, precision="bf16-mixed", sharding="distributed", world_size=4)
+    n = -(-p // 4)
+    assert dist.total == 2 * p + 4 * p + 12 * n
+    fp32 = model_state_bytes(spec, precision="fp32", sharding="distributed", world_size=3)
+    assert fp32.masters == 0 and fp32.total == 8 * p + 8 * shard_numel(p, 3)
+    fp64 = model_state_bytes(spec, precision="fp64", sharding="none", world_size=1)
+    assert fp64.total == 32 * p
+    z = [model_state_bytes(spec, precision="fp32", sharding="zero1", world_size=3, rank=r)
+         for r in range(3)]
+    assert sum(s.moments for s in z) == 8 * p
+    assert model_state_bytes(spec, precision="fp32", sharding="zero1",
+                             world_size=3).total == max(s.total for s in z)
+    assert compute_dtype("bf16-mixed") == "bfloat16"
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    (dict(precision="bf16", sharding="none", world_size=2), "precision='bf16'"),
+    (dict(precision="fp32", sharding="zero3", world_size=2), "optimizer_sharding='zero3'"),
+    (dict(precision="fp32", sharding="none", world_size=0), "world_size=0"),
+])
+def test_bad_settings_name_the_field(kwargs, field):
+    with pytest.raises(SpecError, match=field.replace("(", r"\(")):
+        model_state_bytes(SPECS[0], **kwargs)
