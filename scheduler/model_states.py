@@ -29,6 +29,20 @@ Optimizer sharding (`TrainConfig.optimizer_sharding`) over the N ranks of the wo
 
 In every scheme the compute parameters and the full gradient buffer stay on every rank
 (a rank's micro-batches touch every parameter, and the reduce-scatter runs in place).
+Under `distributed` (N > 1) both are one flat buffer padded to N * ceil(P / N) elements:
+the reduce-scatter and the all-gather need N equal shards, and they run in place on
+those buffers (as Megatron-Core pads its buffers), so the padding (< N elements) is held.
+
+Transients, not counted here (the runtime frees them before the step ends): in
+bf16-mixed each parameter's bfloat16 `.grad` lives only until its post-accumulate hook
+has added it into the fp32 buffer, and the AdamW update allocates two master-dtype
+temporaries the size of the largest parameter.
+
+Per step the optimizer issues the collectives `step_collectives` lists (the planner
+charges their time): gradients reduced once after the rank's last micro-batch (an
+all-reduce, or under `distributed` a reduce-scatter), the loss totals (all-reduce), under
+`distributed` the squared gradient norm of the shards (all-reduce), and the updated
+compute parameters (zero1: one broadcast per owner; distributed: one all-gather).
 
 Legend: P parameters, N ranks.
 """
@@ -126,7 +140,8 @@ def model_state_bytes(model: ModelSpec, *, precision: str, sharding: str, world_
 
     `model.num_params` is the parameter count (workers.model.Transformer builds exactly
     those); zero1 shards by whole tensors, so its figure needs the tensors' sizes
-    (`model.parameter_numels()`), and ranks differ.
+    (`model.parameter_numels()`), and ranks differ. Under `distributed` the parameter and
+    gradient buffers hold the padding of `buffer_numel`.
     """
     check_precision(precision)
     check_sharding(sharding)
@@ -134,14 +149,82 @@ def model_state_bytes(model: ModelSpec, *, precision: str, sharding: str, world_
         raise SpecError(f"world_size={world_size} must be >= 1")
     if rank is not None and not 0 <= rank < world_size:
         raise SpecError(f"rank={rank} is outside the world (valid 0..{world_size - 1})")
-    p = model.num_params
     cb, mb = DTYPE_BYTES[compute_dtype(precision)], DTYPE_BYTES[master_dtype(precision)]
+    p = buffer_numel(model.num_params, sharding=sharding, world_size=world_size)
     if sharding == "none" or world_size == 1:
         owned = p
     elif sharding == "distributed":
-        owned = shard_numel(p, world_size)
+        owned = shard_numel(model.num_params, world_size)
     else:
         loads = zero1_owned_numel(model.parameter_numels(), world_size)
         owned = max(loads) if rank is None else loads[rank]
     masters = owned * mb if has_masters(precision) else 0
     return StateBytes(params=p * cb, grads=p * mb, masters=masters, moments=2 * owned * mb)
+
+
+def buffer_numel(num_params: int, *, sharding: str, world_size: int) -> int:
+    """Elements of the flat parameter and gradient buffers: P, or N * ceil(P / N) under
+    `distributed` on N > 1 ranks (N equal shards for the in-place collectives)."""
+    if sharding == "distributed" and world_size > 1:
+        return world_size * shard_numel(num_params, world_size)
+    return num_params
+
+
+CollectiveOp = Literal["all_reduce", "reduce_scatter", "all_gather", "broadcast"]
+
+# The loss totals of a step (summed CE, predictions) and the squared gradient norm travel
+# as float64 whatever the precision: they are reported and compared exactly.
+LOSS_TOTALS_BYTES = 2 * DTYPE_BYTES["float64"]
+GRAD_NORM_BYTES = DTYPE_BYTES["float64"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Collective:
+    """One collective a rank issues in a step, over the whole world.
+
+    `payload_bytes` is the full buffer the collective covers: the tensor of an all-reduce
+    or a broadcast, the input of a reduce-scatter, the output of an all-gather (a ring
+    algorithm moves (N - 1) / N of it per rank for reduce-scatter and all-gather, twice
+    that for an all-reduce).
+    """
+
+    op: CollectiveOp
+    payload_bytes: int
+    dtype: DType
+    what: str  # "gradients", "loss totals", "grad norm" or "parameters"
+    root: int | None = None  # the source rank of a broadcast
+
+
+def step_collectives(model: ModelSpec, *, precision: str, sharding: str,
+                     world_size: int) -> tuple[Collective, ...]:
+    """The collectives of one training step (workers.train.Trainer.train_step), in order.
+
+    Every rank issues the same list (ranks that ran no micro-batch included), after its
+    last micro-batch; none of them runs inside a micro-batch. A world of one issues none.
+    Ring attention's point-to-point traffic is not listed here (the ring cost covers it).
+    """
+    check_precision(precision)
+    check_sharding(sharding)
+    if world_size < 1:
+        raise SpecError(f"world_size={world_size} must be >= 1")
+    if world_size == 1:
+        return ()
+    cdt, mdt = compute_dtype(precision), master_dtype(precision)
+    cb, mb = DTYPE_BYTES[cdt], DTYPE_BYTES[mdt]
+    n = buffer_numel(model.num_params, sharding=sharding, world_size=world_size)
+    totals = Collective(op="all_reduce", payload_bytes=LOSS_TOTALS_BYTES, dtype="float64",
+                        what="loss totals")
+    if sharding == "distributed":
+        return (Collective(op="reduce_scatter", payload_bytes=n * mb, dtype=mdt,
+                           what="gradients"),
+                totals,
+                Collective(op="all_reduce", payload_bytes=GRAD_NORM_BYTES, dtype="float64",
+                           what="grad norm"),
+                Collective(op="all_gather", payload_bytes=n * cb, dtype=cdt, what="parameters"))
+    grads = Collective(op="all_reduce", payload_bytes=n * mb, dtype=mdt, what="gradients")
+    if sharding == "none":
+        return (grads, totals)
+    loads = zero1_owned_numel(model.parameter_numels(), world_size)
+    return (grads, totals, *(Collective(op="broadcast", payload_bytes=load * cb, dtype=cdt,
+                                        what="parameters", root=r)
+                             for r, load in enumerate(loads)))

@@ -9,6 +9,7 @@ from scheduler.model_states import (
     compute_dtype,
     model_state_bytes,
     shard_numel,
+    step_collectives,
     zero1_owned_numel,
 )
 from scheduler.specs import MODEL_PRESETS, ModelSpec
@@ -47,11 +48,16 @@ def test_bytes_by_precision_and_sharding():
     mixed = model_state_bytes(spec, precision="bf16-mixed", sharding="none", world_size=4)
     assert (mixed.params, mixed.grads, mixed.masters, mixed.moments) == (2 * p, 4 * p, 4 * p,
                                                                          8 * p)
-    dist = model_state_bytes(spec, precision="bf16-mixed", sharding="distributed", world_size=4)
-    n = -(-p // 4)
-    assert dist.total == 2 * p + 4 * p + 12 * n
-    fp32 = model_state_bytes(spec, precision="fp32", sharding="distributed", world_size=3)
-    assert fp32.masters == 0 and fp32.total == 8 * p + 8 * shard_numel(p, 3)
+    dist = model_state_bytes(spec, precision="bf16-mixed", sharding="distributed", world_size=7)
+    n = -(-p // 7)
+    assert p % 7 and p % 11  # the padding is really exercised
+    # Parameter and gradient buffers padded to 7 equal shards; masters + moments of one.
+    assert dist.total == (2 + 4) * 7 * n + 12 * n
+    fp32 = model_state_bytes(spec, precision="fp32", sharding="distributed", world_size=11)
+    s11 = shard_numel(p, 11)
+    assert fp32.masters == 0 and fp32.total == 8 * 11 * s11 + 8 * s11
+    one = model_state_bytes(spec, precision="fp32", sharding="distributed", world_size=1)
+    assert one.total == 16 * p  # one rank: no shards, no padding
     fp64 = model_state_bytes(spec, precision="fp64", sharding="none", world_size=1)
     assert fp64.total == 32 * p
     z = [model_state_bytes(spec, precision="fp32", sharding="zero1", world_size=3, rank=r)
@@ -70,3 +76,25 @@ def test_bytes_by_precision_and_sharding():
 def test_bad_settings_name_the_field(kwargs, field):
     with pytest.raises(SpecError, match=field.replace("(", r"\(")):
         model_state_bytes(SPECS[0], **kwargs)
+
+
+def test_step_collectives_by_sharding():
+    spec = SPECS[1]
+    p = spec.num_params
+    assert step_collectives(spec, precision="bf16-mixed", sharding="distributed",
+                            world_size=1) == ()
+    d = step_collectives(spec, precision="bf16-mixed", sharding="distributed", world_size=7)
+    padded = 7 * -(-p // 7)
+    assert [(c.op, c.payload_bytes, c.dtype, c.what) for c in d] == [
+        ("reduce_scatter", 4 * padded, "float32", "gradients"),
+        ("all_reduce", 16, "float64", "loss totals"),
+        ("all_reduce", 8, "float64", "grad norm"),
+        ("all_gather", 2 * padded, "bfloat16", "parameters")]
+    n = step_collectives(spec, precision="fp64", sharding="none", world_size=3)
+    assert [(c.op, c.payload_bytes) for c in n] == [("all_reduce", 8 * p), ("all_reduce", 16)]
+    z = step_collectives(spec, precision="fp32", sharding="zero1", world_size=3)
+    assert [(c.op, c.root) for c in z] == [("all_reduce", None), ("all_reduce", None),
+                                         ("broadcast", 0), ("broadcast", 1), ("broadcast", 2)]
+    assert sum(c.payload_bytes for c in z[2:]) == 4 * p
+    with pytest.raises(SpecError, match="optimizer_sharding='zero2'"):
+        step_collectives(spec, precision="fp32", sharding="zero2", world_size=2)
