@@ -6,6 +6,15 @@ named by a `BatchPosition`. This module adds what workers need on top: a stream 
 whose position a checkpoint stores, and reading the tokens of a batch's samples as torch
 tensors keyed the way a StepPlan names them (plan id i = the i-th sample of the batch).
 
+Objectives (docs/data.md): `read_sample_data` gives each plan id its tokens with the loss
+mask, the sample's metadata (kind, DPO pair and role, GRPO group, reward, advantage) and
+the stored per-token reference / old log-probs; `SampleData.target_*` shift those to the
+step's target positions (target t predicts token t + 1, as next_token_targets does).
+`batch_loss_tokens` is the batch's global loss-token count from the sample records alone,
+and `batch_pairs` the (chosen, rejected) plan ids the planner must keep in one group.
+BatchStream moves a DPO pair as one unit (scheduler.batching `units`), so a pair never
+spans two global batches.
+
 Memory: the dataset is memory-mapped; `read_samples` copies only the samples asked for, so
 a rank reads just the sequences its micro-batches hold.
 """
@@ -23,10 +32,12 @@ import torch.distributed as dist
 
 from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.dataset import TokenDataset
+from scheduler.dataset_meta import SampleMeta
 from scheduler.plan import StepPlan
 from workers.train import StepInput
 
-__all__ = ["BatchPosition", "BatchStream", "DatasetPlanSource", "GlobalBatch", "open_dataset",
+__all__ = ["BatchPosition", "BatchStream", "DatasetPlanSource", "GlobalBatch", "SampleData",
+           "batch_loss_tokens", "batch_pairs", "open_dataset", "read_sample_data",
            "read_samples", "sequence_ids_of_rank"]
 
 
@@ -65,6 +76,7 @@ class BatchStream:
         self.tokens_per_batch = tokens_per_batch
         self.seed = seed
         self._lengths = self.dataset.lengths
+        self._units = self.dataset.structure.units()  # DPO pairs move together
         self._epoch = -1
         self._batches: list[np.ndarray] = []
         self.position = start
@@ -72,7 +84,7 @@ class BatchStream:
     def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         if epoch != self._epoch:  # one permutation per epoch, computed once
             self._batches = epoch_batches(self._lengths, tokens_per_batch=self.tokens_per_batch,
-                                          seed=self.seed, epoch=epoch)
+                                          seed=self.seed, epoch=epoch, units=self._units)
             self._epoch = epoch
         return self._batches
 
@@ -105,6 +117,55 @@ def read_samples(dataset: TokenDataset | str | Path, batch: GlobalBatch,
         tokens = np.asarray(dataset[int(batch.sample_ids[i])], dtype=np.int64)
         out[int(i)] = torch.from_numpy(tokens)
     return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleData:
+    """One sample for an objective: tokens, loss mask, metadata, stored log-probs."""
+
+    tokens: torch.Tensor  # int64[L]
+    loss_mask: torch.Tensor  # bool[L]: token t carries a loss (predicted from t - 1)
+    meta: SampleMeta  # kind, pair_id/role (DPO), group_id/reward/advantage (GRPO)
+    ref_logps: torch.Tensor | None  # float64[L] log p_ref(token t | tokens < t); [0] = 0
+    old_logps: torch.Tensor | None  # float64[L] same under the sampling policy (GRPO)
+
+    def target_mask(self) -> torch.Tensor:
+        """bool[L] aligned with targets: position t's target (token t + 1) carries a loss."""
+        return torch.cat([self.loss_mask[1:], self.loss_mask.new_zeros(1)])
+
+    @staticmethod
+    def to_targets(values_L: torch.Tensor) -> torch.Tensor:
+        """Per-token values (ref/old log-probs) moved to target positions; 0 at the end."""
+        return torch.cat([values_L[1:], values_L.new_zeros(1)])
+
+
+def read_sample_data(dataset: TokenDataset | str | Path, batch: GlobalBatch,
+                     ids: Iterable[int] | None = None) -> dict[int, SampleData]:
+    """Plan id -> SampleData for `ids` (default: the whole batch); copies only those."""
+    dataset = open_dataset(dataset)
+    n = len(batch.sample_ids)
+    out: dict[int, SampleData] = {}
+    for i in range(n) if ids is None else ids:
+        if not 0 <= i < n:
+            raise ValueError(f"ids: plan id {i} is outside the batch (valid 0..{n - 1})")
+        s = dataset.sample(int(batch.sample_ids[i]))
+        logps = [None if v is None else torch.from_numpy(np.asarray(v, dtype=np.float64))
+                 for v in (s.ref_logps, s.old_logps)]
+        out[int(i)] = SampleData(
+            tokens=torch.from_numpy(np.asarray(s.tokens, dtype=np.int64)),
+            loss_mask=torch.from_numpy(np.asarray(s.loss_mask, dtype=bool)), meta=s.meta,
+            ref_logps=logps[0], old_logps=logps[1])
+    return out
+
+
+def batch_loss_tokens(dataset: TokenDataset | str | Path, batch: GlobalBatch) -> int:
+    """Loss predictions of the whole batch (every rank knows it without reading tokens)."""
+    return int(open_dataset(dataset).structure.num_loss_tokens[batch.sample_ids].sum())
+
+
+def batch_pairs(dataset: TokenDataset | str | Path, batch: GlobalBatch) -> list[tuple[int, int]]:
+    """(chosen, rejected) plan ids of the batch's DPO pairs; raises if one is split."""
+    return open_dataset(dataset).structure.batch_pairs(batch.sample_ids)
 
 
 def sequence_ids_of_rank(plan: StepPlan, rank: int) -> list[int]:

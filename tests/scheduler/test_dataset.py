@@ -92,11 +92,11 @@ def test_import_parquet(tmp_path):
     assert TokenDataset(tmp_path / "out").lengths.tolist() == [2, 3]
 
 
-@pytest.mark.parametrize("line,needle", [
-    ("{not json", "row 0 .* is not JSON"),
-    ('{"other": 1}', "row 0 has neither 'input_ids' nor 'text'"),
-    ('{"input_ids": [1, -2]}', "row 0 column 'input_ids'"),
-    ("[1, 2]", "row 0 is a list"),
+@pytest.mark.parametrize("line,needle", [  # rows and lines count from 1 (issue 21)
+    ("{not json", r"in\.jsonl: row 1 \(line 1\) is not JSON"),
+    ('{"other": 1}', r"in\.jsonl: row 1: fields \['other'\] match no row shape"),
+    ('{"input_ids": [1, -2]}', r"row 1 \(line 1\): field 'input_ids': must be a non-empty list"),
+    ("[1, 2]", r"row 1 \(line 1\) is a list, not an object"),
 ])
 def test_import_bad_rows_are_named(tmp_path, line, needle):
     src = tmp_path / "in.jsonl"
