@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +112,8 @@ class TokenColumnWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
                                    dir=self.path.parent)
         self._tmp = Path(tmp)
+        # A writer dropped without commit/abort still removes its temporary file.
+        self._cleanup = weakref.finalize(self, self._tmp.unlink, missing_ok=True)
         with os.fdopen(fd, "wb") as f:
             f.write(head)
             f.truncate(len(head) + num_tokens * np.dtype(dtype).itemsize)
@@ -150,6 +153,7 @@ class TokenColumnWriter:
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
         del self._values
+        self._cleanup.detach()
         os.replace(self._tmp, self.path)
         return self.path
 
