@@ -144,7 +144,8 @@ def test_pairs_are_never_split_over_batches(tmp_path, rng):
                 w.add(np.ones(int(rng.integers(2, 40)), dtype=np.int64))
                 continue
             for role in ("chosen", "rejected"):
-                w.add(np.ones(int(rng.integers(2, 40)), dtype=np.int64), kind="dpo", pair_id=k, role=role)
+                w.add(np.ones(int(rng.integers(2, 40)), dtype=np.int64), kind="dpo",
+                      pair_id=k, role=role)
     st = read_structure(tmp_path)
     units = read_units(tmp_path)
     for epoch in range(3):
