@@ -149,11 +149,11 @@ def read_sample_data(dataset: TokenDataset | str | Path, batch: GlobalBatch,
         if not 0 <= i < n:
             raise ValueError(f"ids: plan id {i} is outside the batch (valid 0..{n - 1})")
         s = dataset.sample(int(batch.sample_ids[i]))
-        logps = [None if v is None else torch.from_numpy(np.asarray(v, dtype=np.float64))
+        logps = [None if v is None else torch.from_numpy(np.array(v, dtype=np.float64))
                  for v in (s.ref_logps, s.old_logps)]
         out[int(i)] = SampleData(
-            tokens=torch.from_numpy(np.asarray(s.tokens, dtype=np.int64)),
-            loss_mask=torch.from_numpy(np.asarray(s.loss_mask, dtype=bool)), meta=s.meta,
+            tokens=torch.from_numpy(np.array(s.tokens, dtype=np.int64)),
+            loss_mask=torch.from_numpy(np.array(s.loss_mask, dtype=bool)), meta=s.meta,
             ref_logps=logps[0], old_logps=logps[1])
     return out
 

@@ -93,3 +93,39 @@ def test_bad_arguments_name_the_field(corpus):
         BatchStream(path, tokens_per_batch=0, seed=0)
     with pytest.raises(ValueError, match="start="):
         BatchStream(path, tokens_per_batch=5, seed=0, start=BatchPosition(epoch=-1))
+
+
+def test_sample_data_pairs_and_loss_tokens(tmp_path, rng):
+    from scheduler.dataset_columns import write_token_column
+    from workers.data import batch_loss_tokens, batch_pairs, read_sample_data
+
+    masks = {}
+    with DatasetWriter(tmp_path / "data") as w:
+        for k in range(40):
+            kind = "dpo" if k % 2 else "sft"
+            for role in (("chosen", "rejected") if kind == "dpo" else (None,)):
+                n = int(rng.integers(2, 30))
+                mask = (rng.random(n) < 0.6).astype(np.uint8)
+                mask[-1] = 1
+                extra = {"pair_id": k, "role": role} if role else {}
+                masks[w.add(rng.integers(0, 1000, size=n), loss_mask=mask, kind=kind,
+                            **extra)] = mask
+    ref = {i: -rng.random(len(m)) for i, m in masks.items()}
+    write_token_column(tmp_path, "ref_logps", ref.items(), dtype="<f8")
+    stream = BatchStream(tmp_path, tokens_per_batch=70, seed=2)
+    for _ in range(12):
+        batch = stream.next_batch()
+        pairs = batch_pairs(tmp_path, batch)  # raises if the stream split a pair
+        data = read_sample_data(tmp_path, batch)
+        assert len(pairs) == sum(d.meta.role == "chosen" for d in data.values())
+        for c, r in pairs:
+            assert (data[c].meta.role, data[r].meta.role) == ("chosen", "rejected")
+            assert data[c].meta.pair_id == data[r].meta.pair_id
+        assert batch_loss_tokens(tmp_path, batch) == sum(
+            int(masks[int(s)][1:].sum()) for s in batch.sample_ids)
+        for i, d in data.items():
+            sid = int(batch.sample_ids[i])
+            assert d.loss_mask.tolist() == masks[sid].astype(bool).tolist()
+            assert d.target_mask().tolist() == masks[sid][1:].astype(bool).tolist() + [False]
+            torch.testing.assert_close(d.to_targets(d.ref_logps)[:-1],
+                                       torch.from_numpy(ref[sid][1:]), rtol=0, atol=0)
