@@ -22,7 +22,7 @@ import numpy as np
 from controller.spec import JobCreate
 from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.cost import CostModel, Observation
-from scheduler.dataset import read_lengths
+from scheduler.dataset import read_lengths, read_units
 from scheduler.plan import StepPlan
 
 MIN_OBSERVATIONS = 3  # a, b and c need three distinct profiles
@@ -65,16 +65,19 @@ def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | No
 class BatchSchedule:
     """Step -> (sample ids, next position): a pure function of the job's data settings."""
 
-    def __init__(self, lengths: np.ndarray, *, tokens_per_batch: int, seed: int):
+    def __init__(self, lengths: np.ndarray, *, tokens_per_batch: int, seed: int,
+                 units: np.ndarray | None = None):
         self.lengths = lengths
         self.tokens_per_batch = tokens_per_batch
         self.seed = seed
+        self.units = units  # DPO pairs move as one (scheduler.dataset.read_units)
         self._epochs: dict[int, list[np.ndarray]] = {}
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         if epoch not in self._epochs:
             self._epochs[epoch] = epoch_batches(
-                self.lengths, tokens_per_batch=self.tokens_per_batch, seed=self.seed, epoch=epoch)
+                self.lengths, tokens_per_batch=self.tokens_per_batch, seed=self.seed, epoch=epoch,
+                units=self.units)
         return self._epochs[epoch]
 
     def batch(self, step: int) -> tuple[np.ndarray, BatchPosition]:
@@ -95,9 +98,10 @@ class PlanPipeline:
         self._spec_json = spec.model_dump_json()
         self.executor = executor
         self.depth = depth
+        units = read_units(spec.dataset.path) if lengths is None else None
         lengths = read_lengths(spec.dataset.path) if lengths is None else lengths
         self.schedule = BatchSchedule(lengths, tokens_per_batch=spec.training.global_batch_tokens,
-                                      seed=spec.training.seed)
+                                      seed=spec.training.seed, units=units)
         self._cost = CostModel(spec.resolve_model(), spec.resolve_cluster())
         self._coefficients: tuple | None = None
         self._observations: list[Observation] = []

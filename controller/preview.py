@@ -63,7 +63,7 @@ def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
              tracer: trace.Tracer | None) -> PlanPreview:
     from scheduler.batching import epoch_batches
     from scheduler.cost import CostModel
-    from scheduler.dataset import read_lengths
+    from scheduler.dataset import read_lengths, read_units
 
     budget = num_batches * spec.planner.time_limit_s
     if budget > MAX_PREVIEW_BUDGET_S:
@@ -76,7 +76,7 @@ def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
     cost = CostModel(model, cluster)
     capacity = spec.resources.capacity_tokens or cost.capacity_tokens(cluster.world_size)
     batches = epoch_batches(lengths, tokens_per_batch=spec.training.global_batch_tokens,
-                            seed=spec.training.seed)
+                            seed=spec.training.seed, units=read_units(spec.dataset.path))
     out, first_sim = [], None
     for index, ids in enumerate(batches[:num_batches]):
         batch = [int(x) for x in lengths[ids]]

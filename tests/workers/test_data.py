@@ -129,3 +129,22 @@ def test_sample_data_pairs_and_loss_tokens(tmp_path, rng):
             assert d.target_mask().tolist() == masks[sid][1:].astype(bool).tolist() + [False]
             torch.testing.assert_close(d.to_targets(d.ref_logps)[:-1],
                                        torch.from_numpy(ref[sid][1:]), rtol=0, atol=0)
+
+
+def test_controller_and_worker_streams_batch_pairs_alike(tmp_path, rng):
+    from controller.planning import BatchSchedule
+    from scheduler.dataset import read_lengths, read_units
+
+    with DatasetWriter(tmp_path / "data") as w:
+        for k in range(30):
+            for role in ("chosen", "rejected"):
+                w.add(rng.integers(0, 9, size=int(rng.integers(2, 50))), kind="dpo",
+                      pair_id=k, role=role)
+    schedule = BatchSchedule(read_lengths(tmp_path), tokens_per_batch=120, seed=5,
+                             units=read_units(tmp_path))
+    stream = BatchStream(tmp_path, tokens_per_batch=120, seed=5)
+    for step in range(20):
+        ids, nxt = schedule.batch(step)
+        b = stream.next_batch()
+        assert ids.tolist() == b.sample_ids.tolist() and nxt == stream.position
+        assert sorted(ids.tolist()) == sorted({2 * (i // 2) + j for i in ids for j in (0, 1)})
