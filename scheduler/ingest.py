@@ -33,6 +33,7 @@ from pathlib import Path
 from scheduler.dataset import DatasetWriter
 from scheduler.errors import DatasetError
 from scheduler.ingest_rows import (
+    SHAPES,
     ChunkEncoder,
     EncodedChunk,
     RowError,
@@ -275,8 +276,6 @@ def _install(tmp: Path, out: Path) -> None:
 
 def _chunks(files: list[Path], kind: str, column: str | None,
             rows_per_chunk: int) -> Iterator[_RawChunk]:
-    from scheduler.ingest_rows import SHAPES
-
     columns = [column] if column else list(SHAPES[kind]) + (["input_ids"] if kind ==
                                                             "pretrain" else [])
     for path in files:

@@ -302,15 +302,19 @@ class ChunkEncoder:
             for d, (ids, offsets) in zip(chats, self.tok.encode_with_offsets(
                     [d.chat[0] for d in chats]), strict=True):
                 d.ids, d.mask = ids, span_mask(offsets, d.chat[1])
-        eos = self.tok.eos_id
         for d in drafts:
             if d.chat is None:
-                ids = [p.ids for p in d.pieces]
-                ids += [np.array([eos], dtype=np.uint32)] if d.pieces[-1].eos and eos is not \
-                    None and (not ids[-1].size or ids[-1][-1] != eos) else []
-                mask = [np.full(p.ids.size, p.loss, dtype=np.uint8) for p in d.pieces]
-                mask += [np.ones(1, dtype=np.uint8)] if len(ids) > len(d.pieces) else []
-                d.ids, d.mask = np.concatenate(ids), np.concatenate(mask)
+                d.ids, d.mask = self._join(d.pieces)
+
+    def _join(self, pieces: list[_Piece]) -> tuple[np.ndarray, np.ndarray]:
+        """A sample's ids and mask from its tokenized pieces (plus EOS where asked)."""
+        ids = [p.ids for p in pieces]
+        mask = [np.full(p.ids.size, p.loss, dtype=np.uint8) for p in pieces]
+        eos, last = self.tok.eos_id, pieces[-1]
+        if last.eos and eos is not None and (not last.ids.size or last.ids[-1] != eos):
+            ids.append(np.array([eos], dtype=np.uint32))
+            mask.append(np.array([last.loss], dtype=np.uint8))
+        return np.concatenate(ids), np.concatenate(mask)
 
     def _check(self, drafts: list[_Draft]) -> None:
         for k, d in enumerate(drafts):

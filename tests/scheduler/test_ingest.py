@@ -233,3 +233,19 @@ def test_progress_reports_reach_the_total(tmp_path, model_dir):
     assert seen[-1].bytes_done == seen[-1].bytes_total == src.stat().st_size
     assert seen[-1].num_tokens == TokenDataset(tmp_path / "out").num_tokens
     assert np.all(np.diff([p.num_tokens for p in seen]) > 0)
+
+
+def test_import_stays_torch_free(tmp_path, model_dir):
+    """The importer (chat templates included) runs in the torch-free layer."""
+    import subprocess
+    import sys
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": CHATS[0]}])
+    code = ("import sys; from scheduler.ingest import import_dataset; "
+            f"import_dataset([{str(src)!r}], {str(tmp_path / 'out')!r}, "
+            f"tokenizer={str(model_dir)!r}); "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert TokenDataset(tmp_path / "out").meta(0).kind == "chat"
