@@ -48,3 +48,29 @@ def test_bad_row_is_one_line_and_leaves_nothing(tmp_path):
 def test_stats_of_a_missing_dataset(tmp_path):
     proc = ringmaster("data", "stats", str(tmp_path / "none"), check=False)
     assert proc.returncode == 2 and "index file not found" in proc.stderr
+
+
+def test_progress_plain_lines_without_a_terminal_and_a_bar_with_one():
+    import io
+
+    from rich.console import Console
+
+    from controller.cli_progress import ImportProgressView
+    from scheduler.ingest import ImportProgress
+
+    snaps = [ImportProgress(num_rows=100 * k, num_samples=100 * k, num_tokens=5000 * k,
+                            bytes_done=250 * k, bytes_total=1000, seconds=0.5 * k)
+             for k in (1, 2, 4)]
+    plain = io.StringIO()
+    with ImportProgressView(Console(file=plain, force_terminal=False, width=80),
+                            interval_s=0) as view:
+        for s in snaps:
+            view.update(s)
+    lines = plain.getvalue().splitlines()
+    assert lines[-1] == "importing: 100% of input, 400 rows, 20,000 tokens, 10,000 tokens/s"
+    assert len(lines) == 3 and "\x1b" not in plain.getvalue()
+    tty = io.StringIO()
+    with ImportProgressView(Console(file=tty, force_terminal=True, width=120)) as view:
+        view.update(snaps[1])
+        view._bar.refresh()
+    assert "tokens/s" in tty.getvalue() and "50.0%" in tty.getvalue()
