@@ -3,7 +3,7 @@
 Row shapes (one per import; docs/data.md):
     pretrain  `text` (or pre-tokenized `input_ids`)       loss on every token
     sft       `prompt` + `completion`                      loss on the completion
-    chat      `messages` (the tokenizer's chat template)   loss on assistant turns
+    chat      `messages` (+ optional `tools`; the chat template) loss on assistant turns
     dpo       `prompt` + `chosen` + `rejected`             two samples, one pair
     grpo      `prompt` + `completions` + `rewards`         one sample per completion, one group
 
@@ -232,7 +232,11 @@ class ChunkEncoder:
         if not any(m["role"] == "assistant" for m in messages):
             raise ref.error("messages", "has no assistant turn (the loss is on assistant "
                             "turns only)")
-        rendered = self._render(ref, "messages", lambda tok: chat_spans(tok, messages))
+        tools = row.get("tools")
+        if tools is not None and not (isinstance(tools, list)
+                                      and all(isinstance(t, dict) for t in tools)):
+            raise ref.error("tools", "must be a list of JSON-schema objects (or absent)")
+        rendered = self._render(ref, "messages", lambda tok: chat_spans(tok, messages, tools))
         return [_Draft(ref, "messages", "chat", chat=rendered)]
 
     def _prompt(self, ref: RowRef, row: dict):

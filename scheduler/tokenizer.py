@@ -95,8 +95,8 @@ class HFTokenizer:
             out.append((np.asarray(e.ids, dtype=np.uint32), offs))
         return out
 
-    def render(self, messages: list, *, add_generation_prompt: bool,
-               markers: bool = False) -> tuple[str, list[tuple[int, int]]]:
+    def render(self, messages: list, *, add_generation_prompt: bool, markers: bool = False,
+               tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
         """The template's rendering (and its generation spans when `markers`)."""
         if self.chat_template is None:
             raise ChatTemplateError(f"the tokenizer at {self.path} has no chat template "
@@ -106,7 +106,7 @@ class HFTokenizer:
 
         try:
             texts, spans = render_jinja_template(
-                conversations=[messages], chat_template=self.chat_template,
+                conversations=[messages], tools=tools, chat_template=self.chat_template,
                 add_generation_prompt=add_generation_prompt,
                 return_assistant_tokens_mask=markers, **self.special_tokens)
         except Exception as exc:  # the template is user code: any failure is the data's
@@ -118,17 +118,18 @@ class HFTokenizer:
 Tokenizer = ByteTokenizer | HFTokenizer
 
 
-def chat_spans(tok: HFTokenizer, messages: list) -> tuple[str, list[tuple[int, int]]]:
+def chat_spans(tok: HFTokenizer, messages: list, tools: list[dict] | None = None
+               ) -> tuple[str, list[tuple[int, int]]]:
     """(rendered conversation, character spans that carry the loss); see the module doc."""
     if tok.generation_markers:
-        return tok.render(messages, add_generation_prompt=False, markers=True)
-    full, _ = tok.render(messages, add_generation_prompt=False)
+        return tok.render(messages, add_generation_prompt=False, markers=True, tools=tools)
+    full, _ = tok.render(messages, add_generation_prompt=False, tools=tools)
     spans = []
     for k, m in enumerate(messages):
         if m.get("role") != "assistant":
             continue
-        prefix, _ = tok.render(messages[:k], add_generation_prompt=True)
-        upto, _ = tok.render(messages[:k + 1], add_generation_prompt=False)
+        prefix, _ = tok.render(messages[:k], add_generation_prompt=True, tools=tools)
+        upto, _ = tok.render(messages[:k + 1], add_generation_prompt=False, tools=tools)
         if not upto.startswith(prefix) or not full.startswith(upto):
             raise ChatTemplateError(
                 f"the chat template does not render message {k} as an extension of the "

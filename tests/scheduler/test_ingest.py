@@ -249,3 +249,20 @@ def test_import_stays_torch_free(tmp_path, model_dir):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert TokenDataset(tmp_path / "out").meta(0).kind == "chat"
+
+
+def test_chat_rows_pass_tools_to_the_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.hf_tokenizer import CHATML, save_model_dir
+
+    template = ("{% if tools %}<|im_start|>system\nTools: {{ tools | tojson }}<|im_end|>\n"
+                "{% endif %}" + CHATML)
+    model = save_model_dir(tmp_path / "model", chat_template=template)
+    tools = [{"type": "function", "function": {"name": "capital", "parameters": {}}}]
+    import_dataset([write_jsonl(tmp_path / "in.jsonl", [{"messages": CHATS[0], "tools": tools}])],
+                   tmp_path / "out", tokenizer=model)
+    hf = AutoTokenizer.from_pretrained(str(model), local_files_only=True)
+    ref = hf.apply_chat_template(CHATS[0], tools=tools, tokenize=True, return_dict=True)
+    assert TokenDataset(tmp_path / "out")[0].tolist() == ref["input_ids"]
+    assert "Tools:" in hf.apply_chat_template(CHATS[0], tools=tools, tokenize=False)
