@@ -266,3 +266,36 @@ def test_chat_rows_pass_tools_to_the_template(tmp_path):
     ref = hf.apply_chat_template(CHATS[0], tools=tools, tokenize=True, return_dict=True)
     assert TokenDataset(tmp_path / "out")[0].tolist() == ref["input_ids"]
     assert "Tools:" in hf.apply_chat_template(CHATS[0], tools=tools, tokenize=False)
+
+
+SHAPE_ROWS = {
+    "pretrain": [{"text": "The quick brown fox."}, {"text": "Paris, France."},
+                 {"text": "Rivers carve the stone."}],
+    "sft": [{"prompt": "Capital?", "completion": " Paris."}, {"prompt": "", "completion": "Fox"},
+            {"prompt": "Haiku?", "completion": " Rivers carve the stone."}],
+    "chat": [{"messages": c} for c in CHATS],
+    "dpo": [{"prompt": "Capital?", "chosen": " Paris.", "rejected": " Rivers."},
+            {"prompt": "Fox?", "chosen": " quick", "rejected": " lazy"},
+            {"prompt": "Dog?", "chosen": " lazy dog", "rejected": " brown fox"}],
+    "grpo": [{"prompt": "Fox?", "completions": [" quick", " lazy"], "rewards": [1.0, 0.0]},
+             {"prompt": "Dog?", "completions": [" a", " b", " c"], "rewards": [0.5, 2.0, 1.0]},
+             {"prompt": "One", "completions": [" only"], "rewards": [3.0]}],
+}
+
+
+@pytest.mark.parametrize("kind", list(SHAPE_ROWS))
+def test_every_shape_reads_alike_from_jsonl_parquet_and_a_directory(tmp_path, model_dir, kind):
+    rows = SHAPE_ROWS[kind]
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    sources = {"jsonl": write_jsonl(tmp_path / "in.jsonl", rows),
+               "parquet": write_parquet(tmp_path / "in.parquet", rows),
+               "dir": tmp_path / "dir"}
+    write_jsonl(tmp_path / "dir" / "a.jsonl", rows[:1])
+    write_parquet(tmp_path / "dir" / "sub" / "b.parquet", rows[1:])
+    files = {}
+    for name, src in sources.items():
+        r = import_dataset([src], tmp_path / f"out-{name}", tokenizer=model_dir)
+        assert r.kind == kind and r.num_rows == 3
+        files[name] = [(tmp_path / f"out-{name}" / f).read_bytes()
+                       for f in ("data.bin", "data.idx", "data.mask", "data.meta")]
+    assert files["jsonl"] == files["parquet"] == files["dir"]
