@@ -131,6 +131,7 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
         with tracer.start_as_current_span("job.submit") as span:
             span.set_attribute("job.name", spec.name)
             span.set_attribute("job.num_ranks", spec.resources.num_ranks)
+            machine.launcher.check_spec(spec)  # what only the launcher knows (SpecError: 422)
             rec, created = store.create(spec)
             span.set_attribute("job.id", rec.id)
             span.set_attribute("job.created", created)

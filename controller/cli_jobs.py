@@ -34,7 +34,8 @@ class Output(StrEnum):
 
 class LauncherName(StrEnum):
     ray = "ray"
-    kubernetes = "kubernetes"
+    kuberay = "kuberay"
+    kubernetes = "kubernetes"  # the older name of kuberay
     fake = "fake"
 
 
@@ -62,7 +63,10 @@ def job_table(jobs: list[JobPublic], title: str = "jobs") -> Table:
     for col in ("id", "phase", "result", "attempt", "step", "reason", "created"):
         table.add_column(col)
     for j in jobs:
-        table.add_row(j.id, j.phase, j.result or "", str(j.attempt),
+        # A job the launcher has not admitted yet says why: "Pending (waiting for Kueue
+        # admission in queue gpu)".
+        phase = f"{j.phase} ({j.message})" if j.reason == "AwaitingAdmission" else j.phase
+        table.add_row(j.id, phase, j.result or "", str(j.attempt),
                       f"{j.current_step}/{j.total_steps}", j.reason,
                       j.created_at.strftime("%Y-%m-%d %H:%M:%S"))
     return table

@@ -2,7 +2,11 @@
 
 `JobStateMachine.tick()` is one reconcile pass: apply the launcher's events, admit Pending
 jobs whose gang fits (FIFO with backfill by default), start the next attempt of Restarting
-jobs whose back-off has passed. All state lives in the store (compare-and-set
+jobs whose back-off has passed and whose gang fits again, and stop the workers of Stopping
+jobs this machine has not stopped yet (a stop a standby replica accepted, or one a previous
+leader did not finish). A job the launcher does not admit yet carries the launcher's
+reason as its message (reason AwaitingAdmission, e.g. "waiting for Kueue admission in
+queue X"). All state lives in the store (compare-and-set
 transitions), so several passes, the REST API's stop requests and a restarted controller
 can interleave without losing or repeating a transition. Policies are injected:
 `RestartPolicy` decides restart-or-fail when an attempt ends abnormally, `AdmissionPolicy`
@@ -26,6 +30,8 @@ from controller.states import JobRecord, StaleState, State
 from controller.store import JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
+
+AWAITING_ADMISSION = "AwaitingAdmission"  # reason of a job the launcher does not admit yet
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,6 +86,7 @@ class JobStateMachine:
         self.restart_policy = restart_policy or BoundedRestarts()
         self.admission = admission or FifoBackfill()
         self.clock = clock
+        self._stops_sent: set[str] = set()  # Stopping jobs whose workers were told to stop
 
     def tick(self) -> None:
         """One reconcile pass."""
@@ -92,12 +99,31 @@ class JobStateMachine:
             except JobNotFound:
                 continue
         for job in self.admission.order([j for j in jobs if j.state is State.PENDING]):
-            if self.launcher.admit(job):
-                self._start_attempt(job, "Admitted")
+            self._admit(job, "Admitted")
         now = self.clock()
         for job in jobs:
             if job.state is State.RESTARTING and now >= job.not_before:
-                self._start_attempt(job, "Restarted")
+                self._admit(job, "Restarted")
+        self._resend_stops(jobs)
+
+    def _admit(self, job: JobRecord, reason: str) -> None:
+        if self.launcher.admit(job):
+            self._start_attempt(job, reason)
+            return
+        message = self.launcher.admission_message(job)
+        if message and (job.reason, job.message) != (AWAITING_ADMISSION, message):
+            try:
+                self.store.note(job.id, state=job.state, reason=AWAITING_ADMISSION,
+                                message=message)
+            except (StaleState, JobNotFound):
+                pass  # it moved on meanwhile; the next pass sees the truth
+
+    def _resend_stops(self, jobs: list[JobRecord]) -> None:
+        stopping = {j.id for j in jobs if j.state is State.STOPPING}
+        self._stops_sent &= stopping
+        for job_id in sorted(stopping - self._stops_sent):
+            self._stops_sent.add(job_id)
+            self.launcher.stop(job_id)
 
     def _start_attempt(self, job: JobRecord, reason: str) -> None:
         # One job.schedule span per attempt, in the trace the submission started (each
@@ -129,6 +155,7 @@ class JobStateMachine:
                                       message=f"start failed: {exc}"))
             return
         if self.store.get(job.id).state is State.STOPPING:
+            self._stops_sent.add(job.id)
             self.launcher.stop(job.id)  # a stop raced with the start: stop what started
 
     def handle(self, event: LauncherEvent) -> None:
@@ -197,8 +224,11 @@ class JobStateMachine:
             moved = self._move(job, dst, "StopRequested", "stop requested by a client",
                                stop_requested=True)
             if moved is not None:
-                if dst is State.STOPPING or job.state is State.RESTARTING:
-                    self.launcher.stop(job_id)
+                if dst is State.STOPPING:
+                    self._stops_sent.add(job_id)
+                # A Pending job may hold a queued (Kueue-suspended) cluster, a Restarting
+                # one the remains of its last attempt: stop them too.
+                self.launcher.stop(job_id)
                 return moved
         raise StaleState(f"job {job_id} kept changing state; retry the stop")
 

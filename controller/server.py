@@ -18,13 +18,17 @@ import logging
 import os
 import secrets
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from opentelemetry.sdk.trace import TracerProvider
 
 from controller.api import ApiSettings, create_app
-from controller.launchers import Launcher, make_launcher
+from controller.launchers import KUBERAY_NAMES, Launcher, StandbyLauncher, make_launcher
+from controller.launchers.base import reject_kubernetes_section
+from controller.leader import LeaderElectionConfig, LeaderElector
 from controller.machine import JobStateMachine, Reconciler
 from controller.redis_server import open_redis
 from controller.store import JobNotFound, JobStore
@@ -54,6 +58,10 @@ class ControllerConfig:
     token: str | None = None  # default $RINGMASTER_TOKEN, else state_dir/token
     reconcile_interval_s: float = 0.5  # how often the state machine steps
     max_body_bytes: int = 1 << 20  # REST request size limit
+    # Several replicas: only the Lease holder runs the state machine and the gRPC service
+    # (controller.leader); default from the RINGMASTER_LEADER_* variables, None: alone.
+    leader_election: LeaderElectionConfig | None = field(
+        default_factory=LeaderElectionConfig.from_env)
 
 
 def load_or_create_token(state_dir: Path) -> str:
@@ -72,30 +80,46 @@ def load_or_create_token(state_dir: Path) -> str:
 
 
 class Controller:
-    """Everything one controller process owns; `close()` releases it in reverse order."""
+    """Everything one controller process owns; `close()` releases it in reverse order.
+
+    Alone (no leader election) it runs the state machine, the launcher and the gRPC service
+    from `start()`. With leader election it starts as a standby (REST only, a
+    StandbyLauncher) and builds launcher, gRPC service and reconciler when it takes the
+    Lease; losing it tears them down again (the new leader adopts the jobs' workers).
+    """
 
     def __init__(self, config: ControllerConfig, *, launcher: Launcher | None = None,
-                 tracer_provider: TracerProvider | None = None):
+                 launcher_factory: Callable[[], Launcher] | None = None,
+                 tracer_provider: TracerProvider | None = None, elector_options=None):
         self.config = config
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.token = config.token or os.environ.get("RINGMASTER_TOKEN") or \
             load_or_create_token(config.state_dir)
         self.tracer_provider = tracer_provider or make_tracer_provider()
         self.redis = open_redis(state_dir=config.state_dir, url=config.redis_url)
+        self._launcher_factory = launcher_factory or (lambda: launcher or self._make_launcher())
+        self.grpc_server, self.worker_service, self._planner_pool = None, None, None
+        self.leader: LeaderElector | None = None
         try:
             instrument_redis(self.redis.client, self.tracer_provider)
             self.store = JobStore(self.redis.client,
                                   tracer=self.tracer_provider.get_tracer("controller.store"))
-            self.launcher = launcher or self._make_launcher()
+            if config.leader_election is None:
+                self.launcher = self._launcher_factory()
+            else:
+                self._standby_spec_check = None if launcher or launcher_factory else \
+                    self._spec_check()
+                self.launcher = StandbyLauncher(check=self._standby_spec_check)
+                self.leader = LeaderElector(config.leader_election, on_change=self._on_role,
+                                            **(elector_options or {}))
         except BaseException:
             self.redis.close()
             raise
         self.machine = JobStateMachine(store=self.store, launcher=self.launcher,
                                        tracer=self.tracer_provider.get_tracer(
                                            "controller.machine"))
-        self.grpc_server, self.worker_service, self._planner_pool = None, None, None
-        if hasattr(self.launcher, "report"):  # launchers whose workers call back over gRPC
-            self._start_worker_service()
+        if self.leader is None and hasattr(self.launcher, "report"):
+            self._start_worker_service()  # launchers whose workers call back over gRPC
         self.reconciler = Reconciler(self.machine, interval_s=config.reconcile_interval_s)
         self.app = create_app(store=self.store, machine=self.machine,
                               settings=ApiSettings(token=self.token,
@@ -112,6 +136,45 @@ class Controller:
             options.setdefault("on_logs", self._worker_logs)
         return make_launcher(c.launcher, **options)
 
+    def _spec_check(self) -> Callable | None:
+        """What a standby checks submissions with: the rules of the launcher it would run."""
+        c = self.config
+        if c.launcher in KUBERAY_NAMES:
+            from controller.launchers.kubernetes import KubernetesLauncherConfig, check_job_spec
+
+            cfg = c.launcher_options.get("config") or KubernetesLauncherConfig.from_env(
+                c.launcher_options.get("controller_address", f"{c.host}:{c.grpc_port}"))
+            return partial(check_job_spec, cfg)
+        if c.launcher == "fake":
+            return None
+        return partial(reject_kubernetes_section, launcher=c.launcher)
+
+    # leader election ----------------------------------------------------------------------
+    def _on_role(self, leading: bool) -> None:
+        """Called in order on the elector's role thread."""
+        if leading:
+            self._lead()
+        else:
+            self._stand_by()
+
+    def _lead(self) -> None:
+        self.launcher = self._launcher_factory()  # a Kubernetes launcher adopts its clusters
+        self.machine.launcher = self.launcher
+        if hasattr(self.launcher, "report"):
+            self._start_worker_service()
+            self.leader.publish_endpoint(self.grpc_port)
+        self.reconciler = Reconciler(self.machine,
+                                     interval_s=self.config.reconcile_interval_s).start()
+        log.info("this replica leads: state machine and gRPC service running")
+
+    def _stand_by(self) -> None:
+        self.reconciler.close()
+        self.machine.launcher = StandbyLauncher(check=self._standby_spec_check)
+        self._stop_worker_service()
+        old, self.launcher = self.launcher, self.machine.launcher
+        old.close()
+        log.info("this replica stands by: REST only until it leads again")
+
     def _start_worker_service(self) -> None:
         from controller.planning import make_planner_pool
         from controller.worker_service import WorkerService, serve_grpc
@@ -125,8 +188,18 @@ class Controller:
         if hasattr(self.launcher, "controller_address"):  # grpc_port 0 picks a free port
             self.launcher.controller_address = f"{self.config.host}:{self.grpc_port}"
 
+    def _stop_worker_service(self) -> None:
+        if self.grpc_server is not None:
+            self.grpc_server.stop(grace=2).wait(5)
+            self.worker_service.close()
+            self._planner_pool.shutdown(wait=False, cancel_futures=True)
+            self.grpc_server, self.worker_service, self._planner_pool = None, None, None
+
     def start(self) -> Controller:
-        self.reconciler.start()
+        if self.leader is not None:
+            self.leader.start()
+        else:
+            self.reconciler.start()
         return self
 
     def write_endpoint(self, url: str) -> None:
@@ -141,11 +214,10 @@ class Controller:
             pass  # deleted while its workers were still printing
 
     def close(self) -> None:
+        if self.leader is not None:
+            self.leader.close()  # releases the Lease: a standby takes over at once
         self.reconciler.close()
-        if self.grpc_server is not None:
-            self.grpc_server.stop(grace=2).wait(5)
-            self.worker_service.close()
-            self._planner_pool.shutdown(wait=False, cancel_futures=True)
+        self._stop_worker_service()
         self.launcher.close()
         self.tracer_provider.shutdown()
         self.redis.close()

@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from controller.spec_kubernetes import KubernetesOverrides
 from scheduler.errors import SpecError
 from scheduler.specs import (
     CLUSTER_PRESETS,
@@ -90,6 +91,11 @@ class Resources(_Section):
         default=None, ge=1, le=1 << 40,
         description="Tokens one rank holds per micro-batch; default: the planner derives it "
                     "from the model and the device memory.")
+    kubernetes: KubernetesOverrides | None = Field(
+        default=None,
+        description="Per-job steering of the KubeRay pods (node selector, tolerations, "
+                    "affinity, priority class, /dev/shm, env, extended resources, service "
+                    "account, Kueue queue); kuberay launcher only. See docs/api.md.")
 
     @model_validator(mode="after")
     def _fits(self) -> Resources:

@@ -216,6 +216,23 @@ class JobStore:
         self.r.hset(key, mapping={**_encode_fields(updates),
                                   "updated_at": json.dumps(self.clock())})
 
+    def note(self, job_id: str, *, state: State, reason: str, message: str) -> None:
+        """Set the reason and message of a job that is still in `state`, without a
+        transition (why a Pending job waits); StaleState if it moved on meanwhile."""
+        key = self._k("job", job_id)
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            current = pipe.hget(key, "state")
+            if current is None:
+                raise JobNotFound(job_id)
+            if current != state.value:
+                raise StaleState(f"job {job_id} is {current}, not {state.value}")
+            pipe.multi()
+            pipe.hset(key, mapping={**_encode_fields({"reason": reason, "message": message}),
+                                    "updated_at": json.dumps(self.clock())})
+
+        self.r.transaction(txn, key)
+
     def transition(self, job_id: str, *, src: State, dst: State, reason: str,
                    message: str = "", **updates) -> JobRecord:
         """Move job `job_id` from `src` to `dst` atomically; StaleState if it moved on."""

@@ -1,17 +1,25 @@
 """Launchers start and stop job worker groups; config selects one by name.
 
-`make_launcher("ray" | "kubernetes" | "fake", **options)` imports the implementation lazily
-so the controller only loads the client libraries of the launcher it uses.
+`make_launcher("ray" | "kuberay" | "fake", **options)` imports the implementation lazily
+so the controller only loads the client libraries of the launcher it uses. "kubernetes" is
+the older name of "kuberay" (one KubeRay RayCluster per job attempt) and still accepted.
 """
 
 from __future__ import annotations
 
 import importlib
 
-from controller.launchers.base import EventKind, FakeLauncher, Launcher, LauncherEvent
+from controller.launchers.base import (
+    EventKind,
+    FakeLauncher,
+    Launcher,
+    LauncherEvent,
+    StandbyLauncher,
+)
 
 LAUNCHERS: dict[str, tuple[str, str]] = {
     "ray": ("controller.launchers.ray", "RayLauncher"),
+    "kuberay": ("controller.launchers.kubernetes", "KubernetesLauncher"),
     "kubernetes": ("controller.launchers.kubernetes", "KubernetesLauncher"),
     "fake": ("controller.launchers.base", "FakeLauncher"),
 }
@@ -30,5 +38,8 @@ def make_launcher(name: str, **options) -> Launcher:
     return getattr(module, class_name)(**options)
 
 
-__all__ = ["EventKind", "FakeLauncher", "LAUNCHERS", "Launcher", "LauncherEvent",
-           "make_launcher"]
+KUBERAY_NAMES = frozenset({"kuberay", "kubernetes"})
+
+
+__all__ = ["EventKind", "FakeLauncher", "KUBERAY_NAMES", "LAUNCHERS", "Launcher",
+           "LauncherEvent", "StandbyLauncher", "make_launcher"]

@@ -11,9 +11,14 @@ acts and reports. Four calls, all non-blocking and safe to repeat:
 - `poll()`: events since the last poll: a group became ready, a worker was lost, the job's
   workers finished (successfully or not), or the workers of a stopped job are gone.
 
-Implementations: `FakeLauncher` (in memory, for tests and dry runs), the Ray launcher and
-the Kubernetes launcher (KubeRay RayCluster per job). Config selects one by name
-(`launcher: ray|kubernetes`); see controller.launchers.make_launcher.
+Two optional calls with defaults: `admission_message(job)` says why `admit` said no (the
+job shows it while it waits, e.g. "waiting for Kueue admission in queue X"), and
+`check_spec(spec)` refuses at submit a spec this launcher cannot run (SpecError, a 422).
+
+Implementations: `FakeLauncher` (in memory, for tests and dry runs), the Ray launcher,
+the Kubernetes launcher (KubeRay RayCluster per job) and `StandbyLauncher` (what a
+controller replica that is not the leader holds). Config selects one by name
+(`launcher: ray|kuberay|fake`); see controller.launchers.make_launcher.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
 
+from controller.spec import JobCreate
 from controller.states import JobRecord
+from scheduler.errors import SpecError
 
 
 class EventKind(StrEnum):
@@ -69,6 +76,53 @@ class Launcher(ABC):
     def close(self) -> None:
         """Release the launcher's own resources (not the jobs' workers, which outlive it)."""
         return None
+
+    def admission_message(self, job: JobRecord) -> str:
+        """Why the last `admit(job)` said no, for the job's message ('' : nothing to say)."""
+        return ""
+
+    def check_spec(self, spec: JobCreate) -> None:
+        """Raise SpecError if this launcher cannot run `spec` (called at submit)."""
+        reject_kubernetes_section(spec, self.name)
+
+
+def reject_kubernetes_section(spec: JobCreate, launcher: str) -> None:
+    """resources.kubernetes only means something to the kuberay launcher: refuse it
+    elsewhere rather than ignore it."""
+    if spec.resources.kubernetes is not None:
+        raise SpecError(f"resources.kubernetes: this controller runs the {launcher} launcher; "
+                        "the section applies only to the kuberay launcher (remove it)")
+
+
+class StandbyLauncher(Launcher):
+    """What a controller replica holds while another replica is the leader.
+
+    It admits and starts nothing (a standby's state machine does not run), and leaves
+    `stop` to the leader: a stop request a standby accepts moves the job to Stopping in the
+    store, and the leader's next pass stops every Stopping job's workers. Submitted specs
+    are still checked, by `check` (the launcher the leader runs decides what is valid).
+    """
+
+    name = "standby"
+
+    def __init__(self, *, check=None):
+        self._check = check
+
+    def admit(self, job: JobRecord) -> bool:
+        return False
+
+    def start(self, job: JobRecord, attempt: int) -> None:
+        raise RuntimeError(f"job {job.id}: this replica is not the leader; it starts nothing")
+
+    def stop(self, job_id: str) -> None:
+        return None  # the leader stops Stopping jobs on its next pass
+
+    def poll(self) -> list[LauncherEvent]:
+        return []
+
+    def check_spec(self, spec: JobCreate) -> None:
+        if self._check is not None:
+            self._check(spec)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -135,6 +189,9 @@ class FakeLauncher(Launcher):
         with self._lock:
             events, self._events = self._events, []
             return events
+
+    def check_spec(self, spec: JobCreate) -> None:
+        return None  # it runs nothing, so it can stand in for any launcher (dry runs)
 
     def push(self, event: LauncherEvent) -> None:
         """Queue any event for the next poll (frees the ranks of an ending attempt)."""

@@ -22,6 +22,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from controller.launchers.workerpods import (
+    WorkerPodSettings,
+    for_job,
+    steer_head,
+    steer_worker,
+    worker_resources,
+)
 from controller.states import JobRecord
 
 GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayclusters", "RayCluster"
@@ -29,9 +36,11 @@ GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayclusters", "RayCluster"
 # Labels (ray.io/* ones are set by KubeRay itself on the pods it creates).
 LABEL_OWNER = "ringmaster.io/owner"
 LABEL_JOB = "ringmaster.io/job-id"
+LABEL_JOB_NAME = "ringmaster.io/job-name"
 LABEL_ATTEMPT = "ringmaster.io/attempt"
 LABEL_WORKER = "ringmaster.io/worker"
 LABEL_NODE_TYPE = "ray.io/node-type"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"  # Kueue admits a RayCluster from this queue
 
 # Port names are the ones KubeRay looks up to build the head Service.
 HEAD_PORTS = {"gcs-server": 6379, "dashboard": 8265, "client": 10001}
@@ -46,6 +55,7 @@ class RbacRule:
     api_group: str
     resource: str
     verbs: tuple[str, ...]
+    named: bool = False  # only on this release's own object (the Role's resourceNames)
 
 
 LAUNCHER_RBAC_RULES: tuple[RbacRule, ...] = (
@@ -74,6 +84,7 @@ class ClusterSettings:
     env: Mapping[str, str] = field(default_factory=dict)  # extra env (OTEL_* and the like)
     image_pull_secrets: tuple[str, ...] = ()  # Secrets in the job namespace, for the image
     volumes: tuple[SharedVolume, ...] = ()  # datasets and checkpoints, same paths everywhere
+    workers: WorkerPodSettings = field(default_factory=WorkerPodSettings)  # steering, Kueue
 
     def __post_init__(self) -> None:
         for name in ("image", "ray_version", "controller_address", "owner"):
@@ -92,6 +103,9 @@ class ClusterSettings:
         if not _LABEL_VALUE.match(self.owner):
             raise ValueError(f"owner={self.owner!r} is not a valid label value (<= 63 "
                              "alphanumerics, '-', '_', '.')")
+        if self.workers.gpu_resource != self.gpu_resource:
+            raise ValueError(f"workers.gpu_resource={self.workers.gpu_resource!r} differs "
+                             f"from gpu_resource={self.gpu_resource!r}")
 
 
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
@@ -182,15 +196,19 @@ def cluster_name(job_id: str, attempt: int) -> str:
     return f"rm-{base[:keep].rstrip('-')}-{digest}{suffix}"
 
 
-def owner_labels(settings: ClusterSettings, job_id: str, attempt: int) -> dict[str, str]:
-    """Labels on the RayCluster and every pod of it."""
-    if not _LABEL_VALUE.match(job_id):
-        raise ValueError(f"job_id={job_id!r} is not a valid label value")
+def owner_labels(settings: ClusterSettings, job_id: str, attempt: int, *,
+                 job_name: str) -> dict[str, str]:
+    """Labels on every object the launcher creates (the RayCluster, every pod of it):
+    `kubectl get rayclusters,pods -l ringmaster.io/job-id=<id>` finds a job's objects."""
+    for what, value in (("job_id", job_id), ("job_name", job_name)):
+        if not _LABEL_VALUE.match(value):
+            raise ValueError(f"{what}={value!r} is not a valid label value")
     return {
         "app.kubernetes.io/part-of": "ringmaster",
         "app.kubernetes.io/managed-by": "ringmaster-controller",
         LABEL_OWNER: settings.owner,
         LABEL_JOB: job_id,
+        LABEL_JOB_NAME: job_name,
         LABEL_ATTEMPT: str(attempt),
         LABEL_WORKER: "true",
     }
@@ -233,14 +251,15 @@ def _security_context(settings: ClusterSettings) -> tuple[dict, dict]:
     return pod, container
 
 
-def _pod_template(settings: ClusterSettings, *, labels: dict, container: dict) -> dict:
+def _pod_template(settings: ClusterSettings, *, labels: dict, container: dict,
+                  image: str) -> dict:
     pod_sc, container_sc = _security_context(settings)
     mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}]
     volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}}]
     for v in settings.volumes:
         mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only})
         volumes.append({"name": v.name, **{k: dict(s) for k, s in v.source.items()}})
-    container = {**container, "image": settings.image, "imagePullPolicy": "IfNotPresent",
+    container = {**container, "image": image, "imagePullPolicy": "IfNotPresent",
                  "securityContext": container_sc, "volumeMounts": mounts}
     spec = {
         "automountServiceAccountToken": False,  # Ray pods never call the Kubernetes API
@@ -254,65 +273,92 @@ def _pod_template(settings: ClusterSettings, *, labels: dict, container: dict) -
     return {"metadata": {"labels": dict(labels)}, "spec": spec}
 
 
-def _worker_resources(settings: ClusterSettings, shape: JobShape,
-                      group: WorkerGroupShape) -> dict:
+def _worker_resources(settings: ClusterSettings, shape: JobShape, group: WorkerGroupShape,
+                      pods: WorkerPodSettings) -> dict:
     amounts = {"cpu": str(group.ranks_per_pod * settings.cpus_per_rank),
                "memory": f"{group.memory_gib}Gi"}
     if shape.uses_gpus:
         amounts[settings.gpu_resource] = str(group.ranks_per_pod)
-    # requests == limits: Guaranteed QoS, so a training pod is the last to be evicted.
-    return {"requests": dict(amounts), "limits": dict(amounts)}
+    # requests == limits unless the operator says otherwise: Guaranteed QoS, so a
+    # training pod is the last to be evicted.
+    return worker_resources(pods, amounts)
 
 
-def _head_group(settings: ClusterSettings, labels: dict, env: list[dict]) -> dict:
+def _head_group(settings: ClusterSettings, labels: dict, env: list[dict],
+                pods: WorkerPodSettings, image: str) -> dict:
     ports = [{"name": n, "containerPort": p, "protocol": "TCP"} for n, p in HEAD_PORTS.items()]
     container = {"name": "ray-head", "env": env, "ports": ports,
                  "resources": {k: dict(v) for k, v in settings.head_resources.items()}}
     return {
         # num-cpus 0: no rank actor lands on the head; it only runs the driver.
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
-        "template": _pod_template(settings, labels=labels, container=container),
+        "template": steer_head(_pod_template(settings, labels=labels, container=container,
+                                             image=image), pods),
     }
 
 
 def _worker_group(settings: ClusterSettings, shape: JobShape, group: WorkerGroupShape,
-                  labels: dict, env: list[dict]) -> dict:
+                  labels: dict, env: list[dict], pods: WorkerPodSettings, image: str) -> dict:
     params = {"num-cpus": str(group.ranks_per_pod * settings.cpus_per_rank)}
     if shape.uses_gpus:
         params["num-gpus"] = str(group.ranks_per_pod)
     container = {"name": "ray-worker", "env": env,
-                 "resources": _worker_resources(settings, shape, group)}
+                 "resources": _worker_resources(settings, shape, group, pods)}
     return {
         "groupName": group.name,
         # A fixed size: the gang either exists whole or the attempt is lost.
         "replicas": group.replicas, "minReplicas": group.replicas,
         "maxReplicas": group.replicas,
         "rayStartParams": params,
-        "template": _pod_template(settings, labels=labels, container=container),
+        "template": steer_worker(_pod_template(settings, labels=labels, container=container,
+                                               image=image), pods),
     }
+
+
+def job_pods(job: JobRecord, settings: ClusterSettings) -> WorkerPodSettings:
+    """The chart's pod settings with the job's `resources.kubernetes` over them."""
+    return for_job(settings.workers, job.spec.resources.kubernetes)
 
 
 def build_raycluster(*, job: JobRecord, attempt: int, namespace: str,
                      settings: ClusterSettings) -> dict:
-    """The RayCluster object (API JSON form) for `attempt` of `job` in `namespace`."""
+    """The RayCluster object (API JSON form) for `attempt` of `job` in `namespace`.
+
+    With a Kueue queue (kueue.queueName or the job's queue_name) the cluster carries the
+    queue label and is created suspended: Kueue admits its head and workers as one gang
+    and lifts `spec.suspend`; until then KubeRay creates no pods.
+    """
     shape = job_shape(job, settings)
-    labels = owner_labels(settings, job.id, attempt)
+    pods = job_pods(job, settings)
+    overrides = job.spec.resources.kubernetes
+    image = (overrides.image if overrides else None) or settings.image
+    labels = owner_labels(settings, job.id, attempt, job_name=job.spec.name)
     env = pod_env(settings, job.id, attempt)
+    cluster_labels = {**labels, **({LABEL_KUEUE_QUEUE: pods.queue_name}
+                                   if pods.queue_name else {})}
+    spec = {
+        "rayVersion": settings.ray_version,
+        "headGroupSpec": _head_group(settings, labels, env, pods, image),
+        "workerGroupSpecs": [_worker_group(settings, shape, g, labels, env, pods, image)
+                             for g in shape.groups],
+    }
+    if pods.queue_name:
+        spec["suspend"] = True
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": KIND,
         "metadata": {"name": cluster_name(job.id, attempt), "namespace": namespace,
-                     "labels": labels,
+                     "labels": cluster_labels,
                      "annotations": {"ringmaster.io/entrypoint":
                                      " ".join(driver_entrypoint(job.id, attempt,
                                                                 settings.controller_address))}},
-        "spec": {
-            "rayVersion": settings.ray_version,
-            "headGroupSpec": _head_group(settings, labels, env),
-            "workerGroupSpecs": [_worker_group(settings, shape, g, labels, env)
-                                 for g in shape.groups],
-        },
+        "spec": spec,
     }
+
+
+def is_suspended(obj: Mapping) -> bool:
+    """A RayCluster still waiting for Kueue (or anyone) to lift `spec.suspend`."""
+    return bool((obj.get("spec") or {}).get("suspend"))
 
 
 def head_dashboard_url(name: str, namespace: str) -> str:

@@ -53,11 +53,16 @@ from controller.launchers.kuberay import (
     cluster_name,
     driver_entrypoint,
     head_dashboard_url,
+    is_suspended,
+    job_pods,
     job_shape,
     owner_selector,
 )
 from controller.launchers.podwatch import PodTracker
-from controller.states import JobRecord
+from controller.launchers.workerpods import WorkerPodSettings
+from controller.spec import JobCreate
+from controller.states import JobRecord, State
+from scheduler.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,9 @@ class KubernetesLauncherConfig:
     max_gpus: int = 0  # admission: GPUs all running attempts may hold together (0: no cap)
     check_interval_s: float = 2.0  # least time between API checks of one cluster
     api_timeout_s: float = 30.0  # bound on one Kubernetes or Ray job API request
+    # A suspended (Kueue-queued) RayCluster whose job the state machine stopped asking
+    # about (stopped or deleted while it waited) is deleted after this long.
+    queued_orphan_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not self.namespaces:
@@ -103,10 +111,14 @@ class KubernetesLauncherConfig:
             raise ValueError("RINGMASTER_K8S_IMAGE is not set: the image of the Ray pods")
         head = _json_env(env, "RINGMASTER_K8S_HEAD_RESOURCES")
         volumes = _json_env(env, "RINGMASTER_K8S_VOLUMES", kind=list) or []
+        gpu = env.get("RINGMASTER_K8S_GPU_RESOURCE", "nvidia.com/gpu")
+        workers = WorkerPodSettings.from_json(
+            _json_env(env, "RINGMASTER_K8S_WORKERS") or {}, gpu_resource=gpu,
+            queue_name=env.get("RINGMASTER_K8S_KUEUE_QUEUE", ""))
         settings = ClusterSettings(
             image=image, ray_version=env.get("RINGMASTER_K8S_RAY_VERSION") or _ray_version(),
             controller_address=address, owner=env.get("RINGMASTER_K8S_OWNER", "ringmaster"),
-            gpu_resource=env.get("RINGMASTER_K8S_GPU_RESOURCE", "nvidia.com/gpu"),
+            gpu_resource=gpu, workers=workers,
             cpus_per_rank=_int_env(env, "RINGMASTER_K8S_CPUS_PER_RANK", 8),
             host_memory_fraction=_float_env(env, "RINGMASTER_K8S_HOST_MEMORY_FRACTION", 0.85),
             env={k: v for k, v in env.items()
@@ -185,9 +197,13 @@ class _Attempt:
     namespace: str
     name: str  # RayCluster name
     num_gpus: int  # what admission counts
-    phase: str = "provisioning"  # provisioning -> running -> stopping
+    phase: str = "provisioning"  # [queued ->] provisioning -> running -> stopping
     deadline: float = 0.0  # provisioning: when readiness times out
     next_check: float = 0.0  # earliest time of the next API check
+    # queued (suspended, waiting for Kueue): created by admit() before start() was called
+    started: bool = True
+    admitted: bool = False  # Kueue lifted spec.suspend
+    asked_at: float | None = None  # when admit() last asked about it
 
     @property
     def submission_id(self) -> str:
@@ -228,6 +244,26 @@ def _status(exc: Exception) -> int | None:
     return getattr(exc, "status", None)
 
 
+def _api_message(exc: Exception) -> str:
+    """The API server's own words from an ApiException (its Status body), else the error."""
+    try:
+        return json.loads(getattr(exc, "body", "") or "{}").get("message") or str(exc)
+    except (TypeError, ValueError):
+        return str(exc)
+
+
+def check_job_spec(config: KubernetesLauncherConfig, spec: JobCreate) -> None:
+    """Raise SpecError (a 422 at submit) when `spec` cannot become a RayCluster here: its
+    resources.kubernetes asks for what this controller does not allow, its shape does not
+    map onto whole pods. Builds the first attempt's object; calls no API."""
+    job = JobRecord(id="submit-check", spec=spec, state=State.PENDING)
+    try:
+        build_raycluster(job=job, attempt=1, namespace=config.namespaces[0],
+                         settings=config.cluster)
+    except ValueError as exc:
+        raise SpecError(f"invalid job spec for this controller: {exc}") from None
+
+
 def _is_ready(obj: dict) -> bool:
     status = obj.get("status") or {}
     if str(status.get("state", "")).lower() == "ready":
@@ -258,6 +294,7 @@ class KubernetesLauncher(Launcher):
         self.tracker = PodTracker(self.config.cluster.owner)
         self._lock = threading.Lock()
         self._events: list[LauncherEvent] = []
+        self._waiting: dict[str, str] = {}  # job id -> why admit() said no
         self._attempts: dict[tuple[str, int], _Attempt] = {}
         self._ray_clients: dict[str, object] = {}
         self._ray_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ray-job-api")
@@ -277,38 +314,187 @@ class KubernetesLauncher(Launcher):
 
     # Launcher -------------------------------------------------------------------------------
     def admit(self, job: JobRecord) -> bool:
-        cap = self.config.max_gpus
-        if cap == 0:
+        """The GPU cap (maxGpus) first; then, with a Kueue queue, Kueue's own admission:
+        the next attempt's RayCluster is created suspended and the job waits (Pending, with
+        a message saying so) until Kueue lifts `spec.suspend` for the whole gang."""
+        if not self._gpus_fit(job):
+            return False
+        queue = job_pods(job, self.config.cluster).queue_name
+        if not queue:
+            self._set_waiting(job.id, "")
             return True
-        shape = job_shape(job, self.config.cluster)
-        need = shape.num_ranks if shape.uses_gpus else 0
+        return self._kueue_admitted(job, queue)
+
+    def admission_message(self, job: JobRecord) -> str:
         with self._lock:
-            used = sum(a.num_gpus for a in self._attempts.values() if a.job_id != job.id)
-        return used + need <= cap
+            return self._waiting.get(job.id, "")
+
+    def check_spec(self, spec: JobCreate) -> None:
+        check_job_spec(self.config, spec)
 
     def start(self, job: JobRecord, attempt: int) -> None:
         namespace = self.config.namespaces[0]
         body = build_raycluster(job=job, attempt=attempt, namespace=namespace,
                                 settings=self.config.cluster)
         shape = job_shape(job, self.config.cluster)
+        self._set_waiting(job.id, "")
         with self._lock:
             for old in self._live(job.id):
-                self._delete(old)  # a superseded attempt frees its GPUs first
+                if old.attempt != attempt:
+                    self._delete(old)  # a superseded attempt frees its GPUs first
+            if self._promote_queued(job.id, attempt):
+                return  # admit() created it and Kueue admitted it
             try:
                 self.clients.custom.create_namespaced_custom_object(
                     GROUP, VERSION, namespace, PLURAL, body, **self._timeout)
             except Exception as exc:
+                if _status(exc) in (400, 422):  # an object no retry will make valid
+                    self._events.append(LauncherEvent(
+                        job_id=job.id, attempt=attempt, kind=EventKind.FAILED,
+                        message=f"the API server refused RayCluster {namespace}/"
+                                f"{body['metadata']['name']}: {_api_message(exc)}"))
+                    return
                 if _status(exc) != 409:
                     raise
                 log.info("RayCluster %s/%s already exists; adopting it", namespace,
                          body["metadata"]["name"])
-            self._attempts[(job.id, attempt)] = _Attempt(
-                job_id=job.id, attempt=attempt, namespace=namespace,
-                name=body["metadata"]["name"],
-                num_gpus=shape.num_ranks if shape.uses_gpus else 0,
-                deadline=self.clock() + self.config.ready_timeout_s)
+            a = _Attempt(job_id=job.id, attempt=attempt, namespace=namespace,
+                         name=body["metadata"]["name"],
+                         num_gpus=shape.num_ranks if shape.uses_gpus else 0,
+                         deadline=self.clock() + self.config.ready_timeout_s)
+            if is_suspended(body):
+                a.phase = "queued"  # promoted when Kueue lifts spec.suspend (poll)
+            self._attempts[(job.id, attempt)] = a
+
+    # Kueue and the GPU cap (no lock held across API calls) -------------------------------
+    def _set_waiting(self, job_id: str, message: str) -> None:
+        with self._lock:
+            if message:
+                self._waiting[job_id] = message
+            else:
+                self._waiting.pop(job_id, None)
+
+    def _gpus_fit(self, job: JobRecord) -> bool:
+        cap = self.config.max_gpus
+        if cap == 0:
+            return True
+        shape = job_shape(job, self.config.cluster)
+        need = shape.num_ranks if shape.uses_gpus else 0
+        with self._lock:
+            used = sum(a.num_gpus for a in self._attempts.values() if a.job_id != job.id
+                       and not (a.phase == "queued" and not a.admitted))
+        fits = used + need <= cap
+        self._set_waiting(job.id, "" if fits else
+                          f"waiting for {need} GPUs: {used} of launcher.kubernetes.maxGpus="
+                          f"{cap} are held by other jobs")
+        return fits
+
+    def _kueue_admitted(self, job: JobRecord, queue: str) -> bool:
+        attempt, now = job.attempt + 1, self.clock()
+        with self._lock:
+            a = self._attempts.get((job.id, attempt))
+            due = False
+            if a is not None:
+                a.asked_at = now
+                due = a.phase == "queued" and not a.admitted and now >= a.next_check
+                if due:
+                    a.next_check = now + self.config.check_interval_s
+        if a is None:
+            a = self._create_queued(job, attempt, queue, now)
+            if a is None:  # refused by the API server: start() reports why (FAILED)
+                return True
+        elif due:
+            self._refresh_queued(a)
+        if a.phase == "stopping":
+            self._set_waiting(job.id, f"waiting for RayCluster {a.namespace}/{a.name} to be "
+                                      "deleted")
+            return False
+        admitted = a.phase != "queued" or a.admitted
+        self._set_waiting(job.id, "" if admitted else
+                          f"waiting for Kueue admission in queue {queue}")
+        return admitted
+
+    def _create_queued(self, job: JobRecord, attempt: int, queue: str,
+                       now: float) -> _Attempt | None:
+        namespace = self.config.namespaces[0]
+        body = build_raycluster(job=job, attempt=attempt, namespace=namespace,
+                                settings=self.config.cluster)
+        try:
+            self.clients.custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, PLURAL, body, **self._timeout)
+        except Exception as exc:
+            if _status(exc) in (400, 422):
+                return None
+            if _status(exc) != 409:
+                raise
+        shape = job_shape(job, self.config.cluster)
+        a = _Attempt(job_id=job.id, attempt=attempt, namespace=namespace,
+                     name=body["metadata"]["name"],
+                     num_gpus=shape.num_ranks if shape.uses_gpus else 0, phase="queued",
+                     started=False, asked_at=now,
+                     next_check=now + self.config.check_interval_s)
+        log.info("RayCluster %s/%s created suspended in Kueue queue %s", namespace, a.name,
+                 queue)
+        with self._lock:
+            return self._attempts.setdefault((job.id, attempt), a)
+
+    def _refresh_queued(self, a: _Attempt) -> None:
+        try:
+            obj = self._get(a)
+        except Exception as exc:
+            log.info("cannot read queued RayCluster %s/%s: %s", a.namespace, a.name, exc)
+            return
+        with self._lock:
+            if obj is None and a.phase == "queued":  # deleted by someone: created again
+                self._attempts.pop((a.job_id, a.attempt), None)
+            elif obj is not None and not is_suspended(obj):
+                a.admitted = True
+
+    def _promote_queued(self, job_id: str, attempt: int) -> bool:
+        """start() of an attempt admit() created: its readiness clock starts now."""
+        a = self._attempts.get((job_id, attempt))
+        if a is None or a.phase != "queued":
+            return False
+        a.started = True
+        if a.admitted:
+            a.phase, a.next_check = "provisioning", 0.0
+            a.deadline = self.clock() + self.config.ready_timeout_s
+        return True
+
+    def _poll_queued(self, now: float) -> None:
+        """Suspended clusters: promote admitted ones, delete those nobody asks about."""
+        with self._lock:
+            due = [a for a in self._attempts.values()
+                   if a.phase == "queued" and now >= a.next_check]
+            for a in due:
+                a.next_check = now + self.config.check_interval_s
+        for a in due:
+            try:
+                if not a.started:
+                    if a.asked_at is not None and now - a.asked_at > self.config.queued_orphan_s:
+                        log.info("deleting queued RayCluster %s/%s: its job no longer waits "
+                                 "for it", a.namespace, a.name)
+                        with self._lock:
+                            self._mark_deleting(a)
+                        self._delete_call(a)
+                    continue
+                obj = self._get(a)
+            except Exception as exc:
+                log.warning("checking queued RayCluster %s/%s failed: %s", a.namespace,
+                            a.name, exc)
+                continue
+            with self._lock:
+                if a.phase != "queued":
+                    continue
+                if obj is None:
+                    self._lose(a, f"RayCluster {a.namespace}/{a.name} disappeared while "
+                                  "waiting for Kueue")
+                elif not is_suspended(obj):
+                    a.admitted, a.phase, a.next_check = True, "provisioning", 0.0
+                    a.deadline = now + self.config.ready_timeout_s
 
     def stop(self, job_id: str) -> None:
+        self._set_waiting(job_id, "")
         with self._lock:
             live = [a for a in self._attempts.values() if a.job_id == job_id]
             if not live:
@@ -329,9 +515,10 @@ class KubernetesLauncher(Launcher):
             self._try_adopt()
         self._drain_pod_events()
         now = self.clock()
+        self._poll_queued(now)
         with self._lock:
             for a in list(self._attempts.values()):
-                if now < a.next_check or a.phase == "lost":
+                if now < a.next_check or a.phase in ("lost", "queued"):
                     continue
                 a.next_check = now + self.config.check_interval_s
                 check = {"provisioning": self._check_provisioning,
@@ -376,9 +563,16 @@ class KubernetesLauncher(Launcher):
             raise
 
     def _delete(self, a: _Attempt) -> None:
+        self._mark_deleting(a)
+        self._delete_call(a)
+
+    def _mark_deleting(self, a: _Attempt) -> None:
+        """(lock held) From now on the attempt is being torn down by us."""
         a.phase, a.next_check = "stopping", 0.0
         self.tracker.ignore_through(a.job_id, a.attempt)
         self._ray_clients.pop(a.submission_id, None)
+
+    def _delete_call(self, a: _Attempt) -> None:
         try:
             self.clients.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, a.namespace, PLURAL, a.name, propagation_policy="Foreground",
@@ -506,6 +700,8 @@ class KubernetesLauncher(Launcher):
         if meta.get("deletionTimestamp"):
             a.phase = "stopping"
             self.tracker.ignore_through(job_id, attempt)
+        elif is_suspended(obj):  # still in Kueue's queue: admit() asks about it again
+            a.phase, a.started, a.asked_at = "queued", False, self.clock()
         return a
 
     # pod watch ----------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """Test helpers for the Kubernetes launcher: jobs, recorded pod events, a fake API server.
 
-`FakeKube` stands in for the `kubernetes` client's CustomObjectsApi and CoreV1Api (same
-method names and keyword arguments) over an in-memory object store, and records every
-call as (api_group, resource, verb) so tests can hold the launcher's real API usage
-against the chart's RBAC. `FakeWatch` replays scripted pod events like
-`kubernetes.watch.Watch().stream`. `FakeRayJobs` is the Ray job API of a head.
+`FakeKube` stands in for the `kubernetes` client's CustomObjectsApi, CoreV1Api,
+CoordinationV1Api and DiscoveryV1Api (same method names and keyword arguments) over an
+in-memory object store, and records every call as (api_group, resource, verb) so tests can
+hold the launcher's and the leader election's real API usage against the chart's RBAC.
+Leases and EndpointSlices get resourceVersions and the API server's optimistic
+concurrency: a write carrying a stale resourceVersion is a 409. `FakeWatch` replays
+scripted pod events like `kubernetes.watch.Watch().stream`. `FakeRayJobs` is the Ray job
+API of a head.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ def _not_found(what: str) -> ApiException:
     return exc
 
 
+def _conflict(what: str) -> ApiException:
+    exc = ApiException(status=409, reason="Conflict")
+    exc.body = json.dumps({"kind": "Status", "reason": "Conflict", "message": what})
+    return exc
+
+
 def _matches(obj: dict, selector: str) -> bool:
     labels = obj["metadata"].get("labels") or {}
     wanted = dict(p.split("=", 1) for p in selector.split(",") if p)
@@ -69,31 +78,44 @@ class FakeKube:
         self.calls: list[tuple[str, str, str]] = []
         self.deleting: set[tuple[str, str]] = set()  # deleted, still finalizing
         self.resource_version = 100
+        self.created: list[dict] = []  # every object created, in order (any kind)
+        self.leases: dict[tuple[str, str], dict] = {}
+        self.slices: dict[tuple[str, str], dict] = {}
+        self.refuse: dict[str, ApiException] = {}  # verb/kind -> error raised instead
+        self.down = False  # every call raises a connection error (API server away)
+
+    def _call(self, group: str, resource: str, verb: str) -> None:
+        self.calls.append((group, resource, verb))
+        if self.down:
+            raise ConnectionError("API server unreachable")
+        if f"{verb} {resource}" in self.refuse:
+            raise self.refuse[f"{verb} {resource}"]
 
     # CustomObjectsApi ---------------------------------------------------------------------
     def create_namespaced_custom_object(self, group, version, namespace, plural, body, **kw):
-        self.calls.append((group, plural, "create"))
+        self._call(group, plural, "create")
         key = (namespace, body["metadata"]["name"])
         if key in self.clusters:
             raise ApiException(status=409, reason="Conflict")
         self.clusters[key] = json.loads(json.dumps(body))
+        self.created.append(self.clusters[key])
         return self.clusters[key]
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
-        self.calls.append((group, plural, "get"))
+        self._call(group, plural, "get")
         if (namespace, name) not in self.clusters:
             raise _not_found(f"{plural} {name!r} not found")
         return self.clusters[(namespace, name)]
 
     def list_namespaced_custom_object(self, group, version, namespace, plural,
                                       label_selector="", **kw):
-        self.calls.append((group, plural, "list"))
+        self._call(group, plural, "list")
         items = [c for (ns, _), c in self.clusters.items()
                  if ns == namespace and _matches(c, label_selector)]
         return {"items": items, "metadata": {"resourceVersion": str(self.resource_version)}}
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name, **kw):
-        self.calls.append((group, plural, "delete"))
+        self._call(group, plural, "delete")
         if (namespace, name) not in self.clusters:
             raise _not_found(f"{plural} {name!r} not found")
         self.deleting.add((namespace, name))
@@ -101,14 +123,72 @@ class FakeKube:
 
     # CoreV1Api --------------------------------------------------------------------------
     def list_namespaced_pod(self, namespace, label_selector="", watch=False, **kw):
-        self.calls.append(("", "pods", "watch" if watch else "list"))
+        self._call("", "pods", "watch" if watch else "list")
         items = [p for (ns, _), p in self.pods.items()
                  if ns == namespace and _matches(p, label_selector)]
         return {"items": items, "metadata": {"resourceVersion": str(self.resource_version)}}
 
+    # CoordinationV1Api and DiscoveryV1Api: versioned objects ------------------------------
+    def _read(self, store, group, resource, name, namespace):
+        self._call(group, resource, "get")
+        if (namespace, name) not in store:
+            raise _not_found(f"{resource} {name!r} not found")
+        return json.loads(json.dumps(store[(namespace, name)]))
+
+    def _create(self, store, group, resource, namespace, body):
+        self._call(group, resource, "create")
+        key = (namespace, body["metadata"]["name"])
+        if key in store:
+            raise _conflict(f"{resource} {key[1]!r} already exists")
+        self.resource_version += 1
+        obj = json.loads(json.dumps(body))
+        obj["metadata"]["resourceVersion"] = str(self.resource_version)
+        store[key] = obj
+        self.created.append(obj)
+        return obj
+
+    def _replace(self, store, group, resource, name, namespace, body):
+        self._call(group, resource, "update")
+        key = (namespace, name)
+        if key not in store:
+            raise _not_found(f"{resource} {name!r} not found")
+        if body["metadata"].get("resourceVersion") != store[key]["metadata"]["resourceVersion"]:
+            raise _conflict("the object has been modified; please apply your changes to "
+                            "the latest version")
+        self.resource_version += 1
+        obj = json.loads(json.dumps(body))
+        obj["metadata"]["resourceVersion"] = str(self.resource_version)
+        store[key] = obj
+        return obj
+
+    def read_namespaced_lease(self, name, namespace, **kw):
+        return self._read(self.leases, "coordination.k8s.io", "leases", name, namespace)
+
+    def create_namespaced_lease(self, namespace, body, **kw):
+        return self._create(self.leases, "coordination.k8s.io", "leases", namespace, body)
+
+    def replace_namespaced_lease(self, name, namespace, body, **kw):
+        return self._replace(self.leases, "coordination.k8s.io", "leases", name, namespace,
+                             body)
+
+    def read_namespaced_endpoint_slice(self, name, namespace, **kw):
+        return self._read(self.slices, "discovery.k8s.io", "endpointslices", name, namespace)
+
+    def create_namespaced_endpoint_slice(self, namespace, body, **kw):
+        return self._create(self.slices, "discovery.k8s.io", "endpointslices", namespace,
+                            body)
+
+    def replace_namespaced_endpoint_slice(self, name, namespace, body, **kw):
+        return self._replace(self.slices, "discovery.k8s.io", "endpointslices", name,
+                             namespace, body)
+
     # test controls ------------------------------------------------------------------------
     def set_state(self, namespace: str, name: str, state: str) -> None:
         self.clusters[(namespace, name)]["status"] = {"state": state}
+
+    def kueue_admits(self, namespace: str, name: str) -> None:
+        """What Kueue does when it admits a RayCluster's gang: lift spec.suspend."""
+        self.clusters[(namespace, name)]["spec"]["suspend"] = False
 
     def finish_deletes(self) -> None:
         """The API server's garbage collector finishes every pending deletion."""
