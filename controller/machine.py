@@ -98,18 +98,26 @@ class JobStateMachine:
                 jobs.append(self.store.get(job_id))
             except JobNotFound:
                 continue
+        waiting = {j.id for j in jobs if j.state is State.RESTARTING}
         for job in self.admission.order([j for j in jobs if j.state is State.PENDING]):
-            self._admit(job, "Admitted")
+            if not self._admit(job, "Admitted"):
+                waiting.add(job.id)
         now = self.clock()
         for job in jobs:
             if job.state is State.RESTARTING and now >= job.not_before:
-                self._admit(job, "Restarted")
+                if self._admit(job, "Restarted"):
+                    waiting.discard(job.id)
+        self.launcher.retain_waiting(waiting)
         self._resend_stops(jobs)
 
-    def _admit(self, job: JobRecord, reason: str) -> None:
+    def _admit(self, job: JobRecord, reason: str) -> bool:
         if self.launcher.admit(job):
             self._start_attempt(job, reason)
-            return
+            return True
+        self._note_waiting(job)
+        return False
+
+    def _note_waiting(self, job: JobRecord) -> None:
         message = self.launcher.admission_message(job)
         if message and (job.reason, job.message) != (AWAITING_ADMISSION, message):
             try:

@@ -11,9 +11,11 @@ acts and reports. Four calls, all non-blocking and safe to repeat:
 - `poll()`: events since the last poll: a group became ready, a worker was lost, the job's
   workers finished (successfully or not), or the workers of a stopped job are gone.
 
-Two optional calls with defaults: `admission_message(job)` says why `admit` said no (the
-job shows it while it waits, e.g. "waiting for Kueue admission in queue X"), and
-`check_spec(spec)` refuses at submit a spec this launcher cannot run (SpecError, a 422).
+Optional calls with defaults: `admission_message(job)` says why `admit` said no (the job
+shows it while it waits, e.g. "waiting for Kueue admission in queue X"); `check_spec(spec)`
+refuses at submit a spec this launcher cannot run (SpecError, a 422); `retain_waiting(ids)`
+lets a launcher that prepares something in `admit` (a Kueue-queued cluster) release it once
+its job no longer waits.
 
 Implementations: `FakeLauncher` (in memory, for tests and dry runs), the Ray launcher,
 the Kubernetes launcher (KubeRay RayCluster per job) and `StandbyLauncher` (what a
@@ -84,6 +86,12 @@ class Launcher(ABC):
     def check_spec(self, spec: JobCreate) -> None:
         """Raise SpecError if this launcher cannot run `spec` (called at submit)."""
         reject_kubernetes_section(spec, self.name)
+
+    def retain_waiting(self, job_ids: set[str]) -> None:
+        """After each admission pass: the jobs that still wait to be admitted. What the
+        launcher prepared during `admit` for any other job not started since (a queued
+        cluster of a job stopped on another replica) may be released."""
+        return None
 
 
 def reject_kubernetes_section(spec: JobCreate, launcher: str) -> None:

@@ -84,9 +84,6 @@ class KubernetesLauncherConfig:
     max_gpus: int = 0  # admission: GPUs all running attempts may hold together (0: no cap)
     check_interval_s: float = 2.0  # least time between API checks of one cluster
     api_timeout_s: float = 30.0  # bound on one Kubernetes or Ray job API request
-    # A suspended (Kueue-queued) RayCluster whose job the state machine stopped asking
-    # about (stopped or deleted while it waited) is deleted after this long.
-    queued_orphan_s: float = 120.0
 
     def __post_init__(self) -> None:
         if not self.namespaces:
@@ -203,7 +200,6 @@ class _Attempt:
     # queued (suspended, waiting for Kueue): created by admit() before start() was called
     started: bool = True
     admitted: bool = False  # Kueue lifted spec.suspend
-    asked_at: float | None = None  # when admit() last asked about it
 
     @property
     def submission_id(self) -> str:
@@ -395,7 +391,6 @@ class KubernetesLauncher(Launcher):
             a = self._attempts.get((job.id, attempt))
             due = False
             if a is not None:
-                a.asked_at = now
                 due = a.phase == "queued" and not a.admitted and now >= a.next_check
                 if due:
                     a.next_check = now + self.config.check_interval_s
@@ -431,8 +426,7 @@ class KubernetesLauncher(Launcher):
         a = _Attempt(job_id=job.id, attempt=attempt, namespace=namespace,
                      name=body["metadata"]["name"],
                      num_gpus=shape.num_ranks if shape.uses_gpus else 0, phase="queued",
-                     started=False, asked_at=now,
-                     next_check=now + self.config.check_interval_s)
+                     started=False, next_check=now + self.config.check_interval_s)
         log.info("RayCluster %s/%s created suspended in Kueue queue %s", namespace, a.name,
                  queue)
         with self._lock:
@@ -461,23 +455,32 @@ class KubernetesLauncher(Launcher):
             a.deadline = self.clock() + self.config.ready_timeout_s
         return True
 
+    def retain_waiting(self, job_ids: set[str]) -> None:
+        """Delete the queued clusters of jobs that no longer wait (stopped or deleted
+        while queued, possibly through another replica): they would hold a place in
+        Kueue's queue, and later its quota, for nothing."""
+        with self._lock:
+            orphans = [a for a in self._attempts.values() if a.phase == "queued"
+                       and not a.started and a.job_id not in job_ids]
+            for a in orphans:
+                self._mark_deleting(a)
+        for a in orphans:
+            log.info("deleting queued RayCluster %s/%s: job %s no longer waits for it",
+                     a.namespace, a.name, a.job_id)
+            try:
+                self._delete_call(a)
+            except Exception as exc:  # stays "stopping": the next poll checks it again
+                log.warning("deleting RayCluster %s/%s failed: %s", a.namespace, a.name, exc)
+
     def _poll_queued(self, now: float) -> None:
-        """Suspended clusters: promote admitted ones, delete those nobody asks about."""
+        """Started clusters Kueue has not admitted yet: promote the admitted ones."""
         with self._lock:
             due = [a for a in self._attempts.values()
-                   if a.phase == "queued" and now >= a.next_check]
+                   if a.phase == "queued" and a.started and now >= a.next_check]
             for a in due:
                 a.next_check = now + self.config.check_interval_s
         for a in due:
             try:
-                if not a.started:
-                    if a.asked_at is not None and now - a.asked_at > self.config.queued_orphan_s:
-                        log.info("deleting queued RayCluster %s/%s: its job no longer waits "
-                                 "for it", a.namespace, a.name)
-                        with self._lock:
-                            self._mark_deleting(a)
-                        self._delete_call(a)
-                    continue
                 obj = self._get(a)
             except Exception as exc:
                 log.warning("checking queued RayCluster %s/%s failed: %s", a.namespace,
@@ -701,7 +704,7 @@ class KubernetesLauncher(Launcher):
             a.phase = "stopping"
             self.tracker.ignore_through(job_id, attempt)
         elif is_suspended(obj):  # still in Kueue's queue: admit() asks about it again
-            a.phase, a.started, a.asked_at = "queued", False, self.clock()
+            a.phase, a.started = "queued", False
         return a
 
     # pod watch ----------------------------------------------------------------------------

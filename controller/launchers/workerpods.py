@@ -185,8 +185,9 @@ def worker_resources(pods: WorkerPodSettings, computed: Mapping[str, str]) -> di
     for name, req in out["requests"].items():
         lim = out["limits"].get(name)
         if lim is not None and quantity(req) > quantity(lim):
-            raise ValueError(f"workers.resources: requests.{name}={req} exceeds "
-                             f"limits.{name}={lim}")
+            raise ValueError(f"worker resources (workers.resources, then the job's "
+                             f"resources.kubernetes.resources): requests.{name}={req} "
+                             f"exceeds limits.{name}={lim}")
     return out
 
 

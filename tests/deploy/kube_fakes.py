@@ -12,6 +12,7 @@ API of a head.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -44,6 +45,13 @@ def make_job(*, num_ranks: int, cluster="h100", gpus_per_node: int | None = None
                            "dataset": {"path": "/data/tokens"}, "resources": resources,
                            "training": {"steps": 10, "global_batch_tokens": 4096}})
     return JobRecord(id=job_id, spec=spec, state=State.SCHEDULING, attempt=1)
+
+
+def with_overrides(job: JobRecord, **kubernetes) -> JobRecord:
+    """The job with `resources.kubernetes` set (validated like a submitted spec)."""
+    data = job.spec.model_dump(mode="json")
+    data["resources"]["kubernetes"] = kubernetes
+    return dataclasses.replace(job, spec=parse_job_spec(data))
 
 
 def recorded(name: str) -> list[dict]:

@@ -1,8 +1,9 @@
 """A minimal Kubernetes API server over HTTP, for driving the real `kubernetes` client.
 
-It serves only the paths the launcher uses (RayClusters in ray.io/v1, pods in v1, list and
-watch) from in-memory dicts, and records each request as (api_group, resource, verb) the
-way the API server's authorizer would see it. A watch request streams the queued events
+It serves only the paths the launcher and the leader election use (RayClusters in
+ray.io/v1, pods in v1, list and watch; Leases and EndpointSlices with resourceVersions and
+409 on a stale one) from in-memory dicts, and records each request as (api_group, resource,
+verb) the way the API server's authorizer would see it. A watch request streams the queued events
 as newline-delimited JSON and closes. Plain http on 127.0.0.1, one thread per request.
 """
 
@@ -16,6 +17,8 @@ from urllib.parse import parse_qs, urlparse
 
 CLUSTERS = re.compile(r"^/apis/ray\.io/v1/namespaces/([^/]+)/rayclusters(?:/([^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
+VERSIONED = re.compile(r"^/apis/(coordination\.k8s\.io|discovery\.k8s\.io)/v1/namespaces/"
+                       r"([^/]+)/(leases|endpointslices)(?:/([^/]+))?$")
 
 
 def _selected(obj: dict, selector: str) -> bool:
@@ -31,6 +34,8 @@ class KubeHttp:
         self.clusters: dict[tuple[str, str], dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
         self.watch_events: list[dict] = []
+        self.versioned: dict[tuple[str, str, str], dict] = {}  # (resource, ns, name) -> obj
+        self.version = 1000
         self.calls: list[tuple[str, str, str]] = []
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -75,7 +80,37 @@ class KubeHttp:
                 self._send(404, {"kind": "Status", "apiVersion": "v1", "status": "Failure",
                                  "reason": "NotFound", "code": 404, "message": what})
 
+            def _versioned(self, m, verb: str, body: dict | None = None):
+                group, ns, resource, name = m.groups()
+                with api.lock:
+                    api.calls.append((group, resource, verb))
+                    key = (resource, ns, name or (body or {}).get("metadata", {}).get("name"))
+                    current = api.versioned.get(key)
+                    if verb == "get":
+                        return self._send(200, current) if current else \
+                            self._not_found(f"{resource} {key[2]!r} not found")
+                    if verb == "create" and current is not None:
+                        return self._send(409, {"kind": "Status", "reason": "AlreadyExists",
+                                                "code": 409})
+                    if verb == "update":
+                        if current is None:
+                            return self._not_found(f"{resource} {key[2]!r} not found")
+                        if body["metadata"].get("resourceVersion") != \
+                                current["metadata"]["resourceVersion"]:
+                            return self._send(409, {"kind": "Status", "reason": "Conflict",
+                                                    "code": 409})
+                    api.version += 1
+                    body["metadata"]["resourceVersion"] = str(api.version)
+                    api.versioned[key] = body
+                self._send(201 if verb == "create" else 200, body)
+
+            def do_PUT(self):
+                m = VERSIONED.match(urlparse(self.path).path)
+                return self._versioned(m, "update", self._body())
+
             def do_POST(self):
+                if (v := VERSIONED.match(urlparse(self.path).path)) is not None:
+                    return self._versioned(v, "create", self._body())
                 m, body = CLUSTERS.match(urlparse(self.path).path), self._body()
                 with api.lock:
                     api.calls.append(("ray.io", "rayclusters", "create"))
@@ -102,6 +137,8 @@ class KubeHttp:
                     return self._clusters(m, query)
                 if (m := PODS.match(url.path)) is not None:
                     return self._pods(m.group(1), query)
+                if (m := VERSIONED.match(url.path)) is not None:
+                    return self._versioned(m, "get")
                 self._not_found(url.path)
 
             def _clusters(self, m, query):
