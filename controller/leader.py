@@ -84,16 +84,15 @@ class LeaderElectionConfig:
         if not lease:
             return None
         timing = {}
-        for field, var in (("lease_duration_s", "LEASE_DURATION_S"),
-                           ("renew_deadline_s", "RENEW_DEADLINE_S"),
-                           ("retry_period_s", "RETRY_PERIOD_S")):
-            raw = env.get(f"RINGMASTER_LEADER_ELECTION_{var}")
+        for field, var in (("lease_duration_s", "RINGMASTER_LEADER_ELECTION_LEASE_DURATION_S"),
+                           ("renew_deadline_s", "RINGMASTER_LEADER_ELECTION_RENEW_DEADLINE_S"),
+                           ("retry_period_s", "RINGMASTER_LEADER_ELECTION_RETRY_PERIOD_S")):
+            raw = env.get(var)
             if raw:
                 try:
                     timing[field] = float(raw)
                 except ValueError:
-                    raise ValueError(f"RINGMASTER_LEADER_ELECTION_{var}={raw!r} is not a "
-                                     "number") from None
+                    raise ValueError(f"{var}={raw!r} is not a number") from None
         return cls(lease_name=lease, namespace=env.get("RINGMASTER_LEADER_ELECTION_NAMESPACE")
                    or _own_namespace(), identity=env.get("RINGMASTER_POD_NAME")
                    or socket.gethostname(), service_name=env.get("RINGMASTER_LEADER_SERVICE",

@@ -28,7 +28,8 @@ def _latest_k8s() -> str:
 
 
 def test_every_main_variant_has_ci_values():
-    assert set(VARIANTS) >= {"embedded-redis", "external-redis", "kubernetes-launcher-on"}
+    assert set(VARIANTS) >= {"embedded-redis", "external-redis", "kubernetes-launcher-on",
+                             "local-ray-dev", "gpu-cluster"}
 
 
 def test_lint_strict(helm, variant):
@@ -68,16 +69,21 @@ def test_servicemonitor_shape(render):
 
 
 @pytest.mark.parametrize("args, field", [
-    (["--set", "replicas=0"], "/replicas"),
+    (["--set", "controller.replicas=0"], "/controller/replicas"),
+    (["--set", "controller.strategy=BlueGreen"], "/controller/strategy"),
     (["--set", "controller.port=http"], "/controller/port"),
     (["--set-string", "controller.grpcPort=50051"], "/controller/grpcPort"),
     (["--set", "controller.port=70000"], "/controller/port"),
     (["--set", "redis.port=1.5"], "/redis/port"),
     (["--set", "launcher.type=slurm"], "/launcher/type"),
-    (["--set", "image.tag=latest"], "/image/tag"),
+    (["--set", "launcher.type=kubernetes"], "/launcher/type"),  # the old name: say kuberay
+    (["--set", "image.tag=not a tag"], "/image/tag"),
     (["--set", "otel.protocol=http/json"], "/otel/protocol"),
     (["--set", "controller.resources.limits.memory=lots"], "/controller/resources/limits/memory"),
-    (["--set", "controller.replicas=2"], "replicas"),  # unknown key: a typo is an error
+    (["--set", "replicas=2"], "replicas"),  # unknown key (now controller.replicas): an error
+    (["--set", "workers.nodeselector.a=b"], "nodeselector"),
+    (["--set", "workers.extraResources.rdma/ib=one"], "/workers/extraResources"),
+    (["--set", "kueue.queueName=no spaces"], "/kueue/queueName"),
     (["--set", "redis.enabled=false"], "/redis/external"),
 ])
 def test_schema_rejects_bad_values(render, args, field):
@@ -87,10 +93,22 @@ def test_schema_rejects_bad_values(render, args, field):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--set", "replicas=2", "--set", "podDisruptionBudget.minAvailable=2"], "minAvailable"),
-    (["--set", "launcher.type=kubernetes", "--set", "launcher.ray.address=ray://h:10001"],
+    (["--set", "controller.replicas=2", "--set", "podDisruptionBudget.minAvailable=2"],
+     "minAvailable"),
+    (["--set", "launcher.type=kuberay", "--set", "launcher.ray.address=ray://h:10001"],
      "launcher.ray.address"),
     (["--set", "redis.external.url=redis://r:6379"], "redis.enabled"),
+    # A clear message, not a schema's "'not' failed"; a digest pins the image instead.
+    (["--set", "image.tag=latest"], "image.tag=latest is not allowed"),
+    (["--set", "workers.image.tag=latest"], "workers.image.tag=latest is not allowed"),
+    (["--set", "launcher.type=ray"], "launcher.ray.devLocal=true for development"),
+    (["--set", "launcher.type=ray", "--set", "launcher.ray.devLocal=true",
+      "--set", "controller.replicas=2"], "controller.replicas=1"),
+    (["--set", "controller.leaderElection.renewDeadlineSeconds=20"], "renewDeadlineSeconds"),
+    (["--set", "workers.resources.limits.nvidia\\.com/gpu=8"], "gpus_per_node"),
+    (["--set", "launcher.type=ray", "--set", "launcher.ray.address=ray://h:10001",
+      "--set", "kueue.queueName=q"], "kueue.queueName only applies"),
+    (["--set", "serviceAccount.create=false"], "serviceAccount.name"),
 ])
 def test_template_rejects_contradictions(render, args, message):
     r = render(*args)
@@ -170,7 +188,33 @@ def test_chart_files_are_what_helm_packages(helm, tmp_path):
     proc = subprocess.run([helm, "package", str(CHART), "-d", str(tmp_path)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert [p.name for p in Path(tmp_path).iterdir()] == ["ringmaster-0.1.0.tgz"]
+    assert [p.name for p in Path(tmp_path).iterdir()] == ["ringmaster-0.2.0.tgz"]
+
+
+def _undescribed(node: dict, path: str = "") -> list[str]:
+    out = []
+    for key, sub in (node.get("properties") or {}).items():
+        where = f"{path}.{key}".lstrip(".")
+        if not sub.get("description"):
+            out.append(where)
+        out += _undescribed(sub, where)
+    if isinstance(node.get("items"), dict):
+        out += _undescribed(node["items"], f"{path}[]")
+    return out
+
+
+def test_every_schema_field_has_a_description():
+    import json
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert _undescribed(schema) == []
+    assert _undescribed({"properties": {"a": {"properties": {"b": {}}}}}) == ["a", "a.b"]
+
+
+def test_a_digest_lets_latest_through(render):
+    r = render("--set", "image.tag=latest", "--set", "image.digest=sha256:" + "a" * 64)
+    c = r.one("Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == "ghcr.io/ringmaster-project/ringmaster@sha256:" + "a" * 64
 
 
 def test_docs_list_every_value():

@@ -12,6 +12,7 @@ from controller.launchers.kuberay import LAUNCHER_RBAC_RULES
 from tests.deploy.conftest import CHART, NAMESPACE
 
 WORKLOADS = ("Deployment", "StatefulSet")
+RAY_VARIANTS = ("external-redis", "local-ray-dev")  # launcher.type=ray; the rest: kuberay
 
 
 def _pod_specs(rendered) -> list[tuple[str, dict]]:
@@ -85,7 +86,7 @@ def test_redis_probes_and_append_only_persistence(render):
 def test_controller_command_line_and_service_ports(rendered, variant):
     c = _controller(rendered)["containers"][0]
     assert c["command"] == ["ringmaster"]
-    launcher = "kubernetes" if variant == "kubernetes-launcher-on" else "ray"
+    launcher = "ray" if variant in RAY_VARIANTS else "kuberay"
     assert c["args"] == ["serve", "--host=0.0.0.0", "--port=8000", "--grpc-port=50051",
                          "--state-dir=/var/lib/ringmaster", f"--launcher={launcher}"]
     svc = rendered.one("Service", "rm-ringmaster")
@@ -94,10 +95,12 @@ def test_controller_command_line_and_service_ports(rendered, variant):
     assert re.fullmatch(r"[^:]+:\d+\.\d+\.\d+(-[\w.]+)?", c["image"]), "tag must be pinned"
 
 
-def test_service_account_token_only_for_the_kubernetes_launcher(rendered, variant):
-    k8s = variant == "kubernetes-launcher-on"
+def test_service_account_token_only_where_the_api_is_called(rendered, variant):
+    # kuberay launcher, or leader election (external-redis runs two replicas).
+    k8s = variant != "local-ray-dev"
     assert _controller(rendered)["automountServiceAccountToken"] is k8s
-    assert rendered.one("ServiceAccount")["automountServiceAccountToken"] is k8s
+    sa = rendered.one("ServiceAccount", "rm-ringmaster")
+    assert sa["automountServiceAccountToken"] is k8s
     for name, spec in _pod_specs(rendered):
         if name.endswith("-redis"):
             assert spec["automountServiceAccountToken"] is False
@@ -127,7 +130,7 @@ def test_rbac_grants_exactly_the_launchers_verbs_in_listed_namespaces(render):
 
 
 def test_one_namespace_gets_a_namespaced_role(render):
-    r = render("--set", "launcher.type=kubernetes")
+    r = render()  # the default launcher is kuberay
     assert r.of_kind("ClusterRole") == []
     role = r.one("Role")
     assert role["metadata"]["namespace"] == NAMESPACE
@@ -139,7 +142,7 @@ def test_one_namespace_gets_a_namespaced_role(render):
 
 
 def test_no_rbac_without_the_kubernetes_launcher(render):
-    r = render(values_file="embedded-redis")
+    r = render(values_file="local-ray-dev")
     for kind in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"):
         assert r.of_kind(kind) == []
 
@@ -272,7 +275,8 @@ def test_local_ray_gets_shared_memory_only_when_local(render):
     def shm(r):
         return [v for v in _controller(r)["volumes"] if v["name"] == "shm"]
 
-    assert shm(render())[0]["emptyDir"]["medium"] == "Memory"
+    assert shm(render(values_file="local-ray-dev"))[0]["emptyDir"]["medium"] == "Memory"
+    assert shm(render()) == []  # kuberay: the Ray pods have their own
     assert shm(render(values_file="external-redis")) == []  # RAY_ADDRESS points elsewhere
     assert shm(render(values_file="kubernetes-launcher-on")) == []
 
@@ -338,7 +342,8 @@ def test_bad_shared_volumes_are_rejected(render, args, field):
 
 
 def test_local_ray_drivers_may_write_checkpoints(render):
-    r = render("--set", "storage.volumes[0].name=ckpt",
+    r = render("--set", "launcher.type=ray", "--set", "launcher.ray.devLocal=true",
+               "--set", "storage.volumes[0].name=ckpt",
                "--set", "storage.volumes[0].mountPath=/checkpoints",
                "--set", "storage.volumes[0].source.persistentVolumeClaim.claimName=c",
                "--set", "storage.volumes[1].name=data", "--set", "storage.volumes[1].readOnly=true",

@@ -29,12 +29,35 @@
 - name: RAY_ADDRESS
   value: {{ .Values.launcher.ray.address | quote }}
 {{- end }}
+{{- if include "ringmaster.leaderElection" . }}
+{{- $le := .Values.controller.leaderElection }}
+- name: RINGMASTER_LEADER_ELECTION_LEASE
+  value: {{ include "ringmaster.leaderName" . | quote }}
+- name: RINGMASTER_LEADER_ELECTION_NAMESPACE
+  value: {{ .Release.Namespace | quote }}
+- name: RINGMASTER_LEADER_SERVICE
+  value: {{ include "ringmaster.leaderName" . | quote }}
+- name: RINGMASTER_LEADER_ELECTION_LEASE_DURATION_S
+  value: {{ $le.leaseDurationSeconds | quote }}
+- name: RINGMASTER_LEADER_ELECTION_RENEW_DEADLINE_S
+  value: {{ $le.renewDeadlineSeconds | quote }}
+- name: RINGMASTER_LEADER_ELECTION_RETRY_PERIOD_S
+  value: {{ $le.retryPeriodSeconds | quote }}
+- name: RINGMASTER_POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: RINGMASTER_POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+{{- end }}
 {{- if include "ringmaster.k8sLauncher" . }}
-{{- $k := .Values.launcher.kubernetes }}
+{{- $k := .Values.launcher.kuberay }}
 - name: RINGMASTER_K8S_NAMESPACES
   value: {{ include "ringmaster.launcherNamespaces" . | fromJsonArray | join "," | quote }}
 - name: RINGMASTER_K8S_IMAGE
-  value: {{ printf "%s:%s" $k.workerImage.repository $k.workerImage.tag | quote }}
+  value: {{ printf "%s:%s" .Values.workers.image.repository .Values.workers.image.tag | quote }}
 - name: RINGMASTER_K8S_RAY_VERSION
   value: {{ $k.rayVersion | quote }}
 - name: RINGMASTER_K8S_GPU_RESOURCE
@@ -51,12 +74,16 @@
   value: {{ $k.hostMemoryFraction | quote }}
 - name: RINGMASTER_K8S_VOLUMES
   value: {{ toJson .Values.storage.volumes | quote }}
+- name: RINGMASTER_K8S_WORKERS
+  value: {{ include "ringmaster.workersJson" . | quote }}
+- name: RINGMASTER_K8S_KUEUE_QUEUE
+  value: {{ .Values.kueue.queueName | quote }}
 - name: RINGMASTER_K8S_IMAGE_PULL_SECRETS
   value: {{ join "," .Values.imagePullSecrets | quote }}
 - name: RINGMASTER_K8S_OWNER
   value: {{ include "ringmaster.fullname" . | quote }}
 - name: RINGMASTER_CONTROLLER_ADDRESS
-  value: {{ printf "%s.%s.svc:%d" (include "ringmaster.fullname" .) .Release.Namespace (int .Values.controller.grpcPort) | quote }}
+  value: {{ include "ringmaster.controllerAddress" . | quote }}
 {{- end }}
 {{- include "ringmaster.otelEnv" . }}
 {{- with .Values.controller.extraEnv }}
