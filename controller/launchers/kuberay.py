@@ -4,10 +4,15 @@ One RayCluster per attempt: a head pod that runs the job's driver (`python -m
 workers.driver --job ID --attempt A --controller ADDR`, submitted through the Ray job API)
 and worker pods that host the rank actors, one pod per node of the job's cluster spec with
 that node's GPUs (`gpus_per_node`; the spec guarantees whole nodes). Memory follows the
-spec's `host_memory_gib`; CPUs are `cpus_per_rank` per rank. Every pod carries owner
-labels (which controller, job and attempt) so the launcher finds and watches exactly its
-own pods, the chart's NetworkPolicy lets them reach the controller's gRPC port, and a
-controller restart can find its clusters.
+spec's `host_memory_gib`; CPUs are `cpus_per_rank` per rank. The platform's steering
+(node selector, tolerations, affinity, priority class, /dev/shm size, extra env and
+extended resources, service account: controller.launchers.workerpods) and the job's own
+`resources.kubernetes` are applied to the pod templates; with a Kueue queue the cluster is
+labelled for it and created suspended. The RayCluster and every pod carry owner labels
+(which controller, job id, job name and attempt) so the launcher finds and watches exactly
+its own pods, the chart's NetworkPolicy lets them reach the controller's gRPC port, a
+controller restart can find its clusters, and `kubectl get rayclusters,pods -l
+ringmaster.io/job-id=<id>` finds a job's objects.
 
 Pure functions of (job, attempt, settings): no API calls, no clock, so tests check the
 objects field by field. `LAUNCHER_RBAC_RULES` is the single list of API verbs the launcher

@@ -1,6 +1,11 @@
 """Kubernetes launcher: one KubeRay `RayCluster` per job attempt, the driver run through Ray.
 
 Lifecycle of an attempt (`start(job, attempt)`):
+0. with a Kueue queue, `admit(job)` already created the next attempt's RayCluster
+   suspended and says no (the job stays Pending, "waiting for Kueue admission in queue X")
+   until Kueue lifts `spec.suspend` for the whole gang; `start` then takes that cluster
+   over and its readiness clock starts; a queued cluster of a job that no longer waits is
+   deleted (`retain_waiting`). No lock is held across the API calls of this path;
 1. create the RayCluster (controller.launchers.kuberay builds it) in the job's namespace;
 2. `poll()` waits until KubeRay reports it ready (`status.state == "ready"` or the
    `RayClusterProvisioned` condition), at most `ready_timeout_s`; then submits the driver

@@ -207,3 +207,61 @@ def test_step_metrics_logs_and_checkpoints_are_recorded(env):
     assert [x.text for x in head + rest] == [f"line {i}" for i in range(7)]
     with pytest.raises(ValueError, match="cursor='abc' is not a log cursor"):
         store.read_logs(job.id, cursor="abc")
+
+
+# several replicas, admission messages --------------------------------------------------------
+def test_a_stop_taken_elsewhere_is_carried_out_by_the_next_pass(env):
+    """A standby replica moves the job to Stopping in the store only; the machine that runs
+    the launcher stops the workers on its next pass, once."""
+    store, launcher, machine, _ = env
+    job, _ = store.create(spec())
+    machine.tick()
+    machine.tick()
+    assert store.get(job.id).state is State.RUNNING
+    store.transition(job.id, src=State.RUNNING, dst=State.STOPPING, reason="StopRequested")
+    machine.tick()
+    assert launcher.stopped == [job.id]
+    machine.tick()  # STOPPED arrives; the job is done and nothing is stopped twice
+    assert store.get(job.id).state is State.STOPPED and launcher.stopped == [job.id]
+
+
+def test_a_restart_waits_until_its_gang_fits_again(env):
+    store, launcher, machine, clock = env
+    job, _ = store.create(spec(num_ranks=4))
+    machine.tick()
+    machine.tick()
+    launcher.lose_worker(job.id)
+    other, _ = store.create(spec(name="other", num_ranks=8))
+    machine.tick()  # job Restarting (its ranks freed); other takes all 8 ranks
+    clock.t += 10  # past the back-off
+    machine.tick()
+    assert store.get(other.id).state in (State.SCHEDULING, State.RUNNING)
+    assert store.get(job.id).state is State.RESTARTING  # its gang no longer fits: it waits
+    assert launcher.free_ranks == 0 and len(launcher.groups) == 1
+
+
+class WaitingLauncher(FakeLauncher):
+    """Admits nothing and says why."""
+
+    def admit(self, job):
+        return False
+
+    def admission_message(self, job):
+        return f"waiting for Kueue admission in queue q-{job.spec.name}"
+
+
+def test_a_waiting_job_says_why_without_a_transition(redis_client, request):
+    clock = Clock()
+    store = JobStore(redis_client, prefix=f"t-{request.node.name}", clock=clock)
+    machine = JobStateMachine(store=store, launcher=WaitingLauncher(), clock=clock)
+    job, _ = store.create(spec(name="queued"))
+    machine.tick()
+    machine.tick()
+    rec = store.get(job.id)
+    assert (rec.state, rec.reason, rec.message) == (
+        State.PENDING, "AwaitingAdmission", "waiting for Kueue admission in queue q-queued")
+    assert states(store, job.id) == ["Pending"]  # a note, not a transition
+    store.transition(job.id, src=State.PENDING, dst=State.STOPPED, reason="StopRequested")
+    with pytest.raises(StaleState):  # the note never overwrites a newer state's reason
+        store.note(job.id, state=State.PENDING, reason="AwaitingAdmission", message="x")
+    assert store.get(job.id).reason == "StopRequested"
