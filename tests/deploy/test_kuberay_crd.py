@@ -1,12 +1,9 @@
-"""The RayClusters the launcher builds against KubeRay's own CRD schema (pinned release).
+"""The RayClusters the launcher builds against KubeRay's v1 RayCluster API.
 
-The fixture is the v1 openAPIV3Schema of KubeRay v1.7.0's RayCluster CRD (its header says
-where it comes from and how it was trimmed). The API server prunes or, with strict field
-validation, rejects fields a structural schema does not list; jsonschema does neither, so
-every object schema that lists its properties (and does not preserve unknown fields) is
-closed with `additionalProperties: false` here: a misspelt or misplaced field fails the
-test instead of vanishing in the cluster. The pod templates inside are also checked
-against Kubernetes' PodTemplate schema (kubernetes-validate, strict).
+The schema is tests/deploy/raycluster_schema.py (written from KubeRay's v1 API reference,
+every object closed so that a misspelt or misplaced field fails); the pod templates inside
+are checked against Kubernetes' own PodTemplate schema (kubernetes-validate, strict), so
+`crd_errors` reports both.
 """
 
 from __future__ import annotations
@@ -14,18 +11,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from pathlib import Path
 
 import jsonschema
 import pytest
-import yaml
 from kubernetes_validate import validate as k8s_validate
+from kubernetes_validate.utils import ValidationError as K8sValidationError
 
 from controller.launchers.kuberay import ClusterSettings, SharedVolume, build_raycluster
 from controller.launchers.workerpods import WorkerPodSettings
 from tests.deploy.kube_fakes import make_job, with_overrides
+from tests.deploy.raycluster_schema import RAYCLUSTER_V1
 
-CRD = Path(__file__).parent / "fixtures" / "kuberay" / "ray.io_rayclusters.v1.7.0.yaml"
 NS = "ringmaster-jobs"
 SETTINGS = ClusterSettings(image="registry.example.com/ringmaster-worker:0.1.0-cuda12.8",
                            ray_version="2.60.0", controller_address="rm-ringmaster.ml.svc:50051",
@@ -58,53 +54,44 @@ STEERED = WorkerPodSettings(
 )
 
 
-def _closed(node):
-    """The schema with every listed-properties object closed to unknown fields."""
-    if isinstance(node, list):
-        return [_closed(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    out = {k: _closed(v) for k, v in node.items()}
-    if "properties" in out and "additionalProperties" not in out and \
-            not out.get("x-kubernetes-preserve-unknown-fields"):
-        out["additionalProperties"] = False
-    return out
-
-
 @functools.cache
 def _validator() -> jsonschema.Validator:
-    crd = yaml.safe_load(CRD.read_text())
-    (version,) = crd["spec"]["versions"]
-    schema = _closed(version["schema"]["openAPIV3Schema"])
-    cls = jsonschema.Draft7Validator
-    cls.check_schema(schema)
-    return cls(schema)
+    jsonschema.Draft7Validator.check_schema(RAYCLUSTER_V1)
+    return jsonschema.Draft7Validator(RAYCLUSTER_V1)
+
+
+def _templates(rc: dict) -> list[tuple[str, dict]]:
+    spec = rc.get("spec", {})
+    out = [("spec.headGroupSpec.template", spec.get("headGroupSpec", {}).get("template"))]
+    out += [(f"spec.workerGroupSpecs.{i}.template", g.get("template"))
+            for i, g in enumerate(spec.get("workerGroupSpecs", []))]
+    return [(where, t) for where, t in out if isinstance(t, dict)]
+
+
+def _pod_template_errors(rc: dict) -> list[str]:
+    errors = []
+    for where, t in _templates(rc):
+        try:
+            k8s_validate({"apiVersion": "v1", "kind": "PodTemplate",
+                          "metadata": {"name": "check", "namespace": NS}, "template": t},
+                         "1.35.0", strict=True)
+        except K8sValidationError as exc:
+            errors.append(f"{where}: {exc.message}")
+    return errors
 
 
 def crd_errors(obj: dict) -> list[str]:
+    """Every way `obj` breaks the RayCluster schema or its pod templates Kubernetes'."""
     errors = sorted(_validator().iter_errors(obj), key=lambda e: list(e.path))
-    return [f"{'.'.join(str(p) for p in e.path)}: {e.message}" for e in errors]
+    return [f"{'.'.join(str(p) for p in e.path)}: {e.message}" for e in errors] + \
+        _pod_template_errors(obj)
 
 
-def _templates(rc: dict) -> list[dict]:
-    return [rc["spec"]["headGroupSpec"]["template"],
-            *(g["template"] for g in rc["spec"]["workerGroupSpecs"])]
-
-
-def _valid_pod_templates(rc: dict) -> None:
-    for t in _templates(rc):
-        k8s_validate({"apiVersion": "v1", "kind": "PodTemplate",
-                      "metadata": {"name": "check", "namespace": NS}, "template": t},
-                     "1.35.0", strict=True)
-
-
-def test_fixture_is_the_pinned_raycluster_crd():
-    crd = yaml.safe_load(CRD.read_text())
-    assert "KubeRay v1.7.0" in CRD.read_text().splitlines()[0]
-    assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == ("ray.io", "RayCluster")
-    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+def test_the_schema_lists_the_spec_fields_the_launcher_relies_on():
+    spec = RAYCLUSTER_V1["properties"]["spec"]
     assert {"headGroupSpec", "workerGroupSpecs", "suspend", "rayVersion"} <= \
         spec["properties"].keys()
+    assert spec["required"] == ["headGroupSpec"]
 
 
 @pytest.mark.parametrize("num_ranks, cluster", [(16, "h100"), (5, "h100"), (3, "cpu")])
@@ -112,7 +99,6 @@ def test_default_rayclusters_validate(num_ranks, cluster):
     rc = build_raycluster(job=make_job(num_ranks=num_ranks, cluster=cluster), attempt=1,
                           namespace=NS, settings=SETTINGS)
     assert crd_errors(rc) == []
-    _valid_pod_templates(rc)
 
 
 def _steered_job():
@@ -132,7 +118,6 @@ def test_fully_steered_gpu_raycluster_validates():
                                    env={"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel:4317"})
     rc = build_raycluster(job=_steered_job(), attempt=2, namespace=NS, settings=settings)
     assert crd_errors(rc) == []
-    _valid_pod_templates(rc)
     worker = rc["spec"]["workerGroupSpecs"][0]["template"]["spec"]
     assert worker["nodeSelector"] == {"node.kubernetes.io/instance-type": "p5.48xlarge",
                                       "topology.kubernetes.io/zone": "us-east-1a",
