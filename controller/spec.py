@@ -28,6 +28,14 @@ from pydantic import (
 
 from controller.spec_kubernetes import KubernetesOverrides
 from scheduler.errors import SpecError
+from scheduler.model_states import (
+    OPTIMIZER_SHARDINGS,
+    PRECISIONS,
+    OptimizerSharding,
+    Precision,
+    default_precision,
+    default_sharding,
+)
 from scheduler.specs import (
     CLUSTER_PRESETS,
     MODEL_PRESETS,
@@ -126,6 +134,17 @@ class Training(_Section):
                                                        "checkpoints.")
     checkpoint_interval: int = Field(default=100, ge=1, le=10_000_000,
                                      description="Steps between checkpoints.")
+    precision: Literal[tuple(PRECISIONS)] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="bf16-mixed: bfloat16 compute, float32 master weights, gradients and "
+                    "AdamW moments; fp32; fp64 (exactness checks). Default: fp32 on the cpu "
+                    "cluster preset, bf16-mixed on GPU clusters. See docs/precision.md.")
+    optimizer_sharding: Literal[tuple(OPTIMIZER_SHARDINGS)] | None = Field(  # type: ignore[valid-type]
+        default=None,
+        description="Where AdamW's masters and moments live: none (every rank), zero1 "
+                    "(whole tensors per owner rank), distributed (contiguous shards, "
+                    "reduce-scatter + all-gather). Default: distributed on more than one "
+                    "rank. See docs/precision.md.")
 
 
 class PlannerSettings(_Section):
@@ -180,6 +199,33 @@ class JobCreate(_Section):
         if isinstance(r.cluster, ClusterSpec):
             return r.cluster
         return cluster_preset(r.cluster, num_ranks=r.num_ranks, gpus_per_node=r.gpus_per_node)
+
+    def resolve_precision(self) -> Precision:
+        """training.precision, or its default for the cluster (fp32 on the cpu preset)."""
+        if self.training.precision is not None:
+            return self.training.precision
+        cpu = isinstance(self.resources.cluster, str) and self.resources.cluster == "cpu"
+        return default_precision("cpu" if cpu else "cuda")
+
+    def resolve_optimizer_sharding(self) -> OptimizerSharding:
+        """training.optimizer_sharding, or distributed on more than one rank."""
+        return self.training.optimizer_sharding or default_sharding(self.resources.num_ranks)
+
+    @model_validator(mode="after")
+    def _zero1_fits(self) -> JobCreate:
+        """zero1 gives every rank whole tensors: it needs at least one tensor per rank.
+
+        Checked here for presets and explicit specs; a config.json path is read by the
+        workers, which refuse the same way before training."""
+        if self.training.optimizer_sharding != "zero1" or isinstance(self.model, str) \
+                and self.model.endswith(".json"):
+            return self
+        num_tensors = len(self.resolve_model().parameter_numels())
+        if num_tensors < self.resources.num_ranks:
+            raise ValueError(f"training.optimizer_sharding='zero1' needs a parameter tensor per "
+                             f"rank, but the model has {num_tensors} tensors for num_ranks="
+                             f"{self.resources.num_ranks}; use 'distributed' or 'none'")
+        return self
 
     @property
     def num_nodes(self) -> int:

@@ -299,7 +299,10 @@ def worker_config_json(job: JobRecord) -> str:
         "job_id": job.id, "attempt": job.attempt, "name": spec.name,
         "model": spec.resolve_model().model_dump(mode="json"),
         "dataset": spec.dataset.path, "num_ranks": spec.resources.num_ranks,
-        "training": spec.training.model_dump(mode="json"),
+        # Precision and sharding resolved here, once: the planner charged these figures.
+        "training": {**spec.training.model_dump(mode="json"),
+                     "precision": spec.resolve_precision(),
+                     "optimizer_sharding": spec.resolve_optimizer_sharding()},
         "heartbeat_interval_s": max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
     })
 

@@ -7,7 +7,7 @@ from parallelism.comm import (
     RingCommError,
     check_ring,
 )
-from parallelism.grad_sync import all_reduce_gradients
+from parallelism.grad_sync import GradBuffer, all_reduce_gradients
 from parallelism.offload import (
     AttentionCore,
     HostSwapper,
@@ -37,6 +37,7 @@ __all__ = [
     "AttentionCore",
     "CommProtocolError",
     "CommStats",
+    "GradBuffer",
     "HostSwapper",
     "LiveBytesMeter",
     "RingComm",

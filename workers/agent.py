@@ -44,11 +44,17 @@ class AgentResult:
 
 
 def train_config(cfg: dict) -> TrainConfig:
-    """The optimizer settings of a worker config (what the controller's Register sends)."""
+    """The optimizer settings of a worker config (what the controller's Register sends).
+
+    `precision` and `optimizer_sharding` come resolved by the controller (the planner's
+    memory and cost model used the same); a config without them gets the workers'
+    defaults (by device and world size)."""
     training = cfg["training"]
     steps = int(training["steps"])
     return TrainConfig(lr=float(training["learning_rate"]), total_steps=steps,
-                       warmup_steps=min(10, steps // 10))
+                       warmup_steps=min(10, steps // 10),
+                       precision=training.get("precision"),
+                       optimizer_sharding=training.get("optimizer_sharding"))
 
 
 def _fault(identity: WorkerIdentity, step: int) -> str | None:

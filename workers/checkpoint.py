@@ -1,14 +1,28 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer, step, RNG, data.
+"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer shards, step, RNG, data.
 
 One directory per checkpoint, written by all ranks together (DCP plans the write so each
 replicated tensor is stored once) and read back by all ranks. What it holds:
-  model      the module's state dict
-  optim      AdamW state keyed by parameter name (DCP's get_state_dict), so it does not
-             depend on parameter order; with ZeRO-1 each rank stores its own shard
-  progress   optimizer step and data position (epoch, index) as int64 tensors
-  rng.rank<r> each rank's torch CPU (and CUDA) generator state: ranks may differ
-Together with a deterministic step these make resume bit-identical: k steps, save, a fresh
-process, restore, N-k steps gives exactly the N-step losses and weights.
+  model       the module's state dict (compute-dtype parameters, replicated)
+  optim       AdamW's moments (`exp_avg`, `exp_avg_sq`) and, under bf16-mixed, the float32
+              masters (`master`), each rank writing only the elements it owns:
+                none, distributed  one global 1-D tensor per kind, in the model's
+                                   parameter order (P elements, no padding); each rank
+                                   writes its contiguous shard as a DTensor chunk (Shard(0)
+                                   on a 1-D mesh over the world), so DCP stores offsets
+                                   and a restore on any number of ranks reads exactly the
+                                   chunks that overlap its new shard (resharding);
+                                   `none` and `distributed` read each other's checkpoints
+                zero1              one tensor per parameter name, written by its owner;
+                                   a restore on any number of ranks reads the names each
+                                   rank owns under the new partition
+  progress    optimizer step, data position (epoch, index), the precision and the layout
+              (flat or by name) as int64 tensors
+  rng.rank<r> each rank's torch CPU (and CUDA) generator state: ranks may differ; a rank
+              the saving world did not have keeps its own (with a warning)
+Together with a deterministic step these make resume bit-identical on the same world: k
+steps, save, a fresh process, restore, N-k steps gives exactly the N-step losses and
+weights. On another world the optimizer state is the same, element for element, and only
+the order of the gradient reduction's sums changes (fp64: within 1e-10 of continuing).
 
 The write goes to `<dir>.partial` and is renamed by rank 0 after every rank finished, so
 a crash mid-save never leaves a directory that looks complete. Assumes `dir` is on storage
@@ -25,19 +39,18 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from scheduler.batching import BatchPosition
+from scheduler.model_states import PRECISIONS
 
 if TYPE_CHECKING:
+    from workers.optim import ShardedAdamW
     from workers.train import Trainer
 
 __all__ = ["load_checkpoint", "save_checkpoint"]
+
+_LAYOUTS = ("flat", "by_name")  # progress.layout: what `optim` holds (module docstring)
 
 
 def _distributed(group) -> bool:
@@ -63,34 +76,71 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def _layout(opt: ShardedAdamW) -> str:
+    return "by_name" if opt.sharding == "zero1" else "flat"
+
+
 def _progress(trainer: Trainer) -> dict[str, torch.Tensor]:
     """Replicated progress (the same on every rank: DCP stores it once)."""
-    pos = trainer.data_position
-    return {name: torch.tensor(v, dtype=torch.int64) for name, v in
-            [("step", trainer.step), ("epoch", pos.epoch), ("index", pos.index)]}
+    pos, opt = trainer.data_position, trainer.optimizer
+    values = [("step", trainer.step), ("epoch", pos.epoch), ("index", pos.index),
+              ("precision", PRECISIONS.index(opt.precision)),
+              ("layout", _LAYOUTS.index(_layout(opt)))]
+    return {name: torch.tensor(v, dtype=torch.int64) for name, v in values}
 
 
-def _state(trainer: Trainer, *, with_optim: bool) -> tuple[dict, dict | None]:
-    """(DCP state dict, full optimizer state dict) of a trainer.
+def _optim_kinds(opt: ShardedAdamW) -> dict[str, torch.Tensor]:
+    """The owned-range tensors a checkpoint stores: moments, and masters if separate."""
+    kinds = {"exp_avg": opt.exp_avg, "exp_avg_sq": opt.exp_avg_sq}
+    if "masters" in opt.state_tensors():
+        kinds["master"] = opt.master
+    return kinds
 
-    Tensors are views that loading fills in place. Only the optimizer's per-parameter
-    *state* is checkpointed: its hyperparameters (param_groups) are the config's, and the
-    LR a function of the step, so the live ones are kept.
 
-    DCP's get_state_dict materialises the state of an optimizer that has not stepped
-    (a zero-LR step), which would change its next update; so before the first step
-    (step 0, AdamW has no state yet) there is no "optim" entry and the optimizer is left
-    untouched. After it every parameter has state (run_step gives each one a gradient);
-    with ZeRO-1 each rank's entry holds only the parameters it owns (distinct keys).
+def _flat_chunk(t: torch.Tensor, opt: ShardedAdamW, group):
+    """This rank's real (unpadded) part of an owned-range tensor, addressed globally."""
+    num_params = sum(p.numel() for p in opt.params)
+    lo, hi = opt.owned_range
+    local = t[:max(0, min(hi, num_params) - lo)]
+    if not _distributed(group) or opt.sharding == "none":
+        return local  # the whole tensor (replicated across ranks under "none")
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = DeviceMesh.from_group(group or dist.group.WORLD, t.device.type)
+    chunk = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
+                               shape=torch.Size([num_params]), stride=(1,))
+    _check_chunk(chunk, lo, local.numel())
+    return chunk
+
+
+def _check_chunk(chunk, lo: int, numel: int) -> None:
+    """DTensor's Shard(0) chunking is ceil(P / N) per rank: the optimizer's shards."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(chunk.shape, chunk.device_mesh,
+                                                          chunk.placements)
+    assert shape[0] == numel and (numel == 0 or offset[0] == lo), (shape, offset, lo, numel)
+
+
+def _optim_state(opt: ShardedAdamW, group) -> dict:
+    kinds = _optim_kinds(opt)
+    if _layout(opt) == "flat":
+        return {k: _flat_chunk(t, opt, group) for k, t in kinds.items()}
+    return {k: {opt.names[s.param]: t[s.start:s.stop].view_as(opt.params[s.param])
+                for s in opt.segments} for k, t in kinds.items()}
+
+
+def _state(trainer: Trainer) -> dict:
+    """The DCP state dict of a trainer; its tensors are views that loading fills in place.
+
+    Only the optimizer's per-element *state* is checkpointed: its hyperparameters are the
+    config's, and the LR a function of the step.
     """
     device = next(trainer.model.parameters()).device
-    state = {"progress": _progress(trainer), f"rng.rank{trainer.rank}": _rng_state(device)}
-    if not with_optim:
-        state["model"] = get_model_state_dict(trainer.model)
-        return state, None
-    state["model"], optim = get_state_dict(trainer.model, trainer.optimizer)
-    state["optim"] = {"state": optim["state"]}
-    return state, optim
+    return {"progress": _progress(trainer), f"rng.rank{trainer.rank}": _rng_state(device),
+            "model": get_model_state_dict(trainer.model),
+            "optim": _optim_state(trainer.optimizer, trainer.group)}
 
 
 def save_checkpoint(directory: str | Path, trainer: Trainer) -> Path:
@@ -102,7 +152,7 @@ def save_checkpoint(directory: str | Path, trainer: Trainer) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     _barrier(trainer.group)
-    _dcp(dcp.save, _state(trainer, with_optim=trainer.step > 0)[0], partial, trainer.group)
+    _dcp(dcp.save, _state(trainer), partial, trainer.group)
     _barrier(trainer.group)
     if lead:
         shutil.rmtree(final, ignore_errors=True)
@@ -111,34 +161,61 @@ def save_checkpoint(directory: str | Path, trainer: Trainer) -> Path:
     return final
 
 
+def _saved_keys(path: Path) -> set[str]:
+    return set(dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
+def _check_compatible(path: Path, keys: set[str], saved: dict, trainer: Trainer) -> None:
+    """The checkpoint's precision and optimizer layout are the trainer's (clear errors)."""
+    if "progress.precision" not in keys or "progress.layout" not in keys:
+        raise ValueError(f"checkpoint directory={str(path)!r} records no precision or "
+                         "optimizer layout: it was written by an older version of the "
+                         "workers and cannot be restored by this one")
+    opt = trainer.optimizer
+    precision = PRECISIONS[int(saved["precision"])]
+    if precision != opt.precision:
+        raise ValueError(f"checkpoint {str(path)!r} was written with precision="
+                         f"{precision!r}; this trainer runs precision={opt.precision!r} "
+                         "(restore with the precision it was saved with)")
+    layout = _LAYOUTS[int(saved["layout"])]
+    if layout != _layout(opt):
+        raise ValueError(f"checkpoint {str(path)!r} holds the optimizer state by "
+                         f"{'parameter name (zero1)' if layout == 'by_name' else 'flat shards'}"
+                         f"; this trainer runs optimizer_sharding={opt.sharding!r}, which "
+                         f"reads {'only zero1' if layout == 'flat' else 'none or distributed'}"
+                         " checkpoints")
+
+
 def load_checkpoint(directory: str | Path, trainer: Trainer) -> None:
-    """Restore `trainer` in place from a checkpoint written by `save_checkpoint`."""
+    """Restore `trainer` in place from a checkpoint written by `save_checkpoint`, on this
+    world or another (see the module docstring)."""
     path = Path(directory)
     if not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint directory={str(path)!r} holds no checkpoint "
                          f"(no .metadata; an unfinished save leaves '<dir>.partial')")
-    progress = _progress(trainer)
+    keys = _saved_keys(path)
+    progress = {k: v for k, v in _progress(trainer).items() if f"progress.{k}" in keys}
     _dcp(dcp.load, {"progress": progress}, path, trainer.group)
-    with_optim = int(progress["step"]) > 0
-    if not with_optim:  # saved before the first update: the optimizer starts fresh
-        trainer.optimizer.state.clear()
-    # With state saved, get_state_dict materialises AdamW's state so DCP can fill it
-    # (it only does so for parameters without gradients).
-    trainer.model.zero_grad(set_to_none=True)
-    state, optim = _state(trainer, with_optim=with_optim)
+    _check_compatible(path, keys, progress, trainer)
+    state = _state(trainer)
+    rng_key = f"rng.rank{trainer.rank}"
+    if not any(k.startswith(rng_key + ".") for k in keys):
+        warnings.warn(f"checkpoint {str(path)!r} has no RNG state for rank {trainer.rank} "
+                      "(saved by fewer ranks); this rank keeps its own", stacklevel=2)
+        del state[rng_key]
     _dcp(dcp.load, state, path, trainer.group)
-    if with_optim:
-        set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=optim)
-    else:
-        set_model_state_dict(trainer.model, state["model"])
+    set_model_state_dict(trainer.model, state["model"])
     trainer.step = int(progress["step"])
     trainer.data_position = BatchPosition(epoch=int(progress["epoch"]),
                                           index=int(progress["index"]))
-    rng = state[f"rng.rank{trainer.rank}"]
+    if rng_key in state:
+        _set_rng(state[rng_key], next(trainer.model.parameters()).device)
+
+
+def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:
-        torch.cuda.set_rng_state(rng["cuda"], next(trainer.model.parameters()).device)
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def _barrier(group) -> None:

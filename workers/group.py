@@ -59,7 +59,7 @@ class GroupConfig:
     """How to start a worker group."""
 
     num_ranks: int  # actors (= world size)
-    model: ModelSpec  # built identically on every rank
+    model: ModelSpec  # built identically on every rank, in train.precision's compute dtype
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer and schedule
     seed: int = 0  # model initialisation seed (same on every rank)
     use_gpu: bool | None = None  # None: GPUs if the Ray cluster has at least num_ranks
@@ -79,6 +79,11 @@ class GroupConfig:
         if self.timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} and start_timeout_s="
                              f"{self.start_timeout_s} must be > 0")
+        num_tensors = len(self.model.parameter_numels())
+        if self.train.optimizer_sharding == "zero1" and num_tensors < self.num_ranks:
+            raise ValueError(f"optimizer_sharding='zero1' needs a parameter tensor per rank, "
+                             f"but the model has {num_tensors} for num_ranks={self.num_ranks};"
+                             " use 'distributed' or 'none'")
 
 
 class RankWorker:
@@ -99,8 +104,7 @@ class RankWorker:
         """Join the global process group and build the model and trainer; returns pid."""
         import torch.distributed as dist
 
-        from workers.model import Transformer
-        from workers.train import Trainer
+        from workers.train import Trainer, build_model
 
         if self.use_gpu:
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
@@ -113,11 +117,12 @@ class RankWorker:
         # NCCL wants one collective over every rank before any ring's point-to-point ops
         # (docs/ring-attention.md); it is also a cheap check that every rank arrived.
         dist.barrier()
+        device = "cuda" if self.use_gpu else "cpu"
+        train = self.config.train.resolve(device_type=device,
+                                          world_size=self.config.num_ranks)
         torch.manual_seed(self.config.seed)
-        model = Transformer(self.config.model)
-        if self.use_gpu:
-            model = model.cuda()
-        self.trainer = Trainer(model, self.config.train, rank=self.rank)
+        model = build_model(self.config.model, train.precision, device=device)
+        self.trainer = Trainer(model, train, rank=self.rank)
         return os.getpid()
 
     def run_step(self, plan_json: str, samples: Mapping[int, torch.Tensor]) -> StepStats:

@@ -1,12 +1,18 @@
 """One training step of a StepPlan on one rank: forward + backward of its micro-batches,
-then one gradient all-reduce over the world.
+then one gradient reduction over the world.
 
-The loss is DESIGN.md's: next-token cross-entropy summed over every prediction of the
-global batch, divided by the global number of predictions N = sum(L_i - 1). Every rank
-knows N from the plan's lengths alone, so it runs each of its micro-batches with
-grad_scale = 1 / N and its gradients are its partial sums of d(loss)/d(theta); one SUM
-all-reduce (parallelism.grad_sync) then gives every rank the full-batch gradient, however
-many micro-batches each rank ran (ByteScale, arXiv 2502.21231, Eq. 1 = Eq. 2).
+The loss is the one of docs/architecture.md ("The invariant"): next-token cross-entropy
+summed over every prediction of the global batch, divided by the global number of
+predictions N = sum(L_i - 1). Every rank knows N from the plan's lengths alone. In the
+training path (`grads`, the optimizer's parallelism.GradBuffer) each micro-batch's
+gradient of its summed loss is added into the flat master-dtype buffer, and after the
+rank's last micro-batch one reduction (all-reduce, or the distributed optimizer's
+reduce-scatter) sums the ranks' partial gradients and divides by N in the buffer's dtype
+(float32 under bf16-mixed: 1/N is never rounded to bf16). Without `grads`, micro-batches
+run with grad_scale = 1 / N into the parameters' `.grad` and one SUM all-reduce
+(parallelism.all_reduce_gradients) finishes. Either way every rank gets the full-batch
+gradient however many micro-batches it ran, zero included (ByteScale, arXiv 2502.21231,
+Eq. 1 = Eq. 2), and no collective runs inside a micro-batch.
 
 Per micro-batch a rank is in exactly one group (the plan guarantees disjoint ranks):
   - a group of one rank packs its sequences whole (varlen, cu_seqlens);
@@ -29,12 +35,13 @@ import resource
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from parallelism import all_reduce_gradients, zigzag_shard
+from parallelism import GradBuffer, all_reduce_gradients, zigzag_shard
 from scheduler.plan import RingGroup, StepPlan
 from workers.arena import ArenaCache
 from workers.model import DEFAULT_HEAD_CHUNK, next_token_targets
@@ -181,17 +188,22 @@ def _sync(device: torch.device) -> None:
 
 
 def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank: int,
-             group=None, arenas: ArenaCache | None = None) -> StepStats:
-    """Run `rank`'s share of `plan`; on return every rank's `.grad` is the global gradient.
+             group=None, arenas: ArenaCache | None = None,
+             grads: GradBuffer | None = None) -> StepStats:
+    """Run `rank`'s share of `plan`; on return the global gradient is synchronised.
 
-    Gradients are overwritten (zeroed first), not accumulated into; the optimizer is not
-    stepped. `samples` maps plan sequence id -> 1-D integer tensor of its tokens (a rank
-    needs only the ids of the groups it is in). `group` is the world process group of the
-    gradient all-reduce (default: the default group); ring attention addresses ring members
-    by global rank with point-to-point ops on the default group (DESIGN.md: one global
-    group, never a group per batch). With `arenas` (workers.arena.ArenaCache), packed
-    micro-batches keep their saved activations at MEMO-planned offsets of one arena per
-    micro-batch kind (exact: the same loss and gradients as without).
+    With `grads` (the optimizer's GradBuffer) the gradient lands in its flat buffer (whole
+    on every rank after an all-reduce, or this rank's shard after a reduce-scatter) and
+    the parameters' `.grad` stay None; without, every rank's `.grad` is the global
+    gradient. Either way gradients are overwritten (zeroed first), not accumulated into;
+    the optimizer is not stepped. `samples` maps plan sequence id -> 1-D integer tensor of
+    its tokens (a rank needs only the ids of the groups it is in). `group` is the world
+    process group of the gradient reduction (default: the default group); ring attention
+    addresses ring members by global rank with point-to-point ops on the default group
+    (one global group, never a group per batch). With `arenas`
+    (workers.arena.ArenaCache), packed micro-batches keep their saved activations at
+    MEMO-planned offsets of one arena per micro-batch kind (exact: the same loss and
+    gradients as without).
     """
     _check_inputs(plan, samples, rank, group)
     num_predictions = global_num_predictions(plan)
@@ -201,20 +213,24 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.zero_grad(set_to_none=True)
+    if grads is not None:
+        grads.zero_()
+    scale = 1.0 / num_predictions if grads is None else 1.0  # grads divides after the sum
     start = time.perf_counter()
     times, loss_sum, local_pred, local_tokens = [], 0.0, 0, 0
-    for _, g in plan.micro_batches_of(rank):
-        t0 = time.perf_counter()
-        ls, n, tok = _run_group(model, g, samples, rank, 1.0 / num_predictions, arenas)
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-        loss_sum, local_pred, local_tokens = loss_sum + ls, local_pred + n, local_tokens + tok
-    all_reduce_gradients(model.parameters(), group=group)
-    # float64 keeps the summed CE exact enough to report; NCCL needs it on the device.
-    totals = torch.tensor([loss_sum, float(local_pred)], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals, group=group)
-    _sync(device)
+    with grads.accumulating() if grads is not None else nullcontext():
+        for _, g in plan.micro_batches_of(rank):
+            t0 = time.perf_counter()
+            ls, n, tok = _run_group(model, g, samples, rank, scale, arenas)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+            loss_sum, local_pred = loss_sum + ls, local_pred + n
+            local_tokens += tok
+    if grads is None:
+        all_reduce_gradients(model.parameters(), group=group)
+    else:
+        grads.sync(num_predictions)
+    totals = _global_totals(loss_sum, local_pred, device, group)
     if int(totals[1]) != num_predictions:
         raise RuntimeError(f"the ranks computed {int(totals[1])} predictions, the plan has "
                            f"{num_predictions}: did every rank get the same plan?")
@@ -224,3 +240,16 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
         local_loss_sum=loss_sum, micro_batch_times_s=tuple(times),
         step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device),
         arena_bytes=arenas.nbytes if arenas is not None else 0)
+
+
+def _global_totals(loss_sum: float, num_predictions: int, device, group) -> torch.Tensor:
+    """(summed CE, predictions) over the world: one float64 all-reduce (none on one rank).
+
+    float64 keeps the summed CE exact enough to report; NCCL needs it on the device.
+    """
+    totals = torch.tensor([loss_sum, float(num_predictions)], dtype=torch.float64,
+                          device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(totals, group=group)
+    _sync(device)
+    return totals

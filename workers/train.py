@@ -1,11 +1,14 @@
 """The training loop around `run_step`: AdamW, gradient clipping, LR schedule, checkpoints.
 
-Every rank holds the full model. After `run_step` all ranks hold the same global
-gradient, so clipping (by the global L2 norm, Pascanu et al. 2013) and the AdamW update
-(Loshchilov & Hutter 2019, Alg. 2) run locally and keep the replicas identical without
-further communication. Optionally (`zero1`) the AdamW state is sharded over the ranks
-(ZeRO stage 1, Rajbhandari et al. 2020): each rank updates the parameters it owns and
-broadcasts them.
+`Trainer` holds one rank's model and its optimizer (workers.optim.ShardedAdamW): the
+model computes in the compute dtype of `TrainConfig.precision`, the step's gradient is
+summed into the optimizer's flat master-dtype buffer (one reduction after the rank's last
+micro-batch), and AdamW updates the master weights this rank owns under
+`TrainConfig.optimizer_sharding` (all of them, ZeRO-1 whole tensors, or the distributed
+optimizer's contiguous shard) and publishes the compute parameters. Clipping is by the
+global L2 norm (Pascanu et al. 2013); AdamW is Loshchilov & Hutter 2019, Alg. 2, with
+decay on matrices only. What each setting holds and sends: docs/precision.md, from the
+table of scheduler/model_states.py.
 
 The LR schedule is a pure function of the optimizer step (linear warmup, then cosine or
 linear decay to `min_lr_ratio * lr`), so a restored step count alone restores it. A
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,11 +29,22 @@ import torch
 import torch.distributed as dist
 
 from scheduler.batching import BatchPosition
+from scheduler.model_states import (
+    OPTIMIZER_SHARDINGS,
+    PRECISIONS,
+    OptimizerSharding,
+    Precision,
+    compute_dtype,
+    default_precision,
+    default_sharding,
+)
 from scheduler.plan import StepPlan
+from scheduler.specs import ModelSpec
+from workers.optim import ShardedAdamW, partition_parameters
 from workers.step import StepStats, run_step
 
-__all__ = ["PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer",
-           "broadcast_parameters", "build_optimizer", "lr_at", "partition_parameters", "train"]
+__all__ = ["PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer", "build_model",
+           "lr_at", "partition_parameters", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +60,12 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW moment decay rates
     eps: float = 1e-8  # AdamW denominator epsilon
     max_grad_norm: float | None = 1.0  # clip the global gradient L2 norm; None: no clipping
-    zero1: bool = False  # shard AdamW state over the ranks (ZeRO stage 1); see Trainer
+    # Compute and master dtypes (scheduler.model_states): "bf16-mixed", "fp32", "fp64";
+    # None: by device, bf16-mixed on CUDA and fp32 elsewhere (see `resolve`).
+    precision: Precision | None = None
+    # Where AdamW's masters and moments live: "none" (every rank), "zero1" (whole tensors
+    # per owner), "distributed" (contiguous shards); None: distributed on > 1 rank.
+    optimizer_sharding: OptimizerSharding | None = None
     # MEMO activation arenas for packed micro-batches (workers.arena.ArenaCache): "auto"
     # uses them on CUDA, where they keep activations out of the caching allocator; on CPU
     # the path is exact but saves nothing.
@@ -67,10 +86,32 @@ class TrainConfig:
              "cosine, linear or constant"),
             ("activation_arena", self.activation_arena in ("auto", "on", "off"),
              "auto, on or off"),
+            ("precision", self.precision is None or self.precision in PRECISIONS,
+             f"None or one of {', '.join(PRECISIONS)}"),
+            ("optimizer_sharding", self.optimizer_sharding is None
+             or self.optimizer_sharding in OPTIMIZER_SHARDINGS,
+             f"None or one of {', '.join(OPTIMIZER_SHARDINGS)}"),
         ]
         for name, ok, valid in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not valid (must be {valid})")
+
+    def resolve(self, *, device_type: str, world_size: int) -> TrainConfig:
+        """This config with `precision` and `optimizer_sharding` decided (their defaults)."""
+        return replace(self, precision=self.precision or default_precision(device_type),
+                       optimizer_sharding=self.optimizer_sharding
+                       or default_sharding(world_size))
+
+
+def build_model(spec: ModelSpec, precision: str, *, device: torch.device | str = "cpu"):
+    """The Transformer of `spec` in the compute dtype of `precision`, on `device`.
+
+    The spec's own `dtype` is replaced: the precision decides what the workers compute in.
+    """
+    from workers.model import Transformer
+
+    model = Transformer(spec.model_copy(update={"dtype": compute_dtype(precision)}))
+    return model.to(device)
 
 
 def _arena_cache(model: torch.nn.Module, config: TrainConfig):
@@ -99,22 +140,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * shape)
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig,
-                    params: list[torch.nn.Parameter] | None = None) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices (embeddings, projections) and none on norms.
-
-    `params` restricts it to a subset of the model's parameters (a ZeRO-1 shard).
-    """
-    decay, no_decay = [], []
-    for p in model.parameters() if params is None else params:
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr_at(0, config),
-                             betas=config.betas, eps=config.eps, foreach=False)
-
-
 @dataclass(frozen=True, kw_only=True)
 class StepInput:
     """What a plan source hands the loop for one step."""
@@ -138,74 +163,37 @@ class TrainStats:
     stats: StepStats  # the forward/backward step's figures
 
 
-def partition_parameters(params: list[torch.nn.Parameter], num_ranks: int) -> list[int]:
-    """Owner rank of each parameter: largest first onto the least-loaded rank (ZeRO-1)."""
-    if len(params) < num_ranks:
-        raise ValueError(f"zero1: {len(params)} parameter tensors cannot be sharded over "
-                         f"{num_ranks} ranks (each rank must own one); set zero1=False")
-    load = [0] * num_ranks
-    owners = [0] * len(params)
-    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
-        r = min(range(num_ranks), key=lambda r: (load[r], r))
-        owners[i] = r
-        load[r] += params[i].numel()
-    return owners
-
-
-def broadcast_parameters(params: list[torch.nn.Parameter], owners: list[int], group) -> None:
-    """Every rank receives each parameter from its owner (one broadcast per owner and dtype)."""
-    for r in sorted(set(owners)):
-        mine = [p for p, o in zip(params, owners, strict=True) if o == r]
-        for dtype in sorted({p.dtype for p in mine}, key=str):
-            same = [p for p in mine if p.dtype == dtype]
-            flat = torch.cat([p.detach().reshape(-1) for p in same])
-            dist.broadcast(flat, group=group, group_src=r)
-            offset = 0
-            with torch.no_grad():
-                for p in same:
-                    p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
-
-
 class Trainer:
     """One rank's model, optimizer and progress (step count, data position).
 
-    With `config.zero1` on several ranks, each rank keeps AdamW state only for the
-    parameters it owns (`partition_parameters`), updates those after the step's
-    all-reduce, and receives the others from their owners, so optimizer memory is divided
-    by the world size. The update is the same per-parameter AdamW, so weights and losses
-    are bit-identical to the unsharded trainer.
+    `config` is resolved against the model's device and the world (`TrainConfig.resolve`):
+    the model must be in its precision's compute dtype (`build_model`). The optimizer
+    (`self.optimizer`, workers.optim.ShardedAdamW) turns the model's parameters into views
+    of its flat buffer, so build the Trainer after moving the model to its device.
     """
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, *, rank: int, group=None):
-        self.model, self.config, self.rank, self.group = model, config, rank, group
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        device = next(model.parameters()).device
         world = dist.get_world_size(group) if dist.is_available() and dist.is_initialized() \
             else 1
-        self.owners = partition_parameters(self.params, world) if config.zero1 and world > 1 \
-            else None
-        local = rank if group is None else dist.get_rank(group)
-        owned = None if self.owners is None else [
-            p for p, o in zip(self.params, self.owners, strict=True) if o == local]
-        self.optimizer = build_optimizer(model, config, owned)
+        self.config = config.resolve(device_type=device.type, world_size=world)
+        self.model, self.rank, self.group = model, rank, group
+        self.optimizer = ShardedAdamW(model, precision=self.config.precision,
+                                      sharding=self.config.optimizer_sharding,
+                                      betas=self.config.betas, eps=self.config.eps,
+                                      weight_decay=self.config.weight_decay, group=group)
         self.step = 0  # optimizer steps completed
         self.data_position = BatchPosition()  # next batch of the data stream
-        self.arenas = _arena_cache(model, config)
+        self.arenas = _arena_cache(model, self.config)
 
     def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
                    next_position: BatchPosition | None = None) -> TrainStats:
-        """run_step, clip, one AdamW update at this step's LR."""
+        """run_step into the optimizer's gradient buffer, clip, one AdamW update."""
         stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group,
-                         arenas=self.arenas)
-        max_norm = self.config.max_grad_norm if self.config.max_grad_norm else math.inf
-        # Every rank holds the full gradient, so every rank computes the same norm.
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=False))
+                         arenas=self.arenas, grads=self.optimizer.grads)
         lr = lr_at(self.step, self.config)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
-        self.optimizer.step()
-        if self.owners is not None:
-            broadcast_parameters(self.params, self.owners, self.group)
+        grad_norm = self.optimizer.step(lr=lr, step=self.step + 1,
+                                        max_grad_norm=self.config.max_grad_norm)
         self.step += 1
         if next_position is not None:
             self.data_position = next_position

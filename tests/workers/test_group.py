@@ -50,8 +50,9 @@ def local_ray():
 
 
 def _config(num_ranks: int = 4) -> GroupConfig:
+    # fp64: the workers build the model in the precision's compute dtype (not the spec's).
     return GroupConfig(num_ranks=num_ranks, model=tiny_spec(), seed=3, timeout_s=60,
-                       train=TrainConfig(lr=1e-2, max_grad_norm=1.0))
+                       train=TrainConfig(lr=1e-2, max_grad_norm=1.0, precision="fp64"))
 
 
 def _planned_case() -> tuple[list[int], StepPlan]:

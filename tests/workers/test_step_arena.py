@@ -68,8 +68,8 @@ def test_trainer_with_arenas_trains_bit_identically():
     samples = random_samples(LENGTHS, seed=6)
     runs = {}
     for mode in ("off", "on"):
-        trainer = Trainer(tiny_model(seed=4), TrainConfig(lr=1e-2, activation_arena=mode),
-                          rank=0)
+        trainer = Trainer(tiny_model(seed=4), TrainConfig(lr=1e-2, activation_arena=mode,
+                                                          precision="fp64"), rank=0)
         runs[mode] = [trainer.train_step(plan(), samples).stats.loss for _ in range(3)]
         assert (trainer.arenas is None) == (mode == "off")
     assert runs["on"] == runs["off"]

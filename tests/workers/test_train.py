@@ -15,11 +15,11 @@ from scheduler.dataset import DatasetWriter
 from scheduler.errors import PlanValidationError
 from scheduler.plan import MicroBatch, StepPlan
 from workers.data import DatasetPlanSource
+from workers.optim import ShardedAdamW
 from workers.step import run_step
 from workers.train import (
     TrainConfig,
     Trainer,
-    build_optimizer,
     lr_at,
     partition_parameters,
     train,
@@ -49,18 +49,24 @@ def test_lr_schedule_warmup_then_decay():
 
 @pytest.mark.parametrize("field,value", [("lr", 0.0), ("warmup_steps", -1), ("total_steps", 0),
                                          ("min_lr_ratio", 1.5), ("betas", (0.9, 1.0)),
-                                         ("max_grad_norm", 0.0), ("schedule", "step")])
+                                         ("max_grad_norm", 0.0), ("schedule", "step"),
+                                         ("precision", "bf16"),
+                                         ("optimizer_sharding", "zero3")])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         TrainConfig(**{field: value})
 
 
 def test_weight_decay_on_matrices_only():
+    # A zero gradient leaves AdamW's moments at 0, so the update is the decay alone.
     model = tiny_model()
-    opt = build_optimizer(model, TrainConfig(weight_decay=0.3))
-    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in opt.param_groups}
-    for p in model.parameters():
-        assert id(p) in by_decay[0.3 if p.dim() >= 2 else 0.0]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = ShardedAdamW(model, precision="fp64", sharding="none", weight_decay=0.3)
+    opt.step(lr=0.1, step=1, max_grad_norm=None)
+    for n, p in model.named_parameters():
+        want = before[n] * (1 - 0.1 * 0.3) if p.dim() >= 2 else before[n]
+        assert torch.equal(p.detach(), want), n
+    assert any(p.dim() < 2 for p in model.parameters())  # norms exist and were spared
 
 
 def _adamw_first_step(p0, g, *, lr, wd, eps):
@@ -76,7 +82,8 @@ def test_train_step_is_clipped_adamw_on_the_global_gradient(max_norm):
     _, grads = reference_loss_and_grads(ref_model, samples)
     norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
     scale = 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
-    cfg = TrainConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1, max_grad_norm=max_norm)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=2, weight_decay=0.1, max_grad_norm=max_norm,
+                      precision="fp64")
     model = tiny_model(seed=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = Trainer(model, cfg, rank=0)

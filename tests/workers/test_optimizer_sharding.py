@@ -1,0 +1,279 @@
+"""The optimizer shardings on 1-4 gloo ranks: exactness, resharded resume, bytes, traffic.
+
+One launch per world size (1, 2, 3, 4 ranks, and a 3-rank restore of the 4-rank
+checkpoint) does everything and the tests below read its results:
+
+- exactness: three steps of `distributed` AdamW (clipping on, weight decay on matrices)
+  at float64 over hand-written plans with rings (an odd ring of 3 included) and uneven
+  micro-batch counts (a rank with none on 4 ranks) equal one process running plain
+  autograd on the whole batch and torch.optim.AdamW. Tolerance 1e-12: the two differ only
+  in the order of float64 sums (~1e-19 absolute on a gradient element), which AdamW's
+  g / (|g| + eps) magnifies by at most lr / eps = 1e6 (lr 1e-2, eps 1e-8), so ~1e-13 per
+  step; nothing else in the update is approximate.
+- resharded resume: 4 ranks save at step 2 and continue to step 4; 3 fresh ranks (other
+  initial weights) restore the checkpoint and run steps 3-4 on their own plans of the same
+  batches. Equal within 1e-10: only the reduction order of the gradients differs.
+- bytes: after a step, the storages the model and the optimizer hold (parameters, the
+  flat gradient buffer, masters, moments; no `.grad` left) equal
+  scheduler.model_states.model_state_bytes exactly, for every precision x sharding.
+- traffic: the collectives one train step issues (torch.distributed wrapped) equal
+  scheduler.model_states.step_collectives exactly (op, payload bytes, dtype, root).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from scheduler.model_states import (
+    OPTIMIZER_SHARDINGS,
+    PRECISIONS,
+    model_state_bytes,
+    step_collectives,
+)
+from tests.dist import run_distributed
+from workers.train import TrainConfig, Trainer, build_model, lr_at
+
+from .helpers import group, plan_of, random_samples, reference_loss_and_grads, tiny_spec
+
+pytestmark = pytest.mark.distributed
+
+LENGTHS = [27, 13, 7, 1, 19, 9]
+STEPS = 3
+CONFIG = dict(lr=1e-2, warmup_steps=1, total_steps=6, max_grad_norm=0.5, weight_decay=0.1)
+
+
+def hdp_plan(world: int):
+    """Rings and uneven micro-batch counts for each world size (every id exactly once)."""
+    s = [(i, n) for i, n in enumerate(LENGTHS)]
+    if world == 1:
+        return plan_of(1, [[group([0], s[:3])], [group([0], s[3:])]])
+    if world == 2:  # rank 0 runs 2 micro-batches, rank 1 one
+        return plan_of(2, [[group([1, 0], s[:1])], [group([0], s[1:])]])
+    if world == 3:  # 3, 2 and 1 micro-batches
+        return plan_of(3, [[group([2, 0], s[:1]), group([1], s[1:2])],
+                           [group([0], s[2:4]), group([1], s[4:5])], [group([0], s[5:])]])
+    # world 4: an odd ring of 3, then packs; rank 3 runs no micro-batch at all
+    return plan_of(4, [[group([2, 0, 1], s[:2])], [group([1], s[2:4]), group([0], s[4:])]])
+
+
+def batch(step: int) -> dict[int, torch.Tensor]:
+    return random_samples(LENGTHS, seed=100 + step)
+
+
+def _trainer(world: int, rank: int, *, precision: str, sharding: str, seed: int = 0,
+             **overrides) -> Trainer:
+    torch.manual_seed(seed)
+    cfg = TrainConfig(**{**CONFIG, **overrides}, precision=precision,
+                      optimizer_sharding=sharding)
+    return Trainer(build_model(tiny_spec(), precision), cfg, rank=rank)
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+
+
+# ----------------------------------------------------------------- inside the ranks
+def _state_bytes(trainer: Trainer) -> dict[str, int]:
+    """Bytes of the distinct storages the model and optimizer hold, by kind."""
+    opt = trainer.optimizer
+    assert all(p.grad is None for p in trainer.model.parameters())
+    storages: dict[int, tuple[str, int]] = {}
+    for kind, t in [("params", p) for p in trainer.model.parameters()] + [
+            ("grads", opt.grads.buffer), ("masters", opt.master), ("moments", opt.exp_avg),
+            ("moments", opt.exp_avg_sq)]:
+        # First kind wins: fp32/fp64 masters are the parameters' own storage.
+        storages.setdefault(t.untyped_storage().data_ptr(), (kind, t.untyped_storage().nbytes()))
+    held = _tensors_held(opt)
+    assert held <= set(storages), "the optimizer holds tensors outside the state table"
+    out = {"params": 0, "grads": 0, "masters": 0, "moments": 0}
+    for kind, nbytes in storages.values():
+        out[kind] += nbytes
+    return out
+
+
+def _tensors_held(obj, seen=None) -> set[int]:
+    """Storage pointers of every tensor reachable from `obj`'s attributes."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return set()
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return {obj.untyped_storage().data_ptr()}
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, list | tuple | set):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and type(obj).__module__.startswith(("workers", "parallel")):
+        items = list(vars(obj).values())
+    else:
+        return set()
+    return set().union(*(_tensors_held(i, seen) for i in items)) if items else set()
+
+
+_OPS = {"all_reduce": 0, "broadcast": 0, "reduce_scatter_single": 1, "all_gather_single": 0}
+_FORBIDDEN = ("all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+              "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "barrier")
+
+
+def _recorded_collectives(fn) -> list[tuple]:
+    """(op, payload bytes, dtype, root) of every collective `fn()` issues."""
+    calls, saved = [], {}
+
+    def wrap(name, index):
+        real = getattr(dist, name)
+
+        @functools.wraps(real)
+        def recorder(*args, **kwargs):
+            t = args[index] if len(args) > index else kwargs.get(
+                "input" if index else "tensor", kwargs.get("output_tensor"))
+            op = name.removesuffix("_single")
+            root = kwargs.get("group_src", kwargs.get("src")) if name == "broadcast" else None
+            calls.append((op, t.numel() * t.element_size(), str(t.dtype).split(".")[1], root))
+            return real(*args, **kwargs)
+        return recorder
+
+    def forbid(name):
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"unexpected collective dist.{name} in a step")
+        return refuse
+
+    for name in (*_OPS, *_FORBIDDEN):
+        saved[name] = getattr(dist, name)
+        setattr(dist, name, wrap(name, _OPS[name]) if name in _OPS else forbid(name))
+    try:
+        fn()
+    finally:
+        for name, real in saved.items():
+            setattr(dist, name, real)
+    return calls
+
+
+def _accounting(world: int, rank: int) -> dict:
+    """Bytes and collectives of one step for every precision x sharding."""
+    out = {}
+    for precision in PRECISIONS:
+        for sharding in OPTIMIZER_SHARDINGS:
+            trainer = _trainer(world, rank, precision=precision, sharding=sharding)
+            calls = _recorded_collectives(
+                lambda t=trainer: t.train_step(hdp_plan(world), batch(0)))
+            out[precision, sharding] = {"bytes": _state_bytes(trainer), "calls": calls}
+    return out
+
+
+def _exact_run(world: int, rank: int, ckpt: str) -> dict:
+    """STEPS fp64 distributed steps; on 4 ranks also save at step 2 and run to step 4."""
+    trainer = _trainer(world, rank, precision="fp64", sharding="distributed")
+    norms = [trainer.train_step(hdp_plan(world), batch(s)).grad_norm for s in range(STEPS)]
+    out = {"params": _params(trainer), "norms": norms}
+    if world == 4:
+        again = _trainer(world, rank, precision="fp64", sharding="distributed")
+        for s in range(2):
+            again.train_step(hdp_plan(world), batch(s))
+        again.save(ckpt)
+        for s in range(2, 4):
+            again.train_step(hdp_plan(world), batch(s))
+        out["continued"] = _params(again)
+    return out
+
+
+def _rank_main(rank: int, world: int, ckpt: str) -> dict:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return {"exact": _exact_run(world, rank, ckpt), "accounting": _accounting(world, rank)}
+
+
+def _restore_on_three(rank: int, world: int, ckpt: str) -> dict:
+    trainer = _trainer(world, rank, precision="fp64", sharding="distributed", seed=99)
+    trainer.restore(ckpt)
+    assert trainer.step == 2
+    for s in range(2, 4):
+        trainer.train_step(hdp_plan(world), batch(s))
+    return _params(trainer)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    ckpt = str(tmp_path_factory.mktemp("sharded") / "step_2")
+    out = {w: run_distributed(_rank_main, w, ckpt, timeout_s=300) for w in (1, 2, 3, 4)}
+    out["restored"] = run_distributed(_restore_on_three, 3, ckpt, timeout_s=200)
+    return out
+
+
+# ----------------------------------------------------------------- the reference
+def reference_adamw(num_steps: int) -> tuple[dict[str, torch.Tensor], list[float]]:
+    """One process: plain autograd on the whole batch, clip_grad_norm_, torch AdamW."""
+    torch.manual_seed(0)
+    model = build_model(tiny_spec(), "fp64")
+    cfg = TrainConfig(**CONFIG)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=cfg.betas, eps=cfg.eps, foreach=False)
+    norms = []
+    for s in range(num_steps):
+        _, grads = reference_loss_and_grads(model, batch(s))
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                          cfg.max_grad_norm)))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, cfg)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+
+
+def _max_abs_diff(a: dict, b: dict) -> float:
+    return max(float((a[n] - b[n]).abs().max()) for n in b)
+
+
+# ----------------------------------------------------------------- the tests
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_distributed_adamw_equals_unsharded_adamw_at_fp64(runs, world):
+    want, want_norms = reference_adamw(STEPS)
+    assert all(n > CONFIG["max_grad_norm"] for n in want_norms)  # clipping really acts
+    for rank, r in enumerate(runs[world]):
+        got = r["exact"]
+        assert _max_abs_diff(got["params"], want) <= 1e-12, (world, rank)
+        assert got["norms"] == pytest.approx(want_norms, rel=1e-12, abs=0)
+    moved = _max_abs_diff(want, reference_adamw(0)[0])
+    assert moved > 1e-3  # the weights really moved, so 1e-12 is a real bound
+
+
+def test_resume_from_four_ranks_on_three_equals_continuing_on_four(runs):
+    continued = [r["exact"]["continued"] for r in runs[4]]
+    for rank, got in enumerate(runs["restored"]):
+        assert _max_abs_diff(got, continued[0]) <= 1e-10, rank
+    assert all(_max_abs_diff(c, continued[0]) == 0 for c in continued)  # replicas agree
+    want, _ = reference_adamw(4)
+    assert _max_abs_diff(continued[0], want) <= 1e-12  # and both are the real 4 steps
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_state_bytes_equal_model_state_bytes(runs, world):
+    spec = tiny_spec()
+    for rank, r in enumerate(runs[world]):
+        for (precision, sharding), got in r["accounting"].items():
+            want = model_state_bytes(spec, precision=precision, sharding=sharding,
+                                     world_size=world, rank=rank)
+            assert got["bytes"] == {"params": want.params, "grads": want.grads,
+                                    "masters": want.masters, "moments": want.moments}, \
+                (world, rank, precision, sharding)
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_step_collectives_are_the_ones_issued(runs, world):
+    spec = tiny_spec()
+    for r in runs[world]:
+        for (precision, sharding), got in r["accounting"].items():
+            want = step_collectives(spec, precision=precision, sharding=sharding,
+                                    world_size=world)
+            assert got["calls"] == [(c.op, c.payload_bytes, c.dtype, c.root) for c in want], \
+                (world, precision, sharding)
+    # Not trivially empty: every sharding communicates on more than one rank.
+    assert (world == 1) == (len(runs[world][0]["accounting"]["fp32", "none"]["calls"]) == 0)
