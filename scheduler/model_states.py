@@ -35,8 +35,8 @@ those buffers (as Megatron-Core pads its buffers), so the padding (< N elements)
 
 Transients, not counted here (the runtime frees them before the step ends): in
 bf16-mixed each parameter's bfloat16 `.grad` lives only until its post-accumulate hook
-has added it into the fp32 buffer, and the AdamW update allocates two master-dtype
-temporaries the size of the largest parameter.
+has added it into the fp32 buffer, and the AdamW update allocates one master-dtype
+temporary the size of the largest parameter (workers/optim.py).
 
 Per step the optimizer issues the collectives `step_collectives` lists (the planner
 charges their time): gradients reduced once after the rank's last micro-batch (an

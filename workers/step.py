@@ -64,7 +64,7 @@ class StepStats:
     local_num_tokens: int  # tokens this rank held over its micro-batches (its shards)
     local_loss_sum: float  # this rank's part of the summed CE
     micro_batch_times_s: tuple[float, ...]  # wall time of each micro-batch this rank ran
-    step_time_s: float  # the whole step on this rank, gradient all-reduce included
+    step_time_s: float  # the whole step on this rank, gradient reduction included
     peak_memory_bytes: int  # CUDA: peak allocated in the step; CPU: process peak RSS
     arena_bytes: int = 0  # MEMO activation arenas in use (workers.arena.ArenaCache)
 

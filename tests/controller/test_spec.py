@@ -55,6 +55,15 @@ def test_fingerprint_ignores_key_order_not_values():
     (lambda d: d.update(model="tiny.yaml"), "model.preset: Input should be 'tiny'"),
     (lambda d: d.update(model={"vocab_size": 8}), "model.spec.hidden_size: Field required"),
     (lambda d: d["planner"].update(time_limit_s=0), "planner.time_limit_s"),
+    (lambda d: d["training"].update(precision="bf16"),
+     "training.precision: Input should be 'bf16-mixed', 'fp32' or 'fp64' (got 'bf16')"),
+    (lambda d: d["training"].update(optimizer_sharding="zero3"),
+     "training.optimizer_sharding: Input should be 'none', 'zero1' or 'distributed' "
+     "(got 'zero3')"),
+    (lambda d: (d["training"].update(optimizer_sharding="zero1"),
+                d["resources"].update(num_ranks=64)),
+     "training.optimizer_sharding='zero1' needs a parameter tensor per rank, but the model "
+     "has 21 tensors for num_ranks=64"),
 ])
 def test_mistakes_name_the_field(mutate, fragment):
     raw = yaml.safe_load((EXAMPLES / "demo-job.yaml").read_text())
@@ -108,3 +117,18 @@ def test_json_schema_covers_every_section():
     assert schema["additionalProperties"] is False
     assert {"Resources", "Training", "PlannerSettings", "FailurePolicy", "DatasetRef",
             "ModelSpec", "ClusterSpec"} <= set(schema["$defs"])
+
+
+def test_precision_and_sharding_defaults_follow_the_cluster_and_world():
+    raw = yaml.safe_load((EXAMPLES / "demo-job.yaml").read_text())
+    demo = parse_job_spec(raw)  # cpu preset, 4 ranks
+    assert (demo.resolve_precision(), demo.resolve_optimizer_sharding()) == ("fp32",
+                                                                           "distributed")
+    big = load_job_spec(EXAMPLES / "llama-7b-h100.yaml")
+    assert big.resolve_precision() == "bf16-mixed"
+    raw["resources"]["num_ranks"] = 1
+    raw["training"].update(precision="fp64", optimizer_sharding="zero1")
+    one = parse_job_spec(raw)
+    assert (one.resolve_precision(), one.resolve_optimizer_sharding()) == ("fp64", "zero1")
+    raw["training"]["optimizer_sharding"] = None
+    assert parse_job_spec(raw).resolve_optimizer_sharding() == "none"

@@ -7,6 +7,7 @@ with the same client the rank agents use, so no torch is needed here.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from controller.redis_server import open_redis
 from controller.spec import parse_job_spec
 from controller.states import State
 from controller.store import JobStore
-from controller.worker_service import WorkerService, serve_grpc
+from controller.worker_service import WorkerService, serve_grpc, worker_config_json
 from scheduler.batching import epoch_batches
 from scheduler.plan import StepPlan
 from scheduler.synth import synthesize
@@ -180,3 +181,15 @@ def test_unreachable_controller_gives_up_after_reconnect_window():
     with pytest.raises(grpc.RpcError):
         c.register(host="h", pid=1)
     assert time.monotonic() - t0 < 5
+
+
+def test_worker_config_carries_the_resolved_training_settings(plane):
+    from workers.agent import train_config
+
+    cfg = json.loads(worker_config_json(plane["job"]))
+    spec = plane["job"].spec
+    assert cfg["training"]["precision"] == spec.resolve_precision() == "fp32"
+    assert cfg["training"]["optimizer_sharding"] == spec.resolve_optimizer_sharding()
+    train = train_config(cfg)
+    assert (train.precision, train.optimizer_sharding) == (
+        cfg["training"]["precision"], cfg["training"]["optimizer_sharding"])

@@ -81,3 +81,23 @@ def test_save_overwrites_and_leaves_no_partial(tmp_path):
     other = _trainer()
     other.restore(tmp_path / "c")
     assert other.step == 2
+
+
+def test_restore_refuses_another_precision_or_optimizer_layout(tmp_path):
+    trainer = _trainer()  # fp32, one rank: sharding "none" (flat layout)
+    train(trainer, num_steps=1, plan_source=_source)
+    trainer.save(tmp_path / "c")
+    fp64 = Trainer(tiny_model(seed=5), TrainConfig(precision="fp64"), rank=0)
+    with pytest.raises(ValueError, match="written with precision='fp32'; this trainer runs "
+                                         "precision='fp64'"):
+        fp64.restore(tmp_path / "c")
+    zero1 = Trainer(tiny_model(seed=5, dtype="float32"),
+                    TrainConfig(optimizer_sharding="zero1"), rank=0)
+    with pytest.raises(ValueError, match="optimizer_sharding='zero1'"):
+        zero1.restore(tmp_path / "c")
+    flat = Trainer(tiny_model(seed=6, dtype="float32"),
+                   TrainConfig(optimizer_sharding="distributed"), rank=0)
+    flat.restore(tmp_path / "c")  # none and distributed share the flat layout
+    for key in ("params", "exp_avg", "exp_avg_sq"):
+        assert torch.equal(flat.optimizer.state_tensors()[key],
+                           trainer.optimizer.state_tensors()[key]), key

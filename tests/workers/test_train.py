@@ -152,3 +152,18 @@ def test_zero1_partition_balances_and_refuses_too_few_tensors():
     assert sorted(set(owners)) == [0, 1, 2] and max(load) == 50  # the 50 alone, rest split
     with pytest.raises(ValueError, match="zero1"):
         partition_parameters(params[:2], 3)
+
+
+def test_precision_and_sharding_are_resolved_and_checked():
+    cfg = TrainConfig()
+    assert cfg.resolve(device_type="cpu", world_size=4).precision == "fp32"
+    assert cfg.resolve(device_type="cuda", world_size=4).precision == "bf16-mixed"
+    assert cfg.resolve(device_type="cpu", world_size=4).optimizer_sharding == "distributed"
+    assert cfg.resolve(device_type="cpu", world_size=1).optimizer_sharding == "none"
+    trainer = Trainer(tiny_model(dtype="float32"), cfg, rank=0)
+    assert (trainer.config.precision, trainer.config.optimizer_sharding) == ("fp32", "none")
+    with pytest.raises(ValueError, match="precision='fp32' computes in torch.float32, but "
+                                         "the model's parameters are torch.float64"):
+        Trainer(tiny_model(dtype="float64"), TrainConfig(precision="fp32"), rank=0)
+    with pytest.raises(TypeError):
+        TrainConfig(zero1=True)  # the old switch is gone, not silently ignored
