@@ -7,7 +7,6 @@ cluster figure says where it comes from.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -15,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scheduler.errors import SpecError
+from scheduler.rope import RopeScaling
 
 DType = Literal["float64", "float32", "float16", "bfloat16"]
 
@@ -25,8 +25,19 @@ class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ModelType = Literal["llama", "mistral", "qwen2", "qwen3"]
+MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
+
+
 class ModelSpec(_Spec):
-    """A Llama-style decoder: RMSNorm, RoPE, GQA, SwiGLU, untied LM head."""
+    """A Llama-style decoder: RMSNorm, RoPE, GQA, SwiGLU (docs/models.md).
+
+    One architecture with the options the Hugging Face families need: Llama 2/3/3.1/3.2
+    and Mistral are the base; Qwen2/2.5 add a bias to the q/k/v projections; Qwen3 adds a
+    per-head RMSNorm on q and k; any of them may tie the LM head to the embedding. The
+    fields are exactly what workers.model.Transformer builds; `parameter_numels` lists its
+    tensors in order, which is what the memory model counts.
+    """
 
     vocab_size: int = Field(gt=0, description="Number of token ids the embedding and head cover.")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
@@ -34,9 +45,52 @@ class ModelSpec(_Spec):
     num_heads: int = Field(gt=0, description="Query heads per layer.")
     num_kv_heads: int = Field(gt=0, description="Key/value heads (GQA); divides num_heads.")
     ffn_hidden_size: int = Field(gt=0, description="Inner width of the SwiGLU MLP.")
+    head_dim: int | None = Field(
+        default=None, gt=0, description="Width of one attention head; None (the default): "
+                                        "hidden_size / num_heads. Qwen3 and Mistral-Nemo set "
+                                        "it explicitly (q has num_heads x head_dim features).")
     rope_theta: float = Field(default=10000.0, gt=0, description="RoPE base frequency.")
+    rope_scaling: RopeScaling | None = Field(
+        default=None, description="Long-context frequency schedule (scheduler.rope): linear, "
+                                  "llama3 or yarn; None: plain RoPE.")
     norm_eps: float = Field(default=1e-5, gt=0, description="RMSNorm epsilon.")
     dtype: DType = Field(default="bfloat16", description="Parameter and activation dtype.")
+    model_type: ModelType = Field(
+        default="llama", description="Hugging Face family the spec is written back as "
+                                     "(config.json model_type); fixes which options apply.")
+    attention_bias: bool = Field(default=False,
+                                 description="Bias on the q, k and v projections (Qwen2; Llama "
+                                             "and Qwen3 with attention_bias).")
+    attention_out_bias: bool = Field(default=False,
+                                     description="Bias on the attention output projection "
+                                                 "(Llama and Qwen3 with attention_bias).")
+    qk_norm: bool = Field(default=False, description="RMSNorm over each head of q and k before "
+                                                     "RoPE (Qwen3).")
+    tie_word_embeddings: bool = Field(default=False,
+                                      description="The LM head is the embedding matrix (one "
+                                                  "tensor, both gradients).")
+    max_position_embeddings: int | None = Field(
+        default=None, gt=0, description="Context length the model is meant for (written to an "
+                                        "exported config.json); informational otherwise.")
+    sliding_window: int | None = Field(
+        default=None, gt=0, description="The checkpoint's attention window. Ringmaster runs full "
+                                        "causal attention, which equals windowed attention only "
+                                        "for sequences no longer than the window, so longer "
+                                        "sequences are refused.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _normalise(cls, data):
+        if isinstance(data, dict):
+            data = dict(data)
+            rope = data.get("rope_scaling")
+            if isinstance(rope, dict) and rope.get("rope_type") == "default" and len(rope) == 1:
+                data["rope_scaling"] = None  # plain RoPE has one spelling: None
+            if data.get("head_dim") is None and isinstance(data.get("hidden_size"), int) \
+                    and isinstance(data.get("num_heads"), int) and data["num_heads"] > 0 \
+                    and data["hidden_size"] % data["num_heads"] == 0:
+                data["head_dim"] = data["hidden_size"] // data["num_heads"]
+        return data
 
     @model_validator(mode="after")
     def _check_heads(self) -> ModelSpec:
@@ -44,65 +98,102 @@ class ModelSpec(_Spec):
             raise ValueError(
                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
             )
-        if self.hidden_size % self.num_heads:
+        if self.head_dim is None:
             raise ValueError(
-                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}"
+                f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} "
+                "(or give head_dim)"
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim=hidden_size/num_heads={self.head_dim} must be even (RoPE)")
+            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        _check_family(self)
         return self
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def q_dim(self) -> int:
+        """Features of q (and of the attention output): num_heads x head_dim."""
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Features of k and of v: num_kv_heads x head_dim."""
+        return self.num_kv_heads * self.head_dim
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    def layer_numels(self) -> list[int]:
+        """Elements of one DecoderLayer's parameters, in registration order: attn_norm, wq
+        (+bias), wk (+bias), wv (+bias), q_norm, k_norm, wo (+bias), mlp_norm, w_gate, w_up,
+        w_down."""
+        h, q, kv, f = self.hidden_size, self.q_dim, self.kv_dim, self.ffn_hidden_size
+        qkv_bias = self.attention_bias
+        out = [h, h * q, *([q] if qkv_bias else []), h * kv, *([kv] if qkv_bias else []),
+               h * kv, *([kv] if qkv_bias else [])]
+        if self.qk_norm:
+            out += [self.head_dim, self.head_dim]
+        out += [q * h, *([h] if self.attention_out_bias else []), h, h * f, h * f, f * h]
+        return out
+
     def parameter_numels(self) -> list[int]:
         """Elements of each parameter tensor, in workers.model.Transformer.parameters() order
-        (embedding; per layer attn_norm, wq, wk, wv, wo, mlp_norm, w_gate, w_up, w_down;
-        final norm; head)."""
-        h, kv, f = self.hidden_size, self.num_kv_heads * self.head_dim, self.ffn_hidden_size
-        layer = [h, h * h, h * kv, h * kv, h * h, h, h * f, h * f, f * h]
-        return [self.vocab_size * h, *layer * self.num_layers, h, self.vocab_size * h]
+        (embedding; each layer's `layer_numels`; final norm; head unless tied to the
+        embedding, which then counts once)."""
+        h = self.hidden_size
+        head = [] if self.tie_word_embeddings else [self.vocab_size * h]
+        return [self.vocab_size * h, *self.layer_numels() * self.num_layers, h, *head]
 
     @property
     def num_params(self) -> int:
         """Exact parameter count of workers.model.Transformer for this spec."""
         return sum(self.parameter_numels())
 
+    def check_sequence_length(self, length: int, *, where: str = "sequence") -> None:
+        """SpecError if a sequence of `length` tokens would need the sliding window."""
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise SpecError(
+                f"{where} of {length} tokens is longer than the model's sliding_window="
+                f"{self.sliding_window}: Ringmaster runs full causal attention, which equals "
+                "the checkpoint's windowed attention only up to the window; shorten the "
+                "sequences or use a checkpoint without a sliding window (docs/models.md)")
+
+    def with_overrides(self, **fields) -> ModelSpec:
+        """A copy with `fields` replaced (a job spec's rope_theta / rope_scaling), validated."""
+        return parse_spec(ModelSpec, {**self.model_dump(), **fields},
+                          what="model spec (with overrides)")
+
     @classmethod
     def from_hf_config(cls, source: str | Path | dict, *, dtype: DType | None = None) -> ModelSpec:
-        """Build from a Hugging Face LlamaConfig (a config.json path or its dict)."""
-        if not isinstance(source, dict):
-            path = Path(source)
-            try:
-                source = json.loads(path.read_text())
-            except FileNotFoundError as exc:
-                raise SpecError(f"model config {path}: file not found") from exc
-            except json.JSONDecodeError as exc:
-                raise SpecError(f"model config {path}: not valid JSON ({exc})") from exc
-        cfg = source
-        required = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                    "intermediate_size"]
-        missing = [k for k in required if k not in cfg]
-        if missing:
-            raise SpecError(f"HF config is missing field(s) {missing}; a LlamaConfig has them")
-        torch_dtype = cfg.get("torch_dtype", "bfloat16")
-        fields = dict(
-            vocab_size=cfg["vocab_size"],
-            hidden_size=cfg["hidden_size"],
-            num_layers=cfg["num_hidden_layers"],
-            num_heads=cfg["num_attention_heads"],
-            num_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            ffn_hidden_size=cfg["intermediate_size"],
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            dtype=dtype or (torch_dtype if torch_dtype in DTYPE_BYTES else "bfloat16"),
-        )
-        return parse_spec(cls, fields, what="HF model config")
+        """Build from a Hugging Face config.json (a path, a model directory, or its dict) of a
+        Llama, Mistral, Qwen2 or Qwen3 model; refuses, by name, any config field that would
+        change the math and is not implemented here (scheduler.hf_config)."""
+        from scheduler.hf_config import spec_from_hf_config
+
+        return spec_from_hf_config(source, dtype=dtype)
+
+    def to_hf_config(self, base: dict | None = None) -> dict:
+        """The config.json of this spec (on top of `base`, the source model's config)."""
+        from scheduler.hf_config import hf_config_from_spec
+
+        return hf_config_from_spec(self, base=base)
+
+
+def _check_family(spec: ModelSpec) -> None:
+    """Each model_type expresses only some options; refuse a spec its config.json cannot say."""
+    t = spec.model_type
+    if spec.qk_norm and t != "qwen3":
+        raise ValueError(f"qk_norm=true is the Qwen3 architecture; model_type={t!r} has no q/k "
+                         "norm (set model_type='qwen3')")
+    if t == "qwen3" and not spec.qk_norm:
+        raise ValueError("model_type='qwen3' has q/k norms: qk_norm must be true")
+    if t == "qwen2" and not (spec.attention_bias and not spec.attention_out_bias):
+        raise ValueError("model_type='qwen2' has a bias on q/k/v and none on the output: "
+                         "attention_bias must be true and attention_out_bias false")
+    if t == "mistral" and (spec.attention_bias or spec.attention_out_bias):
+        raise ValueError("model_type='mistral' has no attention biases")
+    if t in ("llama", "qwen3") and spec.attention_bias != spec.attention_out_bias:
+        raise ValueError(f"model_type={t!r} has one attention_bias flag for q, k, v and the "
+                         "output: attention_bias and attention_out_bias must be equal")
 
 
 class ClusterSpec(_Spec):
@@ -166,13 +257,14 @@ CLUSTER_PRESETS: dict[str, dict] = {
 
 
 def model_preset(name: str) -> ModelSpec:
-    """A model preset by name, or a ModelSpec from a HF config.json path."""
+    """A model preset by name, or a ModelSpec from a HF config.json path or model directory."""
     if name in MODEL_PRESETS:
         return MODEL_PRESETS[name]
-    if name.endswith(".json"):
+    if name.endswith(".json") or Path(name).is_dir():
         return ModelSpec.from_hf_config(name)
     raise SpecError(
-        f"model={name!r} is not a preset ({', '.join(MODEL_PRESETS)}) or a config.json path"
+        f"model={name!r} is not a preset ({', '.join(MODEL_PRESETS)}), a config.json path or "
+        "a model directory"
     )
 
 

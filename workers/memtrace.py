@@ -423,9 +423,7 @@ def record_profile(spec: ModelSpec, *, token_counts: tuple[int, ...] = (64, 128,
 
     dtype = DTYPES[spec.dtype]
     with torch.device(layer_device):
-        layer = DecoderLayer(hidden_size=spec.hidden_size, num_heads=spec.num_heads,
-                             num_kv_heads=spec.num_kv_heads, ffn_hidden_size=spec.ffn_hidden_size,
-                             rope_theta=spec.rope_theta, norm_eps=spec.norm_eps, dtype=dtype)
+        layer = DecoderLayer.from_spec(spec, dtype)
         embed = torch.nn.Parameter(torch.empty(spec.vocab_size, spec.hidden_size, dtype=dtype))
     with torch.device(head_device):
         norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, dtype=dtype)

@@ -75,31 +75,44 @@ def default_position_ids(cu_seqlens: torch.Tensor, device=None) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
-    """Llama-style decoder: embedding, `num_layers` DecoderLayers, RMSNorm, untied LM head."""
+    """Llama-style decoder: embedding, `num_layers` DecoderLayers, RMSNorm, LM head.
+
+    The options of Llama 2/3, Mistral, Qwen2 and Qwen3 come from the ModelSpec (layer
+    options in workers/layers.py). With `tie_word_embeddings` the head's weight *is* the
+    embedding's Parameter: parameters() lists it once and its .grad collects both the
+    head's and the embedding's contribution. `source_dir` is the Hugging Face model
+    directory the model came from (workers.hf), if any: exports copy its tokenizer files.
+    """
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.spec = spec
+        self.source_dir: str | None = None
         dtype = _DTYPES[spec.dtype]
         self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
-        self.layers = nn.ModuleList(
-            DecoderLayer(hidden_size=spec.hidden_size, num_heads=spec.num_heads,
-                         num_kv_heads=spec.num_kv_heads, ffn_hidden_size=spec.ffn_hidden_size,
-                         rope_theta=spec.rope_theta, norm_eps=spec.norm_eps, dtype=dtype)
-            for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer.from_spec(spec, dtype)
+                                    for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, dtype=dtype)
         self.head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
+        self.tie_weights()
         self.reset_parameters()
+
+    def tie_weights(self) -> None:
+        """Make the head's weight the embedding's (tied specs; again after to_empty)."""
+        if self.spec.tie_word_embeddings:
+            self.head.weight = self.embed.weight
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, 0.02) weights, residual outputs scaled by 1/sqrt(2L) (GPT-2), unit norms."""
+        """N(0, 0.02) weights, residual outputs scaled by 1/sqrt(2L) (GPT-2), unit norms,
+        zero biases."""
         self.embed.weight.normal_(0.0, INIT_STD)
         out_std = INIT_STD / math.sqrt(2 * self.spec.num_layers)
         for layer in self.layers:
             layer.reset_parameters(std=INIT_STD, out_std=out_std)
         self.norm.weight.fill_(1.0)
-        self.head.weight.normal_(0.0, INIT_STD)
+        if not self.spec.tie_word_embeddings:
+            self.head.weight.normal_(0.0, INIT_STD)
 
     # ------------------------------------------------------------------ plain autograd
     def forward(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -190,7 +203,9 @@ class Transformer(nn.Module):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             raise ValueError(f"input_ids hold ids in [{lo}, {hi}]; valid ids are "
                              f"0..{self.spec.vocab_size - 1}")
-        if position_ids is None:
+        if position_ids is None:  # whole sequences: check them against a sliding window
+            if self.spec.sliding_window is not None and len(cu) > 1:
+                self.spec.check_sequence_length(int((cu[1:] - cu[:-1]).max()))
             return cu, default_position_ids(cu, input_ids.device)
         _check_same_length("position_ids", position_ids, input_ids)
         return cu, position_ids
