@@ -34,7 +34,7 @@ from controller.schemas import (
     PlanPreview,
     StepMetricsPublic,
 )
-from controller.spec import JobCreate
+from controller.spec import JobCreate, validate_model
 from controller.store import JobStore
 from controller.telemetry import instrument_fastapi
 
@@ -130,6 +130,7 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
         """Submit a job; with a known submission_id and the same body, return that job."""
         with tracer.start_as_current_span("job.submit") as span:
             span.set_attribute("job.name", spec.name)
+            validate_model(spec)  # a bad model directory is a 422 now, not a failed job
             span.set_attribute("job.num_ranks", spec.resources.num_ranks)
             machine.launcher.check_spec(spec)  # what only the launcher knows (SpecError: 422)
             rec, created = store.create(spec)

@@ -6,8 +6,10 @@ The controller imports no torch; commands that need workers start them by name.
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from enum import StrEnum
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -53,6 +55,26 @@ def _schema_models() -> dict:
 def schema(kind: SchemaKind = typer.Argument(..., help="Which document's JSON Schema.")):
     """Print the JSON Schema of a plan, model spec, cluster spec or job spec."""
     typer.echo(json.dumps(_schema_models()[kind.value].model_json_schema(), indent=2))
+
+
+@app.command("export")
+def export_checkpoint(
+    checkpoint: Path = typer.Argument(..., help="A training checkpoint directory (step_<n>)."),
+    out: Path = typer.Option(..., "--out", help="The Hugging Face model directory to write."),
+    dtype: str | None = typer.Option(None, help="Stored dtype (default: the checkpoint's)."),
+    model: str | None = typer.Option(
+        None, help="Preset or model directory trained (only for checkpoints without a "
+                   "model card)."),
+    max_shard_size: str = typer.Option("5GB", help="Write shards with an index above this."),
+):
+    """Write a checkpoint as a Hugging Face model directory (config.json, safetensors,
+    tokenizer files) that transformers and vLLM load; see docs/models.md."""
+    cmd = [sys.executable, "-m", "workers.export", str(checkpoint), "--out", str(out),
+           "--max-shard-size", max_shard_size]
+    cmd += ["--dtype", dtype] if dtype else []
+    cmd += ["--model", model] if model else []
+    # The export needs torch; the controller does not import it, so it runs by name.
+    raise typer.Exit(subprocess.run(cmd, check=False).returncode)
 
 
 def main() -> None:

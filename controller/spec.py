@@ -1,9 +1,13 @@
 """The job spec: what a user submits (YAML or JSON), validated at the edge with pydantic.
 
-Every section rejects unknown fields by name. The spec is resolved lazily: a model preset or
-an HF `config.json` path and a cluster preset become `ModelSpec`/`ClusterSpec` only when the
-planner needs them (`resolve_model`, `resolve_cluster`), so a spec stays small and stable
-in the store. `JobCreate` is the REST body and the file format; `load_job_spec` reads a file.
+Every section rejects unknown fields by name. The spec is resolved lazily: a model preset, a
+Hugging Face model directory or `config.json` path and a cluster preset become
+`ModelSpec`/`ClusterSpec` only when the planner needs them (`resolve_model`,
+`resolve_cluster`), so a spec stays small and stable in the store (and parses on a client
+that cannot see the server's paths). `validate_model` reads a model directory at submit,
+torch-free (config.json and the weights' headers), so a bad checkpoint is refused then,
+naming the field. `JobCreate` is the REST body and the file format; `load_job_spec` reads
+a file.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ from pydantic import (
 )
 
 from controller.spec_kubernetes import KubernetesOverrides
-from scheduler.errors import SpecError
+from scheduler.errors import DatasetError, SpecError
+from scheduler.hf_checkpoint import has_weights, inspect_checkpoint
 from scheduler.model_states import (
     OPTIMIZER_SHARDINGS,
     PRECISIONS,
@@ -36,6 +41,7 @@ from scheduler.model_states import (
     default_precision,
     default_sharding,
 )
+from scheduler.rope import DefaultRope, RopeSetting
 from scheduler.specs import (
     CLUSTER_PRESETS,
     MODEL_PRESETS,
@@ -53,20 +59,60 @@ MAX_PATH_CHARS = 4096
 
 ModelPreset = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
 ClusterPreset = Literal[tuple(CLUSTER_PRESETS)]  # type: ignore[valid-type]
-HfConfigPath = Annotated[str, StringConstraints(pattern=r"^[^\x00]*\.json$",
-                                                max_length=MAX_PATH_CHARS)]
 
 
 def _kind(value: object) -> str:
-    """Which form a model/cluster reference takes: explicit fields, a .json path, a preset."""
-    if isinstance(value, dict | BaseModel):
+    """Which form a model reference takes: a preset name, a path (model directory or
+    config.json), a source with overrides, or explicit ModelSpec fields."""
+    if isinstance(value, dict):
+        return "source" if "source" in value else "spec"
+    if isinstance(value, ModelSource):
+        return "source"
+    if isinstance(value, BaseModel):
         return "spec"
-    return "path" if isinstance(value, str) and value.endswith(".json") else "preset"
+    return "path" if isinstance(value, str) and _is_path(value) else "preset"
+
+
+def _is_path(value: str) -> bool:
+    return value.endswith(".json") or "/" in value
+
+
+ModelPath = Annotated[str, StringConstraints(pattern=PATH_PATTERN, max_length=MAX_PATH_CHARS)]
+
+
+class ModelSource(BaseModel):
+    """A preset or Hugging Face model directory with its RoPE settings changed: how a job
+    extends a checkpoint's context (docs/models.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: ModelPath = Field(description="Model preset or Hugging Face model directory (or "
+                                          "config.json path) to start from.")
+    rope_theta: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                     description="Replaces the RoPE base frequency.")
+    rope_scaling: RopeSetting | None = Field(
+        default=None, description="Replaces the RoPE scaling: linear, llama3, yarn, or "
+                                  "{rope_type: default} for none.")
+    max_position_embeddings: int | None = Field(
+        default=None, gt=0, description="The context length written to exported configs.")
+
+    def overrides(self) -> dict:
+        """The ModelSpec fields this source replaces."""
+        out: dict = {}
+        if self.rope_theta is not None:
+            out["rope_theta"] = self.rope_theta
+        if self.rope_scaling is not None:
+            out["rope_scaling"] = None if isinstance(self.rope_scaling, DefaultRope) \
+                else self.rope_scaling.model_dump()
+        if self.max_position_embeddings is not None:
+            out["max_position_embeddings"] = self.max_position_embeddings
+        return out
 
 
 ModelRef = Annotated[
-    Annotated[ModelPreset, Tag("preset")] | Annotated[HfConfigPath, Tag("path")]
-    | Annotated[ModelSpec, Tag("spec")], Discriminator(_kind)]
+    Annotated[ModelPreset, Tag("preset")] | Annotated[ModelPath, Tag("path")]
+    | Annotated[ModelSource, Tag("source")] | Annotated[ModelSpec, Tag("spec")],
+    Discriminator(_kind)]
 ClusterRef = Annotated[
     Annotated[ClusterPreset, Tag("preset")] | Annotated[ClusterSpec, Tag("spec")],
     Discriminator(lambda v: "spec" if isinstance(v, dict | BaseModel) else "preset")]
@@ -176,8 +222,14 @@ class JobCreate(_Section):
         description="Client-chosen idempotency key: resubmitting the same body returns the "
                     "same job; a different body with the same key is a conflict (409).")
     model: ModelRef = Field(
-        description=f"Model preset ({', '.join(MODEL_PRESETS)}), a path to a Hugging Face "
-                    "config.json, or explicit ModelSpec fields.")
+        description=f"Model preset ({', '.join(MODEL_PRESETS)}), a Hugging Face model "
+                    "directory (a path with '/'; config.json and safetensors weights), a path "
+                    "to a config.json, {source: <preset or directory>, rope_theta, "
+                    "rope_scaling} to extend context, or explicit ModelSpec fields.")
+    model_init: Literal["pretrained", "random"] | None = Field(
+        default=None,
+        description="Start from the model directory's weights (pretrained) or a random init "
+                    "(random); default: pretrained when the directory has weights.")
     dataset: DatasetRef
     resources: Resources
     training: Training
@@ -190,8 +242,33 @@ class JobCreate(_Section):
         return hashlib.sha256(canon.encode()).hexdigest()
 
     def resolve_model(self) -> ModelSpec:
-        """The ModelSpec (reads the HF config.json when `model` is a path)."""
-        return self.model if isinstance(self.model, ModelSpec) else model_preset(self.model)
+        """The ModelSpec (reads config.json when `model` is a path), overrides applied."""
+        if isinstance(self.model, ModelSpec):
+            return self.model
+        if isinstance(self.model, ModelSource):
+            return _resolve_name(self.model.source).with_overrides(**self.model.overrides())
+        return _resolve_name(self.model)
+
+    def model_dir(self) -> str | None:
+        """The Hugging Face model directory the job starts from, if `model` names one."""
+        ref = self.model.source if isinstance(self.model, ModelSource) else self.model
+        if isinstance(ref, str) and _is_path(ref) and not ref.endswith(".json"):
+            return ref
+        return None
+
+    def resolve_model_init(self) -> Literal["pretrained", "random"]:
+        """model_init with its default filled in (looks at the model directory)."""
+        directory = self.model_dir()
+        weights = directory is not None and has_weights(directory)
+        if self.model_init is None:
+            return "pretrained" if weights else "random"
+        if self.model_init == "pretrained" and not weights:
+            what = f"directory {directory!r} has none" if directory else \
+                "it is not a model directory"
+            raise SpecError(f"model_init='pretrained' needs a model directory with weights "
+                            f"(model.safetensors or model.safetensors.index.json); {what}; "
+                            "use model_init='random' to train from scratch")
+        return self.model_init
 
     def resolve_cluster(self) -> ClusterSpec:
         """The ClusterSpec the planner sees: a preset sized to `num_ranks`, or the fields."""
@@ -231,6 +308,46 @@ class JobCreate(_Section):
     def num_nodes(self) -> int:
         c = self.resolve_cluster()
         return math.ceil(self.resources.num_ranks / c.gpus_per_node)
+
+
+def _resolve_name(name: str) -> ModelSpec:
+    if _is_path(name) and not name.endswith(".json") and not Path(name).is_dir():
+        raise SpecError(f"model={name!r}: no such model directory (give a path the controller "
+                        "and the workers see, or a preset)")
+    return model_preset(name)
+
+
+def validate_model(spec: JobCreate) -> ModelSpec:
+    """Submit-time checks of `model` and `model_init` on the controller's filesystem: the
+    config.json is read (anything not implemented is refused by name), the weights' headers
+    are checked against it, and a sliding window is held against the dataset's longest
+    sequence. Raises SpecError prefixed with the field."""
+    try:
+        model = spec.resolve_model()
+        if spec.resolve_model_init() == "pretrained":
+            inspect_checkpoint(spec.model_dir(), model)
+    except SpecError as exc:
+        raise SpecError(f"model: {exc}") from None
+    longest = _longest_sequence(spec.dataset.path) if model.sliding_window else None
+    if longest is not None:
+        try:
+            model.check_sequence_length(longest, where=f"dataset {spec.dataset.path}: the "
+                                                       "longest sequence")
+        except SpecError as exc:
+            raise SpecError(f"model: {exc}") from None
+    return model
+
+
+def _longest_sequence(dataset: str) -> int | None:
+    """The dataset's longest sample, or None when its index cannot be read here (the
+    dataset's own checks report that)."""
+    from scheduler.dataset import read_lengths
+
+    try:
+        lengths = read_lengths(dataset)
+    except (DatasetError, OSError, ValueError):
+        return None
+    return int(lengths.max()) if len(lengths) else None
 
 
 def parse_job_spec(data: object, *, source: str = "job spec") -> JobCreate:

@@ -298,6 +298,7 @@ def worker_config_json(job: JobRecord) -> str:
     return json.dumps({
         "job_id": job.id, "attempt": job.attempt, "name": spec.name,
         "model": spec.resolve_model().model_dump(mode="json"),
+        "model_dir": spec.model_dir(), "model_init": spec.resolve_model_init(),
         "dataset": spec.dataset.path, "num_ranks": spec.resources.num_ranks,
         # Precision and sharding resolved here, once: the planner charged these figures.
         "training": {**spec.training.model_dump(mode="json"),

@@ -116,8 +116,8 @@ class CostModel:
             activation_bytes_per_token or planned_bytes_per_token_or_none(model)
             or default_activation_bytes_per_token(model))
         flops = cluster.achieved_tflops * 1e12
-        h, L = model.hidden_size, model.num_layers
-        self.a = 6.0 * L * h / flops  # seconds per token^2 (attention)
+        L = model.num_layers
+        self.a = 6.0 * L * model.q_dim / flops  # seconds per token^2 (attention)
         self.b = 6.0 * matmul_params(model) / flops  # seconds per token (matmuls)
         self.c = LAUNCH_S_PER_LAYER * L  # seconds per group
         # Ring traffic per token held: K and V in forward, K, V, dK, dV in backward.
@@ -253,8 +253,8 @@ def nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def matmul_params(model: ModelSpec) -> int:
     """Parameters that take part in a matmul per token (all but embedding and norms)."""
-    h, kv = model.hidden_size, model.num_kv_heads * model.head_dim
-    per_layer = 2 * h * h + 2 * h * kv + 3 * h * model.ffn_hidden_size
+    h, q, kv = model.hidden_size, model.q_dim, model.kv_dim
+    per_layer = 2 * h * q + 2 * h * kv + 3 * h * model.ffn_hidden_size
     return model.num_layers * per_layer + model.vocab_size * h
 
 

@@ -77,9 +77,9 @@ def layer_activation_bytes(spec: ModelSpec, num_tokens: int) -> tuple[float, flo
 def layer_forward_seconds(spec: ModelSpec, cluster: ClusterSpec, *, num_tokens: int,
                           mean_context: float) -> float:
     """Forward time of one layer: 2 FLOPs per weight per token + causal attention."""
-    h, f, kv = spec.hidden_size, spec.ffn_hidden_size, spec.num_kv_heads * spec.head_dim
-    dense = 2 * (2 * h * h + 2 * h * kv + 3 * h * f)
-    attention = 4 * h * mean_context  # QK^T and PV over the visible keys
+    h, f, q, kv = spec.hidden_size, spec.ffn_hidden_size, spec.q_dim, spec.kv_dim
+    dense = 2 * (2 * h * q + 2 * h * kv + 3 * h * f)
+    attention = 4 * q * mean_context  # QK^T and PV over the visible keys
     return num_tokens * (dense + attention) / (cluster.achieved_tflops * 1e12)
 
 

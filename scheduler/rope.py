@@ -34,6 +34,12 @@ class _Rope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DefaultRope(_Rope):
+    """Plain RoPE (no scaling); in a job spec's override it removes the checkpoint's."""
+
+    rope_type: Literal["default"] = Field(description="Plain RoPE.")
+
+
 class LinearRope(_Rope):
     """Position interpolation: every frequency divided by `factor`."""
 
@@ -85,6 +91,9 @@ class YarnRope(_Rope):
 
 
 RopeScaling = Annotated[LinearRope | Llama3Rope | YarnRope, Field(discriminator="rope_type")]
+# What a job spec may set: a schedule, or "default" for none.
+RopeSetting = Annotated[DefaultRope | LinearRope | Llama3Rope | YarnRope,
+                        Field(discriminator="rope_type")]
 ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from scheduler.errors import SpecError
-from scheduler.rope import RopeScaling
+from scheduler.rope import DefaultRope, RopeScaling
 
 DType = Literal["float64", "float32", "float16", "bfloat16"]
 
@@ -84,7 +84,8 @@ class ModelSpec(_Spec):
         if isinstance(data, dict):
             data = dict(data)
             rope = data.get("rope_scaling")
-            if isinstance(rope, dict) and rope.get("rope_type") == "default" and len(rope) == 1:
+            if isinstance(rope, DefaultRope) or isinstance(rope, dict) \
+                    and rope.get("rope_type") == "default" and len(rope) == 1:
                 data["rope_scaling"] = None  # plain RoPE has one spelling: None
             if data.get("head_dim") is None and isinstance(data.get("hidden_size"), int) \
                     and isinstance(data.get("num_heads"), int) and data["num_heads"] > 0 \

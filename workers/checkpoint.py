@@ -19,6 +19,8 @@ replicated tensor is stored once) and read back by all ranks. What it holds:
               (flat or by name) as int64 tensors
   rng.rank<r> each rank's torch CPU (and CUDA) generator state: ranks may differ; a rank
               the saving world did not have keeps its own (with a warning)
+and, beside DCP's files, `ringmaster-model.json`: the ModelSpec trained (RoPE overrides
+included) and the Hugging Face directory it came from, which `ringmaster export` reads.
 Together with a deterministic step these make resume bit-identical on the same world: k
 steps, save, a fresh process, restore, N-k steps gives exactly the N-step losses and
 weights. On another world the optimizer state is the same, element for element, and only
@@ -155,6 +157,7 @@ def save_checkpoint(directory: str | Path, trainer: Trainer) -> Path:
     _dcp(dcp.save, _state(trainer), partial, trainer.group)
     _barrier(trainer.group)
     if lead:
+        _write_model_card(partial, trainer.model)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     _barrier(trainer.group)
@@ -216,6 +219,14 @@ def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng:
         torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _write_model_card(directory: Path, model) -> None:
+    """The spec and source directory `ringmaster export` needs (workers.hf.MODEL_CARD)."""
+    if hasattr(model, "spec"):
+        from workers.hf import write_model_card
+
+        write_model_card(directory, model)
 
 
 def _barrier(group) -> None:

@@ -81,6 +81,8 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
     try:
         config = GroupConfig(num_ranks=int(cfg["num_ranks"]),
                              model=ModelSpec.model_validate(cfg["model"]),
+                             model_dir=cfg.get("model_dir"),
+                             model_init=cfg.get("model_init") or "random",
                              train=train_config(cfg), seed=int(cfg["training"]["seed"]),
                              env=forwarded_env())
     except (KeyError, ValueError) as exc:

@@ -27,6 +27,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import ray
 import torch
@@ -60,6 +61,11 @@ class GroupConfig:
 
     num_ranks: int  # actors (= world size)
     model: ModelSpec  # built identically on every rank, in train.precision's compute dtype
+    # Hugging Face directory the model comes from (workers.hf); with model_init "pretrained"
+    # every rank loads its weights (`model` may override its RoPE settings), with "random"
+    # it is only the source of the tokenizer files an export copies.
+    model_dir: str | None = None
+    model_init: Literal["pretrained", "random"] = "random"
     train: TrainConfig = field(default_factory=TrainConfig)  # optimizer and schedule
     seed: int = 0  # model initialisation seed (same on every rank)
     use_gpu: bool | None = None  # None: GPUs if the Ray cluster has at least num_ranks
@@ -76,6 +82,10 @@ class GroupConfig:
             raise ValueError(f"cpus_per_rank={self.cpus_per_rank} must be > 0 (or None)")
         if self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1")
+        if self.model_init not in ("pretrained", "random") or (
+                self.model_init == "pretrained" and self.model_dir is None):
+            raise ValueError(f"model_init={self.model_init!r} must be 'random' or "
+                             "'pretrained' (which needs model_dir)")
         if self.timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} and start_timeout_s="
                              f"{self.start_timeout_s} must be > 0")
@@ -104,7 +114,7 @@ class RankWorker:
         """Join the global process group and build the model and trainer; returns pid."""
         import torch.distributed as dist
 
-        from workers.train import Trainer, build_model
+        from workers.train import Trainer
 
         if self.use_gpu:
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
@@ -120,10 +130,28 @@ class RankWorker:
         device = "cuda" if self.use_gpu else "cpu"
         train = self.config.train.resolve(device_type=device,
                                           world_size=self.config.num_ranks)
-        torch.manual_seed(self.config.seed)
-        model = build_model(self.config.model, train.precision, device=device)
+        model = self._initial_model(train.precision, device)
         self.trainer = Trainer(model, train, rank=self.rank)
         return os.getpid()
+
+    def _initial_model(self, precision: str, device: str):
+        """The same weights on every rank, in the precision's compute dtype: each rank loads
+        the shared directory (workers.hf says why), or draws the same random init; checked
+        with one all-reduce."""
+        from scheduler.model_states import compute_dtype
+        from workers.hf import load_pretrained
+        from workers.train import build_model
+
+        cfg = self.config
+        if cfg.model_init == "pretrained":
+            model = load_pretrained(cfg.model_dir, spec=cfg.model,
+                                    dtype=compute_dtype(precision), device=device)
+        else:
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.model, precision, device=device)
+            model.source_dir = cfg.model_dir
+        _check_same_weights(model, cfg.model_dir)
+        return model
 
     def run_step(self, plan_json: str, samples: Mapping[int, torch.Tensor]) -> StepStats:
         from workers.step import run_step
@@ -171,6 +199,26 @@ class RankWorker:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _check_same_weights(model: torch.nn.Module, source: str | None) -> None:
+    """Every rank must start from identical weights (the loss invariant assumes one model):
+    compare a float64 checksum of the parameters across the world."""
+    import torch.distributed as dist
+
+    params = list(model.parameters())
+    total = torch.stack([p.detach().double().sum() for p in params]).sum()
+    weighted = torch.stack([p.detach().double().abs().sum() * (i + 1)
+                            for i, p in enumerate(params)]).sum()
+    sums = torch.stack([total, weighted])
+    low, high = sums.clone(), sums.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if not torch.equal(low, high):
+        where = f" from {source!r} (is it on storage every rank sees, the same files?)" \
+            if source else ""
+        raise RuntimeError(f"ranks start from different weights{where}: parameter checksums "
+                           f"range {low.tolist()} .. {high.tolist()}")
 
 
 def _ensure_ray() -> None:

@@ -96,6 +96,15 @@ def _check_inputs(plan: StepPlan, samples: Mapping[int, torch.Tensor], rank: int
                                  f"{tuple(t.shape)}")
 
 
+def _check_window(model, plan: StepPlan) -> None:
+    """A model with a sliding window refuses a plan with a sequence longer than it (every
+    rank checks the whole plan, so all raise before any collective)."""
+    spec = getattr(model, "spec", None)
+    if spec is not None and spec.sliding_window is not None:
+        longest = max(s.length for _, g in plan.groups() for s in g.sequences)
+        spec.check_sequence_length(longest, where="plan: a sequence")
+
+
 def _packed(g: RingGroup, samples: Mapping[int, torch.Tensor], device) -> tuple:
     tokens = [samples[s.id] for s in g.sequences]
     lengths = torch.tensor([0] + [len(t) for t in tokens], dtype=torch.int64)
@@ -206,6 +215,7 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     gradients as without).
     """
     _check_inputs(plan, samples, rank, group)
+    _check_window(model, plan)
     num_predictions = global_num_predictions(plan)
     if num_predictions < 1:
         raise ValueError("plan: every sequence has length 1, so the batch has no predictions")
