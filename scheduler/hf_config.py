@@ -217,7 +217,8 @@ def hf_config_from_spec(spec: ModelSpec, *, base: dict | None = None) -> dict:
            if k not in ("rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype",
                         "layer_types", "attention_bias", "sliding_window",
                         "use_sliding_window")}
-    scaling = spec.rope_scaling.model_dump(exclude_none=True) if spec.rope_scaling else None
+    scaling = spec.rope_scaling.model_dump(exclude_none=True, exclude_defaults=True) \
+        if spec.rope_scaling else None  # defaults left out: transformers' are the same
     cfg.update(
         architectures=[ARCHITECTURES[spec.model_type]], model_type=spec.model_type,
         vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
