@@ -17,9 +17,26 @@ from scheduler.specs import MODEL_PRESETS, ModelSpec
 SPECS = [MODEL_PRESETS["tiny"],
          ModelSpec(vocab_size=97, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2,
                    ffn_hidden_size=80, dtype="float32")]
+_ODD = dict(vocab_size=97, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2,
+            ffn_hidden_size=80, dtype="float32")
+# Every option the Hugging Face families add changes the tensor list.
+FAMILY_SPECS = {
+    "llama-bias": ModelSpec(**_ODD, attention_bias=True, attention_out_bias=True,
+                            rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 64}),
+    "mistral": ModelSpec(**_ODD, model_type="mistral", sliding_window=4096),
+    "qwen2-tied": ModelSpec(**_ODD, model_type="qwen2", attention_bias=True,
+                            tie_word_embeddings=True),
+    "qwen3": ModelSpec(**_ODD, model_type="qwen3", qk_norm=True, head_dim=12,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                     "original_max_position_embeddings": 64}),
+}
+ALL_SPECS = [*SPECS, *FAMILY_SPECS.values()]
+ALL_IDS = ["tiny", "odd", *FAMILY_SPECS]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=["tiny", "odd"])
+@pytest.mark.parametrize("spec", ALL_SPECS, ids=ALL_IDS)
 def test_parameter_numels_are_the_transformers_tensors(spec):
     from workers.model import Transformer
 
@@ -28,12 +45,21 @@ def test_parameter_numels_are_the_transformers_tensors(spec):
     assert sum(p.numel() for p in model.parameters()) == spec.num_params
 
 
+def test_tied_head_counts_once():
+    tied, untied = FAMILY_SPECS["qwen2-tied"], FAMILY_SPECS["qwen2-tied"].model_copy(
+        update={"tie_word_embeddings": False})
+    assert untied.num_params - tied.num_params == tied.vocab_size * tied.hidden_size
+    bytes_tied = model_state_bytes(tied, precision="fp32", sharding="none", world_size=1)
+    assert bytes_tied.total == 16 * tied.num_params
+
+
+@pytest.mark.parametrize("spec", [SPECS[1], FAMILY_SPECS["qwen2-tied"], FAMILY_SPECS["qwen3"]],
+                         ids=["odd", "qwen2-tied", "qwen3"])
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_zero1_loads_match_the_runtime_partition(world):
+def test_zero1_loads_match_the_runtime_partition(world, spec):
     from workers.model import Transformer
     from workers.train import partition_parameters
 
-    spec = SPECS[1]
     params = list(Transformer(spec).parameters())
     owners = partition_parameters(params, world)
     expected = [sum(p.numel() for p, o in zip(params, owners, strict=True) if o == r)

@@ -48,13 +48,14 @@ def checkpoints(tmp_path_factory):
 def test_logits_and_gradients_equal_transformers(checkpoints, family):
     model = load_pretrained(checkpoints[family], dtype=torch.float64)
     ids, cu = packed_batch()
-    want_logits, want_loss, want = reference_loss_and_grads(load_reference(checkpoints[family]),
-                                                            ids, cu, model.spec)
+    reference = load_reference(checkpoints[family])
+    assert sum(p.numel() for p in reference.parameters()) == model.spec.num_params
+    want_logits, want_loss, want = reference_loss_and_grads(reference, ids, cu, model.spec)
     logits = model(ids, cu)
     assert rel_err(logits.detach(), want_logits) <= TOL
     targets = next_token_targets(ids, cu)
     loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
-    assert abs(float(loss) - want_loss) <= TOL * abs(want_loss)
+    assert abs(loss.item() - want_loss) <= TOL * abs(want_loss)
     loss.backward()
     _assert_grads(model, want, "autograd")
     for kwargs in FUSED:

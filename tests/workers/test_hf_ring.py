@@ -7,7 +7,8 @@ Each rank loads the checkpoint itself (load_pretrained, as a job's ranks do) and
 angles, scaled RoPE included); micro-batch 1 packs the others one group per rank, one rank
 holding two sequences. Reference and tolerance as in test_hf_models.py (1e-10 relative at
 float64, transformers' float32 islands in float64); across ranks the gradients must be
-bit-identical (one all-reduce).
+bit-identical (one all-reduce). The same launch starts the model as a worker group's
+rank does (RankWorker: pretrained weights on every rank, checked to agree).
 """
 
 from __future__ import annotations
@@ -48,12 +49,33 @@ def _rank_fn(rank: int, world_size: int, directories: list[str]):
     from workers.step import run_step
 
     out = []
-    for d in directories:
+    for d in directories[:-1]:  # the last one is the mismatched copy below
         model = load_pretrained(d, dtype=torch.float64)
         stats = run_step(model, _plan(), _samples(), rank=rank)
         out.append((stats.loss, {n: p.grad.numpy().copy()
                                  for n, p in model.named_parameters()}))
-    return out  # numpy, not tensors: tensors would travel as shared-memory handles
+    return out, _start_the_group_way(rank, directories)  # numpy, not tensors: tensors
+    # would travel as shared-memory handles
+
+
+def _start_the_group_way(rank: int, directories: list[str]) -> tuple[str, str]:
+    """RankWorker's start-up (workers.group): every rank loads the directory itself and one
+    all-reduce checks they agree; a rank that sees other files makes every rank refuse."""
+    from scheduler.specs import ModelSpec
+    from workers.group import GroupConfig, RankWorker
+
+    def start(d: str) -> str:
+        spec = ModelSpec.from_hf_config(directories[0], dtype="float64")
+        config = GroupConfig(num_ranks=3, model=spec, model_dir=d, model_init="pretrained")
+        try:
+            model = RankWorker(rank, config, use_gpu=False)._initial_model()
+        except RuntimeError as exc:
+            return str(exc)
+        return f"ok {model.source_dir}"
+
+    same = start(directories[0])
+    # rank 2 reads another copy of the family whose weights differ (another seed)
+    return same, start(directories[-1] if rank == 2 else directories[0])
 
 
 @pytest.mark.distributed
@@ -61,7 +83,12 @@ def test_hdp_plan_with_a_ring_of_three_equals_transformers(tmp_path):
     from workers.hf import load_pretrained
 
     dirs = [make_checkpoint(tmp_path / f, f) for f in FAMILIES]
-    results = run_distributed(_rank_fn, 3, [str(d) for d in dirs], timeout_s=300)
+    other = make_checkpoint(tmp_path / "other", FAMILIES[0], seed=1)
+    launched = run_distributed(_rank_fn, 3, [str(d) for d in [*dirs, other]], timeout_s=300)
+    results = [r[0] for r in launched]
+    for rank, (same, mixed) in enumerate(r[1] for r in launched):
+        assert same == f"ok {dirs[0]}", rank
+        assert "ranks start from different weights" in mixed, (rank, mixed)
     samples = _samples()
     ids = torch.cat(list(samples.values()))
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
