@@ -104,11 +104,22 @@ def load_pretrained(path: str | Path, *, dtype: str | torch.dtype | None = None,
 
 
 def empty_model(spec: ModelSpec, device: str | torch.device = "cpu") -> Transformer:
-    """A Transformer with uninitialised parameters on `device` (no random init)."""
+    """A Transformer with uninitialised parameters on `device` (no random init).
+
+    Built on the meta device, then each parameter gets plain `torch.empty` storage (shared
+    parameters stay shared). Not `Module.to_empty`: its meta-tensor path imports
+    torch's symbolic-shape machinery (sympy, ~40 MB) into every loading process.
+    """
     with torch.device("meta"):
-        model = Transformer(spec)
-    model.to_empty(device=device)
-    model.tie_weights()  # to_empty gives the tied head a storage of its own
+        model = Transformer(spec, initialize=False)
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False, remove_duplicate=False)):
+            if id(p) not in made:
+                made[id(p)] = torch.nn.Parameter(
+                    torch.empty(p.shape, dtype=p.dtype, device=device),
+                    requires_grad=p.requires_grad)
+            module.register_parameter(name, made[id(p)])
     return model
 
 

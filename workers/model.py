@@ -84,18 +84,23 @@ class Transformer(nn.Module):
     directory the model came from (workers.hf), if any: exports copy its tokenizer files.
     """
 
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, *, initialize: bool = True):
+        """`initialize=False` skips the random init (weights about to be loaded; on the meta
+        device this also avoids normal_, whose meta kernel imports torch._dynamo)."""
         super().__init__()
         self.spec = spec
         self.source_dir: str | None = None
         dtype = _DTYPES[spec.dtype]
-        self.embed = nn.Embedding(spec.vocab_size, spec.hidden_size, dtype=dtype)
+        shape = (spec.vocab_size, spec.hidden_size)
+        self.embed = nn.Embedding(*shape, dtype=dtype) if initialize else \
+            nn.Embedding(*shape, dtype=dtype, _weight=torch.empty(shape, dtype=dtype))
         self.layers = nn.ModuleList(DecoderLayer.from_spec(spec, dtype)
                                     for _ in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, eps=spec.norm_eps, dtype=dtype)
         self.head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False, dtype=dtype)
         self.tie_weights()
-        self.reset_parameters()
+        if initialize:
+            self.reset_parameters()
 
     def tie_weights(self) -> None:
         """Make the head's weight the embedding's (tied specs; again after to_empty)."""

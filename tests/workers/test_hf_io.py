@@ -221,8 +221,7 @@ def test_bad_checkpoints_are_refused_before_reading(tmp_path, monkeypatch, name,
 
 _MEASURE = """
 import json, sys
-from scheduler.specs import MODEL_PRESETS
-from workers.hf import checkpoint_bytes, empty_model, load_pretrained
+from workers.hf import checkpoint_bytes, load_pretrained
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -230,7 +229,6 @@ def status(key):
             return int(line.split()[1]) * 1024
 
 nbytes = checkpoint_bytes(sys.argv[1])
-empty_model(MODEL_PRESETS["tiny"])  # one-time import of torch's meta kernels (~150 MB)
 base = status("VmRSS:")
 with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current RSS
     f.write("5")
@@ -243,10 +241,8 @@ print(json.dumps({"bytes": nbytes, "growth": status("VmHWM:") - base,
 def test_peak_host_memory_while_loading_is_within_1_2x(tmp_path):
     """A ~200 MB float32 checkpoint in 4 shards, loaded in a fresh process: the peak RSS
     (VmHWM, reset just before the load) grows by at most 1.2x the checkpoint's bytes (the
-    model itself is 1.0x). The baseline is taken after the interpreter, torch and the
-    loader's libraries are in memory, including torch's meta-device kernels (a one-time
-    ~150 MB of Python modules, whatever the model's size, imported by building a tiny
-    model on the meta device first): what is measured is what loading this model adds."""
+    model itself is 1.0x). The baseline is the RSS after the interpreter, torch and the
+    loader's modules are imported: what is measured is what loading this model adds."""
     if not os.access("/proc/self/clear_refs", os.W_OK):
         pytest.skip("needs /proc/self/clear_refs to reset the peak RSS (Linux)")
     from workers.model import Transformer
