@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
 from scheduler.errors import SpecError
@@ -22,7 +23,6 @@ from workers.hf import checkpoint_bytes, load_pretrained, save_pretrained
 
 from .helpers import group, one_thread, plan_of, random_samples  # noqa: F401
 
-transformers = pytest.importorskip("transformers")
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -33,7 +33,6 @@ from workers.model import next_token_targets
 
 from .helpers import one_thread  # noqa: F401
 
-pytest.importorskip("transformers")
 TOL = 1e-10
 FUSED = [{}, {"stream_chunk_size": 7}, {"offload_ratio": 0.5}]
 

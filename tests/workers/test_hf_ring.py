@@ -26,7 +26,6 @@ from tests.workers.hf_cases import (
     rel_err,
 )
 
-pytest.importorskip("transformers")
 TOL = 1e-10
 LENGTHS = [31, 13, 1, 6, 9]
 
