@@ -377,15 +377,28 @@ def stored_profiles(path: Path = PROFILES_PATH) -> dict[str, ModelMemoryProfile]
     return {name: profile_from_json(d) for name, d in json.loads(path.read_text()).items()}
 
 
+# Fields that change values but not a single memory request: a layer's trace does not
+# depend on them (plans take num_layers from the caller's spec).
+_TRACE_FREE_FIELDS = ("num_layers", "rope_theta", "norm_eps", "max_position_embeddings",
+                      "sliding_window")
+
+
+def _trace_key(model: ModelSpec) -> ModelSpec:
+    return model.model_copy(update={f: getattr(ModelSpec.model_fields[f], "default", None)
+                                    for f in _TRACE_FREE_FIELDS if f != "num_layers"}
+                            | {"num_layers": 1})
+
+
 def find_profile(model: ModelSpec, *, path: Path = PROFILES_PATH) -> ModelMemoryProfile:
-    """The stored profile of this ModelSpec; the layer count may differ (a layer's trace
-    does not depend on it, and plans take `num_layers` from the caller's spec)."""
+    """The stored profile of a model of this shape: the layer count, RoPE base, norm
+    epsilon and context length may differ (no memory request depends on them)."""
+    key = _trace_key(model)
     for profile in stored_profiles(path).values():
-        if profile.model.model_copy(update={"num_layers": model.num_layers}) == model:
+        if _trace_key(profile.model) == key:
             return profile
     raise SpecError(
         f"no memory profile for model {model.model_dump()} in {path}; record one with "
-        "`python -m workers.memtrace --model <preset or config.json>`")
+        "`python -m workers.memtrace --model <preset, config.json or model directory>`")
 
 
 @lru_cache(maxsize=64)

@@ -164,3 +164,16 @@ def test_hand_profile_composes_too():
                         lower_bound_bytes=0, max_live_bytes=0, status="expanded", gap=0.0,
                         heuristic_peak_bytes=0, solve_time_s=0.0)
     check_plan(placed, sizes, lifetimes)
+
+
+def test_profiles_are_found_by_shape_not_by_rope_base():
+    """A context-extension job (another rope_theta, a longer context) plans with its
+    preset's recorded profile; another architecture option (biases) has none."""
+    from scheduler.memory_model import find_profile
+    from scheduler.specs import MODEL_PRESETS
+
+    extended = MODEL_PRESETS["llama-7b"].with_overrides(rope_theta=5e6,
+                                                        max_position_embeddings=262144)
+    assert find_profile(extended) is not None
+    with pytest.raises(SpecError, match="no memory profile"):
+        find_profile(extended.with_overrides(attention_bias=True, attention_out_bias=True))
