@@ -59,6 +59,8 @@ MAX_PATH_CHARS = 4096
 
 ModelPreset = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
 ClusterPreset = Literal[tuple(CLUSTER_PRESETS)]  # type: ignore[valid-type]
+PathStr = Annotated[str, StringConstraints(pattern=PATH_PATTERN, min_length=1,
+                                           max_length=MAX_PATH_CHARS)]
 
 
 def _kind(value: object) -> str:
@@ -77,7 +79,10 @@ def _is_path(value: str) -> bool:
     return value.endswith(".json") or "/" in value
 
 
-ModelPath = Annotated[str, StringConstraints(pattern=PATH_PATTERN, max_length=MAX_PATH_CHARS)]
+# A model directory or config.json: contains '/' or ends in .json (so no preset name is a
+# path, and the JSON Schema's oneOf stays unambiguous).
+ModelPath = Annotated[str, StringConstraints(pattern=r"^[^\x00]*(/[^\x00]*|\.json)$",
+                                             max_length=MAX_PATH_CHARS)]
 
 
 class ModelSource(BaseModel):
@@ -86,8 +91,8 @@ class ModelSource(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    source: ModelPath = Field(description="Model preset or Hugging Face model directory (or "
-                                          "config.json path) to start from.")
+    source: PathStr = Field(description="Model preset or Hugging Face model directory (or "
+                                        "config.json path) to start from.")
     rope_theta: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                                      description="Replaces the RoPE base frequency.")
     rope_scaling: RopeSetting | None = Field(
@@ -116,8 +121,6 @@ ModelRef = Annotated[
 ClusterRef = Annotated[
     Annotated[ClusterPreset, Tag("preset")] | Annotated[ClusterSpec, Tag("spec")],
     Discriminator(lambda v: "spec" if isinstance(v, dict | BaseModel) else "preset")]
-PathStr = Annotated[str, StringConstraints(pattern=PATH_PATTERN, min_length=1,
-                                           max_length=MAX_PATH_CHARS)]
 
 
 class _Section(BaseModel):

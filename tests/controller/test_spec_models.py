@@ -81,6 +81,8 @@ def test_rope_overrides_extend_context(tmp_path):
     assert (model.rope_theta, model.rope_scaling.factor, model.max_position_embeddings) == (
         1e6, 4.0, 16384)
     assert spec.model_dir() == str(d) and spec.resolve_model_init() == "pretrained"
+    preset = parse_job_spec(job({"source": "tiny", "rope_theta": 5e5}, tmp_path))
+    assert preset.resolve_model().rope_theta == 5e5 and preset.model_dir() is None
     with pytest.raises(SpecError, match=r"model\.source\.rope_scaling\.yarn\.factor"):
         parse_job_spec(job({"source": str(d), "rope_scaling": {
             "rope_type": "yarn", "original_max_position_embeddings": 8}}, tmp_path))
