@@ -157,9 +157,24 @@ def test_specs_a_config_cannot_express_are_refused(fields, needle):
         parse_spec(ModelSpec, MODEL_PRESETS["tiny"].model_dump() | fields, what="model spec")
 
 
-def test_reading_configs_imports_no_torch():
-    code = ("import sys, json; from scheduler.specs import ModelSpec; "
-            "from scheduler.hf_checkpoint import parameter_names; "
-            f"s = ModelSpec.from_hf_config(json.loads({json.dumps(json.dumps(QWEN3_06B))})); "
-            "parameter_names(s); s.to_hf_config(); assert 'torch' not in sys.modules")
+def test_reading_configs_and_headers_imports_no_torch(tmp_path):
+    """What the controller runs at submit: config.json and the weights' headers."""
+    tiny = {**QWEN3_06B, "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+            "intermediate_size": 48}
+    (tmp_path / "config.json").write_text(json.dumps(tiny))
+    code = f"""
+import sys
+import numpy as np
+from safetensors.numpy import save_file
+from scheduler.hf_checkpoint import inspect_checkpoint, parameter_names
+from scheduler.specs import ModelSpec
+spec = ModelSpec.from_hf_config({str(tmp_path)!r})
+save_file({{hf: np.zeros(shape, np.float32) for _, hf, shape in parameter_names(spec)}},
+          {str(tmp_path / "model.safetensors")!r})
+layout = inspect_checkpoint({str(tmp_path)!r}, spec)
+assert len(layout.entries) == len(spec.parameter_numels()), layout
+spec.to_hf_config()
+assert "torch" not in sys.modules
+"""
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
