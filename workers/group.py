@@ -206,11 +206,11 @@ def _check_same_weights(model: torch.nn.Module, source: str | None) -> None:
     compare a float64 checksum of the parameters across the world."""
     import torch.distributed as dist
 
-    params = list(model.parameters())
-    total = torch.stack([p.detach().double().sum() for p in params]).sum()
-    weighted = torch.stack([p.detach().double().abs().sum() * (i + 1)
-                            for i, p in enumerate(params)]).sum()
-    sums = torch.stack([total, weighted])
+    with torch.no_grad():  # float64 reductions, no float64 copy of any tensor
+        per_tensor = torch.stack([p.sum(dtype=torch.float64) for p in model.parameters()])
+        position = torch.arange(1, len(per_tensor) + 1, dtype=torch.float64,
+                                device=per_tensor.device)
+        sums = torch.stack([per_tensor.sum(), (per_tensor * position).sum()])
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN)
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
