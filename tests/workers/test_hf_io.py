@@ -100,7 +100,8 @@ def test_ringmaster_export_of_a_training_checkpoint(tmp_path):
     spec = ModelSpec.from_hf_config(src).with_overrides(
         rope_theta=4e6, rope_scaling={"rope_type": "linear", "factor": 2.0},
         max_position_embeddings=256)
-    trainer = Trainer(load_pretrained(src, spec=spec), TrainConfig(lr=1e-2), rank=0)
+    trainer = Trainer(load_pretrained(src, spec=spec), TrainConfig(lr=1e-2, precision="fp64"),
+                      rank=0)
     lengths = [17, 5]
     trainer.train_step(plan_of(1, [[group([0], [(0, 17), (1, 5)])]]),
                        random_samples(lengths, seed=1, vocab=101))

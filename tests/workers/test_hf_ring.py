@@ -67,7 +67,7 @@ def _start_the_group_way(rank: int, directories: list[str]) -> tuple[str, str]:
         spec = ModelSpec.from_hf_config(directories[0], dtype="float64")
         config = GroupConfig(num_ranks=3, model=spec, model_dir=d, model_init="pretrained")
         try:
-            model = RankWorker(rank, config, use_gpu=False)._initial_model()
+            model = RankWorker(rank, config, use_gpu=False)._initial_model("fp64", "cpu")
         except RuntimeError as exc:
             return str(exc)
         return f"ok {model.source_dir}"
