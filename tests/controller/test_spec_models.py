@@ -127,3 +127,17 @@ def test_submit_of_a_bad_model_directory_is_a_422(ctl, tmp_path):
     ok = ctl.client().post("/v1/jobs", json=job(str(model_dir(tmp_path / "good")), tmp_path,
                                                 name="good-model"))
     assert ok.status_code == 201, ok.text
+
+
+def test_worker_config_carries_the_model_directory_to_the_driver(tmp_path):
+    """What the driver gets at Register: the resolved spec (overrides applied), the
+    directory and model_init, which become its GroupConfig."""
+    from controller.states import JobRecord, State
+    from controller.worker_service import worker_config_json
+
+    d = model_dir(tmp_path / "m")
+    spec = parse_job_spec(job({"source": str(d), "rope_theta": 2e4}, tmp_path))
+    cfg = json.loads(worker_config_json(JobRecord(id="j", spec=spec, state=State.PENDING)))
+    assert (cfg["model_dir"], cfg["model_init"]) == (str(d), "pretrained")
+    model = ModelSpec.model_validate(cfg["model"])
+    assert model.rope_theta == 2e4 and model.sliding_window == 100
