@@ -219,5 +219,9 @@ def test_random_varlen_layouts_match_naive(lens, group, hkv, head_dim, causal):
     ref_out, ref_lse = naive_attention(*leaves, lens_q, lens_k, causal, scale=0.5)
     ref_grads = torch.autograd.grad((ref_out * dout).sum(), leaves)
     assert rel_err(out, ref_out) <= F64_TOL and rel_err(lse, ref_lse) <= F64_TOL
+    # A gradient can be exactly zero by symmetry (one key per query: softmax is constant,
+    # so dK = 0), where a relative error is undefined and round-off of 1e-17 reads as
+    # 1e283; measure each gradient against the largest reference gradient of the problem.
+    scale = max(float(r.abs().max()) for r in ref_grads) or 1.0
     for g, r in zip(grads, ref_grads, strict=True):
-        assert rel_err(g, r) <= F64_TOL
+        assert float((g - r).abs().max()) <= F64_TOL * scale
