@@ -23,7 +23,8 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # bench/scheduler.py shadows it
 
 
-def scripted_ranks(address: str, job_id: str, ranks: int, step_ms: float, out) -> None:
+def scripted_ranks(address: str, job_id: str, ranks: int, step_ms: float, out,
+                   secret: str) -> None:
     import threading
 
     from workers.controller_client import ControllerClient, WorkerIdentity
@@ -31,7 +32,8 @@ def scripted_ranks(address: str, job_id: str, ranks: int, step_ms: float, out) -
     waits: list[float] = []
 
     def rank(r: int) -> None:
-        c = ControllerClient(address, WorkerIdentity(job_id=job_id, attempt=1, rank=r))
+        c = ControllerClient(address, WorkerIdentity(job_id=job_id, attempt=1, rank=r),
+                             secret=secret)
         c.register(host="bench", pid=r)
         stream = c.plans(0)
         done = time.perf_counter()
@@ -65,6 +67,7 @@ def main() -> None:
     from controller.spec import parse_job_spec
     from controller.states import State
     from controller.store import JobStore
+    from controller.worker_auth import WorkerAuth
     from controller.worker_service import WorkerService, serve_grpc
     from scheduler.synth import synthesize
 
@@ -79,7 +82,8 @@ def main() -> None:
             pass
 
     pool = make_planner_pool()
-    service = WorkerService(store=store, launcher=Events(), planner_pool=pool)
+    auth = WorkerAuth.from_token("bench")
+    service = WorkerService(store=store, launcher=Events(), planner_pool=pool, auth=auth)
     server, port = serve_grpc(service, host="127.0.0.1", port=0)
     spec = parse_job_spec({
         "name": "bench", "model": "tiny", "dataset": {"path": str(tmp / "data")},
@@ -93,7 +97,7 @@ def main() -> None:
     out = mp.get_context("spawn").Queue()
     ranks = mp.get_context("spawn").Process(
         target=scripted_ranks, args=(f"127.0.0.1:{port}", job.id, args.ranks, args.step_ms,
-                                     out))
+                                     out, auth.secret_for(job.id, 1)))
     cpu0 = time.process_time()
     child0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()

@@ -26,9 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import typer
-import yaml
 from rich.console import Console
 from rich.table import Table
+
+from controller.safe_yaml import load_yaml
 
 console = Console(soft_wrap=True)
 
@@ -81,7 +82,7 @@ def run_demo(*, out: Path, spec_file: Path, num_samples: int, steps: int | None,
 
 
 def _demo_spec(spec_file: Path, out: Path, steps: int | None) -> dict:
-    spec = yaml.safe_load(spec_file.read_text())
+    spec = load_yaml(spec_file.read_text())
     spec["dataset"]["path"] = str(out / "data")
     spec["training"]["checkpoint_dir"] = str(out / "checkpoints")
     if steps is not None:
@@ -114,8 +115,7 @@ class _EmbeddedController:
         self.ctl = Controller(ControllerConfig(state_dir=self.out / "state", launcher="ray",
                                                port=0, grpc_port=0, token="demo"),
                               tracer_provider=provider)
-        self.server = uvicorn.Server(uvicorn.Config(self.ctl.app, host="127.0.0.1", port=0,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(self.ctl.uvicorn_config(log_level="warning"))
         threading.Thread(target=self.server.run, daemon=True).start()
         deadline = time.monotonic() + 60
         while not self.server.started:

@@ -87,25 +87,45 @@ def show_job(job: JobPublic) -> None:
 def serve(
     host: str = typer.Option("127.0.0.1", help="REST bind address."),
     port: int = typer.Option(8080, help="REST port."),
-    grpc_port: int = typer.Option(50051, "--grpc-port", help="Port workers call back on."),
+    grpc_port: int = typer.Option(50051, "--grpc-port", help="Port workers call back on "
+                                  "(every call needs its attempt's secret)."),
     state_dir: Path = STATE_DIR,
     launcher: LauncherName = typer.Option(LauncherName.ray, help="How job workers start "
                                           "(fake: in memory, starts nothing; for API tests)."),
     redis_url: str = typer.Option(None, "--redis-url", envvar="REDIS_URL",
                                   help="External Redis (default: embedded in state dir)."),
+    data_root: list[Path] = typer.Option(
+        None, "--data-root", help="Directory dataset, model and checkpoint paths must lie "
+        "in (repeatable; default: anywhere, as a single-user tool)."),
+    tls_cert: Path = typer.Option(None, "--tls-cert", help="PEM certificate (chain): serve "
+                                  "REST (HTTPS) and gRPC over TLS. E.g. cert-manager's "
+                                  "tls.crt."),
+    tls_key: Path = typer.Option(None, "--tls-key", help="PEM private key of --tls-cert "
+                                 "(tls.key)."),
+    tls_ca: Path = typer.Option(None, "--tls-ca", help="CA the workers trust for the gRPC "
+                                "port (ca.crt; default: --tls-cert itself)."),
+    max_connections: int = typer.Option(1000, "--max-connections", min=1,
+                                        help="Open REST connections; more get 503."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning"),
 ):
     """Run the controller (REST API, job store, state machine, gRPC for workers) in the
     foreground."""
-    from controller.server import ControllerConfig, default_state_dir
+    from controller.http_server import HttpLimits
+    from controller.server import ControllerConfig, TlsFiles, default_state_dir
     from controller.server import serve as run
 
-    config = ControllerConfig(state_dir=state_dir or default_state_dir(), host=host, port=port,
-                              grpc_port=grpc_port, redis_url=redis_url,
-                              launcher=launcher.value)
-    err.print(f"state directory {config.state_dir} (API token in {config.state_dir / 'token'})",
-              highlight=False)
     try:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("--tls-cert and --tls-key: give both or neither")
+        if tls_ca is not None and tls_cert is None:
+            raise ValueError("--tls-ca: only with --tls-cert and --tls-key")
+        tls = TlsFiles(cert=tls_cert, key=tls_key, ca=tls_ca) if tls_cert else None
+        config = ControllerConfig(state_dir=state_dir or default_state_dir(), host=host,
+                                  port=port, grpc_port=grpc_port, redis_url=redis_url,
+                                  launcher=launcher.value, data_roots=tuple(data_root or ()),
+                                  tls=tls, http=HttpLimits(max_connections=max_connections))
+        err.print(f"state directory {config.state_dir} (API token in "
+                  f"{config.state_dir / 'token'})", highlight=False)
         run(config, log_level=log_level)
     except (ValueError, RingmasterError, OSError) as exc:
         fail(exc)

@@ -1,21 +1,27 @@
 """How the REST API turns every failure into a 4xx (or 503) with one line naming the field.
 
 Nothing a client sends may produce a 500: request validation errors become 422 with the
-dotted field path, domain errors map to their status (404 unknown job, 409 conflicts,
-413 body too large), an unreachable store is 503. Only a controller bug can reach the
-final 500 handler, which logs the traceback and returns an opaque error id.
+dotted field path (bodies that do not parse too, see controller.edge), domain errors map
+to their status (404 unknown job, 409 conflicts, 413 body too large, 408 body too slow),
+a wrong method is a 405 whose `Allow` lists every method of that path, an unreachable or
+overloaded store is 503. A Redis error that is neither (the server refused a command we
+sent) is a controller bug like any other: the final 500 handler logs the traceback and
+returns an opaque error id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
+import time
 
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.states import StaleState
@@ -25,7 +31,8 @@ from scheduler.errors import RingmasterError
 log = logging.getLogger(__name__)
 
 _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-          405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+          405: "method_not_allowed", 408: "request_timeout", 409: "conflict",
+          413: "payload_too_large",
           415: "unsupported_media_type", 422: "invalid_request", 503: "unavailable"}
 
 
@@ -66,9 +73,28 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     return error_response(422, f"invalid request: {head}{more}", details=details)
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        for method in getattr(route, "methods", None) or ():
+            match, _ = route.matches({**request.scope, "method": method})
+            if match is Match.FULL:
+                methods.add(method)
+    return sorted(methods)
+
+
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers",
-                                                                              None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        allow = allowed_methods(request)
+        headers["Allow"] = ", ".join(allow)
+        return error_response(405, f"{request.method} is not allowed on {request.url.path}; "
+                                   f"allowed: {', '.join(allow)}", headers=headers)
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        return error_response(422, "invalid request: body: could not be parsed", details=[
+            {"field": "body", "message": "could not be parsed"}])
+    return error_response(exc.status_code, str(exc.detail), headers=headers or None)
 
 
 async def on_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -80,11 +106,29 @@ async def on_conflict(request: Request, exc: Exception) -> JSONResponse:
 
 
 async def on_user_error(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(422, str(exc).replace("\n", " "))
+    message = " ".join(str(exc).split())[:2000]
+    field = getattr(exc, "field", None)
+    details = [{"field": field, "message": message.removeprefix(f"{field}: ")}] if field \
+        else None
+    return error_response(422, message, details=details)
+
+
+# A server that is loading, out of memory, read-only or failing over: unavailable. Any
+# other error reply means we sent a command it refuses: a bug of ours.
+_STORE_BUSY = ("OOM", "READONLY", "MISCONF", "LOADING", "MASTERDOWN", "NOREPLICAS",
+               "TRYAGAIN", "CLUSTERDOWN", "BUSY")
+
+
+def store_unavailable(exc: redis.RedisError) -> bool:
+    if isinstance(exc, redis.ResponseError):
+        return str(exc).split(" ", 1)[0] in _STORE_BUSY
+    return True
 
 
 async def on_store_down(request: Request, exc: redis.RedisError) -> JSONResponse:
-    log.error("job store unavailable: %s", exc)
+    if not store_unavailable(exc):
+        return await on_bug(request, exc)
+    log.warning("job store unavailable on %s %s: %s", request.method, request.url.path, exc)
     return error_response(503, "the job store (Redis) is unavailable; retry shortly",
                           headers={"Retry-After": "1"})
 
@@ -108,12 +152,15 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, on_bug)
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over `max_bytes` (declared or actually streamed)."""
+class BodyLimits:
+    """ASGI middleware: 413 for bodies over `max_bytes` (declared or actually streamed),
+    408 (and the connection closed) for a body not complete `timeout_s` after the request
+    began: a client trickling a body cannot hold a connection and a worker thread."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int):
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,11 +170,20 @@ class BodySizeLimit:
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
             await self._reject(scope, receive, send)
             return
-        seen = 0
+        seen, complete = 0, False
+        deadline = time.monotonic() + self.timeout_s
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # after the body: e.g. waiting for a disconnect, no deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                raise StarletteHTTPException(408, f"request body not received within "
+                                                  f"{self.timeout_s:g} s",
+                                             headers={"Connection": "close"}) from None
+            complete = not message.get("more_body", False)
             seen += len(message.get("body", b""))
             if seen > self.max_bytes:  # a chunked body that grew past the limit
                 raise StarletteHTTPException(413, f"request body over {self.max_bytes} bytes")

@@ -1,14 +1,26 @@
 """The job state machine: turns launcher events and stop requests into transitions.
 
 `JobStateMachine.tick()` is one reconcile pass: apply the launcher's events, admit Pending
-jobs whose gang fits (FIFO with backfill by default), start the next attempt of Restarting
-jobs whose back-off has passed and whose gang fits again, and stop the workers of Stopping
-jobs this machine has not stopped yet (a stop a standby replica accepted, or one a previous
-leader did not finish). A job the launcher does not admit yet carries the launcher's
-reason as its message (reason AwaitingAdmission, e.g. "waiting for Kueue admission in
-queue X"). All state lives in the store (compare-and-set
-transitions), so several passes, the REST API's stop requests and a restarted controller
-can interleave without losing or repeating a transition. Policies are injected:
+jobs whose gang fits (FIFO with backfill by default), and act on the jobs whose due time
+has come: start the next attempt of a Restarting job whose back-off has passed and whose
+gang fits again, end an attempt that stayed Scheduling past `Timeouts.scheduling_s`, stop
+the workers of a Stopping job this machine has not stopped yet (a stop a standby replica
+accepted, or one a previous leader did not finish) and stop them again each
+`Timeouts.stopping_s` (ending the job Stopped/StopTimedOut after `stop_attempts`). A pass
+reads only the store's pending and due indexes, never every active job: a Running job
+costs nothing until its launcher reports an event. A job the launcher does not admit yet
+carries the launcher's reason as its message (reason AwaitingAdmission, e.g. "waiting for
+Kueue admission in queue X").
+
+`recover()` runs when a reconciler starts (a controller start, or a replica taking the
+lead): it rebuilds those indexes from the active jobs and re-drives what a killed
+controller left half-done: a Scheduling attempt its launcher has no record of starts
+again as a new attempt (reason `Redriven`; this does not use the job's restart budget,
+and any workers of the old attempt are fenced off), and Stopping jobs are stopped again.
+
+All state lives in the store (compare-and-set transitions), so several passes, the REST
+API's stop requests and a restarted controller can interleave without losing or
+repeating a transition. Policies are injected:
 `RestartPolicy` decides restart-or-fail when an attempt ends abnormally, `AdmissionPolicy`
 orders the Pending queue. Events of an attempt other than the job's current one are
 dropped (fencing); terminal jobs never move again.
@@ -23,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import redis
 from opentelemetry import propagate, trace
 
 from controller.launchers.base import EventKind, Launcher, LauncherEvent
@@ -57,12 +70,25 @@ class BoundedRestarts:
     max_delay_s: float = 60.0  # cap of the doubling delay
 
     def decide(self, job: JobRecord, event: LauncherEvent) -> RestartDecision:
-        used = max(job.attempt - 1, 0)
+        used = max(job.attempt - 1 - job.redrives, 0)
         limit = job.spec.failure.max_restarts
         if used >= limit:
             return RestartDecision(restart=False, reason="RestartLimitReached")
         return RestartDecision(restart=True,
                                delay_s=min(self.max_delay_s, self.base_delay_s * 2 ** used))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Timeouts:
+    """How long a job may stay in a state that waits on its workers."""
+
+    scheduling_s: float = 1800.0  # an attempt not Running by then is lost (WorkerLost)
+    stopping_s: float = 300.0  # the stop is issued again each time this passes ...
+    stop_attempts: int = 3  # ... and after this many the job ends Stopped (StopTimedOut)
+
+    def __post_init__(self) -> None:
+        if self.scheduling_s <= 0 or self.stopping_s <= 0 or self.stop_attempts < 1:
+            raise ValueError(f"timeouts {self} must be positive (stop_attempts >= 1)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,37 +104,114 @@ class JobStateMachine:
 
     def __init__(self, *, store: JobStore, launcher: Launcher,
                  restart_policy: RestartPolicy | None = None,
-                 admission: AdmissionPolicy | None = None,
+                 admission: AdmissionPolicy | None = None, timeouts: Timeouts | None = None,
                  clock: Callable[[], float] = time.time, tracer: trace.Tracer | None = None):
         self.store = store
+        self.timeouts = timeouts or Timeouts()
         self.tracer = tracer or trace.get_tracer("controller.machine")
         self.launcher = launcher
         self.restart_policy = restart_policy or BoundedRestarts()
         self.admission = admission or FifoBackfill()
         self.clock = clock
-        self._stops_sent: set[str] = set()  # Stopping jobs whose workers were told to stop
+        # Stopping jobs whose workers this machine told to stop -> in which stopping_s round
+        self._stops_sent: dict[str, int] = {}
 
     def tick(self) -> None:
-        """One reconcile pass."""
+        """One reconcile pass (see the module docstring)."""
         for event in self.launcher.poll():
             self.handle(event)
-        jobs = []
+        pending = [j for j in self._records(self.store.pending_ids())
+                   if j.state is State.PENDING]
+        waiting = {j.id for j in pending}
+        for job in self.admission.order(pending):
+            if self._admit(job, "Admitted"):
+                waiting.discard(job.id)
+        now = self.clock()
+        due = self._records(self.store.due_ids(now))
+        for job in due:
+            self._due(job, now)
+        # Every job in the due index may still wait (Restarting ones until their back-off
+        # ends); a launcher releases only what no waiting job holds.
+        self.launcher.retain_waiting(waiting | set(self.store.due_ids(float("inf"),
+                                                                      limit=100_000)))
+
+    def _records(self, job_ids: list[str]) -> list[JobRecord]:
+        out = []
+        for job_id in job_ids:
+            try:
+                out.append(self.store.get(job_id))
+            except JobNotFound:
+                self.store.set_due(job_id, None)
+        return out
+
+    def _due(self, job: JobRecord, now: float) -> None:
+        since = job.state_since or job.updated_at
+        t = self.timeouts
+        if job.state is State.RESTARTING:
+            if now >= job.not_before:
+                self._admit(job, "Restarted")  # not admitted: stays due, asked again
+            else:
+                self.store.set_due(job.id, job.not_before)
+        elif job.state is State.SCHEDULING and now - since >= t.scheduling_s:
+            self.handle(LauncherEvent(
+                job_id=job.id, attempt=job.attempt, kind=EventKind.WORKER_LOST,
+                message=f"not running after {t.scheduling_s:g} s (scheduling timeout)"))
+        elif job.state is State.SCHEDULING:
+            self.store.set_due(job.id, since + t.scheduling_s)
+        elif job.state is State.STOPPING:
+            self._stopping_due(job, max(now - since, 0.0))
+        else:  # Running, or it moved on since it was indexed: nothing is due
+            self.store.set_due(job.id, None)
+
+    def _stopping_due(self, job: JobRecord, waited_s: float) -> None:
+        t = self.timeouts
+        if waited_s >= t.stopping_s * t.stop_attempts:
+            self._stops_sent.pop(job.id, None)
+            self._move(job, State.STOPPED, "StopTimedOut",
+                       f"the workers did not confirm they stopped within {waited_s:.0f} s; "
+                       "some may still be running")
+            return
+        rounds = int(waited_s // t.stopping_s)
+        if self._stops_sent.get(job.id) != rounds:
+            if rounds:
+                log.warning("job %s still Stopping after %.0f s; stopping it again", job.id,
+                            waited_s)
+            self._stops_sent[job.id] = rounds
+            self.launcher.stop(job.id)
+        self.store.set_due(job.id, (job.state_since or job.updated_at)
+                           + (rounds + 1) * t.stopping_s)
+
+    def recover(self) -> None:
+        """When a reconciler starts: rebuild the indexes and re-drive half-done work."""
+        self._stops_sent.clear()  # a new launcher (restart, new leader) knows of no stop
+        now = self.clock()
         for job_id in self.store.active_ids():
             try:
-                jobs.append(self.store.get(job_id))
+                job = self.store.get(job_id)
             except JobNotFound:
                 continue
-        waiting = {j.id for j in jobs if j.state is State.RESTARTING}
-        for job in self.admission.order([j for j in jobs if j.state is State.PENDING]):
-            if not self._admit(job, "Admitted"):
-                waiting.add(job.id)
+            since = job.state_since or job.updated_at
+            if job.state is State.PENDING:
+                self.store.index_pending(job.id)
+            elif job.state is State.RESTARTING:
+                self.store.set_due(job.id, job.not_before)
+            elif job.state is State.SCHEDULING and \
+                    self.launcher.tracks(job.id, job.attempt) is False:
+                self._redrive(job)
+            elif job.state is State.SCHEDULING:
+                self.store.set_due(job.id, since + self.timeouts.scheduling_s)
+            elif job.state is State.STOPPING:
+                self.store.set_due(job.id, now)  # the next pass stops its workers
+
+    def _redrive(self, job: JobRecord) -> None:
+        message = (f"attempt {job.attempt} was never started (the controller stopped while "
+                   "scheduling it); starting it again")
+        log.warning("job %s: %s", job.id, message)
         now = self.clock()
-        for job in jobs:
-            if job.state is State.RESTARTING and now >= job.not_before:
-                if self._admit(job, "Restarted"):
-                    waiting.discard(job.id)
-        self.launcher.retain_waiting(waiting)
-        self._resend_stops(jobs)
+        moved = self._move(job, State.RESTARTING, "Redriven", message, not_before=now,
+                           redrives=job.redrives + 1, due_at=now)
+        if moved is not None:
+            self._admit(moved, "Redriven")
 
     def _admit(self, job: JobRecord, reason: str) -> bool:
         if self.launcher.admit(job):
@@ -125,13 +228,6 @@ class JobStateMachine:
                                 message=message)
             except (StaleState, JobNotFound):
                 pass  # it moved on meanwhile; the next pass sees the truth
-
-    def _resend_stops(self, jobs: list[JobRecord]) -> None:
-        stopping = {j.id for j in jobs if j.state is State.STOPPING}
-        self._stops_sent &= stopping
-        for job_id in sorted(stopping - self._stops_sent):
-            self._stops_sent.add(job_id)
-            self.launcher.stop(job_id)
 
     def _start_attempt(self, job: JobRecord, reason: str) -> None:
         # One job.schedule span per attempt, in the trace the submission started (each
@@ -151,7 +247,8 @@ class JobStateMachine:
         try:
             job = self.store.transition(job.id, src=job.state, dst=State.SCHEDULING,
                                         reason=reason, message=f"attempt {attempt}",
-                                        attempt=attempt, trace_parent=trace_parent)
+                                        attempt=attempt, trace_parent=trace_parent,
+                                        due_at=self.clock() + self.timeouts.scheduling_s)
         except (StaleState, JobNotFound):
             return  # someone else moved it (a stop request); the next pass sees the truth
         try:
@@ -163,7 +260,7 @@ class JobStateMachine:
                                       message=f"start failed: {exc}"))
             return
         if self.store.get(job.id).state is State.STOPPING:
-            self._stops_sent.add(job.id)
+            self._stops_sent[job.id] = 0
             self.launcher.stop(job.id)  # a stop raced with the start: stop what started
 
     def handle(self, event: LauncherEvent) -> None:
@@ -202,13 +299,16 @@ class JobStateMachine:
         self.launcher.stop(job.id)  # tear the rest of the group down
         decision = self.restart_policy.decide(job, event)
         if decision.restart:
-            self._move(job, State.RESTARTING, "WorkerLost", message,
-                       not_before=self.clock() + decision.delay_s)
+            not_before = self.clock() + decision.delay_s
+            self._move(job, State.RESTARTING, "WorkerLost", message, not_before=not_before,
+                       due_at=not_before)
         else:
             self._move(job, State.FAILED, decision.reason or "WorkerLost", message)
 
     def _move(self, job: JobRecord, dst: State, reason: str, message: str = "",
               **updates) -> JobRecord | None:
+        if dst.terminal:
+            self._stops_sent.pop(job.id, None)
         try:
             return self.store.transition(job.id, src=job.state, dst=dst, reason=reason,
                                          message=message, **updates)
@@ -229,11 +329,14 @@ class JobStateMachine:
                 return job
             dst = State.STOPPED if job.state in (State.PENDING, State.RESTARTING) \
                 else State.STOPPING
+            # Due at once: the leader's next pass confirms the stop (a standby replica,
+            # whose launcher stops nothing, may be the one answering this request).
             moved = self._move(job, dst, "StopRequested", "stop requested by a client",
-                               stop_requested=True)
+                               stop_requested=True,
+                               due_at=self.clock() if dst is State.STOPPING else None)
             if moved is not None:
                 if dst is State.STOPPING:
-                    self._stops_sent.add(job_id)
+                    self._stops_sent[job_id] = 0
                 # A Pending job may hold a queued (Kueue-suspended) cluster, a Restarting
                 # one the remains of its last attempt: stop them too.
                 self.launcher.stop(job_id)
@@ -255,10 +358,23 @@ class Reconciler:
         return self
 
     def _run(self) -> None:
+        recovered, failing_since = False, None
         while not self._stop.is_set():
             try:
+                if not recovered:
+                    self.machine.recover()
+                    recovered = True
                 self.machine.tick()
-            except Exception:  # Redis briefly away, a launcher hiccup: log, retry next pass
+                if failing_since is not None:
+                    log.info("reconciler recovered after %.0f s",
+                             time.monotonic() - failing_since)
+                    failing_since = None
+            except redis.RedisError as exc:  # the store is away: one line, not a traceback
+                if failing_since is None:
+                    failing_since = time.monotonic()
+                    log.warning("reconcile pass failed: job store unavailable (%s); "
+                                "retrying every %.1f s", exc, self.interval_s)
+            except Exception:  # a launcher hiccup, or a bug: log it, retry next pass
                 log.exception("reconcile pass failed; retrying")
             self._stop.wait(self.interval_s)
 

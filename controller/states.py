@@ -94,6 +94,7 @@ class JobRecord:
     message: str = ""
     created_at: float = 0.0
     updated_at: float = 0.0
+    state_since: float = 0.0  # when the job entered its current state (0: before v1.1)
     started_at: float | None = None  # first time any attempt reached Running
     finished_at: float | None = None  # when a terminal state was reached
     current_step: int = 0  # last step a worker reported
@@ -101,4 +102,5 @@ class JobRecord:
     last_checkpoint_step: int | None = None
     stop_requested: bool = False
     not_before: float = 0.0  # Restarting: earliest time the next attempt may start
+    redrives: int = 0  # attempts the controller started again itself (not restarts)
     trace_parent: str = ""  # W3C traceparent of the current attempt's job.schedule span

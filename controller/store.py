@@ -6,7 +6,11 @@ runs with append-only persistence (controller.redis_server). Keys, all under one
 
     {p}:seq                   INCR counter; orders jobs for paging
     {p}:jobs                  ZSET job id -> seq (newest first when listing)
-    {p}:active                SET of ids of non-terminal jobs (what the machine steps)
+    {p}:active                SET of ids of non-terminal jobs
+    {p}:pending               ZSET Pending job id -> seq (the admission queue)
+    {p}:due                   ZSET job id -> unix time the state machine must look at it
+                              (a Restarting job's back-off end, a Scheduling or Stopping
+                              job's timeout); Running jobs need nothing until an event
     {p}:sub:{submission_id}   STRING job id (idempotent submission)
     {p}:job:{id}              HASH the record (spec JSON, state, attempt, timestamps, ...)
     {p}:job:{id}:transitions  LIST of transition JSON, oldest first
@@ -15,7 +19,12 @@ runs with append-only persistence (controller.redis_server). Keys, all under one
 
 State changes are compare-and-set (WATCH/MULTI on the job hash): a transition applies only
 if the job is still in the state the caller saw, so the API and the reconciler may race
-safely. Every transition is traced as a `job.transition` span.
+safely. Every transition is traced as a `job.transition` span. The pending and due
+indexes change in the same transaction as the state, so the reconciler reads only the
+jobs that need action (`pending_ids`, `due_ids`), never every active job.
+
+User input reaching Redis is checked first: page tokens and cursors are ASCII digits
+(`str.isdigit` accepts other scripts' digits, which Redis then rejects).
 """
 
 from __future__ import annotations
@@ -35,7 +44,8 @@ from controller.states import JobRecord, StaleState, State, Transition, check_tr
 
 MAX_LOG_LINES = 100_000  # per job; older lines are trimmed (approximately) on append
 MAX_LOG_LINE_CHARS = 8192
-_CURSOR = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+_CURSOR = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
+_PAGE_TOKEN = re.compile(r"^[0-9]{1,20}$")
 
 
 class JobNotFound(LookupError):
@@ -138,7 +148,7 @@ class JobStore:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the submission's trace: every attempt joins it
         rec = JobRecord(id=f"{spec.name[:48]}-{secrets.token_hex(5)}", spec=spec,
-                        state=State.PENDING, created_at=now, updated_at=now,
+                        state=State.PENDING, created_at=now, updated_at=now, state_since=now,
                         trace_parent=carrier.get("traceparent", ""))
         sub_key = self._k("sub", spec.submission_id) if spec.submission_id else None
         result: list = []
@@ -155,6 +165,7 @@ class JobStore:
                                                          "fingerprint": spec.fingerprint()})
             pipe.zadd(self._k("jobs"), {rec.id: seq})
             pipe.sadd(self._k("active"), rec.id)
+            pipe.zadd(self._k("pending"), {rec.id: seq})
             pipe.rpush(self._k("job", rec.id, "transitions"), self._transition_json(
                 Transition(src=None, dst=State.PENDING, at=now, attempt=0, reason="Submitted")))
 
@@ -187,7 +198,7 @@ class JobStore:
             raise ValueError(f"limit={limit} must be >= 1")
         top = "+inf"
         if page_token is not None:
-            if not page_token.isdigit() or len(page_token) > 20:
+            if not _PAGE_TOKEN.match(page_token) or int(page_token) >= 2**63:
                 raise ValueError(f"page_token={page_token!r} is not a token from a previous "
                                  "page (a decimal number)")
             top = f"({page_token}"
@@ -234,8 +245,12 @@ class JobStore:
         self.r.transaction(txn, key)
 
     def transition(self, job_id: str, *, src: State, dst: State, reason: str,
-                   message: str = "", **updates) -> JobRecord:
-        """Move job `job_id` from `src` to `dst` atomically; StaleState if it moved on."""
+                   message: str = "", due_at: float | None = None, **updates) -> JobRecord:
+        """Move job `job_id` from `src` to `dst` atomically; StaleState if it moved on.
+
+        `due_at`: when the state machine must look at the job again (none: only on an
+        event). Terminal jobs leave every index.
+        """
         check_transition(src, dst)
         key = self._k("job", job_id)
         now = self.clock()
@@ -249,7 +264,7 @@ class JobStore:
             if rec.state != src:
                 raise StaleState(f"job {job_id} is {rec.state.value}, not {src.value}")
             new = replace(rec, state=dst, reason=reason, message=message, updated_at=now,
-                          **updates)
+                          state_since=now, **updates)
             if dst.terminal:
                 new = replace(new, finished_at=now)
             if dst is State.RUNNING and new.started_at is None:
@@ -261,12 +276,42 @@ class JobStore:
                            message=message)))
             if dst.terminal:
                 pipe.srem(self._k("active"), job_id)
+            self._index(pipe, job_id, dst, due_at)
             out[:] = [new]
 
         with self.tracer.start_as_current_span("job.transition") as span:
             self.r.transaction(txn, key)
             self._annotate(span, job_id, src, dst, reason, out[0].attempt)
         return out[0]
+
+    def _index(self, pipe: redis.client.Pipeline, job_id: str, state: State,
+               due_at: float | None) -> None:
+        if state is not State.PENDING:
+            pipe.zrem(self._k("pending"), job_id)
+        if due_at is None or state.terminal:
+            pipe.zrem(self._k("due"), job_id)
+        else:
+            pipe.zadd(self._k("due"), {job_id: due_at})
+
+    def pending_ids(self) -> list[str]:
+        """Pending jobs, oldest first."""
+        return list(self.r.zrange(self._k("pending"), 0, -1))
+
+    def due_ids(self, now: float, *, limit: int = 1000) -> list[str]:
+        """Jobs whose due time has come (earliest first)."""
+        return list(self.r.zrangebyscore(self._k("due"), "-inf", now, start=0, num=limit))
+
+    def set_due(self, job_id: str, at: float | None) -> None:
+        """When the state machine must look at an active job next (None: on events only)."""
+        if at is None:
+            self.r.zrem(self._k("due"), job_id)
+        else:
+            self.r.zadd(self._k("due"), {job_id: at})
+
+    def index_pending(self, job_id: str) -> None:
+        """Queue a Pending job for admission (the recovery pass rebuilds the queue)."""
+        score = self.r.zscore(self._k("jobs"), job_id)
+        self.r.zadd(self._k("pending"), {job_id: score if score is not None else 0})
 
     @staticmethod
     def _annotate(span: trace.Span, job_id: str, src: State | None, dst: State, reason: str,
@@ -305,6 +350,8 @@ class JobStore:
                                                for s in ("transitions", "metrics", "logs")))
         pipe.zrem(self._k("jobs"), job_id)
         pipe.srem(self._k("active"), job_id)
+        pipe.zrem(self._k("pending"), job_id)
+        pipe.zrem(self._k("due"), job_id)
         if rec.spec.submission_id:
             pipe.delete(self._k("sub", rec.spec.submission_id))
         pipe.execute()
@@ -348,30 +395,44 @@ class JobStore:
         return ids[-1] if ids else "0"
 
     def read_logs(self, job_id: str, *, cursor: str | None = None, tail: int | None = None,
-                  limit: int = 1000, block_ms: int = 0) -> tuple[list[LogLine], str]:
+                  limit: int = 1000) -> tuple[list[LogLine], str]:
         """Lines after `cursor` (or the last `tail` lines), at most `limit` of them.
 
-        With `block_ms` > 0 and nothing new, wait up to that long for a line. Returns the
-        lines and the cursor to continue from.
+        Returns the lines and the cursor to continue from. (Waiting for new lines is
+        `read_logs_async`, on a long-poll client.)
         """
         if not self.exists(job_id):
             raise JobNotFound(job_id)
         key = self._k("job", job_id, "logs")
         if cursor is None:
             rows = list(reversed(self.r.xrevrange(key, count=min(tail or limit, limit))))
-            cursor = rows[-1][0] if rows else self._end_cursor(key)
-            return [self._line(r) for r in rows], cursor
+            return [self._line(r) for r in rows], rows[-1][0] if rows else "0"
         check_cursor(cursor)
         rows = self.r.xrange(key, min=f"({cursor}" if cursor != "0" else "-", count=limit)
-        if not rows and block_ms > 0:
-            got = self.r.xread({key: cursor}, count=limit, block=block_ms)
-            rows = got[0][1] if got else []
         lines = [self._line(r) for r in rows]
         return lines, (lines[-1].cursor if lines else cursor)
 
-    def _end_cursor(self, key: str) -> str:
-        last = self.r.xrevrange(key, count=1)
-        return last[0][0] if last else "0"
+    async def read_logs_async(self, client, job_id: str, *, cursor: str | None = None,
+                              tail: int | None = None, limit: int = 1000,
+                              block_ms: int = 0) -> tuple[list[LogLine], str, State]:
+        """`read_logs` on an asyncio client; with `block_ms` > 0, a cursor and a job that
+        has not finished, wait up to that long for a new line. Also returns the job's state
+        after the read (a job that finished meanwhile has no more lines to come)."""
+        job_key, key = self._k("job", job_id), self._k("job", job_id, "logs")
+        before = await client.hget(job_key, "state")
+        if before is None:
+            raise JobNotFound(job_id)
+        if cursor is None:
+            rows = list(reversed(await client.xrevrange(key, count=min(tail or limit, limit))))
+            return [self._line(r) for r in rows], rows[-1][0] if rows else "0", State(before)
+        check_cursor(cursor)
+        rows = await client.xrange(key, min=f"({cursor}" if cursor != "0" else "-",
+                                   count=limit)
+        if not rows and block_ms > 0 and not State(before).terminal:
+            got = await client.xread({key: cursor}, count=limit, block=block_ms)
+            rows = got[0][1] if got else []
+        after = await client.hget(job_key, "state") or before
+        return [self._line(r) for r in rows], rows[-1][0] if rows else cursor, State(after)
 
     @staticmethod
     def _line(row: tuple[str, dict[str, str]]) -> LogLine:

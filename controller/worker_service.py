@@ -6,10 +6,14 @@ complete, the plan pipeline); everything durable goes to the store. After a cont
 restart the runtime is rebuilt lazily from the store on the first call of a worker of the
 current attempt, so workers carry on across the restart.
 
-Fencing: a call is accepted only from the job's current attempt while the job is
+Authentication, then fencing: every call must carry the attempt's secret
+(controller.worker_auth; UNAUTHENTICATED otherwise, before anything about the job is
+looked at), and is accepted only from the job's current attempt while the job is
 Scheduling, Running or Stopping. READY is reported to the launcher when every rank has
-registered; a rank whose progress counter has not moved for the job's heartbeat timeout,
-or that reports a failure, ends the attempt (WORKER_LOST).
+been heard from (registered, or, after a controller restart, called in with the
+attempt's secret); a rank whose progress counter has not moved for the job's heartbeat
+timeout, or that reports a failure, ends the attempt (WORKER_LOST). The port may serve
+TLS (`serve_grpc(credentials=...)`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from controller.rpc import ringmaster_pb2 as pb
 from controller.rpc import ringmaster_pb2_grpc as pb_grpc
 from controller.states import JobRecord, State
 from controller.store import JobNotFound, JobStore, StepMetrics
+from controller.worker_auth import WorkerAuth
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +68,10 @@ class AttemptRuntime:
 class WorkerService(pb_grpc.WorkerServiceServicer):
     """See the module docstring; `launcher` must offer `report(event)`."""
 
-    def __init__(self, *, store: JobStore, launcher, planner_pool: Executor,
+    def __init__(self, *, store: JobStore, launcher, planner_pool: Executor, auth: WorkerAuth,
                  tracer_provider=None, clock=time.monotonic):
         self.store = store
+        self.auth = auth
         self.launcher = launcher
         self.planner_pool = planner_pool
         self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer(
@@ -82,8 +88,17 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._stop.set()
         self._monitor.join(timeout=5)
 
-    # fencing ---------------------------------------------------------------------------
-    def _runtime(self, worker: pb.WorkerId) -> tuple[AttemptRuntime | None, str]:
+    # authentication and fencing ---------------------------------------------------------
+    def _authenticate(self, worker: pb.WorkerId, context) -> None:
+        """Abort the call (UNAUTHENTICATED) unless it carries the attempt's secret."""
+        if not self.auth.check(context.invocation_metadata(), worker.job_id, worker.attempt):
+            log.warning("refused an unauthenticated %s call from %s", _method(context),
+                        context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong worker secret (authorization metadata)")
+
+    def _runtime(self, worker: pb.WorkerId, context) -> tuple[AttemptRuntime | None, str]:
+        self._authenticate(worker, context)
         try:
             job = self.store.get(worker.job_id)
         except JobNotFound:
@@ -121,19 +136,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 
     # RPCs ------------------------------------------------------------------------------
     def Register(self, request, context):
-        rt, why = self._runtime(request.worker)
+        rt, why = self._runtime(request.worker, context)
         if rt is None:
             return pb.RegisterReply(accepted=False, reason=why)
         job, rank = rt.job, request.worker.rank
         if rank != DRIVER_RANK:
             with rt.cond:
-                st = rt.ranks[rank]
-                st.registered, st.progress_at = True, self.clock()
-                everyone = all(s.registered for s in rt.ranks.values())
-            if everyone and not rt.ready_sent:
-                rt.ready_sent = True
-                self.launcher.report(LauncherEvent(job_id=job.id, attempt=job.attempt,
-                                                   kind=EventKind.READY))
+                rt.ranks[rank].progress_at = self.clock()
+            self._heard_from(rt, rank)
             self.store.append_logs(job.id, [f"rank {rank} registered from {request.host} "
                                             f"pid {request.pid} (attempt {job.attempt})"])
         return pb.RegisterReply(
@@ -143,9 +153,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             resume_from=job.last_checkpoint or "")
 
     def Heartbeat(self, request, context):
-        rt, why = self._runtime(request.worker)
+        rt, why = self._runtime(request.worker, context)
         if rt is None:
             return pb.HeartbeatReply(accepted=False, reason=why)
+        self._heard_from(rt, request.worker.rank)
         with rt.cond:
             st = rt.ranks.get(request.worker.rank)
             if st is not None and (request.step, request.progress) != st.progress:
@@ -155,7 +166,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                                  reason="stop requested" if stop else "")
 
     def ReportFailure(self, request, context):
-        rt, why = self._runtime(request.worker)
+        rt, why = self._runtime(request.worker, context)
         if rt is None:
             return pb.Ack(accepted=False, reason=why)
         self._lose(rt, request.worker.rank, f"rank {request.worker.rank} failed at step "
@@ -163,9 +174,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return pb.Ack(accepted=True)
 
     def ReportStep(self, request, context):
-        rt, why = self._runtime(request.worker)
+        rt, why = self._runtime(request.worker, context)
         if rt is None:
             return pb.Ack(accepted=False, reason=why)
+        self._heard_from(rt, request.worker.rank)
         with rt.cond:
             st = rt.ranks[request.worker.rank]
             st.progress, st.progress_at = (request.step + 1, 0), self.clock()
@@ -179,7 +191,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return pb.Ack(accepted=True)
 
     def StreamPlans(self, request, context):
-        rt, why = self._runtime(request.worker)
+        rt, why = self._runtime(request.worker, context)
         if rt is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
         step, total = request.from_step, rt.job.spec.training.steps
@@ -187,8 +199,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             st = rt.ranks.get(request.worker.rank)
             if st is not None:
                 st.done_step = max(st.done_step, step - 1)
+        self._heard_from(rt, request.worker.rank)
         while context.is_active():
-            rt, why = self._runtime(request.worker)
+            rt, why = self._runtime(request.worker, context)
             if rt is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
             if rt.job.state is State.STOPPING or step >= total:
@@ -203,6 +216,26 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             step += 1
 
     # helpers ---------------------------------------------------------------------------
+    def _heard_from(self, rt: AttemptRuntime, rank: int) -> None:
+        """A rank of the attempt called in; READY once every rank has.
+
+        A rank registers once per attempt, so after a controller restart the rebuilt
+        runtime learns of the ranks from their heartbeats, reports and plan streams (each
+        authenticated with the attempt's secret) instead.
+        """
+        if rank == DRIVER_RANK:
+            return
+        with rt.cond:
+            st = rt.ranks[rank]
+            if st.registered:
+                return
+            st.registered, st.progress_at = True, self.clock()
+            everyone = all(s.registered for s in rt.ranks.values())
+        if everyone and not rt.ready_sent:
+            rt.ready_sent = True
+            self.launcher.report(LauncherEvent(job_id=rt.job.id, attempt=rt.job.attempt,
+                                               kind=EventKind.READY))
+
     def _wait_turn(self, rt: AttemptRuntime, step: int, context) -> bool:
         """Block until `step` is within PLANS_AHEAD of the step every rank has finished."""
         with rt.cond:
@@ -341,14 +374,23 @@ def group_seconds(plan, reports: dict[int, pb.StepReport]) -> dict[tuple[int, in
     return out
 
 
-def serve_grpc(service: WorkerService, *, host: str, port: int,
-               max_workers: int = 64) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for `service`; returns it and the bound port."""
+def _method(context) -> str:
+    try:
+        return context._rpc_event.call_details.method.decode().rsplit("/", 1)[-1]
+    except AttributeError:  # not grpc's own context (a test double)
+        return "RPC"
+
+
+def serve_grpc(service: WorkerService, *, host: str, port: int, max_workers: int = 64,
+               credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `service` (TLS with `credentials`); returns it and the port."""
     from concurrent.futures import ThreadPoolExecutor
 
     server = grpc.server(ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"))
     pb_grpc.add_WorkerServiceServicer_to_server(service, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials is not None \
+        else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"grpc port {host}:{port} could not be bound")
     server.start()

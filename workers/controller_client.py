@@ -5,10 +5,18 @@ has been fenced off (a newer attempt exists, or the job ended) and raises `Fence
 ends the rank. Calls retry while the controller is unreachable for up to `reconnect_s`,
 so ranks survive a controller restart; the plan stream resumes from the first step not yet
 received. Trace context goes out as W3C `traceparent` metadata on every call.
+
+Every call also carries the attempt's secret as `authorization: Bearer <secret>` metadata
+(from $RINGMASTER_WORKER_SECRET, which the launcher sets; never a command-line argument);
+a call the controller refuses as unauthenticated raises `Unauthenticated` (a `Fenced`: the
+rank ends). With $RINGMASTER_CONTROLLER_CA (a PEM, or the path of a PEM file) the channel
+uses TLS and trusts that CA. The names match controller.worker_auth, which workers may not
+import.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,10 +30,23 @@ from controller.rpc import ringmaster_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+WORKER_SECRET_ENV = "RINGMASTER_WORKER_SECRET"
+CONTROLLER_CA_ENV = "RINGMASTER_CONTROLLER_CA"
 
 
 class Fenced(RuntimeError):
     """The controller no longer accepts this (job, attempt, rank)."""
+
+
+class Unauthenticated(Fenced):
+    """The controller refused this process's worker secret (or its lack of one)."""
+
+
+def _channel(address: str, ca: str | None) -> grpc.Channel:
+    if not ca:
+        return grpc.insecure_channel(address)
+    pem = ca.encode() if ca.lstrip().startswith("-----BEGIN") else open(ca, "rb").read()
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=pem))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,9 +63,11 @@ class ControllerClient:
     """Thin typed wrapper over the generated stub with retries and fencing."""
 
     def __init__(self, address: str, identity: WorkerIdentity, *, call_timeout_s: float = 10.0,
-                 reconnect_s: float = 120.0):
+                 reconnect_s: float = 120.0, secret: str | None = None, ca: str | None = None):
         self.identity = identity
-        self._channel = grpc.insecure_channel(address)
+        self._secret = secret if secret is not None else os.environ.get(WORKER_SECRET_ENV, "")
+        self._channel = _channel(address, ca if ca is not None else
+                                 os.environ.get(CONTROLLER_CA_ENV))
         self._stub = pb_grpc.WorkerServiceStub(self._channel)
         self._timeout = call_timeout_s
         self._reconnect_s = reconnect_s
@@ -52,11 +75,16 @@ class ControllerClient:
     def close(self) -> None:
         self._channel.close()
 
-    @staticmethod
-    def _metadata() -> list[tuple[str, str]]:
+    def _metadata(self) -> list[tuple[str, str]]:
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
-        return list(carrier.items())
+        auth = [("authorization", f"Bearer {self._secret}")] if self._secret else []
+        return [*carrier.items(), *auth]
+
+    def _refused(self, exc: grpc.RpcError) -> None:
+        if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise Unauthenticated(f"controller refused {self.identity}: {exc.details()} (is "
+                                  f"{WORKER_SECRET_ENV} this attempt's secret?)") from None
 
     def _call(self, fn: Callable[..., T], request) -> T:
         deadline = time.monotonic() + self._reconnect_s
@@ -65,6 +93,7 @@ class ControllerClient:
             try:
                 return fn(request, timeout=self._timeout, metadata=self._metadata())
             except grpc.RpcError as exc:
+                self._refused(exc)
                 if exc.code() not in _RETRYABLE or time.monotonic() > deadline:
                     raise
                 time.sleep(delay)
@@ -106,6 +135,7 @@ class ControllerClient:
                     next_step = msg.step + 1
                 return
             except grpc.RpcError as exc:
+                self._refused(exc)
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise Fenced(f"controller closed the plan stream: {exc.details()}") from None
                 if exc.code() not in _RETRYABLE or time.monotonic() > deadline:

@@ -10,6 +10,13 @@ acts and reports. Four calls, all non-blocking and safe to repeat:
 - `stop(job_id)`: tear the job's workers down, whatever attempt they run. Idempotent.
 - `poll()`: events since the last poll: a group became ready, a worker was lost, the job's
   workers finished (successfully or not), or the workers of a stopped job are gone.
+- `tracks(job_id, attempt)` (optional): whether the launcher has a record of that attempt,
+  so a restarted controller can re-drive an attempt it admitted but never started. None
+  (the default) means "cannot tell"; the state machine's timeouts cover that case.
+
+Each attempt's workers present a secret (`worker_secret`, see controller.worker_auth) on
+every gRPC call; a launcher hands it to them out of band (an environment variable, a
+Kubernetes Secret), never on a command line.
 
 Optional calls with defaults: `admission_message(job)` says why `admit` said no (the job
 shows it while it waits, e.g. "waiting for Kueue admission in queue X"); `check_spec(spec)`
@@ -74,6 +81,10 @@ class Launcher(ABC):
     @abstractmethod
     def poll(self) -> list[LauncherEvent]:
         """Events observed since the previous call, oldest first."""
+
+    def tracks(self, job_id: str, attempt: int) -> bool | None:
+        """True/False: the launcher has/has not a record of this attempt; None: unknown."""
+        return None
 
     def close(self) -> None:
         """Release the launcher's own resources (not the jobs' workers, which outlive it)."""
@@ -200,6 +211,11 @@ class FakeLauncher(Launcher):
 
     def check_spec(self, spec: JobCreate) -> None:
         return None  # it runs nothing, so it can stand in for any launcher (dry runs)
+
+    def tracks(self, job_id: str, attempt: int) -> bool:
+        with self._lock:
+            group = self.groups.get(job_id)
+            return group is not None and group.attempt == attempt
 
     def push(self, event: LauncherEvent) -> None:
         """Queue any event for the next poll (frees the ranks of an ending attempt)."""

@@ -14,6 +14,11 @@ its own pods, the chart's NetworkPolicy lets them reach the controller's gRPC po
 controller restart can find its clusters, and `kubectl get rayclusters,pods -l
 ringmaster.io/job-id=<id>` finds a job's objects.
 
+The attempt's worker secret (controller.worker_auth) lives in a Secret of its own
+(`worker_secret_name`, `build_worker_secret`), which every Ray container references as
+`RINGMASTER_WORKER_SECRET` (and, with TLS, `RINGMASTER_CONTROLLER_CA`): never a literal in
+the RayCluster or on a command line.
+
 Pure functions of (job, attempt, settings): no API calls, no clock, so tests check the
 objects field by field. `LAUNCHER_RBAC_RULES` is the single list of API verbs the launcher
 uses; the Helm chart's Role grants exactly these (tests/deploy hold them equal).
@@ -66,7 +71,10 @@ class RbacRule:
 LAUNCHER_RBAC_RULES: tuple[RbacRule, ...] = (
     RbacRule(api_group=GROUP, resource=PLURAL, verbs=("create", "delete", "get", "list")),
     RbacRule(api_group="", resource="pods", verbs=("list", "watch")),
+    RbacRule(api_group="", resource="secrets", verbs=("create", "delete")),  # worker secrets
 )
+WORKER_SECRET_KEY = "worker-secret"  # keys of the per-attempt Secret
+CONTROLLER_CA_KEY = "controller-ca"
 
 
 def _default_head_resources() -> dict:
@@ -247,6 +255,33 @@ def pod_env(settings: ClusterSettings, job_id: str, attempt: int) -> list[dict]:
     return [{"name": k, "value": v} for k, v in sorted(env.items())]
 
 
+def worker_secret_name(job_id: str, attempt: int) -> str:
+    """The per-attempt Secret holding the workers' gRPC secret."""
+    return f"{cluster_name(job_id, attempt)}-worker"
+
+
+def build_worker_secret(*, job_id: str, attempt: int, job_name: str, namespace: str,
+                        settings: ClusterSettings, secret: str,
+                        controller_ca: str | None = None) -> dict:
+    """The Secret (API JSON form) the attempt's pods read their worker secret from."""
+    data = {WORKER_SECRET_KEY: secret}
+    if controller_ca:
+        data[CONTROLLER_CA_KEY] = controller_ca
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": worker_secret_name(job_id, attempt), "namespace": namespace,
+                         "labels": owner_labels(settings, job_id, attempt,
+                                                job_name=job_name)},
+            "stringData": data}
+
+
+def _secret_env(secret_name: str, with_ca: bool) -> list[dict]:
+    keys = [("RINGMASTER_WORKER_SECRET", WORKER_SECRET_KEY)]
+    if with_ca:
+        keys.append(("RINGMASTER_CONTROLLER_CA", CONTROLLER_CA_KEY))
+    return [{"name": name, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": key}}}
+            for name, key in keys]
+
+
 def _security_context(settings: ClusterSettings) -> tuple[dict, dict]:
     pod = {"runAsNonRoot": True, "runAsUser": settings.run_as_user,
            "runAsGroup": settings.run_as_user, "fsGroup": settings.run_as_user,
@@ -326,8 +361,10 @@ def job_pods(job: JobRecord, settings: ClusterSettings) -> WorkerPodSettings:
 
 
 def build_raycluster(*, job: JobRecord, attempt: int, namespace: str,
-                     settings: ClusterSettings) -> dict:
-    """The RayCluster object (API JSON form) for `attempt` of `job` in `namespace`.
+                     settings: ClusterSettings, worker_secret: str | None = None,
+                     with_ca: bool = False) -> dict:
+    """The RayCluster object (API JSON form) for `attempt` of `job` in `namespace`;
+    `worker_secret` names the attempt's Secret (`with_ca`: it also holds the CA).
 
     With a Kueue queue (kueue.queueName or the job's queue_name) the cluster carries the
     queue label and is created suspended: Kueue admits its head and workers as one gang
@@ -339,6 +376,8 @@ def build_raycluster(*, job: JobRecord, attempt: int, namespace: str,
     image = (overrides.image if overrides else None) or settings.image
     labels = owner_labels(settings, job.id, attempt, job_name=job.spec.name)
     env = pod_env(settings, job.id, attempt)
+    if worker_secret:
+        env += _secret_env(worker_secret, with_ca)
     cluster_labels = {**labels, **({LABEL_KUEUE_QUEUE: pods.queue_name}
                                    if pods.queue_name else {})}
     spec = {

@@ -6,7 +6,9 @@ Lifecycle of an attempt (`start(job, attempt)`):
    until Kueue lifts `spec.suspend` for the whole gang; `start` then takes that cluster
    over and its readiness clock starts; a queued cluster of a job that no longer waits is
    deleted (`retain_waiting`). No lock is held across the API calls of this path;
-1. create the RayCluster (controller.launchers.kuberay builds it) in the job's namespace;
+1. create the attempt's worker Secret (its gRPC secret, controller.worker_auth; the pods
+   read it from there) and the RayCluster (controller.launchers.kuberay builds both) in the
+   job's namespace;
 2. `poll()` waits until KubeRay reports it ready (`status.state == "ready"` or the
    `RayClusterProvisioned` condition), at most `ready_timeout_s`; then submits the driver
    (`python -m workers.driver --job ID --attempt A --controller ADDR`) to the head's Ray
@@ -16,8 +18,9 @@ Lifecycle of an attempt (`start(job, attempt)`):
    (controller.launchers.podwatch) turns pod failures into WORKER_LOST/FAILED, which feed
    the job's restart policy in the state machine; READY comes from the gRPC service
    (`report()`) once every rank registered, exactly as with the Ray launcher;
-4. the RayCluster is deleted when the attempt ends (COMPLETED/FAILED here, WORKER_LOST and
-   stop requests through `stop()`); STOPPED is reported once the API server no longer has it.
+4. the RayCluster and its Secret are deleted when the attempt ends (COMPLETED/FAILED
+   here, WORKER_LOST and stop requests through `stop()`); STOPPED is reported once the
+   API server no longer has it.
 
 A watch thread per namespace lists and watches this controller's pods (label selector on
 `ringmaster.io/owner`) and queues the events; `poll()` drains the queue, so every call the
@@ -43,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from controller.launchers.base import EventKind, Launcher, LauncherEvent
 from controller.launchers.kuberay import (
@@ -55,6 +59,7 @@ from controller.launchers.kuberay import (
     ClusterSettings,
     SharedVolume,
     build_raycluster,
+    build_worker_secret,
     cluster_name,
     driver_entrypoint,
     head_dashboard_url,
@@ -62,6 +67,7 @@ from controller.launchers.kuberay import (
     job_pods,
     job_shape,
     owner_selector,
+    worker_secret_name,
 )
 from controller.launchers.podwatch import PodTracker
 from controller.launchers.workerpods import WorkerPodSettings
@@ -282,8 +288,12 @@ class KubernetesLauncher(Launcher):
                  config: KubernetesLauncherConfig | None = None,
                  custom_api=None, core_api=None, ray_jobs: Callable[[str], object] | None = None,
                  watch_factory: Callable[[], object] | None = None,
-                 clock: Callable[[], float] = time.monotonic, watch: bool = True):
+                 clock: Callable[[], float] = time.monotonic, watch: bool = True,
+                 worker_secret: Callable[[str, int], str] | None = None,
+                 controller_ca: str | None = None):
         self.config = config or KubernetesLauncherConfig.from_env(controller_address)
+        self.worker_secret = worker_secret  # (job id, attempt) -> the attempt's secret
+        self.controller_ca = Path(controller_ca).read_text() if controller_ca else None
         injected = (custom_api, core_api, ray_jobs, watch_factory)
         defaults = _default_clients() if any(x is None for x in injected) else None
         self.clients = _Clients(
@@ -335,8 +345,10 @@ class KubernetesLauncher(Launcher):
 
     def start(self, job: JobRecord, attempt: int) -> None:
         namespace = self.config.namespaces[0]
+        secret = worker_secret_name(job.id, attempt) if self.worker_secret else None
         body = build_raycluster(job=job, attempt=attempt, namespace=namespace,
-                                settings=self.config.cluster)
+                                settings=self.config.cluster, worker_secret=secret,
+                                with_ca=bool(self.controller_ca))
         shape = job_shape(job, self.config.cluster)
         self._set_waiting(job.id, "")
         with self._lock:
@@ -344,12 +356,15 @@ class KubernetesLauncher(Launcher):
                 if old.attempt != attempt:
                     self._delete(old)  # a superseded attempt frees its GPUs first
             if self._promote_queued(job.id, attempt):
-                return  # admit() created it and Kueue admitted it
+                return  # admit() created it (and its Secret) and Kueue admitted it
+            if secret:
+                self._create_worker_secret(job.id, job.spec.name, attempt, namespace)
             try:
                 self.clients.custom.create_namespaced_custom_object(
                     GROUP, VERSION, namespace, PLURAL, body, **self._timeout)
             except Exception as exc:
                 if _status(exc) in (400, 422):  # an object no retry will make valid
+                    self._drop_worker_secret(job.id, attempt, namespace)
                     self._events.append(LauncherEvent(
                         job_id=job.id, attempt=attempt, kind=EventKind.FAILED,
                         message=f"the API server refused RayCluster {namespace}/"
@@ -417,13 +432,18 @@ class KubernetesLauncher(Launcher):
     def _create_queued(self, job: JobRecord, attempt: int, queue: str,
                        now: float) -> _Attempt | None:
         namespace = self.config.namespaces[0]
+        secret = worker_secret_name(job.id, attempt) if self.worker_secret else None
         body = build_raycluster(job=job, attempt=attempt, namespace=namespace,
-                                settings=self.config.cluster)
+                                settings=self.config.cluster, worker_secret=secret,
+                                with_ca=bool(self.controller_ca))
+        if secret:  # before the cluster: Kueue may admit it, and its pods need it, any time
+            self._create_worker_secret(job.id, job.spec.name, attempt, namespace)
         try:
             self.clients.custom.create_namespaced_custom_object(
                 GROUP, VERSION, namespace, PLURAL, body, **self._timeout)
         except Exception as exc:
             if _status(exc) in (400, 422):
+                self._drop_worker_secret(job.id, attempt, namespace)
                 return None
             if _status(exc) != 409:
                 raise
@@ -500,6 +520,27 @@ class KubernetesLauncher(Launcher):
                 elif not is_suspended(obj):
                     a.admitted, a.phase, a.next_check = True, "provisioning", 0.0
                     a.deadline = now + self.config.ready_timeout_s
+
+    def _create_worker_secret(self, job_id: str, job_name: str, attempt: int,
+                              namespace: str) -> None:
+        """Before the pods that read it; its content is a function of (job, attempt), so
+        one left by a controller that died mid-start is already right."""
+        body = build_worker_secret(job_id=job_id, attempt=attempt, job_name=job_name,
+                                   namespace=namespace,
+                                   settings=self.config.cluster,
+                                   secret=self.worker_secret(job_id, attempt),
+                                   controller_ca=self.controller_ca)
+        try:
+            self.clients.core.create_namespaced_secret(namespace, body, **self._timeout)
+        except Exception as exc:
+            if _status(exc) != 409:
+                raise
+
+    def tracks(self, job_id: str, attempt: int) -> bool | None:
+        if not self._adopted:
+            return None  # the API server has not told us what runs yet
+        with self._lock:
+            return (job_id, attempt) in self._attempts
 
     def stop(self, job_id: str) -> None:
         self._set_waiting(job_id, "")
@@ -585,6 +626,17 @@ class KubernetesLauncher(Launcher):
             self.clients.custom.delete_namespaced_custom_object(
                 GROUP, VERSION, a.namespace, PLURAL, a.name, propagation_policy="Foreground",
                 **self._timeout)
+        except Exception as exc:
+            if _status(exc) != 404:
+                raise
+        self._drop_worker_secret(a.job_id, a.attempt, a.namespace)
+
+    def _drop_worker_secret(self, job_id: str, attempt: int, namespace: str) -> None:
+        if self.worker_secret is None:
+            return
+        try:
+            self.clients.core.delete_namespaced_secret(
+                worker_secret_name(job_id, attempt), namespace, **self._timeout)
         except Exception as exc:
             if _status(exc) != 404:
                 raise

@@ -11,6 +11,13 @@ service sees (all ranks registered, a rank lost or stalled) it reports with `rep
 Exit protocol of the driver: 0 = all steps done (COMPLETED), 3 = an error a restart will
 not fix (FAILED), anything else or a missing exit file = WORKER_LOST. The driver's output
 goes to `<state_dir>/ray/<job>-<attempt>.log`; `poll()` forwards new lines to `on_logs`.
+That directory is private (0700, files 0600): logs and records are the jobs' own.
+
+The attempt's worker secret (`worker_secret(job_id, attempt)`, controller.worker_auth)
+reaches the driver in its environment, `RINGMASTER_WORKER_SECRET`, which the driver
+forwards to every rank; with `controller_ca` the driver and ranks speak TLS to the
+controller and trust that CA (`RINGMASTER_CONTROLLER_CA`). Neither is ever a command-line
+argument.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from pathlib import Path
 from controller.launchers.base import EventKind, Launcher, LauncherEvent
 from controller.states import JobRecord
 
+WORKER_SECRET_ENV = "RINGMASTER_WORKER_SECRET"
+CONTROLLER_CA_ENV = "RINGMASTER_CONTROLLER_CA"
 EXIT_COMPLETED = 0
 EXIT_FAILED = 3
 _LOG_CHUNK = 256 * 1024  # bytes of driver output forwarded per poll and job
@@ -68,9 +77,14 @@ class RayLauncher(Launcher):
                  total_ranks: int | None = None, ray_address: str | None = None,
                  python: str = sys.executable, extra_env: dict[str, str] | None = None,
                  on_logs: Callable[[str, list[str]], None] | None = None,
-                 drain_timeout_s: float = 60.0):
+                 drain_timeout_s: float = 60.0,
+                 worker_secret: Callable[[str, int], str] | None = None,
+                 controller_ca: str | None = None):
         self.dir = Path(state_dir) / "ray"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.dir.chmod(0o700)
+        self.worker_secret = worker_secret
+        self.controller_ca = controller_ca
         self.controller_address = controller_address
         self.total_ranks = total_ranks or int(os.environ.get("RINGMASTER_MAX_RANKS", "0")) \
             or max(8, os.cpu_count() or 1)
@@ -91,7 +105,9 @@ class RayLauncher(Launcher):
 
     def _save(self, rec: DriverRecord) -> None:
         tmp = self._record_path(rec.job_id).with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(rec)))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with open(fd, "w") as f:
+            f.write(json.dumps(asdict(rec)))
         tmp.replace(self._record_path(rec.job_id))
 
     def _load(self) -> dict[str, DriverRecord]:
@@ -121,10 +137,9 @@ class RayLauncher(Launcher):
             cmd = [self.python, "-m", "workers.driver", "--job", job.id, "--attempt",
                    str(attempt), "--controller", self.controller_address,
                    "--exit-file", str(exit_path)]
-            env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
-            if self.ray_address:
-                env["RAY_ADDRESS"] = self.ray_address
-            with open(log_path, "ab") as log:
+            env = self._driver_env(job.id, attempt)
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            with open(fd, "ab") as log:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env=env,
                                         start_new_session=True)
@@ -134,6 +149,23 @@ class RayLauncher(Launcher):
                                log_path=str(log_path), exit_path=str(exit_path))
             self._drivers[job.id] = rec
             self._save(rec)
+
+    def _driver_env(self, job_id: str, attempt: int) -> dict[str, str]:
+        env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
+        for name in (WORKER_SECRET_ENV, CONTROLLER_CA_ENV):  # never the controller's own
+            env.pop(name, None)
+        if self.worker_secret is not None:
+            env[WORKER_SECRET_ENV] = self.worker_secret(job_id, attempt)
+        if self.controller_ca:
+            env[CONTROLLER_CA_ENV] = self.controller_ca
+        if self.ray_address:
+            env["RAY_ADDRESS"] = self.ray_address
+        return env
+
+    def tracks(self, job_id: str, attempt: int) -> bool:
+        with self._lock:
+            rec = self._drivers.get(job_id)
+            return rec is not None and rec.attempt == attempt
 
     def stop(self, job_id: str) -> None:
         """Let the workers drain at a step boundary; kill them after `drain_timeout_s`."""

@@ -1,4 +1,5 @@
-"""A real controller for tests: embedded Redis, FakeLauncher, uvicorn on a loopback port.
+"""A real controller for tests: embedded Redis, FakeLauncher, uvicorn on a loopback port
+(configured exactly as `ringmaster serve` configures it).
 
 `running_controller(state_dir)` yields a `Harness` with the base URL, the token, the
 Controller (store, machine, launcher) and an in-memory span exporter. The reconciler is not
@@ -53,17 +54,17 @@ class Harness:
 
 
 @contextlib.contextmanager
-def running_controller(state_dir: Path, *, total_ranks: int = 64,
-                       token: str = "test-token") -> Iterator[Harness]:
+def running_controller(state_dir: Path, *, total_ranks: int = 64, token: str = "test-token",
+                       **config) -> Iterator[Harness]:
+    """`config`: further ControllerConfig fields (limits, data roots, TLS, ...)."""
     spans = InMemorySpanExporter()
     launcher = FakeLauncher(total_ranks=total_ranks)
     provider = make_tracer_provider(exporters=[spans], synchronous=True)
-    ctl = Controller(ControllerConfig(state_dir=state_dir, launcher="fake", token=token,
-                                      redis_url=""),
-                     launcher=launcher, tracer_provider=provider)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ctl.app, host="127.0.0.1", port=port,
-                                           log_level="warning", access_log=False))
+    ctl = Controller(ControllerConfig(state_dir=state_dir, launcher="fake", token=token,
+                                      redis_url="", port=port, **config),
+                     launcher=launcher, tracer_provider=provider)
+    server = uvicorn.Server(ctl.uvicorn_config(log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

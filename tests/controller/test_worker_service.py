@@ -23,6 +23,7 @@ from controller.redis_server import open_redis
 from controller.spec import parse_job_spec
 from controller.states import State
 from controller.store import JobStore
+from controller.worker_auth import WorkerAuth
 from controller.worker_service import WorkerService, serve_grpc, worker_config_json
 from scheduler.batching import epoch_batches
 from scheduler.plan import StepPlan
@@ -30,6 +31,7 @@ from scheduler.synth import synthesize
 from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
 
 NUM_RANKS = 2
+AUTH = WorkerAuth.from_token("worker-service-test")
 
 
 class RecordingLauncher:
@@ -57,7 +59,7 @@ def plane(tmp_path, request):
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    service = WorkerService(store=store, launcher=launcher, planner_pool=pool,
+    service = WorkerService(store=store, launcher=launcher, planner_pool=pool, auth=AUTH,
                             tracer_provider=provider)
     server, port = serve_grpc(service, host="127.0.0.1", port=0)
     spec = parse_job_spec({
@@ -78,7 +80,8 @@ def plane(tmp_path, request):
 
 def client(plane, rank, attempt=1):
     return ControllerClient(plane["address"], WorkerIdentity(
-        job_id=plane["job"].id, attempt=attempt, rank=rank), reconnect_s=5)
+        job_id=plane["job"].id, attempt=attempt, rank=rank), reconnect_s=5,
+        secret=AUTH.secret_for(plane["job"].id, attempt))
 
 
 def test_register_stream_report(plane):
@@ -169,7 +172,8 @@ def test_stop_drains_at_step_boundary(plane):
 
 
 def test_unknown_job_is_rejected(plane):
-    bad = ControllerClient(plane["address"], WorkerIdentity(job_id="nope", attempt=1, rank=0))
+    bad = ControllerClient(plane["address"], WorkerIdentity(job_id="nope", attempt=1, rank=0),
+                           secret=AUTH.secret_for("nope", 1))
     with pytest.raises(Fenced, match="not found"):
         bad.register(host="h", pid=1)
 

@@ -83,6 +83,7 @@ class FakeKube:
     def __init__(self):
         self.clusters: dict[tuple[str, str], dict] = {}  # (namespace, name) -> RayCluster
         self.pods: dict[tuple[str, str], dict] = {}
+        self.secrets: dict[tuple[str, str], dict] = {}
         self.calls: list[tuple[str, str, str]] = []
         self.deleting: set[tuple[str, str]] = set()  # deleted, still finalizing
         self.resource_version = 100
@@ -189,6 +190,20 @@ class FakeKube:
     def replace_namespaced_endpoint_slice(self, name, namespace, body, **kw):
         return self._replace(self.slices, "discovery.k8s.io", "endpointslices", name,
                              namespace, body)
+
+    def create_namespaced_secret(self, namespace, body, **kw):
+        self.calls.append(("", "secrets", "create"))
+        key = (namespace, body["metadata"]["name"])
+        if key in self.secrets:
+            raise ApiException(status=409, reason="Conflict")
+        self.secrets[key] = json.loads(json.dumps(body))
+        return self.secrets[key]
+
+    def delete_namespaced_secret(self, name, namespace, **kw):
+        self.calls.append(("", "secrets", "delete"))
+        if self.secrets.pop((namespace, name), None) is None:
+            raise _not_found(f"secrets {name!r} not found")
+        return {"kind": "Status", "status": "Success"}
 
     # test controls ------------------------------------------------------------------------
     def set_state(self, namespace: str, name: str, state: str) -> None:

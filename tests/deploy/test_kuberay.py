@@ -223,5 +223,5 @@ def test_attempt_zero_is_refused():
 
 def test_rbac_rules_and_dashboard_address():
     assert {(r.api_group, r.resource) for r in LAUNCHER_RBAC_RULES} == \
-        {("ray.io", "rayclusters"), ("", "pods")}
+        {("ray.io", "rayclusters"), ("", "pods"), ("", "secrets")}
     assert head_dashboard_url("rm-x-a1", "jobs") == "http://rm-x-a1-head-svc.jobs.svc:8265"

@@ -38,7 +38,7 @@ def world():
     def launcher(**kw):
         return KubernetesLauncher(config=launcher_config(**kw), custom_api=kube, core_api=kube,
                                   ray_jobs=jobs, watch_factory=lambda: watch, clock=clock,
-                                  watch=False)
+                                  watch=False, worker_secret=lambda job, a: f"s-{job}-{a}")
 
     return dict(kube=kube, jobs=jobs, clock=clock, watch=watch, launcher=launcher)
 
