@@ -8,12 +8,17 @@
 
 Where it connects: `url` or $RINGMASTER_URL or the URL a local controller wrote into its
 state directory (controller.json) or http://127.0.0.1:8080. The token: `token` or
-$RINGMASTER_TOKEN or the state directory's `token` file. Every non-2xx answer raises
-`ApiError` carrying the status and the server's one-line message.
+$RINGMASTER_TOKEN or the state directory's `token` file. HTTPS is verified against `ca`,
+else the CA a local TLS controller named in controller.json, else the system's (httpx
+honours $SSL_CERT_FILE). Every non-2xx answer raises `ApiError` carrying the status and
+the server's one-line message. `follow_logs` rides out a controller restart or a store
+outage (503s, refused connections) for up to `outage_s` at a time, so a follow can run
+for as long as the job does.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -27,6 +32,7 @@ from controller.spec import JobCreate, inline_local_model, load_job_spec, parse_
 from scheduler.errors import RingmasterError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+TRANSIENT = (0, 502, 503, 504)  # unreachable, or the controller/store briefly away
 
 
 class ApiError(RingmasterError):
@@ -43,16 +49,30 @@ def _state_dir(state_dir: str | Path | None) -> Path:
     return Path(os.environ.get("RINGMASTER_STATE_DIR") or Path.home() / ".ringmaster")
 
 
+def _endpoint(state_dir: Path) -> dict:
+    try:
+        info = json.loads((state_dir / "controller.json").read_text())
+        return info if isinstance(info, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
 def resolve_url(url: str | None, state_dir: Path) -> str:
     if url or os.environ.get("RINGMASTER_URL"):
         return (url or os.environ["RINGMASTER_URL"]).rstrip("/")
-    info = state_dir / "controller.json"
-    if info.exists():
-        try:
-            return json.loads(info.read_text())["url"].rstrip("/")
-        except (ValueError, KeyError, TypeError):
-            pass
-    return DEFAULT_URL
+    found = _endpoint(state_dir).get("url")
+    return found.rstrip("/") if isinstance(found, str) else DEFAULT_URL
+
+
+def resolve_ca(ca: str | Path | None, url: str, state_dir: Path) -> str | bool:
+    """httpx's `verify`: the given CA, a local TLS controller's, else the system's."""
+    if ca is not None:
+        return str(ca)
+    info = _endpoint(state_dir)
+    if url.startswith("https://") and info.get("url", "").rstrip("/") == url and \
+            isinstance(info.get("ca"), str):
+        return info["ca"]
+    return True
 
 
 def resolve_token(token: str | None, state_dir: Path) -> str | None:
@@ -77,13 +97,15 @@ class RingmasterClient:
 
     def __init__(self, url: str | None = None, *, token: str | None = None,
                  state_dir: str | Path | None = None, timeout_s: float = 30.0,
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, ca: str | Path | None = None,
+                 outage_s: float = 300.0):
         sd = _state_dir(state_dir)
         self.url = resolve_url(url, sd)
         self.token = resolve_token(token, sd)
+        self.outage_s = outage_s
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout_s,
-                                  transport=transport)
+                                  transport=transport, verify=resolve_ca(ca, self.url, sd))
 
     def __enter__(self) -> RingmasterClient:
         return self
@@ -147,12 +169,33 @@ class RingmasterClient:
 
     def follow_logs(self, job_id: str, *, tail: int | None = 100,
                     wait_s: float = 10.0) -> Iterator[LogLinePublic]:
-        """Yield the last `tail` lines, then new lines as they come, until the job ends."""
-        chunk = self.logs(job_id, tail=tail) if tail else self.logs(job_id, cursor="0")
+        """Yield the last `tail` lines, then new lines as they come, until the job ends.
+
+        A transient failure (controller restarting, store away) is retried with back-off
+        from the last cursor, so no line is lost or repeated; only an outage longer than
+        `outage_s` (or a 4xx, e.g. the job was deleted) ends the follow with ApiError.
+        """
+        chunk = self._riding_out(lambda: self.logs(job_id, tail=tail) if tail
+                                 else self.logs(job_id, cursor="0"))
         yield from chunk.lines
         while not chunk.finished or chunk.lines:
-            chunk = self.logs(job_id, cursor=chunk.next_cursor, follow=True, wait_s=wait_s)
+            chunk = self._riding_out(functools.partial(
+                self.logs, job_id, cursor=chunk.next_cursor, follow=True, wait_s=wait_s))
             yield from chunk.lines
+
+    def _riding_out(self, call: Callable[[], LogChunk]) -> LogChunk:
+        down_since, delay = None, 0.5
+        while True:
+            try:
+                return call()
+            except ApiError as exc:
+                if exc.status not in TRANSIENT:
+                    raise
+                down_since = down_since or time.monotonic()
+                if time.monotonic() - down_since > self.outage_s:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
     def metrics(self, job_id: str, *, since_step: int = 0, limit: int = 1000) -> MetricsPage:
         resp = self._call("GET", f"/v1/jobs/{job_id}/metrics",

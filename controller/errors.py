@@ -73,15 +73,16 @@ async def on_validation_error(request: Request, exc: RequestValidationError) -> 
     return error_response(422, f"invalid request: {head}{more}", details=details)
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves at this request's path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        for method in getattr(route, "methods", None) or ():
-            match, _ = route.matches({**request.scope, "method": method})
-            if match is Match.FULL:
-                methods.add(method)
-    return sorted(methods)
+    """Every method some route serves at this request's path (starlette's own 405 names
+    only the first route that matched the path)."""
+    scope = {k: v for k, v in request.scope.items() if k not in ("route", "endpoint")}
+    return [m for m in _METHODS
+            if any(route.matches({**scope, "method": m})[0] is Match.FULL
+                   for route in request.app.router.routes)]
 
 
 async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
