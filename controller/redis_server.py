@@ -50,7 +50,7 @@ APPEND_ONLY_CONFIG = {
 }
 COMMAND_TIMEOUT_S = 3.0  # one Redis command; the store's commands take milliseconds
 CONNECT_TIMEOUT_S = 2.0
-PROBE_TIMEOUT_S = 2.0  # /readyz's PING
+PROBE_TIMEOUT_S = 1.0  # /readyz's PING (x2 with a reconnect: under a 3 s probe timeout)
 LONG_POLL_MARGIN_S = 10.0  # socket timeout of long-poll clients = longest block + this
 LONG_POLL_CONNECTIONS = 256  # blocking log reads held at once (uvicorn caps connections)
 SUPERVISE_INTERVAL_S = 1.0
