@@ -76,6 +76,12 @@ ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 405, 408, 409, 4
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN,
                                  description="Job id from POST /v1/jobs.")]
 JOB = f"/jobs/{{job_id:{JOB_ID_CONVERTOR}}}"
+# OpenAPI links from a submitted job to what can be done with it (clients and the
+# stateful schemathesis run follow them).
+JOB_LINKS = {name: {"operationId": op, "parameters": {"job_id": "$response.body#/id"}}
+             for name, op in (("GetJob", "getJob"), ("StopJob", "stopJob"),
+                              ("DeleteJob", "deleteJob"), ("JobLogs", "jobLogs"),
+                              ("JobMetrics", "jobMetrics"))}
 
 
 def create_app(*, store: JobStore, machine: JobStateMachine, settings: ApiSettings,
@@ -151,12 +157,13 @@ def _health_router(token: str) -> APIRouter:
     router = APIRouter(tags=["health"])
     expected = token.encode()
 
-    @router.get("/healthz", response_model=Health)
+    @router.get("/healthz", response_model=Health, operation_id="healthz")
     async def healthz() -> Health:
         """The process is up (liveness); answers without touching Redis or a thread."""
         return Health(status="ok")
 
-    @router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+    @router.get("/readyz", response_model=Health, responses={503: {"model": Health}},
+                operation_id="readyz")
     async def readyz(request: Request, response: Response) -> Health:
         """The job store answers (readiness). Why not is told to token holders only."""
         try:
@@ -176,7 +183,7 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
                  tracer) -> APIRouter:
     router = APIRouter(prefix=f"/{API_VERSION}", tags=["jobs"], route_class=SafeJsonRoute)
 
-    @router.post("/jobs:plan", response_model=PlanPreview)
+    @router.post("/jobs:plan", response_model=PlanPreview, operation_id="previewJob")
     def preview_job(spec: JobCreate,
                     num_batches: Annotated[QueryInt, Query(ge=1, le=8)] = 2,
                     gantt: Annotated[QueryBool, Query(description="Include a PNG Gantt.")
@@ -187,8 +194,10 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
         return preview_mod.preview_plan(spec, num_batches=num_batches, gantt=gantt,
                                         tracer=tracer)
 
-    @router.post("/jobs", response_model=JobPublic, status_code=201,
-                 responses={200: {"model": JobPublic, "description": "Idempotent replay."}})
+    @router.post("/jobs", response_model=JobPublic, status_code=201, operation_id="submitJob",
+                 responses={200: {"model": JobPublic, "description": "Idempotent replay.",
+                                  "links": JOB_LINKS},
+                            201: {"description": "Submitted.", "links": JOB_LINKS}})
     def submit_job(spec: JobCreate, response: Response) -> JobPublic:
         """Submit a job; with a known submission_id and the same body, return that job."""
         confine_paths(spec, settings.data_roots)
@@ -204,7 +213,7 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
             response.status_code = 200
         return JobPublic.of(rec)
 
-    @router.get("/jobs", response_model=JobList)
+    @router.get("/jobs", response_model=JobList, operation_id="listJobs")
     def list_jobs(limit: Annotated[QueryInt, Query(ge=1, le=settings.max_page_size)] = 50,
                   page_token: Annotated[str | None, Query(max_length=19,
                                                           pattern=r"^[0-9]+$")] = None,
@@ -214,17 +223,19 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
         return JobList(jobs=[JobPublic.of(r) for r in records], next_page_token=token,
                        total=store.count())
 
-    @router.get(JOB, response_model=JobPublic)
+    @router.get(JOB, response_model=JobPublic, operation_id="getJob",
+                responses={200: {"description": "The job.", "links": JOB_LINKS}})
     def get_job(job_id: JobId) -> JobPublic:
         """One job, with every state transition it went through."""
         return JobPublic.of(store.get(job_id), store.transitions(job_id))
 
-    @router.post(f"{JOB}:stop", response_model=JobPublic)
+    @router.post(f"{JOB}:stop", response_model=JobPublic, operation_id="stopJob",
+                 responses={200: {"description": "Stopping or stopped.", "links": JOB_LINKS}})
     def stop_job(job_id: JobId) -> JobPublic:
         """Stop a job (idempotent while it stops; 409 once it has finished)."""
         return JobPublic.of(machine.request_stop(job_id))
 
-    @router.delete(JOB, status_code=204, response_class=Response)
+    @router.delete(JOB, status_code=204, response_class=Response, operation_id="deleteJob")
     def delete_job(job_id: JobId) -> Response:
         """Delete a finished job and its metrics and logs (409 while it is active)."""
         store.delete(job_id)
@@ -235,7 +246,7 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
 
 
 def _add_watch_routes(router: APIRouter, store: JobStore, settings: ApiSettings) -> None:
-    @router.get(f"{JOB}/logs", response_model=LogChunk)
+    @router.get(f"{JOB}/logs", response_model=LogChunk, operation_id="jobLogs")
     async def job_logs(request: Request, job_id: JobId,
                        tail: Annotated[QueryInt | None, Query(
                            ge=1, le=settings.max_log_lines, description="Last N lines.")
@@ -261,7 +272,7 @@ def _add_watch_routes(router: APIRouter, store: JobStore, settings: ApiSettings)
         return LogChunk(job_id=job_id, lines=[LogLinePublic.of(x) for x in lines],
                         next_cursor=nxt, finished=state.terminal)
 
-    @router.get(f"{JOB}/metrics", response_model=MetricsPage)
+    @router.get(f"{JOB}/metrics", response_model=MetricsPage, operation_id="jobMetrics")
     def job_metrics(job_id: JobId,
                     since_step: Annotated[QueryInt, Query(ge=0, le=2**53)] = 0,
                     limit: Annotated[QueryInt, Query(ge=1, le=10_000)] = 1000) -> MetricsPage:
