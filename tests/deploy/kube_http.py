@@ -1,10 +1,11 @@
 """A minimal Kubernetes API server over HTTP, for driving the real `kubernetes` client.
 
 It serves only the paths the launcher and the leader election use (RayClusters in
-ray.io/v1, pods in v1, list and watch; Leases and EndpointSlices with resourceVersions and
-409 on a stale one) from in-memory dicts, and records each request as (api_group, resource,
-verb) the way the API server's authorizer would see it. A watch request streams the queued events
-as newline-delimited JSON and closes. Plain http on 127.0.0.1, one thread per request.
+ray.io/v1, pods in v1, list and watch; Secrets in v1, create and delete; Leases and
+EndpointSlices with resourceVersions and 409 on a stale one) from in-memory dicts, and
+records each request as (api_group, resource, verb) the way the API server's authorizer
+would see it. A watch request streams the queued events as newline-delimited JSON and
+closes. Plain http on 127.0.0.1, one thread per request.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from urllib.parse import parse_qs, urlparse
 
 CLUSTERS = re.compile(r"^/apis/ray\.io/v1/namespaces/([^/]+)/rayclusters(?:/([^/]+))?$")
 PODS = re.compile(r"^/api/v1/namespaces/([^/]+)/pods$")
+SECRETS = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets(?:/([^/]+))?$")
 VERSIONED = re.compile(r"^/apis/(coordination\.k8s\.io|discovery\.k8s\.io)/v1/namespaces/"
                        r"([^/]+)/(leases|endpointslices)(?:/([^/]+))?$")
 
@@ -33,6 +35,7 @@ class KubeHttp:
     def __init__(self):
         self.clusters: dict[tuple[str, str], dict] = {}
         self.pods: dict[tuple[str, str], dict] = {}
+        self.secrets: dict[tuple[str, str], dict] = {}
         self.watch_events: list[dict] = []
         self.versioned: dict[tuple[str, str, str], dict] = {}  # (resource, ns, name) -> obj
         self.version = 1000
@@ -111,7 +114,10 @@ class KubeHttp:
             def do_POST(self):
                 if (v := VERSIONED.match(urlparse(self.path).path)) is not None:
                     return self._versioned(v, "create", self._body())
-                m, body = CLUSTERS.match(urlparse(self.path).path), self._body()
+                path, body = urlparse(self.path).path, self._body()
+                if (m := SECRETS.match(path)) is not None:
+                    return self._store_secret(m.group(1), body)
+                m = CLUSTERS.match(path)
                 with api.lock:
                     api.calls.append(("ray.io", "rayclusters", "create"))
                     key = (m.group(1), body["metadata"]["name"])
@@ -121,13 +127,27 @@ class KubeHttp:
                     api.clusters[key] = body
                 self._send(201, body)
 
-            def do_DELETE(self):
-                m = CLUSTERS.match(urlparse(self.path).path)
+            def _store_secret(self, namespace: str, body: dict):
                 with api.lock:
-                    api.calls.append(("ray.io", "rayclusters", "delete"))
-                    gone = api.clusters.pop((m.group(1), m.group(2)), None)
+                    api.calls.append(("", "secrets", "create"))
+                    key = (namespace, body["metadata"]["name"])
+                    if key in api.secrets:
+                        return self._send(409, {"kind": "Status", "reason": "AlreadyExists",
+                                                "code": 409})
+                    api.secrets[key] = body
+                self._send(201, body)
+
+            def do_DELETE(self):
+                path = urlparse(self.path).path
+                group, resource, objects, m = "ray.io", "rayclusters", api.clusters, \
+                    CLUSTERS.match(path)
+                if m is None:
+                    group, resource, objects, m = "", "secrets", api.secrets, SECRETS.match(path)
+                with api.lock:
+                    api.calls.append((group, resource, "delete"))
+                    gone = objects.pop((m.group(1), m.group(2)), None)
                 if gone is None:
-                    return self._not_found("rayclusters not found")
+                    return self._not_found(f"{resource} not found")
                 self._send(200, {"kind": "Status", "apiVersion": "v1", "status": "Success"})
 
             def do_GET(self):

@@ -32,10 +32,11 @@ def api(tmp_path, monkeypatch):
 def test_lifecycle_through_the_real_client(api):
     jobs = FakeRayJobs()
     la = KubernetesLauncher(config=launcher_config(api_timeout_s=10), ray_jobs=jobs,
-                            watch=False)
+                            watch=False, worker_secret=lambda job, attempt: f"s{attempt}")
     try:
         la.start(make_job(num_ranks=16), 1)
         created = api.clusters[(NS, NAME)]
+        assert api.secrets[(NS, f"{NAME}-worker")]["stringData"] == {"worker-secret": "s1"}
         assert created["spec"]["workerGroupSpecs"][0]["replicas"] == 2
         assert la.poll() == []  # no status yet
         created["status"] = {"state": "ready"}
@@ -48,7 +49,7 @@ def test_lifecycle_through_the_real_client(api):
         assert lost.kind is EventKind.WORKER_LOST and "OOMKilled" in lost.message
 
         la.stop(JOB_ID)
-        assert (NS, NAME) not in api.clusters
+        assert (NS, NAME) not in api.clusters and not api.secrets
         assert [(e.kind, e.attempt) for e in la.poll()] == [(EventKind.STOPPED, 1)]
         la.start(make_job(num_ranks=16), 2)
         KubernetesLauncher(config=launcher_config(), ray_jobs=jobs, watch=False).close()

@@ -159,3 +159,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- fail (printf "workers.resources.requests.%s: GPUs are requested per rank from each job's gpus_per_node; leave it out" .Values.launcher.kuberay.gpuResourceName) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The Secret with the controller's TLS certificate (tls.crt, tls.key, ca.crt). */}}
+{{- define "ringmaster.tlsSecretName" -}}
+{{- .Values.tls.secretName | default (printf "%s-tls" (include "ringmaster.fullname" .)) -}}
+{{- end -}}
+
+{{- define "ringmaster.validateTls" -}}
+{{- $t := .Values.tls -}}
+{{- if and $t.enabled (not $t.secretName) (not $t.certManager.enabled) -}}
+{{- fail "tls.enabled: set tls.secretName (a kubernetes.io/tls Secret) or tls.certManager.enabled" -}}
+{{- end -}}
+{{- if and $t.certManager.enabled (not $t.enabled) -}}
+{{- fail "tls.certManager.enabled is set while tls.enabled is false: the certificate would be ignored" -}}
+{{- end -}}
+{{- if and $t.certManager.enabled (not $t.certManager.issuerRef.name) -}}
+{{- fail "tls.certManager.enabled: set tls.certManager.issuerRef.name" -}}
+{{- end -}}
+{{- end -}}
