@@ -248,9 +248,14 @@ class JobStore:
                    message: str = "", due_at: float | None = None, **updates) -> JobRecord:
         """Move job `job_id` from `src` to `dst` atomically; StaleState if it moved on.
 
-        `due_at`: when the state machine must look at the job again (none: only on an
-        event). Terminal jobs leave every index.
+        `due_at`: when the state machine must look at the job again. Default: a Stopping job
+        at once (its workers must be told), a Restarting one at its `not_before`, others
+        only on an event. Terminal jobs leave every index.
         """
+        if due_at is None and dst is State.STOPPING:
+            due_at = self.clock()
+        elif due_at is None and dst is State.RESTARTING:
+            due_at = updates.get("not_before", self.clock())
         check_transition(src, dst)
         key = self._k("job", job_id)
         now = self.clock()

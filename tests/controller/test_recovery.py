@@ -161,7 +161,9 @@ def test_recover_reissues_the_stop_of_a_stopping_job(world):
     launcher = FakeLauncher(total_ranks=64)  # the restarted controller's: knows nothing
     new = machine(launcher)
     new.recover()
-    new.tick()  # the fresh launcher reports STOPPED for a job it has no workers of
+    new.tick()  # stops it: the fresh launcher has no workers of it and says so ...
+    assert launcher.stopped == [job.id]
+    new.tick()  # ... with STOPPED, which the next pass applies
     assert store.get(job.id).state is State.STOPPED
 
 
