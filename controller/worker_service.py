@@ -13,11 +13,14 @@ Scheduling, Running or Stopping. READY is reported to the launcher when every ra
 been heard from (registered, or, after a controller restart, called in with the
 attempt's secret); a rank whose progress counter has not moved for the job's heartbeat
 timeout, or that reports a failure, ends the attempt (WORKER_LOST). The port may serve
-TLS (`serve_grpc(credentials=...)`).
+TLS (`serve_grpc(credentials=...)`). While the job store is away a call gets UNAVAILABLE
+(which workers retry), not an application error with a traceback.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import threading
@@ -26,6 +29,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 import grpc
+import redis
 from opentelemetry import propagate, trace
 
 from controller.launchers.base import EventKind, LauncherEvent
@@ -63,6 +67,30 @@ class AttemptRuntime:
     ready_sent: bool = False
     lost_sent: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+def _store_unavailable_is_retryable(rpc):
+    """An RPC whose Redis calls fail answers UNAVAILABLE (the workers' clients retry it)."""
+    def abort(context, exc: redis.RedisError):
+        log.warning("%s: job store unavailable (%s); answering UNAVAILABLE", rpc.__name__, exc)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "job store unavailable; retry")
+
+    if inspect.isgeneratorfunction(rpc):
+        @functools.wraps(rpc)
+        def streaming(self, request, context):
+            try:
+                yield from rpc(self, request, context)
+            except redis.RedisError as exc:
+                abort(context, exc)
+        return streaming
+
+    @functools.wraps(rpc)
+    def unary(self, request, context):
+        try:
+            return rpc(self, request, context)
+        except redis.RedisError as exc:
+            abort(context, exc)
+    return unary
 
 
 class WorkerService(pb_grpc.WorkerServiceServicer):
@@ -135,6 +163,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     rt.cond.notify_all()
 
     # RPCs ------------------------------------------------------------------------------
+    @_store_unavailable_is_retryable
     def Register(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -152,6 +181,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             checkpoint_dir=job.spec.training.checkpoint_dir or "",
             resume_from=job.last_checkpoint or "")
 
+    @_store_unavailable_is_retryable
     def Heartbeat(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -165,6 +195,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return pb.HeartbeatReply(accepted=True, stop=stop,
                                  reason="stop requested" if stop else "")
 
+    @_store_unavailable_is_retryable
     def ReportFailure(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -173,6 +204,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                                             f"{request.step}: {request.error}")
         return pb.Ack(accepted=True)
 
+    @_store_unavailable_is_retryable
     def ReportStep(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -190,6 +222,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self._finish_step(rt, request.step)
         return pb.Ack(accepted=True)
 
+    @_store_unavailable_is_retryable
     def StreamPlans(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:

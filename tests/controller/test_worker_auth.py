@@ -95,7 +95,8 @@ def plane(tmp_path, request):
     job, _ = store.create(spec)
     job = store.transition(job.id, src=State.PENDING, dst=State.SCHEDULING, reason="Admitted",
                            attempt=1)
-    yield dict(store=store, launcher=launcher, job=job, address=f"127.0.0.1:{port}", cert=cert)
+    yield dict(store=store, launcher=launcher, job=job, address=f"127.0.0.1:{port}", cert=cert,
+               redis=redis)
     server.stop(grace=None)
     service.close()
     pool.shutdown(wait=False, cancel_futures=True)
@@ -156,6 +157,25 @@ def test_the_attempts_secret_is_accepted_and_the_fence_still_applies(plane):
                                  secret="", reconnect_s=5)
     with pytest.raises(Unauthenticated, match="RINGMASTER_WORKER_SECRET"):
         anonymous.heartbeat(step=0, progress=1)
+
+
+def test_a_store_outage_is_unavailable_which_workers_retry(plane):
+    import signal
+
+    job_id = plane["job"].id
+    md = [("authorization", f"Bearer {AUTH.secret_for(job_id, 1)}")]
+    pid = plane["redis"].server_pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            stub(plane).Heartbeat(pb.HeartbeatRequest(worker=worker(plane), step=0,
+                                                      progress=1), metadata=md, timeout=30)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert err.value.code() is grpc.StatusCode.UNAVAILABLE  # in controller_client._RETRYABLE
+    assert stub(plane).Heartbeat(pb.HeartbeatRequest(worker=worker(plane), step=0,
+                                                     progress=1), metadata=md,
+                                 timeout=30).accepted
 
 
 def test_the_client_reads_its_secret_from_the_environment(plane, monkeypatch):
