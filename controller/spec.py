@@ -377,6 +377,9 @@ def validate_model(spec: JobCreate) -> ModelSpec:
             inspect_checkpoint(spec.model_dir(), model)
     except SpecError as exc:
         raise SpecError(f"model: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:  # unreadable weights: the user's to fix
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise SpecError(f"model: cannot read {spec.model_dir()!r} ({reason})") from None
     longest = _longest_sequence(spec.dataset.path) if model.sliding_window else None
     if longest is not None:
         try:
