@@ -263,15 +263,18 @@ def local_attention_core(cu_seqlens: torch.Tensor, *,
 
 
 def ring_attention_core(cu_seqlens: torch.Tensor, ring: Sequence[int], *,
-                        softmax_scale: float | None = None, group=None) -> AttentionCore:
+                        softmax_scale: float | None = None, group=None,
+                        comm_stats=None) -> AttentionCore:
     """Zigzag ring attention of this rank's shard (parallelism/ring_attention.py).
 
     The ring handshake (ring_attention_setup) runs once, on the first forward; every layer
-    of the step reuses it, since every layer sees the same shard layout. All members must
-    run the same layers in the same order (they do: the step is the same program on each).
+    of the step reuses it, since every layer sees the same shard layout, whichever path
+    (plain autograd or the memory schemes' forward/backward) runs. All members must run
+    the same layers in the same order (they do: the step is the same program on each).
+    `comm_stats` (parallelism.CommStats) counts the bytes this rank sends per channel.
     """
     from parallelism.ring_attention import (
-        ring_attention,
+        _RingAttention,
         ring_attention_backward,
         ring_attention_forward,
         ring_attention_setup,
@@ -282,15 +285,16 @@ def ring_attention_core(cu_seqlens: torch.Tensor, ring: Sequence[int], *,
     def setup(q: torch.Tensor, k: torch.Tensor):
         if "setup" not in state:
             state["setup"] = ring_attention_setup(q, k, cu_seqlens=cu_seqlens, ring=ring,
-                                                  softmax_scale=softmax_scale, group=group)
+                                                  softmax_scale=softmax_scale, group=group,
+                                                  comm_stats=comm_stats)
         return state["setup"]
 
     return AttentionCore(
         forward=lambda q, k, v: ring_attention_forward(q, k, v, setup(q, k)),
         backward=lambda do, q, k, v, o, lse: ring_attention_backward(do, q, k, v, o, lse,
                                                                       setup(q, k)),
-        autograd=lambda q, k, v: ring_attention(q, k, v, cu_seqlens=cu_seqlens, ring=ring,
-                                                softmax_scale=softmax_scale, group=group))
+        autograd=lambda q, k, v: _RingAttention.apply(q.contiguous(), k.contiguous(),
+                                                      v.contiguous(), setup(q, k)))
 
 
 # --------------------------------------------------------------------------- MEMO layer stack

@@ -88,21 +88,30 @@ def streambp_layer_backward(layer, x_TH: torch.Tensor, dy_TH: torch.Tensor, *,
     dk, dv = track_buffer(torch.zeros_like(k_cache)), track_buffer(torch.zeros_like(v_cache))
     dx = track_buffer(torch.empty_like(x_TH))
     for c in reversed(chunks):
-        x_c = x_TH[c.start:c.stop].detach().requires_grad_()
-        k_c = k_cache[c.key_start:c.stop].detach().requires_grad_()
-        v_c = v_cache[c.key_start:c.stop].detach().requires_grad_()
-        with torch.enable_grad():
-            q = layer.query(x_c, position_ids[c.start:c.stop])
-            o = kernels.attention(q, k_c, v_c, cu_seqlens_q=cu_seqlens_for(c.cu_seqlens_q, q),
-                                  cu_seqlens_k=cu_seqlens_for(c.cu_seqlens_k, q), causal=True,
-                                  softmax_scale=softmax_scale)
-            y = layer.post(x_c, o)
-        torch.autograd.backward([y], [dy_TH[c.start:c.stop]])
-        dx[c.start:c.stop] = x_c.grad
-        dk[c.key_start:c.stop] += k_c.grad
-        dv[c.key_start:c.stop] += v_c.grad
+        _chunk_backward(layer, c, x_TH, dy_TH, k_cache, v_cache, dx, dk, dv, position_ids,
+                        softmax_scale)
     torch.autograd.backward([k, v], [dk, dv])
     return dx.add_(x_kv.grad)
+
+
+def _chunk_backward(layer, c: StreamChunk, x_TH, dy_TH, k_cache, v_cache, dx, dk, dv,
+                    position_ids, softmax_scale) -> None:
+    """One query chunk: recompute its part of the layer, backprop its dy, accumulate dx of
+    the chunk and dK, dV of its key range (a function, so the chunk's graph and tensors
+    are freed before the next chunk or the K/V backward)."""
+    x_c = x_TH[c.start:c.stop].detach().requires_grad_()
+    k_c = k_cache[c.key_start:c.stop].detach().requires_grad_()
+    v_c = v_cache[c.key_start:c.stop].detach().requires_grad_()
+    with torch.enable_grad():
+        q = layer.query(x_c, position_ids[c.start:c.stop])
+        o = kernels.attention(q, k_c, v_c, cu_seqlens_q=cu_seqlens_for(c.cu_seqlens_q, q),
+                              cu_seqlens_k=cu_seqlens_for(c.cu_seqlens_k, q), causal=True,
+                              softmax_scale=softmax_scale)
+        y = layer.post(x_c, o)
+    torch.autograd.backward([y], [dy_TH[c.start:c.stop]])
+    dx[c.start:c.stop] = x_c.grad
+    dk[c.key_start:c.stop] += k_c.grad
+    dv[c.key_start:c.stop] += v_c.grad
 
 
 class StreamBPStack:
@@ -140,10 +149,12 @@ class StreamBPStack:
             if i > 0 and self.inputs[i - 1][0] is not None:
                 self.swapper.prefetch(self.inputs[i - 1][0])
             host, dev = self.inputs[i]
-            self.inputs[i] = (None, dev[:0])
+            self.inputs[i] = None  # this layer's input dies with its backward
             x = dev if host is None else torch.cat([self.swapper.fetch(host), dev])
+            del host, dev
             dy = streambp_layer_backward(self.layers[i], x, dy, position_ids=self.pos,
                                          chunks=self.chunks, softmax_scale=self.softmax_scale)
+            del x
         return dy
 
 

@@ -43,7 +43,8 @@ from scheduler.errors import SpecError
 from scheduler.memory import MemoryPlan, max_live_bytes, plan_offsets
 from scheduler.specs import ModelSpec
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
+READABLE_PROFILE_VERSIONS = (1, 2)  # version 1 lacks layer_no_grad, key_value, attention_ops
 PROFILES_PATH = Path(__file__).with_name("memory_profiles.json")
 KINDS = ("saved", "output", "grad_input", "transient")
 
@@ -72,6 +73,7 @@ class RegionProfile:
     fixed_bytes: int                     # parameter-gradient bytes (not activations)
     chunk_tokens: int | None = None      # the region runs in chunks of this many tokens:
                                          # all but its grad_input repeat per chunk
+    attention_ops: tuple[int, ...] = ()  # ops of its opaque attention (forward, backward)
 
     def size(self, tensor: TensorProfile, num_tokens: int) -> int:
         """Bytes of `tensor` when the region runs over `num_tokens` tokens."""
@@ -98,6 +100,8 @@ class ModelMemoryProfile:
     head: RegionProfile
     recorded_tokens: tuple[int, ...]     # token counts the affine fit was recorded at
     source: str                          # how it was recorded (device, dtype, tool)
+    layer_no_grad: RegionProfile | None = None  # a layer's forward under no_grad (StreamBP)
+    key_value: RegionProfile | None = None      # K/V projection forward + backward (StreamBP)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -341,18 +345,23 @@ def profile_to_json(profile: ModelMemoryProfile) -> dict:
     def region(r: RegionProfile) -> dict:
         return {"num_ops": r.num_ops, "backward_op": r.backward_op,
                 "fixed_bytes": r.fixed_bytes, "chunk_tokens": r.chunk_tokens,
+                "attention_ops": list(r.attention_ops),
                 "tensors": [[t.bytes_per_token, t.bytes_fixed, t.first_op, t.last_op, t.kind]
                             for t in r.tensors]}
-    return {"version": PROFILE_VERSION, "model": profile.model.model_dump(),
-            "recorded_tokens": list(profile.recorded_tokens), "source": profile.source,
-            "layer": region(profile.layer), "embedding": region(profile.embedding),
-            "head": region(profile.head)}
+    out = {"version": PROFILE_VERSION, "model": profile.model.model_dump(),
+           "recorded_tokens": list(profile.recorded_tokens), "source": profile.source,
+           "layer": region(profile.layer), "embedding": region(profile.embedding),
+           "head": region(profile.head)}
+    for name in ("layer_no_grad", "key_value"):
+        if getattr(profile, name) is not None:
+            out[name] = region(getattr(profile, name))
+    return out
 
 
 def profile_from_json(data: dict) -> ModelMemoryProfile:
-    if data.get("version") != PROFILE_VERSION:
+    if data.get("version") not in READABLE_PROFILE_VERSIONS:
         raise SpecError(f"memory profile version={data.get('version')!r}; this build reads "
-                        f"version {PROFILE_VERSION} (re-record with workers.memtrace)")
+                        f"versions {READABLE_PROFILE_VERSIONS} (re-record with workers.memtrace)")
 
     def region(r: dict) -> RegionProfile:
         tensors = []
@@ -363,11 +372,14 @@ def profile_from_json(data: dict) -> ModelMemoryProfile:
                                          last_op=last, kind=kind))
         return RegionProfile(tensors=tuple(tensors), num_ops=r["num_ops"],
                              backward_op=r["backward_op"], fixed_bytes=r["fixed_bytes"],
-                             chunk_tokens=r.get("chunk_tokens"))
+                             chunk_tokens=r.get("chunk_tokens"),
+                             attention_ops=tuple(r.get("attention_ops", ())))
+    optional = {name: region(data[name]) for name in ("layer_no_grad", "key_value")
+                if name in data}
     return ModelMemoryProfile(
         model=ModelSpec.model_validate(data["model"]), layer=region(data["layer"]),
         embedding=region(data["embedding"]), head=region(data["head"]),
-        recorded_tokens=tuple(data["recorded_tokens"]), source=data["source"])
+        recorded_tokens=tuple(data["recorded_tokens"]), source=data["source"], **optional)
 
 
 def stored_profiles(path: Path = PROFILES_PATH) -> dict[str, ModelMemoryProfile]:

@@ -75,6 +75,7 @@ class RegionTrace:
     backward_op: int            # first op of the backward
     fixed_bytes: int            # parameter gradients (independent of tokens, not planned)
     scratch_peak_bytes: int     # largest live scratch inside an opaque region (CPU tiles)
+    attention_ops: tuple[int, ...] = ()  # ops of the opaque attention (forward, backward)
 
     @property
     def sizes(self) -> list[int]:
@@ -97,6 +98,7 @@ class StorageLifetimeTracker(TorchDispatchMode):
         self._scratch: dict[int, tuple[StorageWeakRef, int]] = {}
         self.scratch_peak_bytes = 0
         self.marks: dict[str, int] = {}
+        self.opaque_ops: list[int] = []  # op index of every opaque region, in order
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self._opaque_depth:
@@ -130,6 +132,7 @@ class StorageLifetimeTracker(TorchDispatchMode):
         self._scratch.clear()
         self._poll(last=self.op)
         self._register(outputs, name=name)
+        self.opaque_ops.append(self.op)
         self.op += 1
 
     def finish(self) -> None:
@@ -226,6 +229,43 @@ def trace_layer(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0) -> Re
         y.backward(dy)
         tracker.finish()
     special = {"output": [y], "grad_input": [x.grad],
+               "fixed": [p.grad for p in layer.parameters() if p.grad is not None]}
+    return _region_trace(tracker, num_tokens, special)
+
+
+def trace_layer_no_grad(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0
+                        ) -> RegionTrace:
+    """Requests of `layer(x, position_ids, core)` under no_grad: the forward layer-wise
+    StreamBP runs (parallelism/streambp.py). Everything but the output is transient."""
+    param = next(layer.parameters())
+    (x,) = _random((num_tokens, _hidden(layer)), param.device, param.dtype, seed, count=1)
+    pos = torch.arange(num_tokens, device=param.device)
+    cu = torch.tensor([0, num_tokens], dtype=torch.int32)
+    tracker = StorageLifetimeTracker()
+    with tracker, torch.no_grad():
+        y = layer(x, pos, lambda q, k, v: _OpaqueAttention.apply(q, k, v, cu, tracker))
+        tracker.mark("backward")
+        tracker.finish()
+    return _region_trace(tracker, num_tokens, {"output": [y], "grad_input": [], "fixed": []})
+
+
+def trace_key_value(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0) -> RegionTrace:
+    """Requests of `layer.key_value(x)` forward, then its backward from given dK, dV: the
+    per-layer K/V cache of layer-wise StreamBP (parallelism/streambp.py)."""
+    param = next(layer.parameters())
+    kv_shape = (num_tokens, layer.num_kv_heads, layer.head_dim)
+    (x,) = _random((num_tokens, _hidden(layer)), param.device, param.dtype, seed, count=1)
+    dk, dv = _random(kv_shape, param.device, param.dtype, seed + 1, count=2)
+    x.requires_grad_()
+    pos = torch.arange(num_tokens, device=param.device)
+    layer.zero_grad(set_to_none=True)
+    tracker = StorageLifetimeTracker()
+    with tracker:
+        k, v = layer.key_value(x, pos)
+        tracker.mark("backward")
+        torch.autograd.backward([k, v], [dk, dv])
+        tracker.finish()
+    special = {"output": [k, v], "grad_input": [x.grad],
                "fixed": [p.grad for p in layer.parameters() if p.grad is not None]}
     return _region_trace(tracker, num_tokens, special)
 
@@ -362,7 +402,8 @@ def _region_trace(tracker: StorageLifetimeTracker, num_tokens: int,
                                     kind=kind, op_name=r["name"]))
     return RegionTrace(num_tokens=num_tokens, tensors=tuple(tensors), num_ops=num_ops,
                        backward_op=boundary, fixed_bytes=fixed,
-                       scratch_peak_bytes=tracker.scratch_peak_bytes)
+                       scratch_peak_bytes=tracker.scratch_peak_bytes,
+                       attention_ops=tuple(tracker.opaque_ops))
 
 
 def _kind(record: dict, boundary: int, *, output: bool, grad_input: bool) -> str:
@@ -412,7 +453,7 @@ def fit_region(traces: list[RegionTrace], *, chunk_tokens: int | None = None) ->
                                      last_op=tensor.last_op, kind=tensor.kind))
     return RegionProfile(tensors=tuple(tensors), num_ops=first.num_ops,
                          backward_op=first.backward_op, fixed_bytes=first.fixed_bytes,
-                         chunk_tokens=chunk_tokens)
+                         chunk_tokens=chunk_tokens, attention_ops=first.attention_ops)
 
 
 def record_profile(spec: ModelSpec, *, token_counts: tuple[int, ...] = (64, 128, 192),
@@ -435,6 +476,8 @@ def record_profile(spec: ModelSpec, *, token_counts: tuple[int, ...] = (64, 128,
         model=spec,
         layer=fit_region([trace_layer(layer, n) for n in token_counts]),
         embedding=fit_region([trace_embedding(embed, n) for n in token_counts]),
+        layer_no_grad=fit_region([trace_layer_no_grad(layer, n) for n in token_counts]),
+        key_value=fit_region([trace_key_value(layer, n) for n in token_counts]),
         head=fit_region([trace_head(norm, head, n) for n in head_counts],
                         chunk_tokens=HEAD_CHUNK_TOKENS),
         recorded_tokens=tuple(token_counts),
@@ -451,16 +494,22 @@ def _init_if_real(layer: torch.nn.Module, embed: torch.Tensor) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m workers.memtrace --model llama-7b [--out PATH]`: record and store."""
+    """`python -m workers.memtrace --model llama-7b [--dtype float32] [--out PATH]`: record
+    and store (under `name`, or `name@dtype` for a dtype other than the preset's)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", required=True,
                         help="model preset or HF config.json (repeatable)")
+    parser.add_argument("--dtype", action="append", choices=sorted(DTYPES),
+                        help="compute dtype(s) to record (repeatable; default: the model's)")
     parser.add_argument("--out", type=Path, default=PROFILES_PATH)
     args = parser.parse_args(argv)
     stored = json.loads(args.out.read_text()) if args.out.exists() else {}
     for name in args.model:
-        stored[name] = profile_to_json(record_profile(model_preset(name)))
-        print(f"recorded {name}")
+        spec = model_preset(name)
+        for dtype in args.dtype or [spec.dtype]:
+            key = name if dtype == spec.dtype else f"{name}@{dtype}"
+            stored[key] = profile_to_json(record_profile(spec.model_copy(update={"dtype": dtype})))
+            print(f"recorded {key}")
     args.out.write_text(_compact_json(stored))
 
 

@@ -136,11 +136,13 @@ class Transformer(nn.Module):
                          targets: torch.Tensor | None = None, grad_scale: float = 1.0,
                          stream_chunk_size: int | None = None, offload_ratio: float = 0.0,
                          ring: list[int] | None = None,
-                         objective: Objective | None = None) -> tuple[torch.Tensor, int]:
+                         objective: Objective | None = None,
+                         comm_stats=None) -> tuple[torch.Tensor, int]:
         """(loss_sum, num_predictions); parameter .grad += grad_scale * d loss_sum / d param.
 
         With `ring`, inputs (ids, cu_seqlens, position_ids, targets) are this rank's zigzag
-        shard (parallelism.zigzag_shard); position_ids and targets are then required.
+        shard (parallelism.zigzag_shard); position_ids and targets are then required, and
+        `comm_stats` (parallelism.CommStats) counts the ring bytes this rank sends.
         loss_sum is a detached float64 scalar on the CPU; num_predictions an int (pairs
         for DPO).
         """
@@ -150,7 +152,7 @@ class Transformer(nn.Module):
         cu, pos = self._check_batch(input_ids, cu_seqlens, position_ids)
         targets = next_token_targets(input_ids, cu) if targets is None else targets
         _check_same_length("targets", targets, input_ids)
-        stack = self._make_stack(cu, pos, stream_chunk_size, offload_ratio, ring)
+        stack = self._make_stack(cu, pos, stream_chunk_size, offload_ratio, ring, comm_stats)
         with torch.no_grad():
             hidden = stack.forward(F.embedding(input_ids, self.embed.weight))
         inputs = HeadInputs(hidden_TH=hidden, targets_T=targets,
@@ -161,13 +163,16 @@ class Transformer(nn.Module):
         loss_sum, num, grad_hidden = objective.streamed_backward(inputs, self.norm,
                                                                  self.head.weight)
         del hidden, inputs
-        grad_embed = stack.backward(grad_hidden)
+        handoff = [grad_hidden]
+        del grad_hidden  # the stack's backward owns it: freed after the top layer's backward
+        grad_embed = stack.backward(handoff.pop())
         with torch.enable_grad():
             torch.autograd.backward([F.embedding(input_ids, self.embed.weight)], [grad_embed])
         return loss_sum, num
 
-    def _make_stack(self, cu, pos, stream_chunk_size, offload_ratio, ring):
-        core = self._ring_core(cu, ring) if ring is not None else local_attention_core(cu)
+    def _make_stack(self, cu, pos, stream_chunk_size, offload_ratio, ring, comm_stats=None):
+        core = self._ring_core(cu, ring, comm_stats) if ring is not None \
+            else local_attention_core(cu)
         swapper = HostSwapper(pos.device)
         if stream_chunk_size is not None and ring is not None:
             warnings.warn(f"stream_chunk_size={stream_chunk_size} is not used with ring: a "
@@ -186,8 +191,8 @@ class Transformer(nn.Module):
         return _AutogradStack(self.layers, position_ids=pos, core=core)
 
     @staticmethod
-    def _ring_core(cu: torch.Tensor, ring: list[int]) -> AttentionCore:
-        return ring_attention_core(cu, ring)
+    def _ring_core(cu: torch.Tensor, ring: list[int], comm_stats=None) -> AttentionCore:
+        return ring_attention_core(cu, ring, comm_stats=comm_stats)
 
     # ------------------------------------------------------------------ input checks
     def _check_batch(self, input_ids, cu_seqlens, position_ids):

@@ -1,0 +1,178 @@
+"""What one rank of a group really does: matmul FLOPs and ring bytes, exactly.
+
+The cost model (scheduler/cost.py) turns these into time; the fidelity tests hold them
+equal to `torch.utils.flop_counter.FlopCounterMode` (within 2%) and to RingComm's byte
+counters (exactly). So every figure here follows the executor's code, not a textbook:
+
+FLOPs (matmuls only, as FlopCounterMode counts them; norms, RoPE and softmax are not):
+
+    dense      per token: forward 2 P_layer per layer, backward 4 P_layer (dX and dW of
+               every projection), LM head 6 h V (logits, dh, dW: kernels.linear_ce)
+    attention  the torch kernel's tiles (kernels/attention_torch.py): per block of
+               ATTENTION_BLOCK_Q queries, every key up to the block's last visible one;
+               forward 4 Hq D per (query, key) pair (QK^T, PV), backward 10 (it recomputes
+               P: QK^T, dV, dP, dQ, dK)
+    ring       the same kernel per ring step on the zigzag blocks (scheduler/zigzag.py)
+    offload    MEMO (parallelism/offload.py): every layer but the last recomputes, in its
+               backward, the token-local forward of the tokens it did not swap:
+               + 2 P_layer (T - ceil(alpha T)) per swapped layer
+    streambp   layer-wise StreamBP (parallelism/streambp.py): the backward recomputes each
+               layer's forward (K/V once, queries and post per chunk): + 2 P_layer T per
+               layer; attention runs forward once over the whole sequence (no grad) and
+               then forward + backward per query chunk against its key range
+
+Ring bytes a rank sends per micro-batch (parallelism/ring_attention.py, per layer):
+forward d-1 KV blocks and backward d-1 KV blocks in the compute dtype, and d hops of the
+dK/dV accumulators in the accumulation dtype (float32; float64 for float64), plus one
+handshake per micro-batch (an 11-field int64 header and the per-sequence local lengths to
+each other member).
+
+Legend: T tokens a rank holds, P_layer matmul weights of one layer, h hidden, V vocab,
+Hq/Hkv query/kv heads, D head dim, d ring size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from scheduler.specs import DTYPE_BYTES, ModelSpec
+from scheduler.zigzag import (
+    BlockCall,
+    block_tokens,
+    local_lengths,
+    ring_step_calls,
+    stream_chunk_calls,
+)
+
+ATTENTION_BLOCK_Q = 256  # query rows per tile of kernels/attention_torch.py (BLOCK_Q)
+HANDSHAKE_HEADER_BYTES = 11 * 8  # parallelism.ring_attention._HEADER_FIELDS, int64
+NUM_RESIDENT_LAYERS = 1  # TokenwiseOffloadStack keeps the last layer on the device
+SCHEMES = ("plain", "streambp", "offload")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scheme:
+    """A group's memory scheme as the executor runs it (see scheduler/plan.py GroupMemory)."""
+
+    name: str = "plain"  # plain | streambp | offload
+    offload_ratio: float = 0.0  # offload: MEMO alpha; streambp: share of kept inputs on host
+    chunk_tokens: int | None = None  # streambp: query chunk (and head chunk) in tokens
+
+    def __post_init__(self):
+        if self.name not in SCHEMES:
+            raise ValueError(f"memory scheme={self.name!r} is not valid; valid: "
+                             f"{', '.join(SCHEMES)}")
+        if self.name == "streambp" and not (isinstance(self.chunk_tokens, int)
+                                            and self.chunk_tokens >= 1):
+            raise ValueError(f"streambp needs chunk_tokens >= 1, got {self.chunk_tokens!r}")
+
+
+PLAIN = Scheme()
+
+
+def layer_matmul_params(model: ModelSpec) -> int:
+    """Weights of one decoder layer's projections (q, k, v, o, gate, up, down)."""
+    h, kv = model.hidden_size, model.num_kv_heads * model.head_dim
+    return 2 * h * h + 2 * h * kv + 3 * h * model.ffn_hidden_size
+
+
+def accumulation_bytes(dtype: str) -> int:
+    """Bytes of the attention accumulators (kernels.varlen.accumulation_dtype)."""
+    return 8 if dtype == "float64" else 4
+
+
+def attention_pairs(call: BlockCall, block_q: int = ATTENTION_BLOCK_Q) -> int:
+    """(query, key) pairs the tiled kernel computes for one sequence's call."""
+    lq, lk = call.q_len, call.k_len
+    if not call.causal:
+        return lq * lk
+    diag, total = lk - lq, 0
+    for i0 in range(0, lq, block_q):
+        i1 = min(lq, i0 + block_q)
+        total += (i1 - i0) * max(0, min(lk, i1 + diag))
+    return total
+
+
+def _calls(lengths: Sequence[int], ring_size: int, position: int) -> list[BlockCall]:
+    if ring_size == 1:
+        return [BlockCall(q_len=n, k_len=n, causal=True) for n in lengths if n > 0]
+    return [c for s in range(ring_size) for c in ring_step_calls(lengths, ring_size, position, s)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GroupFlops:
+    """Matmul FLOPs one rank runs for its part of a group, by cause."""
+
+    dense: int  # projections forward + backward and the LM head
+    attention: int  # attention kernels, forward + backward (recompute included)
+    recompute: int  # extra dense forward of the memory scheme (offload, StreamBP)
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.attention + self.recompute
+
+
+def group_flops(model: ModelSpec, lengths: Sequence[int], *, ring_size: int = 1,
+                position: int = 0, scheme: Scheme = PLAIN) -> GroupFlops:
+    """Exact matmul FLOPs of ring position `position` running whole `lengths` as a group."""
+    L, hq_d = model.num_layers, model.num_heads * model.head_dim
+    local = local_lengths(lengths, ring_size, position) if ring_size > 1 else list(lengths)
+    T = sum(local)
+    p = layer_matmul_params(model)
+    dense = 6 * p * T * L + 6 * model.hidden_size * model.vocab_size * T
+    pairs = sum(attention_pairs(c) for c in _calls(lengths, ring_size, position))
+    attention = 14 * hq_d * pairs * L
+    recompute = 0
+    if scheme.name == "offload":
+        swapped = max(0, L - NUM_RESIDENT_LAYERS)
+        kept = T - min(T, math.ceil(scheme.offload_ratio * T - 1e-9))
+        recompute = 2 * p * kept * swapped
+    elif scheme.name == "streambp":
+        recompute = 2 * p * T * L
+        chunked = sum(attention_pairs(c) for calls in stream_chunk_calls(local, scheme.chunk_tokens)
+                      for c in calls)
+        attention = (4 * pairs + 14 * chunked) * hq_d * L
+    return GroupFlops(dense=dense, attention=attention, recompute=recompute)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RingBytes:
+    """Bytes one ring position sends in one micro-batch, per RingComm channel."""
+
+    kv: int  # forward KV blocks
+    bwd_kv: int  # backward KV blocks
+    bwd_dkv: int  # backward dK/dV accumulators
+    handshake: int  # layout agreement, once per micro-batch
+
+    @property
+    def total(self) -> int:
+        return self.kv + self.bwd_kv + self.bwd_dkv + self.handshake
+
+    def by_channel(self) -> dict[str, int]:
+        return {"kv": self.kv, "bwd_kv": self.bwd_kv, "bwd_dkv": self.bwd_dkv,
+                "handshake": self.handshake}
+
+
+def ring_bytes(model: ModelSpec, lengths: Sequence[int], *, ring_size: int, position: int,
+               dtype: str, num_layers: int | None = None) -> RingBytes:
+    """What ring position `position` sends for `lengths` on a ring of `ring_size` ranks,
+    in compute dtype `dtype`, over `num_layers` layers (default: the model's)."""
+    d = ring_size
+    if d == 1:
+        return RingBytes(kv=0, bwd_kv=0, bwd_dkv=0, handshake=0)
+    L = model.num_layers if num_layers is None else num_layers
+    row = 2 * model.num_kv_heads * model.head_dim  # K and V values per token
+    blocks = block_tokens(lengths, d, position)
+    kv = sum(blocks[:-1]) * row * DTYPE_BYTES[dtype]
+    dkv = sum(blocks) * row * accumulation_bytes(dtype)
+    handshake = (d - 1) * (HANDSHAKE_HEADER_BYTES + 8 * len(lengths))
+    return RingBytes(kv=L * kv, bwd_kv=L * kv, bwd_dkv=L * dkv, handshake=handshake)
+
+
+def max_ring_bytes(model: ModelSpec, lengths: Sequence[int], *, ring_size: int,
+                   dtype: str) -> int:
+    """Bytes sent by the ring member that sends the most."""
+    return max(ring_bytes(model, lengths, ring_size=ring_size, position=j, dtype=dtype).total
+               for j in range(ring_size))
