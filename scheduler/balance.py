@@ -126,23 +126,23 @@ def ring_regions(sh: Shard, topo: Topology) -> list[tuple[int, int, float]]:
 def fastest_ring(length: int, lo: int, hi: int, bandwidth_gbps: float, cost: CostModel) -> int:
     """The ring size in [lo, hi] with the least compute + exposed communication.
 
-    That time is max((A+B)/d, K + (B-K)/d + A/d^2) with A = a s^2, B = b s and K the
-    sequence's whole ring traffic time: convex in 1/d, so the integer minimum sits next to
-    the hiding limit, next to the convex piece's minimum d* = 2A/(K-B), or at an end.
+    With u = 1/d that time is (A + B) u plus, per direction, max(0, (1 - u)(K - k E u)): a
+    sum of convex functions of u (scheduler/cost.py), so it is unimodal in d and an
+    integer ternary search finds the minimum (ties to the smaller ring).
     """
-    cand = {lo, hi}
-    d_hide = cost.max_hidden_ring(length, bandwidth_gbps=bandwidth_gbps)
-    cand |= {d_hide, d_hide + 1}
-    K = cost.ring_bytes_per_token * length / (bandwidth_gbps * 1e9)
-    A, B = cost.a * length * length, cost.b * length
-    if K > B and A > 0:
-        d_star = min(2 * A / (K - B), hi)
-        cand |= {math.floor(d_star), math.ceil(d_star)}
-    return min({min(hi, max(lo, d)) for d in cand},
-               key=lambda d: (cost.seq_time(length, d, bandwidth_gbps=bandwidth_gbps), d))
+    def time(d: int) -> tuple[float, int]:
+        return cost.seq_time(length, d, bandwidth_gbps=bandwidth_gbps), d
+
+    while hi - lo > 2:
+        m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+        if time(m1) <= time(m2):
+            hi = m2
+        else:
+            lo = m1
+    return min(range(lo, hi + 1), key=time)
 
 
-def hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[range]:
+def hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequence[int]]:
     """Per bandwidth region, the sizes from D(s) up to where ring communication stops
     hiding behind attention (never past the fastest size)."""
     out = []
@@ -150,16 +150,31 @@ def hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[range]
         top = min(fastest_ring(sh.length, lo, hi, bw, cost),
                   cost.max_hidden_ring(sh.length, bandwidth_gbps=bw))
         if top >= lo:
-            out.append(range(lo, top + 1))
+            span = _allowed(range(lo, top + 1), hi, topo)
+            if span:
+                out.append(span)
     return out
 
 
-def useful_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[range]:
+def useful_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequence[int]]:
     """Per bandwidth region, the sizes from D(s) up to the fastest: enlarging a ring pays
     while its KV hand-off hides behind attention and a little beyond, until the exposed
     communication grows faster than the compute shrinks. T(s, d) decreases along each."""
-    return [range(lo, fastest_ring(sh.length, lo, hi, bw, cost) + 1)
+    return [_allowed(range(lo, fastest_ring(sh.length, lo, hi, bw, cost) + 1), hi, topo)
             for lo, hi, bw in ring_regions(sh, topo)]
+
+
+def _allowed(span: range, hi: int, topo: Topology) -> Sequence[int]:
+    """The sizes of `span` the topology allows (all, or its powers of two; at least the
+    first allowed size above it, up to `hi`)."""
+    if not topo.pow2_rings:
+        return span
+    sizes = [1 << k for k in range(span[0].bit_length() - 1, span[-1].bit_length() + 1)
+             if span[0] <= 1 << k <= span[-1]]
+    up = topo.allowed_at_least(span[-1] + 1 if sizes else span[0])
+    if up is not None and up <= hi:
+        sizes.append(up)  # the next power of two may beat the largest one below the top
+    return sizes
 
 
 def resize(sh: Shard, d: int, capacity_tokens: int, cost: CostModel) -> Shard:
@@ -216,20 +231,28 @@ def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology
         lo, hi = span[0], span[-1]
         grid.update(round(lo * (hi / lo) ** (k / 15)) for k in range(16))
     grid.update(span[-1] for span in hidden_ring_sizes(sh, cost, topo))
-    return min(grid, key=lambda d: (f(d), d))
+    return min(_snap(grid, topo), key=lambda d: (f(d), d))
+
+
+def _snap(sizes, topo: Topology) -> set[int]:
+    """Each size, or the smallest allowed size above it (pow2 rings)."""
+    if not topo.pow2_rings:
+        return set(sizes)
+    return {d for d in (topo.allowed_at_least(x) for x in sizes) if d is not None}
 
 
 def best_ring_time(sh: Shard, cost: CostModel, topo: Topology, capacity_tokens: int) -> float:
     """A lower bound on one sequence's group time over every ring size d >= D(s): c plus
     the fastest compute + exposed communication of any region (`fastest_ring`), plus the
-    smallest possible offload exposure (at d = world_size, the least offload needed)."""
+    smallest possible memory-scheme overhead (recompute and exposed copies at d =
+    world_size, where a rank holds the fewest tokens)."""
     s, N = sh.length, topo.world_size
     best = min(cost.seq_time(s, fastest_ring(s, lo, hi, bw, cost), bandwidth_gbps=bw)
                for lo, hi, bw in ring_regions(sh, topo))
     least = resize(sh, N, capacity_tokens, cost)
-    offload = cost.seq_cost(s, N, bandwidth_gbps=topo.bandwidth_for_size(N),
-                            offload_ratio=least.offload_ratio).exposed_offload_s
-    return cost.c + best + offload
+    at_n = cost.seq_cost(s, N, bandwidth_gbps=topo.bandwidth_for_size(N),
+                         offload_ratio=least.offload_ratio)
+    return cost.c + best + at_n.recompute_s + at_n.exposed_offload_s
 
 
 def balance_target(shards: Sequence[Shard], cost: CostModel, topo: Topology,
@@ -325,7 +348,7 @@ def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
         lo, hi = span[0], span[-1]
         cand.update(round(lo * (hi / lo) ** (k / 7)) for k in range(1, 7))
         cand.update(c for c in counts if span[0] <= c <= span[-1])
-    return sorted(cand)
+    return sorted(_snap(cand, topo))
 
 
 def place_rings(rings: Sequence[tuple[Shard, int]], free: np.ndarray, cost: CostModel,

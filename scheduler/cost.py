@@ -1,32 +1,47 @@
 """Cost model: how long a group of sequences takes on a ring of d ranks, and what fits.
 
-Time of one sequence of length s on a ring of d ranks (zigzag split, so every member does
-the same work), following ByteScale (arXiv 2502.21231, section 4) which profiles
-T(s) = a s^2 + b s + c:
+It charges what the executor does (scheduler/work.py counts it exactly; the fidelity
+tests hold those counts to FlopCounterMode and RingComm's counters). Per rank, for one
+sequence of length s on a ring of d ranks (zigzag split, so every member does the same
+work), following ByteScale's profiled form T(s) = a s^2 + b s + c (arXiv 2502.21231,
+section 4):
 
-    compute(s, d)  = (a s^2 + b s) / d
-        a = 6 L h / F          causal attention, forward 2 L h s^2 FLOPs, x3 for fwd+bwd
-        b = 6 P_matmul / F     every matmul (q, k, v, o, SwiGLU, LM head), x3 for fwd+bwd
-    ring step      = the d-1 KV hand-offs of ring attention (Li et al., 2105.13120):
-        comm_step  = 3 L kv_bytes (s/d) / bandwidth   (fwd: KV; bwd: KV and dKV)
-        attn_step  = a s^2 / d^2                      (the block it overlaps with)
-        exposed    = (d-1) max(0, comm_step - attn_step)
-    offload        = r (s/d) act_bytes copied to host in forward and back in backward over
-                     PCIe; exposed when a copy outlasts the compute it overlaps
-                     (forward = 1/3, backward = 2/3 of compute)
+    compute(s, d) = (a s^2 + b s) / d
+        a = 7 L h / F        causal attention: forward 4 h per (query, key) pair, the
+                             FlashAttention-2 backward 10 h (it recomputes P), s^2 / 2 pairs
+        b = (6 P_matmul + 7 L h B) / F
+                             every projection and the LM head (forward 2, backward 4 per
+                             weight), plus the kernel's diagonal tiles: a block of B queries
+                             sees all keys up to its last query (B = 256, +s B / 2 pairs)
+    memory scheme (the group's, scheduler/plan.py GroupMemory):
+        offload    MEMO: + 2 P_layer (L - 1)(1 - alpha) s / d of recompute / F, and the
+                   host copies (x, o, lse and alpha of the saved activations of every
+                   swapped layer) over PCIe, exposed where a copy outlasts the compute it
+                   overlaps (forward 1/3, backward 2/3)
+        streambp   layer-wise StreamBP: + one forward of every layer (2 P_layer L s) and
+                   the chunked attention (forward + backward per query chunk instead of
+                   one backward)
+    ring (Li et al. 2105.13120; parallelism/ring_attention.py), per layer and ring step:
+        forward:  a KV block (2 Hkv D cb s / d bytes) hides behind the step's attention
+                  forward (2 h s^2 / d^2 / F); backward: the KV block plus the dK/dV
+                  accumulator (float32, 2 Hkv D acc s / d bytes) behind the step's
+                  attention backward (5 h s^2 / d^2 / F); d - 1 forward and d - 1 backward
+                  steps, and the accumulator's last hop home is never hidden
 
-and c is a fixed overhead per group per micro-batch (launches, ring set-up). `a`, `b`,
-`c` start from FLOP counts and the cluster's achieved TFLOP/s; `update(observations)`
-refits them by least squares on measured group times, as ByteScale profiles them.
+and c is a fixed overhead per group per micro-batch (launches, ring set-up). Per step,
+after every rank's last micro-batch: the optimizer's collectives
+(scheduler/model_states.py `step_collectives`: ring algorithms over the world's slowest
+link) and the AdamW update (bytes of masters, moments, gradients and compute parameters
+the rank touches, at the device's memory bandwidth): `step_overhead_s`.
 
-Memory: a rank holds `capacity_tokens` tokens of activations per micro-batch. It is
-derived from the device memory left after ZeRO-3-sharded model states (16 bytes per
-parameter: bf16/fp32 weights and grads, fp32 Adam moments, sharded over all ranks because
-the HDP data-parallel group is the whole world) divided by the activation bytes per token.
-That last figure is injectable (`activation_bytes_per_token`), so the MEMO memory planner
-can replace the default estimate (Korthikanti et al. 2022, Eq. 2 with flash attention:
-34 h bytes per token per layer in 16-bit) with its planned peak per token; it does so by
-default for every model with a stored memory profile (scheduler/memory_model.py).
+`a`, `b`, `c` start from FLOP counts and the cluster's achieved TFLOP/s;
+`update(observations)` refits them by least squares on measured group times, as
+ByteScale profiles them.
+
+Memory (scheduler/rank_memory.py): model states for the job's precision and optimizer
+sharding, plus each scheme's activation peak from the model's MEMO profile.
+`capacity_tokens` is the most tokens a rank holds under the plain scheme;
+`offload_capacity_tokens` under MEMO offload.
 """
 
 from __future__ import annotations
@@ -37,13 +52,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.memory_model import planned_bytes_per_token_or_none
-from scheduler.specs import ClusterSpec, ModelSpec
+from scheduler.model_states import has_masters, master_dtype, step_collectives
+from scheduler.offload_lp import solve_offload_ratio
+from scheduler.rank_memory import DEFAULT_MEMORY_FRACTION, GIB, RankMemory  # noqa: F401
+from scheduler.specs import DTYPE_BYTES, ClusterSpec, ModelSpec
+from scheduler.work import (
+    ATTENTION_BLOCK_Q,
+    NUM_RESIDENT_LAYERS,
+    PLAIN,
+    Scheme,
+    accumulation_bytes,
+    layer_matmul_params,
+)
 
-GIB = 1024**3
-STATE_BYTES_PER_PARAM = 16  # weights + grads + two Adam moments, mixed precision
-DEFAULT_MEMORY_FRACTION = 0.9  # the rest goes to allocator slack, NCCL buffers, workspaces
 LAUNCH_S_PER_LAYER = 1e-4  # rough fixed cost per layer per group (fwd+bwd launches)
+STREAM_CHUNK_TOKENS = 4096  # the query chunk the planner gives layer-wise StreamBP
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,10 +93,11 @@ class SeqCost:
     compute_s: float
     exposed_comm_s: float
     exposed_offload_s: float
+    recompute_s: float = 0.0  # extra forward compute of the memory scheme
 
     @property
     def total_s(self) -> float:
-        return self.compute_s + self.exposed_comm_s + self.exposed_offload_s
+        return self.compute_s + self.recompute_s + self.exposed_comm_s + self.exposed_offload_s
 
 
 def as_observation(item) -> Observation:
@@ -99,115 +123,233 @@ def as_observation(item) -> Observation:
 
 
 class CostModel:
-    """Step-time and memory figures of one model on one cluster (see module docstring)."""
+    """Step-time and memory figures of one model on one cluster (see module docstring).
 
-    def __init__(self, model: ModelSpec, cluster: ClusterSpec, *,
-                 activation_bytes_per_token: float | None = None,
-                 memory_fraction: float = DEFAULT_MEMORY_FRACTION):
-        if activation_bytes_per_token is not None and not activation_bytes_per_token > 0:
-            raise ValueError(f"activation_bytes_per_token={activation_bytes_per_token} must be "
-                             "> 0 (bytes of activations one token keeps alive, all layers)")
-        if not 0 < memory_fraction <= 1:
-            raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
+    `precision` and `optimizer_sharding` default to what the model's dtype implies
+    (bfloat16: bf16-mixed) and to `distributed` on more than one rank.
+    """
+
+    def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, precision: str | None = None,
+                 optimizer_sharding: str | None = None,
+                 memory_fraction: float = DEFAULT_MEMORY_FRACTION,
+                 memory: RankMemory | None = None):
         self.model = model
         self.cluster = cluster
-        self.memory_fraction = memory_fraction
-        self.activation_bytes_per_token = float(
-            activation_bytes_per_token or planned_bytes_per_token_or_none(model)
-            or default_activation_bytes_per_token(model))
-        flops = cluster.achieved_tflops * 1e12
-        L = model.num_layers
-        self.a = 6.0 * L * model.q_dim / flops  # seconds per token^2 (attention)
-        self.b = 6.0 * matmul_params(model) / flops  # seconds per token (matmuls)
+        self.memory = memory or RankMemory(model, cluster, precision=precision,
+                                           optimizer_sharding=optimizer_sharding,
+                                           memory_fraction=memory_fraction)
+        self.memory_fraction = self.memory.memory_fraction
+        self.flops_per_s = cluster.achieved_tflops * 1e12
+        L, h_attn = model.num_layers, model.num_heads * model.head_dim
+        self.p_layer = layer_matmul_params(model)
+        self.a = 7.0 * L * h_attn / self.flops_per_s  # seconds per token^2 (attention)
+        self.b = (6.0 * matmul_params(model) + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) \
+            / self.flops_per_s  # seconds per token (projections, head, diagonal tiles)
         self.c = LAUNCH_S_PER_LAYER * L  # seconds per group
-        # Ring traffic per token held: K and V in forward, K, V, dK, dV in backward.
-        kv_bytes = 2 * model.num_kv_heads * model.head_dim * model.dtype_bytes
-        self.ring_bytes_per_token = 3.0 * L * kv_bytes
+        cb = self.memory.activations.cb
+        row = 2 * model.num_kv_heads * model.head_dim  # K and V values per token
+        self.kv_bytes_per_token = float(L * row * cb)  # one KV hand-off, every layer
+        self.dkv_bytes_per_token = float(L * row * accumulation_bytes(self.memory.dtype))
+
+    @property
+    def precision(self) -> str:
+        return self.memory.precision
+
+    @property
+    def optimizer_sharding(self) -> str:
+        return self.memory.sharding
+
+    @property
+    def ring_bytes_per_token(self) -> float:
+        """Bytes a ring member sends per token it holds and per ring step (forward KV,
+        backward KV and dK/dV), all layers: the figure ring sizing trades against compute."""
+        return 2 * self.kv_bytes_per_token + self.dkv_bytes_per_token
 
     def __repr__(self) -> str:
         return (f"CostModel(a={self.a:.3e}, b={self.b:.3e}, c={self.c:.3e}, "
-                f"activation_bytes_per_token={self.activation_bytes_per_token:.0f})")
+                f"precision={self.precision}, optimizer_sharding={self.optimizer_sharding})")
 
     # -- memory -------------------------------------------------------------------------
-    def capacity_tokens(self, world_size: int) -> int:
-        """Tokens of activations one rank can hold per micro-batch (ZeRO-3 states)."""
+    def _memory_for(self, world_size: int | None) -> RankMemory:
+        if world_size is None or world_size == self.memory.world_size:
+            return self.memory
         if world_size < 1:
             raise ValueError(f"world_size={world_size} must be >= 1")
-        usable = self.cluster.gpu_memory_gib * GIB * self.memory_fraction
-        states = STATE_BYTES_PER_PARAM * self.model.num_params / world_size
-        tokens = math.floor((usable - states) / self.activation_bytes_per_token)
+        return RankMemory(self.model, self.cluster, precision=self.memory.precision,
+                          optimizer_sharding=self.memory.sharding, world_size=world_size,
+                          memory_fraction=self.memory_fraction)
+
+    def capacity_tokens(self, world_size: int | None = None) -> int:
+        """Tokens one rank can hold per micro-batch under the plain scheme.
+
+        Raises DeviceMemoryError (a ValueError) naming the bytes needed and available when
+        the model states alone do not fit, or when not even one token does."""
+        mem = self._memory_for(world_size)
+        mem.check_states_fit()
+        tokens = mem.capacity_tokens(PLAIN)
         if tokens < 1:
-            raise ValueError(
-                f"capacity_tokens: model states ({states / GIB:.1f} GiB per rank over "
-                f"{world_size} ranks) leave no room in gpu_memory_gib="
-                f"{self.cluster.gpu_memory_gib}; use more ranks or pass capacity_tokens")
+            from scheduler.errors import DeviceMemoryError
+            raise DeviceMemoryError(
+                f"capacity_tokens: model states ({mem.states.total} bytes per rank) leave "
+                f"{mem.room_bytes} bytes of the {mem.budget_bytes}-byte device budget "
+                f"(gpu_memory_gib={self.cluster.gpu_memory_gib}), less than one token's "
+                "activations", needed_bytes=mem.states.total + mem.activations.peak_bytes(1),
+                available_bytes=mem.budget_bytes)
         return tokens
 
-    def host_capacity_tokens(self) -> int:
-        """Tokens of offloaded activations one rank can park in host memory."""
-        per_rank = self.cluster.host_memory_gib * GIB / self.cluster.gpus_per_node
-        return int(per_rank * self.memory_fraction / self.activation_bytes_per_token)
+    def offload_capacity_tokens(self) -> int:
+        """Tokens one rank can hold per micro-batch under MEMO offload (device and host)."""
+        return self.memory.offload_capacity_tokens()
 
-    def hidden_offload_ratio(self, length: int) -> float:
-        """Largest offload ratio whose copy hides behind forward compute (ByteScale Eq. 3).
-
-        r (s/d) act / pcie <= (a s^2 + b s) / (3 d)  =>  r <= pcie (a s + b) / (3 act);
-        the ring size cancels, so the bound is a property of the sequence alone.
-        """
-        pcie = self.cluster.pcie_bandwidth_gbps * 1e9
-        return min(1.0, pcie * (self.a * length + self.b) / (3 * self.activation_bytes_per_token))
+    def memo_alpha(self, num_tokens: float, length: int) -> float:
+        """MEMO's offload ratio for a rank holding `num_tokens` of `length`-long sequences:
+        the largest alpha whose copies hide under a layer's forward and fit the host."""
+        act, L = self.memory.activations, self.model.num_layers
+        swapped = max(1, L - NUM_RESIDENT_LAYERS)
+        t = max(1, int(num_tokens))
+        always = (act.x + act.o + act.lse) * t
+        rest = act.host_bytes(t, Scheme(name="offload", offload_ratio=1.0)) / swapped - always
+        layer_forward = (self.a * length * t / 2 + self.b * t) / (3 * L)  # a s t / 2: pairs
+        solution = solve_offload_ratio(
+            bytes_always=always, bytes_rest=max(rest, 0.0), layer_forward_s=layer_forward,
+            pcie_bandwidth_gbps=self.cluster.pcie_bandwidth_gbps,
+            host_bytes=self.memory.host_budget_bytes, num_swapped_layers=swapped)
+        return math.floor(solution.alpha * 1e6) / 1e6
 
     # -- time ---------------------------------------------------------------------------
     def compute_s(self, length: float, ring_size: int = 1) -> float:
         """Per-rank forward+backward compute of one sequence split over `ring_size` ranks."""
         return (self.a * length * length + self.b * length) / ring_size
 
-    def seq_cost(self, length: int, ring_size: int, *, bandwidth_gbps: float,
-                 offload_ratio: float = 0.0) -> SeqCost:
-        """Per-rank time of one sequence on a ring whose slowest link has `bandwidth_gbps`."""
+    def recompute_s(self, length: float, ring_size: int, scheme: Scheme) -> float:
+        """Extra compute the memory scheme adds to one sequence on one rank."""
+        t = length / ring_size
+        L = self.model.num_layers
+        if scheme.name == "offload":
+            swapped = max(0, L - NUM_RESIDENT_LAYERS)
+            return 2 * self.p_layer * swapped * (1 - scheme.offload_ratio) * t / self.flops_per_s
+        if scheme.name == "streambp":
+            c = scheme.chunk_tokens or STREAM_CHUNK_TOKENS
+            # the chunked attention: forward once, then per chunk forward + backward over
+            # about s^2 / 2 + s c / 2 pairs, in place of one backward over s^2 / 2
+            chunk_pairs = t * t / 2 + t * min(c, t) / 2
+            extra_attn = 4 * L * self.model.num_heads * self.model.head_dim * chunk_pairs
+            return (2 * self.p_layer * L * t + extra_attn) / self.flops_per_s
+        return 0.0
+
+    def exposed_comm_s(self, length: float, ring_size: int, bandwidth_gbps: float) -> float:
+        """Ring transfers not hidden behind the attention block they overlap (module doc)."""
         d = ring_size
-        compute = self.compute_s(length, d)
-        exposed = 0.0
-        if d > 1:
-            comm_step = self.ring_bytes_per_token * (length / d) / (bandwidth_gbps * 1e9)
-            attn_step = self.a * length * length / (d * d)
-            exposed = (d - 1) * max(0.0, comm_step - attn_step)
-        offload = 0.0
-        if offload_ratio > 0:
-            copy = offload_ratio * (length / d) * self.activation_bytes_per_token
-            copy_s = copy / (self.cluster.pcie_bandwidth_gbps * 1e9)
-            offload = max(0.0, copy_s - compute / 3) + max(0.0, copy_s - 2 * compute / 3)
-        return SeqCost(compute_s=compute, exposed_comm_s=exposed, exposed_offload_s=offload)
+        if d <= 1:
+            return 0.0
+        bw, t = bandwidth_gbps * 1e9, length / d
+        kv, dkv = self.kv_bytes_per_token * t / bw, self.dkv_bytes_per_token * t / bw
+        block = self.a * t * t / 7  # h L t^2 / F: attention of one half block per unit
+        forward = (d - 1) * max(0.0, kv - 2 * block)
+        backward = (d - 1) * max(0.0, kv + dkv - 5 * block)
+        return forward + backward + dkv
+
+    def exposed_offload_s(self, length: float, ring_size: int, scheme: Scheme,
+                          compute_s: float) -> float:
+        """Host copies not hidden: forward copies behind 1/3 of the compute, backward
+        prefetches behind the other 2/3 (and the recompute)."""
+        host = self.memory.activations.host_bytes(max(1, round(length / ring_size)), scheme)
+        if host == 0:
+            return 0.0
+        copy_s = host / (self.cluster.pcie_bandwidth_gbps * 1e9)
+        return max(0.0, copy_s - compute_s / 3) + max(0.0, copy_s - 2 * compute_s / 3)
+
+    def scheme_for(self, length: int, ring_size: int, offload_ratio: float) -> Scheme:
+        """The scheme the planner gives a sequence that needs `offload_ratio` of its
+        tokens' memory freed (the sharding's token rule): plain at 0, else MEMO offload
+        at the alpha that hides its copies."""
+        if offload_ratio <= 0:
+            return PLAIN
+        return Scheme(name="offload", offload_ratio=self.memo_alpha(length / ring_size, length))
+
+    def seq_cost(self, length: int, ring_size: int, *, bandwidth_gbps: float,
+                 offload_ratio: float = 0.0, scheme: Scheme | None = None) -> SeqCost:
+        """Per-rank time of one sequence on a ring whose slowest link has `bandwidth_gbps`,
+        under `scheme` (default: `scheme_for(offload_ratio)`)."""
+        scheme = scheme or self.scheme_for(length, ring_size, offload_ratio)
+        compute = self.compute_s(length, ring_size)
+        recompute = self.recompute_s(length, ring_size, scheme)
+        return SeqCost(compute_s=compute, recompute_s=recompute,
+                       exposed_comm_s=self.exposed_comm_s(length, ring_size, bandwidth_gbps),
+                       exposed_offload_s=self.exposed_offload_s(length, ring_size, scheme,
+                                                                compute + recompute))
 
     def seq_time(self, length: int, ring_size: int, *, bandwidth_gbps: float,
-                 offload_ratio: float = 0.0) -> float:
+                 offload_ratio: float = 0.0, scheme: Scheme | None = None) -> float:
         return self.seq_cost(length, ring_size, bandwidth_gbps=bandwidth_gbps,
-                             offload_ratio=offload_ratio).total_s
+                             offload_ratio=offload_ratio, scheme=scheme).total_s
+
+    def seq_times(self, lengths: np.ndarray, ring_size: int, *,
+                  bandwidth_gbps: float) -> np.ndarray:
+        """`seq_time(s, ring_size)` of many plain sequences at once."""
+        s = np.asarray(lengths, dtype=np.float64)
+        out = (self.a * s * s + self.b * s) / ring_size
+        d = ring_size
+        if d > 1:
+            bw, t = bandwidth_gbps * 1e9, s / d
+            kv, dkv = self.kv_bytes_per_token * t / bw, self.dkv_bytes_per_token * t / bw
+            block = self.a * t * t / 7
+            out += (d - 1) * (np.maximum(0.0, kv - 2 * block)
+                              + np.maximum(0.0, kv + dkv - 5 * block)) + dkv
+        return out
 
     def single_rank_times(self, lengths: np.ndarray, offload_ratios: np.ndarray) -> np.ndarray:
         """`seq_time(s, 1, offload_ratio=r)` for many sequences at once (no ring traffic)."""
         s = np.asarray(lengths, dtype=np.float64)
-        compute = self.a * s * s + self.b * s
-        copy_s = (np.asarray(offload_ratios, dtype=np.float64) * s
-                  * self.activation_bytes_per_token / (self.cluster.pcie_bandwidth_gbps * 1e9))
-        return (compute + np.maximum(0.0, copy_s - compute / 3)
-                + np.maximum(0.0, copy_s - 2 * compute / 3))
+        out = self.a * s * s + self.b * s
+        r = np.asarray(offload_ratios, dtype=np.float64)
+        for k in np.flatnonzero(r > 0):  # rare: a single rank needing a memory scheme
+            out[k] = self.seq_time(int(s[k]), 1, bandwidth_gbps=1.0, offload_ratio=float(r[k]))
+        return out
 
     def group_time(self, lengths: Sequence[int], ring_size: int, *, bandwidth_gbps: float,
-                   offload_ratios: Sequence[float] | None = None) -> float:
+                   offload_ratios: Sequence[float] | None = None,
+                   scheme: Scheme | None = None) -> float:
         """A group's per-rank time: c plus every sequence it runs (varlen packing)."""
         ratios = offload_ratios or [0.0] * len(lengths)
         return self.c + sum(self.seq_time(s, ring_size, bandwidth_gbps=bandwidth_gbps,
-                                          offload_ratio=r)
+                                          offload_ratio=r, scheme=scheme)
                             for s, r in zip(lengths, ratios, strict=True))
 
     def max_hidden_ring(self, length: int, *, bandwidth_gbps: float) -> int:
-        """Largest ring whose KV hand-off still hides behind the attention block (>= 1).
-
-        attn_step >= comm_step  <=>  d <= a s bandwidth / ring_bytes_per_token.
-        """
-        d = self.a * length * bandwidth_gbps * 1e9 / self.ring_bytes_per_token
+        """Largest ring whose KV and dK/dV hand-offs still hide behind the attention block
+        (>= 1): kv <= 2 block and kv + dkv <= 5 block, block = a s^2 / (7 d^2)."""
+        bw = bandwidth_gbps * 1e9
+        unit = self.a * length * bw / 7  # d <= unit * k / bytes
+        d = min(2 * unit / self.kv_bytes_per_token,
+                5 * unit / (self.kv_bytes_per_token + self.dkv_bytes_per_token))
         return max(1, int(math.floor(d)))
+
+    # -- per step -------------------------------------------------------------------------
+    def step_overhead_s(self, world_size: int | None = None) -> float:
+        """Collectives and the optimizer update after the last micro-batch (seconds)."""
+        mem = self._memory_for(world_size)
+        n = mem.world_size
+        bw = (self.cluster.inter_node_bandwidth_gbps if n > self.cluster.gpus_per_node
+              else self.cluster.intra_node_bandwidth_gbps) * 1e9
+        comm = 0.0
+        for col in step_collectives(self.model, precision=mem.precision, sharding=mem.sharding,
+                                    world_size=n):
+            factor = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter": (n - 1) / n,
+                      "all_gather": (n - 1) / n, "broadcast": 1.0 / n}[col.op]
+            comm += factor * col.payload_bytes / bw
+        return comm + self.optimizer_s(mem)
+
+    def optimizer_s(self, mem: RankMemory | None = None) -> float:
+        """AdamW over the rank's share of the parameters, memory-bound: per owned element
+        read the gradient twice (norm, update), read and write the master and both
+        moments, and write the compute parameter when it is a separate copy."""
+        mem = mem or self.memory
+        mb = DTYPE_BYTES[master_dtype(mem.precision)]
+        cb = DTYPE_BYTES[mem.dtype]
+        owned = mem.states.moments // (2 * mb)
+        per_element = 2 * mb + 2 * mb + 4 * mb + (cb if has_masters(mem.precision) else 0)
+        return owned * per_element / (self.cluster.memory_bandwidth_gbps * 1e9)
 
     # -- refit --------------------------------------------------------------------------
     def update(self, observations: Iterable) -> CostModel:
@@ -253,12 +395,4 @@ def nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def matmul_params(model: ModelSpec) -> int:
     """Parameters that take part in a matmul per token (all but embedding and norms)."""
-    h, q, kv = model.hidden_size, model.q_dim, model.kv_dim
-    per_layer = 2 * h * q + 2 * h * kv + 3 * h * model.ffn_hidden_size
-    return model.num_layers * per_layer + model.vocab_size * h
-
-
-def default_activation_bytes_per_token(model: ModelSpec) -> float:
-    """Korthikanti et al. 2022 Eq. 2 (no recompute, flash attention): 34 h bytes per token
-    per layer at 16 bits, scaled by the model's dtype width."""
-    return 34.0 * model.hidden_size * model.num_layers * model.dtype_bytes / 2
+    return model.num_layers * layer_matmul_params(model) + model.vocab_size * model.hidden_size

@@ -38,3 +38,24 @@ class InfeasibleBatchError(RingmasterError, ValueError):
 
 class DatasetError(RingmasterError, ValueError):
     """A token dataset file is missing, corrupt or truncated; names the file and offset."""
+
+
+class DeviceMemoryError(SpecError):
+    """A model's states do not fit one device under the job's precision and sharding;
+    names the bytes needed and the bytes available."""
+
+    def __init__(self, message: str, *, needed_bytes: int, available_bytes: int):
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+        super().__init__(message)
+
+
+class PlanMemoryError(RingmasterError, ValueError):
+    """A plan whose predicted per-rank peak exceeds the device budget; `violations` names
+    every group, its peak and the budget."""
+
+    def __init__(self, violations: list[str]):
+        self.violations = list(violations)
+        head = (f"plan exceeds the device memory budget ({len(self.violations)} group(s)); "
+                "no rank was started:")
+        super().__init__("\n  - ".join([head, *self.violations]))

@@ -1,26 +1,52 @@
 """The StepPlan: the one object that travels controller -> workers for each global batch.
 
-JSON form (version 1) is the one in DESIGN.md; `StepPlan.model_validate_json` and
-`model_dump_json` round-trip it. `StepPlan.violations()` checks every rule of the format
-and reports all of them at once; `StepPlan.check()` raises PlanValidationError with that
-list. The memory rule: the tokens a rank holds in one micro-batch after offload,
-sum(length * (1 - offload_ratio)) / ring_size over its group's sequences, fit
-`capacity_tokens`.
+JSON form: docs/plan-format.md. `StepPlan.model_validate_json` and `model_dump_json`
+round-trip it. `StepPlan.violations()` checks every rule of the format and reports all of
+them at once; `StepPlan.check()` raises PlanValidationError with that list.
+
+Version 2 (what the planner writes) names each group's memory scheme (`RingGroup.memory`:
+plain autograd, layer-wise StreamBP with its chunk, or MEMO token-wise offload at ratio
+alpha) and the workers run exactly that; its memory rule: a plain group's members hold at
+most `capacity_tokens` tokens each (zigzag: exactly as parallelism/zigzag.py cuts them),
+and every group's predicted peak fits the plan's device budget (`PlanMemory`). Version 1
+(no `memory`; absent `version` means 1) still reads; `group_memory` spells out what the
+workers did with it: offload at the token-weighted mean of the sequences' offload_ratio
+when that is > 0, else layer-wise StreamBP for a packed group whose rough activation
+estimate exceeds V1_ACTIVATION_BUDGET_BYTES, else plain; its memory rule is
+sum(length * (1 - offload_ratio)) / ring_size <= capacity_tokens.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from scheduler.errors import PlanValidationError
+from scheduler.work import Scheme
+from scheduler.zigzag import max_local_tokens
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # what the planner writes
+SUPPORTED_VERSIONS = (1, 2)
+# Version 1's rule for layer-wise StreamBP (what workers/step.py decided by itself before
+# plans named the scheme): a packed micro-batch whose layers' activations, estimated as
+# (8 h + 3 F) x max(dtype bytes, 2) bytes per token per layer, exceed this.
+V1_ACTIVATION_BUDGET_BYTES = 8 * 1024**3
 
 
 class _PlanModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    # Optional fields left unset (a version-1 plan has no memory settings) stay out of the
+    # JSON form, so a version-1 plan round-trips unchanged.
+    def model_dump(self, **kwargs):
+        kwargs.setdefault("exclude_none", True)
+        return super().model_dump(**kwargs)
+
+    def model_dump_json(self, **kwargs):
+        kwargs.setdefault("exclude_none", True)
+        return super().model_dump_json(**kwargs)
 
 
 class SeqSlice(_PlanModel):
@@ -33,11 +59,51 @@ class SeqSlice(_PlanModel):
         description="Share of this sequence's activations sent to host memory (ByteScale Eq. 3).")
 
 
+class GroupMemory(_PlanModel):
+    """How a group's members keep their activations (version 2)."""
+
+    scheme: Literal["plain", "streambp", "offload"] = Field(
+        default="plain", description="plain: autograd keeps every activation on the device; "
+        "streambp: layer-wise StreamBP (keeps layer inputs, recomputes each layer in query "
+        "chunks; packed groups only); offload: MEMO token-wise swap/recompute.")
+    offload_ratio: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="offload: share alpha of the tokens whose saved activations go to host "
+        "(the rest is recomputed in backward; every layer but the last also swaps its input, "
+        "attention output and lse); streambp: share of the kept layer inputs on host.")
+    chunk_tokens: int | None = Field(
+        default=None, ge=1, description="streambp: tokens per query chunk (and per streamed "
+        "head chunk).")
+
+    def as_scheme(self) -> Scheme:
+        """The scheme as the cost and memory models take it (scheduler.work.Scheme)."""
+        return Scheme(name=self.scheme, offload_ratio=self.offload_ratio,
+                      chunk_tokens=self.chunk_tokens)
+
+    def violations(self, where: str, ring_size: int) -> list[str]:
+        out = []
+        if self.scheme == "streambp":
+            if self.chunk_tokens is None:
+                out.append(f"{where}.memory.chunk_tokens: streambp needs a chunk size >= 1")
+            if ring_size > 1:
+                out.append(f"{where}.memory.scheme: streambp runs on packed groups only (a "
+                           f"ring of {ring_size} uses offload or plain; docs/streambp.md)")
+        elif self.chunk_tokens is not None:
+            out.append(f"{where}.memory.chunk_tokens: {self.chunk_tokens} is only valid with "
+                       f"scheme streambp (got {self.scheme})")
+        if self.scheme == "plain" and self.offload_ratio:
+            out.append(f"{where}.memory.offload_ratio: {self.offload_ratio} with scheme plain "
+                       "(valid: 0)")
+        return out
+
+
 class RingGroup(_PlanModel):
     """Ranks that run the same sequences together: a ring if several, a packed rank if one."""
 
     ranks: list[int] = Field(min_length=1, description="World ranks in ring order.")
     sequences: list[SeqSlice] = Field(min_length=1, description="Sequences the group runs.")
+    memory: GroupMemory | None = Field(
+        default=None, description="Memory scheme of every member (version 2; required there).")
 
     @property
     def ring_size(self) -> int:
@@ -52,11 +118,48 @@ class RingGroup(_PlanModel):
         kept = sum(s.length * (1.0 - s.offload_ratio) for s in self.sequences)
         return kept / len(self.ranks)
 
+    def max_local_tokens(self) -> int:
+        """Tokens the member holding the most holds (zigzag's uneven chunks, exactly)."""
+        return max_local_tokens([s.length for s in self.sequences], len(self.ranks))
+
+
+def group_memory(g: RingGroup, model) -> GroupMemory:
+    """The memory scheme `g`'s members run: its `memory` (version 2), or version 1's rule
+    made explicit (see the module docstring); `model` is the ModelSpec being trained."""
+    if g.memory is not None:
+        return g.memory
+    ratio = sum(s.length * s.offload_ratio for s in g.sequences) / g.num_tokens
+    if ratio > 0:
+        return GroupMemory(scheme="offload", offload_ratio=ratio)
+    if g.ring_size > 1:
+        return GroupMemory()
+    width = max(model.dtype_bytes, 2)
+    per_token = (8 * model.hidden_size + 3 * model.ffn_hidden_size) * width * model.num_layers
+    tokens = g.num_tokens
+    if tokens * per_token <= V1_ACTIVATION_BUDGET_BYTES:
+        return GroupMemory()
+    kept = tokens * model.hidden_size * width * model.num_layers  # StreamBP keeps layer inputs
+    room = max(V1_ACTIVATION_BUDGET_BYTES - kept, per_token)
+    return GroupMemory(scheme="streambp", chunk_tokens=max(1, room // per_token))
+
 
 class MicroBatch(_PlanModel):
     """Groups that run concurrently on disjoint ranks."""
 
     groups: list[RingGroup] = Field(min_length=1, description="Groups on disjoint ranks.")
+
+
+class GroupPredicted(_PlanModel):
+    """What the cost and memory models expect of one group (one entry per ring position)."""
+
+    micro_batch: int = Field(ge=0, description="Index in micro_batches.")
+    group: int = Field(ge=0, description="Index in that micro-batch's groups.")
+    seconds: float = Field(ge=0.0, description="Predicted per-rank time of the group.")
+    flops_per_rank: list[int] = Field(description="Matmul FLOPs of each member (ring order).")
+    bytes_sent_per_rank: list[int] = Field(description="Ring bytes each member sends.")
+    peak_bytes_per_rank: list[int] = Field(
+        description="Predicted device peak of each member: model states + activations.")
+    host_bytes_per_rank: list[int] = Field(description="Bytes each member parks in host memory.")
 
 
 class Predicted(_PlanModel):
@@ -65,15 +168,34 @@ class Predicted(_PlanModel):
     makespan_s: float = Field(ge=0.0, description="Predicted step time (slowest rank), seconds.")
     lower_bound_s: float = Field(ge=0.0, description="Perfect-balance lower bound, seconds.")
     per_rank_busy_s: list[float] = Field(description="Predicted busy time of each rank, seconds.")
+    step_overhead_s: float | None = Field(
+        default=None, ge=0.0, description="Per-step collectives and optimizer update after the "
+        "last micro-batch (included in makespan_s).")
+    groups: list[GroupPredicted] | None = Field(
+        default=None, description="Per-group predictions, in plan order (version 2).")
+
+
+class PlanMemory(_PlanModel):
+    """The memory settings the plan was made for (version 2)."""
+
+    precision: Literal["bf16-mixed", "fp32", "fp64"] = Field(
+        description="Training precision (scheduler/model_states.py).")
+    optimizer_sharding: Literal["none", "zero1", "distributed"] = Field(
+        description="Optimizer-state sharding over the world.")
+    model_state_bytes: int = Field(ge=0, description="Model-state bytes of the largest rank.")
+    device_budget_bytes: int = Field(ge=1, description="Device bytes a rank may use.")
 
 
 class StepPlan(_PlanModel):
     """The plan of one global batch (see DESIGN.md, "The plan")."""
 
-    version: int = Field(default=PLAN_VERSION, description="Plan format version (1).")
+    version: int = Field(default=1, description="Plan format version: 2 (memory schemes), "
+                         "or 1 (absent means 1).")
     world_size: int = Field(ge=1, description="Ranks in the job.")
-    capacity_tokens: int = Field(ge=1, description="Tokens one rank may hold per micro-batch.")
+    capacity_tokens: int = Field(ge=1, description="Tokens one rank may hold per micro-batch "
+                                 "(version 2: under the plain scheme).")
     micro_batches: list[MicroBatch] = Field(description="Micro-batches, run in order.")
+    memory: PlanMemory | None = Field(default=None, description="Memory settings (version 2).")
     predicted: Predicted | None = Field(default=None, description="Planner's predictions.")
 
     def groups(self):
@@ -103,8 +225,11 @@ class StepPlan(_PlanModel):
         exactly 0..len(lengths)-1 and that each length matches.
         """
         out: list[str] = []
-        if self.version != PLAN_VERSION:
-            out.append(f"version: {self.version} is not supported (valid: {PLAN_VERSION})")
+        if self.version not in SUPPORTED_VERSIONS:
+            out.append(f"version: {self.version} is not supported (valid: "
+                       f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
+        if self.version == 1 and self.memory is not None:
+            out.append("memory: plan-level memory settings need version 2")
         if not self.micro_batches:
             out.append("micro_batches: empty; a plan runs at least one micro-batch")
         seen: dict[int, str] = {}
@@ -112,7 +237,8 @@ class StepPlan(_PlanModel):
             used: dict[int, int] = {}
             for gi, g in enumerate(mb.groups):
                 where = f"micro_batches[{m}].groups[{gi}]"
-                out += _group_violations(g, where, self.world_size, self.capacity_tokens)
+                out += _group_violations(g, where, self.world_size, self.capacity_tokens,
+                                         self.version)
                 for r in set(g.ranks):
                     if r in used:
                         out.append(f"{where}.ranks: rank {r} is also in group {used[r]} "
@@ -140,6 +266,22 @@ class StepPlan(_PlanModel):
         if self.predicted is not None and len(self.predicted.per_rank_busy_s) != self.world_size:
             out.append(f"predicted.per_rank_busy_s: {len(self.predicted.per_rank_busy_s)} "
                        f"entries, expected world_size={self.world_size}")
+        out += self._predicted_memory_violations()
+        return out
+
+    def _predicted_memory_violations(self) -> list[str]:
+        if self.predicted is None or self.predicted.groups is None:
+            return []
+        out, groups = [], list(self.groups())
+        if len(self.predicted.groups) != len(groups):
+            return [f"predicted.groups: {len(self.predicted.groups)} entries, the plan has "
+                    f"{len(groups)} groups"]
+        budget = self.memory.device_budget_bytes if self.memory is not None else None
+        for k, p in enumerate(self.predicted.groups):
+            if budget is not None and p.peak_bytes_per_rank and \
+                    max(p.peak_bytes_per_rank) > budget:
+                out.append(f"predicted.groups[{k}]: peak {max(p.peak_bytes_per_rank)} bytes "
+                           f"per rank exceeds memory.device_budget_bytes={budget}")
         return out
 
     def check(self, lengths: Sequence[int] | None = None) -> StepPlan:
@@ -150,15 +292,31 @@ class StepPlan(_PlanModel):
         return self
 
 
-def _group_violations(g: RingGroup, where: str, world_size: int, capacity: int) -> list[str]:
+def _group_violations(g: RingGroup, where: str, world_size: int, capacity: int,
+                      version: int) -> list[str]:
     out = []
     bad = [r for r in g.ranks if not 0 <= r < world_size]
     if bad:
         out.append(f"{where}.ranks: {bad} out of range (valid 0..{world_size - 1})")
     if len(set(g.ranks)) != len(g.ranks):
         out.append(f"{where}.ranks: {g.ranks} repeats a rank")
-    held = g.tokens_per_rank()
-    if held > capacity * (1 + 1e-9):
-        out.append(f"{where}: each of its {len(g.ranks)} rank(s) holds {held:.0f} tokens after "
-                   f"offload, over capacity_tokens={capacity}")
+    if version != 2:
+        if g.memory is not None:
+            out.append(f"{where}.memory: a group's memory scheme needs version 2")
+        held = g.tokens_per_rank()
+        if held > capacity * (1 + 1e-9):
+            out.append(f"{where}: each of its {len(g.ranks)} rank(s) holds {held:.0f} tokens "
+                       f"after offload, over capacity_tokens={capacity}")
+        return out
+    if g.memory is None:
+        return out + [f"{where}.memory: missing; version 2 names every group's memory scheme"]
+    out += g.memory.violations(where, g.ring_size)
+    ratios = [si for si, s in enumerate(g.sequences) if s.offload_ratio]
+    if ratios:
+        out.append(f"{where}.sequences{ratios[:5]}.offload_ratio: must be 0 in version 2 "
+                   "(offload is the group's memory scheme)")
+    held = g.max_local_tokens()
+    if g.memory.scheme == "plain" and held > capacity:
+        out.append(f"{where}: a member holds {held} tokens under scheme plain, over "
+                   f"capacity_tokens={capacity}")
     return out

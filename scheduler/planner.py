@@ -1,25 +1,35 @@
 """`plan_batch`: one global batch of sequence lengths in, a StepPlan out.
 
-Three policies on the same cost model, so that their simulated makespans compare fairly:
+Four policies on the same cost and memory model, so that their simulated makespans
+compare fairly:
 
 - "hdp": the ByteScale planner. Data-aware sharding (Alg. 1, Eq. 3; `scheduler.sharding`),
   the greedy balance scheduler (Alg. 2; `scheduler.balance`) improved by CP-SAT
   large-neighbourhood search under `time_limit_s` (`scheduler.lns`).
+- "pow2": the same scheduler with ring sizes restricted to powers of two, the shape of
+  Megatron-Core's dynamic context parallelism (CP groups of 1, 2, 4, 8, ... ranks chosen
+  per batch).
 - "naive": naive HDP, Alg. 1 without balancing: every sequence on its minimum ring D(s),
   short ones best-fit packed, groups laid into micro-batches in order (longest first) on
   consecutive ranks until a micro-batch is full.
-- "static": the static mesh of Megatron/torchtitan: one context-parallel degree p for
-  everyone, the smallest that fits the longest sequence (no divisibility restriction,
-  which favours the baseline), floor(N / p) data-parallel replicas on consecutive ranks,
-  each sequence on its replica's ring, sequences spread over replicas longest first onto
-  the least-loaded one and packed per replica into micro-batches of p x capacity tokens.
+- "static": the static mesh of Megatron/torchtitan at its best: one context-parallel
+  degree p for everyone, floor(N / p) data-parallel replicas on consecutive ranks, each
+  sequence on its replica's ring (LPT over replicas), packed per replica into
+  micro-batches. Every degree from the smallest that fits the longest sequence up to N
+  is considered (divisors of N or not) and the fastest kept; degrees whose lower bound
+  (max(total time / replicas, the longest sequence's time)) cannot beat the best plan
+  found so far are pruned, so the result is the true best static degree.
 
-Every plan passes `StepPlan.check(lengths)` and carries `predicted` from the simulator.
+Every plan is version 2: each group names its memory scheme (plain, or MEMO offload at
+its alpha where the sharding needs memory freed), carries per-group predictions (FLOPs,
+ring bytes and peak bytes per rank) and passes `StepPlan.check(lengths)` and
+`check_plan_memory` (no member over the device budget).
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -28,20 +38,34 @@ import numpy as np
 from scheduler.balance import Task, greedy_schedule, resize
 from scheduler.cost import CostModel
 from scheduler.lns import improve
-from scheduler.plan import MicroBatch, Predicted, RingGroup, SeqSlice, StepPlan
+from scheduler.plan import (
+    PLAN_VERSION,
+    GroupMemory,
+    GroupPredicted,
+    MicroBatch,
+    PlanMemory,
+    Predicted,
+    RingGroup,
+    SeqSlice,
+    StepPlan,
+)
+from scheduler.rank_memory import check_plan_memory
 from scheduler.sharding import (
     OffloadPolicy,
     Shard,
     best_fit_packs,
     shard_batch,
+    shard_sequence,
     validate_lengths,
 )
 from scheduler.simulator import default_offload, simulate
 from scheduler.specs import ClusterSpec, ModelSpec
 from scheduler.topology import Topology
+from scheduler.work import group_flops, ring_bytes
+from scheduler.zigzag import local_tokens
 
-Policy = Literal["hdp", "naive", "static"]
-POLICIES = ("hdp", "naive", "static")
+Policy = Literal["hdp", "pow2", "naive", "static"]
+POLICIES = ("hdp", "pow2", "naive", "static")
 DEFAULT_TIME_LIMIT_S = 0.5
 
 # A group before it is timed: (ring-ordered ranks, its sequences).
@@ -51,42 +75,98 @@ Group = tuple[tuple[int, ...], tuple[Shard, ...]]
 def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *,
                policy: Policy = "hdp", capacity_tokens: int | None = None,
                time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
-               cost: CostModel | None = None, offload: OffloadPolicy | None = None) -> StepPlan:
+               cost: CostModel | None = None, offload: OffloadPolicy | None = None,
+               precision: str | None = None, optimizer_sharding: str | None = None,
+               predictions: bool = True) -> StepPlan:
     """Plan one global batch on all ranks of `cluster` (see the module docstring).
 
-    capacity_tokens None derives it from the GPU memory and the cost model's activation
-    bytes per token; `cost` lets a caller pass a refitted CostModel; `offload` overrides
-    the cluster's default offload policy (`default_offload`). Raises ValueError for a bad
-    argument and InfeasibleBatchError for a sequence that cannot fit at all.
+    capacity_tokens None derives it from the memory model (model states for `precision`
+    and `optimizer_sharding`, plain activations; scheduler/rank_memory.py); `cost` lets a
+    caller pass a refitted CostModel (its precision and sharding then apply); `offload`
+    overrides the cluster's default offload policy (`default_offload`); `predictions`
+    False leaves out the per-group predictions (FLOPs, bytes, peaks). Raises ValueError
+    for a bad argument, DeviceMemoryError when the model states do not fit a device,
+    InfeasibleBatchError for a sequence that cannot fit at all and PlanMemoryError when a
+    given capacity_tokens overfills a device.
     """
     lengths = validate_lengths(lengths)
     if policy not in POLICIES:
         raise ValueError(f"policy={policy!r} is not valid; valid: {', '.join(POLICIES)}")
     if not time_limit_s >= 0:
         raise ValueError(f"time_limit_s={time_limit_s} must be >= 0 seconds")
-    cost = cost or CostModel(model, cluster)
+    cost = cost or CostModel(model, cluster, precision=precision,
+                             optimizer_sharding=optimizer_sharding)
     world = cluster.world_size
     if capacity_tokens is None:
         capacity_tokens = cost.capacity_tokens(world)
     elif capacity_tokens < 1:
         raise ValueError(f"capacity_tokens={capacity_tokens} must be >= 1 (or None to derive "
                          "it from the GPU memory)")
+    else:
+        cost.memory.check_states_fit()
     shards = shard_batch(lengths, capacity_tokens=capacity_tokens, world_size=world, cost=cost,
                          offload=offload or default_offload(cluster))
-    topo = Topology(cluster)
-    if policy == "hdp":
+    topo = Topology(cluster, pow2_rings=policy == "pow2")
+    if policy in ("hdp", "pow2"):
+        if policy == "pow2":
+            shards = [pow2_shard(sh, topo, capacity_tokens, cost) for sh in shards]
         schedule = greedy_schedule(shards, cost=cost, topo=topo, capacity_tokens=capacity_tokens)
         improve(schedule, cost, time_limit_s=time_limit_s, seed=seed)
         micro_batches = layer_tasks(schedule.tasks(cost), world)
     elif policy == "naive":
         micro_batches = naive_micro_batches(shards, world, capacity_tokens)
     else:
-        micro_batches = static_micro_batches(shards, cost, topo, capacity_tokens)
-    plan = build_plan(micro_batches, world, capacity_tokens)
+        micro_batches = best_static_micro_batches(shards, cost, topo, capacity_tokens,
+                                                  cluster, model)
+    plan = build_plan(micro_batches, world, capacity_tokens, cost)
+    finish_plan(plan, cluster, model, cost, predictions=predictions)
+    return plan
+
+
+def finish_plan(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, cost: CostModel, *,
+                predictions: bool = True) -> StepPlan:
+    """Simulate `plan` into its `predicted` figures and check it against the device budget."""
     sim = simulate(plan, cluster, model, cost=cost)
     plan.predicted = Predicted(makespan_s=sim.makespan_s, lower_bound_s=sim.lower_bound_s,
-                               per_rank_busy_s=list(sim.per_rank_busy_s))
+                               per_rank_busy_s=list(sim.per_rank_busy_s),
+                               step_overhead_s=sim.step_overhead_s,
+                               groups=predict_groups(plan, cost, sim) if predictions else None)
+    check_plan_memory(plan, cost.memory)
     return plan
+
+
+def pow2_shard(sh: Shard, topo: Topology, capacity_tokens: int, cost: CostModel) -> Shard:
+    """`sh` on the smallest power-of-two ring it fits (with offload where it needs it)."""
+    d = topo.allowed_at_least(sh.ring_size)
+    if d is not None:
+        return resize(sh, d, capacity_tokens, cost)
+    largest = 1 << (topo.world_size.bit_length() - 1)  # no power of two >= D(s) in the world
+    return shard_sequence(sh.seq_id, sh.length, capacity_tokens=capacity_tokens,
+                          world_size=largest, cost=cost, offload="needed")
+
+
+def predict_groups(plan: StepPlan, cost: CostModel, sim) -> list[GroupPredicted]:
+    """Per group: time, and per member the FLOPs (scheduler.work), ring bytes sent and
+    device peak (scheduler.rank_memory), in plan order."""
+    out = []
+    dtype, model = cost.memory.dtype, cost.model
+    timings = iter(sim.timeline)
+    for m, mb in enumerate(plan.micro_batches):
+        for gi, g in enumerate(mb.groups):
+            timing = next(timings)
+            scheme = g.memory.as_scheme()
+            seqs = [s.length for s in g.sequences]
+            d = g.ring_size
+            mem = cost.memory.group_prediction(seqs, d, scheme)
+            out.append(GroupPredicted(
+                micro_batch=m, group=gi, seconds=timing.end_s - timing.start_s,
+                flops_per_rank=[group_flops(model, seqs, ring_size=d, position=j,
+                                            scheme=scheme).total for j in range(d)],
+                bytes_sent_per_rank=[ring_bytes(model, seqs, ring_size=d, position=j,
+                                                dtype=dtype).total for j in range(d)],
+                peak_bytes_per_rank=list(mem.peak_bytes_per_rank),
+                host_bytes_per_rank=list(mem.host_bytes_per_rank)))
+    return out
 
 
 def layer_tasks(tasks: Sequence[Task], world_size: int) -> list[list[Group]]:
@@ -124,9 +204,11 @@ def naive_micro_batches(shards: Sequence[Shard], world_size: int,
 
 
 def static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                         capacity_tokens: int) -> list[list[Group]]:
-    """The static mesh: CP degree p = max D(s), floor(N / p) replicas, LPT + packing."""
-    p = max(sh.ring_size for sh in shards)
+                         capacity_tokens: int, p: int | None = None) -> list[list[Group]]:
+    """The static mesh at CP degree p (default: the smallest that fits every sequence):
+    floor(N / p) replicas, LPT over replicas, best-fit packs per replica whose members
+    each hold at most capacity_tokens (zigzag's uneven chunks counted exactly)."""
+    p = p or max(sh.ring_size for sh in shards)
     replicas = topo.world_size // p
     bw = topo.ring_bandwidth(list(range(p)))
     on_p = [resize(sh, p, capacity_tokens, cost) for sh in shards]
@@ -142,18 +224,88 @@ def static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topolog
     out: list[list[Group]] = []
     for k, seqs in enumerate(per_replica):
         ranks = tuple(range(k * p, (k + 1) * p))
-        for j, pack in enumerate(best_fit_packs(seqs, capacity_tokens=p * capacity_tokens)):
+        for j, pack in enumerate(ring_packs(seqs, p, capacity_tokens)):
             if j == len(out):
                 out.append([])
             out[j].append((ranks, tuple(pack)))
     return out
 
 
+def ring_packs(shards: Sequence[Shard], ring_size: int, capacity_tokens: int
+               ) -> list[list[Shard]]:
+    """Best-fit decreasing packs for a ring: a sequence of s tokens puts at most
+    ceil(s (1 - r) / d) on a member, and a pack's members hold at most capacity_tokens."""
+    if ring_size == 1:
+        return best_fit_packs(shards, capacity_tokens=capacity_tokens)
+    scaled = [Shard(seq_id=sh.seq_id, length=math.ceil(sh.length * (1 - sh.offload_ratio)
+                                                       / ring_size - 1e-9),
+                    ring_size=1, offload_ratio=0.0) for sh in shards]
+    by_id = {sh.seq_id: sh for sh in shards}
+    return [[by_id[x.seq_id] for x in pack]
+            for pack in best_fit_packs(scaled, capacity_tokens=capacity_tokens)]
+
+
+def static_bound(shards: Sequence[Shard], p: int, cost: CostModel, topo: Topology,
+                 capacity_tokens: int) -> float:
+    """A lower bound on the static mesh's makespan at degree p: the replicas' average load
+    and the longest sequence's time (packs and their overhead only add to it)."""
+    bw = topo.ring_bandwidth(list(range(p)))
+    s = np.array([sh.length for sh in shards], dtype=np.float64)
+    t = cost.seq_times(s, p, bandwidth_gbps=bw)
+    for k, sh in enumerate(shards):
+        if sh.offload_ratio > 0:  # rare: only sequences that need a memory scheme
+            t[k] = cost.seq_time(sh.length, p, bandwidth_gbps=bw,
+                                 offload_ratio=resize(sh, p, capacity_tokens, cost).offload_ratio)
+    return max(float(t.sum()) / (topo.world_size // p), float(t.max()))
+
+
+def best_static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topology,
+                              capacity_tokens: int, cluster: ClusterSpec,
+                              model: ModelSpec) -> list[list[Group]]:
+    """The fastest static mesh over every CP degree (branch and bound on `static_bound`)."""
+    p_min = max(sh.ring_size for sh in shards)
+    bounds = sorted((static_bound(shards, p, cost, topo, capacity_tokens), p)
+                    for p in range(p_min, topo.world_size + 1))
+    best, best_s = None, math.inf
+    overhead = cost.step_overhead_s(topo.world_size)
+    for bound, p in bounds:
+        if bound + overhead >= best_s:
+            break
+        mbs = static_micro_batches(shards, cost, topo, capacity_tokens, p)
+        plan = build_plan(mbs, topo.world_size, capacity_tokens, cost)
+        makespan = simulate(plan, cluster, model, cost=cost).makespan_s
+        if makespan < best_s:
+            best, best_s = mbs, makespan
+    return best
+
+
+def static_degree(plan: StepPlan) -> int:
+    """The CP degree of a static plan (its largest ring)."""
+    return max(g.ring_size for _, g in plan.groups())
+
+
 def build_plan(micro_batches: Sequence[Sequence[Group]], world_size: int,
-               capacity_tokens: int) -> StepPlan:
+               capacity_tokens: int, cost: CostModel) -> StepPlan:
+    """A version-2 plan: every group with its memory scheme (plain, or MEMO offload when a
+    sequence needs memory freed, at the alpha that hides its copies)."""
+    mem = cost.memory
     mbs = [MicroBatch(groups=[
         RingGroup(ranks=list(ranks), sequences=[
-            SeqSlice(id=sh.seq_id, length=sh.length, offload_ratio=sh.offload_ratio)
-            for sh in sorted(seqs, key=lambda x: x.seq_id)])
+            SeqSlice(id=sh.seq_id, length=sh.length)
+            for sh in sorted(seqs, key=lambda x: x.seq_id)],
+            memory=group_scheme(seqs, len(ranks), cost))
         for ranks, seqs in mb]) for mb in micro_batches if mb]
-    return StepPlan(world_size=world_size, capacity_tokens=capacity_tokens, micro_batches=mbs)
+    return StepPlan(version=PLAN_VERSION, world_size=world_size, capacity_tokens=capacity_tokens,
+                    micro_batches=mbs, memory=PlanMemory(
+                        precision=mem.precision, optimizer_sharding=mem.sharding,
+                        model_state_bytes=mem.states.total,
+                        device_budget_bytes=mem.budget_bytes))
+
+
+def group_scheme(seqs: Sequence[Shard], ring_size: int, cost: CostModel) -> GroupMemory:
+    if not any(sh.offload_ratio > 0 for sh in seqs):
+        return GroupMemory()
+    lengths = [sh.length for sh in seqs]
+    held = max(local_tokens(lengths, ring_size, j) for j in range(ring_size))
+    alpha = cost.memo_alpha(held, round(sum(lengths) / len(lengths)))
+    return GroupMemory(scheme="offload", offload_ratio=alpha)

@@ -1,25 +1,28 @@
 """Data-aware sharding (ByteScale, arXiv 2502.21231, Alg. 1 and Eq. 3).
 
-For every sequence of a global batch: the smallest ring size D(s) and the offload ratio r
-that make the tokens each member holds fit the per-rank capacity C, with the DESIGN.md
-memory rule  s (1 - r) / D <= C.  No power-of-two or divisibility restriction: D(s) is any
-integer in 1..world_size. Sequences with D(s) = 1 are short and get best-fit packed onto
-single ranks (`best_fit_packs`).
+For every sequence of a global batch: the smallest ring size D(s) that makes the tokens
+each member holds fit, and whether the members need a memory scheme to hold them. A rank
+holds C = capacity_tokens tokens under the plain scheme and C_off under MEMO offload
+(scheduler/rank_memory.py: model states plus the scheme's activation peak against the
+device budget, and the host's share for the swapped activations). A shard records the
+share r of its tokens' plain memory that must be freed, r = 1 - C D / s (0 when
+s / D <= C), so that the token rule s (1 - r) / D <= C of the balance scheduler and the
+packer still holds; any r > 0 runs MEMO offload (the group's scheme in the plan, with
+MEMO's own alpha), which fits as long as s / D <= C_off. No power-of-two or
+divisibility restriction: D(s) is any integer in 1..world_size. Sequences with D(s) = 1
+are short and get best-fit packed onto single ranks (`best_fit_packs`).
 
-Offload (Eq. 3 as we read it): a rank can move a share r of its activations to host memory
-when the copy hides behind compute, r <= pcie (a s + b) / (3 act) (see
-`CostModel.hidden_offload_ratio`), and while the host has room, r s / D <= host capacity.
 Three policies:
 
-- "auto": ByteScale's rule; offload shrinks a ring whenever the copy hides (GPU clusters).
-- "needed": offload only for a sequence that does not fit on every rank without it, with
-  the smallest ratio that fits (any copy time it cannot hide is charged by the cost model).
-  This is the default for the `cpu` cluster preset, whose "host" and "device" are the same
-  RAM, so offloading there buys nothing and only the memory rule forces it.
+- "auto": offload whenever it shrinks a ring: D(s) = ceil(s / C_off), the balance
+  scheduler then enlarges rings where the recompute and copies cost more than the ranks
+  (GPU clusters).
+- "needed": offload only for a sequence that does not fit on every rank without it. The
+  default for the `cpu` cluster preset, whose "host" and "device" are the same RAM.
 - "never": no offload; a sequence longer than world_size x C is infeasible.
 
-A sequence that does not fit on all ranks even with full offload raises
-InfeasibleBatchError naming it, its length and the largest length that fits.
+A sequence that does not fit on all ranks even with offload raises InfeasibleBatchError
+naming it, its length and the largest length that fits.
 """
 
 from __future__ import annotations
@@ -64,36 +67,30 @@ def _round_up_ratio(r: float) -> float:
     return min(1.0, math.ceil(max(0.0, r) / RATIO_QUANTUM - 1e-9) * RATIO_QUANTUM)
 
 
-def max_fitting_length(*, capacity_tokens: int, host_tokens: int, world_size: int,
+def max_fitting_length(*, capacity_tokens: int, offload_tokens: int, world_size: int,
                        offload: OffloadPolicy) -> int:
     """The longest sequence the whole cluster can hold under a policy."""
-    per_rank = capacity_tokens + (0 if offload == "never" else host_tokens)
+    per_rank = capacity_tokens if offload == "never" else max(capacity_tokens, offload_tokens)
     return per_rank * world_size
 
 
 def shard_sequence(seq_id: int, length: int, *, capacity_tokens: int, world_size: int,
                    cost: CostModel, offload: OffloadPolicy = "auto",
-                   host_tokens: int | None = None) -> Shard:
-    """Alg. 1 for one sequence: the smallest D (and its r) with s (1 - r) / D <= C."""
+                   offload_tokens: int | None = None) -> Shard:
+    """Alg. 1 for one sequence: the smallest D (and the r it needs) that fits."""
     C, N, s = capacity_tokens, world_size, length
     if s <= C:
         return Shard(seq_id=seq_id, length=s, ring_size=1, offload_ratio=0.0)
-    host = cost.host_capacity_tokens() if host_tokens is None else host_tokens
+    c_off = cost.offload_capacity_tokens() if offload_tokens is None else offload_tokens
     plain = math.ceil(s / C)
-    if offload == "auto":
-        r_hide = cost.hidden_offload_ratio(s)
-        # Smallest D with both the device rule and the host rule satisfied at r <= r_hide:
-        # s/D <= C / (1 - r_hide)  and  s/D - C <= host.
-        per_rank = min(C / (1.0 - r_hide) if r_hide < 1 else math.inf, C + host)
-        d = max(1, math.ceil(s / per_rank - 1e-12))
-        if d <= N:
-            return _fit(seq_id, s, min(d, plain), C)
-    elif plain <= N:
+    if offload == "auto" and c_off > C and math.ceil(s / c_off) <= N:
+        return _fit(seq_id, s, min(math.ceil(s / c_off), plain), C)
+    if plain <= N:
         return Shard(seq_id=seq_id, length=s, ring_size=plain, offload_ratio=0.0)
-    if offload != "never" and s <= N * (C + host):
+    if offload != "never" and s <= N * c_off:
         return _fit(seq_id, s, N, C)
     raise InfeasibleBatchError(seq_id, s, max_fitting_length(
-        capacity_tokens=C, host_tokens=host, world_size=N, offload=offload))
+        capacity_tokens=C, offload_tokens=c_off, world_size=N, offload=offload))
 
 
 def _fit(seq_id: int, length: int, ring_size: int, capacity: int) -> Shard:
@@ -110,9 +107,9 @@ def shard_batch(lengths: Sequence[int], *, capacity_tokens: int, world_size: int
         raise ValueError(f"capacity_tokens={capacity_tokens} must be >= 1")
     if world_size < 1:
         raise ValueError(f"world_size={world_size} must be >= 1 (number of ranks)")
-    host = cost.host_capacity_tokens()
+    c_off = cost.offload_capacity_tokens()
     return [shard_sequence(i, s, capacity_tokens=capacity_tokens, world_size=world_size,
-                           cost=cost, offload=offload, host_tokens=host)
+                           cost=cost, offload=offload, offload_tokens=c_off)
             for i, s in enumerate(validate_lengths(lengths))]
 
 

@@ -2,7 +2,9 @@
 
 Each rank runs the micro-batches it appears in, in order; a group starts when all its
 ranks are free (ring members are synchronized) and lasts the cost model's group time at
-the bandwidth of its slowest ring hop (`Topology.ring_bandwidth`). From the timeline:
+the bandwidth of its slowest ring hop (`Topology.ring_bandwidth`), under the memory scheme
+the plan names for it; after its last micro-batch every rank pays the step's collectives
+and optimizer update (`CostModel.step_overhead_s`). From the timeline:
 makespan, per-rank busy time and exposed communication. Beside it, the perfect-balance
 lower bound of the batch (ByteScale, arXiv 2502.21231, section 6): total compute over the
 number of ranks, and no sequence faster than its best ring.
@@ -22,7 +24,7 @@ import numpy as np
 from scheduler.balance import best_ring_time
 from scheduler.cost import CostModel
 from scheduler.errors import InfeasibleBatchError
-from scheduler.plan import StepPlan
+from scheduler.plan import RingGroup, StepPlan, group_memory
 from scheduler.sharding import OffloadPolicy, Shard, validate_lengths
 from scheduler.specs import ClusterSpec, ModelSpec
 from scheduler.topology import Topology
@@ -49,6 +51,7 @@ class SimResult:
     per_rank_busy_s: tuple[float, ...]  # time each rank spends running groups
     per_rank_exposed_comm_s: tuple[float, ...]  # of which communication not hidden
     timeline: tuple[GroupTiming, ...]  # every group, in plan order
+    step_overhead_s: float = 0.0  # collectives + optimizer after the last micro-batch
 
     @property
     def exposed_comm_s(self) -> float:
@@ -77,7 +80,9 @@ def lower_bound(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, 
     """max(total compute / ranks, longest sequence on its best ring), seconds.
 
     Valid for every plan of the batch, whatever its offload policy: the longest sequence
-    may use any ring from the smallest one host offload could ever allow.
+    may use any ring from the smallest one offload could ever allow. Both terms include the
+    step's collectives and optimizer update (`CostModel.step_overhead_s`), which every
+    plan of the world pays after its last micro-batch.
     """
     cost = cost or CostModel(model, cluster)
     topo = Topology(cluster, world_size)
@@ -85,17 +90,20 @@ def lower_bound(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, 
     work = (cost.a * float(np.dot(s, s)) + cost.b * float(s.sum())) / topo.world_size
     i = int(np.argmax(s))
     longest = int(s[i])
-    per_rank = capacity_tokens + cost.host_capacity_tokens()
+    per_rank = max(capacity_tokens, cost.offload_capacity_tokens())
     if longest > per_rank * topo.world_size:
         raise InfeasibleBatchError(i, longest, per_rank * topo.world_size)
     d = max(1, math.ceil(longest / per_rank))
     sh = Shard(seq_id=i, length=longest, ring_size=d, offload_ratio=1.0)
-    return max(work, best_ring_time(sh, cost, topo, capacity_tokens))
+    overhead = cost.step_overhead_s(topo.world_size)
+    return max(work, best_ring_time(sh, cost, topo, capacity_tokens)) + overhead
 
 
 def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,
              cost: CostModel | None = None) -> SimResult:
-    """Timeline of `plan` on `cluster` (whose world may be larger than the plan's)."""
+    """Timeline of `plan` on `cluster` (whose world may be larger than the plan's): every
+    group under the memory scheme the plan names, then the step's collectives and optimizer
+    update on every rank after its last micro-batch."""
     cost = cost or CostModel(model, cluster)
     topo = Topology(cluster, plan.world_size)
     free = np.zeros(plan.world_size)
@@ -105,11 +113,7 @@ def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,
     for m, mb in enumerate(plan.micro_batches):
         for gi, g in enumerate(mb.groups):
             ranks = list(g.ranks)
-            bw = topo.ring_bandwidth(ranks)
-            costs = [cost.seq_cost(s.length, len(ranks), bandwidth_gbps=bw,
-                                   offload_ratio=s.offload_ratio) for s in g.sequences]
-            dur = cost.c + sum(x.total_s for x in costs)
-            comm = sum(x.exposed_comm_s for x in costs)
+            dur, comm = group_seconds(g, cost, topo.ring_bandwidth(ranks))
             start = float(free[ranks].max())
             free[ranks] = start + dur
             busy[ranks] += dur
@@ -123,6 +127,16 @@ def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,
     present = [x for x in lengths if x > 0]
     bound = lower_bound(present, cluster, model, capacity_tokens=plan.capacity_tokens,
                         world_size=plan.world_size, cost=cost) if present else 0.0
-    return SimResult(makespan_s=float(free.max()), lower_bound_s=bound,
+    overhead = cost.step_overhead_s(plan.world_size)
+    return SimResult(makespan_s=float(free.max()) + overhead, lower_bound_s=bound,
                      per_rank_busy_s=tuple(busy.tolist()),
-                     per_rank_exposed_comm_s=tuple(exposed.tolist()), timeline=tuple(timeline))
+                     per_rank_exposed_comm_s=tuple(exposed.tolist()), timeline=tuple(timeline),
+                     step_overhead_s=overhead)
+
+
+def group_seconds(g: RingGroup, cost: CostModel, bandwidth_gbps: float) -> tuple[float, float]:
+    """(per-rank time, exposed ring communication) of one group under its memory scheme."""
+    scheme = group_memory(g, cost.model).as_scheme()
+    costs = [cost.seq_cost(s.length, g.ring_size, bandwidth_gbps=bandwidth_gbps, scheme=scheme)
+             for s in g.sequences]
+    return cost.c + sum(x.total_s for x in costs), sum(x.exposed_comm_s for x in costs)

@@ -211,6 +211,9 @@ class ClusterSpec(_Spec):
     pcie_bandwidth_gbps: float = Field(
         gt=0, description="Host<->device copy bandwidth per rank, GB/s (offload).")
     host_memory_gib: float = Field(gt=0, description="Host memory per node, GiB.")
+    memory_bandwidth_gbps: float = Field(
+        default=2000.0, gt=0,
+        description="Achieved device-memory bandwidth per rank, GB/s (the optimizer update).")
 
     @property
     def world_size(self) -> int:
@@ -237,23 +240,27 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 # - h100: 80 GiB HBM3; ~400 TFLOP/s bf16 dense achieved (40% of the 989 TFLOP/s SXM peak,
 #   what Megatron-style training reaches at MFU ~40%); NVLink 4 is 900 GB/s bidirectional
 #   per GPU, ~450 GB/s per direction; one 400 Gb/s NDR NIC per GPU = 50 GB/s; PCIe Gen5 x16
-#   ~64 GB/s raw, ~50 GB/s achieved; DGX H100 has 2 TiB host memory.
+#   ~64 GB/s raw, ~50 GB/s achieved; DGX H100 has 2 TiB host memory; HBM3 3.35 TB/s peak,
+#   ~2.7 TB/s achieved by streaming kernels (the optimizer update).
 # - a800: 80 GiB HBM2e; ~200 TFLOP/s bf16 achieved (64% of 312 peak, MEMO's setting);
 #   NVLink capped at 400 GB/s bidirectional (200 per direction); 200 Gb/s NIC per GPU =
-#   25 GB/s; PCIe Gen4 ~25 GB/s achieved; 1 TiB host memory.
+#   25 GB/s; PCIe Gen4 ~25 GB/s achieved; 1 TiB host memory; HBM2e 2.0 TB/s peak, ~1.6
+#   achieved.
 # - cpu: this 2-core machine, measured roughly: ~0.05 TFLOP/s fp32 matmul, loopback gloo
-#   ~2 GB/s, memcpy ~5 GB/s; 24 GiB memory split as 12 "device" + 12 host. One node holds
-#   every rank (gpus_per_node None: as many as asked for).
+#   ~2 GB/s, memcpy ~5 GB/s (also the memory bandwidth); 24 GiB memory split as 12
+#   "device" + 12 host. One node holds every rank (gpus_per_node None: as many as asked).
 CLUSTER_PRESETS: dict[str, dict] = {
     "h100": dict(gpus_per_node=8, gpu_memory_gib=80.0, achieved_tflops=400.0,
                  intra_node_bandwidth_gbps=450.0, inter_node_bandwidth_gbps=50.0,
-                 pcie_bandwidth_gbps=50.0, host_memory_gib=2048.0),
+                 pcie_bandwidth_gbps=50.0, host_memory_gib=2048.0,
+                 memory_bandwidth_gbps=2700.0),
     "a800": dict(gpus_per_node=8, gpu_memory_gib=80.0, achieved_tflops=200.0,
                  intra_node_bandwidth_gbps=200.0, inter_node_bandwidth_gbps=25.0,
-                 pcie_bandwidth_gbps=25.0, host_memory_gib=1024.0),
+                 pcie_bandwidth_gbps=25.0, host_memory_gib=1024.0,
+                 memory_bandwidth_gbps=1600.0),
     "cpu": dict(gpus_per_node=None, gpu_memory_gib=12.0, achieved_tflops=0.05,
                 intra_node_bandwidth_gbps=2.0, inter_node_bandwidth_gbps=1.0,
-                pcie_bandwidth_gbps=5.0, host_memory_gib=12.0),
+                pcie_bandwidth_gbps=5.0, host_memory_gib=12.0, memory_bandwidth_gbps=5.0),
 }
 
 

@@ -20,8 +20,12 @@ from scheduler.specs import ClusterSpec
 class Topology:
     """Nodes and links of a cluster of `world_size` ranks (the last node may be partial)."""
 
-    def __init__(self, cluster: ClusterSpec, world_size: int | None = None):
+    def __init__(self, cluster: ClusterSpec, world_size: int | None = None, *,
+                 pow2_rings: bool = False):
         self.world_size = world_size or cluster.world_size
+        # Megatron-Core's dynamic context parallelism builds its CP groups in powers of
+        # two; the pow2 baseline plans with the same scheduler under that restriction.
+        self.pow2_rings = pow2_rings
         if self.world_size < 1:
             raise ValueError(f"world_size={self.world_size} must be >= 1")
         self.gpus_per_node = cluster.gpus_per_node
@@ -37,6 +41,15 @@ class Topology:
             for u in range(self.num_nodes):
                 for v in range(u + 1, self.num_nodes):
                     self.graph.add_edge(u, v, bandwidth_gbps=self._inter)
+
+    def allows(self, ring_size: int) -> bool:
+        """Whether a ring of this size may be formed (any size, or powers of two)."""
+        return not self.pow2_rings or ring_size & (ring_size - 1) == 0
+
+    def allowed_at_least(self, ring_size: int) -> int | None:
+        """The smallest allowed ring size >= ring_size within the world, or None."""
+        d = ring_size if not self.pow2_rings else 1 << max(0, ring_size - 1).bit_length()
+        return d if d <= self.world_size else None
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node

@@ -1,5 +1,7 @@
-"""CostModel: FLOP coefficients against an explicit per-matrix count, memory capacity,
-ring-communication hiding, and the least-squares refit the controller feeds."""
+"""CostModel: FLOP coefficients against an explicit per-matrix and per-tile count, memory
+capacity from model states + traced activations, the refusal of models that cannot fit,
+ring-communication hiding, the memory schemes' recompute and copies, the per-step
+collectives and optimizer update, and the least-squares refit the controller feeds."""
 
 from __future__ import annotations
 
@@ -8,15 +10,13 @@ import math
 import numpy as np
 import pytest
 
-from scheduler.cost import (
-    CostModel,
-    Observation,
-    default_activation_bytes_per_token,
-    nonneg_lstsq,
-)
+from scheduler.cost import CostModel, Observation, nonneg_lstsq
+from scheduler.errors import DeviceMemoryError
 from scheduler.specs import cluster_preset, model_preset
+from scheduler.work import Scheme
 
 GIB = 1024**3
+BLOCK_Q = 256  # kernels/attention_torch.py's query tile
 
 
 def explicit_matmul_flops_per_token(m) -> int:
@@ -27,10 +27,10 @@ def explicit_matmul_flops_per_token(m) -> int:
     return sum(2 * r * c for r, c in mats)
 
 
-def causal_attention_flops(m, s: int) -> int:
-    """Forward FLOPs of causal attention, query i attending to i+1 keys: QK^T and PV."""
-    keys = s * (s + 1) // 2
-    return m.num_layers * 2 * 2 * keys * m.hidden_size
+def tiled_causal_pairs(s: int) -> int:
+    """(query, key) pairs the tiled kernel computes: query i's tile of BLOCK_Q queries
+    sees every key up to the tile's last query."""
+    return sum(min(s, (i // BLOCK_Q + 1) * BLOCK_Q) for i in range(s))
 
 
 @pytest.mark.parametrize("name", ["tiny", "llama-7b", "llama-70b"])
@@ -38,71 +38,121 @@ def test_coefficients_match_explicit_flop_count(name):
     m, c = model_preset(name), cluster_preset("h100")
     cost = CostModel(m, c)
     flops = c.achieved_tflops * 1e12
-    # fwd + bwd = 3 x fwd for matmuls; exact.
-    assert cost.b == pytest.approx(3 * explicit_matmul_flops_per_token(m) / flops, rel=1e-12)
-    # The model uses the continuous s^2/2 for the causal triangle: error 1/s.
-    s = 100_003
-    assert cost.a * s * s == pytest.approx(3 * causal_attention_flops(m, s) / flops, rel=2 / s)
+    s = 64 * BLOCK_Q  # whole tiles: the affine form is exact there
+    # projections and head: forward 2, backward 4 per weight (3 x the forward count);
+    # attention: forward 4 h, FlashAttention-2 backward 10 h per pair, every layer.
+    attention = 14 * m.hidden_size * m.num_layers * tiled_causal_pairs(s)
+    want = (3 * explicit_matmul_flops_per_token(m) * s + attention) / flops
+    assert cost.compute_s(s) == pytest.approx(want, rel=1e-12)
+    # 7 L h s^2 / F is the leading term the old 3 x forward model undercounted by 7/6.
+    assert cost.a == pytest.approx(7 * m.num_layers * m.hidden_size / flops, rel=1e-12)
 
 
-def test_capacity_from_gpu_memory_and_zero3_states():
+def expected_states(m, n: int) -> int:
+    """bf16-mixed, distributed sharding over n ranks: bf16 parameters and an fp32 gradient
+    buffer padded to n shards on every rank, the rank's fp32 masters and two moments."""
+    shard = math.ceil(m.num_params / n)
+    return 2 * n * shard + 4 * n * shard + (4 + 8) * shard
+
+
+@pytest.mark.parametrize("ranks", [64, 1024])
+def test_capacity_is_the_most_tokens_whose_peak_fits_after_model_states(ranks):
+    m, c = model_preset("llama-7b"), cluster_preset("h100", num_ranks=ranks)
+    cost = CostModel(m, c)
+    assert (cost.precision, cost.optimizer_sharding) == ("bf16-mixed", "distributed")
+    states = expected_states(m, ranks)
+    assert cost.memory.states.total == states
+    # ~40 GB of states per rank at any world size (ZeRO-3's 16 B/param / N was 0.11 GB).
+    assert 38e9 < states < 43e9
+    room = int(80 * GIB * 0.9) - states
+    cap = cost.capacity_tokens()
+    act = cost.memory.activations
+    assert act.peak_bytes(cap) <= room < act.peak_bytes(cap + 1)
+    assert 4_000 < cap < 7_000  # vs 12,209 on the wrong ZeRO-3 budget
+
+
+def test_precision_and_sharding_change_capacity():
     m, c = model_preset("llama-7b"), cluster_preset("h100", num_ranks=64)
-    act = 34 * 4096 * 32  # Korthikanti Eq. 2 in bf16, all layers
-    assert default_activation_bytes_per_token(m) == act
-    cost = CostModel(m, c, activation_bytes_per_token=act)
-    expected = math.floor((80 * GIB * 0.9 - 16 * m.num_params / 64) / act)
-    assert cost.capacity_tokens(64) == expected
-    # Fewer ranks: each holds more model state, so fewer tokens fit.
-    assert cost.capacity_tokens(8) < expected
+    dist = CostModel(m, c).capacity_tokens()
+    zero1 = CostModel(m, c, optimizer_sharding="zero1").capacity_tokens()
+    assert zero1 < dist  # zero1 owns whole tensors: its largest rank holds more
+    with pytest.raises(DeviceMemoryError, match="optimizer_sharding='distributed'"):
+        CostModel(m, c, optimizer_sharding="none").capacity_tokens()  # 16 B/param > 72 GiB
 
 
-def test_activation_bytes_are_injectable():
-    m, c = model_preset("llama-7b"), cluster_preset("h100")
-    base = CostModel(m, c)
-    half = CostModel(m, c, activation_bytes_per_token=base.activation_bytes_per_token / 2)
-    assert half.capacity_tokens(1024) in (2 * base.capacity_tokens(1024),
-                                          2 * base.capacity_tokens(1024) + 1)
-    with pytest.raises(ValueError, match="activation_bytes_per_token=-1"):
-        CostModel(m, c, activation_bytes_per_token=-1)
-
-
-def test_capacity_error_names_memory_when_states_do_not_fit():
+def test_states_that_do_not_fit_are_refused_with_bytes():
     m = model_preset("llama-70b")
-    with pytest.raises(ValueError, match="gpu_memory_gib"):
-        CostModel(m, cluster_preset("h100")).capacity_tokens(1)
+    with pytest.raises(DeviceMemoryError) as exc:
+        CostModel(m, cluster_preset("h100", num_ranks=64)).capacity_tokens()
+    assert exc.value.needed_bytes > exc.value.available_bytes == int(80 * GIB * 0.9)
+    text = str(exc.value)
+    assert "gpu_memory_gib=80.0" in text and str(exc.value.needed_bytes) in text
+    assert "tensor parallelism is not supported" in text
 
 
 def test_ring_communication_hides_up_to_max_hidden_ring():
-    cost = CostModel(model_preset("llama-7b"), cluster_preset("h100"))
+    m = model_preset("llama-7b")
+    cost = CostModel(m, cluster_preset("h100"))
     s, bw = 1_000_003, 50.0
     d_max = cost.max_hidden_ring(s, bandwidth_gbps=bw)
     assert d_max > 2
+    last_hop = lambda d: m.num_layers * 2 * 4096 * 4 * (s / d) / (bw * 1e9)  # noqa: E731
     for d in (2, d_max):
         c = cost.seq_cost(s, d, bandwidth_gbps=bw)
-        assert c.exposed_comm_s == 0.0
+        assert c.exposed_comm_s == pytest.approx(last_hop(d), rel=1e-12)
         assert c.compute_s == pytest.approx((cost.a * s * s + cost.b * s) / d, rel=1e-12)
     d = d_max + 7
-    exposed = cost.seq_cost(s, d, bandwidth_gbps=bw).exposed_comm_s
-    step_comm = cost.ring_bytes_per_token * (s / d) / (bw * 1e9)
-    step_attn = cost.a * s * s / d**2
-    assert exposed == pytest.approx((d - 1) * (step_comm - step_attn), rel=1e-12)
+    assert cost.seq_cost(s, d, bandwidth_gbps=bw).exposed_comm_s > last_hop(d) * 1.01
 
 
-def test_offload_is_free_when_hidden_and_charged_when_not():
-    m, c = model_preset("llama-7b"), cluster_preset("h100")
+def test_offload_charges_memo_recompute_and_unhidden_copies():
+    m, c = model_preset("llama-7b"), cluster_preset("h100", num_ranks=8)
     cost = CostModel(m, c)
-    s = 50_021
-    r_hide = cost.hidden_offload_ratio(s)
-    assert cost.seq_cost(s, 1, bandwidth_gbps=1, offload_ratio=r_hide * 0.999) \
-        .exposed_offload_s == 0.0
+    s, d = 200_003, 8
+    p_layer = 2 * 4096 * 4096 * 2 + 3 * 4096 * 11008  # q, k, v, o + SwiGLU (MHA: kv = h)
+    for alpha in (0.0, 0.5, 1.0):
+        got = cost.seq_cost(s, d, bandwidth_gbps=450, scheme=Scheme(name="offload",
+                                                                    offload_ratio=alpha))
+        want = 2 * p_layer * (m.num_layers - 1) * (1 - alpha) * (s / d) / 400e12
+        assert got.recompute_s == pytest.approx(want, rel=1e-12)
     slow = CostModel(m, c.model_copy(update={"pcie_bandwidth_gbps": 0.5}))
-    r = 0.9
-    assert slow.hidden_offload_ratio(s) < r
-    compute = slow.compute_s(s)
-    copy_s = r * s * slow.activation_bytes_per_token / 0.5e9
-    expected = max(0, copy_s - compute / 3) + max(0, copy_s - 2 * compute / 3)
-    got = slow.seq_cost(s, 1, bandwidth_gbps=1, offload_ratio=r).exposed_offload_s
-    assert got == pytest.approx(expected, rel=1e-12) and got > 0
+    full = Scheme(name="offload", offload_ratio=1.0)
+    got = slow.seq_cost(s, d, bandwidth_gbps=450, scheme=full)
+    host = slow.memory.activations.host_bytes(round(s / d), full)
+    copy_s, work = host / 0.5e9, got.compute_s + got.recompute_s
+    assert got.exposed_offload_s == pytest.approx(
+        max(0, copy_s - work / 3) + max(0, copy_s - 2 * work / 3), rel=1e-12)
+    assert got.exposed_offload_s > 0
+    # MEMO's alpha hides the copies on the real PCIe figure.
+    alpha = cost.memo_alpha(s / d, s)
+    hidden = cost.seq_cost(s, d, bandwidth_gbps=450, scheme=Scheme(name="offload",
+                                                                   offload_ratio=alpha))
+    assert 0 < alpha <= 1 and hidden.exposed_offload_s == 0.0
+
+
+def test_streambp_charges_one_more_forward():
+    m, c = model_preset("tiny"), cluster_preset("cpu")
+    cost = CostModel(m, c)
+    s = 4096
+    got = cost.recompute_s(s, 1, Scheme(name="streambp", chunk_tokens=512))
+    p_layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
+    attention = 4 * 64 * m.num_layers * (s * s / 2 + s * 512 / 2)
+    assert got == pytest.approx((2 * p_layer * m.num_layers * s + attention) / 0.05e12,
+                                rel=1e-12)
+
+
+def test_step_overhead_is_the_collectives_and_adamw():
+    m = model_preset("llama-7b")
+    c = cluster_preset("h100", num_ranks=1024)
+    cost = CostModel(m, c)
+    n, shard = 1024, math.ceil(m.num_params / 1024)
+    # reduce-scatter of the fp32 gradient buffer and all-gather of the bf16 parameters
+    # (ring algorithms: (n-1)/n of the buffer per rank) over the NIC, two small
+    # all-reduces, then AdamW on the rank's shard at HBM speed.
+    comm = (n - 1) / n * (4 * n * shard + 2 * n * shard) / 50e9 \
+        + 2 * (n - 1) / n * (16 + 8) / 50e9
+    adamw = shard * (2 * 4 + 2 * 4 + 4 * 4 + 2) / 2700e9
+    assert cost.step_overhead_s() == pytest.approx(comm + adamw, rel=1e-12)
 
 
 def test_vectorised_single_rank_times_match_scalar(rng):

@@ -120,23 +120,22 @@ def test_stored_profiles_plan_every_length_within_two_percent(name):
     assert per_token == plan_model(profile, 1 << 16, time_limit_s=2.0).bytes_per_token
 
 
-def test_cost_model_checks_capacity_with_the_planned_peak_per_token():
-    from scheduler.cost import CostModel, default_activation_bytes_per_token
-    from scheduler.specs import cluster_preset
+def test_activation_model_uses_the_profile_of_the_compute_dtype():
+    from scheduler.activations import ActivationModel
 
-    cluster = cluster_preset("h100", num_ranks=8)
     spec = model_preset("llama-7b")
-    cost = CostModel(spec, cluster)
-    assert cost.activation_bytes_per_token == planned_bytes_per_token(spec)
-    assert cost.activation_bytes_per_token != default_activation_bytes_per_token(spec)
-    unknown = spec.model_copy(update={"dtype": "float32"})   # no stored profile: estimate
-    assert CostModel(unknown, cluster).activation_bytes_per_token == \
-        default_activation_bytes_per_token(unknown)
+    for dtype in ("bfloat16", "float32"):
+        act = ActivationModel(spec, dtype=dtype)
+        assert act.source == "profile" and act.profile.model.dtype == dtype
+        # Plain peak = the unrolled model trace's max-live, the MEMO plan's lower bound.
+        assert act.peak_bytes(65536) == unrolled_max_live(act.profile, 65536)
+    assert ActivationModel(spec, dtype="float32").peak_bytes(4096) > \
+        ActivationModel(spec).peak_bytes(4096)
     # The layer count is free: a 3-layer llama-7b plans from the same layer profile.
     shallow = spec.model_copy(update={"num_layers": 3})
-    assert planned_bytes_per_token(shallow) < planned_bytes_per_token(spec) / 5
-    assert CostModel(spec, cluster, activation_bytes_per_token=123.0) \
-        .activation_bytes_per_token == 123.0
+    assert ActivationModel(shallow).peak_bytes(65536) < ActivationModel(spec).peak_bytes(65536) / 5
+    unknown = spec.model_copy(update={"hidden_size": 4160, "num_heads": 32, "num_kv_heads": 32})
+    assert ActivationModel(unknown).source == "synthetic"
 
 
 @pytest.mark.parametrize(("name", "tokens"), [("tiny", 4099), ("llama-7b", 65536)])

@@ -12,13 +12,23 @@ CPU4 = cluster_preset("cpu", num_ranks=4)
 WORKER_BATCH = [200, 150, 90, 40, 30, 7, 5, 3]
 
 
-@pytest.mark.parametrize("policy", ["hdp", "naive", "static"])
+@pytest.mark.parametrize("policy", ["hdp", "pow2", "naive", "static"])
 def test_every_policy_gives_a_valid_plan_with_predictions(policy):
     plan = plan_batch(WORKER_BATCH, CPU4, TINY, policy=policy, capacity_tokens=64)
     plan.check(WORKER_BATCH)
+    assert plan.version == 2 and plan.memory.precision == "fp32"
     assert plan.predicted is not None
     assert len(plan.predicted.per_rank_busy_s) == 4
     assert plan.predicted.makespan_s >= plan.predicted.lower_bound_s > 0
+    groups = list(plan.groups())
+    assert len(plan.predicted.groups) == len(groups)
+    for p, (_, g) in zip(plan.predicted.groups, groups, strict=True):
+        assert len(p.flops_per_rank) == len(p.bytes_sent_per_rank) == g.ring_size
+        assert min(p.flops_per_rank) > 0 and max(p.peak_bytes_per_rank) <= \
+            plan.memory.device_budget_bytes
+        assert (max(p.bytes_sent_per_rank) > 0) == (g.ring_size > 1)
+    if policy == "pow2":
+        assert all(g.ring_size & (g.ring_size - 1) == 0 for _, g in groups)
 
 
 @pytest.mark.parametrize("policy", ["hdp", "naive"])
@@ -30,6 +40,7 @@ def test_small_capacity_gives_rings_of_2_3_4_packs_and_uneven_micro_batches(poli
     sizes = {g.ring_size: [s.length for s in g.sequences] for _, g in plan.groups()}
     assert sizes[4] == [200] and sizes[3] == [150] and sizes[2] == [90]
     assert all(s.offload_ratio == 0.0 for _, g in plan.groups() for s in g.sequences)
+    assert all(g.memory.scheme == "plain" for _, g in plan.groups())
     packed = [g for _, g in plan.groups() if g.ring_size == 1]
     assert packed and any(len(g.sequences) > 1 for g in packed)
     counts = {len(plan.micro_batches_of(r)) for r in range(4)}
@@ -38,8 +49,9 @@ def test_small_capacity_gives_rings_of_2_3_4_packs_and_uneven_micro_batches(poli
 
 def test_derived_capacity_comes_from_gpu_memory():
     plan = plan_batch([1000, 20, 3], CPU4, TINY)
-    # 12 GiB x 0.9 over ~8.7 KB of fp32 activations per token: about 1.3M tokens.
-    assert 1_000_000 < plan.capacity_tokens < 2_000_000
+    # 12 GiB x 0.9 less ~1.3 MB of fp32 model states, over ~10.5 KB of traced fp32
+    # activations per token (scheduler/activations.py): about 1.1M tokens.
+    assert 1_000_000 < plan.capacity_tokens < 1_200_000
     plan.check([1000, 20, 3])
 
 
@@ -83,10 +95,17 @@ def test_offload_policy_defaults_per_cluster():
     # h100: 256 GiB of host per rank vs 80 on the device; cpu: one RAM split in two.
     assert default_offload(cluster_preset("h100")) == "auto"
     assert default_offload(CPU4) == "needed"
-    # "auto" lets a GPU cluster shrink a ring by offloading (Eq. 3); "needed" never does.
+    # "auto" lets a GPU cluster shrink a ring with MEMO offload; "needed" does not while
+    # the sequence fits the ranks plainly (16 ranks x ~4.7K tokens of llama-7b here).
     llama, h100 = model_preset("llama-7b"), cluster_preset("h100", num_ranks=16)
-    auto = plan_batch([300_000], h100, llama, capacity_tokens=20_000, time_limit_s=0)
-    plain = plan_batch([300_000], h100, llama, capacity_tokens=20_000, time_limit_s=0,
-                       offload="needed")
-    assert all(s.offload_ratio == 0 for _, g in plain.groups() for s in g.sequences)
+    auto = plan_batch([60_000], h100, llama, time_limit_s=0)
+    plain = plan_batch([60_000], h100, llama, time_limit_s=0, offload="needed")
+    assert all(g.memory.scheme == "plain" for _, g in plain.groups())
     assert auto.predicted.makespan_s <= plain.predicted.makespan_s * (1 + 1e-9)
+    # On 8 ranks it no longer fits plainly: MEMO offload, within the device budget.
+    h8 = cluster_preset("h100", num_ranks=8)
+    tight = plan_batch([60_000], h8, llama, time_limit_s=0, offload="needed")
+    (_, ring), = tight.groups()
+    assert ring.memory.scheme == "offload" and ring.ring_size == 8
+    assert max(tight.predicted.groups[0].peak_bytes_per_rank) <= \
+        tight.memory.device_budget_bytes

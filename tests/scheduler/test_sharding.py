@@ -17,11 +17,11 @@ H100 = CostModel(model_preset("llama-7b"), cluster_preset("h100", num_ranks=64))
 CPU = CostModel(model_preset("tiny"), cluster_preset("cpu", num_ranks=4))
 
 
-def brute_force_min_ring(s: int, C: int, N: int, host: int, r_max: float) -> int | None:
-    """Smallest d in 1..N for which some r <= r_max keeps s(1-r)/d <= C, rs/d <= host."""
+def brute_force_min_ring(s: int, C: int, N: int, c_off: int) -> int | None:
+    """Smallest d in 1..N on which each member holds at most C tokens (plain) or, with
+    MEMO offload, at most C_off."""
     for d in range(1, N + 1):
-        r = max(0.0, 1 - C * d / s)  # the least offload that fits the device
-        if r <= r_max + 1e-12 and r * s / d <= host + 1e-9:
+        if s / d <= max(C, c_off):
             return d
     return None
 
@@ -29,25 +29,24 @@ def brute_force_min_ring(s: int, C: int, N: int, host: int, r_max: float) -> int
 @settings(max_examples=200, deadline=None)
 @given(s=st.integers(1, 5_000_000), C=st.integers(1, 40_000), N=st.integers(1, 300))
 def test_auto_policy_finds_the_smallest_ring(s, C, N):
-    host = H100.host_capacity_tokens()
-    want = brute_force_min_ring(s, C, N, host, H100.hidden_offload_ratio(s))
-    if want is None:  # not with hidden offload: then on every rank, offloading what it must
-        want = N if s <= N * (C + host) else None
+    c_off = H100.offload_capacity_tokens()
+    want = brute_force_min_ring(s, C, N, c_off)
     if want is None:
         with pytest.raises(InfeasibleBatchError):
             shard_sequence(0, s, capacity_tokens=C, world_size=N, cost=H100)
         return
     sh = shard_sequence(0, s, capacity_tokens=C, world_size=N, cost=H100)
     assert sh.ring_size == want
-    assert s * (1 - sh.offload_ratio) / sh.ring_size <= C * (1 + 1e-9)  # DESIGN.md rule
+    assert s * (1 - sh.offload_ratio) / sh.ring_size <= C * (1 + 1e-9)  # the token rule
+    assert s / sh.ring_size <= (C if sh.offload_ratio == 0 else c_off)  # what really fits
     assert sh.offload_ratio == 0.0 or sh.offload_ratio - max(0, 1 - C * want / s) < 2e-6
 
 
 @settings(max_examples=200, deadline=None)
-@given(s=st.integers(1, 300_000), C=st.integers(1, 5_000), N=st.integers(1, 64))
+@given(s=st.integers(1, 3_000_000), C=st.integers(1, 5_000), N=st.integers(1, 64))
 def test_needed_policy_offloads_only_beyond_all_ranks(s, C, N):
-    host = CPU.host_capacity_tokens()
-    if s > N * (C + host):
+    c_off = CPU.offload_capacity_tokens()
+    if s > N * max(C, c_off):
         with pytest.raises(InfeasibleBatchError):
             shard_sequence(3, s, capacity_tokens=C, world_size=N, cost=CPU, offload="needed")
         return
@@ -71,8 +70,7 @@ def test_no_power_of_two_or_divisibility_restriction():
 
 
 def test_infeasible_names_the_largest_fitting_length():
-    host = CPU.host_capacity_tokens()
-    limit = 4 * (64 + host)
+    limit = 4 * CPU.offload_capacity_tokens()  # MEMO offload on all 4 ranks
     assert shard_sequence(0, limit, capacity_tokens=64, world_size=4, cost=CPU,
                           offload="needed").ring_size == 4
     with pytest.raises(InfeasibleBatchError) as exc:
