@@ -165,25 +165,47 @@ def check_plan_memory(plan, memory: RankMemory) -> None:
 
     Peaks are recomputed with `memory` (the plan's `predicted` figures are not trusted);
     each group's scheme is the one the plan names (version 1: its meaning made explicit,
-    scheduler.plan.group_memory).
+    scheduler.plan.group_memory). DeviceMemoryError first if the states alone do not fit.
     """
-    from scheduler.plan import group_memory
-
     memory.check_states_fit()
+    _raise_over_budget(plan, memory.model, memory.activations, memory.states.total,
+                       memory.budget_bytes)
+
+
+def check_plan_fits(plan, model: ModelSpec) -> None:
+    """The workers' check before any micro-batch: a version-2 plan's groups against the
+    device budget it was made for (`plan.memory`), with `model` at the dtype it really
+    runs in and the plan's precision and sharding for the model states. A version-1 plan
+    names no budget and passes."""
+    if plan.memory is None:
+        return
+    states = model_state_bytes(model, precision=plan.memory.precision,
+                               sharding=plan.memory.optimizer_sharding,
+                               world_size=plan.world_size).total
+    _raise_over_budget(plan, model, activation_model(model, model.dtype), states,
+                       plan.memory.device_budget_bytes)
+
+
+def _raise_over_budget(plan, model: ModelSpec, activations: ActivationModel, states: int,
+                       budget: int) -> None:
+    from scheduler.plan import group_memory
+    from scheduler.zigzag import local_tokens
+
     over = []
     for m, mb in enumerate(plan.micro_batches):
         for gi, g in enumerate(mb.groups):
-            scheme = group_memory(g, memory.model).as_scheme()
-            pred = memory.group_prediction([s.length for s in g.sequences], g.ring_size,
-                                           scheme)
-            worst = max(pred.peak_bytes_per_rank)
-            if worst > memory.budget_bytes:
-                j = pred.peak_bytes_per_rank.index(worst)
-                over.append(
-                    f"micro_batches[{m}].groups[{gi}] (ranks {g.ranks}, scheme {scheme.name}): "
-                    f"rank {g.ranks[j]} holds {pred.tokens_per_rank[j]} tokens and peaks at "
-                    f"{gib(worst)} ({worst} bytes: states {gib(memory.states.total)} + "
-                    f"activations {gib(pred.activation_bytes_per_rank[j])}, {pred.phase}); the "
-                    f"device budget is {gib(memory.budget_bytes)} ({memory.budget_bytes} bytes)")
+            scheme = group_memory(g, model).as_scheme()
+            lengths = [s.length for s in g.sequences]
+            for j, rank in enumerate(g.ranks):
+                tokens = local_tokens(lengths, g.ring_size, j)
+                peak = activations.peak(tokens, scheme, ring_size=g.ring_size)
+                if states + peak.bytes > budget:
+                    over.append(
+                        f"micro_batches[{m}].groups[{gi}] (ranks {g.ranks}, scheme "
+                        f"{scheme.name}): rank {rank} holds {tokens} tokens and peaks at "
+                        f"{gib(states + peak.bytes)} ({states + peak.bytes} bytes: states "
+                        f"{gib(states)} + activations {gib(peak.bytes)}, {peak.phase}); the "
+                        f"device budget is {gib(budget)} ({budget} bytes)")
+                    break
     if over:
         raise PlanMemoryError(over)

@@ -137,12 +137,15 @@ class Transformer(nn.Module):
                          stream_chunk_size: int | None = None, offload_ratio: float = 0.0,
                          ring: list[int] | None = None,
                          objective: Objective | None = None,
-                         comm_stats=None) -> tuple[torch.Tensor, int]:
+                         comm_stats=None, scheme: str | None = None) -> tuple[torch.Tensor, int]:
         """(loss_sum, num_predictions); parameter .grad += grad_scale * d loss_sum / d param.
 
         With `ring`, inputs (ids, cu_seqlens, position_ids, targets) are this rank's zigzag
         shard (parallelism.zigzag_shard); position_ids and targets are then required, and
         `comm_stats` (parallelism.CommStats) counts the ring bytes this rank sends.
+        `scheme` names the memory scheme explicitly ("plain", "streambp", "offload": MEMO
+        even at offload_ratio 0, i.e. full recompute); None infers it from the arguments
+        (stream_chunk_size set: StreamBP; offload_ratio > 0: offload; else plain).
         loss_sum is a detached float64 scalar on the CPU; num_predictions an int (pairs
         for DPO).
         """
@@ -152,7 +155,9 @@ class Transformer(nn.Module):
         cu, pos = self._check_batch(input_ids, cu_seqlens, position_ids)
         targets = next_token_targets(input_ids, cu) if targets is None else targets
         _check_same_length("targets", targets, input_ids)
-        stack = self._make_stack(cu, pos, stream_chunk_size, offload_ratio, ring, comm_stats)
+        scheme = _check_scheme(scheme, stream_chunk_size, offload_ratio, ring)
+        stack = self._make_stack(cu, pos, stream_chunk_size, offload_ratio, ring, comm_stats,
+                                 scheme)
         with torch.no_grad():
             hidden = stack.forward(F.embedding(input_ids, self.embed.weight))
         inputs = HeadInputs(hidden_TH=hidden, targets_T=targets,
@@ -170,22 +175,22 @@ class Transformer(nn.Module):
             torch.autograd.backward([F.embedding(input_ids, self.embed.weight)], [grad_embed])
         return loss_sum, num
 
-    def _make_stack(self, cu, pos, stream_chunk_size, offload_ratio, ring, comm_stats=None):
+    def _make_stack(self, cu, pos, stream_chunk_size, offload_ratio, ring, comm_stats=None,
+                    scheme: str = "plain"):
         core = self._ring_core(cu, ring, comm_stats) if ring is not None \
             else local_attention_core(cu)
         swapper = HostSwapper(pos.device)
-        if stream_chunk_size is not None and ring is not None:
+        if scheme == "streambp" and ring is not None:
             warnings.warn(f"stream_chunk_size={stream_chunk_size} is not used with ring: a "
                           "context-parallel group runs MEMO token-wise offload/recompute "
                           f"(offload_ratio={offload_ratio}) instead of layer-wise StreamBP "
                           "(docs/streambp.md); the loss head is still streamed", stacklevel=3)
-            return TokenwiseOffloadStack(self.layers, position_ids=pos, core=core,
-                                         alpha=offload_ratio, swapper=swapper)
-        if stream_chunk_size is not None:
+            scheme = "offload"
+        if scheme == "streambp":
             return StreamBPStack(self.layers, position_ids=pos, cu_seqlens=cu,
                                  chunk_size=stream_chunk_size, core_forward=core.forward,
                                  offload_ratio=offload_ratio, swapper=swapper)
-        if offload_ratio > 0:
+        if scheme == "offload":
             return TokenwiseOffloadStack(self.layers, position_ids=pos, core=core,
                                          alpha=offload_ratio, swapper=swapper)
         return _AutogradStack(self.layers, position_ids=pos, core=core)
@@ -249,6 +254,22 @@ class Transformer(nn.Module):
         if not isinstance(objective, NextTokenCE | DPO | GRPO):
             raise ValueError(f"objective={objective!r} must be NextTokenCE, DPO or GRPO "
                              "(workers.objectives)")
+
+
+def _check_scheme(scheme: str | None, stream_chunk_size, offload_ratio: float, ring) -> str:
+    """The stack to run: the named scheme, or the one the arguments imply."""
+    if scheme is None:
+        if stream_chunk_size is not None:
+            return "streambp"
+        return "offload" if offload_ratio > 0 else "plain"
+    if scheme not in ("plain", "streambp", "offload"):
+        raise ValueError(f"scheme={scheme!r} is not valid; valid: plain, streambp, offload")
+    if scheme == "streambp" and stream_chunk_size is None:
+        raise ValueError("scheme='streambp' needs stream_chunk_size (tokens per chunk)")
+    if scheme == "plain" and (offload_ratio or stream_chunk_size is not None):
+        raise ValueError(f"scheme='plain' takes no offload_ratio ({offload_ratio}) or "
+                         f"stream_chunk_size ({stream_chunk_size})")
+    return scheme
 
 
 class _AutogradStack:

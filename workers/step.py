@@ -20,11 +20,13 @@ Per micro-batch a rank is in exactly one group (the plan guarantees disjoint ran
     chunks j and 2d-1-j, parallelism.zigzag_shard); targets and position ids are sharded
     the same way, so each rank predicts exactly the tokens it holds and ring attention
     supplies the keys/values of the other ranks.
-Memory (`memory_scheme`): the plan's offload_ratio (ByteScale Eq. 3) is forwarded to the
-model as the token-weighted mean over the group's sequences, which offloads exactly the
-tokens the plan's memory rule counts (MEMO token-wise offload); a packed micro-batch
-without planned offload whose layer activations exceed ACTIVATION_BUDGET_BYTES runs
-layer-wise StreamBP (arXiv 2506.03077) in chunks that fit. The LM head is always streamed.
+Memory (`memory_scheme`): each group runs exactly the memory scheme its plan names
+(scheduler/plan.py `GroupMemory`: plain autograd, layer-wise StreamBP with its chunk, or
+MEMO token-wise offload at its alpha; a version-1 plan's rule is spelled out by
+`scheduler.plan.group_memory`); the step holds no memory constants of its own. Before any
+micro-batch, every rank checks the whole plan against the device budget the plan was made
+for (scheduler.rank_memory, with this model's real dtype), so an over-budget plan is
+refused on every rank alike, before any ring starts. The LM head is always streamed.
 
 Legend: T tokens this rank holds in the micro-batch.
 """
@@ -41,17 +43,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallelism import GradBuffer, all_reduce_gradients, zigzag_shard
-from scheduler.plan import RingGroup, StepPlan
+from parallelism import CommStats, GradBuffer, all_reduce_gradients, zigzag_shard
+from scheduler.plan import RingGroup, StepPlan, group_memory
+from scheduler.rank_memory import check_plan_fits
 from workers.arena import ArenaCache
 from workers.model import DEFAULT_HEAD_CHUNK, next_token_targets
 
-__all__ = ["ACTIVATION_BUDGET_BYTES", "StepStats", "global_num_predictions", "memory_scheme",
-           "run_step"]
+__all__ = ["StepStats", "global_num_predictions", "memory_scheme", "run_step"]
 
-# Layer activations of one packed micro-batch above this many bytes switch on layer-wise
-# StreamBP (the LM head is always streamed by the model).
-ACTIVATION_BUDGET_BYTES = 8 * 1024**3
+_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float16: "float16",
+                torch.bfloat16: "bfloat16"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,7 @@ class StepStats:
     step_time_s: float  # the whole step on this rank, gradient reduction included
     peak_memory_bytes: int  # CUDA: peak allocated in the step; CPU: process peak RSS
     arena_bytes: int = 0  # MEMO activation arenas in use (workers.arena.ArenaCache)
+    ring_bytes_sent: int = 0  # bytes this rank's ring attention sent (all channels)
 
 
 def global_num_predictions(plan: StepPlan) -> int:
@@ -75,8 +77,10 @@ def global_num_predictions(plan: StepPlan) -> int:
 
 
 def _check_inputs(plan: StepPlan, samples: Mapping[int, torch.Tensor], rank: int,
-                  group) -> None:
+                  group, model) -> None:
     plan.check()  # a broken plan (a rank in two groups at once, ...) would deadlock the ring
+    dtype = _DTYPE_NAMES[next(model.parameters()).dtype]
+    check_plan_fits(plan, model.spec.model_copy(update={"dtype": dtype}))
     if not 0 <= rank < plan.world_size:
         raise ValueError(f"rank={rank} is outside the plan (valid 0..{plan.world_size - 1})")
     initialized = dist.is_available() and dist.is_initialized()
@@ -112,38 +116,12 @@ def _packed(g: RingGroup, samples: Mapping[int, torch.Tensor], device) -> tuple:
     return torch.cat(tokens).to(device=device, dtype=torch.long), cu.to(device)
 
 
-def _offload_ratio(g: RingGroup) -> float:
-    """Token-weighted mean: offloads exactly sum(L * ratio) tokens as the plan counts."""
-    return sum(s.length * s.offload_ratio for s in g.sequences) / g.num_tokens
-
-
-def _activation_bytes_per_token(spec) -> int:
-    """Rough bytes one token's activations take in one decoder layer under autograd.
-
-    Inputs of the norms, q/k/v/o and the SwiGLU (gate, up, product, down input):
-    about 8 hidden-wide and 3 ffn-wide tensors, at >= 2 bytes per element.
-    """
-    return (8 * spec.hidden_size + 3 * spec.ffn_hidden_size) * max(spec.dtype_bytes, 2)
-
-
 def memory_scheme(g: RingGroup, num_tokens: int, spec) -> dict:
-    """forward_backward's memory arguments for a rank holding `num_tokens` of group `g`.
-
-    A ring always runs token-wise offload at the plan's ratio (the model's only scheme for
-    context-parallel groups). A packed group with offload planned runs MEMO's token-wise
-    offload as the plan costed it; without offload, layer-wise StreamBP turns on only when
-    the layers' activations would exceed ACTIVATION_BUDGET_BYTES, in chunks that fit it.
-    """
-    ratio = _offload_ratio(g)
-    if g.ring_size > 1 or ratio > 0:
-        return {"offload_ratio": ratio, "stream_chunk_size": None}
-    per_token = _activation_bytes_per_token(spec) * spec.num_layers
-    if num_tokens * per_token <= ACTIVATION_BUDGET_BYTES:
-        return {"offload_ratio": 0.0, "stream_chunk_size": None}
-    # StreamBP keeps every layer's input (hidden-wide) plus one chunk's activations.
-    kept = num_tokens * spec.hidden_size * max(spec.dtype_bytes, 2) * spec.num_layers
-    room = max(ACTIVATION_BUDGET_BYTES - kept, per_token)
-    return {"offload_ratio": 0.0, "stream_chunk_size": max(1, room // per_token)}
+    """forward_backward's memory arguments for a rank holding `num_tokens` of group `g`:
+    exactly the scheme the plan names for `g` (scheduler.plan.group_memory)."""
+    mem = group_memory(g, spec)
+    return {"scheme": mem.scheme, "offload_ratio": mem.offload_ratio,
+            "stream_chunk_size": mem.chunk_tokens}
 
 
 def _arena_key(g: RingGroup, num_tokens: int, scheme: dict) -> tuple | None:
@@ -153,13 +131,13 @@ def _arena_key(g: RingGroup, num_tokens: int, scheme: dict) -> tuple | None:
     number of streamed-head chunks; rings and offload/StreamBP manage their activations
     themselves (host copies, recompute), so they run without an arena.
     """
-    if g.ring_size > 1 or scheme["offload_ratio"] > 0 or scheme["stream_chunk_size"]:
+    if g.ring_size > 1 or scheme["scheme"] != "plain":
         return None
     return ("pack", -(-num_tokens // DEFAULT_HEAD_CHUNK))
 
 
 def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float,
-               arenas: ArenaCache | None = None) -> tuple:
+               arenas: ArenaCache | None = None, comm_stats: CommStats | None = None) -> tuple:
     """forward_backward of this rank's part of one group: (loss_sum, predictions, tokens)."""
     device = next(model.parameters()).device
     ids_T, cu = _packed(g, samples, device)
@@ -169,7 +147,8 @@ def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float,
         targets_T = next_token_targets(ids_T, cu)
         ids_T, cu_local, pos_T = zigzag_shard(ids_T, cu, d, j)
         targets_T = zigzag_shard(targets_T, cu, d, j)[0]
-        kwargs.update(position_ids=pos_T, targets=targets_T, ring=list(g.ranks))
+        kwargs.update(position_ids=pos_T, targets=targets_T, ring=list(g.ranks),
+                      comm_stats=comm_stats)
         cu = cu_local
     kwargs.update(memory_scheme(g, ids_T.numel(), model.spec))
 
@@ -214,7 +193,7 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     MEMO-planned offsets of one arena per micro-batch kind (exact: the same loss and
     gradients as without).
     """
-    _check_inputs(plan, samples, rank, group)
+    _check_inputs(plan, samples, rank, group, model)
     _check_window(model, plan)
     num_predictions = global_num_predictions(plan)
     if num_predictions < 1:
@@ -228,10 +207,11 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     scale = 1.0 / num_predictions if grads is None else 1.0  # grads divides after the sum
     start = time.perf_counter()
     times, loss_sum, local_pred, local_tokens = [], 0.0, 0, 0
+    comm = CommStats()
     with grads.accumulating() if grads is not None else nullcontext():
         for _, g in plan.micro_batches_of(rank):
             t0 = time.perf_counter()
-            ls, n, tok = _run_group(model, g, samples, rank, scale, arenas)
+            ls, n, tok = _run_group(model, g, samples, rank, scale, arenas, comm)
             _sync(device)
             times.append(time.perf_counter() - t0)
             loss_sum, local_pred = loss_sum + ls, local_pred + n
@@ -249,7 +229,8 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
         num_tokens=sum(g.num_tokens for _, g in plan.groups()), local_num_tokens=local_tokens,
         local_loss_sum=loss_sum, micro_batch_times_s=tuple(times),
         step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device),
-        arena_bytes=arenas.nbytes if arenas is not None else 0)
+        arena_bytes=arenas.nbytes if arenas is not None else 0,
+        ring_bytes_sent=comm.total_sent())
 
 
 def _global_totals(loss_sum: float, num_predictions: int, device, group) -> torch.Tensor:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan
+from scheduler.plan import GroupMemory, MicroBatch, RingGroup, SeqSlice, StepPlan, group_memory
 from scheduler.specs import ModelSpec, model_preset
 from workers.model import Transformer
 
@@ -61,6 +61,18 @@ def plan_of(world_size: int, micro_batches: Sequence[Sequence[RingGroup]],
             capacity_tokens: int = 10**6) -> StepPlan:
     return StepPlan(world_size=world_size, capacity_tokens=capacity_tokens,
                     micro_batches=[MicroBatch(groups=list(g)) for g in micro_batches]).check()
+
+
+def as_v2(plan: StepPlan, spec: ModelSpec, packed: GroupMemory | None = None) -> StepPlan:
+    """`plan` in format version 2: every group names the scheme version 1 meant for it
+    (scheduler.plan.group_memory), packed groups `packed` instead when given."""
+    def convert(g: RingGroup) -> RingGroup:
+        mem = packed if packed is not None and g.ring_size == 1 else group_memory(g, spec)
+        return RingGroup(ranks=g.ranks, memory=mem, sequences=[
+            SeqSlice(id=x.id, length=x.length) for x in g.sequences])
+    return StepPlan(version=2, world_size=plan.world_size, capacity_tokens=plan.capacity_tokens,
+                    micro_batches=[MicroBatch(groups=[convert(g) for g in mb.groups])
+                                   for mb in plan.micro_batches]).check()
 
 
 def one_rank_planner(lengths: np.ndarray) -> StepPlan:

@@ -11,16 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers import step as step_module
+from scheduler.plan import GroupMemory
 from workers.step import run_step
 
 from .helpers import (  # noqa: F401
+    as_v2,
     group,
     one_thread,
     plan_of,
     random_samples,
     reference_loss_and_grads,
     tiny_model,
+    tiny_spec,
 )
 
 pytestmark = [pytest.mark.gpu,
@@ -35,7 +37,7 @@ def _rel(got: dict, want: dict) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("case", ["plain", "offload", "streambp"])
-def test_cuda_step_error_is_within_torch_float32_error(case, monkeypatch):
+def test_cuda_step_error_is_within_torch_float32_error(case):
     samples = random_samples(LENGTHS, seed=5)
     model = tiny_model(seed=1, dtype="float32").cuda()
     exact = tiny_model(seed=1, dtype="float64")
@@ -46,8 +48,9 @@ def test_cuda_step_error_is_within_torch_float32_error(case, monkeypatch):
     offload = 0.5 if case == "offload" else 0.0
     plan = plan_of(1, [[group([0], [(0, 300), (1, 1), (2, 127)], offload)],
                        [group([0], [(3, 513), (4, 64)], offload)]])
-    if case == "streambp":
-        monkeypatch.setattr(step_module, "ACTIVATION_BUDGET_BYTES", 400_000)
+    if case == "streambp":  # version 2: the plan names StreamBP in 20-token chunks
+        plan = as_v2(plan, tiny_spec("float32"),
+                     packed=GroupMemory(scheme="streambp", chunk_tokens=20))
     stats = run_step(model, plan, {i: t.cuda() for i, t in samples.items()}, rank=0)
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert stats.peak_memory_bytes > 0 and len(stats.micro_batch_times_s) == 2

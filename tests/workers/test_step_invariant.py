@@ -7,7 +7,8 @@ Plans: from `scheduler.plan_batch` with a small capacity, all three policies (ri
 this coverage), and
 hand-written ones with rings in odd order ([3, 0, 2], [1, 3, 0, 2]), sequences shorter than
 2 x ring size (empty zigzag chunks), a length-1 sequence, an idle rank, planned offload,
-and layer-wise StreamBP forced on.
+and version-2 plans naming layer-wise StreamBP (1-token chunks) and MEMO offload at
+alpha 0 (full recompute) for their groups.
 
 Tolerance: float64 everywhere; the step sums the same terms in another order (per-shard
 partial sums, LSE merges of ring blocks, the all-reduce), which moves results by a few
@@ -24,13 +25,13 @@ import torch
 import torch.distributed as dist
 
 from scheduler import cluster_preset
-from scheduler.plan import StepPlan
+from scheduler.plan import GroupMemory, StepPlan
 from tests.dist import run_distributed
-from workers import step as step_module
 from workers.data import sequence_ids_of_rank
 from workers.step import run_step
 
 from .helpers import (
+    as_v2,
     group,
     max_rel_err,
     plan_of,
@@ -72,26 +73,31 @@ def _hand_written_cases() -> list[tuple[list[int], StepPlan, bool]]:
          group([2], [(4, 6)])],
     ])
     idle_rank = plan_of(WORLD, [[group([0, 3], [(0, 31)]), group([1], [(1, 4)])]])
+    # Format version 2: packs under layer-wise StreamBP in 1-token chunks (every query
+    # its own chunk), rings under MEMO offload at alpha 0 (full recompute) and plain.
+    streamed = as_v2(odd, tiny_spec(), packed=GroupMemory(scheme="streambp", chunk_tokens=1))
+    recomputed = as_v2(tiny_rings, tiny_spec())
+    for mb in recomputed.micro_batches:
+        for g in mb.groups:
+            if g.ring_size > 1 and g.memory.scheme == "plain" and g.num_tokens > 3:
+                g.memory = GroupMemory(scheme="offload", offload_ratio=0.0)
     return [([23, 5, 9, 1, 17, 7, 2], odd, False),
             ([3, 10, 1, 12, 6, 4], tiny_rings, False),
             ([31, 4], idle_rank, False),
-            ([23, 5, 9, 1, 17, 7, 2], odd, True)]  # packs under layer-wise StreamBP
+            ([23, 5, 9, 1, 17, 7, 2], streamed, True),
+            ([3, 10, 1, 12, 6, 4], recomputed, False)]
 
 
 def _rank_fn(rank: int, world_size: int, cases: list[tuple[list[int], str, bool]]):
     """Run every case; rank 0 returns (loss, grads), others their gradient's distance to it."""
     torch.set_num_threads(1)
     out = []
-    for lengths, plan_json, streambp in cases:
+    for lengths, plan_json, _ in cases:
         plan = StepPlan.model_validate_json(plan_json)
-        budget = step_module.ACTIVATION_BUDGET_BYTES
-        if streambp:  # small enough that a packed group of >= 2 tokens is streamed
-            step_module.ACTIVATION_BUDGET_BYTES = 20_000
         model = tiny_model(seed=MODEL_SEED)
         everything = random_samples(lengths, seed=len(lengths))
         mine = {i: everything[i] for i in sequence_ids_of_rank(plan, rank)}
         stats = run_step(model, plan, mine, rank=rank)
-        step_module.ACTIVATION_BUDGET_BYTES = budget
         flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         first = flat.clone()
         dist.broadcast(first, src=0)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from parallelism import all_reduce_gradients
-from scheduler.plan import RingGroup, SeqSlice
+from scheduler import plan as plan_module
+from scheduler.plan import GroupMemory, RingGroup, SeqSlice
 from tests.dist import run_distributed
-from workers import step as step_module
 from workers.step import global_num_predictions, memory_scheme
 
 from .helpers import group, plan_of, tiny_spec
@@ -53,17 +53,29 @@ def test_all_reduce_without_a_process_group_only_fills_missing_gradients():
         all_reduce_gradients(params, bucket_bytes=0)
 
 
-def test_memory_scheme_follows_the_plan_then_the_budget(monkeypatch):
+def test_memory_scheme_is_exactly_the_plans(monkeypatch):
     spec = tiny_spec("float32")
+    # Version 2: what the group names, nothing else (no budget, no constant of the step).
+    named = RingGroup(ranks=[0], sequences=[SeqSlice(id=0, length=4000)],
+                      memory=GroupMemory(scheme="streambp", chunk_tokens=33))
+    assert memory_scheme(named, 4000, spec) == {"scheme": "streambp", "offload_ratio": 0.0,
+                                                "stream_chunk_size": 33}
+    memo = RingGroup(ranks=[2, 0], sequences=[SeqSlice(id=0, length=40)],
+                     memory=GroupMemory(scheme="offload", offload_ratio=0.0))
+    assert memory_scheme(memo, 20, spec) == {"scheme": "offload", "offload_ratio": 0.0,
+                                             "stream_chunk_size": None}
+    # Version 1, its rule made explicit by scheduler.plan.group_memory.
     ring = group([2, 0], [(0, 30), (1, 10)], offload=0.5)
-    assert memory_scheme(ring, 20, spec) == {"offload_ratio": 0.5, "stream_chunk_size": None}
+    assert memory_scheme(ring, 20, spec) == {"scheme": "offload", "offload_ratio": 0.5,
+                                             "stream_chunk_size": None}
     weighted = RingGroup(ranks=[0], sequences=[SeqSlice(id=0, length=30, offload_ratio=0.5),
                                                SeqSlice(id=1, length=10)])
     # Token-weighted: 30 * 0.5 of 40 tokens offloaded, as the plan's memory rule counts.
     assert memory_scheme(weighted, 40, spec)["offload_ratio"] == pytest.approx(15 / 40)
     pack = group([0], [(0, 4000)])
-    assert memory_scheme(pack, 4000, spec) == {"offload_ratio": 0.0, "stream_chunk_size": None}
-    monkeypatch.setattr(step_module, "ACTIVATION_BUDGET_BYTES", 2_000_000)
+    assert memory_scheme(pack, 4000, spec) == {"scheme": "plain", "offload_ratio": 0.0,
+                                               "stream_chunk_size": None}
+    monkeypatch.setattr(plan_module, "V1_ACTIVATION_BUDGET_BYTES", 2_000_000)
     chunk = memory_scheme(pack, 4000, spec)["stream_chunk_size"]
     per_token = (8 * 64 + 3 * 128) * 4 * 2  # bytes per token per layer, times 2 layers
     assert chunk is not None and 1 <= chunk < 4000 and chunk * per_token <= 2_000_000
