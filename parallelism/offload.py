@@ -207,7 +207,9 @@ class HostSwapper:
         seen: dict[tuple, tuple[torch.Tensor, HostTensor]] = {}
 
         def pack(t: torch.Tensor):
-            if _storage_key(t) in param_keys or t.numel() == 0:
+            if t.numel() == 0:  # a fresh empty tensor: an empty view would pin its base
+                return torch.empty_like(t)
+            if _storage_key(t) in param_keys:
                 return t
             ident = (_storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if ident not in seen:

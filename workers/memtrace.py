@@ -433,6 +433,72 @@ def _hidden(layer: torch.nn.Module) -> int:
     return layer.attn_norm.weight.shape[0]
 
 
+# -- whole steps -------------------------------------------------------------------------
+
+@contextmanager
+def opaque_attention_kernels(tracker: StorageLifetimeTracker) -> Iterator[None]:
+    """Run the torch attention kernel as one opaque op per call (its outputs only), the
+    memory contract of the fused GPU kernel the profiles assume."""
+    from kernels import attention_torch
+
+    forward, backward = attention_torch.attention_forward, attention_torch.attention_backward
+
+    def opaque(fn, name):
+        def call(*args, **kwargs):
+            with tracker.opaque(name) as outputs:
+                result = fn(*args, **kwargs)
+                outputs += list(result)
+            return result
+        return call
+
+    attention_torch.attention_forward = opaque(forward, "attention_fwd")
+    attention_torch.attention_backward = opaque(backward, "attention_bwd")
+    try:
+        yield
+    finally:
+        attention_torch.attention_forward, attention_torch.attention_backward = \
+            forward, backward
+
+
+def step_peak_bytes(model: torch.nn.Module, step) -> int:
+    """Peak bytes of activations live during `step()` (e.g. one forward_backward), as the
+    device would hold them: every storage created, attention kernels opaque, host copies
+    of the memory schemes (parallelism.HostSwapper) and parameter gradients (model state,
+    not activations) left out. What the memory model's predictions are held to."""
+    from parallelism.offload import HostSwapper
+
+    tracker, host = StorageLifetimeTracker(), set()
+    offload = HostSwapper.offload
+
+    def counted_offload(self, t):
+        handle = offload(self, t)
+        host.add(tracker.storage_record(handle.host))
+        return handle
+
+    model.zero_grad(set_to_none=True)
+    HostSwapper.offload = counted_offload
+    try:
+        with tracker, opaque_attention_kernels(tracker):
+            step()
+            tracker.finish()
+    finally:
+        HostSwapper.offload = offload
+    excluded = host | {tracker.storage_record(p.grad) for p in model.parameters()
+                       if p.grad is not None}
+    delta: dict[int, int] = {}
+    for idx, r in enumerate(tracker.records):
+        if idx in excluded:
+            continue
+        last = tracker.op if r["last"] is None else r["last"]
+        delta[r["first"]] = delta.get(r["first"], 0) + r["nbytes"]
+        delta[last + 1] = delta.get(last + 1, 0) - r["nbytes"]
+    live = best = 0
+    for op in sorted(delta):
+        live += delta[op]
+        best = max(best, live)
+    return best
+
+
 # -- profiles ------------------------------------------------------------------------------
 
 def fit_region(traces: list[RegionTrace], *, chunk_tokens: int | None = None) -> RegionProfile:
