@@ -71,6 +71,14 @@ def kwargs_of(scheme: Scheme) -> dict:
             "stream_chunk_size": scheme.chunk_tokens}
 
 
+def measure(model, step) -> tuple[int, int]:
+    """(FLOPs, peak activation bytes) of `step()`, in two runs: the FLOP counter keeps
+    tensors alive, so the peak is traced alone."""
+    with flop_counter() as counter:
+        step()
+    return counter.get_total_flops(), step_peak_bytes(model, step)
+
+
 def packed_batch(lengths):
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     ids = torch.randint(0, 256, (int(cu[-1]),), generator=torch.Generator().manual_seed(1))
@@ -83,13 +91,8 @@ def test_packed_flops_and_peaks_match_predictions_for_every_scheme(dtype):
     model, act = model_of(spec), ActivationModel(spec)
     ids, cu = packed_batch(LENGTHS)
     for scheme in SCHEMES:
-        def step():
-            return model.forward_backward(ids, cu_seqlens=cu, **kwargs_of(scheme))
-
-        with flop_counter() as counter:  # a separate run: the counter keeps tensors alive
-            step()
-        peak = step_peak_bytes(model, step)
-        measured = counter.get_total_flops()
+        measured, peak = measure(model, lambda s=scheme: model.forward_backward(
+            ids, cu_seqlens=cu, **kwargs_of(s)))
         predicted = group_flops(spec, LENGTHS, scheme=scheme).total
         assert abs(predicted / measured - 1) <= FLOP_TOL, (scheme, predicted, measured)
         want = act.peak_bytes(sum(LENGTHS), scheme)
@@ -133,22 +136,25 @@ def _ring_rank(rank: int, world_size: int, cases) -> list:
         if rank not in ring:
             out.append(None)
             continue
-        d, j = len(ring), ring.index(rank)
-        local, cu_local, pos = zigzag_shard(ids, cu, d, j)
-        model, stats = model_of(spec_of(dtype)), CommStats()
-
-        def step(comm_stats=None):
-            return model.forward_backward(local, cu_seqlens=cu_local, position_ids=pos,
-                                          targets=zigzag_shard(targets, cu, d, j)[0],
-                                          ring=ring, comm_stats=comm_stats,
-                                          **kwargs_of(scheme))
-
-        with flop_counter() as counter:  # separate runs: the counter keeps tensors alive
-            step(stats)
-        peak = step_peak_bytes(model, step)
-        out.append((j, counter.get_total_flops(), dict(stats.bytes_sent), peak,
-                    local.numel()))
+        out.append(_ring_measurement(rank, ring, dtype, scheme, ids, cu, targets))
     return out
+
+
+def _ring_measurement(rank, ring, dtype, scheme, ids, cu, targets) -> tuple:
+    d, j = len(ring), ring.index(rank)
+    local, cu_local, pos = zigzag_shard(ids, cu, d, j)
+    local_targets = zigzag_shard(targets, cu, d, j)[0]
+    model, stats = model_of(spec_of(dtype)), CommStats()
+
+    def step(comm_stats=None):
+        return model.forward_backward(local, cu_seqlens=cu_local, position_ids=pos,
+                                      targets=local_targets, ring=ring,
+                                      comm_stats=comm_stats, **kwargs_of(scheme))
+
+    with flop_counter() as counter:  # bytes counted in this run only
+        step(stats)
+    peak = step_peak_bytes(model, step)
+    return j, counter.get_total_flops(), dict(stats.bytes_sent), peak, local.numel()
 
 
 @pytest.mark.distributed
