@@ -201,6 +201,9 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
     def submit_job(spec: JobCreate, response: Response) -> JobPublic:
         """Submit a job; with a known submission_id and the same body, return that job."""
         confine_paths(spec, settings.data_roots)
+        from controller.planning import check_job_fits
+
+        check_job_fits(spec)  # a model whose states cannot fit a device is refused here
         with tracer.start_as_current_span("job.submit") as span:
             span.set_attribute("job.name", spec.name)
             validate_model(spec)  # a bad model directory is a 422 now, not a failed job

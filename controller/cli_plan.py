@@ -1,7 +1,11 @@
 """`ringmaster plan`: plan one global batch and show it (JSON, a table, a Gantt chart).
 
-Torch-free, like the rest of the controller: it only needs sequence lengths. A user's
-mistake (missing file, bad length, unknown preset, a sequence that cannot fit) prints one
+Torch-free, like the rest of the controller: it only needs sequence lengths. The table
+compares the plan with the two baselines on the same cost and memory model: the best
+static mesh (every CP degree tried) and power-of-two dynamic CP (Megatron-Core's shape);
+the JSON form is the StepPlan, whose `predicted.groups` carry each group's FLOPs, ring
+bytes and peak bytes per rank. A user's mistake (missing file, bad length, unknown
+preset, a sequence that cannot fit, a model whose states cannot fit a device) prints one
 line on stderr and exits with status 2.
 """
 
@@ -24,8 +28,21 @@ console = Console()
 
 class PlanPolicy(StrEnum):
     hdp = "hdp"
+    pow2 = "pow2"
     naive = "naive"
     static = "static"
+
+
+class Precision(StrEnum):
+    bf16_mixed = "bf16-mixed"
+    fp32 = "fp32"
+    fp64 = "fp64"
+
+
+class Sharding(StrEnum):
+    none = "none"
+    zero1 = "zero1"
+    distributed = "distributed"
 
 
 class PlanOutput(StrEnum):
@@ -81,15 +98,20 @@ def plan(
     cluster: str = typer.Option("h100", help="Cluster preset: h100, a800 or cpu."),
     capacity_tokens: int = typer.Option(None, "--capacity-tokens", help="Tokens one rank may "
                                         "hold per micro-batch (default: from GPU memory)."),
-    policy: PlanPolicy = typer.Option(PlanPolicy.hdp, help="hdp, naive (Alg. 1 only) or "
-                                      "static (one CP degree for all)."),
+    policy: PlanPolicy = typer.Option(PlanPolicy.hdp, help="hdp, pow2 (ring sizes powers of "
+                                      "two), naive (Alg. 1 only) or static (one CP degree)."),
+    precision: Precision = typer.Option(None, "--precision", help="bf16-mixed, fp32 or fp64 "
+                                        "(default: the model dtype's)."),
+    sharding: Sharding = typer.Option(None, "--optimizer-sharding", help="none, zero1 or "
+                                      "distributed (default: distributed on > 1 rank)."),
     time_limit: float = typer.Option(0.5, "--time-limit", help="Seconds of CP-SAT search."),
     seed: int = typer.Option(0, help="Seed of the search (same seed, same plan)."),
-    output: PlanOutput = typer.Option(PlanOutput.table, help="json: the StepPlan; table: a "
-                                      "summary."),
+    output: PlanOutput = typer.Option(PlanOutput.table, help="json: the StepPlan (with "
+                                      "per-group predictions); table: a summary."),
     png: Path = typer.Option(None, "--png", help="Also draw a Gantt chart to this PNG."),
 ):
     """Plan one global batch on a dynamic HDP mesh and print it."""
+    from scheduler.cost import CostModel
     from scheduler.planner import plan_batch
     from scheduler.simulator import simulate
     from scheduler.specs import cluster_preset, model_preset
@@ -100,41 +122,66 @@ def plan(
         batch = read_lengths(lengths)
         spec = model_preset(model)
         hw = cluster_preset(cluster, num_ranks=ranks, gpus_per_node=gpus_per_node)
+        cost = CostModel(spec, hw, precision=precision and precision.value,
+                         optimizer_sharding=sharding and sharding.value)
         step = plan_batch(batch, hw, spec, policy=policy.value, capacity_tokens=capacity_tokens,
-                          time_limit_s=time_limit, seed=seed)
-        static = step if policy is PlanPolicy.static else plan_batch(
-            batch, hw, spec, policy="static", capacity_tokens=step.capacity_tokens)
+                          time_limit_s=time_limit, seed=seed, cost=cost)
+        baselines = {} if output is PlanOutput.json else {
+            name: step if policy.value == name else plan_batch(
+                batch, hw, spec, policy=name, capacity_tokens=step.capacity_tokens,
+                time_limit_s=time_limit, seed=seed, cost=cost, predictions=False)
+            for name in ("static", "pow2")}
     except (ValueError, RingmasterError) as exc:
         fail(exc)
     if output is PlanOutput.json:
         typer.echo(step.model_dump_json(indent=2))
     else:
-        console.print(summary_table(step, static.predicted.makespan_s, policy.value))
+        console.print(summary_table(step, baselines, policy.value))
     if png is not None:
         from scheduler.gantt import draw_gantt
 
-        draw_gantt(step, simulate(step, hw, spec), png)
+        draw_gantt(step, simulate(step, hw, spec, cost=cost), png)
         Console(stderr=True).print(f"wrote {png}")
 
 
-def summary_table(step, static_makespan_s: float, policy: str) -> Table:
-    """Groups by ring size, then makespan, bound, their ratio and the speed-up vs static."""
-    sizes = Counter(g.ring_size for _, g in step.groups())
-    seqs = Counter()
+def summary_table(step, baselines: dict, policy: str) -> Table:
+    """Groups by ring size and memory scheme, makespan, bound, their ratio, the speed-ups
+    over the best static mesh and power-of-two dynamic CP, and the memory figures."""
+    sizes, seqs = Counter(), Counter()
     for _, g in step.groups():
-        seqs[g.ring_size] += len(g.sequences)
+        key = (g.ring_size, g.memory.scheme if g.memory else "v1")
+        sizes[key] += 1
+        seqs[key] += len(g.sequences)
     table = Table(title=f"{policy} plan: {step.world_size} ranks, "
                         f"{len(step.micro_batches)} micro-batch(es), "
                         f"capacity {step.capacity_tokens} tokens")
     table.add_column("ring size", justify="right")
+    table.add_column("scheme")
     table.add_column("groups", justify="right")
     table.add_column("sequences", justify="right")
-    for d in sorted(sizes):
-        table.add_row(str(d), str(sizes[d]), str(seqs[d]))
+    for key in sorted(sizes):
+        table.add_row(str(key[0]), key[1], str(sizes[key]), str(seqs[key]))
     p = step.predicted
     table.add_section()
-    table.add_row("makespan (s)", f"{p.makespan_s:.4g}", "")
-    table.add_row("lower bound (s)", f"{p.lower_bound_s:.4g}", "")
-    table.add_row("makespan / bound", f"{p.makespan_s / p.lower_bound_s:.3f}", "")
-    table.add_row("speed-up vs static", f"{static_makespan_s / p.makespan_s:.2f}x", "")
+    table.add_row("makespan (s)", "", f"{p.makespan_s:.4g}", "")
+    table.add_row("lower bound (s)", "", f"{p.lower_bound_s:.4g}", "")
+    table.add_row("makespan / bound", "", f"{p.makespan_s / p.lower_bound_s:.3f}", "")
+    if "static" in baselines:
+        static = baselines["static"]
+        degree = max(g.ring_size for _, g in static.groups())
+        table.add_row("speed-up vs static", f"best CP={degree}",
+                      f"{static.predicted.makespan_s / p.makespan_s:.2f}x", "")
+    if "pow2" in baselines:
+        table.add_row("speed-up vs pow2 dynamic CP", "",
+                      f"{baselines['pow2'].predicted.makespan_s / p.makespan_s:.2f}x", "")
+    if step.memory is not None:
+        gib = 2**30
+        peak = max((max(g.peak_bytes_per_rank) for g in p.groups or []), default=0)
+        table.add_section()
+        table.add_row("precision / sharding", "",
+                      f"{step.memory.precision} / {step.memory.optimizer_sharding}", "")
+        table.add_row("model states (GiB/rank)", "", f"{step.memory.model_state_bytes / gib:.2f}",
+                      "")
+        table.add_row("peak / budget (GiB/rank)", "",
+                      f"{peak / gib:.2f} / {step.memory.device_budget_bytes / gib:.2f}", "")
     return table

@@ -45,6 +45,28 @@ def make_planner_pool() -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
 
 
+def job_memory_settings(spec: JobCreate) -> tuple[str | None, str | None]:
+    """(precision, optimizer_sharding) the job trains with, as the planner's memory model
+    needs them: the spec's `training.precision` / `training.optimizer_sharding` where the
+    spec has them, else None (the planner's defaults: the model dtype's precision,
+    `distributed` on more than one rank)."""
+    training = spec.training
+    return getattr(training, "precision", None), getattr(training, "optimizer_sharding", None)
+
+
+def job_cost_model(spec: JobCreate) -> CostModel:
+    """The cost and memory model of a job (its model, cluster, precision and sharding)."""
+    precision, sharding = job_memory_settings(spec)
+    return CostModel(spec.resolve_model(), spec.resolve_cluster(), precision=precision,
+                     optimizer_sharding=sharding)
+
+
+def check_job_fits(spec: JobCreate) -> None:
+    """Refuse a job whose model states alone do not fit one device (DeviceMemoryError,
+    naming the bytes needed and available): before it is stored or anything starts."""
+    job_cost_model(spec).memory.check_states_fit()
+
+
 def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | None,
                     seed: int) -> tuple[str, float]:
     """Runs in the planner process: plan one batch, return (plan JSON, seconds)."""
@@ -52,7 +74,7 @@ def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | No
 
     spec = JobCreate.model_validate_json(spec_json)
     model, cluster = spec.resolve_model(), spec.resolve_cluster()
-    cost = CostModel(model, cluster)
+    cost = job_cost_model(spec)
     if coefficients is not None:
         cost.a, cost.b, cost.c = coefficients
     t0 = time.perf_counter()
@@ -102,7 +124,7 @@ class PlanPipeline:
         lengths = read_lengths(spec.dataset.path) if lengths is None else lengths
         self.schedule = BatchSchedule(lengths, tokens_per_batch=spec.training.global_batch_tokens,
                                       seed=spec.training.seed, units=units)
-        self._cost = CostModel(spec.resolve_model(), spec.resolve_cluster())
+        self._cost = job_cost_model(spec)
         self._coefficients: tuple | None = None
         self._observations: list[Observation] = []
         self._futures: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}

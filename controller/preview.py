@@ -5,9 +5,10 @@ epoch's batches exactly as training will (scheduler.batching.epoch_batches with 
 seed), and plans each with scheduler.plan_batch under the job's policy and time budget.
 Each plan is traced as a `planner.plan_step` span (world size, groups by size, predicted
 makespan, lower bound, solver status: "optimal" when the simulated makespan meets the
-lower bound, which proves it optimal, else "feasible"). Memory per rank is the cost
-model's figure: model states (ZeRO-3 sharded) plus the activations of the most tokens the
-rank holds in one micro-batch (ByteScale Eq. 3 after offload).
+lower bound, which proves it optimal, else "feasible"). Memory per rank is the memory
+model's figure (scheduler/rank_memory.py): model states for the job's precision and
+optimizer sharding plus the activation peak of its largest micro-batch under the memory
+scheme the plan names for it. A model whose states cannot fit a device is refused first.
 """
 
 from __future__ import annotations
@@ -32,12 +33,28 @@ def default_tracer() -> trace.Tracer:
 
 
 def peak_tokens_per_rank(plan: StepPlan) -> list[float]:
-    """Per rank, the most tokens it holds in any one micro-batch (after offload)."""
+    """Per rank, the most tokens it holds in any one micro-batch (version 1: after offload;
+    version 2: held on the device or swapped by the group's scheme)."""
+    from scheduler.zigzag import local_tokens
+
     peak = [0.0] * plan.world_size
     for _, group in plan.groups():
-        held = group.tokens_per_rank()
-        for r in group.ranks:
+        lengths = [s.length for s in group.sequences]
+        for j, r in enumerate(group.ranks):
+            held = local_tokens(lengths, group.ring_size, j) if plan.version == 2 \
+                else group.tokens_per_rank()
             peak[r] = max(peak[r], held)
+    return peak
+
+
+def peak_bytes_per_rank(plan: StepPlan) -> list[int]:
+    """Per rank, the predicted device peak over its micro-batches (plan.predicted.groups);
+    a rank in no group still holds its model states."""
+    peak = [plan.memory.model_state_bytes if plan.memory else 0] * plan.world_size
+    groups = [g for _, g in plan.groups()]
+    for g, pred in zip(groups, plan.predicted.groups or [], strict=False):
+        for r, b in zip(g.ranks, pred.peak_bytes_per_rank, strict=True):
+            peak[r] = max(peak[r], b)
     return peak
 
 
@@ -61,8 +78,8 @@ def preview_plan(spec: JobCreate, *, num_batches: int = 2, gantt: bool = False,
 
 def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
              tracer: trace.Tracer | None) -> PlanPreview:
+    from controller.planning import job_cost_model
     from scheduler.batching import epoch_batches
-    from scheduler.cost import CostModel
     from scheduler.dataset import read_lengths, read_units
 
     budget = num_batches * spec.planner.time_limit_s
@@ -73,7 +90,8 @@ def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
     tracer = tracer or default_tracer()
     lengths = read_lengths(spec.dataset.path)
     model, cluster = spec.resolve_model(), spec.resolve_cluster()
-    cost = CostModel(model, cluster)
+    cost = job_cost_model(spec)
+    cost.memory.check_states_fit()
     capacity = spec.resources.capacity_tokens or cost.capacity_tokens(cluster.world_size)
     batches = epoch_batches(lengths, tokens_per_batch=spec.training.global_batch_tokens,
                             seed=spec.training.seed, units=read_units(spec.dataset.path))
@@ -92,7 +110,6 @@ def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
 
 def _plan_one(spec: JobCreate, index: int, batch: list[int], cluster, model, cost, capacity,
               tracer: trace.Tracer):
-    from scheduler.cost import STATE_BYTES_PER_PARAM
     from scheduler.planner import plan_batch
     from scheduler.simulator import simulate
 
@@ -103,13 +120,11 @@ def _plan_one(spec: JobCreate, index: int, batch: list[int], cluster, model, cos
         sim = simulate(plan, cluster, model, cost=cost)
         annotate_plan_span(span, plan, sim, index=index, policy=spec.planner.policy)
     peak = peak_tokens_per_rank(plan)
-    states_gib = STATE_BYTES_PER_PARAM * model.num_params / cluster.world_size / GIB
     return BatchPreview(
         index=index, num_sequences=len(batch), num_tokens=sum(batch), max_length=max(batch),
         groups_by_size=groups_by_size(plan), predicted_step_s=sim.makespan_s,
         lower_bound_s=sim.lower_bound_s, peak_tokens_per_rank=peak,
-        peak_memory_gib_per_rank=[states_gib + t * cost.activation_bytes_per_token / GIB
-                                  for t in peak],
+        peak_memory_gib_per_rank=[b / GIB for b in peak_bytes_per_rank(plan)],
         plan=plan), sim
 
 

@@ -162,9 +162,11 @@ class BatchPreview(_Public):
     predicted_step_s: float
     lower_bound_s: float
     peak_tokens_per_rank: list[float] = Field(
-        description="Per rank: most tokens held in any one micro-batch, after offload.")
+        description="Per rank: most tokens held in any one micro-batch (each group's memory "
+                    "scheme decides how many of them stay on the device).")
     peak_memory_gib_per_rank: list[float] = Field(
-        description="Per rank: model states plus peak activations, GiB (cost model).")
+        description="Per rank: model states plus the peak activations of its largest "
+                    "micro-batch under its group's memory scheme, GiB (memory model).")
     plan: StepPlan
 
 

@@ -50,7 +50,8 @@ def test_table_summarises_groups_bound_and_speedup(tmp_path):
     path.write_text("\n".join(map(str, LENGTHS)))
     res = run("--lengths", str(path), *TINY, "--policy", "naive")
     assert res.exit_code == 0, res.output
-    for text in ("naive plan", "ring size", "makespan / bound", "speed-up vs static"):
+    for text in ("naive plan", "ring size", "makespan / bound", "speed-up vs static",
+                 "best CP=", "speed-up vs pow2 dynamic CP", "peak / budget", "fp32 /"):
         assert text in res.stdout
 
 
@@ -104,3 +105,26 @@ def test_infeasible_batch_exits_2_with_id_length_and_limit(tmp_path):
     assert "sequence id 1 of length 1000000000 cannot fit" in proc.stderr
     assert "largest length that fits" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_json_carries_per_group_predictions(tmp_path):
+    path = tmp_path / "l.json"
+    path.write_text(json.dumps(LENGTHS))
+    res = run("--lengths", str(path), *TINY, "--output", "json", "--precision", "fp64")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    plan = StepPlan.model_validate(data)
+    assert plan.version == 2 and plan.memory.precision == "fp64"
+    groups = [g for _, g in plan.groups()]
+    for g, p in zip(groups, data["predicted"]["groups"], strict=True):
+        assert len(p["flops_per_rank"]) == len(p["bytes_sent_per_rank"]) == \
+            len(p["peak_bytes_per_rank"]) == g.ring_size
+        assert all(b <= plan.memory.device_budget_bytes for b in p["peak_bytes_per_rank"])
+
+
+def test_a_model_that_cannot_fit_is_refused_naming_bytes(tmp_path):
+    path = tmp_path / "l.json"
+    path.write_text(json.dumps([4096, 100]))
+    res = run("--lengths", str(path), "--ranks", "8", "--model", "llama-70b")
+    assert res.exit_code == 2
+    assert "model states need" in res.output and "device budget is 72.00 GiB" in res.output

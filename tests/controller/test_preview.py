@@ -56,7 +56,13 @@ def test_preview_plans_are_valid_for_the_datasets_batches(ctl, dataset):
         assert plan.world_size == 4 and plan.capacity_tokens == 2048
         assert b["num_tokens"] == sum(batch) and b["max_length"] == max(batch)
         assert b["predicted_step_s"] >= b["lower_bound_s"] * (1 - 1e-9) > 0
-        assert max(b["peak_tokens_per_rank"]) <= 2048 + 1e-6  # the memory rule
+        # The memory rule (version 2): plain groups hold at most capacity_tokens per
+        # member, and every rank's predicted peak fits the device budget.
+        assert all(g.max_local_tokens() <= 2048 for _, g in plan.groups()
+                   if g.memory.scheme == "plain")
+        assert max(b["peak_memory_gib_per_rank"]) * 2**30 <= plan.memory.device_budget_bytes
+        assert max(b["peak_tokens_per_rank"]) <= max(g.max_local_tokens()
+                                                      for _, g in plan.groups())
         assert sum(b["groups_by_size"].values()) == sum(1 for _ in plan.groups())
     png = base64.b64decode(out["gantt_png_base64"])
     assert png.startswith(b"\x89PNG\r\n\x1a\n")
@@ -108,3 +114,17 @@ def test_cli_preview_writes_the_gantt_and_prints_the_table(ctl, dataset, tmp_pat
     assert png.read_bytes().startswith(b"\x89PNG")
     r = CliRunner().invoke(app, ["preview", str(spec_file), "-o", "json"], env=env)
     assert r.exit_code == 0 and len(json.loads(r.stdout)["batches"]) == 2
+
+
+def test_a_model_that_cannot_fit_a_device_is_refused_before_dispatch(ctl, dataset):
+    # llama-70b on 80 GB H100s without tensor parallelism: 138 GB of bf16 parameters alone.
+    c = ctl.client()
+    big = job(dataset) | {"name": "too-big", "model": "llama-70b"}
+    big["resources"] = {"num_ranks": 8, "cluster": "h100"}
+    for path in ("/v1/jobs:plan", "/v1/jobs"):
+        r = c.post(path, json=big)
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert "model states need" in message and "device budget is 72.00 GiB" in message
+        assert "77309411328 bytes" in message  # the bytes available, exactly
+    assert all(j["name"] != "too-big" for j in c.get("/v1/jobs").json()["jobs"])
