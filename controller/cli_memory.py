@@ -38,7 +38,8 @@ def memory(
 ):
     """Plan activation addresses (MEMO bi-level MIP) and compare with a caching allocator."""
     from scheduler.alloc_sim import simulate_caching_allocator
-    from scheduler.cost import default_activation_bytes_per_token
+    from scheduler.activations import ActivationModel
+    from scheduler.work import Scheme
     from scheduler.memory_model import find_profile, plan_model, unrolled_trace
     from scheduler.specs import model_preset
 
@@ -62,7 +63,11 @@ def memory(
         "model_max_live_bytes": plan.unrolled_max_live_bytes,
         "planned_peak_bytes": plan.peak_bytes,
         "planned_bytes_per_token": plan.bytes_per_token,
-        "estimate_bytes_per_token": default_activation_bytes_per_token(spec),
+        # the other memory schemes' peaks (scheduler/activations.py, the same profile)
+        "memo_offload_peak_bytes": ActivationModel(spec, profile=profile).peak_bytes(
+            tokens, Scheme(name="offload", offload_ratio=1.0)),
+        "streambp_peak_bytes": ActivationModel(spec, profile=profile).peak_bytes(
+            tokens, Scheme(name="streambp", chunk_tokens=min(tokens, 4096))),
         "caching_allocator_reserved_bytes": sim.peak_reserved_bytes,
         "status": plan.model_plan.status,
     }
