@@ -150,6 +150,7 @@ class CostModel:
         row = 2 * model.num_kv_heads * model.head_dim  # K and V values per token
         self.kv_bytes_per_token = float(L * row * cb)  # one KV hand-off, every layer
         self.dkv_bytes_per_token = float(L * row * accumulation_bytes(self.memory.dtype))
+        self._seq_costs: dict[tuple, SeqCost] = {}
 
     @property
     def precision(self) -> str:
@@ -270,7 +271,17 @@ class CostModel:
     def seq_cost(self, length: int, ring_size: int, *, bandwidth_gbps: float,
                  offload_ratio: float = 0.0, scheme: Scheme | None = None) -> SeqCost:
         """Per-rank time of one sequence on a ring whose slowest link has `bandwidth_gbps`,
-        under `scheme` (default: `scheme_for(offload_ratio)`)."""
+        under `scheme` (default: `scheme_for(offload_ratio)`). Memoised: the balance
+        scheduler asks for the same (length, ring) many times; `update` clears it."""
+        key = (length, ring_size, bandwidth_gbps, offload_ratio, scheme)
+        hit = self._seq_costs.get(key)
+        if hit is None:
+            hit = self._seq_costs[key] = self._seq_cost(length, ring_size, bandwidth_gbps,
+                                                         offload_ratio, scheme)
+        return hit
+
+    def _seq_cost(self, length: int, ring_size: int, bandwidth_gbps: float,
+                  offload_ratio: float, scheme: Scheme | None) -> SeqCost:
         scheme = scheme or self.scheme_for(length, ring_size, offload_ratio)
         compute = self.compute_s(length, ring_size)
         recompute = self.recompute_s(length, ring_size, scheme)
@@ -370,6 +381,7 @@ class CostModel:
             raise ValueError("observations: need at least three distinct token profiles "
                              "(different sum(s^2) and sum(s)) to fit a, b and c")
         self.a, self.b, self.c = (float(v) for v in nonneg_lstsq(X, y))
+        self._seq_costs.clear()
         return self
 
 

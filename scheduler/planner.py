@@ -61,7 +61,7 @@ from scheduler.sharding import (
 from scheduler.simulator import default_offload, simulate
 from scheduler.specs import ClusterSpec, ModelSpec
 from scheduler.topology import Topology
-from scheduler.work import group_flops, ring_bytes
+from scheduler.work import group_flops, ring_bytes_per_position
 from scheduler.zigzag import local_tokens
 
 Policy = Literal["hdp", "pow2", "naive", "static"]
@@ -162,8 +162,8 @@ def predict_groups(plan: StepPlan, cost: CostModel, sim) -> list[GroupPredicted]
                 micro_batch=m, group=gi, seconds=timing.end_s - timing.start_s,
                 flops_per_rank=[group_flops(model, seqs, ring_size=d, position=j,
                                             scheme=scheme).total for j in range(d)],
-                bytes_sent_per_rank=[ring_bytes(model, seqs, ring_size=d, position=j,
-                                                dtype=dtype).total for j in range(d)],
+                bytes_sent_per_rank=[b.total for b in ring_bytes_per_position(
+                    model, seqs, ring_size=d, dtype=dtype)],
                 peak_bytes_per_rank=list(mem.peak_bytes_per_rank),
                 host_bytes_per_rank=list(mem.host_bytes_per_rank)))
     return out

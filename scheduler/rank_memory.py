@@ -135,10 +135,9 @@ class RankMemory:
     # -- groups ------------------------------------------------------------------------
     def group_prediction(self, lengths: Sequence[int], ring_size: int,
                          scheme: Scheme) -> GroupMemoryPrediction:
-        from scheduler.zigzag import local_tokens
+        from scheduler.zigzag import all_local_tokens
 
-        tokens = tuple(local_tokens(lengths, ring_size, j) if ring_size > 1 else sum(lengths)
-                       for j in range(ring_size))
+        tokens = tuple(all_local_tokens(lengths, ring_size))
         peaks = [self.activations.peak(t, scheme, ring_size=ring_size) for t in tokens]
         acts = tuple(p.bytes for p in peaks)
         worst = max(range(ring_size), key=lambda j: acts[j])

@@ -40,7 +40,9 @@ from dataclasses import dataclass
 from scheduler.specs import DTYPE_BYTES, ModelSpec
 from scheduler.zigzag import (
     BlockCall,
+    all_local_tokens,
     block_tokens,
+    chunk_sizes,
     local_lengths,
     ring_step_calls,
     stream_chunk_calls,
@@ -101,6 +103,28 @@ def _calls(lengths: Sequence[int], ring_size: int, position: int) -> list[BlockC
     return [c for s in range(ring_size) for c in ring_step_calls(lengths, ring_size, position, s)]
 
 
+def _chunks_before(length: int, ring_size: int, chunk: int) -> int:
+    """Tokens in zigzag chunks 0..chunk-1 of a sequence."""
+    base, rem = divmod(length, 2 * ring_size)
+    return chunk * base + min(chunk, rem)
+
+
+def ring_pairs(lengths: Sequence[int], ring_size: int, position: int) -> int:
+    """(query, key) pairs position i computes over all ring steps: the causal diagonal
+    step tile by tile, plus, unmasked, all of its queries against the first chunks of
+    every earlier position and its second chunks against every key of the later ones
+    (the same sum as `_calls`, in O(d) per sequence)."""
+    d, i, total = ring_size, position, 0
+    for n in lengths:
+        qa, qb = chunk_sizes(n, d, i)
+        if qa + qb:
+            total += attention_pairs(BlockCall(q_len=qa + qb, k_len=qa + qb, causal=True))
+        before = _chunks_before(n, d, i)  # first chunks of the earlier positions
+        after = _chunks_before(n, d, 2 * d - 1 - i) - _chunks_before(n, d, i + 1)  # later
+        total += (qa + qb) * before + qb * after
+    return total
+
+
 @dataclass(frozen=True, kw_only=True)
 class GroupFlops:
     """Matmul FLOPs one rank runs for its part of a group, by cause."""
@@ -122,7 +146,8 @@ def group_flops(model: ModelSpec, lengths: Sequence[int], *, ring_size: int = 1,
     T = sum(local)
     p = layer_matmul_params(model)
     dense = 6 * p * T * L + 6 * model.hidden_size * model.vocab_size * T
-    pairs = sum(attention_pairs(c) for c in _calls(lengths, ring_size, position))
+    pairs = ring_pairs(lengths, ring_size, position) if ring_size > 1 else \
+        sum(attention_pairs(c) for c in _calls(lengths, 1, 0))
     attention = 14 * hq_d * pairs * L
     recompute = 0
     if scheme.name == "offload":
@@ -169,6 +194,25 @@ def ring_bytes(model: ModelSpec, lengths: Sequence[int], *, ring_size: int, posi
     dkv = sum(blocks) * row * accumulation_bytes(dtype)
     handshake = (d - 1) * (HANDSHAKE_HEADER_BYTES + 8 * len(lengths))
     return RingBytes(kv=L * kv, bwd_kv=L * kv, bwd_dkv=L * dkv, handshake=handshake)
+
+
+def ring_bytes_per_position(model: ModelSpec, lengths: Sequence[int], *, ring_size: int,
+                            dtype: str) -> list[RingBytes]:
+    """`ring_bytes` of every ring position at once (O(d) instead of O(d^2)): a position
+    sends every block but the one it receives last, its successor's."""
+    d = ring_size
+    if d == 1:
+        return [ring_bytes(model, lengths, ring_size=1, position=0, dtype=dtype)]
+    L, row = model.num_layers, 2 * model.num_kv_heads * model.head_dim
+    held = all_local_tokens(lengths, d)
+    total = sum(held)
+    handshake = (d - 1) * (HANDSHAKE_HEADER_BYTES + 8 * len(lengths))
+    out = []
+    for i in range(d):
+        kv = L * (total - held[(i + 1) % d]) * row * DTYPE_BYTES[dtype]
+        out.append(RingBytes(kv=kv, bwd_kv=kv, bwd_dkv=L * total * row * accumulation_bytes(dtype),
+                             handshake=handshake))
+    return out
 
 
 def max_ring_bytes(model: ModelSpec, lengths: Sequence[int], *, ring_size: int,

@@ -31,9 +31,9 @@ def chunk_bounds(length: int, ring_size: int) -> list[int]:
 
 def chunk_sizes(length: int, ring_size: int, position: int) -> tuple[int, int]:
     """(chunk i, chunk 2d-1-i) sizes of one sequence at ring position i."""
-    b = chunk_bounds(length, ring_size)
+    base, rem = divmod(length, 2 * ring_size)
     mirror = 2 * ring_size - 1 - position
-    return b[position + 1] - b[position], b[mirror + 1] - b[mirror]
+    return base + (position < rem), base + (mirror < rem)
 
 
 def local_lengths(lengths: Sequence[int], ring_size: int, position: int) -> list[int]:
@@ -84,8 +84,13 @@ def ring_step_calls(lengths: Sequence[int], ring_size: int, position: int,
 
 def block_tokens(lengths: Sequence[int], ring_size: int, position: int) -> list[int]:
     """Rows of the KV block position i holds at each ring step (its owner's local tokens)."""
-    return [local_tokens(lengths, ring_size, owner(position, s, ring_size))
-            for s in range(ring_size)]
+    held = all_local_tokens(lengths, ring_size)
+    return [held[owner(position, s, ring_size)] for s in range(ring_size)]
+
+
+def all_local_tokens(lengths: Sequence[int], ring_size: int) -> list[int]:
+    """Tokens every ring position holds, in ring order."""
+    return [local_tokens(lengths, ring_size, j) for j in range(ring_size)]
 
 
 def stream_chunk_calls(lengths: Sequence[int], chunk_size: int) -> list[list[BlockCall]]:
