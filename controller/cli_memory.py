@@ -37,11 +37,11 @@ def memory(
     output: MemoryOutput = typer.Option(MemoryOutput.table, help="table or json."),
 ):
     """Plan activation addresses (MEMO bi-level MIP) and compare with a caching allocator."""
-    from scheduler.alloc_sim import simulate_caching_allocator
     from scheduler.activations import ActivationModel
-    from scheduler.work import Scheme
+    from scheduler.alloc_sim import simulate_caching_allocator
     from scheduler.memory_model import find_profile, plan_model, unrolled_trace
     from scheduler.specs import model_preset
+    from scheduler.work import Scheme
 
     try:
         if tokens < 1:
