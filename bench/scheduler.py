@@ -1,15 +1,24 @@
-"""Benchmark of the HDP planner (issue 6): quality against the lower bound and the static
-mesh, and plan time, on llama-7b over an h100 cluster preset.
+"""Benchmark of the HDP planner: quality against the lower bound and two honest baselines,
+and plan time, on llama-7b over an h100 cluster preset, on the cost and memory model that
+charges what the executor does (docs/planner.md).
 
 Global batches of 32M tokens (32K tokens per rank beyond 1,024 ranks) drawn from the
 `byted` and `github` length distributions with a 2M-token maximum. For each: the hdp plan
-(greedy + CP-SAT LNS under --time-limit), the static mesh and naive HDP on the same cost
-model; makespan / lower bound, static / makespan (speed-up), static / bound (the best
-speed-up any plan could reach) and the hdp plan time (wall clock and CPU time of the whole
-`plan_batch`, including sharding, simulation and building the StepPlan; on a shared
-machine the CPU time is the figure that does not depend on the neighbours' load).
+(greedy + CP-SAT LNS under --time-limit) against
+- the best static mesh: every CP degree from the smallest that fits up to N (divisors of N
+  or not), the fastest kept ("static CP" is its degree);
+- power-of-two dynamic CP, the shape of Megatron-Core's dynamic context parallelism: the
+  same balance scheduler with ring sizes restricted to powers of two;
+- naive HDP (ByteScale Alg. 1 without balancing).
+Columns: makespan / lower bound, baseline / makespan (speed-ups), static / bound (the
+best speed-up any plan could reach), memory (capacity in tokens under the plain scheme,
+model states and the largest predicted peak per rank, groups under MEMO offload) and the
+hdp plan time (wall clock and CPU time of the whole `plan_batch`, including sharding,
+simulation, per-group predictions and the memory check; on a shared machine the CPU time
+is the figure that does not depend on the neighbours' load).
 
     .venv/bin/python bench/scheduler.py [--ranks 64 256 1024 4096 12288] [--seed 0]
+                                        [--precision bf16-mixed] [--optimizer-sharding ...]
 
 Prints a markdown table (the one recorded in docs/benchmarks.md).
 """
@@ -50,25 +59,33 @@ def global_batch(distribution: str, num_tokens: int, seed: int) -> np.ndarray:
     return lengths[: int(np.searchsorted(np.cumsum(lengths), num_tokens)) + 1]
 
 
-def run(ranks: int, distribution: str, *, seed: int, time_limit_s: float) -> dict:
+def run(ranks: int, distribution: str, *, seed: int, time_limit_s: float,
+        precision: str | None, sharding: str | None) -> dict:
     model = model_preset("llama-7b")
     cluster = cluster_preset("h100", num_ranks=ranks)
     tokens = max(32 * 1024 * 1024, 32 * 1024 * ranks)
     lengths = global_batch(distribution, tokens, seed)
+    cost = CostModel(model, cluster, precision=precision, optimizer_sharding=sharding)
     t0, c0 = time.perf_counter(), time.process_time()
     hdp = plan_batch(lengths, cluster, model, policy="hdp", time_limit_s=time_limit_s,
-                     seed=seed)
+                     seed=seed, cost=cost)
     plan_s, cpu_s = time.perf_counter() - t0, time.process_time() - c0
-    static = plan_batch(lengths, cluster, model, policy="static")
-    naive = plan_batch(lengths, cluster, model, policy="naive")
+    others = {p: plan_batch(lengths, cluster, model, policy=p, time_limit_s=time_limit_s,
+                            seed=seed, cost=cost, predictions=False)
+              for p in ("static", "pow2", "naive")}
     m, b = hdp.predicted.makespan_s, hdp.predicted.lower_bound_s
-    s = static.predicted.makespan_s
+    s = others["static"].predicted.makespan_s
     rings = [g.ring_size for _, g in hdp.groups()]
+    peak = max(max(g.peak_bytes_per_rank) for g in hdp.predicted.groups)
     return dict(ranks=ranks, dist=distribution, seqs=len(lengths), tokens=int(lengths.sum()),
                 capacity=hdp.capacity_tokens, longest=int(lengths.max()), max_ring=max(rings),
                 makespan=m, bound=b, ratio=m / b, static_over=s / m, static_bound=s / b,
-                naive_over=naive.predicted.makespan_s / m, plan_s=plan_s, cpu_s=cpu_s,
-                static_cp=max(g.ring_size for _, g in static.groups()))
+                pow2_over=others["pow2"].predicted.makespan_s / m,
+                naive_over=others["naive"].predicted.makespan_s / m, plan_s=plan_s,
+                cpu_s=cpu_s, static_cp=max(g.ring_size for _, g in others["static"].groups()),
+                states_gib=hdp.memory.model_state_bytes / 2**30, peak_gib=peak / 2**30,
+                offload=sum(g.memory.scheme == "offload" for _, g in hdp.groups()),
+                groups=len(rings))
 
 
 def main() -> None:
@@ -77,22 +94,30 @@ def main() -> None:
     ap.add_argument("--dists", nargs="+", default=["byted", "github"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=0.5)
+    ap.add_argument("--precision", default=None)
+    ap.add_argument("--optimizer-sharding", default=None)
     args = ap.parse_args()
-    cost = CostModel(model_preset("llama-7b"), cluster_preset("h100"))
-    print(f"<!-- {platform.node()} python {platform.python_version()}; activation bytes/token "
-          f"{cost.activation_bytes_per_token:.0f} -->")
-    print("| ranks | dist | seqs | tokens | capacity | static CP | hdp max ring | makespan s "
-          "| bound s | makespan/bound | static/makespan | static/bound | naive/makespan "
+    cost = CostModel(model_preset("llama-7b"), cluster_preset("h100"),
+                     precision=args.precision, optimizer_sharding=args.optimizer_sharding)
+    print(f"<!-- {platform.node()} python {platform.python_version()}; {cost.precision}, "
+          f"{cost.optimizer_sharding} -->")
+    print("| ranks | dist | seqs | tokens | capacity | states GiB | peak GiB | offload groups "
+          "| best static CP | hdp max ring | makespan s | bound s | makespan/bound "
+          "| static/makespan | pow2/makespan | static/bound | naive/makespan "
           "| plan s (wall) | plan s (CPU) |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+          "|---:|---:|---:|")
     for ranks in args.ranks:
         for dist in args.dists:
-            r = run(ranks, dist, seed=args.seed, time_limit_s=args.time_limit)
+            r = run(ranks, dist, seed=args.seed, time_limit_s=args.time_limit,
+                    precision=args.precision, sharding=args.optimizer_sharding)
             print(f"| {r['ranks']} | {r['dist']} | {r['seqs']} | {r['tokens'] / 2**20:.1f}M "
-                  f"| {r['capacity']} | {r['static_cp']} | {r['max_ring']} "
+                  f"| {r['capacity']} | {r['states_gib']:.1f} | {r['peak_gib']:.1f} "
+                  f"| {r['offload']}/{r['groups']} | {r['static_cp']} | {r['max_ring']} "
                   f"| {r['makespan']:.2f} | {r['bound']:.2f} | {r['ratio']:.3f} "
-                  f"| {r['static_over']:.2f} | {r['static_bound']:.2f} "
-                  f"| {r['naive_over']:.2f} | {r['plan_s']:.2f} | {r['cpu_s']:.2f} |", flush=True)
+                  f"| {r['static_over']:.2f} | {r['pow2_over']:.2f} | {r['static_bound']:.2f} "
+                  f"| {r['naive_over']:.2f} | {r['plan_s']:.2f} | {r['cpu_s']:.2f} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

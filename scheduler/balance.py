@@ -160,20 +160,22 @@ def useful_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequen
     """Per bandwidth region, the sizes from D(s) up to the fastest: enlarging a ring pays
     while its KV hand-off hides behind attention and a little beyond, until the exposed
     communication grows faster than the compute shrinks. T(s, d) decreases along each."""
-    return [_allowed(range(lo, fastest_ring(sh.length, lo, hi, bw, cost) + 1), hi, topo)
-            for lo, hi, bw in ring_regions(sh, topo)]
+    return [_allowed(range(lo, fastest_ring(sh.length, lo, hi, bw, cost) + 1), hi, topo,
+                     beyond=True) for lo, hi, bw in ring_regions(sh, topo)]
 
 
-def _allowed(span: range, hi: int, topo: Topology) -> Sequence[int]:
-    """The sizes of `span` the topology allows (all, or its powers of two; at least the
-    first allowed size above it, up to `hi`)."""
+def _allowed(span: range, hi: int, topo: Topology, *, beyond: bool = False) -> Sequence[int]:
+    """The sizes of `span` the topology allows: all, or its powers of two, plus the first
+    power of two above it (up to `hi`) when the span holds none or, with `beyond`, because
+    the fastest size may lie between two powers of two."""
     if not topo.pow2_rings:
         return span
     sizes = [1 << k for k in range(span[0].bit_length() - 1, span[-1].bit_length() + 1)
              if span[0] <= 1 << k <= span[-1]]
-    up = topo.allowed_at_least(span[-1] + 1 if sizes else span[0])
-    if up is not None and up <= hi:
-        sizes.append(up)  # the next power of two may beat the largest one below the top
+    if beyond or not sizes:
+        up = topo.allowed_at_least(span[-1] + 1 if sizes else span[0])
+        if up is not None and up <= hi:
+            sizes.append(up)
     return sizes
 
 

@@ -99,3 +99,38 @@ def test_schema_errors_name_the_field(mutate, field):
 def test_predicted_length_must_match_world():
     data = dict(DESIGN_EXAMPLE, predicted=dict(DESIGN_EXAMPLE["predicted"], per_rank_busy_s=[1]))
     assert any("per_rank_busy_s" in v for v in StepPlan.model_validate(data).violations())
+
+
+def test_version_2_example_of_the_docs_is_valid():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "plan-format.md").read_text()
+    example = re.search(r"```json\n(.*?)```", text, re.S).group(1)
+    plan = StepPlan.model_validate_json(example)
+    assert plan.version == 2 and plan.violations() == []
+    assert [g.memory.scheme for _, g in plan.groups()] == ["offload", "plain"]
+
+
+def test_version_2_rules():
+    from scheduler.plan import GroupMemory
+
+    plan = valid_plan()
+    plan.version = 2
+    text = "\n".join(plan.violations())
+    assert text.count("memory: missing") == 3  # every group must name its scheme
+    for _, g in plan.groups():
+        g.memory = GroupMemory()
+    # zigzag counts exactly: 250 over 3 ranks puts 84 on a member, 200 over 2 puts 100
+    assert plan.violations() == []
+    g = plan.micro_batches[0].groups[0]
+    g.memory = GroupMemory(scheme="streambp", chunk_tokens=8)
+    g.sequences[0].offload_ratio = 0.5
+    text = "\n".join(plan.violations())
+    assert "streambp runs on packed groups only" in text
+    assert "must be 0 in version 2" in text
+    g.memory = GroupMemory(scheme="plain", chunk_tokens=4)
+    assert "only valid with scheme streambp" in "\n".join(plan.violations())
+    v1 = valid_plan()
+    v1.micro_batches[0].groups[0].memory = GroupMemory()
+    assert "needs version 2" in "\n".join(v1.violations())
