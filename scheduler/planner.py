@@ -4,9 +4,7 @@ Four policies on the same cost and memory model, so that their simulated makespa
 compare fairly:
 
 - "hdp": the ByteScale planner. Data-aware sharding (Alg. 1, Eq. 3; `scheduler.sharding`),
-  the greedy balance scheduler (Alg. 2; `scheduler.balance`), run with ring sizes free
-  and again restricted to powers of two (the better schedule kept: free sizes can
-  fragment nodes where whole-node rings are better), improved by CP-SAT
+  the greedy balance scheduler (Alg. 2; `scheduler.balance`) improved by CP-SAT
   large-neighbourhood search under `time_limit_s` (`scheduler.lns`).
 - "pow2": the same scheduler with ring sizes restricted to powers of two, the shape of
   Megatron-Core's dynamic context parallelism (CP groups of 1, 2, 4, 8, ... ranks chosen
@@ -110,8 +108,9 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
                          offload=offload or default_offload(cluster))
     topo = Topology(cluster, pow2_rings=policy == "pow2")
     if policy in ("hdp", "pow2"):
-        schedule = balanced_schedule(shards, cost, cluster, capacity_tokens,
-                                     variants=("pow2",) if policy == "pow2" else ("any", "pow2"))
+        if policy == "pow2":
+            shards = [pow2_shard(sh, topo, capacity_tokens, cost) for sh in shards]
+        schedule = greedy_schedule(shards, cost=cost, topo=topo, capacity_tokens=capacity_tokens)
         improve(schedule, cost, time_limit_s=time_limit_s, seed=seed)
         micro_batches = layer_tasks(schedule.tasks(cost), world)
     elif policy == "naive":
@@ -122,23 +121,6 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
     plan = build_plan(micro_batches, world, capacity_tokens, cost)
     finish_plan(plan, cluster, model, cost, predictions=predictions)
     return plan
-
-
-def balanced_schedule(shards: Sequence[Shard], cost: CostModel, cluster: ClusterSpec,
-                      capacity_tokens: int, *, variants: Sequence[str]):
-    """The greedy balance schedule (scheduler.balance) with the smallest makespan over the
-    ring-size variants: "any" size, or "pow2" (powers of two, node-aligned whenever a ring
-    fills whole nodes). hdp tries both, so it never does worse than the pow2 baseline."""
-    best, best_s = None, math.inf
-    for variant in variants:
-        topo = Topology(cluster, pow2_rings=variant == "pow2")
-        sized = [pow2_shard(sh, topo, capacity_tokens, cost) for sh in shards] \
-            if variant == "pow2" else shards
-        schedule = greedy_schedule(sized, cost=cost, topo=topo, capacity_tokens=capacity_tokens)
-        makespan = float(schedule.loads(cost).max())
-        if makespan < best_s * (1 - 1e-9):
-            best, best_s = schedule, makespan
-    return best
 
 
 def finish_plan(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, cost: CostModel, *,
