@@ -327,6 +327,22 @@ class CostModel:
                                           offload_ratio=r, scheme=scheme)
                             for s, r in zip(lengths, ratios, strict=True))
 
+    def group_seconds_of(self, shards, ring_size: int, bandwidth_gbps: float) -> float:
+        """A planned group's time (the simulator's figure): c plus its sequences under the
+        group's scheme, MEMO offload at the group's alpha if any of them needs memory freed
+        (scheduler.planner.group_scheme)."""
+        if not any(sh.offload_ratio > 0 for sh in shards):
+            return self.c + sum(self.seq_time(sh.length, ring_size, bandwidth_gbps=bandwidth_gbps)
+                                for sh in shards)
+        from scheduler.zigzag import max_local_tokens
+
+        lengths = [sh.length for sh in shards]
+        alpha = self.memo_alpha(max_local_tokens(lengths, ring_size),
+                                round(sum(lengths) / len(lengths)))
+        scheme = Scheme(name="offload", offload_ratio=alpha)
+        return self.c + sum(self.seq_time(s, ring_size, bandwidth_gbps=bandwidth_gbps,
+                                          scheme=scheme) for s in lengths)
+
     def max_hidden_ring(self, length: int, *, bandwidth_gbps: float) -> int:
         """Largest ring whose KV and dK/dV hand-offs still hide behind the attention block
         (>= 1): kv <= 2 block and kv + dkv <= 5 block, block = a s^2 / (7 d^2)."""

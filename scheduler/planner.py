@@ -62,7 +62,7 @@ from scheduler.simulator import default_offload, simulate
 from scheduler.specs import ClusterSpec, ModelSpec
 from scheduler.topology import Topology
 from scheduler.work import group_flops, ring_bytes_per_position
-from scheduler.zigzag import local_tokens
+from scheduler.zigzag import max_local_tokens
 
 Policy = Literal["hdp", "pow2", "naive", "static"]
 POLICIES = ("hdp", "pow2", "naive", "static")
@@ -116,8 +116,7 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
     elif policy == "naive":
         micro_batches = naive_micro_batches(shards, world, capacity_tokens)
     else:
-        micro_batches = best_static_micro_batches(shards, cost, topo, capacity_tokens,
-                                                  cluster, model)
+        micro_batches = best_static_micro_batches(shards, cost, topo, capacity_tokens)
     plan = build_plan(micro_batches, world, capacity_tokens, cost)
     finish_plan(plan, cluster, model, cost, predictions=predictions)
     return plan
@@ -209,6 +208,19 @@ def static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topolog
     floor(N / p) replicas, LPT over replicas, best-fit packs per replica whose members
     each hold at most capacity_tokens (zigzag's uneven chunks counted exactly)."""
     p = p or max(sh.ring_size for sh in shards)
+    out: list[list[Group]] = []
+    for k, packs in enumerate(static_replicas(shards, cost, topo, capacity_tokens, p)):
+        ranks = tuple(range(k * p, (k + 1) * p))
+        for j, pack in enumerate(packs):
+            if j == len(out):
+                out.append([])
+            out[j].append((ranks, tuple(pack)))
+    return out
+
+
+def static_replicas(shards: Sequence[Shard], cost: CostModel, topo: Topology,
+                    capacity_tokens: int, p: int) -> list[list[list[Shard]]]:
+    """Per replica of the static mesh at degree p, its packs (micro-batches) in order."""
     replicas = topo.world_size // p
     bw = topo.ring_bandwidth(list(range(p)))
     on_p = [resize(sh, p, capacity_tokens, cost) for sh in shards]
@@ -221,14 +233,17 @@ def static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topolog
         load, k = heapq.heappop(heap)
         per_replica[k].append(sh)
         heapq.heappush(heap, (load + t, k))
-    out: list[list[Group]] = []
-    for k, seqs in enumerate(per_replica):
-        ranks = tuple(range(k * p, (k + 1) * p))
-        for j, pack in enumerate(ring_packs(seqs, p, capacity_tokens)):
-            if j == len(out):
-                out.append([])
-            out[j].append((ranks, tuple(pack)))
-    return out
+    return [ring_packs(seqs, p, capacity_tokens) for seqs in per_replica]
+
+
+def static_makespan(shards: Sequence[Shard], cost: CostModel, topo: Topology,
+                    capacity_tokens: int, p: int) -> float:
+    """What `simulate` gives the static mesh at degree p, without building the plan:
+    replicas never share ranks, so the step is the slowest replica's packs in a row."""
+    bw = topo.ring_bandwidth(list(range(p)))
+    slowest = max(sum(cost.group_seconds_of(pack, p, bw) for pack in packs)
+                  for packs in static_replicas(shards, cost, topo, capacity_tokens, p))
+    return slowest + cost.step_overhead_s(topo.world_size)
 
 
 def ring_packs(shards: Sequence[Shard], ring_size: int, capacity_tokens: int
@@ -245,38 +260,32 @@ def ring_packs(shards: Sequence[Shard], ring_size: int, capacity_tokens: int
             for pack in best_fit_packs(scaled, capacity_tokens=capacity_tokens)]
 
 
-def static_bound(shards: Sequence[Shard], p: int, cost: CostModel, topo: Topology,
-                 capacity_tokens: int) -> float:
+def static_bound(shards: Sequence[Shard], p: int, cost: CostModel, topo: Topology) -> float:
     """A lower bound on the static mesh's makespan at degree p: the replicas' average load
-    and the longest sequence's time (packs and their overhead only add to it)."""
+    and the longest sequence's time, each sequence plain (a memory scheme and the packs'
+    overhead only add to it)."""
     bw = topo.ring_bandwidth(list(range(p)))
-    s = np.array([sh.length for sh in shards], dtype=np.float64)
-    t = cost.seq_times(s, p, bandwidth_gbps=bw)
-    for k, sh in enumerate(shards):
-        if sh.offload_ratio > 0:  # rare: only sequences that need a memory scheme
-            t[k] = cost.seq_time(sh.length, p, bandwidth_gbps=bw,
-                                 offload_ratio=resize(sh, p, capacity_tokens, cost).offload_ratio)
+    t = cost.seq_times(np.array([sh.length for sh in shards], dtype=np.float64), p,
+                       bandwidth_gbps=bw)
     return max(float(t.sum()) / (topo.world_size // p), float(t.max()))
 
 
 def best_static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                              capacity_tokens: int, cluster: ClusterSpec,
-                              model: ModelSpec) -> list[list[Group]]:
-    """The fastest static mesh over every CP degree (branch and bound on `static_bound`)."""
+                              capacity_tokens: int) -> list[list[Group]]:
+    """The fastest static mesh over every CP degree: degrees in order of `static_bound`,
+    each simulated exactly (`static_makespan`), until no remaining bound can beat the best."""
     p_min = max(sh.ring_size for sh in shards)
-    bounds = sorted((static_bound(shards, p, cost, topo, capacity_tokens), p)
-                    for p in range(p_min, topo.world_size + 1))
-    best, best_s = None, math.inf
     overhead = cost.step_overhead_s(topo.world_size)
+    bounds = sorted((static_bound(shards, p, cost, topo) + overhead, p)
+                    for p in range(p_min, topo.world_size + 1))
+    best_p, best_s = p_min, math.inf
     for bound, p in bounds:
-        if bound + overhead >= best_s:
+        if bound >= best_s:
             break
-        mbs = static_micro_batches(shards, cost, topo, capacity_tokens, p)
-        plan = build_plan(mbs, topo.world_size, capacity_tokens, cost)
-        makespan = simulate(plan, cluster, model, cost=cost).makespan_s
+        makespan = static_makespan(shards, cost, topo, capacity_tokens, p)
         if makespan < best_s:
-            best, best_s = mbs, makespan
-    return best
+            best_p, best_s = p, makespan
+    return static_micro_batches(shards, cost, topo, capacity_tokens, best_p)
 
 
 def static_degree(plan: StepPlan) -> int:
@@ -303,9 +312,11 @@ def build_plan(micro_batches: Sequence[Sequence[Group]], world_size: int,
 
 
 def group_scheme(seqs: Sequence[Shard], ring_size: int, cost: CostModel) -> GroupMemory:
+    """plain, or MEMO offload at the alpha that hides its copies when a sequence needs
+    memory freed (`CostModel.group_seconds_of` times it the same way)."""
     if not any(sh.offload_ratio > 0 for sh in seqs):
         return GroupMemory()
     lengths = [sh.length for sh in seqs]
-    held = max(local_tokens(lengths, ring_size, j) for j in range(ring_size))
-    alpha = cost.memo_alpha(held, round(sum(lengths) / len(lengths)))
+    alpha = cost.memo_alpha(max_local_tokens(lengths, ring_size),
+                            round(sum(lengths) / len(lengths)))
     return GroupMemory(scheme="offload", offload_ratio=alpha)

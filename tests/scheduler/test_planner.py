@@ -109,3 +109,27 @@ def test_offload_policy_defaults_per_cluster():
     assert ring.memory.scheme == "offload" and ring.ring_size == 8
     assert max(tight.predicted.groups[0].peak_bytes_per_rank) <= \
         tight.memory.device_budget_bytes
+
+
+def test_static_baseline_is_the_fastest_degree_brute_force():
+    # Every CP degree 1..N simulated as a full plan (independent of the sweep's bound and
+    # its shortcut), the fastest must be the one the baseline returns.
+    from scheduler.cost import CostModel
+    from scheduler.planner import build_plan, finish_plan, static_micro_batches
+    from scheduler.sharding import shard_batch
+    from scheduler.topology import Topology
+
+    cluster = cluster_preset("cpu", num_ranks=6)
+    lengths = [400, 130, 90, 77, 40, 33, 31, 20, 9, 5, 3, 2]
+    cost = CostModel(TINY, cluster)
+    shards = shard_batch(lengths, capacity_tokens=110, world_size=6, cost=cost, offload="needed")
+    got = plan_batch(lengths, cluster, TINY, policy="static", capacity_tokens=110, cost=cost)
+    p_min = max(sh.ring_size for sh in shards)
+    makespans = {}
+    for p in range(p_min, 7):
+        plan = build_plan(static_micro_batches(shards, cost, Topology(cluster), 110, p), 6, 110,
+                          cost)
+        makespans[p] = finish_plan(plan, cluster, TINY, cost).predicted.makespan_s
+    assert got.predicted.makespan_s == pytest.approx(min(makespans.values()), rel=1e-12)
+    assert len(set(makespans)) > 1 and max(g.ring_size for _, g in got.groups()) == \
+        min(makespans, key=makespans.get)
