@@ -45,13 +45,11 @@ def make_planner_pool() -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
 
 
-def job_memory_settings(spec: JobCreate) -> tuple[str | None, str | None]:
-    """(precision, optimizer_sharding) the job trains with, as the planner's memory model
-    needs them: the spec's `training.precision` / `training.optimizer_sharding` where the
-    spec has them, else None (the planner's defaults: the model dtype's precision,
-    `distributed` on more than one rank)."""
-    training = spec.training
-    return getattr(training, "precision", None), getattr(training, "optimizer_sharding", None)
+def job_memory_settings(spec: JobCreate) -> tuple[str, str]:
+    """(precision, optimizer_sharding) the job's workers train with (the spec's, or their
+    defaults: fp32 on the cpu preset, bf16-mixed elsewhere; distributed on > 1 rank), so
+    the planner's memory model holds the same model states as the workers."""
+    return spec.resolve_precision(), spec.resolve_optimizer_sharding()
 
 
 def job_cost_model(spec: JobCreate) -> CostModel:

@@ -141,7 +141,7 @@ class ActivationModel:
         outputs: accumulators, the KV block in use and the one in flight, the diagonal
         step's partial result and its merge (forward), and the dK/dV accumulators going
         around the ring (backward). Blocks are taken at T tokens (they differ by +-1)."""
-        T, h = num_tokens, self.model.hidden_size
+        T, h = num_tokens, self.model.q_dim  # out, dq and their accumulators: q-wide
         cb, acc, kv = self.cb, self.acc, self.kv
         own = 0 if acc == cb else h * acc  # separate out/dq accumulator when not float32/64
         fwd = own + 4 * kv * cb + h * cb + self.lse + 3 * h * acc + self.lse

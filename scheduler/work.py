@@ -75,9 +75,10 @@ PLAIN = Scheme()
 
 
 def layer_matmul_params(model: ModelSpec) -> int:
-    """Weights of one decoder layer's projections (q, k, v, o, gate, up, down)."""
-    h, kv = model.hidden_size, model.num_kv_heads * model.head_dim
-    return 2 * h * h + 2 * h * kv + 3 * h * model.ffn_hidden_size
+    """Weights of one decoder layer's projections (q, k, v, o, gate, up, down); biases and
+    per-head q/k norms are elementwise (no matmul FLOPs)."""
+    h = model.hidden_size
+    return 2 * h * model.q_dim + 2 * h * model.kv_dim + 3 * h * model.ffn_hidden_size
 
 
 def accumulation_bytes(dtype: str) -> int:

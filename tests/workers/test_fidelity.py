@@ -185,7 +185,8 @@ def test_ring_bytes_reproduce_the_issue_measurement():
     # 2: forward 3 KV blocks + backward 3 KV blocks in bf16, and 4 hops of the fp32 dK/dV
     # accumulators: 28,672 B (the old model charged 3 (d - 1) bf16 KV blocks: 18,432 B).
     spec = model_preset("tiny").model_copy(update={"num_layers": 1, "num_kv_heads": 1,
-                                                   "num_heads": 32, "hidden_size": 64})
+                                                   "num_heads": 32, "hidden_size": 64,
+                                                   "head_dim": 2})
     got = ring_bytes(spec, [1024], ring_size=4, position=0, dtype="bfloat16")
     assert got.kv + got.bwd_kv + got.bwd_dkv == 28_672
     assert got.by_channel() == {"kv": 6144, "bwd_kv": 6144, "bwd_dkv": 16_384,
