@@ -203,10 +203,10 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
         confine_paths(spec, settings.data_roots)
         from controller.planning import check_job_fits
 
-        check_job_fits(spec)  # a model whose states cannot fit a device is refused here
         with tracer.start_as_current_span("job.submit") as span:
             span.set_attribute("job.name", spec.name)
             validate_model(spec)  # a bad model directory is a 422 now, not a failed job
+            check_job_fits(spec)  # so is a model whose states cannot fit a device
             span.set_attribute("job.num_ranks", spec.resources.num_ranks)
             machine.launcher.check_spec(spec)  # what only the launcher knows (SpecError: 422)
             rec, created = store.create(spec)
