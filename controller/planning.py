@@ -11,6 +11,7 @@ so predictions converge to what the workers measure.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
@@ -40,9 +41,29 @@ class PlannedStep:
     planning_s: float  # wall time the planner process spent
 
 
+PARENT_POLL_S = 1.0  # how often the planner process checks that the controller lives
+
+
 def make_planner_pool() -> ProcessPoolExecutor:
-    """One planner process (spawned: forking a threaded server is unsafe)."""
-    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+    """One planner process (spawned: forking a threaded server is unsafe).
+
+    The process exits by itself when the controller dies: its task queue holds both pipe
+    ends, so a SIGKILLed controller would otherwise leave it (and multiprocessing's
+    resource tracker) running forever.
+    """
+    return ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"),
+                               initializer=exit_with_parent, initargs=(os.getpid(),))
+
+
+def exit_with_parent(parent_pid: int) -> None:
+    """Pool initializer: a daemon thread ends this process once `parent_pid` is gone."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def job_memory_settings(spec: JobCreate) -> tuple[str, str]:
