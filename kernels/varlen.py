@@ -86,7 +86,8 @@ def _check_cu_seqlens(name: str, cu: object, total: int, tokens_name: str) -> tu
     return values
 
 
-def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q [Tq, Hq, D], k and v [Tk, Hkv, D]: floating, one dtype and device, Hq % Hkv == 0."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -123,7 +124,7 @@ def validate_attention(
     backend: str,
 ) -> tuple[PackedSeqs, float]:
     """Check a forward call; return the host boundaries and the resolved softmax scale."""
-    _check_qkv(q, k, v)
+    check_qkv(q, k, v)
     cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q.shape[0]")
     cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k.shape[0]")
     if len(cu_q) != len(cu_k):

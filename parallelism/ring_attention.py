@@ -48,7 +48,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kernels import attention_with_lse, attention_with_lse_backward, merge_attention
+from kernels import (
+    accumulation_dtype,
+    attention_with_lse,
+    attention_with_lse_backward,
+    check_qkv,
+    merge_attention,
+)
 from parallelism.comm import (
     CommStats,
     RingComm,
@@ -192,7 +198,7 @@ def _owner(position: int, step: int, size: int) -> int:
 
 def _ring_forward(q, k, v, *, blocks, block_tokens, comm, scale, backend):
     """Returns (out [T, Hq, D] in q.dtype, lse [Hq, T] in the accumulation dtype)."""
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(q.dtype)
     out = torch.zeros(q.shape, dtype=acc, device=q.device)
     lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc, device=q.device)
     kv = torch.stack([k, v])
@@ -391,16 +397,11 @@ class _RingAttention(torch.autograd.Function):
 
 
 def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a [T_local, H, D] tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"k and v must be [T_local, Hkv, D] with q's T_local and D; got q "
-                         f"{tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads "
-                         f"({k.shape[1]}) for GQA")
+    """The kernels' q/k/v rules, plus: a zigzag shard holds as many k/v tokens as q tokens."""
+    check_qkv(q, k, v)
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k and v must hold q's T_local={q.shape[0]} tokens (one zigzag "
+                         f"shard), got q {tuple(q.shape)}, k {tuple(k.shape)}")
 
 
 def ring_attention(

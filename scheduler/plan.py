@@ -187,7 +187,7 @@ class PlanMemory(_PlanModel):
 
 
 class StepPlan(_PlanModel):
-    """The plan of one global batch (see DESIGN.md, "The plan")."""
+    """The plan of one global batch (docs/plan-format.md)."""
 
     version: int = Field(default=1, description="Plan format version: 2 (memory schemes), "
                          "or 1 (absent means 1).")

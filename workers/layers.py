@@ -21,15 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import accumulation_dtype
 from scheduler import rope
 from scheduler.rope import RopeScaling
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Norm statistics and rotary angles run at >= float32 (float64 stays float64)."""
-    return torch.float32 if dtype in _LOW_PRECISION else dtype
+# Norm statistics and rotary angles run at >= float32 (float64 stays float64): the
+# kernels' accumulation dtype.
 
 
 class RMSNorm(nn.Module):
@@ -41,7 +38,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(_compute_dtype(x.dtype))
+        xf = x.to(accumulation_dtype(x.dtype))
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.to(x.dtype) * self.weight
 
@@ -52,7 +49,7 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
     """cos/sin [T, D/2] of RoPE angles pos * f_i (Su et al. 2021, Eq. 34), f_i = theta^(-2i/D)
     or, with `scaling`, the long-context schedule of scheduler.rope (times its attention
     factor for YaRN). Positions are global, so a zigzag shard gets its tokens' angles."""
-    cdt = torch.float64 if dtype == torch.float64 else torch.float32
+    cdt = accumulation_dtype(dtype)
     if scaling is None:
         inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=cdt,
                                            device=position_ids.device) / head_dim)

@@ -184,7 +184,7 @@ class _OpaqueAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cu, tracker):
         with tracker.opaque("attention_fwd") as outputs:
             if q.is_meta:
-                lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+                lse_dtype = kernels.accumulation_dtype(q.dtype)
                 out = torch.empty_like(q)
                 lse = q.new_empty((q.shape[1], q.shape[0]), dtype=lse_dtype)
             else:

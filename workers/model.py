@@ -16,7 +16,7 @@ it fuses forward and backward so that
 
 Loss: the objective's *sum* (next-token CE summed over predictions by default); gradients
 are accumulated (+=) times `grad_scale`, so the caller divides by the global number of
-predictions (DESIGN.md "Loss and gradients", ByteScale Eq. 1 = Eq. 2).
+predictions (docs/architecture.md "The invariant", ByteScale Eq. 1 = Eq. 2).
 
 Legend: T tokens (packed), H hidden, V vocab, S sequences.
 """

@@ -9,7 +9,8 @@ a first no-grad chunked pass that computes the per-sequence factor dL/dlogp(seq)
 chunked backward then weights each token's log-probability by its sequence's factor, which
 is the exact gradient (the StreamBP paper's treatment of DPO/GRPO, Sec. 3.3).
 
-Objectives (all return a *sum*; the caller divides by a global count, DESIGN.md "Loss"):
+Objectives (all return a *sum*; the caller divides by a global count, docs/architecture.md
+"The invariant"):
   NextTokenCE  sum over predictions of -log p(target)       normalised per prediction
   DPO          sum over pairs of -log sigmoid(beta * margin) normalised per pair
   GRPO         sum over predictions of the clipped surrogate (Shao et al. 2024, Eq. 3, with

@@ -83,7 +83,12 @@ def test_user_mistakes_raise_value_error(kwargs, match):
 
 def test_bad_shapes_raise_value_error():
     cu, q, k, v, _ = _batch([4], hq=3, hkv=2)
-    with pytest.raises(ValueError, match="multiple of kv heads"):
+    with pytest.raises(ValueError, match="multiple of k/v heads"):
         ring_attention(q, k, v, cu_seqlens=cu, ring=[0])
-    with pytest.raises(ValueError, match=r"\[T_local, H, D\]"):
+    with pytest.raises(ValueError, match=r"3-D tensor \[T, H, D\]"):
         ring_attention(q[0], k, v, cu_seqlens=cu, ring=[0])
+    _, q2, k2, v2, _ = _batch([4], hq=2, hkv=2)
+    with pytest.raises(ValueError, match="T_local=4"):
+        ring_attention(q2, k2[:3], v2[:3], cu_seqlens=cu, ring=[0])
+    with pytest.raises(ValueError, match="share a dtype"):  # the checks the ring once skipped
+        ring_attention(q2, k2.float(), v2.float(), cu_seqlens=cu, ring=[0])

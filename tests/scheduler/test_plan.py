@@ -1,4 +1,4 @@
-"""Plan format: JSON round-trip and every rule of DESIGN.md reported at once."""
+"""Plan format: JSON round-trip and every rule of docs/plan-format.md reported at once."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from scheduler.errors import PlanValidationError
 from scheduler.plan import StepPlan
 
-DESIGN_EXAMPLE = {
+EXAMPLE = {
     "version": 1,
     "world_size": 8,
     "capacity_tokens": 32768,
@@ -28,8 +28,8 @@ DESIGN_EXAMPLE = {
 
 
 def test_design_example_round_trips():
-    plan = StepPlan.model_validate_json(json.dumps(DESIGN_EXAMPLE))
-    assert json.loads(plan.model_dump_json()) == DESIGN_EXAMPLE
+    plan = StepPlan.model_validate_json(json.dumps(EXAMPLE))
+    assert json.loads(plan.model_dump_json()) == EXAMPLE
     assert plan.violations() == []
 
 
@@ -97,7 +97,7 @@ def test_schema_errors_name_the_field(mutate, field):
 
 
 def test_predicted_length_must_match_world():
-    data = dict(DESIGN_EXAMPLE, predicted=dict(DESIGN_EXAMPLE["predicted"], per_rank_busy_s=[1]))
+    data = dict(EXAMPLE, predicted=dict(EXAMPLE["predicted"], per_rank_busy_s=[1]))
     assert any("per_rank_busy_s" in v for v in StepPlan.model_validate(data).violations())
 
 

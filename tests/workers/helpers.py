@@ -92,7 +92,8 @@ def odd_ring_planner(lengths: np.ndarray) -> StepPlan:
 
 def reference_loss_and_grads(model: torch.nn.Module, samples: Mapping[int, torch.Tensor]
                              ) -> tuple[float, dict[str, torch.Tensor]]:
-    """DESIGN.md's loss by plain autograd, one sequence at a time: sum CE / sum (L - 1)."""
+    """The loss of docs/architecture.md ("The invariant") by plain autograd, one sequence at
+    a time: sum CE / sum (L - 1)."""
     model.zero_grad(set_to_none=True)
     total, count = 0.0, 0
     for tokens in samples.values():

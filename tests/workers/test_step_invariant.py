@@ -1,4 +1,4 @@
-"""The invariant (DESIGN.md "Loss and gradients"): for ANY StepPlan, 4 gloo ranks running
+"""The invariant (docs/architecture.md, "The invariant"): for ANY StepPlan, 4 gloo ranks running
 `run_step` give the loss and gradient of one process running plain autograd on the whole
 batch (sum of next-token CE over every prediction / number of predictions).
 
