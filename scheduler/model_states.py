@@ -27,6 +27,18 @@ Optimizer sharding (`TrainConfig.optimizer_sharding`) over the N ranks of the wo
                  reduce-scatter the gradient buffer after the rank's last micro-batch, AdamW
                  on the shard's masters and moments, all-gather the compute parameters
 
+Shard mirror (`shard_mirror`, job spec `failure.shard_mirror`, distributed on N > 1 only):
+rank r also holds a copy of shard (r - 1) mod N, the shard of the previous rank of the
+ring of owners, so a lost rank's shard survives on the next one (docs/elastic.md):
+
+    precision    mirror (the previous rank's shard)
+    bf16-mixed   float32 masters + float32 moments x 2          (12 bytes per element)
+    fp32, fp64   moments x 2 (its masters are the replicated compute parameters)
+
+Per step the owner sends its reduced gradient shard to the mirror's holder (one
+point-to-point shift around the ring of owners, master dtype), which runs the same AdamW
+update on the copy: bit-identical, since every update is elementwise.
+
 In every scheme the compute parameters and the full gradient buffer stay on every rank
 (a rank's micro-batches touch every parameter, and the reduce-scatter runs in place).
 Under `distributed` (N > 1) both are one flat buffer padded to N * ceil(P / N) elements:
@@ -41,7 +53,9 @@ temporary the size of the largest parameter (workers/optim.py).
 Per step the optimizer issues the collectives `step_collectives` lists (the planner
 charges their time): gradients reduced once after the rank's last micro-batch (an
 all-reduce, or under `distributed` a reduce-scatter), the loss totals (all-reduce), under
-`distributed` the squared gradient norm of the shards (all-reduce), and the updated
+`distributed` the mirror's gradient shift (with `shard_mirror`) and the squared gradient norm
+of the shards (all-reduce; it is the step's last collective before any state changes, so
+a rank that completes it knows every rank can commit: docs/elastic.md), and the updated
 compute parameters (zero1: one broadcast per owner; distributed: one all-gather).
 
 Legend: P parameters, N ranks.
@@ -128,20 +142,32 @@ class StateBytes:
     grads: int  # the gradient buffer (every rank, full size)
     masters: int  # separate master weights (bf16-mixed only), the rank's share
     moments: int  # AdamW exp_avg + exp_avg_sq, the rank's share
+    mirror: int = 0  # the previous owner's shard: masters (bf16-mixed) + moments
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.masters + self.moments
+        return self.params + self.grads + self.masters + self.moments + self.mirror
+
+
+def has_mirror(*, sharding: str, world_size: int, shard_mirror: bool) -> bool:
+    """True when the optimizer keeps a mirror of the previous owner's shard."""
+    return shard_mirror and sharding == "distributed" and world_size > 1
+
+
+def mirror_holder(owner: int, world_size: int) -> int:
+    """The rank that mirrors `owner`'s shard: the next rank of the ring of owners."""
+    return (owner + 1) % world_size
 
 
 def model_state_bytes(model: ModelSpec, *, precision: str, sharding: str, world_size: int,
-                      rank: int | None = None) -> StateBytes:
+                      rank: int | None = None, shard_mirror: bool = False) -> StateBytes:
     """Model-state bytes of one rank (the largest rank's when `rank` is None).
 
     `model.num_params` is the parameter count (workers.model.Transformer builds exactly
     those); zero1 shards by whole tensors, so its figure needs the tensors' sizes
     (`model.parameter_numels()`), and ranks differ. Under `distributed` the parameter and
-    gradient buffers hold the padding of `buffer_numel`.
+    gradient buffers hold the padding of `buffer_numel`; with `shard_mirror` each rank
+    also holds the previous owner's shard (`StateBytes.mirror`; nothing elsewhere).
     """
     check_precision(precision)
     check_sharding(sharding)
@@ -159,7 +185,11 @@ def model_state_bytes(model: ModelSpec, *, precision: str, sharding: str, world_
         loads = zero1_owned_numel(model.parameter_numels(), world_size)
         owned = max(loads) if rank is None else loads[rank]
     masters = owned * mb if has_masters(precision) else 0
-    return StateBytes(params=p * cb, grads=p * mb, masters=masters, moments=2 * owned * mb)
+    mirror = 0
+    if has_mirror(sharding=sharding, world_size=world_size, shard_mirror=shard_mirror):
+        mirror = owned * mb * (3 if has_masters(precision) else 2)
+    return StateBytes(params=p * cb, grads=p * mb, masters=masters, moments=2 * owned * mb,
+                      mirror=mirror)
 
 
 def buffer_numel(num_params: int, *, sharding: str, world_size: int) -> int:
@@ -170,7 +200,7 @@ def buffer_numel(num_params: int, *, sharding: str, world_size: int) -> int:
     return num_params
 
 
-CollectiveOp = Literal["all_reduce", "reduce_scatter", "all_gather", "broadcast"]
+CollectiveOp = Literal["all_reduce", "reduce_scatter", "all_gather", "broadcast", "send_recv"]
 
 # The loss totals of a step (summed CE, predictions) and the squared gradient norm travel
 # as float64 whatever the precision: they are reported and compared exactly.
@@ -185,23 +215,26 @@ class Collective:
     `payload_bytes` is the full buffer the collective covers: the tensor of an all-reduce
     or a broadcast, the input of a reduce-scatter, the output of an all-gather (a ring
     algorithm moves (N - 1) / N of it per rank for reduce-scatter and all-gather, twice
-    that for an all-reduce).
+    that for an all-reduce). `send_recv` is a shift around the ring of ranks: every rank
+    sends `payload_bytes` to the next rank and receives as many from the previous one.
     """
 
     op: CollectiveOp
     payload_bytes: int
     dtype: DType
-    what: str  # "gradients", "loss totals", "grad norm" or "parameters"
+    what: str  # "gradients", "loss totals", "mirror gradients", "grad norm" or "parameters"
     root: int | None = None  # the source rank of a broadcast
 
 
 def step_collectives(model: ModelSpec, *, precision: str, sharding: str,
-                     world_size: int) -> tuple[Collective, ...]:
+                     world_size: int, shard_mirror: bool = False) -> tuple[Collective, ...]:
     """The collectives of one training step (workers.train.Trainer.train_step), in order.
 
     Every rank issues the same list (ranks that ran no micro-batch included), after its
     last micro-batch; none of them runs inside a micro-batch. A world of one issues none.
     Ring attention's point-to-point traffic is not listed here (the ring cost covers it).
+    With `shard_mirror` (distributed only) the owners' reduced gradient shards shift to
+    their mirrors before the grad norm.
     """
     check_precision(precision)
     check_sharding(sharding)
@@ -215,9 +248,12 @@ def step_collectives(model: ModelSpec, *, precision: str, sharding: str,
     totals = Collective(op="all_reduce", payload_bytes=LOSS_TOTALS_BYTES, dtype="float64",
                         what="loss totals")
     if sharding == "distributed":
+        mirror = () if not shard_mirror else (Collective(
+            op="send_recv", payload_bytes=shard_numel(model.num_params, world_size) * mb,
+            dtype=mdt, what="mirror gradients"),)
         return (Collective(op="reduce_scatter", payload_bytes=n * mb, dtype=mdt,
                            what="gradients"),
-                totals,
+                totals, *mirror,
                 Collective(op="all_reduce", payload_bytes=GRAD_NORM_BYTES, dtype="float64",
                            what="grad norm"),
                 Collective(op="all_gather", payload_bytes=n * cb, dtype=cdt, what="parameters"))

@@ -38,8 +38,27 @@ does not depend on how the range is cut: zero1 and none agree bit for bit. Gradi
 clipping uses the global L2 norm (Pascanu et al. 2013): under `distributed` the squared
 norms of the shards are summed over the ranks (one float64 all-reduce).
 
+Shard mirror (`shard_mirror`, distributed on N > 1): rank r also keeps masters and
+moments of shard (r - 1) mod N, the previous owner's (scheduler.model_states'
+`mirror_holder`). Each step the owners shift their reduced gradient shards one rank along
+the ring of owners into the holder's gradient buffer (the holder's own partial sums there
+are not needed), and the holder runs the same AdamW update on the copy: bit-identical to
+the owner's, every operation being elementwise. A lost rank's shard thus survives on the
+next rank (workers/elastic.py, docs/elastic.md).
+
+The step in three parts, so that a rank lost in the middle cannot leave the others
+disagreeing (workers/elastic.py resolves an interrupted step): `prepare` runs every
+collective that comes before a state change (the mirror shift, then the grad-norm
+all-reduce under `distributed`; under none/zero1 the step's last collective before this is
+run_step's loss totals); `commit` changes masters and moments only, locally; `publish`
+sends the updated parameters. A rank that has completed the last collective before
+`commit` knows that every rank contributed to it, so every rank holds what it needs to
+commit the step too.
+
 Memory: the Parameters become views of the param buffer when the optimizer is built, so
-the model must already be on its device and must not be moved or re-created afterwards.
+the model must already be on its device and must not be moved or re-created afterwards
+(except by building another optimizer for another world: `rebind` and `release` hand the
+parameters back and forth).
 """
 
 from __future__ import annotations
@@ -58,11 +77,16 @@ from scheduler.model_states import (
     check_sharding,
     compute_dtype,
     has_masters,
+    has_mirror,
     master_dtype,
     shard_numel,
 )
 
-__all__ = ["ShardedAdamW", "partition_parameters", "torch_dtype"]
+__all__ = ["STATE_KINDS", "ShardedAdamW", "StateInterval", "partition_parameters",
+           "state_intervals", "torch_dtype"]
+
+# The per-element optimizer state a rank holds for the elements it updates.
+STATE_KINDS = ("master", "exp_avg", "exp_avg_sq")
 
 _TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32,
                  "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -130,6 +154,58 @@ def _layout(numels: Sequence[int], owners: list[int] | None, sharding: str,
     return _Layout(grad_offsets, grad_offsets, numel, ranges)
 
 
+def _segments(layout: _Layout, numels: Sequence[int], decays: Sequence[bool],
+              lo: int, hi: int) -> list[_Segment]:
+    """The parameters' parts of the param-buffer range [lo, hi), in model order."""
+    out = []
+    for i in range(len(numels)):
+        start = layout.param_offsets[i]
+        a, b = max(lo, start), min(hi, start + numels[i])
+        if a < b:
+            out.append(_Segment(param=i, start=a - lo, stop=b - lo,
+                                grad_start=layout.grad_offsets[i] + a - start,
+                                param_start=a, decay=decays[i]))
+    return out
+
+
+@dataclass(frozen=True)
+class StateInterval:
+    """Elements [lo, hi) of the model-order flat parameter vector whose optimizer state a
+    rank holds, at `offset` of its `part` ("own" range or "mirror")."""
+
+    lo: int
+    hi: int
+    part: str
+    offset: int
+
+
+def _owners(numels: Sequence[int], sharding: str, world: int) -> list[int] | None:
+    if sharding != "zero1" or world == 1:
+        return None
+    load, owners = [0] * world, [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: (-numels[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owners[i], load[r] = r, load[r] + numels[i]
+    return owners
+
+
+def state_intervals(numels: Sequence[int], *, sharding: str, world_size: int, rank: int,
+                    shard_mirror: bool = False) -> list[StateInterval]:
+    """Where rank `rank`'s optimizer state lives, in model-order element coordinates.
+
+    A pure function of the parameter sizes and the world (what `ShardedAdamW` builds), so
+    any rank can work out what every other rank holds and needs (workers.elastic).
+    """
+    layout = _layout(numels, _owners(numels, sharding, world_size), sharding, world_size)
+    decays = [True] * len(numels)
+    parts = [("own", layout.ranges[rank])]
+    if has_mirror(sharding=sharding, world_size=world_size, shard_mirror=shard_mirror):
+        parts.append(("mirror", layout.ranges[(rank - 1) % world_size]))
+    return [StateInterval(lo=s.grad_start, hi=s.grad_start + s.stop - s.start, part=part,
+                          offset=s.start)
+            for part, (lo, hi) in parts for s in _segments(layout, numels, decays, lo, hi)]
+
+
 class ShardedAdamW:
     """AdamW over flat buffers for one rank (see the module docstring).
 
@@ -140,7 +216,7 @@ class ShardedAdamW:
 
     def __init__(self, model: torch.nn.Module, *, precision: str, sharding: str,
                  betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.0, group=None):
+                 weight_decay: float = 0.0, group=None, shard_mirror: bool = False):
         self.precision, self.sharding = check_precision(precision), check_sharding(sharding)
         self.betas, self.eps, self.weight_decay, self.group = betas, eps, weight_decay, group
         initialized = dist.is_available() and dist.is_initialized()
@@ -160,13 +236,16 @@ class ShardedAdamW:
         self.grads = GradBuffer(self.params, self.layout.grad_offsets, self.layout.numel,
                                 dtype=torch_dtype(master_dtype(precision)), mode=mode,
                                 group=group)
-        lo, hi = self.owned_range
-        owned = self.param_buffer[lo:hi]
-        self.master = owned.to(self.grads.buffer.dtype, copy=True) if has_masters(precision) \
-            else owned
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
-        self.segments = self._segments()
+        self.master, self.exp_avg, self.exp_avg_sq = self._state_of(self.owned_range)
+        self.segments = self._segments(*self.owned_range)
+        self.shard_mirror = has_mirror(sharding=sharding, world_size=self.world_size,
+                                       shard_mirror=shard_mirror)
+        self.mirror_range: tuple[int, int] | None = None
+        if self.shard_mirror:
+            self.mirror_range = self.layout.ranges[(self.rank - 1) % self.world_size]
+            self.mirror_master, self.mirror_exp_avg, self.mirror_exp_avg_sq = \
+                self._state_of(self.mirror_range)
+            self.mirror_segments = self._segments(*self.mirror_range)
 
     # ----------------------------------------------------------------- construction
     def _check_dtypes(self) -> None:
@@ -188,17 +267,44 @@ class ShardedAdamW:
                 p.data = view
         return buffer
 
-    def _segments(self) -> list[_Segment]:
-        lo, hi = self.owned_range
-        out = []
-        for i, p in enumerate(self.params):
-            start = self.layout.param_offsets[i]
-            a, b = max(lo, start), min(hi, start + p.numel())
-            if a < b:
-                out.append(_Segment(param=i, start=a - lo, stop=b - lo,
-                                    grad_start=self.layout.grad_offsets[i] + a - start,
-                                    param_start=a, decay=p.dim() >= 2))
-        return out
+    def _state_of(self, rng: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """(master, exp_avg, exp_avg_sq) of a param-buffer range, moments zero."""
+        lo, hi = rng
+        part = self.param_buffer[lo:hi]
+        master = part.to(self.grads.buffer.dtype, copy=True) if has_masters(self.precision) \
+            else part
+        return master, torch.zeros_like(master), torch.zeros_like(master)
+
+    def _segments(self, lo: int, hi: int) -> list[_Segment]:
+        return _segments(self.layout, [p.numel() for p in self.params],
+                         [p.dim() >= 2 for p in self.params], lo, hi)
+
+    def rebind(self) -> None:
+        """Make the model's Parameters views of this optimizer's param buffer again."""
+        with torch.no_grad():
+            for p, o in zip(self.params, self.layout.param_offsets, strict=True):
+                p.data = self.param_buffer[o:o + p.numel()].view_as(p)
+
+    def release(self) -> None:
+        """Stop accumulating gradients into this optimizer (another one takes over)."""
+        self.grads.remove_hooks()
+
+    def part(self, name: str) -> dict[str, torch.Tensor]:
+        """The state tensors of the "own" range or the "mirror", by STATE_KINDS name."""
+        if name == "own":
+            return {"master": self.master, "exp_avg": self.exp_avg,
+                    "exp_avg_sq": self.exp_avg_sq}
+        if name == "mirror" and self.shard_mirror:
+            return {"master": self.mirror_master, "exp_avg": self.mirror_exp_avg,
+                    "exp_avg_sq": self.mirror_exp_avg_sq}
+        raise ValueError(f"part={name!r} is not held here (valid: own"
+                         f"{', mirror' if self.shard_mirror else ''})")
+
+    def intervals(self) -> list[StateInterval]:
+        """This rank's StateIntervals (what `state_intervals` says for it)."""
+        return state_intervals([p.numel() for p in self.params], sharding=self.sharding,
+                               world_size=self.world_size, rank=self.rank,
+                               shard_mirror=self.shard_mirror)
 
     @property
     def owned_range(self) -> tuple[int, int]:
@@ -215,6 +321,11 @@ class ShardedAdamW:
                "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
         if has_masters(self.precision):
             out["masters"] = self.master
+        if self.shard_mirror:
+            out.update(mirror_exp_avg=self.mirror_exp_avg,
+                       mirror_exp_avg_sq=self.mirror_exp_avg_sq)
+            if has_masters(self.precision):
+                out["mirror_masters"] = self.mirror_master
         return out
 
     # ----------------------------------------------------------------- the step
@@ -236,26 +347,64 @@ class ShardedAdamW:
         """Clip, update the owned range, publish the parameters; returns the grad norm.
 
         `step` is the 1-based AdamW step (bias correction). Collective: every rank calls it
-        after run_step(..., grads=self.grads).
+        after run_step(..., grads=self.grads). The same as prepare, commit, publish.
         """
-        norm = self.grad_norm()
+        norm = self.prepare()
+        self.commit(lr=lr, step=step, norm=norm, max_grad_norm=max_grad_norm)
+        self.publish()
+        return norm
+
+    def prepare(self) -> float:
+        """The collectives before any state changes (mirror shift, grad norm); the norm."""
+        self._shift_mirror_gradients()
+        return self.grad_norm()
+
+    def commit(self, *, lr: float, step: int, norm: float, max_grad_norm: float | None) -> None:
+        """Clip by `norm` and update the owned range (and the mirror): local, no traffic."""
         clip = 1.0
         if max_grad_norm is not None and norm > 0:
             clip = min(1.0, max_grad_norm / (norm + 1e-6))  # torch.nn.utils.clip_grad_norm_
-        self._update(lr=lr, step=step, clip=clip)
+        self._update(self.segments, self.part("own"), lr=lr, step=step, clip=clip)
+        if self.shard_mirror:
+            self._update(self.mirror_segments, self.part("mirror"), lr=lr, step=step,
+                         clip=clip)
+
+    def publish(self) -> None:
+        """Every rank receives the parameters the others updated (collective)."""
         self._publish()
-        return norm
 
     @torch.no_grad()
-    def _update(self, *, lr: float, step: int, clip: float) -> None:
+    def params_from_masters(self) -> None:
+        """Cast the owned masters into the compute parameters (after the state was loaded
+        from elsewhere; fp32/fp64 masters are the parameters themselves)."""
+        if not has_masters(self.precision):
+            return
+        for s in self.segments:
+            self.param_buffer[s.param_start:s.param_start + s.stop - s.start].copy_(
+                self.master[s.start:s.stop])
+
+    def _shift_mirror_gradients(self) -> None:
+        """Own reduced gradient shard to the next rank; the previous one's into its slot."""
+        if not self.shard_mirror:
+            return
+        buf, n = self.grads.buffer, self.world_size
+        lo, hi = self.mirror_range
+        ops = [dist.P2POp(dist.isend, buf[self.grads.shard], (self.rank + 1) % n, self.group),
+               dist.P2POp(dist.irecv, buf[lo:hi], (self.rank - 1) % n, self.group)]
+        for work in dist.batch_isend_irecv(ops):
+            work.wait()
+
+    @torch.no_grad()
+    def _update(self, segments: list[_Segment], state: dict[str, torch.Tensor], *, lr: float,
+                step: int, clip: float) -> None:
         b1, b2 = self.betas
         step_size = lr / (1 - b1 ** step)
         bc2_sqrt = math.sqrt(1 - b2 ** step)
         decay = 1 - lr * self.weight_decay
         buf = self.grads.buffer
-        for s in self.segments:
+        for s in segments:
             g = buf[s.grad_start:s.grad_start + s.stop - s.start]
-            w, m, v = (t[s.start:s.stop] for t in (self.master, self.exp_avg, self.exp_avg_sq))
+            w, m, v = (state[k][s.start:s.stop] for k in STATE_KINDS)
             if clip < 1.0:
                 g.mul_(clip)
             if s.decay and self.weight_decay:

@@ -43,8 +43,8 @@ from scheduler.specs import ModelSpec
 from workers.optim import ShardedAdamW, partition_parameters
 from workers.step import StepStats, run_step
 
-__all__ = ["PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer", "build_model",
-           "lr_at", "partition_parameters", "train"]
+__all__ = ["InFlightStep", "PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer",
+           "build_model", "lr_at", "partition_parameters", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,6 +70,10 @@ class TrainConfig:
     # uses them on CUDA, where they keep activations out of the caching allocator; on CPU
     # the path is exact but saves nothing.
     activation_arena: Literal["auto", "on", "off"] = "auto"
+    # Keep a mirror of the previous owner's optimizer shard (distributed, > 1 rank), so a
+    # lost rank's shard survives (workers.optim, workers.elastic; job spec
+    # failure.shard_mirror). Costs scheduler.model_states' StateBytes.mirror per rank.
+    shard_mirror: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -160,7 +164,21 @@ class TrainStats:
     step: int  # optimizer steps completed after this one
     lr: float  # learning rate used
     grad_norm: float  # global gradient L2 norm before clipping
-    stats: StepStats  # the forward/backward step's figures
+    stats: StepStats | None  # the forward/backward step's figures (None: a step finished
+    # by workers.elastic after its collectives were interrupted on this rank)
+
+
+@dataclass(kw_only=True)
+class InFlightStep:
+    """An optimizer step a rank has started and not finished: what workers.elastic needs
+    to finish it everywhere or drop it everywhere when a rank is lost in the middle."""
+
+    step: int  # the optimizer step (0-based) being taken
+    next_position: BatchPosition | None  # data position once it completes
+    stats: StepStats | None = None  # run_step returned: the gradient is reduced
+    norm: float | None = None  # the last collective before the update completed here
+    committed: bool = False  # masters and moments updated (local)
+    published: bool = False  # the updated parameters exchanged
 
 
 class Trainer:
@@ -178,26 +196,55 @@ class Trainer:
             else 1
         self.config = config.resolve(device_type=device.type, world_size=world)
         self.model, self.rank, self.group = model, rank, group
-        self.optimizer = ShardedAdamW(model, precision=self.config.precision,
-                                      sharding=self.config.optimizer_sharding,
-                                      betas=self.config.betas, eps=self.config.eps,
-                                      weight_decay=self.config.weight_decay, group=group)
+        self.optimizer = self.build_optimizer()
         self.step = 0  # optimizer steps completed
         self.data_position = BatchPosition()  # next batch of the data stream
+        self.in_flight: InFlightStep | None = None  # the step started and not finished
         self.arenas = _arena_cache(model, self.config)
+
+    def build_optimizer(self) -> ShardedAdamW:
+        """An optimizer of this trainer's settings over the current world (the model's
+        Parameters become views of its buffer; workers.elastic builds one per world)."""
+        c = self.config
+        return ShardedAdamW(self.model, precision=c.precision, sharding=c.optimizer_sharding,
+                            betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
+                            group=self.group, shard_mirror=c.shard_mirror)
 
     def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
                    next_position: BatchPosition | None = None) -> TrainStats:
-        """run_step into the optimizer's gradient buffer, clip, one AdamW update."""
-        stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group,
-                         arenas=self.arenas, grads=self.optimizer.grads)
-        lr = lr_at(self.step, self.config)
-        grad_norm = self.optimizer.step(lr=lr, step=self.step + 1,
-                                        max_grad_norm=self.config.max_grad_norm)
-        self.step += 1
-        if next_position is not None:
-            self.data_position = next_position
-        return TrainStats(step=self.step, lr=lr, grad_norm=grad_norm, stats=stats)
+        """run_step into the optimizer's gradient buffer, clip, one AdamW update.
+
+        `in_flight` records how far the step got, so that an interrupted step can be
+        finished or dropped consistently on every rank (workers.elastic)."""
+        flight = self.in_flight = InFlightStep(step=self.step, next_position=next_position)
+        flight.stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group,
+                                arenas=self.arenas, grads=self.optimizer.grads)
+        self.commit(self.optimizer.prepare())
+        self.optimizer.publish()
+        flight.published = True
+        return self.finish_step()
+
+    def commit(self, norm: float) -> None:
+        """Update masters and moments for the in-flight step, clipped by the global `norm`
+        (local: its collectives are done here or, for workers.elastic, elsewhere)."""
+        flight = self.in_flight
+        self.optimizer.commit(lr=lr_at(flight.step, self.config), step=flight.step + 1,
+                              norm=norm, max_grad_norm=self.config.max_grad_norm)
+        flight.norm, flight.committed = norm, True
+
+    def finish_step(self) -> TrainStats:
+        """Count the committed in-flight step as done: step count and data position."""
+        flight, self.in_flight = self.in_flight, None
+        assert flight is not None and flight.committed, "finish_step without a committed step"
+        self.step = flight.step + 1
+        if flight.next_position is not None:
+            self.data_position = flight.next_position
+        return TrainStats(step=self.step, lr=lr_at(flight.step, self.config),
+                          grad_norm=flight.norm, stats=flight.stats)
+
+    def rebuild_arenas(self) -> None:
+        """New activation arenas after the parameters moved to another buffer."""
+        self.arenas = _arena_cache(self.model, self.config)
 
     def save(self, directory: str | Path) -> Path:
         """Checkpoint model, optimizer, step, RNG and data position (collective)."""

@@ -124,3 +124,33 @@ def test_step_collectives_by_sharding():
     assert sum(c.payload_bytes for c in z[2:]) == 4 * p
     with pytest.raises(SpecError, match="optimizer_sharding='zero2'"):
         step_collectives(spec, precision="fp32", sharding="zero2", world_size=2)
+
+
+def test_shard_mirror_bytes_and_traffic():
+    spec = SPECS[1]
+    p = spec.num_params
+    s7 = shard_numel(p, 7)
+    # bf16-mixed: the previous owner's float32 masters and two float32 moments.
+    plain = model_state_bytes(spec, precision="bf16-mixed", sharding="distributed",
+                              world_size=7)
+    mirrored = model_state_bytes(spec, precision="bf16-mixed", sharding="distributed",
+                                 world_size=7, shard_mirror=True)
+    assert mirrored.mirror == 12 * s7 and mirrored.total == plain.total + 12 * s7
+    # fp32/fp64: moments only (the masters are the replicated compute parameters).
+    assert model_state_bytes(spec, precision="fp32", sharding="distributed", world_size=7,
+                             shard_mirror=True).mirror == 8 * s7
+    assert model_state_bytes(spec, precision="fp64", sharding="distributed", world_size=7,
+                             shard_mirror=True).mirror == 16 * s7
+    # Nothing to mirror on one rank, nor outside the distributed optimizer.
+    for sharding, world in (("distributed", 1), ("none", 4), ("zero1", 4)):
+        assert model_state_bytes(spec, precision="fp32", sharding=sharding, world_size=world,
+                                 shard_mirror=True).mirror == 0
+    d = step_collectives(spec, precision="bf16-mixed", sharding="distributed", world_size=7,
+                         shard_mirror=True)
+    # The shift comes before the grad norm: the last collective before the update.
+    assert [(c.op, c.payload_bytes, c.dtype, c.what) for c in d][2:4] == [
+        ("send_recv", 4 * s7, "float32", "mirror gradients"),
+        ("all_reduce", 8, "float64", "grad norm")]
+    assert step_collectives(spec, precision="fp32", sharding="none", world_size=3,
+                            shard_mirror=True) == step_collectives(
+        spec, precision="fp32", sharding="none", world_size=3)

@@ -18,6 +18,9 @@ checkpoint) does everything and the tests below read its results:
   scheduler.model_states.model_state_bytes exactly, for every precision x sharding.
 - traffic: the collectives one train step issues (torch.distributed wrapped) equal
   scheduler.model_states.step_collectives exactly (op, payload bytes, dtype, root).
+- shard mirror (`shard_mirror=True`, distributed): its bytes and its gradient shift are in
+  the same two checks, and after the exact run every rank's mirror equals the previous
+  owner's masters and moments bit for bit (the same elementwise update on the same data).
 """
 
 from __future__ import annotations
@@ -83,14 +86,15 @@ def _state_bytes(trainer: Trainer) -> dict[str, int]:
     opt = trainer.optimizer
     assert all(p.grad is None for p in trainer.model.parameters())
     storages: dict[int, tuple[str, int]] = {}
+    mirror = [("mirror", t) for t in opt.part("mirror").values()] if opt.shard_mirror else []
     for kind, t in [("params", p) for p in trainer.model.parameters()] + [
             ("grads", opt.grads.buffer), ("masters", opt.master), ("moments", opt.exp_avg),
-            ("moments", opt.exp_avg_sq)]:
+            ("moments", opt.exp_avg_sq)] + mirror:
         # First kind wins: fp32/fp64 masters are the parameters' own storage.
         storages.setdefault(t.untyped_storage().data_ptr(), (kind, t.untyped_storage().nbytes()))
     held = _tensors_held(opt)
     assert held <= set(storages), "the optimizer holds tensors outside the state table"
-    out = {"params": 0, "grads": 0, "masters": 0, "moments": 0}
+    out = {"params": 0, "grads": 0, "masters": 0, "moments": 0, "mirror": 0}
     for kind, nbytes in storages.values():
         out[kind] += nbytes
     return out
@@ -120,9 +124,23 @@ _FORBIDDEN = ("all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_
               "all_to_all", "all_to_all_single", "reduce", "gather", "scatter", "barrier")
 
 
-def _recorded_collectives(fn) -> list[tuple]:
-    """(op, payload bytes, dtype, root) of every collective `fn()` issues."""
+def _recorded_collectives(fn, grad_buffer: torch.Tensor) -> list[tuple]:
+    """(op, payload bytes, dtype, root) of every collective `fn()` issues, and of its
+    point-to-point batches that move `grad_buffer` (ring attention's move activations)."""
     calls, saved = [], {}
+
+    def record_p2p(real):
+        @functools.wraps(real)
+        def recorder(ops):
+            storage = grad_buffer.untyped_storage().data_ptr()
+            if all(op.tensor.untyped_storage().data_ptr() == storage for op in ops):
+                sent = [op.tensor for op in ops if op.op is dist.isend]
+                assert len(sent) == 1 and len(ops) == 2, "a shift is one send, one receive"
+                t = sent[0]
+                calls.append(("send_recv", t.numel() * t.element_size(),
+                              str(t.dtype).split(".")[1], None))
+            return real(ops)
+        return recorder
 
     def wrap(name, index):
         real = getattr(dist, name)
@@ -145,6 +163,8 @@ def _recorded_collectives(fn) -> list[tuple]:
     for name in (*_OPS, *_FORBIDDEN):
         saved[name] = getattr(dist, name)
         setattr(dist, name, wrap(name, _OPS[name]) if name in _OPS else forbid(name))
+    saved["batch_isend_irecv"] = dist.batch_isend_irecv
+    dist.batch_isend_irecv = record_p2p(dist.batch_isend_irecv)
     try:
         fn()
     finally:
@@ -153,23 +173,38 @@ def _recorded_collectives(fn) -> list[tuple]:
     return calls
 
 
+SETTINGS = [(p, s, False) for p in PRECISIONS for s in OPTIMIZER_SHARDINGS] + [
+    (p, "distributed", True) for p in PRECISIONS]  # (precision, sharding, shard_mirror)
+
+
 def _accounting(world: int, rank: int) -> dict:
-    """Bytes and collectives of one step for every precision x sharding."""
+    """Bytes and collectives of one step for every precision x sharding (x mirror)."""
     out = {}
-    for precision in PRECISIONS:
-        for sharding in OPTIMIZER_SHARDINGS:
-            trainer = _trainer(world, rank, precision=precision, sharding=sharding)
-            calls = _recorded_collectives(
-                lambda t=trainer: t.train_step(hdp_plan(world), batch(0)))
-            out[precision, sharding] = {"bytes": _state_bytes(trainer), "calls": calls}
+    for precision, sharding, mirror in SETTINGS:
+        trainer = _trainer(world, rank, precision=precision, sharding=sharding,
+                           shard_mirror=mirror)
+        calls = _recorded_collectives(
+            lambda t=trainer: t.train_step(hdp_plan(world), batch(0)),
+            trainer.optimizer.grads.buffer)
+        out[precision, sharding, mirror] = {"bytes": _state_bytes(trainer), "calls": calls}
+    return out
+
+
+def _mirror_and_own(trainer: Trainer) -> dict:
+    opt = trainer.optimizer
+    out = {"own": {k: t.clone() for k, t in opt.part("own").items()}}
+    if opt.shard_mirror:
+        out["mirror"] = {k: t.clone() for k, t in opt.part("mirror").items()}
     return out
 
 
 def _exact_run(world: int, rank: int, ckpt: str) -> dict:
-    """STEPS fp64 distributed steps; on 4 ranks also save at step 2 and run to step 4."""
-    trainer = _trainer(world, rank, precision="fp64", sharding="distributed")
+    """STEPS fp64 distributed steps (mirrored); on 4 ranks also save at step 2 and run to
+    step 4."""
+    trainer = _trainer(world, rank, precision="fp64", sharding="distributed",
+                       shard_mirror=True)
     norms = [trainer.train_step(hdp_plan(world), batch(s)).grad_norm for s in range(STEPS)]
-    out = {"params": _params(trainer), "norms": norms}
+    out = {"params": _params(trainer), "norms": norms, "state": _mirror_and_own(trainer)}
     if world == 4:
         again = _trainer(world, rank, precision="fp64", sharding="distributed")
         for s in range(2):
@@ -259,22 +294,37 @@ def test_resume_from_four_ranks_on_three_equals_continuing_on_four(runs):
 def test_state_bytes_equal_model_state_bytes(runs, world):
     spec = tiny_spec()
     for rank, r in enumerate(runs[world]):
-        for (precision, sharding), got in r["accounting"].items():
+        for (precision, sharding, mirror), got in r["accounting"].items():
             want = model_state_bytes(spec, precision=precision, sharding=sharding,
-                                     world_size=world, rank=rank)
+                                     world_size=world, rank=rank, shard_mirror=mirror)
             assert got["bytes"] == {"params": want.params, "grads": want.grads,
-                                    "masters": want.masters, "moments": want.moments}, \
-                (world, rank, precision, sharding)
+                                    "masters": want.masters, "moments": want.moments,
+                                    "mirror": want.mirror}, \
+                (world, rank, precision, sharding, mirror)
+            assert (want.mirror > 0) == (mirror and world > 1)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_step_collectives_are_the_ones_issued(runs, world):
     spec = tiny_spec()
     for r in runs[world]:
-        for (precision, sharding), got in r["accounting"].items():
+        for (precision, sharding, mirror), got in r["accounting"].items():
             want = step_collectives(spec, precision=precision, sharding=sharding,
-                                    world_size=world)
+                                    world_size=world, shard_mirror=mirror)
             assert got["calls"] == [(c.op, c.payload_bytes, c.dtype, c.root) for c in want], \
-                (world, precision, sharding)
+                (world, precision, sharding, mirror)
     # Not trivially empty: every sharding communicates on more than one rank.
-    assert (world == 1) == (len(runs[world][0]["accounting"]["fp32", "none"]["calls"]) == 0)
+    calls = runs[world][0]["accounting"]
+    assert (world == 1) == (len(calls["fp32", "none", False]["calls"]) == 0)
+    assert (world == 1) == (not any(c[0] == "send_recv"
+                                    for c in calls["fp32", "distributed", True]["calls"]))
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_mirror_equals_the_previous_owners_shard_bit_for_bit(runs, world):
+    states = [r["exact"]["state"] for r in runs[world]]
+    for rank, state in enumerate(states):
+        owner = states[(rank - 1) % world]["own"]
+        for kind, t in state["mirror"].items():
+            assert torch.equal(t, owner[kind]), (world, rank, kind)
+        assert float(state["mirror"]["exp_avg_sq"].abs().max()) > 0  # really updated
