@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from workers.optim import ShardedAdamW
     from workers.train import Trainer
 
-__all__ = ["load_checkpoint", "save_checkpoint"]
+__all__ = ["load_checkpoint", "load_optimizer_state", "save_checkpoint"]
 
 _LAYOUTS = ("flat", "by_name")  # progress.layout: what `optim` holds (module docstring)
 
@@ -213,6 +213,21 @@ def load_checkpoint(directory: str | Path, trainer: Trainer) -> None:
                                           index=int(progress["index"]))
     if rng_key in state:
         _set_rng(state[rng_key], next(trainer.model.parameters()).device)
+
+
+def load_optimizer_state(directory: str | Path, trainer: Trainer) -> None:
+    """Only the optimizer's masters and moments, into the trainer's current layout
+    (collective): what an elastic world takes for the shards no live rank holds
+    (workers.elastic); the model, step and data position are left as they are."""
+    path = Path(directory)
+    if not (path / ".metadata").is_file():
+        raise ValueError(f"checkpoint directory={str(path)!r} holds no checkpoint")
+    keys = _saved_keys(path)
+    progress = {k: v for k, v in _progress(trainer).items() if f"progress.{k}" in keys}
+    _dcp(dcp.load, {"progress": progress}, path, trainer.group)
+    _check_compatible(path, keys, progress, trainer)
+    _dcp(dcp.load, {"optim": _optim_state(trainer.optimizer, trainer.group)}, path,
+         trainer.group)
 
 
 def _set_rng(rng: dict[str, torch.Tensor], device: torch.device) -> None:

@@ -1,29 +1,35 @@
 """The Ray worker group: one actor per rank, one global process group, steps driven by plans.
 
 `WorkerGroup` starts `num_ranks` `RankWorker` actors (`num_gpus=1` each on GPU clusters, a
-CPU share otherwise), has them join one torch.distributed group (NCCL on CUDA, gloo on
-CPU; rank 0's node hosts the rendezvous), builds the same model on every rank, and then
-runs steps: the driver sends each actor the plan and only the samples its micro-batches
-hold, and every actor runs `Trainer.train_step` (or `run_step`). Save/restore call the
-DCP checkpoint on all ranks.
+CPU share otherwise), hosts the attempt's TCPStore (the rendezvous of every world, one
+prefix per world epoch, so it outlives any rank), has them form world 0 (one
+torch.distributed group, NCCL on CUDA, gloo on CPU) and build the same model on every
+rank, and then runs steps: the driver sends each actor the plan and only the samples its
+micro-batches hold, and every actor runs `Trainer.train_step` (or `run_step`). Save/restore
+call the DCP checkpoint on all ranks.
 
 Failure handling: every call waits on all ranks with `ray.wait`, so the first rank that
 raises or dies is reported at once (`WorkerError` / `WorkerDiedError` naming the rank)
 instead of waiting for the others, which may be blocked in a collective with it until the
-process-group timeout. A failed group is broken: `stop()` kills the actors. Ray itself is
-the caller's: `ray.init()` before (`RAY_ADDRESS` selects a cluster); `WorkerGroup` starts a
-local Ray only when none is running.
+process-group timeout. A failed group is broken: `stop()` kills the actors. With
+`GroupConfig.elastic` it is not: the survivors' calls are collected too (they fail within
+the process-group timeout, or at once when their peer's process is gone), `regroup()`
+forms a world of the survivors (workers.elastic: the interrupted step is finished or
+dropped everywhere, the optimizer resharded) and `rejoin()` one with the slots whose actors
+Ray restarted. Ray itself is the caller's: `ray.init()` before (`RAY_ADDRESS` selects a
+cluster); `WorkerGroup` starts a local Ray only when none is running.
 
-Used by `python -m workers.driver` (the job entrypoint): `train(num_steps, plan_source)`
-runs the loop from the driver with any PlanSource (the controller's plan stream, or
-workers.data.DatasetPlanSource for local runs).
+Used by `python -m workers.driver` (the job entrypoint), whose ranks form their worlds as
+the controller says (`form_world=False`); `train(num_steps, plan_source)` runs the loop
+from the driver with any PlanSource (workers.data.DatasetPlanSource for local runs).
 """
 
 from __future__ import annotations
 
 import datetime
 import os
-import socket
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +58,11 @@ class WorkerError(RuntimeError):
 
 
 class WorkerDiedError(WorkerError):
-    """A rank's actor (process) died; the group cannot continue."""
+    """A rank's actor (process) died; `ranks` lists every slot found dead by the call."""
+
+    def __init__(self, rank: int, message: str, ranks: Sequence[int] = ()):
+        super().__init__(rank, message)
+        self.ranks = tuple(ranks) or (rank,)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +84,13 @@ class GroupConfig:
     timeout_s: float = 600.0  # process-group timeout and the longest wait on one call
     start_timeout_s: float = 120.0  # actors scheduled and process group joined
     env: dict[str, str] = field(default_factory=dict)  # environment of every rank's process
+    # Lost ranks cost a world change, not the group (workers.elastic): Ray restarts a dead
+    # actor up to this many times per slot (0: a death breaks the group, as without).
+    max_actor_restarts: int = 0
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_actor_restarts > 0
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -89,6 +106,8 @@ class GroupConfig:
         if self.timeout_s <= 0 or self.start_timeout_s <= 0:
             raise ValueError(f"timeout_s={self.timeout_s} and start_timeout_s="
                              f"{self.start_timeout_s} must be > 0")
+        if self.max_actor_restarts < 0:
+            raise ValueError(f"max_actor_restarts={self.max_actor_restarts} must be >= 0")
         num_tensors = len(self.model.parameter_numels())
         if self.train.optimizer_sharding == "zero1" and num_tensors < self.num_ranks:
             raise ValueError(f"optimizer_sharding='zero1' needs a parameter tensor per rank, "
@@ -97,42 +116,64 @@ class GroupConfig:
 
 
 class RankWorker:
-    """One rank: its process-group membership, model and trainer (the Ray actor's body)."""
+    """One slot: its worlds' process groups, model and trainer (the Ray actor's body)."""
 
-    def __init__(self, rank: int, config: GroupConfig, use_gpu: bool):
+    def __init__(self, rank: int, config: GroupConfig, use_gpu: bool,
+                 store_address: tuple[str, int]):
         self.rank, self.config, self.use_gpu = rank, config, use_gpu
-        self.trainer = None
-
-    def rendezvous_address(self) -> tuple[str, int]:
-        """This node's address and a free port (asked of rank 0 only)."""
-        with socket.socket() as s:
-            s.bind(("", 0))
-            port = s.getsockname()[1]
-        return ray.util.get_node_ip_address(), port
-
-    def setup(self, address: str, port: int) -> int:
-        """Join the global process group and build the model and trainer; returns pid."""
-        import torch.distributed as dist
-
-        from workers.train import Trainer
-
-        if self.use_gpu:
+        self.store_address = store_address
+        self.elastic = None  # workers.elastic.ElasticRank, once the first world forms
+        if use_gpu:
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
         else:
-            torch.set_num_threads(self.config.torch_threads)
-        dist.init_process_group(
-            "nccl" if self.use_gpu else "gloo", init_method=f"tcp://{address}:{port}",
-            rank=self.rank, world_size=self.config.num_ranks,
-            timeout=datetime.timedelta(seconds=self.config.timeout_s))
-        # NCCL wants one collective over every rank before any ring's point-to-point ops
-        # (docs/ring-attention.md); it is also a cheap check that every rank arrived.
-        dist.barrier()
-        device = "cuda" if self.use_gpu else "cpu"
-        train = self.config.train.resolve(device_type=device,
-                                          world_size=self.config.num_ranks)
-        model = self._initial_model(train.precision, device)
-        self.trainer = Trainer(model, train, rank=self.rank)
+            torch.set_num_threads(config.torch_threads)
+
+    @property
+    def trainer(self):
+        return self.elastic.trainer if self.elastic is not None else None
+
+    @property
+    def life(self) -> int:
+        """1 for this slot's first process, 2 once Ray restarted it (fault drills)."""
+        with warnings.catch_warnings():  # Ray's property reads a deprecated one of its own
+            warnings.simplefilter("ignore")
+            return 2 if ray.get_runtime_context().was_current_actor_reconstructed else 1
+
+    def pid(self) -> int:
         return os.getpid()
+
+    def elastic_rank(self):
+        """This slot's workers.elastic.ElasticRank (connects to the attempt's store)."""
+        import torch.distributed as dist
+
+        from workers.elastic import ElasticRank
+
+        if self.elastic is None:
+            host, port = self.store_address
+            store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(
+                seconds=self.config.start_timeout_s))
+            self.elastic = ElasticRank(slot=self.rank, store=store,
+                                       backend="nccl" if self.use_gpu else "gloo",
+                                       timeout_s=self.config.timeout_s,
+                                       make_trainer=self._make_trainer)
+        return self.elastic
+
+    def _make_trainer(self, *, fresh: bool):
+        """This slot's trainer: everyone's at the start of an attempt (`fresh`), or a
+        joiner's, whose weights and optimizer state the others then send."""
+        import torch.distributed as dist
+
+        from workers.train import Trainer, build_model
+
+        device = "cuda" if self.use_gpu else "cpu"
+        # Resolved for the job's full world: a smaller world keeps the job's settings.
+        train = self.config.train.resolve(device_type=device, world_size=self.config.num_ranks)
+        if fresh:
+            model = self._initial_model(train.precision, device)
+        else:
+            model = build_model(self.config.model, train.precision, device=device)
+            model.source_dir = self.config.model_dir
+        return Trainer(model, train, rank=dist.get_rank())
 
     def _initial_model(self, precision: str, device: str):
         """The same weights on every rank, in the precision's compute dtype: each rank loads
@@ -153,16 +194,29 @@ class RankWorker:
         _check_same_weights(model, cfg.model_dir)
         return model
 
+    def join(self, world, checkpoint: str | None = None):
+        """Form `world` (workers.elastic.World) with the other members; a JoinReport."""
+        return self.elastic_rank().join(world, checkpoint=checkpoint)
+
     def run_step(self, plan_json: str, samples: Mapping[int, torch.Tensor]) -> StepStats:
         from workers.step import run_step
 
         plan = StepPlan.model_validate_json(plan_json)
-        return run_step(self.trainer.model, plan, samples, rank=self.rank)
+        return run_step(self.trainer.model, plan, samples, rank=self.trainer.rank)
 
     def train_step(self, plan_json: str, samples: Mapping[int, torch.Tensor],
                    next_position: BatchPosition | None) -> TrainStats:
+        from workers.faults import fault_at, perform
+
         plan = StepPlan.model_validate_json(plan_json)
-        return self.trainer.train_step(plan, samples, next_position=next_position)
+        fault = fault_at(job_id="", attempt=1, slot=self.rank, step=self.trainer.step,
+                         life=self.life)
+        handle = perform(fault, self.trainer.model) if fault else None
+        try:
+            return self.trainer.train_step(plan, samples, next_position=next_position)
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def save(self, directory: str) -> str:
         return str(self.trainer.save(directory))
@@ -181,7 +235,7 @@ class RankWorker:
         raise ValueError(f"what={what!r} is not valid; valid: params, grads")
 
     def run_agent(self, controller: str, job_id: str, attempt: int):
-        """Serve the controller's plan stream as this rank until the job ends (agent mode)."""
+        """Serve the controller's plan stream as this slot until the job ends (agent mode)."""
         from scheduler.telemetry import make_tracer_provider
         from workers.agent import RankAgent
         from workers.controller_client import WorkerIdentity
@@ -189,10 +243,20 @@ class RankWorker:
         identity = WorkerIdentity(job_id=job_id, attempt=attempt, rank=self.rank)
         provider = make_tracer_provider(default_service_name="ringmaster-worker")
         try:
-            return RankAgent(controller=controller, identity=identity,
-                             tracer_provider=provider).run(self.trainer)
+            agent = RankAgent(controller=controller, identity=identity,
+                              tracer_provider=provider, life=self.life)
+            result = agent.run(self.elastic_rank())
+            if result.fenced:  # a later run_agent joins afresh as a replacement
+                self._reset()
+            return result
         finally:
             provider.shutdown()  # flush what the batch exporters still hold
+
+    def _reset(self) -> None:
+        from workers.elastic import leave_process_group
+
+        leave_process_group("nccl" if self.use_gpu else "gloo")
+        self.elastic = None
 
     def stop(self) -> None:
         import torch.distributed as dist
@@ -240,74 +304,149 @@ def _resources(config: GroupConfig) -> tuple[bool, dict]:
     return False, {"num_cpus": share}
 
 
+def host_store(timeout_s: float):
+    """The attempt's rendezvous store, served from this process: (store, (host, port))."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("0.0.0.0", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    return store, (ray.util.get_node_ip_address(), store.port)
+
+
 class WorkerGroup:
     """One Ray actor per rank, driven together; use as a context manager or call stop()."""
 
-    def __init__(self, config: GroupConfig):
+    def __init__(self, config: GroupConfig, *, form_world: bool = True):
         self.config = config
         self.data_position = BatchPosition()  # next batch of the loop (restored by restore)
         self._broken: WorkerError | None = None
+        self.lost: set[int] = set()  # slots lost since the current world formed
+        self.world = None  # workers.elastic.World of the last formed world
+        self.joins: list = []  # JoinReports of the last formed world, by rank
         _ensure_ray()
         self.use_gpu, options = _resources(config)
         if config.env:  # actors start from the raylet's environment, not the driver's
             options["runtime_env"] = {"env_vars": dict(config.env)}
-        actor = ray.remote(RankWorker).options(max_restarts=0, **options)
-        self.actors = [actor.remote(r, config, self.use_gpu) for r in range(config.num_ranks)]
+        self.store, self.store_address = host_store(config.start_timeout_s)
+        actor = ray.remote(RankWorker).options(max_restarts=config.max_actor_restarts,
+                                               max_task_retries=0, **options)
+        self.actors = [actor.remote(r, config, self.use_gpu, self.store_address)
+                       for r in range(config.num_ranks)]
         try:
-            address, port = self._gather([self.actors[0].rendezvous_address.remote()],
-                                         config.start_timeout_s, ranks=[0])[0]
-            self.pids = self._call("setup", address, port, timeout_s=config.start_timeout_s)
+            self.pids = self._call_slots(range(config.num_ranks), "pid",
+                                         timeout_s=config.start_timeout_s)
+            if form_world:
+                self.form(range(config.num_ranks))
         except BaseException:
             self.stop()
             raise
 
     # ----------------------------------------------------------------- waiting on ranks
     def _gather(self, refs: Sequence, timeout_s: float, *, ranks: Sequence[int]) -> list:
-        """Results in rank order; raises on the first rank to fail, die or time out."""
+        """Results in rank order; raises on the first rank to fail, die or time out.
+
+        Elastic groups wait for every rank first (each either answers, or fails within the
+        process-group timeout), so that every dead slot is known (`lost`)."""
         where = {ref: r for ref, r in zip(refs, ranks, strict=True)}
-        pending, results = list(refs), {}
+        pending, results, errors = list(refs), {}, []
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
             if not ready:
                 late = sorted(where[p] for p in pending)
-                self._fail(WorkerError(late[0], f"ranks {late} did not answer within "
-                                                f"{timeout_s} s"))
-            ref = ready[0]
+                errors.append(WorkerError(late[0], f"ranks {late} did not answer within "
+                                                   f"{timeout_s} s"))
+                break
             try:
-                results[where[ref]] = ray.get(ref, timeout=timeout_s)
-            except RayActorError as exc:
-                self._fail(WorkerDiedError(where[ref], f"actor died ({exc.__class__.__name__}: "
-                                                       f"{str(exc).splitlines()[0]})"))
-            except RayTaskError as exc:
-                cause = exc.cause if exc.cause is not None else exc
-                self._fail(WorkerError(where[ref], f"{type(cause).__name__}: {cause}"))
-            except GetTimeoutError:
-                self._fail(WorkerError(where[ref], f"no result within {timeout_s} s"))
+                results[where[ready[0]]] = ray.get(ready[0], timeout=timeout_s)
+            except (RayActorError, RayTaskError, GetTimeoutError) as exc:
+                errors.append(_worker_error(where[ready[0]], exc, timeout_s))
+                if not self.config.elastic:
+                    break
+        if errors:
+            self._fail(errors)
         return [results[r] for r in ranks]
 
-    def _fail(self, error: WorkerError):
-        self._broken = error
-        raise error
+    def _fail(self, errors: list[WorkerError]):
+        dead = [e.rank for e in errors if isinstance(e, WorkerDiedError)]
+        first = next((e for e in errors if isinstance(e, WorkerDiedError)), errors[0])
+        if dead:
+            first = WorkerDiedError(first.rank, str(first).split(": ", 1)[1], ranks=dead)
+        if self.config.elastic and dead:
+            self.lost |= set(dead)
+        else:
+            self._broken = first
+        raise first
 
-    def _call(self, method: str, *args, timeout_s: float | None = None,
-              per_rank: Callable[[int], tuple] | None = None) -> list:
-        """Call `method` on every actor (args, or per_rank(rank)); results in rank order."""
+    def _call_slots(self, slots: Sequence[int], method: str, *args,
+                    timeout_s: float | None = None,
+                    per_rank: Callable[[int], tuple] | None = None) -> list:
+        """Call `method` on the actors of `slots` (args, or per_rank(i)); results in order."""
         if self._broken is not None:
             raise WorkerError(self._broken.rank, f"the group is broken by an earlier failure "
                                                  f"({self._broken}); start a new one")
-        refs = [getattr(a, method).remote(*(per_rank(r) if per_rank else args))
-                for r, a in enumerate(self.actors)]
-        return self._gather(refs, timeout_s or self.config.timeout_s,
-                            ranks=range(len(self.actors)))
+        slots = list(slots)
+        refs = [getattr(self.actors[s], method).remote(*(per_rank(i) if per_rank else args))
+                for i, s in enumerate(slots)]
+        return self._gather(refs, timeout_s or self.config.timeout_s, ranks=slots)
+
+    def _call(self, method: str, *args, timeout_s: float | None = None,
+              per_rank: Callable[[int], tuple] | None = None) -> list:
+        """Call `method` on every member of the current world, in rank order."""
+        if self.lost:
+            raise WorkerError(min(self.lost), f"slots {sorted(self.lost)} were lost: "
+                                              "regroup() first")
+        return self._call_slots(self.world.members, method, *args, timeout_s=timeout_s,
+                                per_rank=per_rank)
+
+    # ----------------------------------------------------------------- worlds
+    def form(self, slots: Sequence[int], *, checkpoint: str | Path | None = None) -> list:
+        """Form a new world of `slots` (workers.elastic); every member's JoinReport."""
+        from workers.elastic import World
+
+        epoch = self.world.epoch + 1 if self.world is not None else 0
+        world = World(epoch=epoch, members=tuple(sorted(slots)), store_prefix=f"epoch{epoch}")
+        self.lost -= set(world.members)
+        reports = self._call_slots(world.members, "join", world,
+                                   str(checkpoint) if checkpoint else None,
+                                   timeout_s=self.config.start_timeout_s + self.config.timeout_s)
+        self.world, self.joins, self.lost = world, reports, set()
+        self.data_position = _position_after(reports, self.data_position)
+        return reports
+
+    def regroup(self) -> list:
+        """A world of the survivors after WorkerDiedError (elastic groups only)."""
+        if not self.config.elastic:
+            raise WorkerError(-1, "regroup() needs GroupConfig.max_actor_restarts > 0")
+        return self.form([s for s in self.world.members if s not in self.lost])
+
+    def rejoin(self, slots: Sequence[int] | None = None) -> list:
+        """A world with the slots whose actors Ray restarted (default: every missing one)."""
+        missing = [s for s in range(self.config.num_ranks) if s not in self.world.members]
+        slots = missing if slots is None else list(slots)
+        for s in slots:
+            self._wait_restarted(s)
+        return self.form([*self.world.members, *slots])
+
+    def _wait_restarted(self, slot: int) -> None:
+        """Block until Ray has restarted the actor of `slot` (WorkerDiedError if it won't)."""
+        deadline = time.monotonic() + self.config.start_timeout_s
+        while True:
+            try:
+                ray.get(self.actors[slot].pid.remote(), timeout=self.config.start_timeout_s)
+                return
+            except RayActorError as exc:  # restarting (ActorUnavailableError), or dead
+                if time.monotonic() > deadline or "restarting" not in str(exc).lower():
+                    raise WorkerDiedError(slot, f"actor was not restarted ({exc})") from None
+                time.sleep(0.2)
 
     # ----------------------------------------------------------------- public API
     def _per_rank_inputs(self, plan: StepPlan, samples: Mapping[int, torch.Tensor]):
-        if plan.world_size != self.config.num_ranks:
-            raise ValueError(f"plan.world_size={plan.world_size} but the group has "
-                             f"{self.config.num_ranks} ranks")
+        if plan.world_size != self.world.size:
+            raise ValueError(f"plan.world_size={plan.world_size} but the group's world has "
+                             f"{self.world.size} ranks")
         text = plan.model_dump_json()
         subsets = [{i: samples[i] for i in sequence_ids_of_rank(plan, r) if i in samples}
-                   for r in range(self.config.num_ranks)]
+                   for r in range(self.world.size)]
         return text, subsets
 
     def run_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor]) -> list[StepStats]:
@@ -341,7 +480,8 @@ class WorkerGroup:
         Returns each rank's AgentResult; raises WorkerError/WorkerDiedError naming the first
         rank that fails or dies (the others may be blocked in a collective with it).
         """
-        return self._call("run_agent", controller, job_id, attempt, timeout_s=1e9)
+        return self._call_slots(range(self.config.num_ranks), "run_agent", controller, job_id,
+                                attempt, timeout_s=1e9)
 
     def save(self, directory: str | Path) -> Path:
         """DCP checkpoint of every rank into `directory` (shared storage across nodes)."""
@@ -371,3 +511,21 @@ class WorkerGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _worker_error(rank: int, exc: Exception, timeout_s: float) -> WorkerError:
+    if isinstance(exc, RayActorError):
+        return WorkerDiedError(rank, f"actor died ({exc.__class__.__name__}: "
+                                     f"{str(exc).splitlines()[0]})")
+    if isinstance(exc, RayTaskError):
+        cause = exc.cause if exc.cause is not None else exc
+        return WorkerError(rank, f"{type(cause).__name__}: {cause}")
+    return WorkerError(rank, f"no result within {timeout_s} s")
+
+
+def _position_after(reports: list, position: BatchPosition) -> BatchPosition:
+    """The data position a formed world continues from (a finished step moves it)."""
+    done = next((r.finished for r in reports if r.finished is not None), None)
+    if done is not None and done.next_position is not None:
+        return BatchPosition(epoch=done.next_position[0], index=done.next_position[1])
+    return position

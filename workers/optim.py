@@ -201,9 +201,18 @@ def state_intervals(numels: Sequence[int], *, sharding: str, world_size: int, ra
     parts = [("own", layout.ranges[rank])]
     if has_mirror(sharding=sharding, world_size=world_size, shard_mirror=shard_mirror):
         parts.append(("mirror", layout.ranges[(rank - 1) % world_size]))
-    return [StateInterval(lo=s.grad_start, hi=s.grad_start + s.stop - s.start, part=part,
-                          offset=s.start)
-            for part, (lo, hi) in parts for s in _segments(layout, numels, decays, lo, hi)]
+    out: list[StateInterval] = []
+    for part, (lo, hi) in parts:
+        for s in _segments(layout, numels, decays, lo, hi):
+            last = out[-1] if out else None
+            if last and last.part == part and last.hi == s.grad_start \
+                    and last.offset + last.hi - last.lo == s.start:
+                out[-1] = StateInterval(lo=last.lo, hi=s.grad_start + s.stop - s.start,
+                                        part=part, offset=last.offset)
+            else:
+                out.append(StateInterval(lo=s.grad_start, hi=s.grad_start + s.stop - s.start,
+                                         part=part, offset=s.start))
+    return out
 
 
 class ShardedAdamW:
