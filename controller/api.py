@@ -44,6 +44,8 @@ from controller.redis_server import RedisHandle, async_client_like
 from controller.schemas import (
     ErrorResponse,
     Health,
+    JobEventList,
+    JobEventPublic,
     JobList,
     JobPublic,
     LogChunk,
@@ -51,6 +53,7 @@ from controller.schemas import (
     MetricsPage,
     PlanPreview,
     StepMetricsPublic,
+    WorldPublic,
 )
 from controller.spec import JobCreate, validate_model
 from controller.store import JobStore
@@ -81,7 +84,8 @@ JOB = f"/jobs/{{job_id:{JOB_ID_CONVERTOR}}}"
 JOB_LINKS = {name: {"operationId": op, "parameters": {"job_id": "$response.body#/id"}}
              for name, op in (("GetJob", "getJob"), ("StopJob", "stopJob"),
                               ("DeleteJob", "deleteJob"), ("JobLogs", "jobLogs"),
-                              ("JobMetrics", "jobMetrics"))}
+                              ("JobMetrics", "jobMetrics"),
+                              ("JobEvents", "jobEvents"))}
 
 
 def create_app(*, store: JobStore, machine: JobStateMachine, settings: ApiSettings,
@@ -229,8 +233,10 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
     @router.get(JOB, response_model=JobPublic, operation_id="getJob",
                 responses={200: {"description": "The job.", "links": JOB_LINKS}})
     def get_job(job_id: JobId) -> JobPublic:
-        """One job, with every state transition it went through."""
-        return JobPublic.of(store.get(job_id), store.transitions(job_id))
+        """One job, with every state transition it went through and its current world."""
+        rec = store.get(job_id)
+        world = WorldPublic.of(store.world(job_id), rec.spec.resources.num_ranks, rec.attempt)
+        return JobPublic.of(rec, store.transitions(job_id), world=world)
 
     @router.post(f"{JOB}:stop", response_model=JobPublic, operation_id="stopJob",
                  responses={200: {"description": "Stopping or stopped.", "links": JOB_LINKS}})
@@ -274,6 +280,13 @@ def _add_watch_routes(router: APIRouter, store: JobStore, settings: ApiSettings)
             block_ms=block)
         return LogChunk(job_id=job_id, lines=[LogLinePublic.of(x) for x in lines],
                         next_cursor=nxt, finished=state.terminal)
+
+    @router.get(f"{JOB}/events", response_model=JobEventList, operation_id="jobEvents")
+    def job_events(job_id: JobId,
+                   limit: Annotated[QueryInt, Query(ge=1, le=10_000)] = 1000) -> JobEventList:
+        """The job's world changes: rank_lost, world_shrunk, rank_joined, fallback_restart."""
+        return JobEventList(job_id=job_id, events=[
+            JobEventPublic.of(e) for e in store.events(job_id, limit=limit)])
 
     @router.get(f"{JOB}/metrics", response_model=MetricsPage, operation_id="jobMetrics")
     def job_metrics(job_id: JobId,

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from controller.client import RingmasterClient
-from controller.schemas import JobPublic, PlanPreview
+from controller.schemas import JobEventPublic, JobPublic, PlanPreview
 from scheduler.errors import RingmasterError
 
 console = Console(soft_wrap=True)
@@ -72,16 +72,31 @@ def job_table(jobs: list[JobPublic], title: str = "jobs") -> Table:
     return table
 
 
-def show_job(job: JobPublic) -> None:
+def show_job(job: JobPublic, events: list[JobEventPublic] | None = None) -> None:
     console.print(job_table([job], title=f"job {job.id}"))
     if job.message:
         console.print(f"message: {job.message}", highlight=False)
+    if job.world is not None:
+        console.print(world_line(job), highlight=False)
     if job.last_checkpoint:
         console.print(f"last checkpoint: {job.last_checkpoint} (step "
                       f"{job.last_checkpoint_step})", highlight=False)
     for t in job.transitions or []:
         console.print(f"  {t.at:%H:%M:%S} {t.from_state or '-'} -> {t.to_state} "
                       f"[{t.reason}] {t.message}", highlight=False)
+    for e in events or []:
+        console.print(f"  {e.at:%H:%M:%S} {e.kind} ranks {e.ranks} at step {e.step}: world "
+                      f"{e.epoch} of {e.world_size} ranks ({e.reason})", highlight=False)
+
+
+def world_line(job: JobPublic) -> str:
+    """'world 2: 3/4 ranks [0, 2, 3], missing [1] (rank 1 lost: ...)'."""
+    w = job.world
+    total = job.spec.resources.num_ranks
+    extra = f", missing {w.missing}" if w.missing else ""
+    extra += f", joining {w.joining}" if w.joining and not w.formed else ""
+    extra += "" if w.formed else ", forming"
+    return f"world {w.epoch}: {w.size}/{total} ranks {w.ranks}{extra} ({w.reason})"
 
 
 def serve(
@@ -171,13 +186,15 @@ def _wait_with_progress(rm: RingmasterClient, job: JobPublic) -> JobPublic:
 
 def status(job_id: str = typer.Argument(..., help="Job id."), output: Output = OUTPUT,
            url: str = URL, state_dir: Path = STATE_DIR):
-    """Show one job: phase, result, attempt, step, checkpoint and its transitions."""
+    """Show one job: phase, result, attempt, step, current world, checkpoint, its
+    transitions and world changes."""
     try:
         with _client(url, state_dir) as rm:
             job = rm.get(job_id)
+            events = rm.events(job_id, limit=50).events
     except RingmasterError as exc:
         fail(exc)
-    _print_json(job) if output is Output.json else show_job(job)
+    _print_json(job) if output is Output.json else show_job(job, events)
 
 
 def list_(limit: int = typer.Option(50, help="Jobs per page."),

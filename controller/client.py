@@ -27,7 +27,15 @@ from pathlib import Path
 
 import httpx
 
-from controller.schemas import JobList, JobPublic, LogChunk, LogLinePublic, MetricsPage, PlanPreview
+from controller.schemas import (
+    JobEventList,
+    JobList,
+    JobPublic,
+    LogChunk,
+    LogLinePublic,
+    MetricsPage,
+    PlanPreview,
+)
 from controller.spec import JobCreate, inline_local_model, load_job_spec, parse_job_spec
 from scheduler.errors import RingmasterError
 
@@ -196,6 +204,11 @@ class RingmasterClient:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
+
+    def events(self, job_id: str, *, limit: int = 1000) -> JobEventList:
+        """The job's world changes (rank_lost, world_shrunk, rank_joined, fallback_restart)."""
+        resp = self._call("GET", f"/v1/jobs/{job_id}/events", params={"limit": limit})
+        return JobEventList.model_validate(resp.json())
 
     def metrics(self, job_id: str, *, since_step: int = 0, limit: int = 1000) -> MetricsPage:
         resp = self._call("GET", f"/v1/jobs/{job_id}/metrics",

@@ -25,6 +25,7 @@ from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.cost import CostModel, Observation
 from scheduler.dataset import read_lengths, read_units
 from scheduler.plan import StepPlan
+from scheduler.specs import ClusterSpec
 
 MIN_OBSERVATIONS = 3  # a, b and c need three distinct profiles
 MAX_OBSERVATIONS = 512  # a sliding window: the newest measurements win
@@ -73,11 +74,12 @@ def job_memory_settings(spec: JobCreate) -> tuple[str, str]:
     return spec.resolve_precision(), spec.resolve_optimizer_sharding()
 
 
-def job_cost_model(spec: JobCreate) -> CostModel:
-    """The cost and memory model of a job (its model, cluster, precision and sharding)."""
+def job_cost_model(spec: JobCreate, cluster: ClusterSpec | None = None) -> CostModel:
+    """The cost and memory model of a job (its model, cluster, precision and sharding);
+    `cluster` replaces the spec's (an elastic world of fewer ranks: cluster_of_size)."""
     precision, sharding = job_memory_settings(spec)
-    return CostModel(spec.resolve_model(), spec.resolve_cluster(), precision=precision,
-                     optimizer_sharding=sharding)
+    return CostModel(spec.resolve_model(), cluster or spec.resolve_cluster(),
+                     precision=precision, optimizer_sharding=sharding)
 
 
 def check_job_fits(spec: JobCreate) -> None:
@@ -86,14 +88,31 @@ def check_job_fits(spec: JobCreate) -> None:
     job_cost_model(spec).memory.check_states_fit()
 
 
+def cluster_of_size(cluster: ClusterSpec, world_size: int) -> ClusterSpec:
+    """The job's cluster with `world_size` ranks (an elastic world short of some ranks).
+
+    The survivors' real topology is irregular; the planner sees whole nodes of the largest
+    size that divides the world and is at most the cluster's ranks per node."""
+    if world_size == cluster.world_size:
+        return cluster
+    per_node = max(d for d in range(1, min(cluster.gpus_per_node, world_size) + 1)
+                   if world_size % d == 0)
+    return cluster.model_copy(update={"num_nodes": world_size // per_node,
+                                      "gpus_per_node": per_node})
+
+
 def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | None,
-                    seed: int) -> tuple[str, float]:
-    """Runs in the planner process: plan one batch, return (plan JSON, seconds)."""
+                    seed: int, world_size: int | None = None) -> tuple[str, float]:
+    """Runs in the planner process: plan one batch, return (plan JSON, seconds).
+
+    `world_size` plans for fewer (or more) ranks than the job's (elastic worlds)."""
     from scheduler.planner import plan_batch
 
     spec = JobCreate.model_validate_json(spec_json)
     model, cluster = spec.resolve_model(), spec.resolve_cluster()
-    cost = job_cost_model(spec)
+    if world_size is not None:
+        cluster = cluster_of_size(cluster, world_size)
+    cost = job_cost_model(spec, cluster)
     if coefficients is not None:
         cost.a, cost.b, cost.c = coefficients
     t0 = time.perf_counter()
@@ -134,8 +153,9 @@ class PlanPipeline:
     """Plans of one job attempt, `depth` steps ahead of the slowest consumer."""
 
     def __init__(self, spec: JobCreate, executor: Executor, *, depth: int = 2,
-                 lengths: np.ndarray | None = None):
+                 lengths: np.ndarray | None = None, world_size: int | None = None):
         self.spec = spec
+        self.world_size = world_size or spec.resources.num_ranks  # ranks the plans are for
         self._spec_json = spec.model_dump_json()
         self.executor = executor
         self.depth = depth
@@ -143,7 +163,7 @@ class PlanPipeline:
         lengths = read_lengths(spec.dataset.path) if lengths is None else lengths
         self.schedule = BatchSchedule(lengths, tokens_per_batch=spec.training.global_batch_tokens,
                                       seed=spec.training.seed, units=units)
-        self._cost = job_cost_model(spec)
+        self._cost = job_cost_model(spec, self.cluster)
         self._coefficients: tuple | None = None
         self._observations: list[Observation] = []
         self._futures: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}
@@ -156,7 +176,8 @@ class PlanPipeline:
         ids, nxt = self.schedule.batch(step)
         lengths = [int(x) for x in self.schedule.lengths[ids]]
         fut = self.executor.submit(plan_in_process, lengths, self._spec_json,
-                                   self._coefficients, self.spec.training.seed + step)
+                                   self._coefficients, self.spec.training.seed + step,
+                                   self.world_size)
         self._futures[step] = (fut, ids, nxt)
 
     def prefetch(self, step: int) -> None:
@@ -199,9 +220,13 @@ class PlanPipeline:
             return  # not yet three distinct profiles
         self._coefficients = (self._cost.a, self._cost.b, self._cost.c)
 
+    @property
+    def cluster(self) -> ClusterSpec:
+        return cluster_of_size(self.spec.resolve_cluster(), self.world_size)
+
     def predict_s(self, plan: StepPlan) -> float:
         """Step time the current (refitted) model predicts for `plan`."""
         from scheduler import simulate
 
-        return simulate(plan, self.spec.resolve_cluster(), self.spec.resolve_model(),
+        return simulate(plan, self.cluster, self.spec.resolve_model(),
                         cost=self._cost).makespan_s

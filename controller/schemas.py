@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from controller.spec import JobCreate
 from controller.states import JobRecord, Transition
-from controller.store import LogLine, StepMetrics
+from controller.store import EVENT_KINDS, JobEvent, LogLine, StepMetrics
 from scheduler.plan import StepPlan
 
 Phase = Literal["Pending", "Scheduling", "Running", "Restarting", "Stopping", "Finished"]
@@ -43,6 +43,56 @@ class TransitionPublic(_Public):
                    at=_ts(t.at), attempt=t.attempt, reason=t.reason, message=t.message)
 
 
+class WorldPublic(_Public):
+    """The ranks the job's current attempt trains on (docs/elastic.md)."""
+
+    attempt: int
+    epoch: int = Field(description="World number within the attempt; grows with every "
+                                   "membership change.")
+    size: int = Field(description="Ranks in the world.")
+    ranks: list[int] = Field(description="The member ranks, in process-group rank order.")
+    missing: list[int] = Field(description="Ranks of the job not in the world (lost, or a "
+                                           "replacement waiting for the next step boundary).")
+    joining: list[int] = Field(description="Members that have no state yet (rejoining).")
+    formed: bool = Field(description="Every member has formed the world.")
+    reason: str = Field(description="Why the world formed.")
+
+    @classmethod
+    def of(cls, saved: dict | None, num_ranks: int, attempt: int) -> WorldPublic | None:
+        """From the store's snapshot (controller.membership), if it is this attempt's."""
+        if not saved or saved.get("attempt") != attempt or not saved["membership"]["world"]:
+            return None
+        w = saved["membership"]["world"]
+        members = list(w["members"])
+        return cls(attempt=attempt, epoch=w["epoch"], size=len(members), ranks=members,
+                   missing=[r for r in range(num_ranks) if r not in members],
+                   joining=list(w["joining"]), reason=w["reason"],
+                   formed=set(w["formed"]) == set(members))
+
+
+class JobEventPublic(_Public):
+    kind: Literal[tuple(EVENT_KINDS)] = Field(  # type: ignore[valid-type]
+        description="rank_lost, world_shrunk, rank_joined or fallback_restart.")
+    at: datetime
+    attempt: int
+    epoch: int = Field(description="The world epoch after the event.")
+    step: int = Field(description="The step it happened at (the first step the new world "
+                                  "runs).")
+    ranks: list[int] = Field(description="The ranks concerned.")
+    world_size: int = Field(description="Ranks in the world after the event.")
+    reason: str
+
+    @classmethod
+    def of(cls, e: JobEvent) -> JobEventPublic:
+        return cls(kind=e.kind, at=_ts(e.at), attempt=e.attempt, epoch=e.epoch, step=e.step,
+                   ranks=list(e.ranks), world_size=e.world_size, reason=e.reason)
+
+
+class JobEventList(_Public):
+    job_id: str
+    events: list[JobEventPublic] = Field(description="Oldest first.")
+
+
 class JobPublic(_Public):
     """A job as the API shows it."""
 
@@ -66,13 +116,17 @@ class JobPublic(_Public):
     spec: JobCreate
     transitions: list[TransitionPublic] | None = Field(
         default=None, description="Every state change, oldest first (GET /v1/jobs/{id} only).")
+    world: WorldPublic | None = Field(
+        default=None, description="The ranks the current attempt trains on (GET "
+                                  "/v1/jobs/{id} only; null before its ranks registered).")
 
     @property
     def done(self) -> bool:
         return self.result is not None
 
     @classmethod
-    def of(cls, rec: JobRecord, transitions: list[Transition] | None = None) -> JobPublic:
+    def of(cls, rec: JobRecord, transitions: list[Transition] | None = None,
+           world: WorldPublic | None = None) -> JobPublic:
         return cls(
             id=rec.id, name=rec.spec.name, submission_id=rec.spec.submission_id,
             phase=rec.state.phase, result=rec.state.result, reason=rec.reason,
@@ -82,7 +136,7 @@ class JobPublic(_Public):
             created_at=_ts(rec.created_at), updated_at=_ts(rec.updated_at),
             started_at=_ts(rec.started_at), finished_at=_ts(rec.finished_at), spec=rec.spec,
             transitions=None if transitions is None else [TransitionPublic.of(t)
-                                                          for t in transitions])
+                                                          for t in transitions], world=world)
 
 
 class JobList(_Public):
@@ -102,13 +156,16 @@ class StepMetricsPublic(_Public):
     imbalance: float = Field(description="max rank busy / mean rank busy - 1.")
     groups: str = Field(default="", description="The step plan's groups by ring size, "
                                                 "'SIZExCOUNT' words, e.g. '1x6 2x1 4x1'.")
+    world_size: int = Field(default=0, description="Ranks the step ran on (fewer than the "
+                                                   "job's after a lost rank).")
     at: datetime
 
     @classmethod
     def of(cls, m: StepMetrics) -> StepMetricsPublic:
         return cls(step=m.step, attempt=m.attempt, loss=m.loss, tokens_per_s=m.tokens_per_s,
                    predicted_step_s=m.predicted_step_s, measured_step_s=m.measured_step_s,
-                   imbalance=m.imbalance, groups=m.groups, at=_ts(m.at))
+                   imbalance=m.imbalance, groups=m.groups, world_size=m.world_size,
+                   at=_ts(m.at))
 
 
 class MetricsPage(_Public):

@@ -238,12 +238,30 @@ class PlannerSettings(_Section):
 
 
 class FailurePolicy(_Section):
-    """What happens when a worker dies or stalls."""
+    """What happens when a worker dies or stalls (docs/elastic.md)."""
 
     max_restarts: int = Field(default=3, ge=0, le=1000,
                               description="Attempts after the first before the job fails.")
     heartbeat_timeout_s: float = Field(default=60.0, gt=0, le=86_400, allow_inf_nan=False,
-                                       description="A rank silent this long is lost.")
+                                       description="A rank silent this long is lost; also "
+                                                   "the longest wait of one collective.")
+    mode: Literal["replan", "restart"] = Field(
+        default="replan",
+        description="replan: a lost rank costs one step: the survivors re-plan the same "
+                    "batch and go on, a replacement rejoins at a step boundary; restart: "
+                    "every rank restarts from the last checkpoint.")
+    shard_mirror: bool = Field(
+        default=True,
+        description="replan with the distributed optimizer: each rank also keeps the "
+                    "previous rank's optimizer shard, so a lost rank's shard survives "
+                    "(costs that shard's masters and moments per rank, and one gradient "
+                    "shard of traffic per step). Off: lost shards come back from the last "
+                    "checkpoint.")
+    max_lost_ranks: int = Field(
+        default=1, ge=1, le=1_000_000,
+        description="replan: the most ranks the job may be short of resources.num_ranks "
+                    "and go on; one more lost restarts it from the last checkpoint.")
+
 
 
 class JobCreate(_Section):
@@ -348,6 +366,31 @@ class JobCreate(_Section):
                              f"rank, but the model has {num_tensors} tensors for num_ranks="
                              f"{self.resources.num_ranks}; use 'distributed' or 'none'")
         return self
+
+    @model_validator(mode="after")
+    def _failure_fits(self) -> JobCreate:
+        """failure.* settings that would do nothing, or could never hold, are refused.
+
+        (Checked on values, not on which fields were sent: the stored spec carries every
+        default.) shard_mirror's default, on, mirrors only what has shards to mirror: the
+        distributed optimizer on more than one rank."""
+        f, n = self.failure, self.resources.num_ranks
+        if f.mode == "restart":
+            for name, default in (("shard_mirror", True), ("max_lost_ranks", 1)):
+                if getattr(f, name) != default:
+                    raise ValueError(f"failure.{name}={getattr(f, name)!r}: only used by "
+                                     "failure.mode='replan' (this job restarts every rank "
+                                     "on a loss); remove it")
+        elif f.max_lost_ranks > 1 and f.max_lost_ranks >= n:
+            raise ValueError(f"failure.max_lost_ranks={f.max_lost_ranks} must be below "
+                             f"resources.num_ranks={n} (at least one rank must be left)")
+        return self
+
+    def resolve_shard_mirror(self) -> bool:
+        """Whether the workers keep shard mirrors (replan, distributed, > 1 rank)."""
+        f = self.failure
+        return (f.mode == "replan" and f.shard_mirror and self.resources.num_ranks > 1
+                and self.resolve_optimizer_sharding() == "distributed")
 
     @property
     def num_nodes(self) -> int:

@@ -16,6 +16,9 @@ runs with append-only persistence (controller.redis_server). Keys, all under one
     {p}:job:{id}:transitions  LIST of transition JSON, oldest first
     {p}:job:{id}:metrics      ZSET step metrics JSON scored by step
     {p}:job:{id}:logs         STREAM of log lines (the stream id is the log cursor)
+    {p}:job:{id}:events       LIST of job event JSON (rank_lost, world_shrunk, ...), oldest
+                              first
+    {p}:job:{id}:world        STRING JSON of the current attempt's world and membership
 
 State changes are compare-and-set (WATCH/MULTI on the job hash): a transition applies only
 if the job is still in the state the caller saw, so the API and the reconciler may race
@@ -76,6 +79,25 @@ class StepMetrics:
     imbalance: float  # max rank busy time / mean rank busy time - 1 (0 = perfectly balanced)
     groups: str = ""  # the plan's groups by ring size, e.g. "2x1 5x2" (size x count)
     at: float = 0.0  # unix seconds when recorded
+    world_size: int = 0  # ranks the step ran on (fewer than the job's after a loss)
+
+
+EVENT_KINDS = ("rank_lost", "world_shrunk", "rank_joined", "fallback_restart")
+MAX_EVENTS = 10_000  # per job; the oldest are trimmed
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobEvent:
+    """Something that changed a job attempt's world (docs/elastic.md)."""
+
+    kind: str  # one of EVENT_KINDS
+    attempt: int
+    epoch: int  # the world epoch after the event
+    step: int  # the step it happened at (the first step the new world runs)
+    ranks: tuple[int, ...]  # the ranks concerned (lost, joined)
+    world_size: int  # ranks in the world after the event
+    reason: str  # why, in a sentence
+    at: float = 0.0  # unix seconds
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -352,7 +374,8 @@ class JobStore:
                              "(Succeeded, Failed, Stopped) can be deleted; stop it first")
         pipe = self.r.pipeline()
         pipe.delete(self._k("job", job_id), *(self._k("job", job_id, s)
-                                               for s in ("transitions", "metrics", "logs")))
+                                               for s in ("transitions", "metrics", "logs",
+                                                         "events", "world")))
         pipe.zrem(self._k("jobs"), job_id)
         pipe.srem(self._k("active"), job_id)
         pipe.zrem(self._k("pending"), job_id)
@@ -444,3 +467,31 @@ class JobStore:
         cursor, f = row
         return LogLine(cursor=cursor, at=float(f.get("at", 0)),
                        rank=int(f["rank"]) if f.get("rank") else None, text=f.get("text", ""))
+
+    # --- elastic worlds ----------------------------------------------------------------
+
+    def append_event(self, job_id: str, event: JobEvent) -> JobEvent:
+        """Record one job event (stamped now); the list keeps the newest MAX_EVENTS."""
+        assert event.kind in EVENT_KINDS, event.kind
+        event = event if event.at else replace(event, at=self.clock())
+        key = self._k("job", job_id, "events")
+        pipe = self.r.pipeline()
+        pipe.rpush(key, json.dumps(asdict(event)))
+        pipe.ltrim(key, -MAX_EVENTS, -1)
+        pipe.execute()
+        return event
+
+    def events(self, job_id: str, *, limit: int = 1000) -> list[JobEvent]:
+        """The newest `limit` events, oldest first."""
+        if not self.exists(job_id):
+            raise JobNotFound(job_id)
+        rows = self.r.lrange(self._k("job", job_id, "events"), -limit, -1)
+        return [JobEvent(**{**d, "ranks": tuple(d["ranks"])}) for d in map(json.loads, rows)]
+
+    def set_world(self, job_id: str, world: dict) -> None:
+        """The current attempt's world and membership (controller.membership snapshot)."""
+        self.r.set(self._k("job", job_id, "world"), json.dumps(world))
+
+    def world(self, job_id: str) -> dict | None:
+        raw = self.r.get(self._k("job", job_id, "world"))
+        return json.loads(raw) if raw else None

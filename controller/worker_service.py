@@ -9,11 +9,18 @@ current attempt, so workers carry on across the restart.
 Authentication, then fencing: every call must carry the attempt's secret
 (controller.worker_auth; UNAUTHENTICATED otherwise, before anything about the job is
 looked at), and is accepted only from the job's current attempt while the job is
-Scheduling, Running or Stopping. READY is reported to the launcher when every rank has
-been heard from (registered, or, after a controller restart, called in with the
-attempt's secret); a rank whose progress counter has not moved for the job's heartbeat
-timeout, or that reports a failure, ends the attempt (WORKER_LOST). The port may serve
-TLS (`serve_grpc(credentials=...)`). While the job store is away a call gets UNAVAILABLE
+Scheduling, Running or Stopping, and from a rank's current process (the incarnation its
+Register returned; a lost rank's process is fenced off for good). READY is reported to the
+launcher when the attempt's first world is formed of every rank (or, after a controller
+restart, when every rank has called in with the attempt's secret). Under `failure.mode:
+restart` a rank whose progress counter has not moved for the job's heartbeat timeout, or
+that reports a failure, ends the attempt (WORKER_LOST). Under `replan` (docs/elastic.md,
+the default) a rank the driver reports dead, or the rank whose progress stopped first, is
+lost: the survivors form a new world (controller.worlds, controller.membership) and
+re-plan the same batch; a replacement joins at a step boundary; only when re-planning
+cannot work does the attempt end (a `fallback_restart` event says why). Every change is a
+job event (REST, CLI), a `job.world_change` span and a log line. The port may serve TLS
+(`serve_grpc(credentials=...)`). While the job store is away a call gets UNAVAILABLE
 (which workers retry), not an application error with a traceback.
 """
 
@@ -33,12 +40,15 @@ import redis
 from opentelemetry import propagate, trace
 
 from controller.launchers.base import EventKind, LauncherEvent
-from controller.planning import PlannedStep, PlanPipeline
+from controller.membership import Membership
+from controller.planning import PlannedStep
 from controller.rpc import ringmaster_pb2 as pb
 from controller.rpc import ringmaster_pb2_grpc as pb_grpc
 from controller.states import JobRecord, State
 from controller.store import JobNotFound, JobStore, StepMetrics
 from controller.worker_auth import WorkerAuth
+from controller.worlds import AttemptWorlds, Change, Next, policy_of
+from scheduler.errors import InfeasibleBatchError
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +62,7 @@ class RankState:
     registered: bool = False
     progress: tuple[int, int] = (-1, -1)  # (step, progress counter) last heard
     progress_at: float = 0.0  # monotonic time the progress last changed
+    heard_at: float = 0.0  # monotonic time of its last call (a waiting replacement's pulse)
     done_step: int = -1  # newest step this rank has finished (reported or resumed past)
     finished: bool = False  # received the end of its plan stream: no longer watched
 
@@ -59,14 +70,19 @@ class RankState:
 @dataclass(kw_only=True)
 class AttemptRuntime:
     job: JobRecord
-    pipeline: PlanPipeline
+    worlds: AttemptWorlds
     ranks: dict[int, RankState]
     reports: dict[int, dict[int, pb.StepReport]] = field(default_factory=dict)
-    plans: dict[int, tuple[PlannedStep, str]] = field(default_factory=dict)  # + traceparent
+    # (world size, step) -> the plan and its span's traceparent
+    plans: dict[tuple[int, int], tuple[PlannedStep, str]] = field(default_factory=dict)
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
     ready_sent: bool = False
     lost_sent: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @property
+    def replan(self) -> bool:
+        return self.job.spec.failure.mode == "replan"
 
 
 def _store_unavailable_is_retryable(rpc):
@@ -125,8 +141,23 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "missing or wrong worker secret (authorization metadata)")
 
-    def _runtime(self, worker: pb.WorkerId, context) -> tuple[AttemptRuntime | None, str]:
+    def _runtime(self, worker: pb.WorkerId, context, *, registering: bool = False
+                 ) -> tuple[AttemptRuntime | None, str]:
         self._authenticate(worker, context)
+        rt, why = self._attempt_runtime(worker)
+        if rt is None or worker.rank == DRIVER_RANK or registering:
+            return rt, why
+        with rt.cond:
+            current = rt.worlds.membership.current(worker.rank, worker.incarnation)
+        if current:
+            return rt, ""
+        why = (f"rank {worker.rank} process (incarnation {worker.incarnation}) of job "
+               f"{rt.job.id} attempt {rt.job.attempt} was fenced off: it was lost, or a newer "
+               "process replaced it")
+        log.info("%s", why)
+        return None, why
+
+    def _attempt_runtime(self, worker: pb.WorkerId) -> tuple[AttemptRuntime | None, str]:
         try:
             job = self.store.get(worker.job_id)
         except JobNotFound:
@@ -149,10 +180,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     def _new_runtime(self, job: JobRecord) -> AttemptRuntime:
         now = self.clock()
         resumed = _resume_step(job) - 1
-        ranks = {r: RankState(progress_at=now, done_step=resumed)
+        ranks = {r: RankState(progress_at=now, heard_at=now, done_step=resumed)
                  for r in range(job.spec.resources.num_ranks)}
-        return AttemptRuntime(job=job, pipeline=PlanPipeline(job.spec, self.planner_pool),
-                              ranks=ranks)
+        policy = policy_of(job.spec)
+        saved = self.store.world(job.id) or {}
+        membership = Membership(policy=policy)
+        history: dict[int, tuple[int, ...]] = {}
+        if saved.get("attempt") == job.attempt:  # a controller restart: carry on
+            membership = Membership.restore(policy, saved["membership"])
+            history = {int(e): tuple(m) for e, m in saved.get("history", {}).items()}
+        worlds = AttemptWorlds(spec=job.spec, attempt=job.attempt, membership=membership,
+                               planner_pool=self.planner_pool, history=history,
+                               announced_at=now)
+        return AttemptRuntime(job=job, worlds=worlds, ranks=ranks,
+                              ready_sent=membership.world is not None)
 
     def _drop(self, job_id: str, attempt: int) -> None:
         with self._lock:
@@ -165,21 +206,32 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     # RPCs ------------------------------------------------------------------------------
     @_store_unavailable_is_retryable
     def Register(self, request, context):
-        rt, why = self._runtime(request.worker, context)
+        rt, why = self._runtime(request.worker, context, registering=True)
         if rt is None:
             return pb.RegisterReply(accepted=False, reason=why)
-        job, rank = rt.job, request.worker.rank
+        job, rank, incarnation = rt.job, request.worker.rank, 0
         if rank != DRIVER_RANK:
             with rt.cond:
-                rt.ranks[rank].progress_at = self.clock()
-            self._heard_from(rt, rank)
+                now = self.clock()
+                incarnation, change = rt.worlds.registered(
+                    rank, checkpoint=bool(job.last_checkpoint), now=now)
+                st = rt.ranks[rank]
+                st.registered, st.progress_at, st.heard_at, st.finished = True, now, now, False
+                everyone = rt.worlds.world is not None
+                rt.cond.notify_all()
+            self._record(rt, change)
+            if everyone and not rt.ready_sent:
+                rt.ready_sent = True
+                self.launcher.report(LauncherEvent(job_id=job.id, attempt=job.attempt,
+                                                   kind=EventKind.READY))
             self.store.append_logs(job.id, [f"rank {rank} registered from {request.host} "
-                                            f"pid {request.pid} (attempt {job.attempt})"])
+                                            f"pid {request.pid} (attempt {job.attempt}, "
+                                            f"incarnation {incarnation})"])
         return pb.RegisterReply(
             accepted=True, world_size=job.spec.resources.num_ranks,
             job_spec_json=worker_config_json(job), start_step=_resume_step(job),
             checkpoint_dir=job.spec.training.checkpoint_dir or "",
-            resume_from=job.last_checkpoint or "")
+            resume_from=job.last_checkpoint or "", incarnation=incarnation)
 
     @_store_unavailable_is_retryable
     def Heartbeat(self, request, context):
@@ -189,10 +241,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._heard_from(rt, request.worker.rank)
         with rt.cond:
             st = rt.ranks.get(request.worker.rank)
+            now = self.clock()
+            if st is not None:
+                st.heard_at = now
             if st is not None and (request.step, request.progress) != st.progress:
-                st.progress, st.progress_at = (request.step, request.progress), self.clock()
+                st.progress, st.progress_at = (request.step, request.progress), now
+            epoch = rt.worlds.world.epoch if rt.worlds.world is not None else -1
         stop = rt.job.state is State.STOPPING
-        return pb.HeartbeatReply(accepted=True, stop=stop,
+        return pb.HeartbeatReply(accepted=True, stop=stop, world_epoch=epoch,
                                  reason="stop requested" if stop else "")
 
     @_store_unavailable_is_retryable
@@ -200,8 +256,18 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
             return pb.Ack(accepted=False, reason=why)
-        self._lose(rt, request.worker.rank, f"rank {request.worker.rank} failed at step "
-                                            f"{request.step}: {request.error}")
+        rank = request.worker.rank
+        if rt.replan and rank == DRIVER_RANK and request.lost_ranks:
+            ranks = sorted(set(request.lost_ranks))
+            self.store.append_logs(rt.job.id, [f"the driver reports rank(s) {ranks} dead: "
+                                               f"{request.error}"])
+            self._ranks_lost(rt, ranks, f"the process of rank(s) {ranks} died")
+        elif rt.replan and request.recoverable:
+            self._waits_for_world(rt, rank, request.step, request.error)
+        elif rt.replan and request.cannot_replan:
+            self._fall_back(rt, f"rank {rank}: {request.error}", request.step)
+        else:
+            self._lose(rt, rank, f"rank {rank} failed at step {request.step}: {request.error}")
         return pb.Ack(accepted=True)
 
     @_store_unavailable_is_retryable
@@ -217,7 +283,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             rt.cond.notify_all()
             got = rt.reports.setdefault(request.step, {})
             got[request.worker.rank] = request
-            complete = len(got) == len(rt.ranks)
+            complete = self._complete(rt, request.step)
         if complete:
             self._finish_step(rt, request.step)
         return pb.Ack(accepted=True)
@@ -227,11 +293,27 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-        step, total = request.from_step, rt.job.spec.training.steps
+        slot, step, total = request.worker.rank, request.from_step, rt.job.spec.training.steps
+        epoch = request.world_epoch if request.formed else None
         with rt.cond:  # a rank (re)connecting has finished everything before from_step
-            st = rt.ranks.get(request.worker.rank)
+            st = rt.ranks.get(slot)
             if st is not None:
                 st.done_step = max(st.done_step, step - 1)
+                st.progress_at = self.clock()
+            try:
+                completed = epoch is not None and rt.worlds.formed(slot, epoch, step)
+            except ValueError as exc:  # the members disagree on where the world starts
+                completed, disagree = False, str(exc)
+            else:
+                disagree = ""
+            rt.cond.notify_all()
+        if disagree:
+            self._fall_back(rt, disagree, step)
+        if epoch is not None:
+            self._record(rt, Change(snapshot=rt.worlds.membership.snapshot()))
+        if completed:
+            self.store.append_logs(rt.job.id, [f"world {epoch} formed at step {step}: ranks "
+                                               f"{list(rt.worlds.members_of(epoch))}"])
         self._heard_from(rt, request.worker.rank)
         while context.is_active():
             rt, why = self._runtime(request.worker, context)
@@ -243,10 +325,21 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                         st.finished = True
                 yield pb.PlanMessage(step=step, stop=True)
                 return
-            if not self._wait_turn(rt, step, context):
+            nxt = self._next(rt, slot, epoch, request.world_epoch, step)
+            if nxt is Next.FENCED:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"rank {slot} is no longer in the attempt's world")
+            if nxt is Next.WORLD:
+                yield self._world_message(rt, slot, step)
+                return
+            if nxt is Next.WAIT or not self._wait_turn(rt, step, epoch, context):
+                with rt.cond:
+                    rt.cond.wait(timeout=0.5)
                 continue
-            yield self._plan_message(rt, step)
-            step += 1
+            msg = self._plan_message(rt, epoch, step)
+            if msg is not None:
+                yield msg
+                step += 1
 
     # helpers ---------------------------------------------------------------------------
     def _heard_from(self, rt: AttemptRuntime, rank: int) -> None:
@@ -269,24 +362,63 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self.launcher.report(LauncherEvent(job_id=rt.job.id, attempt=rt.job.attempt,
                                                kind=EventKind.READY))
 
-    def _wait_turn(self, rt: AttemptRuntime, step: int, context) -> bool:
-        """Block until `step` is within PLANS_AHEAD of the step every rank has finished."""
+    def _next(self, rt: AttemptRuntime, slot: int, epoch: int | None, attempted: int,
+              step: int) -> Next:
+        """What the stream sends next; a replacement waiting joins when it can."""
         with rt.cond:
-            if step <= min(s.done_step for s in rt.ranks.values()) + PLANS_AHEAD:
-                return True
-            rt.cond.wait(timeout=0.5)
-        return False
+            nxt = rt.worlds.next_for(slot, epoch, attempted, step)
+            change = Change()
+            if nxt is Next.PLAN and rt.worlds.world.epoch == epoch \
+                    and rt.worlds.membership.waiting():
+                change = rt.worlds.maybe_join(epoch, self.clock())
+                if change.world is not None:
+                    self._reset_progress(rt)
+                    rt.cond.notify_all()
+                    nxt = rt.worlds.next_for(slot, epoch, attempted, step)
+        self._record(rt, change)
+        return nxt
 
-    def _planned(self, rt: AttemptRuntime, step: int) -> tuple[PlannedStep, str]:
-        """The step's plan and its span's traceparent, computed once for all ranks."""
+    def _world_message(self, rt: AttemptRuntime, slot: int, step: int) -> pb.PlanMessage:
+        with rt.cond:
+            w = rt.worlds.world
+            rt.worlds.world_sent(slot, self.clock())
+            rt.ranks[slot].progress_at = self.clock()
+        return pb.PlanMessage(step=step, world=pb.World(
+            epoch=w.epoch, members=list(w.members), store_prefix=w.store_prefix,
+            joining=list(w.joining), reason=w.reason,
+            checkpoint=rt.job.last_checkpoint or "",
+            start_step=w.boundary if w.boundary is not None else -1))
+
+    def _wait_turn(self, rt: AttemptRuntime, step: int, epoch: int | None, context) -> bool:
+        """True once `step` is within PLANS_AHEAD of the step every member of the rank's
+        world has finished."""
+        with rt.cond:
+            lost = {s for s, state in rt.worlds.membership.states.items() if state == "lost"}
+            members = [s for s in rt.worlds.members_of(epoch) if s not in lost] or list(
+                rt.ranks)
+            return step <= min(rt.ranks[s].done_step for s in members) + PLANS_AHEAD
+
+    def _complete(self, rt: AttemptRuntime, step: int) -> bool:
+        """Every member of the world the step's reports came from (but the lost) reported."""
+        got = rt.reports.get(step)
+        if not got:
+            return False
+        epoch = max(r.world_epoch for r in got.values())
+        lost = {s for s, state in rt.worlds.membership.states.items() if state == "lost"}
+        expected = {s for s in rt.worlds.members_of(epoch) if s not in lost} or set(rt.ranks)
+        return expected <= set(got)
+
+    def _planned(self, rt: AttemptRuntime, size: int, step: int) -> tuple[PlannedStep, str]:
+        """The step's plan for a world of `size` ranks and its span's traceparent,
+        computed once for all ranks."""
         with rt.plan_lock:
-            if step in rt.plans:
-                return rt.plans[step]
+            if (size, step) in rt.plans:
+                return rt.plans[size, step]
             job = rt.job
             parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
                                        else {})
             with self.tracer.start_as_current_span("planner.plan_step", context=parent) as span:
-                planned = rt.pipeline.get(step)
+                planned = rt.worlds.pipeline(size).get(step)
                 plan = planned.plan
                 predicted = plan.predicted
                 span.set_attributes({
@@ -299,31 +431,47 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 })
                 carrier: dict[str, str] = {}
                 propagate.inject(carrier)
-            rt.plans[step] = (planned, carrier.get("traceparent", ""))
-            return rt.plans[step]
+            rt.plans[size, step] = (planned, carrier.get("traceparent", ""))
+            return rt.plans[size, step]
 
-    def _plan_message(self, rt: AttemptRuntime, step: int) -> pb.PlanMessage:
-        planned, traceparent = self._planned(rt, step)
+    def _plan_message(self, rt: AttemptRuntime, epoch: int, step: int) -> pb.PlanMessage | None:
+        size = len(rt.worlds.members_of(epoch))
+        try:
+            planned, traceparent = self._planned(rt, size, step)
+        except InfeasibleBatchError as exc:
+            if size >= rt.job.spec.resources.num_ranks:
+                raise
+            self._fall_back(rt, f"step {step}'s batch does not fit {size} ranks: {exc}", step)
+            return None
+        with rt.cond:
+            rt.worlds.plan_sent(epoch, step)
         plan, training = planned.plan, rt.job.spec.training
         checkpoint = bool(training.checkpoint_dir) and (
             (step + 1) % training.checkpoint_interval == 0 or step + 1 == training.steps)
         return pb.PlanMessage(
             step=step, plan_json=plan.model_dump_json(), sample_ids=planned.sample_ids,
             data_epoch=planned.next_position.epoch, data_index=planned.next_position.index,
-            checkpoint=checkpoint, traceparent=traceparent,
+            checkpoint=checkpoint, traceparent=traceparent, world_epoch=epoch,
             predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0)
 
     def _finish_step(self, rt: AttemptRuntime, step: int) -> None:
         with rt.cond:
-            reports = rt.reports.pop(step)
-        planned, _ = rt.plans.pop(step, (None, ""))
+            reports = rt.reports.pop(step, None)
+            if not reports:
+                return
+            epochs = {r.world_epoch for r in reports.values()}
+            size = len(reports)
+        planned, _ = rt.plans.pop((size, step), (None, ""))
         metrics = step_metrics(step, rt.job.attempt, reports, planned)
         self.store.append_step_metrics(rt.job.id, metrics)
         ckpt = next((r.checkpoint_path for r in reports.values() if r.checkpoint_path), "")
         if ckpt:
             self.store.record_checkpoint(rt.job.id, step=step + 1, path=ckpt)
-        if planned is not None:
-            rt.pipeline.observe(planned.plan, group_seconds(planned.plan, reports))
+        if planned is not None and len(epochs) == 1 and planned.plan.world_size == size:
+            members = rt.worlds.members_of(epochs.pop()) or tuple(sorted(reports))
+            by_rank = {members.index(s): r for s, r in reports.items() if s in members}
+            rt.worlds.pipeline(size).observe(planned.plan, group_seconds(planned.plan,
+                                                                         by_rank))
 
     def _lose(self, rt: AttemptRuntime, rank: int | None, message: str) -> None:
         if rt.lost_sent:
@@ -345,6 +493,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     def _check_liveness(self, rt: AttemptRuntime) -> None:
         if not rt.ready_sent or rt.lost_sent:
             return
+        if rt.replan:
+            self._check_world(rt)
+            return
         timeout = rt.job.spec.failure.heartbeat_timeout_s
         now = self.clock()
         for rank, st in rt.ranks.items():
@@ -352,6 +503,124 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 self._lose(rt, rank, f"rank {rank} made no progress for {now - st.progress_at:.1f}"
                                      f" s (heartbeat_timeout_s={timeout:g}); presumed stalled")
                 return
+
+    # elastic worlds (docs/elastic.md) ---------------------------------------------------
+    def _check_world(self, rt: AttemptRuntime) -> None:
+        """Replan mode: find the rank that stopped first (the others wait on it), a world
+        that did not form in time, replacements gone silent."""
+        timeout = rt.job.spec.failure.heartbeat_timeout_s
+        now = self.clock()
+        with rt.cond:
+            verdict = _stalled(rt, now, timeout)
+        if verdict is None:
+            return
+        kind, ranks, message = verdict
+        if kind == "regroup":
+            with rt.cond:
+                change = rt.worlds.regroup_same(message, step=self._step_of(rt), now=now)
+                self._reset_progress(rt)
+                rt.cond.notify_all()
+            self._record(rt, change)
+        else:
+            self._ranks_lost(rt, ranks, message)
+
+    def _step_of(self, rt: AttemptRuntime) -> int:
+        """The step the current world is working on (its members' first unfinished)."""
+        members = rt.worlds.membership.members() or tuple(rt.ranks)
+        return min(rt.ranks[s].done_step for s in members) + 1
+
+    def _reset_progress(self, rt: AttemptRuntime) -> None:
+        now = self.clock()
+        for st in rt.ranks.values():
+            st.progress_at = now
+
+    def _ranks_lost(self, rt: AttemptRuntime, ranks: list[int], reason: str) -> None:
+        """`ranks` are gone: the survivors' new world, or the fallback."""
+        with rt.cond:
+            step = self._step_of(rt)
+            change = rt.worlds.lose(ranks, reason, step=step,
+                                    checkpoint=bool(rt.job.last_checkpoint), now=self.clock())
+            self._reset_progress(rt)
+            rt.cond.notify_all()
+            done = [s for s in rt.reports if self._complete(rt, s)]
+        self._record(rt, change)
+        for s in done:  # the lost rank may have been the last one a step waited for
+            self._finish_step(rt, s)
+
+    def _waits_for_world(self, rt: AttemptRuntime, rank: int, step: int, error: str) -> None:
+        """A member's step broke on a vanished peer: it waits for the next world."""
+        with rt.cond:
+            rt.worlds.waiting_world.add(rank)
+        self.store.append_logs(rt.job.id, [f"rank {rank} abandoned step {step} and waits for "
+                                           f"a new world: {error.splitlines()[0][:300]}"])
+
+    def _fall_back(self, rt: AttemptRuntime, reason: str, step: int) -> None:
+        """Re-planning cannot work: a fallback_restart event, then the attempt ends."""
+        with rt.cond:
+            w = rt.worlds.world
+            event = rt.worlds.fallback_event(reason, step)
+        self._record(rt, Change(events=(event,)))
+        self._lose(rt, None, f"fallback_restart: {reason} (world {w.epoch if w else '-'})")
+
+    def _record(self, rt: AttemptRuntime, change: Change) -> None:
+        """Persist and announce a membership change (outside the attempt's lock)."""
+        job = rt.job
+        if change.snapshot is not None:
+            with rt.cond:
+                history = {str(e): list(m) for e, m in rt.worlds.history.items()}
+            self.store.set_world(job.id, {"attempt": job.attempt, "membership": change.snapshot,
+                                          "history": history})
+        for event in change.events:
+            event = self.store.append_event(job.id, event)
+            self.store.append_logs(job.id, [f"{event.kind}: ranks {list(event.ranks)} at step "
+                                            f"{event.step}, world {event.epoch} of "
+                                            f"{event.world_size} ranks: {event.reason}"])
+            self._trace_event(job, event)
+        if change.fallback:
+            self._lose(rt, None, f"fallback_restart: {change.fallback}")
+
+    def _trace_event(self, job: JobRecord, event) -> None:
+        parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
+                                   else {})
+        with self.tracer.start_as_current_span("job.world_change", context=parent) as span:
+            span.set_attributes({
+                "ringmaster.job_id": job.id, "ringmaster.attempt": job.attempt,
+                "world.event": event.kind, "world.epoch": event.epoch,
+                "world.size": event.world_size, "world.ranks": list(event.ranks),
+                "world.step": event.step, "world.reason": event.reason})
+
+
+def _stalled(rt: AttemptRuntime, now: float, timeout: float
+             ) -> tuple[str, list[int], str] | None:
+    """("lose", ranks, why), ("regroup", [], why) or None (see _check_world)."""
+    worlds = rt.worlds
+    w = worlds.world
+    if w is None:
+        return None
+    waiting = [s for s in worlds.membership.waiting() if s not in w.members]
+    silent = [s for s in waiting if now - rt.ranks[s].heard_at > timeout]
+    if silent:
+        return "lose", silent, f"replacement rank(s) {silent} went silent for {timeout:g} s"
+    forming = not w.complete and (w.boundary is None or w.epoch in worlds.offered)
+    if forming:
+        if now - worlds.announced_at <= timeout:
+            return None
+        absent = [s for s in w.members if s not in w.formed and s not in worlds.waiting_world]
+        if absent:
+            return "lose", absent, (f"rank(s) {absent} did not form world {w.epoch} within "
+                                    f"heartbeat_timeout_s={timeout:g}")
+        return "regroup", [], f"forming world {w.epoch} failed on every rank"
+    if w.members and all(s in worlds.waiting_world for s in w.members):
+        return "regroup", [], f"every rank of world {w.epoch} abandoned its step"
+    busy = [s for s in w.members if not rt.ranks[s].finished and s not in worlds.waiting_world
+            and (w.complete or s not in w.joining)]  # joiners wait for the boundary
+    late = [s for s in busy if now - rt.ranks[s].progress_at > timeout]
+    if not late:
+        return None
+    first = min(late, key=lambda s: (rt.ranks[s].progress_at, s))
+    idle = now - rt.ranks[first].progress_at
+    return "lose", [first], (f"rank {first} made no progress for {idle:.1f} s "
+                             f"(heartbeat_timeout_s={timeout:g}); presumed stalled")
 
 
 def _resume_step(job: JobRecord) -> int:
@@ -369,7 +638,9 @@ def worker_config_json(job: JobRecord) -> str:
         # Precision and sharding resolved here, once: the planner charged these figures.
         "training": {**spec.training.model_dump(mode="json"),
                      "precision": spec.resolve_precision(),
-                     "optimizer_sharding": spec.resolve_optimizer_sharding()},
+                     "optimizer_sharding": spec.resolve_optimizer_sharding(),
+                     "shard_mirror": spec.resolve_shard_mirror()},
+        "failure": spec.failure.model_dump(mode="json"),
         "heartbeat_interval_s": max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
     })
 
@@ -384,7 +655,7 @@ def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
     any_report = next(iter(reports.values()))
     predicted = planned.plan.predicted.makespan_s if planned and planned.plan.predicted else 0.0
     return StepMetrics(
-        step=step, attempt=attempt, loss=any_report.loss,
+        step=step, attempt=attempt, loss=any_report.loss, world_size=len(reports),
         tokens_per_s=sum(r.tokens for r in reports.values()) / measured if measured else 0.0,
         predicted_step_s=predicted, measured_step_s=measured,
         imbalance=(max(busy) / mean_busy - 1.0) if mean_busy > 0 else 0.0,

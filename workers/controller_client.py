@@ -1,10 +1,12 @@
 """A rank's gRPC client to the controller (register, plan stream, reports, heartbeats).
 
-Every call carries (job, attempt, rank); a reply with `accepted=False` means this attempt
-has been fenced off (a newer attempt exists, or the job ended) and raises `Fenced`, which
-ends the rank. Calls retry while the controller is unreachable for up to `reconnect_s`,
-so ranks survive a controller restart; the plan stream resumes from the first step not yet
-received. Trace context goes out as W3C `traceparent` metadata on every call.
+Every call carries (job, attempt, rank, incarnation); a reply with `accepted=False` means
+this process has been fenced off (a newer attempt exists, the job ended, or the rank was
+declared lost and replaced) and raises `Fenced`, which ends the rank. `register` learns
+the process's incarnation and every later call presents it. Calls retry while the
+controller is unreachable for up to `reconnect_s`, so ranks survive a controller restart;
+the plan stream resumes from the first step not yet received. Trace context goes out as
+W3C `traceparent` metadata on every call.
 
 Every call also carries the attempt's secret as `authorization: Bearer <secret>` metadata
 (from $RINGMASTER_WORKER_SECRET, which the launcher sets; never a command-line argument);
@@ -18,8 +20,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import grpc
@@ -53,10 +55,12 @@ def _channel(address: str, ca: str | None) -> grpc.Channel:
 class WorkerIdentity:
     job_id: str  # the job's id in the controller
     attempt: int  # fencing token: the attempt this rank belongs to
-    rank: int  # global rank
+    rank: int  # the rank (slot) of the job's full world
+    incarnation: int = 0  # fencing token within the attempt: this process (from register)
 
     def to_pb(self) -> pb.WorkerId:
-        return pb.WorkerId(job_id=self.job_id, attempt=self.attempt, rank=self.rank)
+        return pb.WorkerId(job_id=self.job_id, attempt=self.attempt, rank=self.rank,
+                           incarnation=self.incarnation)
 
 
 class ControllerClient:
@@ -106,7 +110,9 @@ class ControllerClient:
 
     def register(self, *, host: str, pid: int) -> pb.RegisterReply:
         req = pb.RegisterRequest(worker=self.identity.to_pb(), host=host, pid=pid)
-        return self._accepted(self._call(self._stub.Register, req))
+        reply = self._accepted(self._call(self._stub.Register, req))
+        self.identity = replace(self.identity, incarnation=reply.incarnation)
+        return reply
 
     def report_step(self, **fields) -> None:
         req = pb.StepReport(worker=self.identity.to_pb(), **fields)
@@ -116,21 +122,33 @@ class ControllerClient:
         req = pb.HeartbeatRequest(worker=self.identity.to_pb(), step=step, progress=progress)
         return self._accepted(self._call(self._stub.Heartbeat, req))
 
-    def report_failure(self, *, step: int, error: str) -> None:
-        req = pb.FailureReport(worker=self.identity.to_pb(), step=step, error=error[:4000])
-        self._call(self._stub.ReportFailure, req)
+    def report_failure(self, *, step: int, error: str, lost_ranks: Sequence[int] = (),
+                       recoverable: bool = False, cannot_replan: bool = False) -> None:
+        """A fatal error; a step a vanished peer broke (`recoverable`); a world the state
+        cannot be rebuilt for (`cannot_replan`); or, from the driver, ranks whose process
+        died (`lost_ranks`)."""
+        req = pb.FailureReport(worker=self.identity.to_pb(), step=step, error=error[:4000],
+                               lost_ranks=list(lost_ranks), recoverable=recoverable,
+                               cannot_replan=cannot_replan)
+        self._accepted(self._call(self._stub.ReportFailure, req))
 
-    def plans(self, from_step: int) -> Iterator[pb.PlanMessage]:
-        """Plans from `from_step` on, reconnecting (and resuming) across controller restarts."""
+    def plans(self, from_step: int, *, world_epoch: int = -1,
+              formed: bool = False) -> Iterator[pb.PlanMessage]:
+        """Plans from `from_step` on, reconnecting (and resuming) across controller restarts.
+
+        `world_epoch`/`formed`: the last World this rank acted on and whether it formed it
+        (docs/elastic.md). A message with `world` set ends the stream: form that world,
+        then ask again with its epoch."""
         next_step = from_step
         deadline = time.monotonic() + self._reconnect_s
         while True:
-            req = pb.PlanRequest(worker=self.identity.to_pb(), from_step=next_step)
+            req = pb.PlanRequest(worker=self.identity.to_pb(), from_step=next_step,
+                                 world_epoch=world_epoch, formed=formed)
             try:
                 for msg in self._stub.StreamPlans(req, metadata=self._metadata()):
                     deadline = time.monotonic() + self._reconnect_s
                     yield msg
-                    if msg.stop:
+                    if msg.stop or msg.HasField("world"):
                         return
                     next_step = msg.step + 1
                 return

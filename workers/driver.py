@@ -3,12 +3,18 @@
 The controller's launcher starts one driver per job attempt, detached from the controller
 so that the workers outlive a controller restart. The driver registers as the attempt's
 driver (rank -1) to learn the job's worker config, joins Ray (`RAY_ADDRESS`, or a local
-Ray it starts), starts the worker group (one actor per rank, one global process group),
-and has every rank serve the controller's plan stream (workers.agent). It exits when the
-ranks do:
+Ray it starts), starts the worker group (one actor per rank; it hosts the attempt's
+TCPStore, where every world's process group meets) and has every rank serve the
+controller's plan stream (workers.agent), which forms the worlds.
+
+Under `failure.mode: replan` (docs/elastic.md) a rank's death does not end the attempt:
+the driver names the dead rank to the controller (which re-forms the world without it),
+and serves the rank again once Ray has restarted its actor, a replacement that rejoins at
+a step boundary; a rank the controller fenced off (stalled) that comes back is served
+again the same way, in its own process. The driver exits when the ranks do:
 
     0  every rank finished (all steps done, or drained after a stop request)
-    1  a rank died, failed or was fenced off: the attempt is lost (the job may restart)
+    1  a rank died, failed or was fenced off and the attempt is lost (the job may restart)
     3  the job cannot run as specified (bad worker config): restarting will not help
 
 and writes `{"code": ..., "message": ...}` to `--exit-file` first, which is how the launcher
@@ -67,10 +73,8 @@ def _init_ray(num_ranks: int) -> None:
 
 def run(args: argparse.Namespace) -> tuple[int, str]:
     """The attempt, start to finish; returns (exit code, message)."""
-    from scheduler.specs import ModelSpec
-    from workers.agent import train_config
     from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
-    from workers.group import GroupConfig, WorkerError, WorkerGroup
+    from workers.group import WorkerError, WorkerGroup
 
     me = ControllerClient(args.controller, WorkerIdentity(job_id=args.job, attempt=args.attempt,
                                                            rank=DRIVER_RANK))
@@ -79,27 +83,83 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
     except Fenced as exc:
         return EXIT_LOST, str(exc)
     try:
-        config = GroupConfig(num_ranks=int(cfg["num_ranks"]),
-                             model=ModelSpec.model_validate(cfg["model"]),
-                             model_dir=cfg.get("model_dir"),
-                             model_init=cfg.get("model_init") or "random",
-                             train=train_config(cfg), seed=int(cfg["training"]["seed"]),
-                             env=forwarded_env())
+        config = group_config(cfg)
     except (KeyError, ValueError) as exc:
         return EXIT_FAILED, f"worker config is not usable: {exc}"
     _init_ray(config.num_ranks)
     try:
-        with WorkerGroup(config) as group:
-            results = group.run_agents(args.controller, args.job, args.attempt)
-    except WorkerError as exc:
+        with WorkerGroup(config, form_world=False) as group:
+            if not config.elastic:
+                results = group.run_agents(args.controller, args.job, args.attempt)
+            else:
+                results = serve_elastic(group, me, args)
+    except (WorkerError, Fenced) as exc:
         try:
             me.report_failure(step=-1, error=str(exc))
-        except Exception:  # the controller may be away; the exit file still tells
+        except Exception:  # the controller may be away (or fenced us); the exit file tells
             pass
         return EXIT_LOST, str(exc)
     stopped = any(r.stopped for r in results)
-    steps = max(r.final_step for r in results)
+    steps = max((r.final_step for r in results), default=0)
     return EXIT_OK, f"{'stopped' if stopped else 'finished'} at step {steps}"
+
+
+def group_config(cfg: dict):
+    """The worker group of a worker config: elastic (Ray restarts lost ranks' actors,
+    collectives bounded by the heartbeat timeout) under failure.mode replan."""
+    from scheduler.specs import ModelSpec
+    from workers.agent import train_config
+    from workers.group import GroupConfig
+
+    failure = cfg.get("failure", {})
+    replan = failure.get("mode", "restart") == "replan"
+    timeout = float(failure.get("heartbeat_timeout_s", 600.0))
+    return GroupConfig(num_ranks=int(cfg["num_ranks"]),
+                       model=ModelSpec.model_validate(cfg["model"]),
+                       model_dir=cfg.get("model_dir"),
+                       model_init=cfg.get("model_init") or "random",
+                       train=train_config(cfg), seed=int(cfg["training"]["seed"]),
+                       env=forwarded_env(), timeout_s=timeout if replan else 600.0,
+                       max_actor_restarts=MAX_ACTOR_RESTARTS if replan else 0)
+
+
+MAX_ACTOR_RESTARTS = 16  # per rank and attempt; then the rank stays out of the world
+
+
+def serve_elastic(group, me, args: argparse.Namespace) -> list:
+    """Every rank serves the controller; a dead or fenced rank is served again."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from workers.group import WorkerError
+
+    def launch(slot: int):
+        return group.actors[slot].run_agent.remote(args.controller, args.job, args.attempt)
+
+    running = {launch(s): s for s in range(group.config.num_ranks)}
+    results, deaths = [], dict.fromkeys(range(group.config.num_ranks), 0)
+    while running:
+        ready, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+        for ref in ready:
+            slot = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError as exc:
+                deaths[slot] += 1
+                me.report_failure(step=-1, error=str(exc).splitlines()[0][:300],
+                                  lost_ranks=[slot])
+                if deaths[slot] <= MAX_ACTOR_RESTARTS:
+                    running[launch(slot)] = slot  # Ray restarts the actor: a replacement
+                continue
+            except RayTaskError as exc:  # the rank raised: a bug or bad input, not a loss
+                cause = exc.cause if exc.cause is not None else exc
+                raise WorkerError(slot, f"{type(cause).__name__}: {cause}") from None
+            if result.fenced:
+                me.heartbeat(step=-1, progress=0)  # Fenced here: the attempt is over
+                running[launch(slot)] = slot  # a stalled rank came back: serve it afresh
+                continue
+            results.append(result)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ontroller/rpc/ringmaster.proto\x12\rringmaster.v1\"9\n\x08WorkerId\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"U\n\x0fRegisterRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\x9d\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x15\n\rjob_spec_json\x18\x04 \x01(\t\x12\x12\n\nstart_step\x18\x05 \x01(\x03\x12\x16\n\x0e\x63heckpoint_dir\x18\x06 \x01(\t\x12\x13\n\x0bresume_from\x18\x07 \x01(\t\"I\n\x0bPlanRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"\xbb\x01\n\x0bPlanMessage\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x12\n\nsample_ids\x18\x03 \x03(\x03\x12\x12\n\ndata_epoch\x18\x04 \x01(\x03\x12\x12\n\ndata_index\x18\x05 \x01(\x03\x12\x12\n\ncheckpoint\x18\x06 \x01(\x08\x12\x0c\n\x04stop\x18\x07 \x01(\x08\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x18\n\x10predicted_step_s\x18\t \x01(\x01\"\xe0\x01\n\nStepReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x17\n\x0fnum_predictions\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x1b\n\x13micro_batch_times_s\x18\x06 \x03(\x01\x12\x19\n\x11peak_memory_bytes\x18\x07 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\x17\n\x0f\x63heckpoint_path\x18\t \x01(\t\"\'\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x10HeartbeatRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x03\"@\n\x0eHeartbeatReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0c\n\x04stop\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"U\n\rFailureReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t2\xef\x02\n\rWorkerService\x12H\n\x08Register\x12\x1e.ringmaster.v1.RegisterRequest\x1a\x1c.ringmaster.v1.RegisterReply\x12G\n\x0bStreamPlans\x12\x1a.ringmaster.v1.PlanRequest\x1a\x1a.ringmaster.v1.PlanMessage0\x01\x12;\n\nReportStep\x12\x19.ringmaster.v1.StepReport\x1a\x12.ringmaster.v1.Ack\x12K\n\tHeartbeat\x12\x1f.ringmaster.v1.HeartbeatRequest\x1a\x1d.ringmaster.v1.HeartbeatReply\x12\x41\n\rReportFailure\x12\x1c.ringmaster.v1.FailureReport\x1a\x12.ringmaster.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ontroller/rpc/ringmaster.proto\x12\rringmaster.v1\"N\n\x08WorkerId\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x13\n\x0bincarnation\x18\x04 \x01(\x03\"U\n\x0fRegisterRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\xb2\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x15\n\rjob_spec_json\x18\x04 \x01(\t\x12\x12\n\nstart_step\x18\x05 \x01(\x03\x12\x16\n\x0e\x63heckpoint_dir\x18\x06 \x01(\t\x12\x13\n\x0bresume_from\x18\x07 \x01(\t\x12\x13\n\x0bincarnation\x18\x08 \x01(\x03\"\x86\x01\n\x05World\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\x0f\n\x07members\x18\x02 \x03(\x05\x12\x14\n\x0cstore_prefix\x18\x03 \x01(\t\x12\x0f\n\x07joining\x18\x04 \x03(\x05\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x12\n\ncheckpoint\x18\x06 \x01(\t\x12\x12\n\nstart_step\x18\x07 \x01(\x03\"n\n\x0bPlanRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\x12\x13\n\x0bworld_epoch\x18\x03 \x01(\x03\x12\x0e\n\x06\x66ormed\x18\x04 \x01(\x08\"\xf5\x01\n\x0bPlanMessage\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x12\n\nsample_ids\x18\x03 \x03(\x03\x12\x12\n\ndata_epoch\x18\x04 \x01(\x03\x12\x12\n\ndata_index\x18\x05 \x01(\x03\x12\x12\n\ncheckpoint\x18\x06 \x01(\x08\x12\x0c\n\x04stop\x18\x07 \x01(\x08\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x18\n\x10predicted_step_s\x18\t \x01(\x01\x12#\n\x05world\x18\n \x01(\x0b\x32\x14.ringmaster.v1.World\x12\x13\n\x0bworld_epoch\x18\x0b \x01(\x03\"\xf5\x01\n\nStepReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x17\n\x0fnum_predictions\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x1b\n\x13micro_batch_times_s\x18\x06 \x03(\x01\x12\x19\n\x11peak_memory_bytes\x18\x07 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\x17\n\x0f\x63heckpoint_path\x18\t \x01(\t\x12\x13\n\x0bworld_epoch\x18\n \x01(\x03\"\'\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"[\n\x10HeartbeatRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x03\"U\n\x0eHeartbeatReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0c\n\x04stop\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x13\n\x0bworld_epoch\x18\x04 \x01(\x03\"\x95\x01\n\rFailureReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x12\n\nlost_ranks\x18\x04 \x03(\x05\x12\x13\n\x0brecoverable\x18\x05 \x01(\x08\x12\x15\n\rcannot_replan\x18\x06 \x01(\x08\x32\xef\x02\n\rWorkerService\x12H\n\x08Register\x12\x1e.ringmaster.v1.RegisterRequest\x1a\x1c.ringmaster.v1.RegisterReply\x12G\n\x0bStreamPlans\x12\x1a.ringmaster.v1.PlanRequest\x1a\x1a.ringmaster.v1.PlanMessage0\x01\x12;\n\nReportStep\x12\x19.ringmaster.v1.StepReport\x1a\x12.ringmaster.v1.Ack\x12K\n\tHeartbeat\x12\x1f.ringmaster.v1.HeartbeatRequest\x1a\x1d.ringmaster.v1.HeartbeatReply\x12\x41\n\rReportFailure\x12\x1c.ringmaster.v1.FailureReport\x1a\x12.ringmaster.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,27 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'controller.rpc.ringmaster_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_WORKERID']._serialized_start=50
-  _globals['_WORKERID']._serialized_end=107
-  _globals['_REGISTERREQUEST']._serialized_start=109
-  _globals['_REGISTERREQUEST']._serialized_end=194
-  _globals['_REGISTERREPLY']._serialized_start=197
-  _globals['_REGISTERREPLY']._serialized_end=354
-  _globals['_PLANREQUEST']._serialized_start=356
-  _globals['_PLANREQUEST']._serialized_end=429
-  _globals['_PLANMESSAGE']._serialized_start=432
-  _globals['_PLANMESSAGE']._serialized_end=619
-  _globals['_STEPREPORT']._serialized_start=622
-  _globals['_STEPREPORT']._serialized_end=846
-  _globals['_ACK']._serialized_start=848
-  _globals['_ACK']._serialized_end=887
-  _globals['_HEARTBEATREQUEST']._serialized_start=889
-  _globals['_HEARTBEATREQUEST']._serialized_end=980
-  _globals['_HEARTBEATREPLY']._serialized_start=982
-  _globals['_HEARTBEATREPLY']._serialized_end=1046
-  _globals['_FAILUREREPORT']._serialized_start=1048
-  _globals['_FAILUREREPORT']._serialized_end=1133
-  _globals['_WORKERSERVICE']._serialized_start=1136
-  _globals['_WORKERSERVICE']._serialized_end=1503
+  _globals['_WORKERID']._serialized_end=128
+  _globals['_REGISTERREQUEST']._serialized_start=130
+  _globals['_REGISTERREQUEST']._serialized_end=215
+  _globals['_REGISTERREPLY']._serialized_start=218
+  _globals['_REGISTERREPLY']._serialized_end=396
+  _globals['_WORLD']._serialized_start=399
+  _globals['_WORLD']._serialized_end=533
+  _globals['_PLANREQUEST']._serialized_start=535
+  _globals['_PLANREQUEST']._serialized_end=645
+  _globals['_PLANMESSAGE']._serialized_start=648
+  _globals['_PLANMESSAGE']._serialized_end=893
+  _globals['_STEPREPORT']._serialized_start=896
+  _globals['_STEPREPORT']._serialized_end=1141
+  _globals['_ACK']._serialized_start=1143
+  _globals['_ACK']._serialized_end=1182
+  _globals['_HEARTBEATREQUEST']._serialized_start=1184
+  _globals['_HEARTBEATREQUEST']._serialized_end=1275
+  _globals['_HEARTBEATREPLY']._serialized_start=1277
+  _globals['_HEARTBEATREPLY']._serialized_end=1362
+  _globals['_FAILUREREPORT']._serialized_start=1365
+  _globals['_FAILUREREPORT']._serialized_end=1514
+  _globals['_WORKERSERVICE']._serialized_start=1517
+  _globals['_WORKERSERVICE']._serialized_end=1884
 # @@protoc_insertion_point(module_scope)

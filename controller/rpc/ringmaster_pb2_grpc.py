@@ -93,7 +93,8 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportFailure(self, request, context):
-        """A rank that hit an error it cannot recover from (ends the attempt).
+        """A rank that hit an error it cannot recover from (ends the attempt), a rank whose step
+        a lost peer interrupted (recoverable), or the driver naming ranks whose process died.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

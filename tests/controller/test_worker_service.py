@@ -49,7 +49,7 @@ class RecordingLauncher:
 
 @pytest.fixture
 def plane(tmp_path, request):
-    timeout_s = getattr(request, "param", 30.0)
+    timeout_s, mode = getattr(request, "param", (30.0, "replan"))
     lengths = synthesize(tmp_path / "data", distribution="uniform", num_samples=60,
                          max_length=300, seed=1)
     redis = open_redis(state_dir=tmp_path / "state")
@@ -66,7 +66,7 @@ def plane(tmp_path, request):
         "name": "plane", "model": "tiny", "dataset": {"path": str(tmp_path / "data")},
         "resources": {"num_ranks": NUM_RANKS, "cluster": "cpu", "capacity_tokens": 256},
         "training": {"steps": 5, "global_batch_tokens": 1024, "seed": 3},
-        "failure": {"heartbeat_timeout_s": timeout_s}})
+        "failure": {"heartbeat_timeout_s": timeout_s, "mode": mode}})
     job, _ = store.create(spec)
     job = store.transition(job.id, src=State.PENDING, dst=State.SCHEDULING, reason="Admitted",
                            attempt=1)
@@ -84,6 +84,13 @@ def client(plane, rank, attempt=1):
         secret=AUTH.secret_for(plane["job"].id, attempt))
 
 
+def formed(c: ControllerClient, from_step: int = 0):
+    """The plan stream of a scripted rank once it has 'formed' the world it is sent."""
+    msg = next(c.plans(from_step))
+    assert msg.HasField("world") and c.identity.rank in msg.world.members
+    return c.plans(from_step, world_epoch=msg.world.epoch, formed=True)
+
+
 def test_register_stream_report(plane):
     clients = [client(plane, r) for r in range(NUM_RANKS)]
     replies = [c.register(host="h", pid=1) for c in clients]
@@ -91,9 +98,10 @@ def test_register_stream_report(plane):
     assert plane["launcher"].kinds() == [EventKind.READY]
     # Batches are what scheduler.batching forms for the job's seed and budget.
     expected = epoch_batches(plane["lengths"], tokens_per_batch=1024, seed=3)
-    streams = [c.plans(0) for c in clients]
+    streams = [formed(c) for c in clients]
+    pool = ThreadPoolExecutor(max_workers=NUM_RANKS)  # ranks read their streams at once
     for step in range(5):
-        msgs = [next(s) for s in streams]
+        msgs = list(pool.map(next, streams))
         assert {m.step for m in msgs} == {step} and not any(m.stop for m in msgs)
         assert list(msgs[0].sample_ids) == expected[step].tolist()
         plan = StepPlan.model_validate_json(msgs[0].plan_json)
@@ -103,7 +111,7 @@ def test_register_stream_report(plane):
             c.report_step(step=step, loss=2.0 - step / 10, num_predictions=10, tokens=100,
                           micro_batch_times_s=[0.1] * len(plan.micro_batches_of(rank)),
                           step_time_s=0.2 + rank / 10)
-    assert all(next(s).stop for s in streams)
+    assert all(m.stop for m in pool.map(next, streams))
     metrics = plane["store"].step_metrics(plane["job"].id)
     assert [m.step for m in metrics] == list(range(5))
     assert metrics[3].loss == pytest.approx(1.7)
@@ -118,7 +126,10 @@ def test_register_stream_report(plane):
 def test_plans_run_at_most_two_steps_ahead(plane):
     """While step t runs a rank holds the plans of t and t+1; t+2 waits for step t."""
     c0, c1 = client(plane, 0), client(plane, 1)
-    stream = c0.plans(0)
+    c0.register(host="h", pid=1)
+    c1.register(host="h", pid=2)
+    stream, other = formed(c0), formed(c1)
+    threading.Thread(target=lambda: next(other), daemon=True).start()  # rank 1 forms too
     assert [next(stream).step for _ in range(2)] == [0, 1]
     ahead = []
     t = threading.Thread(target=lambda: ahead.append(next(stream).step), daemon=True)
@@ -144,7 +155,7 @@ def test_stale_attempt_is_fenced(plane):
         list(client(plane, 0, attempt=0).plans(0))
 
 
-@pytest.mark.parametrize("plane", [0.6], indirect=True)
+@pytest.mark.parametrize("plane", [(0.6, "restart")], indirect=True)
 def test_stalled_rank_is_detected_within_twice_the_timeout(plane):
     clients = [client(plane, r) for r in range(NUM_RANKS)]
     for c in clients:
