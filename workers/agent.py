@@ -162,9 +162,6 @@ class RankAgent:
         """Form the world of a World message; False if a peer vanished meanwhile."""
         me = self.identity.rank
         world = World(epoch=msg.epoch, members=tuple(msg.members), store_prefix=msg.store_prefix)
-        if msg.joining and me not in msg.joining:
-            perform(fault_at(job_id=self.identity.job_id, attempt=self.identity.attempt,
-                             slot=me, step=None, life=self.life, at="join"))
         try:
             with self.tracer.start_as_current_span("worker.join_world") as span:
                 report = elastic.join(world, checkpoint=msg.checkpoint or None)

@@ -151,9 +151,11 @@ class ElasticRank:
     """
 
     def __init__(self, *, slot: int, store: dist.Store, backend: str, timeout_s: float,
-                 make_trainer: Callable[..., Trainer]):
+                 make_trainer: Callable[..., Trainer],
+                 on_statuses: Callable[[World, list[RankStatus]], None] | None = None):
         self.slot, self.store, self.backend = slot, store, backend
         self.timeout_s, self.make_trainer = timeout_s, make_trainer
+        self.on_statuses = on_statuses  # fault drills: called once the members are known
         self.trainer: Trainer | None = None
         self.world: World | None = None
         self.live: Layout | None = None  # layout of the live optimizer
@@ -166,6 +168,8 @@ class ElasticRank:
         t0 = time.perf_counter()
         self._connect(world)
         statuses = self._exchange()
+        if self.on_statuses is not None:
+            self.on_statuses(world, statuses)
         source = self._settle_layout(statuses)
         finished, dropped = self._settle_step(statuses, source)
         report = self._form(world, statuses, source, checkpoint)

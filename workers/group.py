@@ -123,6 +123,7 @@ class RankWorker:
         self.rank, self.config, self.use_gpu = rank, config, use_gpu
         self.store_address = store_address
         self.elastic = None  # workers.elastic.ElasticRank, once the first world forms
+        self.job_id, self.attempt = "", 1  # the job this slot serves (fault drills)
         if use_gpu:
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
         else:
@@ -155,8 +156,18 @@ class RankWorker:
             self.elastic = ElasticRank(slot=self.rank, store=store,
                                        backend="nccl" if self.use_gpu else "gloo",
                                        timeout_s=self.config.timeout_s,
-                                       make_trainer=self._make_trainer)
+                                       make_trainer=self._make_trainer,
+                                       on_statuses=self._join_fault)
         return self.elastic
+
+    def _join_fault(self, world, statuses) -> None:
+        """RINGMASTER_FAULT `at=join`: die in the middle of forming a world a replacement
+        joins (after the process group formed, before the state moved)."""
+        from workers.faults import fault_at, perform
+
+        if self.elastic.live is not None and any(s.live is None for s in statuses):
+            perform(fault_at(job_id=self.job_id, attempt=self.attempt, slot=self.rank,
+                             step=None, life=self.life, at="join"))
 
     def _make_trainer(self, *, fresh: bool):
         """This slot's trainer: everyone's at the start of an attempt (`fresh`), or a
@@ -209,8 +220,8 @@ class RankWorker:
         from workers.faults import fault_at, perform
 
         plan = StepPlan.model_validate_json(plan_json)
-        fault = fault_at(job_id="", attempt=1, slot=self.rank, step=self.trainer.step,
-                         life=self.life)
+        fault = fault_at(job_id=self.job_id, attempt=self.attempt, slot=self.rank,
+                         step=self.trainer.step, life=self.life)
         handle = perform(fault, self.trainer.model) if fault else None
         try:
             return self.trainer.train_step(plan, samples, next_position=next_position)
@@ -241,6 +252,7 @@ class RankWorker:
         from workers.controller_client import WorkerIdentity
 
         identity = WorkerIdentity(job_id=job_id, attempt=attempt, rank=self.rank)
+        self.job_id, self.attempt = job_id, attempt
         provider = make_tracer_provider(default_service_name="ringmaster-worker")
         try:
             agent = RankAgent(controller=controller, identity=identity,
@@ -323,6 +335,7 @@ class WorkerGroup:
         self.lost: set[int] = set()  # slots lost since the current world formed
         self.world = None  # workers.elastic.World of the last formed world
         self.joins: list = []  # JoinReports of the last formed world, by rank
+        self._epochs = 0  # the next world's epoch
         _ensure_ray()
         self.use_gpu, options = _resources(config)
         if config.env:  # actors start from the raylet's environment, not the driver's
@@ -403,7 +416,7 @@ class WorkerGroup:
         """Form a new world of `slots` (workers.elastic); every member's JoinReport."""
         from workers.elastic import World
 
-        epoch = self.world.epoch + 1 if self.world is not None else 0
+        epoch, self._epochs = self._epochs, self._epochs + 1  # a failed world used one too
         world = World(epoch=epoch, members=tuple(sorted(slots)), store_prefix=f"epoch{epoch}")
         self.lost -= set(world.members)
         reports = self._call_slots(world.members, "join", world,
