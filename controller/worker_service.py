@@ -64,6 +64,8 @@ class RankState:
     progress_at: float = 0.0  # monotonic time the progress last changed
     heard_at: float = 0.0  # monotonic time of its last call (a waiting replacement's pulse)
     done_step: int = -1  # newest step this rank has finished (reported or resumed past)
+    sent_step: int = -1  # newest step whose plan it was sent (it works when > done_step)
+    syncing: bool = False  # its micro-batches are done: it waits in the step's collectives
     finished: bool = False  # received the end of its plan stream: no longer watched
 
 
@@ -78,6 +80,7 @@ class AttemptRuntime:
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
     ready_sent: bool = False
     lost_sent: bool = False
+    fell_back: bool = False  # a fallback_restart was decided: the attempt is ending
     cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -243,7 +246,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             st = rt.ranks.get(request.worker.rank)
             now = self.clock()
             if st is not None:
-                st.heard_at = now
+                st.heard_at, st.syncing = now, request.syncing
             if st is not None and (request.step, request.progress) != st.progress:
                 st.progress, st.progress_at = (request.step, request.progress), now
             epoch = rt.worlds.world.epoch if rt.worlds.world is not None else -1
@@ -319,11 +322,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             rt, why = self._runtime(request.worker, context)
             if rt is None:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-            if rt.job.state is State.STOPPING or step >= total:
+            done = self._world_done(rt, slot)
+            if rt.job.state is State.STOPPING or step >= total or done:
                 with rt.cond:
                     if st is not None:
                         st.finished = True
-                yield pb.PlanMessage(step=step, stop=True)
+                yield pb.PlanMessage(step=total if done else step, stop=True)
                 return
             nxt = self._next(rt, slot, epoch, request.world_epoch, step)
             if nxt is Next.FENCED:
@@ -336,10 +340,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 with rt.cond:
                     rt.cond.wait(timeout=0.5)
                 continue
-            msg = self._plan_message(rt, epoch, step)
-            if msg is not None:
-                yield msg
-                step += 1
+            msg = self._plan_message(rt, epoch, step, slot)
+            if msg is None:  # the attempt is ending (fallback): the next pass says so
+                with rt.cond:
+                    rt.cond.wait(timeout=0.5)
+                continue
+            yield msg
+            step += 1
 
     # helpers ---------------------------------------------------------------------------
     def _heard_from(self, rt: AttemptRuntime, rank: int) -> None:
@@ -377,6 +384,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     nxt = rt.worlds.next_for(slot, epoch, attempted, step)
         self._record(rt, change)
         return nxt
+
+    def _world_done(self, rt: AttemptRuntime, slot: int) -> bool:
+        """A replacement still waiting when every member has finished the job's steps."""
+        with rt.cond:
+            members = rt.worlds.membership.members()
+            return bool(members) and slot not in members and all(
+                rt.ranks[s].finished for s in members)
 
     def _world_message(self, rt: AttemptRuntime, slot: int, step: int) -> pb.PlanMessage:
         with rt.cond:
@@ -434,7 +448,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             rt.plans[size, step] = (planned, carrier.get("traceparent", ""))
             return rt.plans[size, step]
 
-    def _plan_message(self, rt: AttemptRuntime, epoch: int, step: int) -> pb.PlanMessage | None:
+    def _plan_message(self, rt: AttemptRuntime, epoch: int, step: int,
+                      slot: int) -> pb.PlanMessage | None:
         size = len(rt.worlds.members_of(epoch))
         try:
             planned, traceparent = self._planned(rt, size, step)
@@ -445,6 +460,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             return None
         with rt.cond:
             rt.worlds.plan_sent(epoch, step)
+            st = rt.ranks[slot]
+            if st.sent_step <= st.done_step:  # it was waiting for us, not working
+                st.progress_at = self.clock()
+            st.sent_step = max(st.sent_step, step)
         plan, training = planned.plan, rt.job.spec.training
         checkpoint = bool(training.checkpoint_dir) and (
             (step + 1) % training.checkpoint_interval == 0 or step + 1 == training.steps)
@@ -555,8 +574,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                                            f"a new world: {error.splitlines()[0][:300]}"])
 
     def _fall_back(self, rt: AttemptRuntime, reason: str, step: int) -> None:
-        """Re-planning cannot work: a fallback_restart event, then the attempt ends."""
+        """Re-planning cannot work: a fallback_restart event, then the attempt ends (once)."""
         with rt.cond:
+            if rt.lost_sent or rt.fell_back:
+                return
+            rt.fell_back = True
             w = rt.worlds.world
             event = rt.worlds.fallback_event(reason, step)
         self._record(rt, Change(events=(event,)))
@@ -577,6 +599,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                                             f"{event.world_size} ranks: {event.reason}"])
             self._trace_event(job, event)
         if change.fallback:
+            rt.fell_back = True
             self._lose(rt, None, f"fallback_restart: {change.fallback}")
 
     def _trace_event(self, job: JobRecord, event) -> None:
@@ -598,7 +621,8 @@ def _stalled(rt: AttemptRuntime, now: float, timeout: float
     if w is None:
         return None
     waiting = [s for s in worlds.membership.waiting() if s not in w.members]
-    silent = [s for s in waiting if now - rt.ranks[s].heard_at > timeout]
+    silent = [s for s in waiting if not rt.ranks[s].finished
+              and now - rt.ranks[s].heard_at > timeout]
     if silent:
         return "lose", silent, f"replacement rank(s) {silent} went silent for {timeout:g} s"
     forming = not w.complete and (w.boundary is None or w.epoch in worlds.offered)
@@ -612,8 +636,16 @@ def _stalled(rt: AttemptRuntime, now: float, timeout: float
         return "regroup", [], f"forming world {w.epoch} failed on every rank"
     if w.members and all(s in worlds.waiting_world for s in w.members):
         return "regroup", [], f"every rank of world {w.epoch} abandoned its step"
+    gone = [s for s in w.members if not rt.ranks[s].finished
+            and now - rt.ranks[s].heard_at > timeout]
+    if gone:
+        return "lose", gone, f"rank(s) {gone} went silent for {timeout:g} s (no heartbeat)"
+    # Stalled: a rank that holds a plan it has not finished, is still computing it and whose
+    # progress stopped. (Waiting for a plan, for a world to form, for a step boundary or in
+    # the step's collectives for the others is not stalling.)
     busy = [s for s in w.members if not rt.ranks[s].finished and s not in worlds.waiting_world
-            and (w.complete or s not in w.joining)]  # joiners wait for the boundary
+            and (w.complete or s not in w.joining) and not rt.ranks[s].syncing
+            and rt.ranks[s].sent_step > rt.ranks[s].done_step]
     late = [s for s in busy if now - rt.ranks[s].progress_at > timeout]
     if not late:
         return None

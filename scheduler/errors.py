@@ -22,6 +22,9 @@ class PlanValidationError(RingmasterError, ValueError):
         head = f"plan is invalid ({len(self.violations)} violation(s)):"
         super().__init__("\n  - ".join([head, *self.violations]))
 
+    def __reduce__(self):  # pickles with its own arguments (it crosses process pools)
+        return type(self), (self.violations,)
+
 
 class InfeasibleBatchError(RingmasterError, ValueError):
     """A sequence cannot fit even on every rank with full offload."""
@@ -34,6 +37,9 @@ class InfeasibleBatchError(RingmasterError, ValueError):
             f"sequence id {seq_id} of length {length} cannot fit: the largest length that fits "
             f"this cluster (all ranks, full offload) is {max_length}"
         )
+
+    def __reduce__(self):  # the planner process raises it: it must unpickle in the parent
+        return type(self), (self.seq_id, self.length, self.max_length)
 
 
 class DatasetError(RingmasterError, ValueError):

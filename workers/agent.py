@@ -11,10 +11,12 @@ process died, or it stalled past the process-group timeout) is abandoned: the ag
 so (a recoverable failure), skips the plans still queued for the broken world and waits
 for the next World, where the interrupted step is finished or dropped on every member
 (docs/elastic.md). A heartbeat thread sends the progress counter (bumped when a step
-starts and after each micro-batch); the controller presumes the rank whose counter stopped
-first to be stalled. A plan message with `stop` (job done or stop requested) ends the
-loop at a step boundary; a fenced process (lost, replaced, or an old attempt) stops
-without writing anything more: before a checkpoint it checks with the controller.
+starts and after each micro-batch) and whether the rank's micro-batches are done (it then
+only waits in the step's collectives); the controller presumes the rank whose counter
+stopped first, among those still computing, to be stalled. A plan message with `stop`
+(job done or stop requested) ends the loop at a step boundary; a fenced process (lost,
+replaced, or an old attempt) stops without writing anything more: before a checkpoint it
+checks with the controller.
 
 Fault drills: workers.faults (`RINGMASTER_FAULT`).
 """
@@ -40,7 +42,7 @@ from scheduler.plan import StepPlan
 from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
 from workers.data import sequence_ids_of_rank
 from workers.elastic import ElasticRank, JoinReport, Unrecoverable, World
-from workers.faults import fault_at, perform
+from workers.faults import fault_at, perform, ring_victim
 from workers.train import TrainConfig
 
 _COMM_SIGNS = ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL",
@@ -83,6 +85,7 @@ class _Heartbeat(threading.Thread):
         super().__init__(name="heartbeat", daemon=True)
         self.client, self.interval_s = client, interval_s
         self.step, self.progress = 0, 0
+        self.todo = 0  # micro-batches of the current step still to finish
         self.world_epoch = -1  # the controller's current world, as last heard
         self.stop_requested = threading.Event()
         self.fenced = threading.Event()
@@ -91,7 +94,8 @@ class _Heartbeat(threading.Thread):
     def run(self) -> None:
         while not self._done.wait(self.interval_s):
             try:
-                reply = self.client.heartbeat(step=self.step, progress=self.progress)
+                reply = self.client.heartbeat(step=self.step, progress=self.progress,
+                                              syncing=self.todo == 0)
             except Exception:  # fenced or controller gone for good: the main loop notices
                 self.fenced.set()
                 return
@@ -101,6 +105,10 @@ class _Heartbeat(threading.Thread):
 
     def bump(self, *_args) -> None:
         self.progress += 1
+
+    def micro_batch_done(self, *_args) -> None:
+        self.todo = max(0, self.todo - 1)
+        self.bump()
 
     def close(self) -> None:
         self._done.set()
@@ -219,15 +227,22 @@ class RankAgent:
         if msg.step != trainer.step:
             raise RuntimeError(f"rank {self.identity.rank}: controller sent step {msg.step} but "
                                f"the trainer is at step {trainer.step}")
-        fault = fault_at(job_id=self.identity.job_id, attempt=self.identity.attempt,
-                         slot=self.identity.rank, step=msg.step, life=self.life)
-        kill = perform(fault, trainer.model)
-        self.beat.bump()
         plan = StepPlan.model_validate_json(msg.plan_json)
+        victim = ring_victim(plan)
+        fault = fault_at(job_id=self.identity.job_id, attempt=self.identity.attempt,
+                         slot=self.identity.rank, step=msg.step, life=self.life,
+                         ring_slot=elastic.world.members[victim] if victim is not None
+                         else None, world=epoch)
+        self.beat.todo = len(plan.micro_batches_of(rank))
+        kill = perform(fault, trainer, plan, rank)
+        if self.beat.fenced.is_set():  # e.g. back from a stall the controller gave up on
+            raise Fenced(f"the controller fenced this process off during step {msg.step}")
+        self.beat.bump()
         samples = {i: torch.from_numpy(self.dataset[int(msg.sample_ids[i])].astype("int64"))
                    for i in sequence_ids_of_rank(plan, rank)}
         parent = propagate.extract({"traceparent": msg.traceparent} if msg.traceparent else {})
-        hook = trainer.model.embed.weight.register_post_accumulate_grad_hook(self.beat.bump)
+        hook = trainer.model.embed.weight.register_post_accumulate_grad_hook(
+            self.beat.micro_batch_done)
         t0 = time.perf_counter()
         try:
             with self.tracer.start_as_current_span("worker.step", context=parent) as span:

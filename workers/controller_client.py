@@ -118,8 +118,10 @@ class ControllerClient:
         req = pb.StepReport(worker=self.identity.to_pb(), **fields)
         self._accepted(self._call(self._stub.ReportStep, req))
 
-    def heartbeat(self, *, step: int, progress: int) -> pb.HeartbeatReply:
-        req = pb.HeartbeatRequest(worker=self.identity.to_pb(), step=step, progress=progress)
+    def heartbeat(self, *, step: int, progress: int, syncing: bool = False
+                  ) -> pb.HeartbeatReply:
+        req = pb.HeartbeatRequest(worker=self.identity.to_pb(), step=step, progress=progress,
+                                  syncing=syncing)
         return self._accepted(self._call(self._stub.Heartbeat, req))
 
     def report_failure(self, *, step: int, error: str, lost_ranks: Sequence[int] = (),

@@ -124,42 +124,85 @@ def group_config(cfg: dict):
 
 
 MAX_ACTOR_RESTARTS = 16  # per rank and attempt; then the rank stays out of the world
+DEATH_GRACE_S = 1.0  # how long to wait for more ranks dying with the first one
 
 
 def serve_elastic(group, me, args: argparse.Namespace) -> list:
     """Every rank serves the controller; a dead or fenced rank is served again."""
     import ray
-    from ray.exceptions import RayActorError, RayTaskError
 
-    from workers.group import WorkerError
-
-    def launch(slot: int):
-        return group.actors[slot].run_agent.remote(args.controller, args.job, args.attempt)
-
-    running = {launch(s): s for s in range(group.config.num_ranks)}
-    results, deaths = [], dict.fromkeys(range(group.config.num_ranks), 0)
-    while running:
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=5.0)
+    launch = _Launcher(group, args)
+    for s in range(group.config.num_ranks):
+        launch.now(s)
+    results = []
+    while launch.running or launch.later:
+        launch.due()
+        ready, _ = ray.wait(list(launch.running), num_returns=1,
+                            timeout=1.0 if launch.later else 5.0)
+        if ready:  # ranks lost together are reported together: one new world, not two
+            rest = [r for r in launch.running if r not in ready]
+            ready += ray.wait(rest, num_returns=len(rest), timeout=DEATH_GRACE_S)[0] \
+                if rest else []
+        dead = []
         for ref in ready:
-            slot = running.pop(ref)
-            try:
-                result = ray.get(ref)
-            except RayActorError as exc:
-                deaths[slot] += 1
-                me.report_failure(step=-1, error=str(exc).splitlines()[0][:300],
-                                  lost_ranks=[slot])
-                if deaths[slot] <= MAX_ACTOR_RESTARTS:
-                    running[launch(slot)] = slot  # Ray restarts the actor: a replacement
-                continue
-            except RayTaskError as exc:  # the rank raised: a bug or bad input, not a loss
-                cause = exc.cause if exc.cause is not None else exc
-                raise WorkerError(slot, f"{type(cause).__name__}: {cause}") from None
-            if result.fenced:
+            slot = launch.running.pop(ref)
+            result = launch.outcome(slot, ref, dead)
+            if result is not None and result.fenced:
                 me.heartbeat(step=-1, progress=0)  # Fenced here: the attempt is over
-                running[launch(slot)] = slot  # a stalled rank came back: serve it afresh
-                continue
-            results.append(result)
+                launch.now(slot)  # a stalled rank came back: serve it afresh
+            elif result is not None:
+                results.append(result)
+        if dead:
+            me.report_failure(step=-1, error="; ".join(f"rank {s}: {e}" for s, e in dead),
+                              lost_ranks=[s for s, _ in dead])
     return results
+
+
+class _Launcher:
+    """The run_agent calls of the driver's ranks, relaunched as Ray restarts their actors."""
+
+    def __init__(self, group, args: argparse.Namespace):
+        self.group, self.args = group, args
+        self.running: dict = {}  # ref -> slot
+        self.later: dict[int, float] = {}  # slot -> when to try again (actor restarting)
+        self.deaths = dict.fromkeys(range(group.config.num_ranks), 0)
+
+    def now(self, slot: int) -> None:
+        a = self.args
+        self.running[self.group.actors[slot].run_agent.remote(a.controller, a.job,
+                                                               a.attempt)] = slot
+
+    def due(self) -> None:
+        import time
+
+        for slot, at in list(self.later.items()):
+            if time.monotonic() >= at:
+                del self.later[slot]
+                self.now(slot)
+
+    def outcome(self, slot: int, ref, dead: list):
+        """The AgentResult of a finished call, or None (the rank died or is restarting)."""
+        import time
+
+        import ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        from workers.group import WorkerError
+
+        try:
+            return ray.get(ref)
+        except RayActorError as exc:
+            if "restarting" in str(exc).lower():  # not a new death: Ray is on it
+                self.later[slot] = time.monotonic() + 0.5
+                return None
+            self.deaths[slot] += 1
+            dead.append((slot, str(exc).splitlines()[0][:300]))
+            if self.deaths[slot] <= MAX_ACTOR_RESTARTS:
+                self.now(slot)  # Ray restarts the actor: a replacement
+            return None
+        except RayTaskError as exc:  # the rank raised: a bug or bad input, not a loss
+            cause = exc.cause if exc.cause is not None else exc
+            raise WorkerError(slot, f"{type(cause).__name__}: {cause}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,12 +217,15 @@ class RankWorker:
 
     def train_step(self, plan_json: str, samples: Mapping[int, torch.Tensor],
                    next_position: BatchPosition | None) -> TrainStats:
-        from workers.faults import fault_at, perform
+        from workers.faults import fault_at, perform, ring_victim
 
         plan = StepPlan.model_validate_json(plan_json)
+        members, victim = self.elastic.world.members, ring_victim(plan)
         fault = fault_at(job_id=self.job_id, attempt=self.attempt, slot=self.rank,
-                         step=self.trainer.step, life=self.life)
-        handle = perform(fault, self.trainer.model) if fault else None
+                         step=self.trainer.step, life=self.life,
+                         ring_slot=members[victim] if victim is not None else None,
+                         world=self.elastic.world.epoch)
+        handle = perform(fault, self.trainer, plan, self.trainer.rank)
         try:
             return self.trainer.train_step(plan, samples, next_position=next_position)
         finally:

@@ -60,7 +60,10 @@ def job_spec(name: str, data_dir: Path, ckpt: Path, *, steps: int = 6, **failure
                      "learning_rate": 3e-3, "checkpoint_dir": str(ckpt),
                      "checkpoint_interval": 2},
         "planner": {"time_limit_s": 0.2},
-        "failure": {"max_restarts": 2, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S, **failure},
+        # Restart-from-checkpoint recovery (elastic recovery: tests/controller/
+        # test_elastic_jobs.py).
+        "failure": {"max_restarts": 2, "heartbeat_timeout_s": HEARTBEAT_TIMEOUT_S,
+                    "mode": "restart", **failure},
     }
 
 

@@ -71,6 +71,13 @@ def test_infeasible_sequence_names_id_length_and_limit():
     assert 0 < exc.value.max_length < 10**9
     assert "sequence id 1" in str(exc.value)
     assert plan_batch([exc.value.max_length], CPU4, TINY, capacity_tokens=64).check()
+    # The controller plans in a process pool: the error must come back whole (an error
+    # that cannot unpickle breaks the pool for every job).
+    import pickle
+
+    back = pickle.loads(pickle.dumps(exc.value))
+    assert (back.seq_id, back.length, back.max_length, str(back)) == (
+        1, 10**9, exc.value.max_length, str(exc.value))
 
 
 @pytest.mark.parametrize(("kwargs", "field"), [

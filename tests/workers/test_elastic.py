@@ -49,11 +49,11 @@ from .helpers import group, plan_of, random_samples, reference_loss_and_grads, t
 
 LENGTHS = [27, 13, 7, 1, 19, 9]
 CONFIG = dict(lr=1e-2, warmup_steps=1, total_steps=10, max_grad_norm=0.5, weight_decay=0.1)
-FAULTS = ",".join([
+FAULTS = ",".join([  # world=E: the world epoch the step runs in (see the timeline)
     "kill:rank=1:step=2:after=1",
-    "kill:rank=0:step=5:after=1", "kill:rank=2:step=5:after=2",
+    "kill:rank=0:step=5:world=2:after=1", "kill:rank=2:step=5:world=2:after=2",
     "kill:rank=1:at=join:life=2",
-    "kill:rank=1:step=9:after=1:life=2", "kill:rank=2:step=9:after=1:life=2"])
+    "kill:rank=1:step=9:world=6:after=1:life=2", "kill:rank=2:step=9:world=6:after=1:life=2"])
 
 
 def batch(step: int) -> dict[int, torch.Tensor]:
