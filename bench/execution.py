@@ -35,7 +35,8 @@ def scripted_ranks(address: str, job_id: str, ranks: int, step_ms: float, out,
         c = ControllerClient(address, WorkerIdentity(job_id=job_id, attempt=1, rank=r),
                              secret=secret)
         c.register(host="bench", pid=r)
-        stream = c.plans(0)
+        world = next(c.plans(0)).world  # the attempt's first world (docs/elastic.md)
+        stream = c.plans(0, world_epoch=world.epoch, formed=True)
         done = time.perf_counter()
         for msg in stream:
             if r == 0:
@@ -44,7 +45,8 @@ def scripted_ranks(address: str, job_id: str, ranks: int, step_ms: float, out,
                 return
             time.sleep(step_ms / 1000)
             c.report_step(step=msg.step, loss=1.0, num_predictions=1, tokens=100,
-                          micro_batch_times_s=[step_ms / 1000], step_time_s=step_ms / 1000)
+                          micro_batch_times_s=[step_ms / 1000], step_time_s=step_ms / 1000,
+                          world_epoch=world.epoch)
             done = time.perf_counter()
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]

@@ -170,25 +170,31 @@ class RankAgent:
         """Form the world of a World message; False if a peer vanished meanwhile."""
         me = self.identity.rank
         world = World(epoch=msg.epoch, members=tuple(msg.members), store_prefix=msg.store_prefix)
-        try:
+        done: list[JoinReport] = []
+
+        def join() -> None:
             with self.tracer.start_as_current_span("worker.join_world") as span:
-                report = elastic.join(world, checkpoint=msg.checkpoint or None)
-                span.set_attributes(_join_attributes(self.identity, report))
+                done.append(elastic.join(world, checkpoint=msg.checkpoint or None))
+                span.set_attributes(_join_attributes(self.identity, done[0]))
+
+        try:
+            error = self._try(join)
         except Unrecoverable as exc:
             self.client.report_failure(step=-1, error=f"cannot form world {msg.epoch}: {exc}",
                                        cannot_replan=True)
             raise Fenced(f"world {msg.epoch} cannot be formed: {exc}") from None
-        except Exception as exc:
-            if not is_comm_failure(exc):
-                raise
-            self.client.report_failure(step=-1, error=f"forming world {msg.epoch}: {exc}",
+        if error:
+            elastic.abandon()
+            self.client.report_failure(step=-1, error=f"forming world {msg.epoch}: {error}",
                                        recoverable=True)
             return False
+        report = done[0]
         self.beat.step = elastic.trainer.step
         self.beat.bump()
         print(f"rank {me}: formed world {msg.epoch} of {world.size} ranks at step "
               f"{report.step} in {report.seconds:.2f} s ({msg.reason}); received "
-              f"{report.bytes_received} state bytes", flush=True)
+              f"{report.bytes_received} state bytes, sent {report.bytes_sent}, published "
+              f"{report.param_bytes} parameter bytes", flush=True)
         if report.finished is not None:
             self._report_finished(report, msg.epoch)
         return True
@@ -213,14 +219,24 @@ class RankAgent:
                 return "world", msg.world
             if broken or msg.world_epoch != epoch:
                 continue  # planned for a world that broke: the next World replaces it
-            try:
-                self._run_step(msg, elastic, epoch)
-            except Exception as exc:
-                if not is_comm_failure(exc):
-                    raise
+            error = self._try(lambda m=msg: self._run_step(m, elastic, epoch))
+            if error:  # (outside the except block: its traceback holds the group)
                 broken = True
-                self.client.report_failure(step=msg.step, error=str(exc), recoverable=True)
+                elastic.abandon()  # peers blocked on this rank fail now, not at the timeout
+                self.client.report_failure(step=msg.step, error=error, recoverable=True)
         raise Fenced("the plan stream ended without a stop or a new world")
+
+    @staticmethod
+    def _try(fn) -> str:
+        """Run `fn`; '' on success, the message of a communication failure (re-raises
+        anything else)."""
+        try:
+            fn()
+        except Exception as exc:
+            if not is_comm_failure(exc):
+                raise
+            return str(exc)
+        return ""
 
     def _run_step(self, msg, elastic: ElasticRank, epoch: int) -> None:
         trainer, rank = elastic.trainer, elastic.world.rank_of(self.identity.rank)

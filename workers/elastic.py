@@ -39,6 +39,9 @@ was interrupted; all collectives are on the new world's default process group.
 from __future__ import annotations
 
 import datetime
+import gc
+import os
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -131,6 +134,32 @@ def leave_process_group(backend: str) -> None:
     dist.destroy_process_group()
 
 
+def _socket_fds() -> set[int]:
+    """This process's open socket file descriptors (Linux; empty elsewhere)."""
+    out = set()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return out
+    for name in names:
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                out.add(int(name))
+        except OSError:
+            continue
+    return out
+
+
+def _shut_down(fds: set[int]) -> None:
+    """Shut down (not close: their owner still holds them) these TCP connections."""
+    for fd in fds:
+        try:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            continue
+
+
 def _flight_status(trainer: Trainer) -> FlightStatus | None:
     f = trainer.in_flight
     if f is None:
@@ -161,6 +190,24 @@ class ElasticRank:
         self.live: Layout | None = None  # layout of the live optimizer
         self.candidate: tuple[Layout, ShardedAdamW, ShardedAdamW | None] | None = None
         self.restored = False  # the last join read state from a checkpoint
+        self._group_sockets: set[int] = set()  # fds the current gloo group's init opened
+
+    def abandon(self) -> None:
+        """Leave the current process group now (a step broke on a vanished peer): its
+        connections close, so peers still blocked on this rank fail at once instead of
+        waiting for the process-group timeout. The optimizer and the step in flight stay
+        as they are until the next world is formed.
+
+        gloo has no abort that closes its connections (ProcessGroupGloo.abort and
+        shutdown leave them open, and destroying the group does not while anything still
+        holds it), so the sockets its initialisation opened are shut down directly: the
+        peers' pending receives fail with "connection closed" at once. NCCL: its
+        communicator is aborted (leave_process_group)."""
+        if self.backend == "gloo":
+            _shut_down(self._group_sockets)
+        self._group_sockets = set()
+        gc.collect()
+        leave_process_group(self.backend)
 
     # ----------------------------------------------------------------- the join
     def join(self, world: World, *, checkpoint: str | None = None) -> JoinReport:
@@ -178,13 +225,15 @@ class ElasticRank:
 
     def _connect(self, world: World) -> None:
         leave_process_group(self.backend)
+        before = _socket_fds()
         dist.init_process_group(
             self.backend, store=dist.PrefixStore(world.store_prefix, self.store),
             rank=world.rank_of(self.slot), world_size=world.size,
             timeout=datetime.timedelta(seconds=self.timeout_s))
         # NCCL wants one collective over every rank before any point-to-point op; it also
-        # checks that every member arrived.
+        # checks that every member arrived (and gloo has connected every pair by then).
         dist.barrier()
+        self._group_sockets = _socket_fds() - before
         self.world = world
         if self.trainer is not None:
             self.trainer.rank = world.rank_of(self.slot)

@@ -225,12 +225,21 @@ class RankWorker:
                          step=self.trainer.step, life=self.life,
                          ring_slot=members[victim] if victim is not None else None,
                          world=self.elastic.world.epoch)
+        from workers.agent import RankAgent
+
         handle = perform(fault, self.trainer, plan, self.trainer.rank)
+        out: list[TrainStats] = []
         try:
-            return self.trainer.train_step(plan, samples, next_position=next_position)
+            error = RankAgent._try(lambda: out.append(self.trainer.train_step(
+                plan, samples, next_position=next_position)))
         finally:
             if handle is not None:
                 handle.remove()
+        if error:  # (outside the except block: its traceback holds the process group)
+            if self.config.elastic:
+                self.elastic.abandon()  # peers blocked on this rank fail now
+            raise RuntimeError(error)
+        return out[0]
 
     def save(self, directory: str) -> str:
         return str(self.trainer.save(directory))
