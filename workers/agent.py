@@ -32,21 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from opentelemetry import propagate, trace
 
-from parallelism.comm import RingCommError
 from scheduler.batching import BatchPosition
 from scheduler.dataset import TokenDataset
 from scheduler.plan import StepPlan
 from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
 from workers.data import sequence_ids_of_rank
-from workers.elastic import ElasticRank, JoinReport, Unrecoverable, World
+from workers.elastic import ElasticRank, JoinReport, Unrecoverable, World, comm_failure
 from workers.faults import fault_at, perform, ring_victim
 from workers.train import TrainConfig
-
-_COMM_SIGNS = ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL",
-               "Broken pipe", "connection refused")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,13 +66,6 @@ def train_config(cfg: dict) -> TrainConfig:
                        precision=training.get("precision"),
                        optimizer_sharding=training.get("optimizer_sharding"),
                        shard_mirror=bool(training.get("shard_mirror", False)))
-
-
-def is_comm_failure(exc: BaseException) -> bool:
-    """A collective or ring transfer broke (a peer vanished), not a bug of this rank."""
-    if isinstance(exc, (RingCommError, dist.DistError)):
-        return True
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _COMM_SIGNS)
 
 
 class _Heartbeat(threading.Thread):
@@ -178,7 +166,7 @@ class RankAgent:
                 span.set_attributes(_join_attributes(self.identity, done[0]))
 
         try:
-            error = self._try(join)
+            error = comm_failure(join)
         except Unrecoverable as exc:
             self.client.report_failure(step=-1, error=f"cannot form world {msg.epoch}: {exc}",
                                        cannot_replan=True)
@@ -219,24 +207,12 @@ class RankAgent:
                 return "world", msg.world
             if broken or msg.world_epoch != epoch:
                 continue  # planned for a world that broke: the next World replaces it
-            error = self._try(lambda m=msg: self._run_step(m, elastic, epoch))
+            error = comm_failure(lambda m=msg: self._run_step(m, elastic, epoch))
             if error:  # (outside the except block: its traceback holds the group)
                 broken = True
                 elastic.abandon()  # peers blocked on this rank fail now, not at the timeout
                 self.client.report_failure(step=msg.step, error=error, recoverable=True)
         raise Fenced("the plan stream ended without a stop or a new world")
-
-    @staticmethod
-    def _try(fn) -> str:
-        """Run `fn`; '' on success, the message of a communication failure (re-raises
-        anything else)."""
-        try:
-            fn()
-        except Exception as exc:
-            if not is_comm_failure(exc):
-                raise
-            return str(exc)
-        return ""
 
     def _run_step(self, msg, elastic: ElasticRank, epoch: int) -> None:
         trainer, rank = elastic.trainer, elastic.world.rank_of(self.identity.rank)

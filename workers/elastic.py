@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import datetime
 import gc
-import os
-import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -49,14 +47,16 @@ from dataclasses import dataclass, replace
 import torch
 import torch.distributed as dist
 
+from parallelism.comm import RingCommError
 from scheduler.batching import BatchPosition
 from scheduler.model_states import has_mirror
+from workers import gloo_abort
 from workers.optim import ShardedAdamW, StateInterval, state_intervals
 from workers.reshard import Missing, plan_transfers, run_transfers
 from workers.train import Trainer
 
 __all__ = ["ElasticRank", "JoinReport", "Layout", "RankStatus", "Unrecoverable", "World",
-           "leave_process_group"]
+           "comm_failure", "is_comm_failure", "leave_process_group"]
 
 
 class Unrecoverable(RuntimeError):
@@ -134,30 +134,35 @@ def leave_process_group(backend: str) -> None:
     dist.destroy_process_group()
 
 
-def _socket_fds() -> set[int]:
-    """This process's open socket file descriptors (Linux; empty elsewhere)."""
-    out = set()
+_COMM_SIGNS = ("gloo", "Connection closed", "Connection reset", "Timed out", "NCCL",
+               "Broken pipe", "connection refused")
+
+
+def is_comm_failure(exc: BaseException) -> bool:
+    """A collective or ring transfer broke (a peer vanished), not a bug of this rank."""
+    if isinstance(exc, (RingCommError, dist.DistError)):
+        return True
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in _COMM_SIGNS)
+
+
+def comm_failure(fn: Callable[[], object]) -> str:
+    """Run `fn`: '' on success, the message of a communication failure (anything else is
+    re-raised). The caller handles the failure outside this function's except block,
+    whose traceback would still hold the broken process group."""
     try:
-        names = os.listdir("/proc/self/fd")
-    except OSError:
-        return out
-    for name in names:
-        try:
-            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
-                out.add(int(name))
-        except OSError:
-            continue
+        fn()
+    except Exception as exc:
+        if not is_comm_failure(exc):
+            raise
+        return str(exc)
+    return ""
+
+
+def _gather_objects(mine: list) -> list[list]:
+    """Every member's `mine` (all_gather_object over the default group)."""
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
     return out
-
-
-def _shut_down(fds: set[int]) -> None:
-    """Shut down (not close: their owner still holds them) these TCP connections."""
-    for fd in fds:
-        try:
-            with socket.socket(fileno=os.dup(fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            continue
 
 
 def _flight_status(trainer: Trainer) -> FlightStatus | None:
@@ -190,7 +195,7 @@ class ElasticRank:
         self.live: Layout | None = None  # layout of the live optimizer
         self.candidate: tuple[Layout, ShardedAdamW, ShardedAdamW | None] | None = None
         self.restored = False  # the last join read state from a checkpoint
-        self._group_sockets: set[int] = set()  # fds the current gloo group's init opened
+        self._connections: dict[int, gloo_abort.Endpoints] = {}  # the gloo group's pairs
 
     def abandon(self) -> None:
         """Leave the current process group now (a step broke on a vanished peer): its
@@ -198,15 +203,12 @@ class ElasticRank:
         waiting for the process-group timeout. The optimizer and the step in flight stay
         as they are until the next world is formed.
 
-        gloo has no abort that closes its connections (ProcessGroupGloo.abort and
-        shutdown leave them open, and destroying the group does not while anything still
-        holds it), so the sockets its initialisation opened are shut down directly: the
-        peers' pending receives fail with "connection closed" at once. NCCL: its
+        gloo: the group's pair connections are shut down (workers.gloo_abort); NCCL: its
         communicator is aborted (leave_process_group)."""
         if self.backend == "gloo":
-            _shut_down(self._group_sockets)
-        self._group_sockets = set()
-        gc.collect()
+            gloo_abort.shut_down(self._connections)
+        self._connections = {}
+        gc.collect()  # a broken step's frames may still hold the group
         leave_process_group(self.backend)
 
     # ----------------------------------------------------------------- the join
@@ -225,7 +227,7 @@ class ElasticRank:
 
     def _connect(self, world: World) -> None:
         leave_process_group(self.backend)
-        before = _socket_fds()
+        before = gloo_abort.open_sockets() if self.backend == "gloo" else {}
         dist.init_process_group(
             self.backend, store=dist.PrefixStore(world.store_prefix, self.store),
             rank=world.rank_of(self.slot), world_size=world.size,
@@ -233,7 +235,8 @@ class ElasticRank:
         # NCCL wants one collective over every rank before any point-to-point op; it also
         # checks that every member arrived (and gloo has connected every pair by then).
         dist.barrier()
-        self._group_sockets = _socket_fds() - before
+        if self.backend == "gloo":
+            self._connections = gloo_abort.group_connections(before, _gather_objects)
         self.world = world
         if self.trainer is not None:
             self.trainer.rank = world.rank_of(self.slot)

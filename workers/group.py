@@ -225,12 +225,12 @@ class RankWorker:
                          step=self.trainer.step, life=self.life,
                          ring_slot=members[victim] if victim is not None else None,
                          world=self.elastic.world.epoch)
-        from workers.agent import RankAgent
+        from workers.elastic import comm_failure
 
         handle = perform(fault, self.trainer, plan, self.trainer.rank)
         out: list[TrainStats] = []
         try:
-            error = RankAgent._try(lambda: out.append(self.trainer.train_step(
+            error = comm_failure(lambda: out.append(self.trainer.train_step(
                 plan, samples, next_position=next_position)))
         finally:
             if handle is not None:
