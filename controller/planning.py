@@ -79,7 +79,8 @@ def job_cost_model(spec: JobCreate, cluster: ClusterSpec | None = None) -> CostM
     `cluster` replaces the spec's (an elastic world of fewer ranks: cluster_of_size)."""
     precision, sharding = job_memory_settings(spec)
     return CostModel(spec.resolve_model(), cluster or spec.resolve_cluster(),
-                     precision=precision, optimizer_sharding=sharding)
+                     precision=precision, optimizer_sharding=sharding,
+                     shard_mirror=spec.resolve_shard_mirror())
 
 
 def check_job_fits(spec: JobCreate) -> None:

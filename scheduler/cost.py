@@ -132,13 +132,16 @@ class CostModel:
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, precision: str | None = None,
                  optimizer_sharding: str | None = None,
                  memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-                 memory: RankMemory | None = None):
+                 memory: RankMemory | None = None, shard_mirror: bool = False):
         self.model = model
         self.cluster = cluster
         self.memory = memory or RankMemory(model, cluster, precision=precision,
                                            optimizer_sharding=optimizer_sharding,
-                                           memory_fraction=memory_fraction)
+                                           memory_fraction=memory_fraction,
+                                           shard_mirror=shard_mirror)
         self.memory_fraction = self.memory.memory_fraction
+        # shard mirrors asked for: other world sizes (_memory_for) keep them where they apply
+        self._mirror_asked = shard_mirror or self.memory.shard_mirror
         self.flops_per_s = cluster.achieved_tflops * 1e12
         L, h_attn = model.num_layers, model.num_heads * model.head_dim
         self.p_layer = layer_matmul_params(model)
@@ -178,7 +181,8 @@ class CostModel:
             raise ValueError(f"world_size={world_size} must be >= 1")
         return RankMemory(self.model, self.cluster, precision=self.memory.precision,
                           optimizer_sharding=self.memory.sharding, world_size=world_size,
-                          memory_fraction=self.memory_fraction)
+                          memory_fraction=self.memory_fraction,
+                          shard_mirror=self._mirror_asked)
 
     def capacity_tokens(self, world_size: int | None = None) -> int:
         """Tokens one rank can hold per micro-batch under the plain scheme.
@@ -361,22 +365,27 @@ class CostModel:
               else self.cluster.intra_node_bandwidth_gbps) * 1e9
         comm = 0.0
         for col in step_collectives(self.model, precision=mem.precision, sharding=mem.sharding,
-                                    world_size=n):
+                                    world_size=n, shard_mirror=mem.shard_mirror):
             factor = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter": (n - 1) / n,
-                      "all_gather": (n - 1) / n, "broadcast": 1.0 / n}[col.op]
+                      "all_gather": (n - 1) / n, "broadcast": 1.0 / n,
+                      "send_recv": 1.0}[col.op]
             comm += factor * col.payload_bytes / bw
         return comm + self.optimizer_s(mem)
 
     def optimizer_s(self, mem: RankMemory | None = None) -> float:
         """AdamW over the rank's share of the parameters, memory-bound: per owned element
         read the gradient twice (norm, update), read and write the master and both
-        moments, and write the compute parameter when it is a separate copy."""
+        moments, and write the compute parameter when it is a separate copy. A shard mirror
+        (docs/elastic.md) runs the same update on its copy: read its shifted gradient once,
+        read and write its master (bf16-mixed) and moments, no compute parameter."""
         mem = mem or self.memory
         mb = DTYPE_BYTES[master_dtype(mem.precision)]
         cb = DTYPE_BYTES[mem.dtype]
         owned = mem.states.moments // (2 * mb)
         per_element = 2 * mb + 2 * mb + 4 * mb + (cb if has_masters(mem.precision) else 0)
-        return owned * per_element / (self.cluster.memory_bandwidth_gbps * 1e9)
+        mirror = (owned * mb + 2 * mem.states.mirror) if mem.states.mirror else 0
+        busy = owned * per_element + mirror
+        return busy / (self.cluster.memory_bandwidth_gbps * 1e9)
 
     # -- refit --------------------------------------------------------------------------
     def update(self, observations: Iterable) -> CostModel:

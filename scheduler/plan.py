@@ -183,6 +183,9 @@ class PlanMemory(_PlanModel):
     optimizer_sharding: Literal["none", "zero1", "distributed"] = Field(
         description="Optimizer-state sharding over the world.")
     model_state_bytes: int = Field(ge=0, description="Model-state bytes of the largest rank.")
+    shard_mirror: bool = Field(
+        default=False, description="Each rank also holds the previous rank's optimizer "
+        "shard (distributed; docs/elastic.md): counted in model_state_bytes.")
     device_budget_bytes: int = Field(ge=1, description="Device bytes a rank may use.")
 
 

@@ -307,7 +307,7 @@ def build_plan(micro_batches: Sequence[Sequence[Group]], world_size: int,
     return StepPlan(version=PLAN_VERSION, world_size=world_size, capacity_tokens=capacity_tokens,
                     micro_batches=mbs, memory=PlanMemory(
                         precision=mem.precision, optimizer_sharding=mem.sharding,
-                        model_state_bytes=mem.states.total,
+                        model_state_bytes=mem.states.total, shard_mirror=mem.shard_mirror,
                         device_budget_bytes=mem.budget_bytes))
 
 

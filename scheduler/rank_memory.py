@@ -33,6 +33,7 @@ from scheduler.model_states import (
     check_sharding,
     compute_dtype,
     default_sharding,
+    has_mirror,
     model_state_bytes,
 )
 from scheduler.specs import ClusterSpec, ModelSpec
@@ -69,7 +70,8 @@ class RankMemory:
 
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, precision: str | None = None,
                  optimizer_sharding: str | None = None, world_size: int | None = None,
-                 memory_fraction: float = DEFAULT_MEMORY_FRACTION, profile=None):
+                 memory_fraction: float = DEFAULT_MEMORY_FRACTION, profile=None,
+                 shard_mirror: bool = False):
         if not 0 < memory_fraction <= 1:
             raise ValueError(f"memory_fraction={memory_fraction} must be in (0, 1]")
         self.model, self.cluster = model, cluster
@@ -77,13 +79,17 @@ class RankMemory:
         self.precision = check_precision(precision or precision_of(model))
         self.sharding = check_sharding(optimizer_sharding or default_sharding(self.world_size))
         self.dtype = compute_dtype(self.precision)
+        # the previous owner's optimizer shard (docs/elastic.md; distributed, > 1 rank)
+        self.shard_mirror = has_mirror(sharding=self.sharding, world_size=self.world_size,
+                                       shard_mirror=shard_mirror)
         self.memory_fraction = memory_fraction
         self.budget_bytes = int(cluster.gpu_memory_gib * GIB * memory_fraction)
         self.host_budget_bytes = int(cluster.host_memory_gib * GIB * memory_fraction
                                      / cluster.gpus_per_node)
         self.states: StateBytes = model_state_bytes(model, precision=self.precision,
                                                     sharding=self.sharding,
-                                                    world_size=self.world_size)
+                                                    world_size=self.world_size,
+                                                    shard_mirror=self.shard_mirror)
         self.activations = ActivationModel(model, dtype=self.dtype, profile=profile) \
             if profile is not None else activation_model(model, self.dtype)
 
@@ -100,7 +106,8 @@ class RankMemory:
         raise DeviceMemoryError(
             f"model states need {gib(self.states.total)} per rank ({self.states.total} bytes: "
             f"parameters {gib(self.states.params)}, gradient buffer {gib(self.states.grads)}, "
-            f"masters {gib(self.states.masters)}, AdamW moments {gib(self.states.moments)}; "
+            f"masters {gib(self.states.masters)}, AdamW moments {gib(self.states.moments)}, "
+            f"shard mirror {gib(self.states.mirror)}; "
             f"precision={self.precision}, optimizer_sharding={self.sharding}, "
             f"{self.world_size} rank(s)) but the device budget is {gib(self.budget_bytes)} "
             f"({self.budget_bytes} bytes: gpu_memory_gib={self.cluster.gpu_memory_gib} x "
@@ -109,7 +116,8 @@ class RankMemory:
 
     def _sharding_hint(self) -> str:
         states, sharding = min((model_state_bytes(self.model, precision=self.precision,
-                                                  sharding=x, world_size=self.world_size).total, x)
+                                                  sharding=x, world_size=self.world_size,
+                                                  shard_mirror=self.shard_mirror).total, x)
                                for x in OPTIMIZER_SHARDINGS)
         if states < self.budget_bytes and sharding != self.sharding:
             return (f"optimizer_sharding={sharding!r} would need {gib(states)}; set it, or use "
@@ -180,7 +188,8 @@ def check_plan_fits(plan, model: ModelSpec) -> None:
         return
     states = model_state_bytes(model, precision=plan.memory.precision,
                                sharding=plan.memory.optimizer_sharding,
-                               world_size=plan.world_size).total
+                               world_size=plan.world_size,
+                               shard_mirror=plan.memory.shard_mirror).total
     _raise_over_budget(plan, model, activation_model(model, model.dtype), states,
                        plan.memory.device_budget_bytes)
 

@@ -350,8 +350,9 @@ class WorkerGroup:
         self._epochs = 0  # the next world's epoch
         _ensure_ray()
         self.use_gpu, options = _resources(config)
-        if config.env:  # actors start from the raylet's environment, not the driver's
-            options["runtime_env"] = {"env_vars": dict(config.env)}
+        env = _rank_env(config, self.use_gpu)
+        if env:  # actors start from the raylet's environment, not the driver's
+            options["runtime_env"] = {"env_vars": env}
         self.store, self.store_address = host_store(config.start_timeout_s)
         actor = ray.remote(RankWorker).options(max_restarts=config.max_actor_restarts,
                                                max_task_retries=0, **options)
@@ -536,6 +537,17 @@ class WorkerGroup:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _rank_env(config: GroupConfig, use_gpu: bool) -> dict[str, str]:
+    """The ranks' environment: the config's, and on NCCL in an elastic group the watchdog
+    set to abort a timed-out communicator and raise (2, CleanUpOnly) instead of its
+    default, which ends the process: a survivor blocked on a lost peer must live on to
+    form the next world (docs/elastic.md). A value the config sets wins."""
+    env = dict(config.env)
+    if use_gpu and config.elastic:
+        env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+    return env
 
 
 def _worker_error(rank: int, exc: Exception, timeout_s: float) -> WorkerError:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from scheduler.cost import CostModel, Observation, nonneg_lstsq
-from scheduler.errors import DeviceMemoryError
+from scheduler.errors import DeviceMemoryError, PlanMemoryError
 from scheduler.specs import cluster_preset, model_preset
 from scheduler.work import Scheme
 
@@ -211,3 +211,46 @@ def test_nonneg_lstsq_against_exhaustive_grid(rng):
     _, u, v = min(errs)
     assert got[1] == 0.0
     assert got[0] == pytest.approx(u, abs=0.005)
+
+
+def test_shard_mirror_costs_its_bytes_shift_and_update():
+    """failure.shard_mirror (docs/elastic.md): the previous owner's masters and moments per
+    rank, one shift of the fp32 gradient shard to the next rank, and AdamW on the copy;
+    plans carry it so every rank's check counts it; worlds of other sizes keep it, and
+    one rank has nothing to mirror."""
+    m = model_preset("llama-7b")
+    c = cluster_preset("h100", num_ranks=1024)
+    shard = math.ceil(m.num_params / 1024)
+    plain, mirrored = CostModel(m, c), CostModel(m, c, shard_mirror=True)
+    assert mirrored.memory.states.mirror == 12 * shard  # fp32 master + two fp32 moments
+    assert mirrored.memory.states.total == plain.memory.states.total + 12 * shard
+    shift = 4 * shard / 50e9  # each rank sends its shard once, and receives one
+    adamw = (4 * shard + 2 * 12 * shard) / 2700e9  # read the shard's gradient; r/w state
+    assert mirrored.step_overhead_s() == pytest.approx(plain.step_overhead_s() + shift
+                                                       + adamw, rel=1e-12)
+    assert mirrored.capacity_tokens() <= plain.capacity_tokens()
+    assert mirrored._memory_for(3).states.mirror == 12 * math.ceil(m.num_params / 3)
+    assert mirrored._memory_for(1).states.mirror == 0
+    assert CostModel(m, c, optimizer_sharding="zero1", shard_mirror=True).memory.states.mirror \
+        == 0
+
+
+def test_plans_carry_the_shard_mirror_into_every_ranks_check():
+    from scheduler.planner import plan_batch
+    from scheduler.rank_memory import check_plan_fits
+
+    m, c = model_preset("tiny"), cluster_preset("cpu", num_ranks=4)
+    cost = CostModel(m, c, precision="fp32", shard_mirror=True)
+    plan = plan_batch([300, 90, 40, 7], c, m, cost=cost, capacity_tokens=256)
+    assert plan.memory.shard_mirror and plan.memory.model_state_bytes \
+        == cost.memory.states.total
+    # The largest predicted peak (states with the mirror + activations) is the budget
+    # the workers' check needs exactly: a byte less fails, unless the mirror is left out.
+    peak = max(max(g.peak_bytes_per_rank) for g in plan.predicted.groups)
+
+    def with_memory(**update):
+        return plan.model_copy(update={"memory": plan.memory.model_copy(update=update)})
+    check_plan_fits(with_memory(device_budget_bytes=peak), m)
+    with pytest.raises(PlanMemoryError):
+        check_plan_fits(with_memory(device_budget_bytes=peak - 1), m)
+    check_plan_fits(with_memory(device_budget_bytes=peak - 1, shard_mirror=False), m)
