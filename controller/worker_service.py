@@ -65,7 +65,7 @@ class RankState:
     heard_at: float = 0.0  # monotonic time of its last call (a waiting replacement's pulse)
     done_step: int = -1  # newest step this rank has finished (reported or resumed past)
     sent_step: int = -1  # newest step whose plan it was sent (it works when > done_step)
-    syncing: bool = False  # its micro-batches are done: it waits in the step's collectives
+    syncing: bool = False  # blocked on peers (the step's collectives, a ring transfer)
     finished: bool = False  # received the end of its plan stream: no longer watched
 
 
@@ -642,7 +642,7 @@ def _stalled(rt: AttemptRuntime, now: float, timeout: float
         return "lose", gone, f"rank(s) {gone} went silent for {timeout:g} s (no heartbeat)"
     # Stalled: a rank that holds a plan it has not finished, is still computing it and whose
     # progress stopped. (Waiting for a plan, for a world to form, for a step boundary or in
-    # the step's collectives for the others is not stalling.)
+    # the step's collectives or a ring transfer for the others is not stalling.)
     busy = [s for s in w.members if not rt.ranks[s].finished and s not in worlds.waiting_world
             and (w.complete or s not in w.joining) and not rt.ranks[s].syncing
             and rt.ranks[s].sent_step > rt.ranks[s].done_step]

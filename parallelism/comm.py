@@ -58,6 +58,9 @@ class CommStats:
     bytes_sent: dict[str, int] = field(default_factory=dict)
     """Payload bytes this rank sent, per channel."""
     bytes_received: dict[str, int] = field(default_factory=dict)
+    waiting: int = 0
+    """Ring waits in progress (read from another thread, e.g. a heartbeat: this rank is
+    blocked on its peers, not computing)."""
     """Payload bytes this rank received, per channel."""
     messages_sent: dict[str, int] = field(default_factory=dict)
     """Point-to-point send ops this rank issued, per channel."""
@@ -204,6 +207,8 @@ class RingComm:
         works, self._works = self._works, []
         self._state = _State.IDLE
         self._in_flight_tensors = []
+        if self.stats is not None:
+            self.stats.waiting += 1
         try:
             for work in works:
                 if self.timeout is None:
@@ -217,6 +222,9 @@ class RingComm:
                 f"Do all members call with the same ring, in the same order, the same number "
                 f"of times?"
             ) from exc
+        finally:
+            if self.stats is not None:
+                self.stats.waiting -= 1
 
     @property
     def in_flight(self) -> bool:

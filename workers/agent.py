@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from opentelemetry import propagate, trace
 
+from parallelism import CommStats
 from scheduler.batching import BatchPosition
 from scheduler.dataset import TokenDataset
 from scheduler.plan import StepPlan
@@ -74,6 +75,7 @@ class _Heartbeat(threading.Thread):
         self.client, self.interval_s = client, interval_s
         self.step, self.progress = 0, 0
         self.todo = 0  # micro-batches of the current step still to finish
+        self.comm = CommStats()  # the current step's ring traffic (waiting: blocked on peers)
         self.world_epoch = -1  # the controller's current world, as last heard
         self.stop_requested = threading.Event()
         self.fenced = threading.Event()
@@ -83,13 +85,19 @@ class _Heartbeat(threading.Thread):
         while not self._done.wait(self.interval_s):
             try:
                 reply = self.client.heartbeat(step=self.step, progress=self.progress,
-                                              syncing=self.todo == 0)
+                                              syncing=self.waits_on_peers())
             except Exception:  # fenced or controller gone for good: the main loop notices
                 self.fenced.set()
                 return
             self.world_epoch = reply.world_epoch
             if reply.stop:
                 self.stop_requested.set()
+
+    def waits_on_peers(self) -> bool:
+        """Blocked on other ranks, not computing: in the step's collectives (its
+        micro-batches are done) or in a ring transfer. The controller never takes such a
+        rank for the stalled one (a stalled peer holds it up)."""
+        return self.todo == 0 or self.comm.waiting > 0
 
     def bump(self, *_args) -> None:
         self.progress += 1
@@ -226,6 +234,7 @@ class RankAgent:
                          ring_slot=elastic.world.members[victim] if victim is not None
                          else None, world=epoch)
         self.beat.todo = len(plan.micro_batches_of(rank))
+        self.beat.comm = comm = CommStats()
         kill = perform(fault, trainer, plan, rank)
         if self.beat.fenced.is_set():  # e.g. back from a stall the controller gave up on
             raise Fenced(f"the controller fenced this process off during step {msg.step}")
@@ -244,8 +253,9 @@ class RankAgent:
                                      "ringmaster.attempt": self.identity.attempt,
                                      "ringmaster.world_epoch": epoch,
                                      "ringmaster.world_size": elastic.world.size})
-                stats = trainer.train_step(plan, samples, next_position=BatchPosition(
-                    epoch=msg.data_epoch, index=msg.data_index))
+                stats = trainer.train_step(plan, samples, comm_stats=comm,
+                                           next_position=BatchPosition(
+                                               epoch=msg.data_epoch, index=msg.data_index))
         finally:
             hook.remove()
             if kill is not None:

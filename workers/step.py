@@ -177,7 +177,8 @@ def _sync(device: torch.device) -> None:
 
 def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank: int,
              group=None, arenas: ArenaCache | None = None,
-             grads: GradBuffer | None = None) -> StepStats:
+             grads: GradBuffer | None = None, comm_stats: CommStats | None = None
+             ) -> StepStats:
     """Run `rank`'s share of `plan`; on return the global gradient is synchronised.
 
     With `grads` (the optimizer's GradBuffer) the gradient lands in its flat buffer (whole
@@ -207,7 +208,7 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     scale = 1.0 / num_predictions if grads is None else 1.0  # grads divides after the sum
     start = time.perf_counter()
     times, loss_sum, local_pred, local_tokens = [], 0.0, 0, 0
-    comm = CommStats()
+    comm = CommStats() if comm_stats is None else comm_stats  # the caller's: a fresh one
     with grads.accumulating() if grads is not None else nullcontext():
         for _, g in plan.micro_batches_of(rank):
             t0 = time.perf_counter()

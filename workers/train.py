@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from parallelism import CommStats
 from scheduler.batching import BatchPosition
 from scheduler.model_states import (
     OPTIMIZER_SHARDINGS,
@@ -211,14 +212,18 @@ class Trainer:
                             group=self.group, shard_mirror=c.shard_mirror)
 
     def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
-                   next_position: BatchPosition | None = None) -> TrainStats:
+                   next_position: BatchPosition | None = None,
+                   comm_stats: CommStats | None = None) -> TrainStats:
         """run_step into the optimizer's gradient buffer, clip, one AdamW update.
 
-        `in_flight` records how far the step got, so that an interrupted step can be
-        finished or dropped consistently on every rank (workers.elastic)."""
+        `comm_stats` (fresh per step) lets another thread see this rank's ring traffic and
+        whether it is blocked on peers (CommStats.waiting). `in_flight` records how far the
+        step got, so that an interrupted step can be finished or dropped consistently on
+        every rank (workers.elastic)."""
         flight = self.in_flight = InFlightStep(step=self.step, next_position=next_position)
         flight.stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group,
-                                arenas=self.arenas, grads=self.optimizer.grads)
+                                arenas=self.arenas, grads=self.optimizer.grads,
+                                comm_stats=comm_stats)
         self.commit(self.optimizer.prepare())
         self.optimizer.publish()
         flight.published = True

@@ -115,7 +115,7 @@ def final_losses(client: RingmasterClient, job_id: str) -> dict[int, float]:
 
 
 def rank_pid(client: RingmasterClient, job_id: str, rank: int, attempt: int) -> int | None:
-    pattern = re.compile(rf"rank {rank} registered from \S+ pid (\d+) \(attempt {attempt}\)")
+    pattern = re.compile(rf"rank {rank} registered from \S+ pid (\d+) \(attempt {attempt}[,)]")
     for line in client.logs(job_id, tail=200).lines:
         m = pattern.search(line.text)
         if m:
