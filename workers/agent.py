@@ -218,6 +218,7 @@ class RankAgent:
             error = comm_failure(lambda m=msg: self._run_step(m, elastic, epoch))
             if error:  # (outside the except block: its traceback holds the group)
                 broken = True
+                self.beat.todo = 0  # nothing left to compute: it waits on the others now
                 elastic.abandon()  # peers blocked on this rank fail now, not at the timeout
                 self.client.report_failure(step=msg.step, error=error, recoverable=True)
         raise Fenced("the plan stream ended without a stop or a new world")
