@@ -249,10 +249,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 st.heard_at, st.syncing = now, request.syncing
             if st is not None and (request.step, request.progress) != st.progress:
                 st.progress, st.progress_at = (request.step, request.progress), now
-            epoch = rt.worlds.world.epoch if rt.worlds.world is not None else -1
+            w = rt.worlds.world
+            epoch = w.epoch if w is not None else -1
+            # a world formed on a loss (not a join at a step boundary) breaks the older ones
+            broken = w.epoch if w is not None and w.boundary is None else 0
         stop = rt.job.state is State.STOPPING
         return pb.HeartbeatReply(accepted=True, stop=stop, world_epoch=epoch,
-                                 reason="stop requested" if stop else "")
+                                 broken_below=broken, reason="stop requested" if stop else "")
 
     @_store_unavailable_is_retryable
     def ReportFailure(self, request, context):

@@ -77,6 +77,7 @@ class _Heartbeat(threading.Thread):
         self.todo = 0  # micro-batches of the current step still to finish
         self.comm = CommStats()  # the current step's ring traffic (waiting: blocked on peers)
         self.world_epoch = -1  # the controller's current world, as last heard
+        self.interrupt = None  # ElasticRank.interrupt: abandon a step of a broken world
         self.stop_requested = threading.Event()
         self.fenced = threading.Event()
         self._done = threading.Event()
@@ -90,6 +91,8 @@ class _Heartbeat(threading.Thread):
                 self.fenced.set()
                 return
             self.world_epoch = reply.world_epoch
+            if self.interrupt is not None and reply.broken_below > 0:
+                self.interrupt(reply.broken_below)
             if reply.stop:
                 self.stop_requested.set()
 
@@ -131,6 +134,7 @@ class RankAgent:
         self.total_steps, self.ckpt_dir = int(cfg["training"]["steps"]), reply.checkpoint_dir
         self.dataset = TokenDataset(cfg["dataset"])
         self.beat = _Heartbeat(self.client, float(cfg["heartbeat_interval_s"]))
+        self.beat.interrupt = elastic.interrupt
         self.beat.start()
         why = ""
         try:

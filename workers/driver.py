@@ -106,7 +106,12 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
 
 def group_config(cfg: dict):
     """The worker group of a worker config: elastic (Ray restarts lost ranks' actors,
-    collectives bounded by the heartbeat timeout) under failure.mode replan."""
+    collectives bounded by twice the heartbeat timeout) under failure.mode replan.
+
+    Twice: the controller declares a stalled rank lost after one heartbeat timeout and its
+    new world interrupts the survivors blocked on it (ElasticRank.interrupt); their own
+    timeout must not fire first, or they would abandon the step at the very moment the
+    controller looks for the rank that stopped."""
     from scheduler.specs import ModelSpec
     from workers.agent import train_config
     from workers.group import GroupConfig
@@ -119,7 +124,7 @@ def group_config(cfg: dict):
                        model_dir=cfg.get("model_dir"),
                        model_init=cfg.get("model_init") or "random",
                        train=train_config(cfg), seed=int(cfg["training"]["seed"]),
-                       env=forwarded_env(), timeout_s=timeout if replan else 600.0,
+                       env=forwarded_env(), timeout_s=2 * timeout if replan else 600.0,
                        max_actor_restarts=MAX_ACTOR_RESTARTS if replan else 0)
 
 

@@ -195,7 +195,9 @@ class ElasticRank:
         self.live: Layout | None = None  # layout of the live optimizer
         self.candidate: tuple[Layout, ShardedAdamW, ShardedAdamW | None] | None = None
         self.restored = False  # the last join read state from a checkpoint
-        self._connections: dict[int, gloo_abort.Endpoints] = {}  # the gloo group's pairs
+        # (world epoch, the gloo group's pair connections): one tuple, so that another
+        # thread (interrupt) never pairs one world's epoch with another's connections
+        self._group: tuple[int, dict[int, gloo_abort.Endpoints]] = (-1, {})
 
     def abandon(self) -> None:
         """Leave the current process group now (a step broke on a vanished peer): its
@@ -206,10 +208,22 @@ class ElasticRank:
         gloo: the group's pair connections are shut down (workers.gloo_abort); NCCL: its
         communicator is aborted (leave_process_group)."""
         if self.backend == "gloo":
-            gloo_abort.shut_down(self._connections)
-        self._connections = {}
+            gloo_abort.shut_down(self._group[1])
+        self._group = (-1, {})
         gc.collect()  # a broken step's frames may still hold the group
         leave_process_group(self.backend)
+
+    def interrupt(self, broken_below: int) -> bool:
+        """From another thread (the heartbeat): if this rank's group belongs to a world
+        older than `broken_below` (the controller formed a new one without a lost rank),
+        shut its connections down, so that a step blocked on a lost peer that is still
+        alive (a stalled rank, whose sockets stay open) fails now and the rank goes on to
+        the new world. Only the connections recorded for that world are touched; True if
+        any was. gloo only (NCCL: the watchdog, docs/elastic.md)."""
+        epoch, connections = self._group
+        if self.backend != "gloo" or epoch < 0 or epoch >= broken_below:
+            return False
+        return gloo_abort.shut_down(connections) > 0
 
     # ----------------------------------------------------------------- the join
     def join(self, world: World, *, checkpoint: str | None = None) -> JoinReport:
@@ -236,7 +250,8 @@ class ElasticRank:
         # checks that every member arrived (and gloo has connected every pair by then).
         dist.barrier()
         if self.backend == "gloo":
-            self._connections = gloo_abort.group_connections(before, _gather_objects)
+            self._group = (world.epoch,
+                           gloo_abort.group_connections(before, _gather_objects))
         self.world = world
         if self.trainer is not None:
             self.trainer.rank = world.rank_of(self.slot)
