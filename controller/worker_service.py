@@ -269,7 +269,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                                                f"{request.error}"])
             self._ranks_lost(rt, ranks, f"the process of rank(s) {ranks} died")
         elif rt.replan and request.recoverable:
-            self._waits_for_world(rt, rank, request.step, request.error)
+            self._waits_for_world(rt, rank, request.step, request.error, request.world_epoch)
         elif rt.replan and request.cannot_replan:
             self._fall_back(rt, f"rank {rank}: {request.error}", request.step)
         else:
@@ -569,10 +569,15 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         for s in done:  # the lost rank may have been the last one a step waited for
             self._finish_step(rt, s)
 
-    def _waits_for_world(self, rt: AttemptRuntime, rank: int, step: int, error: str) -> None:
-        """A member's step broke on a vanished peer: it waits for the next world."""
+    def _waits_for_world(self, rt: AttemptRuntime, rank: int, step: int, error: str,
+                         epoch: int) -> None:
+        """A member's step broke on a vanished peer: it waits for the next world. (One of
+        an older world than the current one broke because that world did: the current
+        World is on its way to the rank, and the report says nothing about it.)"""
         with rt.cond:
-            rt.worlds.waiting_world.add(rank)
+            w = rt.worlds.world
+            if w is None or epoch >= w.epoch:
+                rt.worlds.waiting_world.add(rank)
         self.store.append_logs(rt.job.id, [f"rank {rank} abandoned step {step} and waits for "
                                            f"a new world: {error.splitlines()[0][:300]}"])
 

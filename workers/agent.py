@@ -186,7 +186,7 @@ class RankAgent:
         if error:
             elastic.abandon()
             self.client.report_failure(step=-1, error=f"forming world {msg.epoch}: {error}",
-                                       recoverable=True)
+                                       recoverable=True, world_epoch=msg.epoch)
             return False
         report = done[0]
         self.beat.step = elastic.trainer.step
@@ -224,7 +224,8 @@ class RankAgent:
                 broken = True
                 self.beat.todo = 0  # nothing left to compute: it waits on the others now
                 elastic.abandon()  # peers blocked on this rank fail now, not at the timeout
-                self.client.report_failure(step=msg.step, error=error, recoverable=True)
+                self.client.report_failure(step=msg.step, error=error, recoverable=True,
+                                           world_epoch=epoch)
         raise Fenced("the plan stream ended without a stop or a new world")
 
     def _run_step(self, msg, elastic: ElasticRank, epoch: int) -> None:

@@ -125,13 +125,14 @@ class ControllerClient:
         return self._accepted(self._call(self._stub.Heartbeat, req))
 
     def report_failure(self, *, step: int, error: str, lost_ranks: Sequence[int] = (),
-                       recoverable: bool = False, cannot_replan: bool = False) -> None:
-        """A fatal error; a step a vanished peer broke (`recoverable`); a world the state
-        cannot be rebuilt for (`cannot_replan`); or, from the driver, ranks whose process
-        died (`lost_ranks`)."""
+                       recoverable: bool = False, cannot_replan: bool = False,
+                       world_epoch: int = 0) -> None:
+        """A fatal error; a step of world `world_epoch` a vanished peer broke
+        (`recoverable`); a world the state cannot be rebuilt for (`cannot_replan`); or,
+        from the driver, ranks whose process died (`lost_ranks`)."""
         req = pb.FailureReport(worker=self.identity.to_pb(), step=step, error=error[:4000],
                                lost_ranks=list(lost_ranks), recoverable=recoverable,
-                               cannot_replan=cannot_replan)
+                               cannot_replan=cannot_replan, world_epoch=world_epoch)
         self._accepted(self._call(self._stub.ReportFailure, req))
 
     def plans(self, from_step: int, *, world_epoch: int = -1,

@@ -157,8 +157,10 @@ def test_lost_ranks_cost_a_step_not_a_restart(plane, tmp_path):
                                        capacity=160, interval=1, cluster=NO_HOST)),
     }
     done = {n: client.wait(j.id, timeout_s=600, poll_s=1.0) for n, j in jobs.items()}
-    assert all(j.result == "Succeeded" for j in done.values()), \
-        {n: (j.result, j.reason, j.message) for n, j in done.items()}
+    failed = {n: (j.result, j.reason, j.message, [(e.kind, e.ranks, e.reason) for e in
+                                                  client.events(j.id).events])
+              for n, j in done.items() if j.result != "Succeeded"}
+    assert not failed, failed
     events = {n: client.events(j.id).events for n, j in jobs.items()}
     assert events["reference"] == events["reference64"] == []
     assert done["reference"].attempt == done["reference64"].attempt == 1
