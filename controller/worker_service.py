@@ -634,13 +634,14 @@ def _stalled(rt: AttemptRuntime, now: float, timeout: float
     if silent:
         return "lose", silent, f"replacement rank(s) {silent} went silent for {timeout:g} s"
     forming = not w.complete and (w.boundary is None or w.epoch in worlds.offered)
-    if forming:
-        if now - worlds.announced_at <= timeout:
+    if forming:  # members form it with collectives bounded by the process-group timeout,
+        # twice the heartbeat timeout (workers.driver.group_config): give them as long
+        if now - worlds.announced_at <= 2 * timeout:
             return None
         absent = [s for s in w.members if s not in w.formed and s not in worlds.waiting_world]
         if absent:
             return "lose", absent, (f"rank(s) {absent} did not form world {w.epoch} within "
-                                    f"heartbeat_timeout_s={timeout:g}")
+                                    f"2 x heartbeat_timeout_s={timeout:g}")
         return "regroup", [], f"forming world {w.epoch} failed on every rank"
     if w.members and all(s in worlds.waiting_world for s in w.members):
         return "regroup", [], f"every rank of world {w.epoch} abandoned its step"

@@ -116,10 +116,12 @@ class GroupConfig:
 
 
 class RankWorker:
-    """One slot: its worlds' process groups, model and trainer (the Ray actor's body)."""
+    """One slot: its worlds' process groups, model and trainer (the Ray actor's body).
+    `store_address` is the attempt's TCPStore (WorkerGroup hosts it); without it the worker
+    only builds models (tests)."""
 
     def __init__(self, rank: int, config: GroupConfig, use_gpu: bool,
-                 store_address: tuple[str, int]):
+                 store_address: tuple[str, int] | None = None):
         self.rank, self.config, self.use_gpu = rank, config, use_gpu
         self.store_address = store_address
         self.elastic = None  # workers.elastic.ElasticRank, once the first world forms
@@ -150,6 +152,9 @@ class RankWorker:
         from workers.elastic import ElasticRank
 
         if self.elastic is None:
+            if self.store_address is None:
+                raise WorkerError(self.rank, "this RankWorker has no attempt store (its "
+                                             "WorkerGroup passes store_address): no worlds")
             host, port = self.store_address
             store = dist.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(
                 seconds=self.config.start_timeout_s))

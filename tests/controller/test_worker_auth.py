@@ -164,16 +164,21 @@ def test_a_store_outage_is_unavailable_which_workers_retry(plane):
 
     job_id = plane["job"].id
     md = [("authorization", f"Bearer {AUTH.secret_for(job_id, 1)}")]
+    # the rank's current process (its incarnation: an older one of rank 0 is fenced off)
+    me = ControllerClient(plane["address"], WorkerIdentity(job_id=job_id, attempt=1, rank=0),
+                          secret=AUTH.secret_for(job_id, 1), reconnect_s=5)
+    current = pb.WorkerId(job_id=job_id, attempt=1, rank=0,
+                          incarnation=me.register(host="h", pid=1).incarnation)
     pid = plane["redis"].server_pid
     os.kill(pid, signal.SIGSTOP)
     try:
         with pytest.raises(grpc.RpcError) as err:
-            stub(plane).Heartbeat(pb.HeartbeatRequest(worker=worker(plane), step=0,
+            stub(plane).Heartbeat(pb.HeartbeatRequest(worker=current, step=0,
                                                       progress=1), metadata=md, timeout=30)
     finally:
         os.kill(pid, signal.SIGCONT)
     assert err.value.code() is grpc.StatusCode.UNAVAILABLE  # in controller_client._RETRYABLE
-    assert stub(plane).Heartbeat(pb.HeartbeatRequest(worker=worker(plane), step=0,
+    assert stub(plane).Heartbeat(pb.HeartbeatRequest(worker=current, step=0,
                                                      progress=1), metadata=md,
                                  timeout=30).accepted
 
