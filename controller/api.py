@@ -52,9 +52,10 @@ from controller.schemas import (
     PlanPreview,
     StepMetricsPublic,
 )
-from controller.spec import JobCreate, validate_model
+from controller.spec import JobCreate
 from controller.store import JobStore
 from controller.telemetry import instrument_fastapi
+from controller.validation import validate_job
 
 API_VERSION = "v1"
 JOB_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,79}$"
@@ -191,6 +192,7 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
                     ) -> PlanPreview:
         """Dry run: plan the first global batches of the job's dataset (nothing starts)."""
         confine_paths(spec, settings.data_roots)
+        validate_job(spec, launcher=machine.launcher, store=store)  # what submit checks
         return preview_mod.preview_plan(spec, num_batches=num_batches, gantt=gantt,
                                         tracer=tracer)
 
@@ -201,15 +203,14 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
     def submit_job(spec: JobCreate, response: Response) -> JobPublic:
         """Submit a job; with a known submission_id and the same body, return that job."""
         confine_paths(spec, settings.data_roots)
-        from controller.planning import check_job_fits
-
         with tracer.start_as_current_span("job.submit") as span:
             span.set_attribute("job.name", spec.name)
-            validate_model(spec)  # a bad model directory is a 422 now, not a failed job
-            check_job_fits(spec)  # so is a model whose states cannot fit a device
             span.set_attribute("job.num_ranks", spec.resources.num_ranks)
-            machine.launcher.check_spec(spec)  # what only the launcher knows (SpecError: 422)
-            rec, created = store.create(spec)
+            rec, created = store.find_submission(spec), False
+            if rec is None:  # a replay returns the job it made; anything new is validated
+                checked = validate_job(spec, launcher=machine.launcher, store=store)
+                resume = (checked.resume.path, checked.resume.step) if checked.resume else None
+                rec, created = store.create(spec, resume=resume)
             span.set_attribute("job.id", rec.id)
             span.set_attribute("job.created", created)
         if not created:

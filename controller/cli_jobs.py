@@ -106,6 +106,10 @@ def serve(
                                 "port (ca.crt; default: --tls-cert itself)."),
     max_connections: int = typer.Option(1000, "--max-connections", min=1,
                                         help="Open REST connections; more get 503."),
+    max_ranks: int = typer.Option(None, "--max-ranks", min=1, envvar="RINGMASTER_MAX_RANKS",
+                                  help="Ranks the ray launcher runs at once (default: one "
+                                  "per CPU of this machine; set it to a Ray cluster's size "
+                                  "with RAY_ADDRESS). Larger jobs are refused at submit."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning"),
 ):
     """Run the controller (REST API, job store, state machine, gRPC for workers) in the
@@ -123,6 +127,8 @@ def serve(
         config = ControllerConfig(state_dir=state_dir or default_state_dir(), host=host,
                                   port=port, grpc_port=grpc_port, redis_url=redis_url,
                                   launcher=launcher.value, data_roots=tuple(data_root or ()),
+                                  launcher_options={"total_ranks": max_ranks}
+                                  if max_ranks and launcher is LauncherName.ray else {},
                                   tls=tls, http=HttpLimits(max_connections=max_connections))
         err.print(f"state directory {config.state_dir} (API token in "
                   f"{config.state_dir / 'token'})", highlight=False)

@@ -55,6 +55,9 @@ class JobPublic(_Public):
     message: str = Field(description="Human-readable detail of the last transition.")
     attempt: int = Field(description="Attempts started so far (fencing token).")
     current_step: int = Field(description="Last step a worker reported.")
+    steps_completed: int = Field(default=0, description="Optimizer steps done so far (the "
+                                                        "last reported step + 1, or the "
+                                                        "step resumed from).")
     total_steps: int
     last_checkpoint: str | None
     last_checkpoint_step: int | None
@@ -77,6 +80,7 @@ class JobPublic(_Public):
             id=rec.id, name=rec.spec.name, submission_id=rec.spec.submission_id,
             phase=rec.state.phase, result=rec.state.result, reason=rec.reason,
             message=rec.message, attempt=rec.attempt, current_step=rec.current_step,
+            steps_completed=rec.steps_completed,
             total_steps=rec.spec.training.steps, last_checkpoint=rec.last_checkpoint,
             last_checkpoint_step=rec.last_checkpoint_step, stop_requested=rec.stop_requested,
             created_at=_ts(rec.created_at), updated_at=_ts(rec.updated_at),

@@ -214,6 +214,16 @@ class Training(_Section):
                                                        "checkpoints.")
     checkpoint_interval: int = Field(default=100, ge=1, le=10_000_000,
                                      description="Steps between checkpoints.")
+    resume_from: PathStr | None = Field(
+        default=None,
+        description="Continue another run: a checkpoint directory (its newest complete "
+                    "step_<n>) or one step_<n> directory. The job restores model, optimizer, "
+                    "RNG and data position and trains on to `steps`. Naming a checkpoint_dir "
+                    "another job owns here is how a job may take it over (docs/api.md).")
+    tensorboard_dir: PathStr | None = Field(
+        default=None,
+        description="Write TensorBoard event files here (rank 0: loss, tokens/s, step time, "
+                    "peak memory, learning rate, gradient norm per step); none: no events.")
     precision: Literal[tuple(PRECISIONS)] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="bf16-mixed: bfloat16 compute, float32 master weights, gradients and "

@@ -12,6 +12,8 @@ runs with append-only persistence (controller.redis_server). Keys, all under one
                               (a Restarting job's back-off end, a Scheduling or Stopping
                               job's timeout); Running jobs need nothing until an event
     {p}:sub:{submission_id}   STRING job id (idempotent submission)
+    {p}:checkpoint_dirs       HASH resolved checkpoint_dir -> the newest job given it (in
+                              use while that job is active)
     {p}:job:{id}              HASH the record (spec JSON, state, attempt, timestamps, ...)
     {p}:job:{id}:transitions  LIST of transition JSON, oldest first
     {p}:job:{id}:metrics      ZSET step metrics JSON scored by step
@@ -30,6 +32,7 @@ User input reaching Redis is checked first: page tokens and cursors are ASCII di
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -41,6 +44,7 @@ from opentelemetry import propagate, trace
 
 from controller.spec import JobCreate
 from controller.states import JobRecord, StaleState, State, Transition, check_transition
+from scheduler.errors import SpecError
 
 MAX_LOG_LINES = 100_000  # per job; older lines are trimmed (approximately) on append
 MAX_LOG_LINE_CHARS = 8192
@@ -52,6 +56,20 @@ class JobNotFound(LookupError):
     def __init__(self, job_id: str):
         self.job_id = job_id
         super().__init__(f"job {job_id!r} not found")
+
+
+class CheckpointDirInUse(SpecError):
+    """`training.checkpoint_dir` belongs to another job (answered 409: a conflict)."""
+
+    field = "training.checkpoint_dir"
+
+    def __init__(self, message: str):
+        super().__init__(f"{self.field}: {message}")
+
+
+def _dir_key(directory: str | None) -> str | None:
+    """A checkpoint directory as the index keys it (symlinks and '..' resolved)."""
+    return os.path.realpath(os.path.abspath(directory)) if directory else None
 
 
 class SubmissionConflict(RuntimeError):
@@ -137,20 +155,26 @@ class JobStore:
 
     # --- jobs -------------------------------------------------------------------------
 
-    def create(self, spec: JobCreate) -> tuple[JobRecord, bool]:
+    def create(self, spec: JobCreate, *, resume: tuple[str, int] | None = None,
+               ) -> tuple[JobRecord, bool]:
         """Store a new Pending job; with a known submission_id return that job instead.
 
-        Returns (record, created). Raises SubmissionConflict when the submission_id names a
-        job with a different spec.
+        `resume`: (checkpoint path, step) the job starts from (training.resume_from,
+        resolved). Returns (record, created). Raises SubmissionConflict when the
+        submission_id names a job with a different spec, CheckpointDirInUse when another
+        active job has the same checkpoint_dir.
         """
         seq = self.r.incr(self._k("seq"))
         now = self.clock()
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the submission's trace: every attempt joins it
+        path, step = resume if resume is not None else (None, None)
         rec = JobRecord(id=f"{spec.name[:48]}-{secrets.token_hex(5)}", spec=spec,
                         state=State.PENDING, created_at=now, updated_at=now, state_since=now,
-                        trace_parent=carrier.get("traceparent", ""))
+                        trace_parent=carrier.get("traceparent", ""), last_checkpoint=path,
+                        last_checkpoint_step=step, steps_completed=step or 0)
         sub_key = self._k("sub", spec.submission_id) if spec.submission_id else None
+        ckpt = _dir_key(spec.training.checkpoint_dir)
         result: list = []
 
         def txn(pipe: redis.client.Pipeline) -> None:
@@ -158,9 +182,13 @@ class JobStore:
             if existing is not None:
                 result[:] = [existing]
                 return
+            if ckpt is not None:
+                self._check_dir_free(pipe, ckpt)
             pipe.multi()
             if sub_key:
                 pipe.set(sub_key, rec.id)
+            if ckpt is not None:
+                pipe.hset(self._k("checkpoint_dirs"), ckpt, rec.id)
             pipe.hset(self._k("job", rec.id), mapping={**_encode(rec),
                                                          "fingerprint": spec.fingerprint()})
             pipe.zadd(self._k("jobs"), {rec.id: seq})
@@ -169,13 +197,35 @@ class JobStore:
             pipe.rpush(self._k("job", rec.id, "transitions"), self._transition_json(
                 Transition(src=None, dst=State.PENDING, at=now, attempt=0, reason="Submitted")))
 
+        watched = [k for k in (sub_key, ckpt and self._k("checkpoint_dirs")) if k]
         with self.tracer.start_as_current_span("job.transition") as span:
-            self.r.transaction(txn, *([sub_key] if sub_key else []))
+            self.r.transaction(txn, *watched)
             if result:
                 span.set_attribute("job.idempotent_replay", True)
                 return self._replay(result[0], spec), False
             self._annotate(span, rec.id, None, State.PENDING, "Submitted", 0)
         return rec, True
+
+    def find_submission(self, spec: JobCreate) -> JobRecord | None:
+        """The job an earlier submission with `spec`'s submission_id made (None: none);
+        SubmissionConflict when its spec differs."""
+        if not spec.submission_id:
+            return None
+        job_id = self.r.get(self._k("sub", spec.submission_id))
+        return None if job_id is None else self._replay(job_id, spec)
+
+    def _check_dir_free(self, pipe, directory: str) -> None:
+        user = pipe.hget(self._k("checkpoint_dirs"), directory)
+        if user is not None and pipe.sismember(self._k("active"), user):
+            raise CheckpointDirInUse(f"{directory!r} is the checkpoint_dir of job {user}, "
+                                     "which has not finished; stop it, or choose another "
+                                     "directory")
+
+    def checkpoint_dir_user(self, directory: str) -> str | None:
+        """The active job whose checkpoint_dir is `directory` (resolved), if any."""
+        user = self.r.hget(self._k("checkpoint_dirs"), _dir_key(directory))
+        return user if user is not None and self.r.sismember(self._k("active"), user) \
+            else None
 
     def _replay(self, job_id: str, spec: JobCreate) -> JobRecord:
         if self.r.hget(self._k("job", job_id), "fingerprint") != spec.fingerprint():
@@ -371,7 +421,8 @@ class JobStore:
         m = m if m.at else replace(m, at=self.clock())
         pipe = self.r.pipeline()
         pipe.zadd(self._k("job", job_id, "metrics"), {json.dumps(asdict(m)): m.step})
-        pipe.hset(key, mapping=_encode_fields({"current_step": m.step}))
+        pipe.hset(key, mapping=_encode_fields({"current_step": m.step,
+                                               "steps_completed": m.step + 1}))
         pipe.execute()
 
     def step_metrics(self, job_id: str, *, since_step: int = 0,
