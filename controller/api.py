@@ -2,7 +2,8 @@
 
 `create_app(...)` wires the routes to a `JobStore`, a `JobStateMachine` and the Redis
 handle given by the caller (controller.server builds the real ones; tests pass a
-FakeLauncher). Every route but /healthz and /readyz needs `Authorization: Bearer <token>`.
+FakeLauncher). Every route but /healthz and /readyz needs `Authorization: Bearer <token>`,
+/metrics (Prometheus, controller.prometheus) included.
 
 Concurrency: the job routes are plain `def` functions on FastAPI's thread pool, where the
 blocking Redis client belongs (every command bounded by a socket timeout). What can wait
@@ -26,10 +27,12 @@ from typing import Annotated
 import redis
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry.sdk.trace import TracerProvider
 
 from controller import preview as preview_mod
+from controller import prometheus
 from controller.edge import (
     JOB_ID_CONVERTOR,
     QueryBool,
@@ -107,6 +110,7 @@ def create_app(*, store: JobStore, machine: JobStateMachine, settings: ApiSettin
     app.include_router(_health_router(settings.token))
     app.include_router(_jobs_router(store, machine, settings, tracer),
                        dependencies=[Depends(_auth(settings.token))])
+    app.include_router(_metrics_router(store), dependencies=[Depends(_auth(settings.token))])
     if tracer_provider is not None:
         instrument_fastapi(app, tracer_provider)
     return app
@@ -176,6 +180,22 @@ def _health_router(token: str) -> APIRouter:
             return Health(status="unavailable",
                           detail=f"{STORE_UNAVAILABLE}: {exc}" if told else STORE_UNAVAILABLE)
         return Health(status="ok")
+
+    return router
+
+
+def _metrics_router(store: JobStore) -> APIRouter:
+    router = APIRouter(tags=["metrics"])
+    registry = prometheus.make_registry(store)
+
+    @router.get("/metrics", response_class=PlainTextResponse, operation_id="prometheusMetrics",
+                responses={200: {"content": {"text/plain": {}},
+                                 "description": "Prometheus text format 0.0.4."}})
+    def metrics() -> Response:
+        """Jobs and their newest step for Prometheus (controller.prometheus lists the
+        series); needs the API token."""
+        return Response(prometheus.render(registry),
+                        media_type=prometheus.CONTENT_TYPE)
 
     return router
 

@@ -1,4 +1,4 @@
-"""`ringmaster serve | submit | status | list | logs | stop | preview`: the job commands.
+"""`ringmaster serve | submit | status | list | logs | stop | preview | metrics`: jobs.
 
 All but `serve` talk to a controller through controller.client (URL from --url or
 $RINGMASTER_URL or the local state directory; token from $RINGMASTER_TOKEN or the state
@@ -9,18 +9,17 @@ status 2 (a job that ends without succeeding under `submit --wait` exits 1).
 from __future__ import annotations
 
 import base64
-import json
 from enum import StrEnum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from controller.cli_watch import metrics, steps_done, wait_with_progress
 from controller.client import RingmasterClient
-from controller.schemas import JobPublic, PlanPreview
+from controller.schemas import JobList, JobPublic, PlanPreview
 from scheduler.errors import RingmasterError
 
 console = Console(soft_wrap=True)
@@ -58,22 +57,35 @@ def _print_json(model) -> None:
     typer.echo(model.model_dump_json(indent=2))
 
 
-def job_table(jobs: list[JobPublic], title: str = "jobs") -> Table:
+def job_table(jobs: list[JobPublic], title: str = "jobs", *, wide: bool = False) -> Table:
+    """Jobs as a table that keeps every id whole (copyable) at 80 columns: id, status,
+    steps done, reason; `wide` adds attempt, creation time and message."""
     table = Table(title=title)
-    for col in ("id", "phase", "result", "attempt", "step", "reason", "created"):
-        table.add_column(col)
+    table.add_column("id", no_wrap=True, overflow="fold",
+                     min_width=max((len(j.id) for j in jobs), default=2))
+    table.add_column("status")
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("reason")
+    if wide:
+        for col in ("attempt", "created", "message"):
+            table.add_column(col)
     for j in jobs:
-        # A job the launcher has not admitted yet says why: "Pending (waiting for Kueue
-        # admission in queue gpu)".
-        phase = f"{j.phase} ({j.message})" if j.reason == "AwaitingAdmission" else j.phase
-        table.add_row(j.id, phase, j.result or "", str(j.attempt),
-                      f"{j.current_step}/{j.total_steps}", j.reason,
-                      j.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+        # A job the launcher has not admitted yet says why: "Pending: waiting for Kueue
+        # admission in queue gpu".
+        status = j.result or j.phase
+        if j.reason == "AwaitingAdmission" and not wide:
+            status = f"{status}: {j.message}"
+        row = [j.id, status, f"{steps_done(j)}/{j.total_steps}", j.reason]
+        if wide:
+            row += [str(j.attempt), j.created_at.strftime("%Y-%m-%d %H:%M:%S"), j.message]
+        table.add_row(*row)
     return table
 
 
 def show_job(job: JobPublic) -> None:
     console.print(job_table([job], title=f"job {job.id}"))
+    console.print(f"attempt {job.attempt}, created {job.created_at:%Y-%m-%d %H:%M:%S}",
+                  highlight=False)
     if job.message:
         console.print(f"message: {job.message}", highlight=False)
     if job.last_checkpoint:
@@ -139,7 +151,8 @@ def serve(
 
 def submit(
     file: Path = typer.Argument(..., help="Job spec (.yaml or .json)."),
-    wait: bool = typer.Option(False, "--wait", help="Follow the job until it finishes."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job until it finishes (a "
+                              "progress bar on a terminal, a line every 10 s otherwise)."),
     output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR,
 ):
     """Submit a job; with --wait show its progress until it ends."""
@@ -147,7 +160,7 @@ def submit(
         with _client(url, state_dir) as rm:
             job = rm.submit(file)
             if wait:
-                job = _wait_with_progress(rm, job)
+                job = wait_with_progress(rm, job, err)
     except (RingmasterError, ValueError) as exc:
         fail(exc)
     if output is Output.json:
@@ -156,23 +169,6 @@ def submit(
         show_job(job)
     if wait and job.result != "Succeeded":
         raise typer.Exit(1)
-
-
-def _wait_with_progress(rm: RingmasterClient, job: JobPublic) -> JobPublic:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("step {task.completed}/{task.total}"),
-                        TextColumn("{task.fields[extra]}"), console=err)
-    with progress:
-        task = progress.add_task(job.id, total=job.total_steps, extra="")
-
-        def update(j: JobPublic) -> None:
-            extra = j.phase if not j.result else j.result
-            steps = rm.metrics(j.id, since_step=max(j.current_step, 0), limit=1).steps
-            if steps:
-                extra += f"  loss {steps[-1].loss:.4f}  {steps[-1].tokens_per_s:,.0f} tok/s"
-            progress.update(task, completed=j.current_step, extra=extra)
-
-        return rm.wait(job.id, on_update=update, poll_s=1.0)
 
 
 def status(job_id: str = typer.Argument(..., help="Job id."), output: Output = OUTPUT,
@@ -188,18 +184,28 @@ def status(job_id: str = typer.Argument(..., help="Job id."), output: Output = O
 
 def list_(limit: int = typer.Option(50, help="Jobs per page."),
           all_pages: bool = typer.Option(False, "--all", help="Every page, not just one."),
+          page_token: str = typer.Option(None, "--page-token", help="next_page_token of "
+                                         "the previous page."),
+          wide: bool = typer.Option(False, "--wide", "-w", help="Also attempt, creation "
+                                    "time and message."),
           output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR):
-    """List jobs, newest first."""
+    """List jobs, newest first (-o json: the API's {jobs, next_page_token, total})."""
     try:
         with _client(url, state_dir) as rm:
-            jobs = list(rm.iter_jobs(page_size=limit)) if all_pages else rm.list(
-                limit=limit).jobs
+            page = rm.list(limit=limit, page_token=page_token)
+            if all_pages:
+                while page.next_page_token:
+                    more = rm.list(limit=limit, page_token=page.next_page_token)
+                    page = JobList(jobs=[*page.jobs, *more.jobs], total=more.total,
+                                   next_page_token=more.next_page_token)
     except RingmasterError as exc:
         fail(exc)
     if output is Output.json:
-        typer.echo(json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+        _print_json(page)
     else:
-        console.print(job_table(jobs))
+        console.print(job_table(page.jobs, wide=wide))
+        if page.next_page_token:
+            console.print(f"more: --page-token {page.next_page_token}", highlight=False)
 
 
 def logs(job_id: str = typer.Argument(..., help="Job id."),
@@ -271,5 +277,6 @@ def preview_table(p: PlanPreview) -> Table:
 def register(app: typer.Typer) -> None:
     """Add the job commands to the `ringmaster` app."""
     for fn, name in ((serve, "serve"), (submit, "submit"), (status, "status"),
-                     (list_, "list"), (logs, "logs"), (stop, "stop"), (preview, "preview")):
+                     (list_, "list"), (logs, "logs"), (stop, "stop"), (preview, "preview"),
+                     (metrics, "metrics")):
         app.command(name)(fn)

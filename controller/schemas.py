@@ -106,13 +106,17 @@ class StepMetricsPublic(_Public):
     imbalance: float = Field(description="max rank busy / mean rank busy - 1.")
     groups: str = Field(default="", description="The step plan's groups by ring size, "
                                                 "'SIZExCOUNT' words, e.g. '1x6 2x1 4x1'.")
+    peak_memory_bytes: int = Field(default=0, description="The largest peak of any rank "
+                                                          "(device memory on GPUs, the "
+                                                          "process's on CPUs).")
     at: datetime
 
     @classmethod
     def of(cls, m: StepMetrics) -> StepMetricsPublic:
         return cls(step=m.step, attempt=m.attempt, loss=m.loss, tokens_per_s=m.tokens_per_s,
                    predicted_step_s=m.predicted_step_s, measured_step_s=m.measured_step_s,
-                   imbalance=m.imbalance, groups=m.groups, at=_ts(m.at))
+                   imbalance=m.imbalance, groups=m.groups,
+                   peak_memory_bytes=m.peak_memory_bytes, at=_ts(m.at))
 
 
 class MetricsPage(_Public):

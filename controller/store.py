@@ -16,7 +16,9 @@ runs with append-only persistence (controller.redis_server). Keys, all under one
                               use while that job is active)
     {p}:job:{id}              HASH the record (spec JSON, state, attempt, timestamps, ...)
     {p}:job:{id}:transitions  LIST of transition JSON, oldest first
-    {p}:job:{id}:metrics      ZSET step metrics JSON scored by step
+    {p}:job:{id}:metrics      ZSET step metrics JSON scored by step (one per attempt and step)
+    {p}:job:{id}:reports:{attempt}:{step}  HASH rank -> that rank's report, until every
+                              rank's is in and the step's metrics are recorded
     {p}:job:{id}:logs         STREAM of log lines (the stream id is the log cursor)
 
 State changes are compare-and-set (WATCH/MULTI on the job hash): a transition applies only
@@ -48,6 +50,7 @@ from scheduler.errors import SpecError
 
 MAX_LOG_LINES = 100_000  # per job; older lines are trimmed (approximately) on append
 MAX_LOG_LINE_CHARS = 8192
+REPORT_TTL_S = 86_400  # a step's rank reports are kept at most this long unless complete
 _CURSOR = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 _PAGE_TOKEN = re.compile(r"^[0-9]{1,20}$")
 
@@ -94,6 +97,7 @@ class StepMetrics:
     imbalance: float  # max rank busy time / mean rank busy time - 1 (0 = perfectly balanced)
     groups: str = ""  # the plan's groups by ring size, e.g. "2x1 5x2" (size x count)
     at: float = 0.0  # unix seconds when recorded
+    peak_memory_bytes: int = 0  # the largest device (or process) peak of any rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -265,6 +269,21 @@ class JobStore:
     def active_ids(self) -> list[str]:
         return sorted(self.r.smembers(self._k("active")))
 
+    def active_records(self) -> list[JobRecord]:
+        """Every active job's record (one pipelined round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in self.active_ids():
+            pipe.hgetall(self._k("job", job_id))
+        return [_decode(h) for h in pipe.execute() if h]
+
+    def newest_step_metrics(self, job_ids: list[str]) -> dict[str, StepMetrics]:
+        """The highest step's metrics of each job that has any (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.zrevrange(self._k("job", job_id, "metrics"), 0, 0)
+        return {job_id: StepMetrics(**json.loads(rows[0]))
+                for job_id, rows in zip(job_ids, pipe.execute(), strict=True) if rows}
+
     def count(self) -> int:
         return int(self.r.zcard(self._k("jobs")))
 
@@ -401,14 +420,20 @@ class JobStore:
             raise StaleState(f"job {job_id} is {rec.state.value}; only a finished job "
                              "(Succeeded, Failed, Stopped) can be deleted; stop it first")
         pipe = self.r.pipeline()
+        reports = list(self.r.scan_iter(match=self._k("job", job_id, "reports", "*"),
+                                        count=1000))
         pipe.delete(self._k("job", job_id), *(self._k("job", job_id, s)
-                                               for s in ("transitions", "metrics", "logs")))
+                                               for s in ("transitions", "metrics", "logs")),
+                    *reports)
         pipe.zrem(self._k("jobs"), job_id)
         pipe.srem(self._k("active"), job_id)
         pipe.zrem(self._k("pending"), job_id)
         pipe.zrem(self._k("due"), job_id)
         if rec.spec.submission_id:
             pipe.delete(self._k("sub", rec.spec.submission_id))
+        ckpt = _dir_key(rec.spec.training.checkpoint_dir)
+        if ckpt is not None and self.r.hget(self._k("checkpoint_dirs"), ckpt) == job_id:
+            pipe.hdel(self._k("checkpoint_dirs"), ckpt)
         pipe.execute()
 
     # --- what the workers report -------------------------------------------------------
@@ -425,6 +450,52 @@ class JobStore:
                                                "steps_completed": m.step + 1}))
         pipe.execute()
 
+    def add_step_report(self, job_id: str, *, attempt: int, step: int, rank: int,
+                        report: str) -> int:
+        """Keep one rank's report of a step until the step is complete; returns how many
+        ranks' reports of it are kept. Idempotent per (job, attempt, rank, step): a rank
+        that retries an unacknowledged report overwrites its own."""
+        key = self._k("job", job_id, "reports", str(attempt), str(step))
+        pipe = self.r.pipeline()
+        pipe.hset(key, str(rank), report)
+        pipe.hlen(key)
+        pipe.expire(key, REPORT_TTL_S)  # reports of a step that never completes
+        return int(pipe.execute()[1])
+
+    def step_reports(self, job_id: str, *, attempt: int, step: int) -> dict[int, str]:
+        raw = self.r.hgetall(self._k("job", job_id, "reports", str(attempt), str(step)))
+        return {int(rank): text for rank, text in raw.items()}
+
+    def complete_step(self, job_id: str, m: StepMetrics, *,
+                      checkpoint: str | None = None) -> bool:
+        """Record step `m.step` of attempt `m.attempt` exactly once (its metrics, the job's
+        progress and the checkpoint it saved) and drop its reports. False when it was
+        recorded already (two callers completing the same step, or a retry after a
+        controller restart)."""
+        key, metrics = self._k("job", job_id), self._k("job", job_id, "metrics")
+        m = m if m.at else replace(m, at=self.clock())
+        fields = {"current_step": m.step, "steps_completed": m.step + 1}
+        if checkpoint:
+            fields.update(last_checkpoint=checkpoint, last_checkpoint_step=m.step + 1)
+        done: list[bool] = []
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            if not pipe.exists(key):
+                raise JobNotFound(job_id)
+            rows = pipe.zrangebyscore(metrics, m.step, m.step)
+            if any(json.loads(r).get("attempt") == m.attempt for r in rows):
+                done[:] = [False]
+                return
+            pipe.multi()
+            pipe.zadd(metrics, {json.dumps(asdict(m)): m.step})
+            pipe.hset(key, mapping={**_encode_fields(fields),
+                                    "updated_at": json.dumps(self.clock())})
+            pipe.delete(self._k("job", job_id, "reports", str(m.attempt), str(m.step)))
+            done[:] = [True]
+
+        self.r.transaction(txn, metrics)
+        return done[0]
+
     def step_metrics(self, job_id: str, *, since_step: int = 0,
                      limit: int = 1000) -> list[StepMetrics]:
         if not self.exists(job_id):
@@ -436,15 +507,18 @@ class JobStore:
     def record_checkpoint(self, job_id: str, *, step: int, path: str) -> None:
         self.update(job_id, last_checkpoint=path, last_checkpoint_step=step)
 
-    def append_logs(self, job_id: str, lines: list[str], *, rank: int | None = None) -> str:
-        """Append log lines (each cut at MAX_LOG_LINE_CHARS); returns the last cursor."""
+    def append_logs(self, job_id: str, lines: list[str], *, rank: int | None = None,
+                    times: list[float] | None = None) -> str:
+        """Append log lines (each cut at MAX_LOG_LINE_CHARS; `times`: when each was written,
+        default now); returns the last cursor."""
         if not self.exists(job_id):
             raise JobNotFound(job_id)
         now = self.clock()
         pipe = self.r.pipeline(transaction=False)
-        for text in lines:
+        for i, text in enumerate(lines):
+            at = times[i] if times is not None and 0 < times[i] <= now + 60 else now
             pipe.xadd(self._k("job", job_id, "logs"),
-                      {"at": now, "rank": "" if rank is None else rank,
+                      {"at": at, "rank": "" if rank is None else rank,
                        "text": text[:MAX_LOG_LINE_CHARS]},
                       maxlen=MAX_LOG_LINES, approximate=True)
         ids = pipe.execute()

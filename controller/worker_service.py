@@ -1,10 +1,24 @@
 """The gRPC side of the execution plane: workers register, stream plans, report, beat.
 
 One `AttemptRuntime` per live (job, attempt) holds what only matters while the attempt
-runs (who registered, when each rank last made progress, the step reports not yet
-complete, the plan pipeline); everything durable goes to the store. After a controller
-restart the runtime is rebuilt lazily from the store on the first call of a worker of the
-current attempt, so workers carry on across the restart.
+runs (who registered, when each rank last made progress, the plan pipeline); everything
+durable goes to the store. After a controller restart the runtime is rebuilt lazily from
+the store on the first call of a worker of the current attempt, so workers carry on
+across the restart. A step report is acknowledged only once it is stored (keyed by job,
+attempt, step and rank, so a rank that retries an unacknowledged report overwrites its
+own); the step's metrics are recorded, exactly once, by whichever call completes its set
+of reports, on this controller or on the next one. Each recorded step adds one line to
+the job's log (loss, tokens/s, step time against the prediction, peak memory, groups);
+ranks add their own lines (ReportLogs).
+
+Failures have a class. A rank (or the driver) reporting a USER failure (its data or
+config is bad), or an RPC running into a RingmasterError (the dataset vanished after
+submit, a batch no plan can hold), ends the attempt with a FAILED event of reason
+InvalidInput: the job fails with that one line and is never retried, and the call gets
+FAILED_PRECONDITION (no traceback, here or in the log). An infrastructure failure (a
+rank lost or stalled, an actor died) is WORKER_LOST, which the job's failure policy may
+retry. A rank that has finished every plan it was sent and holds an open plan stream is
+waiting on the controller (a busy planner, a restart), not stalled.
 
 Authentication, then fencing: every call must carry the attempt's secret
 (controller.worker_auth; UNAUTHENTICATED otherwise, before anything about the job is
@@ -30,6 +44,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import redis
+from google.protobuf import json_format
 from opentelemetry import propagate, trace
 
 from controller.launchers.base import EventKind, LauncherEvent
@@ -39,12 +54,16 @@ from controller.rpc import ringmaster_pb2_grpc as pb_grpc
 from controller.states import JobRecord, State
 from controller.store import JobNotFound, JobStore, StepMetrics
 from controller.worker_auth import WorkerAuth
+from scheduler.errors import RingmasterError
 
 log = logging.getLogger(__name__)
 
 LIVE_STATES = (State.SCHEDULING, State.RUNNING, State.STOPPING)
+INVALID_INPUT = "InvalidInput"  # the reason of a job whose data or config cannot work
+MAX_MESSAGE_CHARS = 600  # a failure is one line in the job's message
 DRIVER_RANK = -1  # the attempt's driver process registers with this rank
 PLANS_AHEAD = 2  # a rank may hold plans this many steps past the last completed one
+MAX_LOG_BATCH = 1000  # log lines one ReportLogs call may append
 
 
 @dataclass(kw_only=True)
@@ -53,6 +72,8 @@ class RankState:
     progress: tuple[int, int] = (-1, -1)  # (step, progress counter) last heard
     progress_at: float = 0.0  # monotonic time the progress last changed
     done_step: int = -1  # newest step this rank has finished (reported or resumed past)
+    streamed_step: int = -1  # newest step whose plan it received
+    streaming: bool = False  # holds an open plan stream: past streamed_step it waits on us
     finished: bool = False  # received the end of its plan stream: no longer watched
 
 
@@ -61,7 +82,6 @@ class AttemptRuntime:
     job: JobRecord
     pipeline: PlanPipeline
     ranks: dict[int, RankState]
-    reports: dict[int, dict[int, pb.StepReport]] = field(default_factory=dict)
     plans: dict[int, tuple[PlannedStep, str]] = field(default_factory=dict)  # + traceparent
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
     ready_sent: bool = False
@@ -69,27 +89,35 @@ class AttemptRuntime:
     cond: threading.Condition = field(default_factory=threading.Condition)
 
 
-def _store_unavailable_is_retryable(rpc):
-    """An RPC whose Redis calls fail answers UNAVAILABLE (the workers' clients retry it)."""
-    def abort(context, exc: redis.RedisError):
-        log.warning("%s: job store unavailable (%s); answering UNAVAILABLE", rpc.__name__, exc)
-        context.abort(grpc.StatusCode.UNAVAILABLE, "job store unavailable; retry")
+def _expected_failures(rpc):
+    """What an RPC may run into without it being a bug answers without a traceback: a job
+    store outage is UNAVAILABLE (the workers' clients retry it); a job that cannot run as
+    specified (its dataset vanished, a batch no plan can hold: a RingmasterError) ends the
+    attempt as InvalidInput and the call gets FAILED_PRECONDITION, which ends the rank."""
+    def abort(self, request, context, exc: Exception):
+        if isinstance(exc, redis.RedisError):
+            log.warning("%s: job store unavailable (%s); answering UNAVAILABLE", rpc.__name__,
+                        exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "job store unavailable; retry")
+        message = one_line(str(exc))
+        self._end_invalid(request.worker.job_id, request.worker.attempt, message)
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
 
     if inspect.isgeneratorfunction(rpc):
         @functools.wraps(rpc)
         def streaming(self, request, context):
             try:
                 yield from rpc(self, request, context)
-            except redis.RedisError as exc:
-                abort(context, exc)
+            except (redis.RedisError, RingmasterError) as exc:
+                abort(self, request, context, exc)
         return streaming
 
     @functools.wraps(rpc)
     def unary(self, request, context):
         try:
             return rpc(self, request, context)
-        except redis.RedisError as exc:
-            abort(context, exc)
+        except (redis.RedisError, RingmasterError) as exc:
+            abort(self, request, context, exc)
     return unary
 
 
@@ -106,6 +134,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             "controller.worker_service")
         self.clock = clock
         self._runtimes: dict[str, AttemptRuntime] = {}
+        self._ended: set[tuple[str, int]] = set()  # (job, attempt) ended as InvalidInput
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="heartbeat-monitor",
@@ -163,7 +192,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     rt.cond.notify_all()
 
     # RPCs ------------------------------------------------------------------------------
-    @_store_unavailable_is_retryable
+    @_expected_failures
     def Register(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -181,7 +210,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             checkpoint_dir=job.spec.training.checkpoint_dir or "",
             resume_from=job.last_checkpoint or "")
 
-    @_store_unavailable_is_retryable
+    @_expected_failures
     def Heartbeat(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -195,16 +224,36 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return pb.HeartbeatReply(accepted=True, stop=stop,
                                  reason="stop requested" if stop else "")
 
-    @_store_unavailable_is_retryable
+    @_expected_failures
     def ReportFailure(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
             return pb.Ack(accepted=False, reason=why)
-        self._lose(rt, request.worker.rank, f"rank {request.worker.rank} failed at step "
-                                            f"{request.step}: {request.error}")
+        rank = request.failed_rank if request.HasField("failed_rank") else request.worker.rank
+        where = "the driver" if rank == DRIVER_RANK else f"rank {rank}"
+        if request.step >= 0:
+            where += f" at step {request.step}"
+        cause = f"{where}: {one_line(request.error)}"
+        if request.failure_class == pb.USER:
+            self._end_invalid(rt.job.id, rt.job.attempt, cause, rank=rank)
+        else:
+            self._lose(rt, None if rank == DRIVER_RANK else rank, cause)
         return pb.Ack(accepted=True)
 
-    @_store_unavailable_is_retryable
+    @_expected_failures
+    def ReportLogs(self, request, context):
+        rt, why = self._runtime(request.worker, context)
+        if rt is None:
+            return pb.Ack(accepted=False, reason=why)
+        entries = request.entries[:MAX_LOG_BATCH]
+        lines = [f"{e.level}: {e.text}" if e.level not in ("", "INFO") else e.text
+                 for e in entries]
+        if lines:
+            self.store.append_logs(rt.job.id, lines, rank=request.worker.rank,
+                                   times=[e.at for e in entries])
+        return pb.Ack(accepted=True)
+
+    @_expected_failures
     def ReportStep(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -215,24 +264,36 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             st.progress, st.progress_at = (request.step + 1, 0), self.clock()
             st.done_step = max(st.done_step, request.step)
             rt.cond.notify_all()
-            got = rt.reports.setdefault(request.step, {})
-            got[request.worker.rank] = request
-            complete = len(got) == len(rt.ranks)
-        if complete:
+        # Acknowledged only once stored: a report survives a controller restart, and one
+        # whose ack was lost is sent again and overwrites itself.
+        kept = self.store.add_step_report(rt.job.id, attempt=rt.job.attempt, step=request.step,
+                                          rank=request.worker.rank,
+                                          report=json_format.MessageToJson(request))
+        if kept >= len(rt.ranks):
             self._finish_step(rt, request.step)
         return pb.Ack(accepted=True)
 
-    @_store_unavailable_is_retryable
+    @_expected_failures
     def StreamPlans(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-        step, total = request.from_step, rt.job.spec.training.steps
+        step = request.from_step
         with rt.cond:  # a rank (re)connecting has finished everything before from_step
             st = rt.ranks.get(request.worker.rank)
             if st is not None:
                 st.done_step = max(st.done_step, step - 1)
         self._heard_from(rt, request.worker.rank)
+        if st is None:  # the driver has no plans to follow
+            return
+        st.streaming = True
+        try:
+            yield from self._stream(rt, request, context, st, step)
+        finally:
+            st.streaming = False
+
+    def _stream(self, rt: AttemptRuntime, request, context, st: RankState, step: int):
+        total = rt.job.spec.training.steps
         while context.is_active():
             rt, why = self._runtime(request.worker, context)
             if rt is None:
@@ -245,7 +306,13 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 return
             if not self._wait_turn(rt, step, context):
                 continue
-            yield self._plan_message(rt, step)
+            message = self._plan_message(rt, step)
+            with rt.cond:
+                if st.streamed_step < step:
+                    if st.done_step >= st.streamed_step:  # it waited on us until now
+                        st.progress_at = self.clock()
+                    st.streamed_step = step
+            yield message
             step += 1
 
     # helpers ---------------------------------------------------------------------------
@@ -314,16 +381,43 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0)
 
     def _finish_step(self, rt: AttemptRuntime, step: int) -> None:
-        with rt.cond:
-            reports = rt.reports.pop(step)
+        """Every rank's report of `step` is stored: record the step (exactly once, whoever
+        completes it) and log its line."""
+        job = rt.job
+        stored = self.store.step_reports(job.id, attempt=job.attempt, step=step)
+        if len(stored) < len(rt.ranks):
+            return
+        reports = {rank: json_format.Parse(text, pb.StepReport())
+                   for rank, text in stored.items()}
         planned, _ = rt.plans.pop(step, (None, ""))
-        metrics = step_metrics(step, rt.job.attempt, reports, planned)
-        self.store.append_step_metrics(rt.job.id, metrics)
+        metrics = step_metrics(step, job.attempt, reports, planned)
         ckpt = next((r.checkpoint_path for r in reports.values() if r.checkpoint_path), "")
-        if ckpt:
-            self.store.record_checkpoint(rt.job.id, step=step + 1, path=ckpt)
+        if not self.store.complete_step(job.id, metrics, checkpoint=ckpt or None):
+            return
+        self.store.append_logs(job.id, [step_log_line(metrics, job.spec.training.steps)])
         if planned is not None:
             rt.pipeline.observe(planned.plan, group_seconds(planned.plan, reports))
+
+    def _end_invalid(self, job_id: str, attempt: int, message: str, *,
+                     rank: int | None = None) -> None:
+        """The attempt cannot succeed however often it is retried: the job fails
+        (InvalidInput) with `message`, once."""
+        with self._lock:
+            if (job_id, attempt) in self._ended:
+                return
+            self._ended.add((job_id, attempt))
+            rt = self._runtimes.get(job_id)
+        if rt is not None and rt.job.attempt == attempt:
+            rt.lost_sent = True  # what follows (ranks torn down) is no worker loss
+        log.warning("job %s attempt %d cannot run: %s", job_id, attempt, message)
+        try:
+            self.store.append_logs(job_id, [f"invalid input: {message}"])
+        except JobNotFound:
+            return
+        self.launcher.report(LauncherEvent(job_id=job_id, attempt=attempt,
+                                           kind=EventKind.FAILED, reason=INVALID_INPUT,
+                                           rank=None if rank == DRIVER_RANK else rank,
+                                           message=message))
 
     def _lose(self, rt: AttemptRuntime, rank: int | None, message: str) -> None:
         if rt.lost_sent:
@@ -348,6 +442,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         timeout = rt.job.spec.failure.heartbeat_timeout_s
         now = self.clock()
         for rank, st in rt.ranks.items():
+            if st.streaming and st.done_step >= st.streamed_step:
+                continue  # it has finished every plan it got: it waits on us, not stalled
             if not st.finished and now - st.progress_at > timeout:
                 self._lose(rt, rank, f"rank {rank} made no progress for {now - st.progress_at:.1f}"
                                      f" s (heartbeat_timeout_s={timeout:g}); presumed stalled")
@@ -376,19 +472,40 @@ def worker_config_json(job: JobRecord) -> str:
 
 def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
                  planned: PlannedStep | None) -> StepMetrics:
-    """One StepMetrics from every rank's report of a step."""
+    """One StepMetrics from every rank's report of a step (the plan's figures from the
+    reports themselves when the plan is not at hand: after a controller restart)."""
     times = [r.step_time_s for r in reports.values()]
     busy = [sum(r.micro_batch_times_s) for r in reports.values()]
     measured = max(times) if times else 0.0
     mean_busy = sum(busy) / len(busy) if busy else 0.0
     any_report = next(iter(reports.values()))
-    predicted = planned.plan.predicted.makespan_s if planned and planned.plan.predicted else 0.0
+    if planned is not None:
+        predicted = planned.plan.predicted.makespan_s if planned.plan.predicted else 0.0
+        groups = groups_by_size(planned.plan)
+    else:
+        predicted, groups = any_report.predicted_step_s, any_report.plan_groups
     return StepMetrics(
         step=step, attempt=attempt, loss=any_report.loss,
         tokens_per_s=sum(r.tokens for r in reports.values()) / measured if measured else 0.0,
         predicted_step_s=predicted, measured_step_s=measured,
         imbalance=(max(busy) / mean_busy - 1.0) if mean_busy > 0 else 0.0,
-        groups=groups_by_size(planned.plan) if planned else "")
+        groups=groups, peak_memory_bytes=max(r.peak_memory_bytes for r in reports.values()))
+
+
+def step_log_line(m: StepMetrics, total_steps: int) -> str:
+    """The job log's line of a finished step (rank 0 logs the checkpoints it saves)."""
+    return (f"step {m.step + 1}/{total_steps}: loss {m.loss:.4f}, {m.tokens_per_s:,.0f} "
+            f"tokens/s, {m.measured_step_s:.3f} s (predicted {m.predicted_step_s:.3f} s), "
+            f"peak memory {m.peak_memory_bytes / 2**20:,.0f} MiB, groups {m.groups or '-'}")
+
+
+def one_line(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """A failure as one line: whitespace collapsed; of a traceback, its last line."""
+    lines = [x.strip() for x in str(text).splitlines() if x.strip()]
+    if lines and lines[0].startswith("Traceback"):
+        lines = lines[-1:]
+    flat = " ".join(" ".join(lines).split())
+    return flat if len(flat) <= limit else flat[:limit - 3] + "..."
 
 
 def groups_by_size(plan) -> str:

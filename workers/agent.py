@@ -1,13 +1,24 @@
 """One rank of one job attempt, driven by the controller over gRPC.
 
-The agent registers (getting the job's worker config and where to resume), restores the
-last checkpoint into its rank's trainer when there is one, then runs every plan
-the controller streams: read this rank's samples, `Trainer.train_step` under a
+The agent registers (getting the job's worker config and where to resume), rank 0
+claims the checkpoint directory for the job (scheduler.checkpoint_owner: refused if it
+holds another job's checkpoints), restores the last checkpoint into its rank's trainer
+when there is one, then runs every plan the controller streams: read this rank's samples
+(token ids checked against the model's vocabulary), `Trainer.train_step` under a
 `worker.step` span whose parent is the planner's span (W3C context from the plan message),
-save a checkpoint when the plan says so, report the step. A heartbeat thread sends the
-progress counter (bumped per step); the controller presumes a rank whose counter stops
-moving to be stalled. A plan message with `stop` (job done or stop requested) ends the
-loop at a step boundary.
+save a checkpoint when the plan says so, report the step (with the plan's prediction and
+groups, so the report is complete on its own). A heartbeat thread sends the progress
+counter (bumped when a step has trained and again when its checkpoint is saved) and
+ships the rank's log lines (workers.rank_logs); the controller presumes a rank whose
+counter stops moving on a plan it holds to be stalled. A plan message with `stop` (job
+done or stop requested) ends the loop at a step boundary.
+
+Failures: an error of the job's data or config (a RingmasterError: bad tokens, a truncated
+dataset, a checkpoint directory of another job) is reported as a USER failure, which ends
+the job as InvalidInput without a retry; anything else as an infrastructure failure,
+which the job's failure policy may retry. Either way with the step and one line.
+With `training.tensorboard_dir`, rank 0 writes the step's scalars as TensorBoard events
+(workers.tensorboard).
 
 Fault injection for tests and drills:
 `RINGMASTER_FAULT="stall|crash:rank=R:step=S[:attempt=A][:job=NAME]"` makes rank R hang (or
@@ -17,6 +28,7 @@ exit) when it reaches step S of attempt A (default 1) of jobs named NAME (defaul
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -24,15 +36,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from opentelemetry import propagate, trace
 
 from scheduler.batching import BatchPosition
+from scheduler.checkpoint_owner import claim
 from scheduler.dataset import TokenDataset
+from scheduler.errors import RingmasterError
 from scheduler.plan import StepPlan
-from workers.controller_client import ControllerClient, WorkerIdentity
-from workers.data import sequence_ids_of_rank
+from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
+from workers.data import read_plan_samples, sequence_ids_of_rank
+from workers.rank_logs import RankLogs
+from workers.tensorboard import ScalarWriter
 from workers.train import TrainConfig, Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,9 +89,9 @@ def _fault(identity: WorkerIdentity, step: int) -> str | None:
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, client: ControllerClient, interval_s: float):
+    def __init__(self, client: ControllerClient, interval_s: float, logs: RankLogs):
         super().__init__(name="heartbeat", daemon=True)
-        self.client, self.interval_s = client, interval_s
+        self.client, self.interval_s, self.logs = client, interval_s, logs
         self.step, self.progress = 0, 0
         self.stop_requested = threading.Event()
         self.fenced = threading.Event()
@@ -89,6 +106,7 @@ class _Heartbeat(threading.Thread):
                 return
             if reply.stop:
                 self.stop_requested.set()
+            self.logs.flush()
 
     def close(self) -> None:
         self._done.set()
@@ -106,28 +124,69 @@ class RankAgent:
         """Train this rank's `trainer` on the controller's plans until the job ends."""
         reply = self.client.register(host=socket.gethostname(), pid=os.getpid())
         cfg = json.loads(reply.job_spec_json)
-        if reply.resume_from:
-            trainer.restore(reply.resume_from)
-        dataset = TokenDataset(cfg["dataset"])
-        beat = _Heartbeat(self.client, float(cfg["heartbeat_interval_s"]))
-        beat.step = trainer.step
-        beat.start()
-        steps_run, stopped = 0, False
+        logs = RankLogs(self.client).attach()
+        beat = _Heartbeat(self.client, float(cfg["heartbeat_interval_s"]), logs)
+        self._step, self._events = trainer.step, None
         try:
-            for msg in self.client.plans(from_step=trainer.step):
-                if msg.stop:
-                    stopped = msg.step < int(cfg["training"]["steps"])
-                    break
-                self._run_step(msg, trainer, dataset, reply.checkpoint_dir, beat)
-                steps_run += 1
+            self._prepare(cfg, reply, trainer)
+            beat.step = trainer.step
+            beat.start()
+            return self._serve(cfg, reply, trainer, beat)
+        except Exception as exc:
+            self._report(exc)
+            raise
         finally:
             beat.close()
+            logs.flush()
+            logs.detach()
+            if self._events is not None:
+                self._events.close()
             self.client.close()
+
+    def _prepare(self, cfg: dict, reply, trainer: Trainer) -> None:
+        """Claim the checkpoint directory (rank 0), restore, open the event file."""
+        training, rank = cfg["training"], self.identity.rank
+        if rank == 0 and reply.checkpoint_dir:
+            claim(reply.checkpoint_dir, job_id=self.identity.job_id,
+                  job_name=cfg.get("name", ""), resume_from=training.get("resume_from"))
+        if reply.resume_from:
+            trainer.restore(reply.resume_from)
+            self._step = trainer.step
+            if rank == 0:
+                log.info("restored checkpoint %s: resuming at step %d", reply.resume_from,
+                         trainer.step + 1)
+        if rank == 0 and training.get("tensorboard_dir"):
+            self._events = ScalarWriter(training["tensorboard_dir"])
+
+    def _serve(self, cfg: dict, reply, trainer: Trainer, beat: _Heartbeat) -> AgentResult:
+        dataset = TokenDataset(cfg["dataset"])
+        vocab_size = int(cfg["model"]["vocab_size"])
+        steps_run, stopped = 0, False
+        for msg in self.client.plans(from_step=trainer.step):
+            if msg.stop:
+                stopped = msg.step < int(cfg["training"]["steps"])
+                break
+            self._step = msg.step
+            self._run_step(msg, trainer, dataset, reply.checkpoint_dir, beat, vocab_size)
+            steps_run += 1
         return AgentResult(rank=self.identity.rank, steps_run=steps_run,
                            final_step=trainer.step, stopped=stopped)
 
+    def _report(self, exc: Exception) -> None:
+        """Tell the controller why this rank ends (a user or infrastructure failure)."""
+        if isinstance(exc, Fenced):
+            return  # the controller ended this attempt itself
+        user = isinstance(exc, RingmasterError)
+        text = " ".join(str(exc).split())
+        error = text if user else f"{type(exc).__name__}: {text}"
+        log.error("step %d: %s", self._step, error)
+        try:
+            self.client.report_failure(step=self._step, error=error, user=user)
+        except Exception:  # the controller may be away; the driver reports too
+            pass
+
     def _run_step(self, msg, trainer: Trainer, dataset: TokenDataset, ckpt_dir: str,
-                  beat: _Heartbeat) -> None:
+                  beat: _Heartbeat, vocab_size: int) -> None:
         rank = self.identity.rank
         if msg.step != trainer.step:
             raise RuntimeError(f"rank {rank}: controller sent step {msg.step} but the trainer "
@@ -138,8 +197,8 @@ class RankAgent:
         if fault == "crash":
             os._exit(17)
         plan = StepPlan.model_validate_json(msg.plan_json)
-        samples = {i: torch.from_numpy(dataset[int(msg.sample_ids[i])].astype("int64"))
-                   for i in sequence_ids_of_rank(plan, rank)}
+        samples = read_plan_samples(dataset, msg.sample_ids, sequence_ids_of_rank(plan, rank),
+                                    vocab_size=vocab_size)
         parent = propagate.extract({"traceparent": msg.traceparent} if msg.traceparent else {})
         t0 = time.perf_counter()
         with self.tracer.start_as_current_span("worker.step", context=parent) as span:
@@ -149,13 +208,31 @@ class RankAgent:
             stats = trainer.train_step(plan, samples, next_position=BatchPosition(
                 epoch=msg.data_epoch, index=msg.data_index))
         step_time = time.perf_counter() - t0
-        path = ""
-        if msg.checkpoint and ckpt_dir:
-            path = str(trainer.save(Path(ckpt_dir) / f"step_{trainer.step}"))
+        beat.progress += 1  # trained; a checkpoint may take a while longer
+        path = self._save(msg, trainer, ckpt_dir)
         beat.step, beat.progress = trainer.step, beat.progress + 1
         s = stats.stats
+        groups = " ".join(f"{k}x{v}" for k, v in plan.groups_by_size().items())
         self.client.report_step(step=msg.step, loss=s.loss, num_predictions=s.num_predictions,
                                 tokens=s.local_num_tokens,
                                 micro_batch_times_s=s.micro_batch_times_s,
                                 peak_memory_bytes=s.peak_memory_bytes, step_time_s=step_time,
-                                checkpoint_path=path)
+                                checkpoint_path=path, predicted_step_s=msg.predicted_step_s,
+                                plan_groups=groups)
+        if self._events is not None:
+            batch_tokens = sum(q.length for _, g in plan.groups() for q in g.sequences)
+            self._events.add_scalars(trainer.step, {
+                "train/loss": s.loss, "train/tokens_per_s": batch_tokens / step_time,
+                "train/step_time_s": step_time, "train/predicted_step_s": msg.predicted_step_s,
+                "train/peak_memory_gib": s.peak_memory_bytes / 2**30,
+                "train/learning_rate": stats.lr, "train/grad_norm": float(stats.grad_norm)})
+
+    def _save(self, msg, trainer: Trainer, ckpt_dir: str) -> str:
+        if not (msg.checkpoint and ckpt_dir):
+            return ""
+        t0 = time.perf_counter()
+        path = str(trainer.save(Path(ckpt_dir) / f"step_{trainer.step}"))
+        if self.identity.rank == 0:
+            log.info("checkpoint of step %d saved to %s in %.1f s", trainer.step, path,
+                     time.perf_counter() - t0)
+        return path

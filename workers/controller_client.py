@@ -2,9 +2,12 @@
 
 Every call carries (job, attempt, rank); a reply with `accepted=False` means this attempt
 has been fenced off (a newer attempt exists, or the job ended) and raises `Fenced`, which
-ends the rank. Calls retry while the controller is unreachable for up to `reconnect_s`,
-so ranks survive a controller restart; the plan stream resumes from the first step not yet
-received. Trace context goes out as W3C `traceparent` metadata on every call.
+ends the rank; so does FAILED_PRECONDITION, the controller ending an attempt that cannot
+run (its dataset vanished, no plan can hold a batch). Calls retry while the controller is
+unreachable for up to `reconnect_s`, so ranks survive a controller restart (a step report
+is retried until it is acknowledged, which the controller does once it stored it); the
+plan stream resumes from the first step not yet received. Trace context goes out as W3C
+`traceparent` metadata on every call.
 
 Every call also carries the attempt's secret as `authorization: Bearer <secret>` metadata
 (from $RINGMASTER_WORKER_SECRET, which the launcher sets; never a command-line argument);
@@ -85,6 +88,8 @@ class ControllerClient:
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             raise Unauthenticated(f"controller refused {self.identity}: {exc.details()} (is "
                                   f"{WORKER_SECRET_ENV} this attempt's secret?)") from None
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the attempt cannot go on
+            raise Fenced(f"controller ended {self.identity}: {exc.details()}") from None
 
     def _call(self, fn: Callable[..., T], request) -> T:
         deadline = time.monotonic() + self._reconnect_s
@@ -116,9 +121,22 @@ class ControllerClient:
         req = pb.HeartbeatRequest(worker=self.identity.to_pb(), step=step, progress=progress)
         return self._accepted(self._call(self._stub.Heartbeat, req))
 
-    def report_failure(self, *, step: int, error: str) -> None:
-        req = pb.FailureReport(worker=self.identity.to_pb(), step=step, error=error[:4000])
+    def report_failure(self, *, step: int, error: str, user: bool = False,
+                       failed_rank: int | None = None) -> None:
+        """Tell the controller this attempt cannot go on: `user` for bad data or config
+        (the job fails as InvalidInput, never retried), else an infrastructure failure
+        (the job's failure policy decides). `failed_rank`: the rank at fault, when the
+        driver reports for one."""
+        req = pb.FailureReport(worker=self.identity.to_pb(), step=step, error=error[:4000],
+                               failure_class=pb.USER if user else pb.INFRASTRUCTURE)
+        if failed_rank is not None:
+            req.failed_rank = failed_rank
         self._call(self._stub.ReportFailure, req)
+
+    def report_logs(self, entries: list[pb.LogEntry]) -> None:
+        """Append this rank's log lines to the job's log (one call, at most ~1000 lines)."""
+        req = pb.LogBatch(worker=self.identity.to_pb(), entries=entries)
+        self._accepted(self._call(self._stub.ReportLogs, req))
 
     def plans(self, from_step: int) -> Iterator[pb.PlanMessage]:
         """Plans from `from_step` on, reconnecting (and resuming) across controller restarts."""

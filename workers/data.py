@@ -33,12 +33,13 @@ import torch.distributed as dist
 from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.dataset import TokenDataset
 from scheduler.dataset_meta import SampleMeta
+from scheduler.errors import DatasetError
 from scheduler.plan import StepPlan
 from workers.train import StepInput
 
 __all__ = ["BatchPosition", "BatchStream", "DatasetPlanSource", "GlobalBatch", "SampleData",
-           "batch_loss_tokens", "batch_pairs", "open_dataset", "read_sample_data",
-           "read_samples", "sequence_ids_of_rank"]
+           "batch_loss_tokens", "batch_pairs", "open_dataset", "read_plan_samples",
+           "read_sample_data", "read_samples", "sequence_ids_of_rank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +117,24 @@ def read_samples(dataset: TokenDataset | str | Path, batch: GlobalBatch,
             raise ValueError(f"ids: plan id {i} is outside the batch (valid 0..{n - 1})")
         tokens = np.asarray(dataset[int(batch.sample_ids[i])], dtype=np.int64)
         out[int(i)] = torch.from_numpy(tokens)
+    return out
+
+
+def read_plan_samples(dataset: TokenDataset, sample_ids, ids: Iterable[int], *,
+                      vocab_size: int) -> dict[int, torch.Tensor]:
+    """Plan id -> LongTensor of dataset sample `sample_ids[i]`, for `ids`; a DatasetError
+    (the job's data is bad: the job fails, no retry) for a token id the model's embedding
+    does not have, rather than an index error deep inside the step."""
+    out: dict[int, torch.Tensor] = {}
+    for i in ids:
+        sample = int(sample_ids[i])
+        tokens = dataset[sample]
+        top = int(tokens.max()) if tokens.size else -1
+        if top >= vocab_size:
+            raise DatasetError(f"dataset {dataset.prefix}: sample {sample} holds token id "
+                               f"{top}, but the model's vocab_size is {vocab_size} (valid "
+                               f"ids 0..{vocab_size - 1})")
+        out[int(i)] = torch.from_numpy(tokens.astype(np.int64))
     return out
 
 

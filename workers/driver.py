@@ -9,10 +9,14 @@ ranks do:
 
     0  every rank finished (all steps done, or drained after a stop request)
     1  a rank died, failed or was fenced off: the attempt is lost (the job may restart)
-    3  the job cannot run as specified (bad worker config): restarting will not help
+    3  the job cannot run as specified (bad worker config, or a rank refused its data or
+       config: a RingmasterError): restarting will not help (reason InvalidInput)
 
-and writes `{"code": ..., "message": ...}` to `--exit-file` first, which is how the launcher
-tells these apart after a controller restart.
+and writes `{"code": ..., "message": ..., "reason": ...}` to `--exit-file` first, which is
+how the launcher tells these apart after a controller restart. The message is one line
+(the full traceback of anything unexpected goes to the driver's log). Before exiting 1 or
+3 the driver reports the failure over gRPC with its class (user or infrastructure), so the
+job's state says why without waiting for the exit to be noticed.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import traceback
 from pathlib import Path
 
 EXIT_OK, EXIT_LOST, EXIT_FAILED = 0, 1, 3
+INVALID_INPUT = "InvalidInput"
 DRIVER_RANK = -1
 FORWARDED_PREFIXES = ("RINGMASTER_", "OTEL_")
 
@@ -40,13 +45,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _write_exit(path: Path | None, code: int, message: str) -> int:
+def _write_exit(path: Path | None, code: int, message: str, reason: str = "") -> int:
+    message = " ".join(message.split())[-4000:]
     if path is not None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"code": code, "message": message[-4000:]}))
+        tmp.write_text(json.dumps({"code": code, "message": message, "reason": reason}))
         tmp.replace(path)
     print(f"driver exiting with status {code}: {message}", flush=True)
     return code
+
+
+def _report(me, exc, *, user: bool, rank: int | None = None) -> None:
+    try:
+        me.report_failure(step=-1, error=str(exc), user=user, failed_rank=rank)
+    except Exception:  # the controller may be away; the exit file still tells
+        pass
 
 
 def forwarded_env() -> dict[str, str]:
@@ -65,8 +78,8 @@ def _init_ray(num_ranks: int) -> None:
                  object_store_memory=100_000_000, log_to_driver=True)
 
 
-def run(args: argparse.Namespace) -> tuple[int, str]:
-    """The attempt, start to finish; returns (exit code, message)."""
+def run(args: argparse.Namespace) -> tuple[int, str, str]:
+    """The attempt, start to finish; returns (exit code, message, reason)."""
     from scheduler.specs import ModelSpec
     from workers.agent import train_config
     from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
@@ -77,7 +90,7 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
     try:
         cfg = json.loads(me.register(host=socket.gethostname(), pid=os.getpid()).job_spec_json)
     except Fenced as exc:
-        return EXIT_LOST, str(exc)
+        return EXIT_LOST, str(exc), ""
     try:
         config = GroupConfig(num_ranks=int(cfg["num_ranks"]),
                              model=ModelSpec.model_validate(cfg["model"]),
@@ -86,29 +99,31 @@ def run(args: argparse.Namespace) -> tuple[int, str]:
                              train=train_config(cfg), seed=int(cfg["training"]["seed"]),
                              env=forwarded_env())
     except (KeyError, ValueError) as exc:
-        return EXIT_FAILED, f"worker config is not usable: {exc}"
+        message = f"worker config is not usable: {' '.join(str(exc).split())}"
+        _report(me, message, user=True)
+        return EXIT_FAILED, message, INVALID_INPUT
     _init_ray(config.num_ranks)
     try:
         with WorkerGroup(config) as group:
             results = group.run_agents(args.controller, args.job, args.attempt)
     except WorkerError as exc:
-        try:
-            me.report_failure(step=-1, error=str(exc))
-        except Exception:  # the controller may be away; the exit file still tells
-            pass
-        return EXIT_LOST, str(exc)
+        _report(me, exc.detail, user=exc.user, rank=exc.rank)
+        if exc.user:
+            return EXIT_FAILED, str(exc), INVALID_INPUT
+        return EXIT_LOST, str(exc), ""
     stopped = any(r.stopped for r in results)
     steps = max(r.final_step for r in results)
-    return EXIT_OK, f"{'stopped' if stopped else 'finished'} at step {steps}"
+    return EXIT_OK, f"{'stopped' if stopped else 'finished'} at step {steps}", ""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        code, message = run(args)
-    except Exception:  # anything unexpected loses the attempt; the job's policy decides
-        code, message = EXIT_LOST, traceback.format_exc()
-    return _write_exit(args.exit_file, code, message)
+        code, message, reason = run(args)
+    except Exception as exc:  # anything unexpected loses the attempt; the policy decides
+        traceback.print_exc()  # the whole story in the driver's log; the status says one line
+        code, message, reason = EXIT_LOST, f"driver failed: {type(exc).__name__}: {exc}", ""
+    return _write_exit(args.exit_file, code, message, reason)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from scheduler.batching import BatchPosition
+from scheduler.errors import RingmasterError
 from scheduler.plan import StepPlan
 from scheduler.specs import ModelSpec
 from workers.data import sequence_ids_of_rank
@@ -44,11 +45,13 @@ __all__ = ["GroupConfig", "RankWorker", "WorkerDiedError", "WorkerError", "Worke
 
 
 class WorkerError(RuntimeError):
-    """A rank raised during a group call; `rank` says which."""
+    """A rank raised during a group call; `rank` says which. `user`: the cause is the
+    job's data or config (a RingmasterError: retrying cannot help); `detail` is the cause
+    without the rank."""
 
-    def __init__(self, rank: int, message: str):
+    def __init__(self, rank: int, message: str, *, user: bool = False):
         super().__init__(f"rank {rank}: {message}")
-        self.rank = rank
+        self.rank, self.detail, self.user = rank, message, user
 
 
 class WorkerDiedError(WorkerError):
@@ -280,7 +283,9 @@ class WorkerGroup:
                                                        f"{str(exc).splitlines()[0]})"))
             except RayTaskError as exc:
                 cause = exc.cause if exc.cause is not None else exc
-                self._fail(WorkerError(where[ref], f"{type(cause).__name__}: {cause}"))
+                user = isinstance(cause, RingmasterError)  # bad data or config, not a crash
+                text = str(cause) if user else f"{type(cause).__name__}: {cause}"
+                self._fail(WorkerError(where[ref], text, user=user))
             except GetTimeoutError:
                 self._fail(WorkerError(where[ref], f"no result within {timeout_s} s"))
         return [results[r] for r in ranks]

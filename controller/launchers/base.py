@@ -59,7 +59,9 @@ class LauncherEvent:
     attempt: int  # the attempt the event is about; stale attempts are ignored
     kind: EventKind
     rank: int | None = None  # the rank concerned, when one is
-    message: str = ""  # human-readable detail (exit code, pod event, ...)
+    message: str = ""  # human-readable detail (exit code, pod event, ...), one line
+    reason: str = ""  # the transition's reason when it says more than the kind (FAILED:
+    # InvalidInput, a user error no retry can fix; default WorkersFailed)
 
 
 class Launcher(ABC):

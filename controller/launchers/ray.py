@@ -9,7 +9,8 @@ launcher remembers every driver in `<state_dir>/ray/<job>.json` and finds them a
 What the launcher sees itself (process exits) it reports through `poll()`; what the gRPC
 service sees (all ranks registered, a rank lost or stalled) it reports with `report()`.
 Exit protocol of the driver: 0 = all steps done (COMPLETED), 3 = an error a restart will
-not fix (FAILED), anything else or a missing exit file = WORKER_LOST. The driver's output
+not fix (FAILED, with the exit file's `reason`, e.g. InvalidInput), anything else or a
+missing exit file = WORKER_LOST. The driver's output
 goes to `<state_dir>/ray/<job>-<attempt>.log`; `poll()` forwards new lines to `on_logs`.
 That directory is private (0700, files 0600): logs and records are the jobs' own.
 
@@ -283,9 +284,11 @@ class RayLauncher(Launcher):
         if rec.stopping:
             return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=EventKind.STOPPED)
         code, message = None, "driver process vanished without an exit status"
+        reason = ""
         try:
             info = json.loads(Path(rec.exit_path).read_text())
             code, message = int(info["code"]), str(info.get("message", ""))
+            reason = str(info.get("reason", ""))
         except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
             child = self._children.get(rec.pid)
             if child is not None and child.returncode is not None:
@@ -293,7 +296,8 @@ class RayLauncher(Launcher):
                 message = f"driver exited with status {code} without an exit file"
         kind = {EXIT_COMPLETED: EventKind.COMPLETED, EXIT_FAILED: EventKind.FAILED}.get(
             code, EventKind.WORKER_LOST)
-        return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=kind, message=message)
+        return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=kind, message=message,
+                             reason=reason if kind is EventKind.FAILED else "")
 
     def _forget(self, rec: DriverRecord) -> None:
         self._drivers.pop(rec.job_id, None)
