@@ -53,11 +53,9 @@ def validate_job(spec: JobCreate, *, launcher=None, store=None) -> ValidatedJob:
     """Raise a FieldError/SpecError (a 422) or CheckpointDirInUse (a 409) for the first
     thing wrong with `spec`; see the module docstring. `launcher` and `store` are optional
     (a preview on a client has neither)."""
-    from controller.planning import check_job_fits
-
     num_samples, max_token_id = check_dataset(spec)
     model = validate_model(spec)
-    check_job_fits(spec)  # the planner's memory refusal: model states beyond one device
+    check_states_fit(spec)
     check_vocab(spec, model, max_token_id)
     if launcher is not None:
         launcher.check_spec(spec)
@@ -83,6 +81,18 @@ def check_dataset(spec: JobCreate) -> tuple[int, int]:
     except (OSError, ValueError) as exc:  # a directory where a file should be, no access
         reason = getattr(exc, "strerror", None) or str(exc)
         raise FieldError("dataset.path", f"{path!r}: cannot read it ({reason})") from None
+
+
+def check_states_fit(spec: JobCreate) -> None:
+    """The planner's memory refusal (DeviceMemoryError: model states beyond one device).
+    Figures the cost model cannot compute with (a 1e300 GiB GPU) are the spec's fault."""
+    from controller.planning import check_job_fits
+
+    try:
+        check_job_fits(spec)
+    except ArithmeticError as exc:
+        raise SpecError(f"model/resources.cluster: figures out of the range the cost model "
+                        f"can compute with ({type(exc).__name__}: {exc})") from None
 
 
 def check_vocab(spec: JobCreate, model: ModelSpec, max_token_id: int) -> None:

@@ -158,3 +158,11 @@ def test_an_unowned_directory_with_checkpoints_is_refused(ctl, tmp_path):
     err = refused(ctl, spec_with(training={"checkpoint_dir": str(ckpt)}), status=409)
     assert "no owner record" in err["message"]
     assert read_owner(ckpt) is None  # the controller only reads the directory
+
+
+def test_cluster_figures_the_cost_model_cannot_hold_are_a_422_at_submit(ctl):
+    absurd = spec_with(resources={"num_ranks": 4, "cluster": dict(
+        num_nodes=1, gpus_per_node=4, gpu_memory_gib=1e300, achieved_tflops=1e-300,
+        intra_node_bandwidth_gbps=1e-300, inter_node_bandwidth_gbps=1e300,
+        pcie_bandwidth_gbps=1e-300, host_memory_gib=1e300)})
+    assert "out of the range" in refused(ctl, absurd)["message"]
