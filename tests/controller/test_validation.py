@@ -166,3 +166,24 @@ def test_cluster_figures_the_cost_model_cannot_hold_are_a_422_at_submit(ctl):
         intra_node_bandwidth_gbps=1e-300, inter_node_bandwidth_gbps=1e300,
         pcie_bandwidth_gbps=1e-300, host_memory_gib=1e300)})
     assert "out of the range" in refused(ctl, absurd)["message"]
+
+
+def test_the_ray_launchers_capacity_is_the_cpus_unless_overridden(tmp_path, monkeypatch):
+    from controller.edge import FieldError
+    from controller.launchers.ray import RayLauncher, local_cpu_count
+    from controller.spec import parse_job_spec
+
+    monkeypatch.delenv("RINGMASTER_MAX_RANKS", raising=False)
+    cpus = local_cpu_count()
+    assert 1 <= cpus <= len(__import__("os").sched_getaffinity(0))
+    assert RayLauncher(state_dir=tmp_path, controller_address="x").total_ranks == cpus
+    monkeypatch.setenv("RINGMASTER_MAX_RANKS", "3")
+    launcher = RayLauncher(state_dir=tmp_path, controller_address="x")
+    big = parse_job_spec(spec_with(resources={"num_ranks": 4}))
+    with pytest.raises(FieldError, match="at most 3 ranks at once .*RINGMASTER_MAX_RANKS"):
+        launcher.check_spec(big)
+    assert RayLauncher(state_dir=tmp_path, controller_address="x",
+                       total_ranks=4).check_spec(big) is None
+    monkeypatch.setenv("RINGMASTER_MAX_RANKS", "many")
+    with pytest.raises(ValueError, match="RINGMASTER_MAX_RANKS='many'"):
+        RayLauncher(state_dir=tmp_path, controller_address="x")
