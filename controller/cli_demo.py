@@ -170,12 +170,12 @@ def _run_job(env: _EmbeddedController, spec: dict, lengths: np.ndarray, out: Pat
 
 
 def _step_table(metrics) -> Table:
-    table = Table(title="steps (groups: ring size x count)")
+    table = Table(title="steps from 1 (groups: ring size x count)")
     for col in ("step", "groups", "predicted s", "measured s", "loss", "tokens/s"):
         table.add_column(col, justify="right")
     every = max(1, len(metrics) // 15)
     for m in metrics[::every] + ([metrics[-1]] if len(metrics) % every != 1 else []):
-        table.add_row(str(m.step), m.groups, f"{m.predicted_step_s:.3f}",
+        table.add_row(str(m.step + 1), m.groups, f"{m.predicted_step_s:.3f}",
                       f"{m.measured_step_s:.3f}", f"{m.loss:.3f}", f"{m.tokens_per_s:,.0f}")
     return table
 
