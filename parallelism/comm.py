@@ -40,6 +40,7 @@ __all__ = [
     "RingCommError",
     "check_ring",
     "current_rank_and_world",
+    "ring_sum",
 ]
 
 
@@ -227,3 +228,29 @@ class RingComm:
         if self._state is not _State.IDLE:
             raise CommProtocolError(f"[{self.channel}] closed with ops {self._state.value}: "
                                     f"every commit() needs a wait()")
+
+
+def ring_sum(x: torch.Tensor, ring: Sequence[int], *, channel: str = "sum",
+             group: dist.ProcessGroup | None = None, stats: CommStats | None = None
+             ) -> torch.Tensor:
+    """The sum of every ring member's `x` (same shape and dtype on each), bit-identical on
+    every member: a ring all-gather (d - 1 send/recv steps on the global group, never a new
+    group), then the blocks added in ring-position order, so no member rounds differently.
+
+    For small per-sequence figures (a DPO pair's log-probability on a ring); it moves
+    (d - 1) x numel elements per member.
+    """
+    comm = RingComm(ring, channel=channel, group=group, stats=stats)
+    blocks = {comm.position: x}
+    current = x.contiguous()
+    for step in range(comm.size - 1):
+        received = comm.send_recv(current)
+        comm.commit()
+        comm.wait()
+        blocks[(comm.position - step - 1) % comm.size] = received
+        current = received
+    comm.close()
+    total = blocks[0].clone()
+    for position in range(1, comm.size):
+        total += blocks[position]
+    return total

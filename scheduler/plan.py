@@ -14,6 +14,12 @@ workers did with it: offload at the token-weighted mean of the sequences' offloa
 when that is > 0, else layer-wise StreamBP for a packed group whose rough activation
 estimate exceeds V1_ACTIVATION_BUDGET_BYTES, else plain; its memory rule is
 sum(length * (1 - offload_ratio)) / ring_size <= capacity_tokens.
+
+DPO pairs (`StepPlan.pairs`, optional in either version): the (chosen, rejected) ids of a
+batch's preference pairs. Both sequences of a pair run in one group (one rank, or one
+ring), so the pair's loss needs no extra pass or collective across groups; a plan that
+splits a pair is a violation. `violations(pairs=...)` checks a plan against the pairs of
+the batch it is meant for, whether or not the plan lists them itself.
 """
 
 from __future__ import annotations
@@ -196,6 +202,9 @@ class StepPlan(_PlanModel):
                                  "(version 2: under the plain scheme).")
     micro_batches: list[MicroBatch] = Field(description="Micro-batches, run in order.")
     memory: PlanMemory | None = Field(default=None, description="Memory settings (version 2).")
+    pairs: list[tuple[int, int]] | None = Field(
+        default=None, description="DPO pairs of the batch as (chosen id, rejected id): both "
+        "sequences of a pair run in one group.")
     predicted: Predicted | None = Field(default=None, description="Planner's predictions.")
 
     def groups(self):
@@ -218,11 +227,13 @@ class StepPlan(_PlanModel):
     def sequence_ids(self) -> list[int]:
         return sorted(s.id for _, g in self.groups() for s in g.sequences)
 
-    def violations(self, lengths: Sequence[int] | None = None) -> list[str]:
+    def violations(self, lengths: Sequence[int] | None = None,
+                   pairs: Sequence[tuple[int, int]] | None = None) -> list[str]:
         """Every rule of the format this plan breaks (empty when valid).
 
         With `lengths` (the batch's sequence lengths) it also checks that the ids are
-        exactly 0..len(lengths)-1 and that each length matches.
+        exactly 0..len(lengths)-1 and that each length matches. `pairs` (the batch's DPO
+        pairs, as plan ids) must each run in one group, as must the plan's own `pairs`.
         """
         out: list[str] = []
         if self.version not in SUPPORTED_VERSIONS:
@@ -267,6 +278,26 @@ class StepPlan(_PlanModel):
             out.append(f"predicted.per_rank_busy_s: {len(self.predicted.per_rank_busy_s)} "
                        f"entries, expected world_size={self.world_size}")
         out += self._predicted_memory_violations()
+        out += self._pair_violations(seen, pairs)
+        return out
+
+    def _pair_violations(self, seen: dict[int, str],
+                         pairs: Sequence[tuple[int, int]] | None) -> list[str]:
+        """Both sequences of every pair (the plan's own and `pairs`) in one group."""
+        out = []
+        listed = [("pairs", p) for p in self.pairs or []]
+        listed += [("batch pair", tuple(p)) for p in pairs or []]
+        for what, (a, b) in listed:
+            if a == b:
+                out.append(f"{what} ({a}, {b}): a pair needs two different sequences")
+                continue
+            wa, wb = (seen.get(i, "").rsplit(".sequences", 1)[0] for i in (a, b))
+            if not wa or not wb:
+                missing = [i for i, w in ((a, wa), (b, wb)) if not w]
+                out.append(f"{what} ({a}, {b}): sequence id(s) {missing} are not in the plan")
+            elif wa != wb:
+                out.append(f"{what} ({a}, {b}): split across {wa} and {wb} (a DPO pair runs "
+                           "in one group: one rank or one ring)")
         return out
 
     def _predicted_memory_violations(self) -> list[str]:
@@ -284,9 +315,10 @@ class StepPlan(_PlanModel):
                            f"per rank exceeds memory.device_budget_bytes={budget}")
         return out
 
-    def check(self, lengths: Sequence[int] | None = None) -> StepPlan:
+    def check(self, lengths: Sequence[int] | None = None,
+              pairs: Sequence[tuple[int, int]] | None = None) -> StepPlan:
         """Raise PlanValidationError listing every violation; return self when valid."""
-        found = self.violations(lengths)
+        found = self.violations(lengths, pairs)
         if found:
             raise PlanValidationError(found)
         return self

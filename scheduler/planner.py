@@ -37,7 +37,9 @@ import numpy as np
 
 from scheduler.balance import Task, greedy_schedule, resize
 from scheduler.cost import CostModel
+from scheduler.errors import InfeasibleBatchError
 from scheduler.lns import improve
+from scheduler.pairs import PairUnits
 from scheduler.plan import (
     PLAN_VERSION,
     GroupMemory,
@@ -77,14 +79,17 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
                time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
                cost: CostModel | None = None, offload: OffloadPolicy | None = None,
                precision: str | None = None, optimizer_sharding: str | None = None,
-               predictions: bool = True) -> StepPlan:
+               predictions: bool = True,
+               pairs: Sequence[Sequence[int]] | None = None) -> StepPlan:
     """Plan one global batch on all ranks of `cluster` (see the module docstring).
 
     capacity_tokens None derives it from the memory model (model states for `precision`
     and `optimizer_sharding`, plain activations; scheduler/rank_memory.py); `cost` lets a
     caller pass a refitted CostModel (its precision and sharding then apply); `offload`
     overrides the cluster's default offload policy (`default_offload`); `predictions`
-    False leaves out the per-group predictions (FLOPs, bytes, peaks). Raises ValueError
+    False leaves out the per-group predictions (FLOPs, bytes, peaks). `pairs` (DPO pairs
+    as (chosen, rejected) ids) are planned as one unit each, so both sequences of a pair
+    land in one group (scheduler/pairs.py), and the plan lists them. Raises ValueError
     for a bad argument, DeviceMemoryError when the model states do not fit a device,
     InfeasibleBatchError for a sequence that cannot fit at all and PlanMemoryError when a
     given capacity_tokens overfills a device.
@@ -104,8 +109,13 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
                          "it from the GPU memory)")
     else:
         cost.memory.check_states_fit()
-    shards = shard_batch(lengths, capacity_tokens=capacity_tokens, world_size=world, cost=cost,
-                         offload=offload or default_offload(cluster))
+    units = PairUnits.of(lengths, pairs or [])
+    try:
+        shards = shard_batch(units.unit_lengths(capacity_tokens), capacity_tokens=capacity_tokens,
+                             world_size=world, cost=cost,
+                             offload=offload or default_offload(cluster))
+    except InfeasibleBatchError as exc:
+        raise units.infeasible(exc) from None
     topo = Topology(cluster, pow2_rings=policy == "pow2")
     if policy in ("hdp", "pow2"):
         if policy == "pow2":
@@ -117,7 +127,8 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
         micro_batches = naive_micro_batches(shards, world, capacity_tokens)
     else:
         micro_batches = best_static_micro_batches(shards, cost, topo, capacity_tokens)
-    plan = build_plan(micro_batches, world, capacity_tokens, cost)
+    plan = build_plan(units.expand(micro_batches), world, capacity_tokens, cost)
+    plan.pairs = [tuple(m) for m in units.members if len(m) == 2] or None
     finish_plan(plan, cluster, model, cost, predictions=predictions)
     return plan
 

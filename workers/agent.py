@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from opentelemetry import propagate, trace
 
 from scheduler.batching import BatchPosition
@@ -44,7 +45,8 @@ from scheduler.dataset import TokenDataset
 from scheduler.errors import RingmasterError
 from scheduler.plan import StepPlan
 from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
-from workers.data import read_plan_samples, sequence_ids_of_rank
+from workers.data import GlobalBatch, read_plan_samples, read_sample_data, sequence_ids_of_rank
+from workers.loss import BatchMeta, ObjectiveConfig
 from workers.rank_logs import RankLogs
 from workers.tensorboard import ScalarWriter
 from workers.train import TrainConfig, Trainer
@@ -65,13 +67,14 @@ def train_config(cfg: dict) -> TrainConfig:
 
     `precision` and `optimizer_sharding` come resolved by the controller (the planner's
     memory and cost model used the same); a config without them gets the workers'
-    defaults (by device and world size)."""
+    defaults (by device and world size). `objective` is the spec's (pretrain without)."""
     training = cfg["training"]
     steps = int(training["steps"])
     return TrainConfig(lr=float(training["learning_rate"]), total_steps=steps,
                        warmup_steps=min(10, steps // 10),
                        precision=training.get("precision"),
-                       optimizer_sharding=training.get("optimizer_sharding"))
+                       optimizer_sharding=training.get("optimizer_sharding"),
+                       objective=ObjectiveConfig.from_config(cfg.get("objective")))
 
 
 def _fault(identity: WorkerIdentity, step: int) -> str | None:
@@ -86,6 +89,21 @@ def _fault(identity: WorkerIdentity, step: int) -> str | None:
            and int(fields.get("attempt", 1)) == identity.attempt
            and (job is None or identity.job_id.startswith(job + "-")))
     return kind if hit else None
+
+
+def _step_samples(dataset: TokenDataset, plan: StepPlan, sample_ids, rank: int,
+                  objective: ObjectiveConfig, vocab_size: int) -> tuple[dict, BatchMeta | None]:
+    """This rank's samples of a step (tokens; SampleData for masked objectives) and the
+    batch's records every rank normalises by (from the dataset's metadata, no tokens).
+    Token ids beyond the model's vocabulary are a DatasetError (read_plan_samples)."""
+    ids = sequence_ids_of_rank(plan, rank)
+    tokens = read_plan_samples(dataset, sample_ids, ids, vocab_size=vocab_size)
+    if not objective.masked:
+        return tokens, None
+    batch = GlobalBatch(position=BatchPosition(), sample_ids=np.asarray(sample_ids, np.int64),
+                        lengths=dataset.lengths[np.asarray(sample_ids, np.int64)])
+    return (read_sample_data(dataset, batch, ids),
+            BatchMeta.from_structure(dataset.structure, batch.sample_ids))
 
 
 class _Heartbeat(threading.Thread):
@@ -197,15 +215,15 @@ class RankAgent:
         if fault == "crash":
             os._exit(17)
         plan = StepPlan.model_validate_json(msg.plan_json)
-        samples = read_plan_samples(dataset, msg.sample_ids, sequence_ids_of_rank(plan, rank),
-                                    vocab_size=vocab_size)
+        samples, batch = _step_samples(dataset, plan, msg.sample_ids, rank,
+                                       trainer.config.objective, vocab_size)
         parent = propagate.extract({"traceparent": msg.traceparent} if msg.traceparent else {})
         t0 = time.perf_counter()
         with self.tracer.start_as_current_span("worker.step", context=parent) as span:
             span.set_attributes({"ringmaster.job_id": self.identity.job_id,
                                  "ringmaster.rank": rank, "ringmaster.step": msg.step,
                                  "ringmaster.attempt": self.identity.attempt})
-            stats = trainer.train_step(plan, samples, next_position=BatchPosition(
+            stats = trainer.train_step(plan, samples, batch=batch, next_position=BatchPosition(
                 epoch=msg.data_epoch, index=msg.data_index))
         step_time = time.perf_counter() - t0
         beat.progress += 1  # trained; a checkpoint may take a while longer

@@ -163,9 +163,10 @@ class RankWorker:
         return run_step(self.trainer.model, plan, samples, rank=self.rank)
 
     def train_step(self, plan_json: str, samples: Mapping[int, torch.Tensor],
-                   next_position: BatchPosition | None) -> TrainStats:
+                   next_position: BatchPosition | None, batch=None) -> TrainStats:
         plan = StepPlan.model_validate_json(plan_json)
-        return self.trainer.train_step(plan, samples, next_position=next_position)
+        return self.trainer.train_step(plan, samples, next_position=next_position,
+                                       batch=batch)
 
     def save(self, directory: str) -> str:
         return str(self.trainer.save(directory))
@@ -321,10 +322,13 @@ class WorkerGroup:
         return self._call("run_step", per_rank=lambda r: (text, subsets[r]))
 
     def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
-                   next_position: BatchPosition | None = None) -> list[TrainStats]:
-        """One optimizer step of `plan` on every rank; stats per rank."""
+                   next_position: BatchPosition | None = None,
+                   batch=None) -> list[TrainStats]:
+        """One optimizer step of `plan` on every rank; stats per rank. `samples` are tokens
+        or workers.sample.SampleData; `batch` the batch's records (workers.loss.BatchMeta)."""
         text, subsets = self._per_rank_inputs(plan, samples)
-        out = self._call("train_step", per_rank=lambda r: (text, subsets[r], next_position))
+        out = self._call("train_step", per_rank=lambda r: (text, subsets[r], next_position,
+                                                            batch))
         if next_position is not None:
             self.data_position = next_position
         return out

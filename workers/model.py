@@ -238,10 +238,10 @@ class Transformer(nn.Module):
                                  f"{' and '.join(missing)} must be given (sharded like "
                                  "input_ids; a shard's last token predicts a token on "
                                  "another rank)")
-            if isinstance(objective, DPO):
-                raise ValueError("objective=DPO needs whole sequences (sequence log-probs); "
-                                 "with ring it is not supported: give DPO pairs to "
-                                 "single-rank groups")
+            if isinstance(objective, DPO) and objective.ring_sum is None and len(ring) > 1:
+                raise ValueError(f"objective=DPO with ring={ring} needs DPO.ring_sum (the "
+                                 "ring members' sum of the sequence log-probs, "
+                                 "parallelism.ring_sum): each member holds a shard")
         if stream_chunk_size is not None and (not isinstance(stream_chunk_size, int)
                                               or isinstance(stream_chunk_size, bool)
                                               or stream_chunk_size < 1):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +40,9 @@ from scheduler.model_states import (
 )
 from scheduler.plan import StepPlan
 from scheduler.specs import ModelSpec
+from workers.loss import BatchMeta, ObjectiveConfig
 from workers.optim import ShardedAdamW, partition_parameters
+from workers.sample import SampleData
 from workers.step import StepStats, run_step
 
 __all__ = ["PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer", "build_model",
@@ -70,6 +72,8 @@ class TrainConfig:
     # uses them on CUDA, where they keep activations out of the caching allocator; on CPU
     # the path is exact but saves nothing.
     activation_arena: Literal["auto", "on", "off"] = "auto"
+    # What the step optimises (pretrain, sft, dpo, grpo and their parameters; workers.loss).
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
         checks = [
@@ -145,8 +149,10 @@ class StepInput:
     """What a plan source hands the loop for one step."""
 
     plan: StepPlan  # the step's plan (the same on every rank)
-    samples: Mapping[int, torch.Tensor]  # plan id -> tokens, at least this rank's ids
+    # plan id -> tokens, or SampleData (masked objectives), at least this rank's ids
+    samples: Mapping[int, torch.Tensor | SampleData]
     next_position: BatchPosition  # data position after this batch (checkpointed)
+    batch: BatchMeta | None = None  # the whole batch's records (masked objectives)
 
 
 # Given the data position of the next batch, return that step's input.
@@ -186,11 +192,14 @@ class Trainer:
         self.data_position = BatchPosition()  # next batch of the data stream
         self.arenas = _arena_cache(model, self.config)
 
-    def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
-                   next_position: BatchPosition | None = None) -> TrainStats:
-        """run_step into the optimizer's gradient buffer, clip, one AdamW update."""
+    def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleData], *,
+                   next_position: BatchPosition | None = None,
+                   batch: BatchMeta | None = None) -> TrainStats:
+        """run_step of the config's objective into the optimizer's gradient buffer, clip,
+        one AdamW update. `batch`: the batch's records (run_step)."""
         stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group,
-                         arenas=self.arenas, grads=self.optimizer.grads)
+                         arenas=self.arenas, grads=self.optimizer.grads,
+                         objective=self.config.objective, batch=batch)
         lr = lr_at(self.step, self.config)
         grad_norm = self.optimizer.step(lr=lr, step=self.step + 1,
                                         max_grad_norm=self.config.max_grad_norm)
@@ -227,7 +236,8 @@ def train(trainer: Trainer, *, num_steps: int, plan_source: PlanSource,
     out = []
     for _ in range(num_steps):
         inp = plan_source(trainer.data_position)
-        s = trainer.train_step(inp.plan, inp.samples, next_position=inp.next_position)
+        s = trainer.train_step(inp.plan, inp.samples, next_position=inp.next_position,
+                               batch=inp.batch)
         out.append(s)
         if on_step is not None:
             on_step(s)
