@@ -15,7 +15,8 @@ the two real sequences:
   most ceil(l1 / d) + ceil(l2 / d) <= (l1 + l2) / d + 2 - 2/d <= capacity_tokens tokens
   of them (for capacity_tokens >= 2), so the plain memory rule still holds.
 - a pair that needs a ring is a unit of L + 2 (D - 1) tokens, L = l1 + l2, with D the
-  smallest ring such that ceil((L + 2 (D - 1)) / C) = D: on any ring d >= D a member
+  smallest ring such that ceil((L + 2 (D - 1)) / C) <= D, i.e. D = ceil((L - 2) / (C - 2))
+  (C = capacity_tokens >= 3): on any ring d >= D a member
   holds at most (L + 2 (d - 1)) / d <= (L + 2 (D - 1)) / D tokens of the pair (zigzag's
   uneven chunks of two sequences, exactly bounded), which the sharding's token rule
   (unit length / d, after offload) already covers.
@@ -41,14 +42,14 @@ __all__ = ["InfeasiblePairError", "PairUnits", "check_pairs"]
 class InfeasiblePairError(InfeasibleBatchError):
     """A DPO pair whose two sequences cannot fit one group (all ranks, full offload)."""
 
-    def __init__(self, pair: tuple[int, int], lengths: tuple[int, int], planned: int,
-                 max_length: int):
-        self.seq_id, self.length, self.max_length, self.pair = pair[0], planned, max_length, pair
+    def __init__(self, pair: tuple[int, int], lengths: tuple[int, int], max_length: int):
+        self.seq_id, self.length, self.max_length, self.pair = pair[0], sum(lengths), \
+            max_length, pair
         Exception.__init__(
             self, f"DPO pair (chosen id {pair[0]}, rejected id {pair[1]}) of {lengths[0]} + "
-            f"{lengths[1]} tokens cannot fit: both run in one group (docs/objectives.md), "
-            f"which holds {planned} tokens for them, and the largest that fits this cluster "
-            f"(all ranks, full offload) is {max_length}")
+            f"{lengths[1]} tokens cannot fit: both sequences of a pair run in one group "
+            f"(docs/objectives.md), and the most one group of this cluster holds (all ranks, "
+            f"full offload) is {max_length} tokens")
 
 Group = TypeVar("Group")
 
@@ -78,9 +79,8 @@ def unit_length(l1: int, l2: int, capacity_tokens: int) -> int:
     total = l1 + l2
     if total <= capacity_tokens or capacity_tokens < 3:
         return total
-    d = math.ceil(total / capacity_tokens)
-    while math.ceil((total + 2 * (d - 1)) / capacity_tokens) > d:
-        d += 1
+    # The smallest D with ceil((L + 2 (D - 1)) / C) <= D, i.e. D (C - 2) >= L - 2.
+    d = math.ceil((total - 2) / (capacity_tokens - 2))
     return total + 2 * (d - 1)
 
 
@@ -114,7 +114,7 @@ class PairUnits:
         if len(m) == 1:
             return InfeasibleBatchError(m[0], exc.length, exc.max_length)
         return InfeasiblePairError((m[0], m[1]), (self.lengths[m[0]], self.lengths[m[1]]),
-                                   exc.length, exc.max_length)
+                                   exc.max_length)
 
     def expand(self, micro_batches: Sequence[Sequence[tuple[tuple[int, ...], Sequence[Shard]]]]
                ) -> list[list[tuple[tuple[int, ...], tuple[Shard, ...]]]]:
