@@ -23,7 +23,8 @@ import numpy as np
 from controller.spec import JobCreate
 from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.cost import CostModel, Observation
-from scheduler.dataset import read_lengths, read_units
+from scheduler.dataset import read_structure
+from scheduler.dataset_meta import DatasetStructure
 from scheduler.plan import StepPlan
 
 MIN_OBSERVATIONS = 3  # a, b and c need three distinct profiles
@@ -87,8 +88,10 @@ def check_job_fits(spec: JobCreate) -> None:
 
 
 def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | None,
-                    seed: int) -> tuple[str, float]:
-    """Runs in the planner process: plan one batch, return (plan JSON, seconds)."""
+                    seed: int, pairs: list[tuple[int, int]] | None = None
+                    ) -> tuple[str, float]:
+    """Runs in the planner process: plan one batch (its DPO `pairs` kept in one group
+    each), return (plan JSON, seconds)."""
     from scheduler.planner import plan_batch
 
     spec = JobCreate.model_validate_json(spec_json)
@@ -99,7 +102,8 @@ def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | No
     t0 = time.perf_counter()
     plan = plan_batch(lengths, cluster, model, policy=spec.planner.policy,
                       capacity_tokens=spec.resources.capacity_tokens,
-                      time_limit_s=spec.planner.time_limit_s, seed=seed, cost=cost)
+                      time_limit_s=spec.planner.time_limit_s, seed=seed, cost=cost,
+                      pairs=pairs)
     return plan.model_dump_json(), time.perf_counter() - t0
 
 
@@ -107,11 +111,12 @@ class BatchSchedule:
     """Step -> (sample ids, next position): a pure function of the job's data settings."""
 
     def __init__(self, lengths: np.ndarray, *, tokens_per_batch: int, seed: int,
-                 units: np.ndarray | None = None):
+                 units: np.ndarray | None = None, structure: DatasetStructure | None = None):
         self.lengths = lengths
         self.tokens_per_batch = tokens_per_batch
         self.seed = seed
         self.units = units  # DPO pairs move as one (scheduler.dataset.read_units)
+        self.structure = structure  # the records, for each batch's DPO pairs
         self._epochs: dict[int, list[np.ndarray]] = {}
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
@@ -129,6 +134,12 @@ class BatchSchedule:
         nxt = (epoch, index + 1) if index + 1 < len(self._epoch(epoch)) else (epoch + 1, 0)
         return self._epoch(epoch)[index], BatchPosition(epoch=nxt[0], index=nxt[1])
 
+    def pairs(self, sample_ids: np.ndarray) -> list[tuple[int, int]] | None:
+        """The batch's DPO pairs as plan ids (None without pairs in the dataset)."""
+        if self.units is None or self.structure is None:
+            return None
+        return self.structure.batch_pairs(sample_ids) or None
+
 
 class PlanPipeline:
     """Plans of one job attempt, `depth` steps ahead of the slowest consumer."""
@@ -139,10 +150,11 @@ class PlanPipeline:
         self._spec_json = spec.model_dump_json()
         self.executor = executor
         self.depth = depth
-        units = read_units(spec.dataset.path) if lengths is None else None
-        lengths = read_lengths(spec.dataset.path) if lengths is None else lengths
+        structure = read_structure(spec.dataset.path) if lengths is None else None
+        units = structure.units() if structure is not None else None
+        lengths = structure.lengths if structure is not None else lengths
         self.schedule = BatchSchedule(lengths, tokens_per_batch=spec.training.global_batch_tokens,
-                                      seed=spec.training.seed, units=units)
+                                      seed=spec.training.seed, units=units, structure=structure)
         self._cost = job_cost_model(spec)
         self._coefficients: tuple | None = None
         self._observations: list[Observation] = []
@@ -156,7 +168,8 @@ class PlanPipeline:
         ids, nxt = self.schedule.batch(step)
         lengths = [int(x) for x in self.schedule.lengths[ids]]
         fut = self.executor.submit(plan_in_process, lengths, self._spec_json,
-                                   self._coefficients, self.spec.training.seed + step)
+                                   self._coefficients, self.spec.training.seed + step,
+                                   self.schedule.pairs(ids))
         self._futures[step] = (fut, ids, nxt)
 
     def prefetch(self, step: int) -> None:

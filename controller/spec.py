@@ -39,6 +39,7 @@ from pydantic import (
 
 from controller.safe_yaml import YamlError, load_yaml, one_line
 from controller.spec_kubernetes import KubernetesOverrides
+from controller.spec_objective import Objective, PretrainObjective
 from scheduler.errors import DatasetError, SpecError
 from scheduler.hf_checkpoint import has_weights, inspect_checkpoint
 from scheduler.model_states import (
@@ -277,6 +278,12 @@ class JobCreate(_Section):
     dataset: DatasetRef
     resources: Resources
     training: Training
+    objective: Objective = Field(
+        default=PretrainObjective(),
+        description="What the step optimises: {type: pretrain} (every token), {type: sft} "
+                    "(the dataset's loss targets), {type: dpo, beta, label_smoothing} or "
+                    "{type: grpo, clip_range, kl_coef, loss_normalization}. See "
+                    "docs/objectives.md.")
     planner: PlannerSettings = PlannerSettings()
     failure: FailurePolicy = FailurePolicy()
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from controller.edge import FieldError
 from controller.spec import JobCreate, validate_model
+from controller.spec_objective import check_objective
 from controller.store import CheckpointDirInUse
 from scheduler.checkpoint_owner import Checkpoint, claim_conflict, resolve_resume
 from scheduler.errors import DatasetError, SpecError
@@ -54,6 +55,7 @@ def validate_job(spec: JobCreate, *, launcher=None, store=None) -> ValidatedJob:
     thing wrong with `spec`; see the module docstring. `launcher` and `store` are optional
     (a preview on a client has neither)."""
     num_samples, max_token_id = check_dataset(spec)
+    check_objective(spec.objective, spec.dataset.path)  # e.g. dpo on a dataset without pairs
     model = validate_model(spec)
     check_states_fit(spec)
     check_vocab(spec, model, max_token_id)

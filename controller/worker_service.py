@@ -51,6 +51,7 @@ from controller.launchers.base import EventKind, LauncherEvent
 from controller.planning import PlannedStep, PlanPipeline
 from controller.rpc import ringmaster_pb2 as pb
 from controller.rpc import ringmaster_pb2_grpc as pb_grpc
+from controller.spec_objective import objective_config
 from controller.states import JobRecord, State
 from controller.store import JobNotFound, JobStore, StepMetrics
 from controller.worker_auth import WorkerAuth
@@ -466,6 +467,7 @@ def worker_config_json(job: JobRecord) -> str:
         "training": {**spec.training.model_dump(mode="json"),
                      "precision": spec.resolve_precision(),
                      "optimizer_sharding": spec.resolve_optimizer_sharding()},
+        "objective": objective_config(spec.objective),
         "heartbeat_interval_s": max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
     })
 
