@@ -78,7 +78,7 @@ def job_cost_model(spec: JobCreate) -> CostModel:
     """The cost and memory model of a job (its model, cluster, precision and sharding)."""
     precision, sharding = job_memory_settings(spec)
     return CostModel(spec.resolve_model(), spec.resolve_cluster(), precision=precision,
-                     optimizer_sharding=sharding)
+                     optimizer_sharding=sharding, objective=spec.objective.type)
 
 
 def check_job_fits(spec: JobCreate) -> None:

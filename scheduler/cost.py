@@ -12,7 +12,8 @@ section 4):
         b = (6 P_matmul + 7 L h B) / F
                              every projection and the LM head (forward 2, backward 4 per
                              weight), plus the kernel's diagonal tiles: a block of B queries
-                             sees all keys up to its last query (B = 256, +s B / 2 pairs)
+                             sees all keys up to its last query (B = 256, +s B / 2 pairs);
+                             objective dpo adds its no-grad head pass, 2 h V per token
     memory scheme (the group's, scheduler/plan.py GroupMemory):
         offload    MEMO: + 2 P_layer (L - 1)(1 - alpha) s / d of recompute / F, and the
                    host copies (x, o, lse and alpha of the saved activations of every
@@ -62,6 +63,8 @@ from scheduler.work import (
     PLAIN,
     Scheme,
     accumulation_bytes,
+    check_objective,
+    head_flops_per_token,
     layer_matmul_params,
 )
 
@@ -132,8 +135,9 @@ class CostModel:
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, precision: str | None = None,
                  optimizer_sharding: str | None = None,
                  memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-                 memory: RankMemory | None = None):
+                 memory: RankMemory | None = None, objective: str = "pretrain"):
         self.model = model
+        self.objective = check_objective(objective)  # its loss head (scheduler.work)
         self.cluster = cluster
         self.memory = memory or RankMemory(model, cluster, precision=precision,
                                            optimizer_sharding=optimizer_sharding,
@@ -143,8 +147,9 @@ class CostModel:
         L, h_attn = model.num_layers, model.num_heads * model.head_dim
         self.p_layer = layer_matmul_params(model)
         self.a = 7.0 * L * h_attn / self.flops_per_s  # seconds per token^2 (attention)
-        self.b = (6.0 * matmul_params(model) + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) \
-            / self.flops_per_s  # seconds per token (projections, head, diagonal tiles)
+        head_extra = head_flops_per_token(model, objective) - head_flops_per_token(model)
+        self.b = (6.0 * matmul_params(model) + head_extra
+                  + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) / self.flops_per_s  # seconds per token (projections, head, diagonal tiles)
         self.c = LAUNCH_S_PER_LAYER * L  # seconds per group
         cb = self.memory.activations.cb
         row = 2 * model.num_kv_heads * model.head_dim  # K and V values per token

@@ -100,7 +100,8 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
     if not time_limit_s >= 0:
         raise ValueError(f"time_limit_s={time_limit_s} must be >= 0 seconds")
     cost = cost or CostModel(model, cluster, precision=precision,
-                             optimizer_sharding=optimizer_sharding)
+                             optimizer_sharding=optimizer_sharding,
+                             objective="dpo" if pairs else "pretrain")
     world = cluster.world_size
     if capacity_tokens is None:
         capacity_tokens = cost.capacity_tokens(world)
@@ -170,10 +171,10 @@ def predict_groups(plan: StepPlan, cost: CostModel, sim) -> list[GroupPredicted]
             mem = cost.memory.group_prediction(seqs, d, scheme)
             out.append(GroupPredicted(
                 micro_batch=m, group=gi, seconds=timing.end_s - timing.start_s,
-                flops_per_rank=[group_flops(model, seqs, ring_size=d, position=j,
-                                            scheme=scheme).total for j in range(d)],
+                flops_per_rank=[group_flops(model, seqs, ring_size=d, position=j, scheme=scheme,
+                                            objective=cost.objective).total for j in range(d)],
                 bytes_sent_per_rank=[b.total for b in ring_bytes_per_position(
-                    model, seqs, ring_size=d, dtype=dtype)],
+                    model, seqs, ring_size=d, dtype=dtype, objective=cost.objective)],
                 peak_bytes_per_rank=list(mem.peak_bytes_per_rank),
                 host_bytes_per_rank=list(mem.host_bytes_per_rank)))
     return out

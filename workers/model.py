@@ -41,7 +41,15 @@ from parallelism.offload import (
 from parallelism.streambp import StreamBPStack
 from scheduler.specs import ModelSpec
 from workers.layers import DecoderLayer, RMSNorm
-from workers.objectives import DPO, GRPO, IGNORE_INDEX, HeadInputs, NextTokenCE, Objective
+from workers.objectives import (
+    DPO,
+    GRPO,
+    IGNORE_INDEX,
+    HeadInputs,
+    NextTokenCE,
+    Objective,
+    token_logps,
+)
 
 DEFAULT_HEAD_CHUNK = 4096  # tokens per streamed head chunk when StreamBP is off
 INIT_STD = 0.02
@@ -129,6 +137,35 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer(x, pos, core)
         return self.head(self.norm(x))
+
+    # ------------------------------------------------------------------ forward only
+    @torch.no_grad()
+    def token_logprobs(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor,
+                       position_ids: torch.Tensor | None = None,
+                       targets: torch.Tensor | None = None, ring: list[int] | None = None,
+                       chunk_size: int = DEFAULT_HEAD_CHUNK, comm_stats=None) -> torch.Tensor:
+        """[T] float log p(targets[t] | tokens <= t), 0 where there is no target; no graph.
+
+        What a reference or sampling policy's stored log-probs are made of (workers/ref_logps.py).
+        The inputs are as forward_backward takes them (a zigzag shard with `ring`); each
+        layer's activations are freed as soon as the next layer has run, and the head is
+        streamed in `chunk_size` tokens, so no [T, V] logits exist at once.
+        """
+        self._check_step(ring, position_ids, targets, None, 0.0, 1.0, NextTokenCE())
+        cu, pos = self._check_batch(input_ids, cu_seqlens, position_ids)
+        targets = next_token_targets(input_ids, cu) if targets is None else targets
+        _check_same_length("targets", targets, input_ids)
+        core = self._ring_core(cu, ring, comm_stats) if ring is not None \
+            else local_attention_core(cu)
+        x = F.embedding(input_ids, self.embed.weight)
+        for layer in self.layers:
+            x = layer(x, pos, core.autograd)
+        out = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32),
+                          device=x.device)
+        for start in range(0, x.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            out[sl] = token_logps(x[sl], self.norm, self.head.weight, targets[sl])
+        return out
 
     # ------------------------------------------------------------------ fused step
     def forward_backward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor,

@@ -75,8 +75,8 @@ class StepStats:
     step_time_s: float  # the whole step on this rank, gradient reduction included
     peak_memory_bytes: int  # CUDA: peak allocated in the step; CPU: process peak RSS
     arena_bytes: int = 0  # MEMO activation arenas in use (workers.arena.ArenaCache)
-    ring_bytes_sent: int = 0  # bytes this rank's ring attention sent (its channels; not
-    # the DPO log-prob exchange, 8 (d - 1) bytes per sequence of a ring)
+    ring_bytes_sent: int = 0  # bytes this rank sent along its rings: attention's channels
+    # and dpo's log-prob exchange (8 (d - 1) per sequence), as scheduler.work.ring_bytes counts
 
 
 def global_num_predictions(plan: StepPlan) -> int:
@@ -244,7 +244,7 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleD
         local_loss_sum=loss_sum, micro_batch_times_s=tuple(times),
         step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device),
         arena_bytes=arenas.nbytes if arenas is not None else 0,
-        ring_bytes_sent=comm.total_sent() - comm.bytes_sent.get("dpo", 0))
+        ring_bytes_sent=comm.total_sent())
 
 
 def _global_totals(loss_sum: float, count: int, device, group) -> torch.Tensor:
