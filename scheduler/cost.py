@@ -147,9 +147,10 @@ class CostModel:
         L, h_attn = model.num_layers, model.num_heads * model.head_dim
         self.p_layer = layer_matmul_params(model)
         self.a = 7.0 * L * h_attn / self.flops_per_s  # seconds per token^2 (attention)
+        # seconds per token (projections, head, diagonal tiles; dpo's extra head pass)
         head_extra = head_flops_per_token(model, objective) - head_flops_per_token(model)
         self.b = (6.0 * matmul_params(model) + head_extra
-                  + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) / self.flops_per_s  # seconds per token (projections, head, diagonal tiles)
+                  + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) / self.flops_per_s
         self.c = LAUNCH_S_PER_LAYER * L  # seconds per group
         cb = self.memory.activations.cb
         row = 2 * model.num_kv_heads * model.head_dim  # K and V values per token

@@ -3,8 +3,8 @@
 `python -m workers.ref_logps DATA --model DIR` (what `ringmaster data ref-logps` runs)
 computes log p(token t | tokens < t) under the model of DIR for every token of DATA and
 installs it as the column `ref_logps` (DPO's reference policy, GRPO's KL anchor) or
-`old_logps` (GRPO's sampling policy), in float32 (float64 for a float64 model), atomically (scheduler.dataset_columns): on any error
-the dataset is left as it was.
+`old_logps` (GRPO's sampling policy), in float32 (float64 for a float64 model),
+atomically (scheduler.dataset_columns): on any error the dataset is left as it was.
 
 Why a forward-only job and not a frozen copy inside training: a frozen reference holds a
 second set of weights on every rank (2 bytes per parameter in bf16, as much as the compute
