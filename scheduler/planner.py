@@ -5,7 +5,10 @@ compare fairly:
 
 - "hdp": the ByteScale planner. Data-aware sharding (Alg. 1, Eq. 3; `scheduler.sharding`),
   the greedy balance scheduler (Alg. 2; `scheduler.balance`) improved by CP-SAT
-  large-neighbourhood search under `time_limit_s` (`scheduler.lns`).
+  large-neighbourhood search under `time_limit_s` (`scheduler.lns`). Every pow2 plan is
+  an hdp plan, so hdp also builds the pow2 plan (exactly as the "pow2" policy does) and
+  keeps whichever simulates faster: free ring sizes can fragment nodes where whole-node
+  power-of-two rings are better, and hdp is never slower than the pow2 baseline.
 - "pow2": the same scheduler with ring sizes restricted to powers of two, the shape of
   Megatron-Core's dynamic context parallelism (CP groups of 1, 2, 4, 8, ... ranks chosen
   per batch).
@@ -117,21 +120,42 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
                              offload=offload or default_offload(cluster))
     except InfeasibleBatchError as exc:
         raise units.infeasible(exc) from None
-    topo = Topology(cluster, pow2_rings=policy == "pow2")
     if policy in ("hdp", "pow2"):
-        if policy == "pow2":
-            shards = [pow2_shard(sh, topo, capacity_tokens, cost) for sh in shards]
-        schedule = greedy_schedule(shards, cost=cost, topo=topo, capacity_tokens=capacity_tokens)
-        improve(schedule, cost, time_limit_s=time_limit_s, seed=seed)
-        micro_batches = layer_tasks(schedule.tasks(cost), world)
-    elif policy == "naive":
-        micro_batches = naive_micro_batches(shards, world, capacity_tokens)
+        variants = ("pow2",) if policy == "pow2" else ("free", "pow2")
+        plans = [build_plan(units.expand(balanced_micro_batches(
+                     shards, cluster, cost, capacity_tokens, pow2=v == "pow2",
+                     time_limit_s=time_limit_s, seed=seed)), world, capacity_tokens, cost)
+                 for v in variants]
+        plan = fastest(plans, cluster, model, cost)
     else:
-        micro_batches = best_static_micro_batches(shards, cost, topo, capacity_tokens)
-    plan = build_plan(units.expand(micro_batches), world, capacity_tokens, cost)
+        topo = Topology(cluster)
+        micro_batches = naive_micro_batches(shards, world, capacity_tokens) \
+            if policy == "naive" else best_static_micro_batches(shards, cost, topo,
+                                                                capacity_tokens)
+        plan = build_plan(units.expand(micro_batches), world, capacity_tokens, cost)
     plan.pairs = [tuple(m) for m in units.members if len(m) == 2] or None
     finish_plan(plan, cluster, model, cost, predictions=predictions)
     return plan
+
+
+def balanced_micro_batches(shards: Sequence[Shard], cluster: ClusterSpec, cost: CostModel,
+                           capacity_tokens: int, *, pow2: bool, time_limit_s: float,
+                           seed: int) -> list[list[Group]]:
+    """Greedy balance schedule + CP-SAT LNS, with ring sizes free or powers of two."""
+    topo = Topology(cluster, pow2_rings=pow2)
+    if pow2:
+        shards = [pow2_shard(sh, topo, capacity_tokens, cost) for sh in shards]
+    schedule = greedy_schedule(shards, cost=cost, topo=topo, capacity_tokens=capacity_tokens)
+    improve(schedule, cost, time_limit_s=time_limit_s, seed=seed)
+    return layer_tasks(schedule.tasks(cost), cluster.world_size)
+
+
+def fastest(plans: Sequence[StepPlan], cluster: ClusterSpec, model: ModelSpec,
+            cost: CostModel) -> StepPlan:
+    """The plan with the smallest simulated makespan (the first on ties)."""
+    if len(plans) == 1:
+        return plans[0]
+    return min(plans, key=lambda p: simulate(p, cluster, model, cost=cost).makespan_s)
 
 
 def finish_plan(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, cost: CostModel, *,
