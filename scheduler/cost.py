@@ -43,10 +43,19 @@ Memory (scheduler/rank_memory.py): model states for the job's precision and opti
 sharding, plus each scheme's activation peak from the model's MEMO profile.
 `capacity_tokens` is the most tokens a rank holds under the plain scheme;
 `offload_capacity_tokens` under MEMO offload.
+
+Ranks of different speeds (node pools, a throttled GPU: docs/planner.md, "Rank speeds"):
+the model describes the reference rank (the cluster's `achieved_tflops`); `at_speed(v)`
+is the same model for a rank v times as fast: compute, recompute and the fixed cost c
+take 1/v as long, the bandwidths do not change (so a slower rank hides more of its ring
+traffic). A group runs at its slowest member's speed. In a cluster of node pools each
+rank's memory is its own pool's (`rank_memory`, `rank_capacity_tokens`); `memory` and
+`capacity_tokens` are what every rank can count on (the smallest pool's figures).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -157,6 +166,8 @@ class CostModel:
         self.kv_bytes_per_token = float(L * row * cb)  # one KV hand-off, every layer
         self.dkv_bytes_per_token = float(L * row * accumulation_bytes(self.memory.dtype))
         self._seq_costs: dict[tuple, SeqCost] = {}
+        self._at_speed: dict[float, CostModel] = {}
+        self._pool_memory: dict[tuple[int, int], RankMemory] = {}
 
     @property
     def precision(self) -> str:
@@ -203,6 +214,46 @@ class CostModel:
                 "activations", needed_bytes=mem.states.total + mem.activations.peak_bytes(1),
                 available_bytes=mem.budget_bytes)
         return tokens
+
+    def rank_memory(self, rank: int, world_size: int | None = None) -> RankMemory:
+        """The memory model of one rank: its pool's figures in a cluster of node pools,
+        else `memory` (for `world_size` ranks, default the cluster's)."""
+        if not self.cluster.heterogeneous:
+            return self._memory_for(world_size)
+        pool = self.cluster.pool_of(rank)
+        n = world_size or self.memory.world_size
+        if (pool, n) not in self._pool_memory:
+            self._pool_memory[pool, n] = RankMemory(
+                self.model, self.cluster.pool_cluster(pool), precision=self.memory.precision,
+                optimizer_sharding=self.memory.sharding, world_size=n,
+                memory_fraction=self.memory_fraction)
+        return self._pool_memory[pool, n]
+
+    def rank_capacity_tokens(self, world_size: int | None = None) -> list[int]:
+        """`capacity_tokens` of each of the first `world_size` ranks, from its own pool's
+        device memory (all equal on a uniform cluster)."""
+        n = world_size or self.memory.world_size
+        if not self.cluster.heterogeneous:
+            return [self.capacity_tokens(world_size)] * n
+        self.capacity_tokens(world_size)  # the smallest pool: raises when nothing fits
+        return [self.rank_memory(r, n).capacity_tokens(PLAIN) for r in range(n)]
+
+    def at_speed(self, speed: float) -> CostModel:
+        """This model for a rank `speed` times as fast as the reference (module docstring):
+        a, b, c over speed, achieved FLOP/s times speed, bandwidths and memory unchanged.
+        Cached per speed; `update` clears the cache."""
+        if speed == 1.0:
+            return self
+        if not (speed > 0 and math.isfinite(speed)):
+            raise ValueError(f"speed={speed} must be finite and > 0")
+        hit = self._at_speed.get(speed)
+        if hit is None:
+            hit = copy.copy(self)
+            hit.a, hit.b, hit.c = self.a / speed, self.b / speed, self.c / speed
+            hit.flops_per_s = self.flops_per_s * speed
+            hit._seq_costs, hit._at_speed = {}, {}
+            self._at_speed[speed] = hit
+        return hit
 
     def offload_capacity_tokens(self) -> int:
         """Tokens one rank can hold per micro-batch under MEMO offload (device and host)."""
@@ -404,6 +455,7 @@ class CostModel:
                              "(different sum(s^2) and sum(s)) to fit a, b and c")
         self.a, self.b, self.c = (float(v) for v in nonneg_lstsq(X, y))
         self._seq_costs.clear()
+        self._at_speed.clear()
         return self
 
 
