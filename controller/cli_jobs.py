@@ -19,7 +19,7 @@ from rich.table import Table
 
 from controller.cli_watch import metrics, steps_done, wait_with_progress
 from controller.client import RingmasterClient
-from controller.schemas import JobList, JobPublic, PlanPreview
+from controller.schemas import JobList, JobPublic, PlanPreview, StepMetricsPublic
 from scheduler.errors import RingmasterError
 
 console = Console(soft_wrap=True)
@@ -82,10 +82,13 @@ def job_table(jobs: list[JobPublic], title: str = "jobs", *, wide: bool = False)
     return table
 
 
-def show_job(job: JobPublic) -> None:
+def show_job(job: JobPublic, newest: StepMetricsPublic | None = None) -> None:
     console.print(job_table([job], title=f"job {job.id}"))
     console.print(f"attempt {job.attempt}, created {job.created_at:%Y-%m-%d %H:%M:%S}",
                   highlight=False)
+    if newest is not None and newest.rank_speeds:
+        console.print(f"rank speeds (after step {newest.step}): "
+                      f"{speeds_summary(newest.rank_speeds)}", highlight=False)
     if job.message:
         console.print(f"message: {job.message}", highlight=False)
     if job.last_checkpoint:
@@ -94,6 +97,21 @@ def show_job(job: JobPublic) -> None:
     for t in job.transitions or []:
         console.print(f"  {t.at:%H:%M:%S} {t.from_state or '-'} -> {t.to_state} "
                       f"[{t.reason}] {t.message}", highlight=False)
+
+
+MAX_SLOW_SHOWN = 8
+
+
+def speeds_summary(speeds: list[float]) -> str:
+    """'1.00 on 6 ranks; slower: rank 1 0.50, rank 5 0.31' (the slowest first)."""
+    top = max(speeds)
+    slow = sorted((v, r) for r, v in enumerate(speeds) if v < top)
+    text = f"{top:.2f} on {len(speeds) - len(slow)} rank(s)"
+    if slow:
+        shown = ", ".join(f"rank {r} {v:.2f}" for v, r in slow[:MAX_SLOW_SHOWN])
+        more = f" (+{len(slow) - MAX_SLOW_SHOWN} more)" if len(slow) > MAX_SLOW_SHOWN else ""
+        text += f"; slower: {shown}{more}"
+    return text
 
 
 def serve(
@@ -173,13 +191,16 @@ def submit(
 
 def status(job_id: str = typer.Argument(..., help="Job id."), output: Output = OUTPUT,
            url: str = URL, state_dir: Path = STATE_DIR):
-    """Show one job: phase, result, attempt, step, checkpoint and its transitions."""
+    """Show one job: phase, result, attempt, step, checkpoint, the ranks' measured speeds
+    and its transitions."""
     try:
         with _client(url, state_dir) as rm:
             job = rm.get(job_id)
+            steps = [] if output is Output.json else rm.metrics(
+                job_id, since_step=max(job.current_step, 0), limit=1).steps
     except RingmasterError as exc:
         fail(exc)
-    _print_json(job) if output is Output.json else show_job(job)
+    _print_json(job) if output is Output.json else show_job(job, steps[-1] if steps else None)
 
 
 def list_(limit: int = typer.Option(50, help="Jobs per page."),

@@ -6,7 +6,11 @@ global batches from the dataset's lengths (deterministic for the job's seed, so 
 always gets the same batch, also after a restart), submits `plan_batch` for the next
 `depth` steps to a planner process pool, and feeds measured group times back into the cost
 model (`CostModel.update`), whose coefficients travel with every later planning request,
-so predictions converge to what the workers measure.
+so predictions converge to what the workers measure. Each rank's own micro-batch times
+feed a `SpeedEstimator` (scheduler/speeds.py): its per-rank speeds travel with the
+coefficients, so a slow rank gets proportionally less work from the next plans on; the
+refit sees every group's time scaled to the reference rank (times its slowest member's
+speed), so one slow rank does not make the model slow for everyone.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from scheduler.cost import CostModel, Observation
 from scheduler.dataset import read_structure
 from scheduler.dataset_meta import DatasetStructure
 from scheduler.plan import StepPlan
+from scheduler.speeds import SpeedEstimator
 
 MIN_OBSERVATIONS = 3  # a, b and c need three distinct profiles
 MAX_OBSERVATIONS = 512  # a sliding window: the newest measurements win
@@ -88,10 +93,12 @@ def check_job_fits(spec: JobCreate) -> None:
 
 
 def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | None,
-                    seed: int, pairs: list[tuple[int, int]] | None = None
-                    ) -> tuple[str, float]:
+                    seed: int, pairs: list[tuple[int, int]] | None = None,
+                    speeds: tuple[float, ...] | None = None) -> tuple[str, float]:
     """Runs in the planner process: plan one batch (its DPO `pairs` kept in one group
-    each), return (plan JSON, seconds)."""
+    each), return (plan JSON, seconds). `coefficients` (a, b, c) and `speeds` (one per
+    rank) are what the pipeline measured; None: the model's own figures and the
+    cluster's nominal speeds."""
     from scheduler.planner import plan_batch
 
     spec = JobCreate.model_validate_json(spec_json)
@@ -103,7 +110,7 @@ def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | No
     plan = plan_batch(lengths, cluster, model, policy=spec.planner.policy,
                       capacity_tokens=spec.resources.capacity_tokens,
                       time_limit_s=spec.planner.time_limit_s, seed=seed, cost=cost,
-                      pairs=pairs)
+                      pairs=pairs, speeds=speeds)
     return plan.model_dump_json(), time.perf_counter() - t0
 
 
@@ -158,6 +165,9 @@ class PlanPipeline:
         self._cost = job_cost_model(spec)
         self._coefficients: tuple | None = None
         self._observations: list[Observation] = []
+        self._estimator = SpeedEstimator(spec.resolve_cluster())
+        self._speeds: tuple[float, ...] | None = None  # None: the cluster's nominal speeds
+        self._observe_lock = threading.Lock()
         self._futures: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}
         self._done: dict[int, PlannedStep] = {}
         self._lock = threading.Lock()
@@ -169,7 +179,7 @@ class PlanPipeline:
         lengths = [int(x) for x in self.schedule.lengths[ids]]
         fut = self.executor.submit(plan_in_process, lengths, self._spec_json,
                                    self._coefficients, self.spec.training.seed + step,
-                                   self.schedule.pairs(ids))
+                                   self.schedule.pairs(ids), self._speeds)
         self._futures[step] = (fut, ids, nxt)
 
     def prefetch(self, step: int) -> None:
@@ -196,14 +206,34 @@ class PlanPipeline:
                 del self._done[old]
         return planned
 
-    def observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float]) -> None:
-        """Measured seconds of each (micro_batch, group index) of `plan` refit the model."""
+    def observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float],
+                rank_seconds: dict[int, list[float]] | None = None) -> None:
+        """Measured seconds of each (micro_batch, group index) of `plan` refit the model;
+        each rank's own micro-batch times (`rank_seconds[r]`, in the order of
+        `plan.micro_batches_of(r)`) re-estimate the rank speeds."""
+        with self._observe_lock:  # two steps' last reports may arrive at once
+            self._observe(plan, group_seconds, rank_seconds)
+
+    def _observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float],
+                 rank_seconds: dict[int, list[float]] | None) -> None:
+        speeds = self._estimator.speeds
         for (m, gi), seconds in group_seconds.items():
             g = plan.micro_batches[m].groups[gi]
+            at = float(speeds[[r for r in g.ranks if r < speeds.size]].min())
             self._observations.append(Observation(
                 lengths=tuple(s.length for s in g.sequences), ring_size=len(g.ranks),
-                seconds=seconds))
+                seconds=seconds * at))  # what the reference rank would have taken
         self._observations = self._observations[-MAX_OBSERVATIONS:]
+        self._refit()
+        if rank_seconds:
+            self._estimator.observe(plan, rank_seconds)
+            new = self._estimator.update(self._cost)
+            nominal = self._estimator.nominal
+            with self._lock:
+                self._speeds = None if np.array_equal(new, nominal) else \
+                    tuple(float(x) for x in new)
+
+    def _refit(self) -> None:
         if len(self._observations) < MIN_OBSERVATIONS:
             return
         try:
@@ -211,6 +241,12 @@ class PlanPipeline:
         except ValueError:
             return  # not yet three distinct profiles
         self._coefficients = (self._cost.a, self._cost.b, self._cost.c)
+
+    @property
+    def rank_speeds(self) -> tuple[float, ...]:
+        """Each rank's estimated speed relative to the cost model's reference rank (what
+        the next plans are made for)."""
+        return tuple(float(x) for x in self._estimator.speeds)
 
     def predict_s(self, plan: StepPlan) -> float:
         """Step time the current (refitted) model predicts for `plan`."""

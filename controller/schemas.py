@@ -109,6 +109,10 @@ class StepMetricsPublic(_Public):
     peak_memory_bytes: int = Field(default=0, description="The largest peak of any rank "
                                                           "(device memory on GPUs, the "
                                                           "process's on CPUs).")
+    rank_speeds: list[float] = Field(
+        default_factory=list, description="Each rank's estimated speed after the step, "
+        "relative to the planner's reference rank (below 1: slower; the next plans give it "
+        "proportionally less work); empty when not measured.")
     at: datetime
 
     @classmethod
@@ -116,7 +120,8 @@ class StepMetricsPublic(_Public):
         return cls(step=m.step, attempt=m.attempt, loss=m.loss, tokens_per_s=m.tokens_per_s,
                    predicted_step_s=m.predicted_step_s, measured_step_s=m.measured_step_s,
                    imbalance=m.imbalance, groups=m.groups,
-                   peak_memory_bytes=m.peak_memory_bytes, at=_ts(m.at))
+                   peak_memory_bytes=m.peak_memory_bytes, rank_speeds=list(m.rank_speeds),
+                   at=_ts(m.at))
 
 
 class MetricsPage(_Public):

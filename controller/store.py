@@ -98,6 +98,13 @@ class StepMetrics:
     groups: str = ""  # the plan's groups by ring size, e.g. "2x1 5x2" (size x count)
     at: float = 0.0  # unix seconds when recorded
     peak_memory_bytes: int = 0  # the largest device (or process) peak of any rank
+    # each rank's estimated speed after this step, relative to the cost model's reference
+    # rank (scheduler.speeds; node pools and stragglers below 1); () when not measured
+    rank_speeds: tuple[float, ...] = ()
+
+
+def _step_metrics(d: dict) -> StepMetrics:
+    return StepMetrics(**{**d, "rank_speeds": tuple(d.get("rank_speeds", ()))})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -281,7 +288,7 @@ class JobStore:
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
             pipe.zrevrange(self._k("job", job_id, "metrics"), 0, 0)
-        return {job_id: StepMetrics(**json.loads(rows[0]))
+        return {job_id: _step_metrics(json.loads(rows[0]))
                 for job_id, rows in zip(job_ids, pipe.execute(), strict=True) if rows}
 
     def count(self) -> int:
@@ -502,7 +509,7 @@ class JobStore:
             raise JobNotFound(job_id)
         rows = self.r.zrangebyscore(self._k("job", job_id, "metrics"), since_step, "+inf",
                                     start=0, num=limit)
-        return [StepMetrics(**json.loads(r)) for r in rows]
+        return [_step_metrics(json.loads(r)) for r in rows]
 
     def record_checkpoint(self, job_id: str, *, step: int, path: str) -> None:
         self.update(job_id, last_checkpoint=path, last_checkpoint_step=step)

@@ -391,13 +391,15 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         reports = {rank: json_format.Parse(text, pb.StepReport())
                    for rank, text in stored.items()}
         planned, _ = rt.plans.pop(step, (None, ""))
-        metrics = step_metrics(step, job.attempt, reports, planned)
+        if planned is not None:  # first: the step's metrics carry the speeds it measured
+            rt.pipeline.observe(planned.plan, group_seconds(planned.plan, reports),
+                                {r: list(rep.micro_batch_times_s) for r, rep in reports.items()})
+        metrics = step_metrics(step, job.attempt, reports, planned,
+                               rank_speeds=rt.pipeline.rank_speeds)
         ckpt = next((r.checkpoint_path for r in reports.values() if r.checkpoint_path), "")
         if not self.store.complete_step(job.id, metrics, checkpoint=ckpt or None):
             return
         self.store.append_logs(job.id, [step_log_line(metrics, job.spec.training.steps)])
-        if planned is not None:
-            rt.pipeline.observe(planned.plan, group_seconds(planned.plan, reports))
 
     def _end_invalid(self, job_id: str, attempt: int, message: str, *,
                      rank: int | None = None) -> None:
@@ -473,9 +475,11 @@ def worker_config_json(job: JobRecord) -> str:
 
 
 def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
-                 planned: PlannedStep | None) -> StepMetrics:
+                 planned: PlannedStep | None,
+                 rank_speeds: tuple[float, ...] = ()) -> StepMetrics:
     """One StepMetrics from every rank's report of a step (the plan's figures from the
-    reports themselves when the plan is not at hand: after a controller restart)."""
+    reports themselves when the plan is not at hand: after a controller restart; the rank
+    speeds estimated once it is in)."""
     times = [r.step_time_s for r in reports.values()]
     busy = [sum(r.micro_batch_times_s) for r in reports.values()]
     measured = max(times) if times else 0.0
@@ -491,7 +495,8 @@ def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
         tokens_per_s=sum(r.tokens for r in reports.values()) / measured if measured else 0.0,
         predicted_step_s=predicted, measured_step_s=measured,
         imbalance=(max(busy) / mean_busy - 1.0) if mean_busy > 0 else 0.0,
-        groups=groups, peak_memory_bytes=max(r.peak_memory_bytes for r in reports.values()))
+        groups=groups, peak_memory_bytes=max(r.peak_memory_bytes for r in reports.values()),
+        rank_speeds=tuple(rank_speeds))
 
 
 def step_log_line(m: StepMetrics, total_steps: int) -> str:
