@@ -340,10 +340,13 @@ class JobCreate(_Section):
         return cluster_preset(r.cluster, num_ranks=r.num_ranks, gpus_per_node=r.gpus_per_node)
 
     def resolve_precision(self) -> Precision:
-        """training.precision, or its default for the cluster (fp32 on the cpu preset)."""
+        """training.precision, or its default for the cluster (fp32 on the cpu preset and on
+        pools that are all of the cpu preset)."""
         if self.training.precision is not None:
             return self.training.precision
-        cpu = isinstance(self.resources.cluster, str) and self.resources.cluster == "cpu"
+        c = self.resources.cluster
+        cpu = c == "cpu" if isinstance(c, str) else \
+            c.pools is not None and all(p.gpu == "cpu" for p in c.pools)
         return default_precision("cpu" if cpu else "cuda")
 
     def resolve_optimizer_sharding(self) -> OptimizerSharding:
