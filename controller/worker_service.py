@@ -26,9 +26,13 @@ looked at), and is accepted only from the job's current attempt while the job is
 Scheduling, Running or Stopping. READY is reported to the launcher when every rank has
 been heard from (registered, or, after a controller restart, called in with the
 attempt's secret); a rank whose progress counter has not moved for the job's heartbeat
-timeout, or that reports a failure, ends the attempt (WORKER_LOST). The port may serve
-TLS (`serve_grpc(credentials=...)`). While the job store is away a call gets UNAVAILABLE
-(which workers retry), not an application error with a traceback.
+timeout, or that reports a failure, ends the attempt (WORKER_LOST). Before it does, the
+ranks' last positions (heartbeats: micro-batch, layer, direction, ring hop) are compared
+with the step's plan (controller.hang) to name the rank(s) the others wait on, their ring
+and their place in the step: in the job's log, its WorkerLost transition, a `job.hang`
+span and the controller's log. The port may serve TLS (`serve_grpc(credentials=...)`).
+While the job store is away a call gets UNAVAILABLE (which workers retry), not an
+application error with a traceback.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import redis
 from google.protobuf import json_format
 from opentelemetry import propagate, trace
 
+from controller.hang import HangReport, RankPosition, localise, position_of
 from controller.launchers.base import EventKind, LauncherEvent
 from controller.planning import PlannedStep, PlanPipeline
 from controller.rpc import ringmaster_pb2 as pb
@@ -76,6 +81,8 @@ class RankState:
     streamed_step: int = -1  # newest step whose plan it received
     streaming: bool = False  # holds an open plan stream: past streamed_step it waits on us
     finished: bool = False  # received the end of its plan stream: no longer watched
+    position: RankPosition | None = None  # where in its step the last heartbeat said it is
+    heard_at: float = 0.0  # monotonic time of its last heartbeat
 
 
 @dataclass(kw_only=True)
@@ -219,6 +226,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._heard_from(rt, request.worker.rank)
         with rt.cond:
             st = rt.ranks.get(request.worker.rank)
+            if st is not None:
+                st.heard_at = self.clock()
+                if request.HasField("position"):
+                    st.position = position_of(request.worker.rank, request.position)
             if st is not None and (request.step, request.progress) != st.progress:
                 st.progress, st.progress_at = (request.step, request.progress), self.clock()
         stop = rt.job.state is State.STOPPING
@@ -448,9 +459,47 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if st.streaming and st.done_step >= st.streamed_step:
                 continue  # it has finished every plan it got: it waits on us, not stalled
             if not st.finished and now - st.progress_at > timeout:
-                self._lose(rt, rank, f"rank {rank} made no progress for {now - st.progress_at:.1f}"
-                                     f" s (heartbeat_timeout_s={timeout:g}); presumed stalled")
+                report = self._localise(rt, now, timeout)
+                blamed = report.culprit_ranks[0] if report and report.culprits else rank
+                idle = now - rt.ranks[blamed].progress_at
+                where = f"step {report.step} hung: {report.message}. " if report else ""
+                self._lose(rt, blamed, f"{where}Rank {blamed} made no progress for {idle:.1f} s "
+                                       f"(heartbeat_timeout_s={timeout:g}); presumed stalled")
                 return
+
+    def _localise(self, rt: AttemptRuntime, now: float, timeout: float) -> HangReport | None:
+        """Whom the stalled step's ranks wait on (controller.hang), recorded as a span; None
+        when no rank has reported a position."""
+        with rt.cond:
+            positions = {r: st.position for r, st in rt.ranks.items() if st.position}
+            silent = {r for r, st in rt.ranks.items() if now - st.heard_at > timeout}
+        if not positions:
+            return None
+        step = min((p.step for p in positions.values() if p.step >= 0), default=-1)
+        planned = rt.plans.get(step, (None, ""))[0]
+        report = localise(planned.plan if planned else None, positions, len(rt.ranks),
+                          silent=silent)
+        self._hang_span(rt, report)
+        return report
+
+    def _hang_span(self, rt: AttemptRuntime, report: HangReport) -> None:
+        job = rt.job
+        parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
+                                   else {})
+        with self.tracer.start_as_current_span("job.hang", context=parent) as span:
+            span.set_attributes({
+                "ringmaster.job_id": job.id, "ringmaster.attempt": job.attempt,
+                "ringmaster.step": report.step, "hang.message": report.message,
+                "hang.stalled_ranks": list(report.culprit_ranks),
+                "hang.waiting_ranks": sorted({r for c in report.culprits
+                                              for r in c.ring_waiters + c.collective_waiters}),
+                "hang.stuck_rings": [str(list(r)) for r in report.stuck_rings]})
+            if report.culprits:
+                c = report.culprits[0]
+                span.set_attributes({
+                    "hang.ring": list(c.ring), "hang.micro_batch": c.position.micro_batch,
+                    "hang.layer": c.position.layer, "hang.phase": c.position.phase,
+                    "hang.ring_hop": c.position.ring_hop})
 
 
 def _resume_step(job: JobRecord) -> int:

@@ -33,6 +33,8 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
+from parallelism.progress import PROGRESS
+
 __all__ = [
     "CommProtocolError",
     "CommStats",
@@ -206,11 +208,12 @@ class RingComm:
         self._state = _State.IDLE
         self._in_flight_tensors = []
         try:
-            for work in works:
-                if self.timeout is None:
-                    work.wait()
-                else:
-                    work.wait(self.timeout)
+            with PROGRESS.ring_wait():  # where a hang localisation sees it blocked
+                for work in works:
+                    if self.timeout is None:
+                        work.wait()
+                    else:
+                        work.wait(self.timeout)
         except RuntimeError as exc:  # gloo/NCCL timeouts and peer failures land here
             raise RingCommError(
                 f"rank {self.rank}, ring {list(self.ring)}, channel {self.channel!r}: "

@@ -7,11 +7,14 @@ when there is one, then runs every plan the controller streams: read this rank's
 (token ids checked against the model's vocabulary), `Trainer.train_step` under a
 `worker.step` span whose parent is the planner's span (W3C context from the plan message),
 save a checkpoint when the plan says so, report the step (with the plan's prediction and
-groups, so the report is complete on its own). A heartbeat thread sends the progress
-counter (bumped when a step has trained and again when its checkpoint is saved) and
-ships the rank's log lines (workers.rank_logs); the controller presumes a rank whose
-counter stops moving on a plan it holds to be stalled. A plan message with `stop` (job
-done or stop requested) ends the loop at a step boundary.
+groups, so the report is complete on its own). A heartbeat thread sends the rank's
+position in its step (parallelism.progress: micro-batch, layer, forward/backward, ring
+hop) and its progress counter (every mark of the position, and bumps when a step has
+trained and again when its checkpoint is saved) and ships the rank's log lines
+(workers.rank_logs); the controller presumes a rank whose counter stops moving on a plan
+it holds to be stalled and compares the positions with the plan to name whom the others
+wait on. A plan message with `stop` (job done or stop requested) ends the loop at a step
+boundary.
 
 Failures: an error of the job's data or config (a RingmasterError: bad tokens, a truncated
 dataset, a checkpoint directory of another job) is reported as a USER failure, which ends
@@ -20,9 +23,17 @@ which the job's failure policy may retry. Either way with the step and one line.
 With `training.tensorboard_dir`, rank 0 writes the step's scalars as TensorBoard events
 (workers.tensorboard).
 
-Fault injection for tests and drills:
-`RINGMASTER_FAULT="stall|crash:rank=R:step=S[:attempt=A][:job=NAME]"` makes rank R hang (or
-exit) when it reaches step S of attempt A (default 1) of jobs named NAME (default any).
+Fault injection for tests and drills: `RINGMASTER_FAULT` holds one or more
+comma-separated specs (docs/execution.md, "Fault drills"):
+
+    stall:rank=R:step=S                  hang at the start of step S
+    stall:rank=R:step=S:micro_batch=M[:layer=L][:phase=forward|backward]
+                                         hang when the step reaches that position
+    crash:rank=R:step=S                  exit (status 17) at the start of step S
+    slow:rank=R:factor=F[:step=S]        compute F times slower from step S (default 0)
+
+each with `[:attempt=A]` (stall and crash: default 1, so the restarted attempt runs clean;
+slow: every attempt unless given) and `[:job=NAME]` (jobs whose id starts with NAME-).
 """
 
 from __future__ import annotations
@@ -33,12 +44,14 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from opentelemetry import propagate, trace
 
+from parallelism.progress import PROGRESS, StepPosition
 from scheduler.batching import BatchPosition
 from scheduler.checkpoint_owner import claim
 from scheduler.dataset import TokenDataset
@@ -77,18 +90,65 @@ def train_config(cfg: dict) -> TrainConfig:
                        objective=ObjectiveConfig.from_config(cfg.get("objective")))
 
 
-def _fault(identity: WorkerIdentity, step: int) -> str | None:
-    """The fault RINGMASTER_FAULT asks this rank to simulate at `step`, if any."""
-    spec = os.environ.get("RINGMASTER_FAULT", "")
-    if not spec:
-        return None
-    kind, *parts = spec.split(":")
-    fields = dict(p.split("=", 1) for p in parts)
+POSITION_KEYS = ("micro_batch", "layer", "phase")
+
+
+def _fault_specs() -> list[tuple[str, dict[str, str]]]:
+    """RINGMASTER_FAULT's specs as (kind, fields); ValueError naming a malformed one."""
+    out = []
+    for spec in filter(None, (s.strip() for s in os.environ.get("RINGMASTER_FAULT",
+                                                                  "").split(","))):
+        kind, *parts = spec.split(":")
+        if kind not in ("stall", "crash", "slow") or not all("=" in p for p in parts):
+            raise ValueError(f"RINGMASTER_FAULT: {spec!r} is not KIND:key=value:... with KIND "
+                             "stall, crash or slow")
+        out.append((kind, dict(p.split("=", 1) for p in parts)))
+    return out
+
+
+def _targets(identity: WorkerIdentity, fields: dict[str, str], default_attempt) -> bool:
     job = fields.get("job")
-    hit = (int(fields.get("rank", -1)) == identity.rank and int(fields.get("step", -1)) == step
-           and int(fields.get("attempt", 1)) == identity.attempt
-           and (job is None or identity.job_id.startswith(job + "-")))
-    return kind if hit else None
+    attempt = fields.get("attempt", default_attempt)
+    return (int(fields.get("rank", -1)) == identity.rank
+            and (attempt is None or int(attempt) == identity.attempt)
+            and (job is None or identity.job_id.startswith(job + "-")))
+
+
+def _fault(identity: WorkerIdentity, step: int) -> str | None:
+    """The stall or crash RINGMASTER_FAULT asks this rank to act out at the start of `step`."""
+    for kind, f in _fault_specs():
+        at_start = kind in ("stall", "crash") and not any(k in f for k in POSITION_KEYS)
+        if at_start and int(f.get("step", -1)) == step and _targets(identity, f, 1):
+            return kind
+    return None
+
+
+def slow_factor(identity: WorkerIdentity, step: int) -> float:
+    """How many times slower this rank's compute is at `step` (1.0: not slowed)."""
+    for kind, f in _fault_specs():
+        if kind == "slow" and _targets(identity, f, None) and step >= int(f.get("step", 0)):
+            factor = float(f.get("factor", "nan"))
+            if not factor >= 1.0 or factor == float("inf"):
+                raise ValueError(f"RINGMASTER_FAULT: slow factor={f.get('factor')!r} must be a "
+                                 "finite number >= 1")
+            return factor
+    return 1.0
+
+
+def positional_stall(identity: WorkerIdentity) -> Callable[[StepPosition], None] | None:
+    """An `on_mark` hook that hangs this rank where a positional stall spec says, if any."""
+    wanted = [f for kind, f in _fault_specs() if kind == "stall" and _targets(identity, f, 1)
+              and any(k in f for k in POSITION_KEYS)]
+    if not wanted:
+        return None
+
+    def hook(pos: StepPosition) -> None:
+        for f in wanted:
+            if pos.step == int(f.get("step", -1)) and pos.micro_batch == int(f["micro_batch"]) \
+                    and int(f.get("layer", pos.layer)) == pos.layer \
+                    and f.get("phase", pos.phase) == pos.phase:
+                time.sleep(1e9)  # hang like a rank stuck in a kernel or a collective
+    return hook
 
 
 def _step_samples(dataset: TokenDataset, plan: StepPlan, sample_ids, rank: int,
@@ -117,8 +177,10 @@ class _Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self._done.wait(self.interval_s):
+            pos = PROGRESS.snapshot()
             try:
-                reply = self.client.heartbeat(step=self.step, progress=self.progress)
+                reply = self.client.heartbeat(step=self.step, progress=self.progress + pos.ticks,
+                                              position=pos)
             except Exception:  # fenced or controller gone for good: the main loop notices
                 self.fenced.set()
                 return
@@ -145,6 +207,7 @@ class RankAgent:
         logs = RankLogs(self.client).attach()
         beat = _Heartbeat(self.client, float(cfg["heartbeat_interval_s"]), logs)
         self._step, self._events = trainer.step, None
+        PROGRESS.on_mark = positional_stall(self.identity)
         try:
             self._prepare(cfg, reply, trainer)
             beat.step = trainer.step
@@ -209,6 +272,8 @@ class RankAgent:
         if msg.step != trainer.step:
             raise RuntimeError(f"rank {rank}: controller sent step {msg.step} but the trainer "
                                f"is at step {trainer.step}")
+        PROGRESS.begin_step(msg.step)
+        PROGRESS.slowdown = slow_factor(self.identity, msg.step)
         fault = _fault(self.identity, msg.step)
         if fault == "stall":
             time.sleep(1e9)  # hang like a rank stuck in a collective

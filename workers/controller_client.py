@@ -117,8 +117,15 @@ class ControllerClient:
         req = pb.StepReport(worker=self.identity.to_pb(), **fields)
         self._accepted(self._call(self._stub.ReportStep, req))
 
-    def heartbeat(self, *, step: int, progress: int) -> pb.HeartbeatReply:
+    def heartbeat(self, *, step: int, progress: int, position=None) -> pb.HeartbeatReply:
+        """Liveness; `position` (parallelism.progress.StepPosition) says where in the step
+        the rank is."""
         req = pb.HeartbeatRequest(worker=self.identity.to_pb(), step=step, progress=progress)
+        if position is not None:
+            req.position.CopyFrom(pb.StepPosition(
+                step=position.step, micro_batch=position.micro_batch, ring=list(position.ring),
+                layer=position.layer, phase=position.phase, ring_hop=position.ring_hop,
+                waiting=position.waiting))
         return self._accepted(self._call(self._stub.Heartbeat, req))
 
     def report_failure(self, *, step: int, error: str, user: bool = False,

@@ -38,6 +38,7 @@ from parallelism.offload import (
     local_attention_core,
     ring_attention_core,
 )
+from parallelism.progress import PROGRESS
 from parallelism.streambp import StreamBPStack
 from scheduler.specs import ModelSpec
 from workers.layers import DecoderLayer, RMSNorm
@@ -197,6 +198,7 @@ class Transformer(nn.Module):
                                  scheme)
         with torch.no_grad():
             hidden = stack.forward(F.embedding(input_ids, self.embed.weight))
+        PROGRESS.phase("head")
         inputs = HeadInputs(hidden_TH=hidden, targets_T=targets,
                             seq_index_T=sequence_index(cu, input_ids.device),
                             num_sequences=len(cu) - 1,
@@ -319,14 +321,23 @@ class _AutogradStack:
         self.x_leaf = x.detach().requires_grad_()
         with torch.enable_grad():
             y = self.x_leaf
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
+                PROGRESS.layer(i, "forward")
                 y = layer(y, self.pos, self.core.autograd)
+                # fires as autograd reaches this layer's output: its backward starts
+                y.register_hook(_backward_marker(i))
         self.y_edge = get_gradient_edge(y)
         return y.detach()
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor:
         torch.autograd.backward([self.y_edge], [dy])
         return self.x_leaf.grad
+
+
+def _backward_marker(layer: int):
+    def mark(grad: torch.Tensor) -> None:
+        PROGRESS.layer(layer, "backward")
+    return mark
 
 
 def _check_same_length(name: str, t, input_ids: torch.Tensor) -> None:

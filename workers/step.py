@@ -31,6 +31,10 @@ micro-batch, every rank checks the whole plan against the device budget the plan
 for (scheduler.rank_memory, with this model's real dtype), so an over-budget plan is
 refused on every rank alike, before any ring starts. The LM head is always streamed.
 
+Progress: the step marks where the rank is (micro-batch and its group, then the step's
+collectives) in parallelism.progress, which the layers and ring attention refine (layer,
+forward/backward, ring hop); the heartbeat sends it for hang localisation.
+
 Legend: T tokens this rank holds in the micro-batch.
 """
 
@@ -47,6 +51,7 @@ import torch
 import torch.distributed as dist
 
 from parallelism import CommStats, GradBuffer, all_reduce_gradients
+from parallelism.progress import PROGRESS
 from scheduler.plan import RingGroup, StepPlan, group_memory
 from scheduler.rank_memory import check_plan_fits
 from workers.arena import ArenaCache
@@ -221,13 +226,15 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleD
     times, loss_sum, local_count, local_tokens = [], 0.0, 0, 0
     comm = CommStats()
     with grads.accumulating() if grads is not None else nullcontext():
-        for _, g in plan.micro_batches_of(rank):
+        for m, g in plan.micro_batches_of(rank):
+            PROGRESS.micro_batch(m, tuple(g.ranks))
             t0 = time.perf_counter()
             ls, n, tok = _run_group(model, g, samples, rank, scale, objective, arenas, comm)
             _sync(device)
             times.append(time.perf_counter() - t0)
             loss_sum, local_count = loss_sum + ls, local_count + n
             local_tokens += tok
+    PROGRESS.phase("reduce")  # the step's collectives: every rank must get here
     if grads is None:
         all_reduce_gradients(model.parameters(), group=group)
     else:

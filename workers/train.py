@@ -28,6 +28,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
+from parallelism.progress import PROGRESS
 from scheduler.batching import BatchPosition
 from scheduler.model_states import (
     OPTIMIZER_SHARDINGS,
@@ -201,8 +202,10 @@ class Trainer:
                          arenas=self.arenas, grads=self.optimizer.grads,
                          objective=self.config.objective, batch=batch)
         lr = lr_at(self.step, self.config)
+        PROGRESS.phase("optimizer")  # the clip's norm is a collective too
         grad_norm = self.optimizer.step(lr=lr, step=self.step + 1,
                                         max_grad_norm=self.config.max_grad_norm)
+        PROGRESS.phase("done")
         self.step += 1
         if next_position is not None:
             self.data_position = next_position
