@@ -161,6 +161,7 @@ class CostModel:
         self.b = (6.0 * matmul_params(model) + head_extra
                   + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) / self.flops_per_s
         self.c = LAUNCH_S_PER_LAYER * L  # seconds per group
+        self.prior = (self.a, self.b, self.c)  # the FLOP-count figures, before any refit
         cb = self.memory.activations.cb
         row = 2 * model.num_kv_heads * model.head_dim  # K and V values per token
         self.kv_bytes_per_token = float(L * row * cb)  # one KV hand-off, every layer
@@ -436,13 +437,19 @@ class CostModel:
         return owned * per_element / (self.cluster.memory_bandwidth_gbps * 1e9)
 
     # -- refit --------------------------------------------------------------------------
-    def update(self, observations: Iterable) -> CostModel:
+    def update(self, observations: Iterable, *, keep_prior_shape: bool = False) -> CostModel:
         """Refit a, b, c by non-negative least squares on measured group times.
 
         Each observation is (lengths, seconds), (lengths, ring_size, seconds), a dict with
         those keys or an `Observation`; the model fitted is
         seconds = a sum(s^2)/d + b sum(s)/d + c. Needs three observations whose features
-        are not collinear. Returns self (coefficients are replaced in place).
+        are not collinear. With `keep_prior_shape` (noisy measurements of groups of similar
+        size, as a running job sees them), the FLOP-count figures `prior` scaled by one
+        factor are kept unless a fit with a free constant c, or a free fit, explains the
+        times clearly better (squared residual below FREE_FIT_MARGIN x): a free fit of
+        near-collinear noisy data can put most of the time into c and make tokens
+        nearly free.
+        Returns self (coefficients are replaced in place).
         """
         obs = [as_observation(o) for o in observations]
         if len(obs) < 3:
@@ -453,10 +460,37 @@ class CostModel:
         if np.linalg.matrix_rank(X / np.maximum(np.abs(X).max(axis=0), 1e-300)) < 3:
             raise ValueError("observations: need at least three distinct token profiles "
                              "(different sum(s^2) and sum(s)) to fit a, b and c")
-        self.a, self.b, self.c = (float(v) for v in nonneg_lstsq(X, y))
+        coef = nonneg_lstsq(X, y)
+        if keep_prior_shape:
+            coef = _prior_unless_clearly_worse(X, y, coef, np.asarray(self.prior))
+        self.a, self.b, self.c = (float(v) for v in coef)
         self._seq_costs.clear()
         self._at_speed.clear()
         return self
+
+
+FREE_FIT_MARGIN = 0.5  # each extra free coefficient must halve the squared residual
+
+
+def _prior_unless_clearly_worse(X: np.ndarray, y: np.ndarray, free: np.ndarray,
+                                prior: np.ndarray) -> np.ndarray:
+    """The simplest of three nested fits that explains the times (see `CostModel.update`):
+    the prior scaled by one factor k (k a0, k b0, k c0); its compute shape with a fitted
+    constant (k a0, k b0, c); `free`. A fit with more coefficients is taken only where it
+    cuts the squared residual below FREE_FIT_MARGIN x the simpler one's: over groups of
+    similar size, noise alone lets a free constant absorb most of the time (a shallow
+    slope, a large intercept), which would make a slow rank's fixed cost dominate."""
+    def err(coef: np.ndarray) -> float:
+        return float(np.sum((X @ coef - y) ** 2))
+
+    whole = X @ prior
+    scaled = prior * max(0.0, float(whole @ y) / max(float(whole @ whole), 1e-300))
+    compute = X[:, :2] @ prior[:2]
+    k, c = nonneg_lstsq(np.stack([compute, X[:, 2]], axis=1), y)
+    best = scaled
+    if k > 0 and err(np.array([k * prior[0], k * prior[1], c])) < FREE_FIT_MARGIN * err(best):
+        best = np.array([k * prior[0], k * prior[1], c])
+    return free if err(free) < FREE_FIT_MARGIN * err(best) else best
 
 
 def nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:
