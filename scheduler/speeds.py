@@ -8,6 +8,9 @@ sample only says that *some* member is that slow; it is counted for a member tha
 packed samples of its own and whom no other member's estimate already explains.
 
 Robust and bounded (a noisy step must not swing the plan):
+- each sample is first divided by the (upper) median over the ranks of their packed
+  samples of the same step: what loads the whole machine in that step (a busy host, a
+  neighbour's job) slows every rank alike and cancels out;
 - per rank, the median of its last `window` samples, divided by the rank's nominal speed
   (node pools: `ClusterSpec.rank_speeds`), is its *correction*;
 - corrections are normalised by their (upper) median over the ranks, so the typical rank
@@ -54,6 +57,7 @@ class GroupSample:
     group: RingGroup  # what it ran (ranks, sequences, memory scheme)
     seconds: float  # measured wall time
     bandwidth_gbps: float  # the ring's slowest link (what the prediction uses)
+    step: int  # which observed step it came from (samples of one step share its load)
 
 
 class SpeedEstimator:
@@ -75,11 +79,14 @@ class SpeedEstimator:
         self.correction = np.ones(self.world_size)
         self._samples: list[deque[GroupSample]] = [deque(maxlen=window)
                                                    for _ in range(self.world_size)]
+        self._steps = 0  # steps observed
+        self._baselines: dict[int, float] = {}
 
     # -- input -----------------------------------------------------------------------
     def observe(self, plan: StepPlan, rank_seconds: Mapping[int, Sequence[float]]) -> None:
         """Record one step: `rank_seconds[r]` is rank r's micro-batch times, in the order
         of `plan.micro_batches_of(r)` (what its StepReport carries)."""
+        self._steps += 1
         for rank, times in rank_seconds.items():
             if not 0 <= rank < min(self.world_size, plan.world_size):
                 continue
@@ -87,12 +94,14 @@ class SpeedEstimator:
                 if seconds > 0 and math.isfinite(seconds):
                     self._samples[rank].append(GroupSample(
                         rank=rank, group=g, seconds=float(seconds),
-                        bandwidth_gbps=self.topology.ring_bandwidth(g.ranks)))
+                        bandwidth_gbps=self.topology.ring_bandwidth(g.ranks),
+                        step=self._steps))
 
     # -- estimate --------------------------------------------------------------------
     def update(self, cost: CostModel) -> np.ndarray:
         """Re-estimate every rank's correction against `cost` (the current, refitted
         model: samples are kept raw and re-predicted each time); returns `speeds`."""
+        self._baselines = self._step_baselines(cost)
         packed = [self._median(r, cost) for r in range(self.world_size)]
         raw = np.array([np.nan if m is None else m for m in packed])
         own = ~np.isnan(raw)
@@ -112,14 +121,30 @@ class SpeedEstimator:
         self.correction = np.clip(np.clip(target, lo, hi), MIN_SPEED, MAX_SPEED)
         return self.speeds
 
+    def _speed(self, x: GroupSample, cost: CostModel) -> float:
+        """The sample's speed (predicted / measured) relative to its step's baseline."""
+        predicted, _ = group_seconds(x.group, cost, x.bandwidth_gbps)
+        return predicted / x.seconds / self._baselines.get(x.step, 1.0)
+
+    def _step_baselines(self, cost: CostModel) -> dict[int, float]:
+        """Per observed step, the upper median over ranks of each rank's median speed
+        (over the nominal speed) in that step's packed groups: the step's common factor
+        (rings say nothing about one rank; a step without packs has none)."""
+        per_step: dict[int, dict[int, list[float]]] = {}
+        for rank, samples in enumerate(self._samples):
+            for x in samples:
+                if x.group.ring_size > 1:
+                    continue
+                predicted, _ = group_seconds(x.group, cost, x.bandwidth_gbps)
+                per_step.setdefault(x.step, {}).setdefault(rank, []).append(
+                    predicted / x.seconds / self.nominal[rank])
+        return {step: float(np.percentile([np.median(v) for v in ranks.values()], 50,
+                                          method="higher"))
+                for step, ranks in per_step.items()}
+
     def _speed_samples(self, rank: int, cost: CostModel, *, packed: bool) -> list[float]:
-        out = []
-        for x in self._samples[rank]:
-            if (x.group.ring_size == 1) != packed:
-                continue
-            predicted, _ = group_seconds(x.group, cost, x.bandwidth_gbps)
-            out.append(predicted / x.seconds)
-        return out
+        return [self._speed(x, cost) for x in self._samples[rank]
+                if (x.group.ring_size == 1) == packed]
 
     def _median(self, rank: int, cost: CostModel) -> float | None:
         """Median speed of `rank`'s packed samples (None: too few)."""
@@ -132,8 +157,7 @@ class SpeedEstimator:
         for x in self._samples[rank]:
             if x.group.ring_size == 1:
                 continue
-            predicted, _ = group_seconds(x.group, cost, x.bandwidth_gbps)
-            speed = predicted / x.seconds
+            speed = self._speed(x, cost)
             others = [known[r] for r in x.group.ranks if r != rank and r < self.world_size]
             if min(others, default=math.inf) > speed * RING_EXPLAINED:
                 kept.append(speed)
@@ -155,6 +179,7 @@ class SpeedEstimator:
 
 
 def quantize(speeds: np.ndarray, quantum: float = DEFAULT_QUANTUM) -> np.ndarray:
-    """Speeds (or corrections) on a grid of `quantum`, within [MIN_SPEED, MAX_SPEED]."""
-    return np.clip(np.round(np.asarray(speeds, dtype=np.float64) / quantum) * quantum,
-                   MIN_SPEED, MAX_SPEED)
+    """Speeds (or corrections) on a grid of `quantum`, within [MIN_SPEED, MAX_SPEED]
+    (rounded to 9 decimals, so 12 x 0.05 reads 0.6)."""
+    grid = np.round(np.round(np.asarray(speeds, dtype=np.float64) / quantum) * quantum, 9)
+    return np.clip(grid, MIN_SPEED, MAX_SPEED)
