@@ -1,7 +1,7 @@
 """SpeedEstimator: a rank measured 2x slower than predicted converges to 0.5 within a few
 steps and no faster than its step bound, one noisy step does not move it, the typical rank
 stays 1 when the whole model is off, and a ring's slowness is pinned on the member whose
-packed groups show it (not on the others)."""
+packed groups show it (not on the others), and load that slows a whole step cancels out."""
 
 from __future__ import annotations
 
@@ -122,3 +122,20 @@ def _shard(length: int):
     from scheduler.sharding import Shard
 
     return Shard(seq_id=0, length=length, ring_size=1, offload_ratio=0.0)
+
+
+def test_steps_that_load_every_rank_alike_cancel_out():
+    # Every other step the whole box is 3x busier (another job): all ranks' times triple,
+    # and in those steps rank 0 happens to run four packs, the others one. Rank 2 is truly
+    # 2x slow throughout. Without the per-step factor rank 0's samples would come mostly
+    # from loaded steps and read it as a straggler; with it, speeds are exact.
+    est = SpeedEstimator(CPU4)
+    rng = np.random.default_rng(1)
+    for step in range(8):
+        load = 3.0 if step % 2 else 1.0
+        plan = packed_plan([[int(x) for x in rng.integers(50, 400, size=4 if r == 0 and load > 1
+                                                           else 1)] for r in range(4)])
+        est.observe(plan, measured(plan, {r: load * (2.0 if r == 2 else 1.0)
+                                          for r in range(4)}))
+        speeds = est.update(COST)
+    assert list(speeds) == [1.0, 1.0, 0.5, 1.0]
