@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from scheduler.plan import StepPlan
 
 COLLECTIVE_PHASES = ("reduce", "optimizer")
-_PHASE_ORDER = {"forward": 0, "head": 1, "backward": 2}
+_PHASE_ORDER = {"forward": 0, "head": 1, "backward": 2, "after": 3}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +198,8 @@ def where(p: RankPosition) -> str:
         return "the step's collectives"
     if p.phase == "head":
         return "the loss head"
+    if p.phase == "after":
+        return "the end of the micro-batch"
     text = f"layer {p.layer} {p.phase}" if p.layer >= 0 else p.phase
     return text + (f", ring hop {p.ring_hop}" if p.ring_hop >= 0 else "")
 

@@ -14,8 +14,12 @@ mark, so it is also the rank's progress counter.
 
 Fault drills hook in here too (workers/agent.py, `RINGMASTER_FAULT`):
 - `slowdown` F > 1 makes the rank's compute F times slower: at every mark, the compute
-  time since the previous mark (ring waits excluded) is followed by a sleep of (F - 1)
-  times it, so ring peers wait for it as they would for a slow GPU;
+  time since the previous mark (ring waits excluded) is followed by a wait of (F - 1)
+  times it, so ring peers wait for it as they would for a slow GPU. Both are measured on
+  `clock`, the device's busy time (on CPU the process's CPU time, so a shared box that
+  also gives the rank's core to others neither inflates nor hides the factor), and the
+  wait keeps the CPU busy (as a host thread spinning on a device's completion does,
+  CUDA's default): a process that sleeps is scheduled first when it wakes;
 - `on_mark(position)` is called at every mark (a stall drill sleeps there when the rank
   reaches its position).
 """
@@ -31,10 +35,11 @@ from dataclasses import dataclass, replace
 __all__ = ["COMPUTE_PHASES", "PHASES", "PROGRESS", "StepPosition", "StepProgress"]
 
 # Where in a step a rank can be, in order: "start" (the step began: plan check, data),
-# "forward" / "head" (the streamed loss head) / "backward" of a micro-batch,
-# "reduce" (the step's gradient collectives, after the last micro-batch), "optimizer",
-# "done" (the step is over; the rank waits for its next plan).
-PHASES = ("start", "forward", "head", "backward", "reduce", "optimizer", "done")
+# "forward" / "head" (the streamed loss head) / "backward" of a micro-batch, "after" (its
+# micro-batch is over, the next not begun), "reduce" (the step's gradient collectives,
+# after the last micro-batch), "optimizer", "done" (the step is over; the rank waits for
+# its next plan).
+PHASES = ("start", "forward", "head", "backward", "after", "reduce", "optimizer", "done")
 COMPUTE_PHASES = frozenset({"forward", "head", "backward"})
 
 
@@ -59,8 +64,11 @@ class StepProgress:
         self._lock = threading.Lock()
         self._pos = StepPosition()
         self.slowdown = 1.0
+        # the slow drill's clock: the device's busy time (workers.step.device_clock sets
+        # it: wall on CUDA, the process's CPU time on CPU)
+        self.clock: Callable[[], float] = time.perf_counter
         self.on_mark: Callable[[StepPosition], None] | None = None
-        self._since = time.perf_counter()  # compute clock: start of the current interval
+        self._since = self.clock()  # compute clock: start of the current interval
         self._waited = 0.0  # ring-wait seconds inside the current interval
 
     def snapshot(self) -> StepPosition:
@@ -77,11 +85,11 @@ class StepProgress:
             self.on_mark(pos)
 
     def _slow_down(self, was_compute: bool) -> None:
-        now = time.perf_counter()
+        now = self.clock()
         if was_compute:
             compute = max(0.0, now - self._since - self._waited)
-            time.sleep((self.slowdown - 1.0) * compute)
-            now = time.perf_counter()
+            _busy_wait((self.slowdown - 1.0) * compute, self.clock)
+            now = self.clock()
         self._since, self._waited = now, 0.0
 
     # -- what the step marks --------------------------------------------------------
@@ -97,7 +105,7 @@ class StepProgress:
         self._mark(layer=layer, phase=phase, ring_hop=-1, waiting=False)
 
     def phase(self, phase: str) -> None:
-        """A phase outside the layers: "head", "reduce", "optimizer", "done"."""
+        """A phase outside the layers: "head", "after", "reduce", "optimizer", "done"."""
         self._mark(layer=-1, phase=phase, ring_hop=-1, waiting=False)
 
     def hop(self, hop: int) -> None:
@@ -106,15 +114,23 @@ class StepProgress:
     @contextmanager
     def ring_wait(self) -> Iterator[None]:
         """Around a blocking ring exchange: marked as waiting, and not compute."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         with self._lock:
             self._pos = replace(self._pos, waiting=True)
         try:
             yield
         finally:
-            self._waited += time.perf_counter() - t0
+            self._waited += self.clock() - t0
             with self._lock:
                 self._pos = replace(self._pos, waiting=False)
+
+
+def _busy_wait(seconds: float, clock: Callable[[], float]) -> None:
+    """Keep this thread busy until `clock` has advanced by `seconds` (other threads still
+    run: the interpreter switches every few milliseconds)."""
+    end = clock() + seconds
+    while clock() < end:
+        pass
 
 
 PROGRESS = StepProgress()

@@ -1,8 +1,10 @@
 """The step's position marks: a micro-batch's forward, head and backward go layer by layer
-under every memory scheme; the slow drill sleeps (F - 1) x the compute since the last mark
+under every memory scheme; the slow drill waits (F - 1) x the compute since the last mark
 and never for ring waits (a fake clock, so nothing here depends on the machine's speed)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -39,9 +41,9 @@ def test_a_micro_batch_marks_every_layer_forward_then_backward(marks, scheme):
 def test_the_slow_drill_sleeps_for_the_compute_not_the_waits(monkeypatch):
     clock = [100.0]
     slept = []
-    monkeypatch.setattr(progress_mod.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(progress_mod.time, "sleep", lambda s: slept.append(s))
+    monkeypatch.setattr(progress_mod, "_busy_wait", lambda s, on: slept.append((s, on)))
     p = StepProgress()
+    p.clock = lambda: clock[0]  # the device's busy time
     p.slowdown = 3.0
     p.begin_step(0)
     clock[0] += 5.0  # data loading: not compute
@@ -55,5 +57,14 @@ def test_the_slow_drill_sleeps_for_the_compute_not_the_waits(monkeypatch):
     p.phase("reduce")
     clock[0] += 4.0  # collectives: not compute
     p.phase("done")
-    assert slept == [pytest.approx(2 * 3.0), pytest.approx(2 * 0.5)]
+    assert [s for s, _ in slept] == [pytest.approx(2 * 3.0), pytest.approx(2 * 0.5)]
+    assert all(on is p.clock for _, on in slept)  # waits measured on the same clock
     assert p.snapshot().phase == "done" and p.snapshot().ticks == 5
+
+
+def test_the_slow_drills_wait_spends_the_clock_it_is_given():
+    # On CPU the clock is the process's CPU time: the wait must burn that much CPU (a
+    # sleep would not advance it at all), however the box is loaded.
+    t0 = time.process_time()
+    progress_mod._busy_wait(0.05, time.process_time)
+    assert time.process_time() - t0 >= 0.05
