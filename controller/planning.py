@@ -34,6 +34,9 @@ from scheduler.speeds import SpeedEstimator
 
 MIN_OBSERVATIONS = 3  # a, b and c need three distinct profiles
 MAX_OBSERVATIONS = 512  # a sliding window: the newest measurements win
+# The attempt's first step is a warm-up (allocator, caches, kernel selection, the first
+# collective): its times say little about the steps that follow and are not used.
+WARMUP_STEPS = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +117,18 @@ def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | No
     return plan.model_dump_json(), time.perf_counter() - t0
 
 
+def _refit(cost: CostModel, observations: list[Observation]) -> bool:
+    """Refit `cost` on `observations` (prior shape kept unless clearly beaten); False while
+    there are too few or too alike to fit."""
+    if len(observations) < MIN_OBSERVATIONS:
+        return False
+    try:
+        cost.update(observations, keep_prior_shape=True)
+    except ValueError:
+        return False  # not yet three distinct profiles
+    return True
+
+
 class BatchSchedule:
     """Step -> (sample ids, next position): a pure function of the job's data settings."""
 
@@ -166,14 +181,19 @@ class PlanPipeline:
         self._coefficients: tuple | None = None
         self._observations: list[Observation] = []
         self._estimator = SpeedEstimator(spec.resolve_cluster())
+        self._busy_cost = job_cost_model(spec)  # the ranks' busy time (what speeds are of)
+        self._busy_observations: list[Observation] = []
         self._speeds: tuple[float, ...] | None = None  # None: the cluster's nominal speeds
         self._observe_lock = threading.Lock()
+        self._steps_seen = 0
         self._futures: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}
+        self._taken: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}  # being got
         self._done: dict[int, PlannedStep] = {}
         self._lock = threading.Lock()
 
     def _submit(self, step: int) -> None:
-        if step in self._futures or step in self._done or step >= self.spec.training.steps:
+        if step in self._futures or step in self._taken or step in self._done \
+                or step >= self.spec.training.steps:
             return
         ids, nxt = self.schedule.batch(step)
         lengths = [int(x) for x in self.schedule.lengths[ids]]
@@ -194,13 +214,15 @@ class PlanPipeline:
         with self._lock:
             if step in self._done:
                 return self._done[step]
-            fut, ids, nxt = self._futures[step]
+            if step in self._futures:  # handed out from now on: no longer replanned
+                self._taken[step] = self._futures.pop(step)
+            fut, ids, nxt = self._taken[step]
         plan_json, seconds = fut.result(timeout=timeout_s)
         planned = PlannedStep(step=step, plan=StepPlan.model_validate_json(plan_json),
                               sample_ids=[int(i) for i in ids], next_position=nxt,
                               planning_s=seconds)
         with self._lock:
-            self._futures.pop(step, None)
+            self._taken.pop(step, None)
             self._done[step] = planned
             for old in [s for s in self._done if s < step - 2 * self.depth]:
                 del self._done[old]
@@ -210,9 +232,12 @@ class PlanPipeline:
                 rank_seconds: dict[int, list[float]] | None = None) -> None:
         """Measured seconds of each (micro_batch, group index) of `plan` refit the model;
         each rank's own micro-batch times (`rank_seconds[r]`, in the order of
-        `plan.micro_batches_of(r)`) re-estimate the rank speeds."""
+        `plan.micro_batches_of(r)`) re-estimate the rank speeds. The attempt's first
+        WARMUP_STEPS steps are skipped."""
         with self._observe_lock:  # two steps' last reports may arrive at once
-            self._observe(plan, group_seconds, rank_seconds)
+            self._steps_seen += 1
+            if self._steps_seen > WARMUP_STEPS:
+                self._observe(plan, group_seconds, rank_seconds)
 
     def _observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float],
                  rank_seconds: dict[int, list[float]] | None) -> None:
@@ -224,23 +249,43 @@ class PlanPipeline:
                 lengths=tuple(s.length for s in g.sequences), ring_size=len(g.ranks),
                 seconds=seconds * at))  # what the reference rank would have taken
         self._observations = self._observations[-MAX_OBSERVATIONS:]
-        self._refit()
+        if _refit(self._cost, self._observations):
+            self._coefficients = (self._cost.a, self._cost.b, self._cost.c)
         if rank_seconds:
-            self._estimator.observe(plan, rank_seconds)
-            new = self._estimator.update(self._cost)
-            nominal = self._estimator.nominal
-            with self._lock:
-                self._speeds = None if np.array_equal(new, nominal) else \
-                    tuple(float(x) for x in new)
+            self._observe_speeds(plan, rank_seconds, speeds)
 
-    def _refit(self) -> None:
-        if len(self._observations) < MIN_OBSERVATIONS:
-            return
-        try:
-            self._cost.update(self._observations)
-        except ValueError:
-            return  # not yet three distinct profiles
-        self._coefficients = (self._cost.a, self._cost.b, self._cost.c)
+    def _observe_speeds(self, plan: StepPlan, rank_seconds: dict[int, list[float]],
+                        speeds: np.ndarray) -> None:
+        """Speeds are estimated against a model of the ranks' own busy times (their clock:
+        on a CPU box, CPU time, not wall), refit here at the reference speed."""
+        for rank, times in rank_seconds.items():
+            if not 0 <= rank < speeds.size:
+                continue
+            for (_, g), seconds in zip(plan.micro_batches_of(rank), times, strict=False):
+                if seconds > 0:
+                    self._busy_observations.append(Observation(
+                        lengths=tuple(s.length for s in g.sequences), ring_size=g.ring_size,
+                        seconds=seconds * float(speeds[rank])))
+        self._busy_observations = self._busy_observations[-MAX_OBSERVATIONS:]
+        _refit(self._busy_cost, self._busy_observations)
+        self._estimator.observe(plan, rank_seconds)
+        new = self._estimator.update(self._busy_cost)
+        speeds = None if np.array_equal(new, self._estimator.nominal) else \
+            tuple(float(x) for x in new)
+        with self._lock:
+            if speeds != self._speeds:
+                self._speeds = speeds
+                self._replan_pending()
+
+    def _replan_pending(self) -> None:
+        """New speeds: the steps planned ahead but not yet handed out are planned again for
+        them (a straggler found now gets less work in the next step, not `depth` steps
+        later). A superseded plan still being computed is cancelled where the executor
+        can, or left to finish unused. Caller holds `_lock`."""
+        for step, (fut, _, _) in list(self._futures.items()):
+            fut.cancel()
+            del self._futures[step]
+            self._submit(step)
 
     @property
     def rank_speeds(self) -> tuple[float, ...]:

@@ -80,7 +80,13 @@ class RankState:
     done_step: int = -1  # newest step this rank has finished (reported or resumed past)
     streamed_step: int = -1  # newest step whose plan it received
     streaming: bool = False  # holds an open plan stream: past streamed_step it waits on us
-    finished: bool = False  # received the end of its plan stream: no longer watched
+    # the step its plan stream ended at (sent ahead of the steps before it): once the rank
+    # has finished every step before it, it is no longer watched
+    stream_end: int | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.stream_end is not None and self.done_step >= self.stream_end - 1
     position: RankPosition | None = None  # where in its step the last heartbeat said it is
     heard_at: float = 0.0  # monotonic time of its last heartbeat
 
@@ -313,7 +319,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if rt.job.state is State.STOPPING or step >= total:
                 with rt.cond:
                     if st is not None:
-                        st.finished = True
+                        st.stream_end = step
                 yield pb.PlanMessage(step=step, stop=True)
                 return
             if not self._wait_turn(rt, step, context):
@@ -404,7 +410,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         planned, _ = rt.plans.pop(step, (None, ""))
         if planned is not None:  # first: the step's metrics carry the speeds it measured
             rt.pipeline.observe(planned.plan, group_seconds(planned.plan, reports),
-                                {r: list(rep.micro_batch_times_s) for r, rep in reports.items()})
+                                {r: list(rep.micro_batch_busy_s or rep.micro_batch_times_s)
+                                 for r, rep in reports.items()})
         metrics = step_metrics(step, job.attempt, reports, planned,
                                rank_speeds=rt.pipeline.rank_speeds)
         ckpt = next((r.checkpoint_path for r in reports.values() if r.checkpoint_path), "")

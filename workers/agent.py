@@ -299,6 +299,7 @@ class RankAgent:
         self.client.report_step(step=msg.step, loss=s.loss, num_predictions=s.num_predictions,
                                 tokens=s.local_num_tokens,
                                 micro_batch_times_s=s.micro_batch_times_s,
+                                micro_batch_busy_s=s.micro_batch_busy_s,
                                 peak_memory_bytes=s.peak_memory_bytes, step_time_s=step_time,
                                 checkpoint_path=path, predicted_step_s=msg.predicted_step_s,
                                 plan_groups=groups)

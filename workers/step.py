@@ -82,6 +82,9 @@ class StepStats:
     arena_bytes: int = 0  # MEMO activation arenas in use (workers.arena.ArenaCache)
     ring_bytes_sent: int = 0  # bytes this rank sent along its rings: attention's channels
     # and dpo's log-prob exchange (8 (d - 1) per sequence), as scheduler.work.ring_bytes counts
+    # the device's busy time in each micro-batch (`device_clock`): what the rank's speed
+    # is estimated from (scheduler/speeds.py)
+    micro_batch_busy_s: tuple[float, ...] = ()
 
 
 def global_num_predictions(plan: StepPlan) -> int:
@@ -177,6 +180,13 @@ def _peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def device_clock(device: torch.device):
+    """The clock of the device's busy time: wall time on CUDA (each micro-batch ends with
+    a synchronize); on CPU the process's CPU time, since a shared CPU box also gives this
+    rank's core to other processes, which is not this rank being slow."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -223,15 +233,18 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleD
         grads.zero_()
     scale = 1.0 / normalizer if grads is None else 1.0  # grads divides after the sum
     start = time.perf_counter()
-    times, loss_sum, local_count, local_tokens = [], 0.0, 0, 0
+    clock = PROGRESS.clock = device_clock(device)  # the slow drill measures on it too
+    times, busy, loss_sum, local_count, local_tokens = [], [], 0.0, 0, 0
     comm = CommStats()
     with grads.accumulating() if grads is not None else nullcontext():
         for m, g in plan.micro_batches_of(rank):
             PROGRESS.micro_batch(m, tuple(g.ranks))
-            t0 = time.perf_counter()
+            t0, b0 = time.perf_counter(), clock()
             ls, n, tok = _run_group(model, g, samples, rank, scale, objective, arenas, comm)
             _sync(device)
+            PROGRESS.phase("after")  # inside the timing: the slow drill's last stretch
             times.append(time.perf_counter() - t0)
+            busy.append(clock() - b0)
             loss_sum, local_count = loss_sum + ls, local_count + n
             local_tokens += tok
     PROGRESS.phase("reduce")  # the step's collectives: every rank must get here
@@ -249,6 +262,7 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleD
         num_predictions=global_num_predictions(plan),
         num_tokens=sum(g.num_tokens for _, g in plan.groups()), local_num_tokens=local_tokens,
         local_loss_sum=loss_sum, micro_batch_times_s=tuple(times),
+        micro_batch_busy_s=tuple(busy),
         step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device),
         arena_bytes=arenas.nbytes if arenas is not None else 0,
         ring_bytes_sent=comm.total_sent())

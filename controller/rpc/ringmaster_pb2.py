@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ontroller/rpc/ringmaster.proto\x12\rringmaster.v1\"9\n\x08WorkerId\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"U\n\x0fRegisterRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\x9d\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x15\n\rjob_spec_json\x18\x04 \x01(\t\x12\x12\n\nstart_step\x18\x05 \x01(\x03\x12\x16\n\x0e\x63heckpoint_dir\x18\x06 \x01(\t\x12\x13\n\x0bresume_from\x18\x07 \x01(\t\"I\n\x0bPlanRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"\xbb\x01\n\x0bPlanMessage\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x12\n\nsample_ids\x18\x03 \x03(\x03\x12\x12\n\ndata_epoch\x18\x04 \x01(\x03\x12\x12\n\ndata_index\x18\x05 \x01(\x03\x12\x12\n\ncheckpoint\x18\x06 \x01(\x08\x12\x0c\n\x04stop\x18\x07 \x01(\x08\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x18\n\x10predicted_step_s\x18\t \x01(\x01\"\x8f\x02\n\nStepReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x17\n\x0fnum_predictions\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x1b\n\x13micro_batch_times_s\x18\x06 \x03(\x01\x12\x19\n\x11peak_memory_bytes\x18\x07 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\x17\n\x0f\x63heckpoint_path\x18\t \x01(\t\x12\x18\n\x10predicted_step_s\x18\x14 \x01(\x01\x12\x13\n\x0bplan_groups\x18\x15 \x01(\t\"\'\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8a\x01\n\x10HeartbeatRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x03\x12-\n\x08position\x18\n \x01(\x0b\x32\x1b.ringmaster.v1.StepPosition\"\x80\x01\n\x0cStepPosition\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x03\x12\x0c\n\x04ring\x18\x03 \x03(\x05\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\r\n\x05phase\x18\x05 \x01(\t\x12\x10\n\x08ring_hop\x18\x06 \x01(\x05\x12\x0f\n\x07waiting\x18\x07 \x01(\x08\"@\n\x0eHeartbeatReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0c\n\x04stop\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb3\x01\n\rFailureReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x32\n\rfailure_class\x18\x14 \x01(\x0e\x32\x1b.ringmaster.v1.FailureClass\x12\x18\n\x0b\x66\x61iled_rank\x18\x15 \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_failed_rank\"3\n\x08LogEntry\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"]\n\x08LogBatch\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12(\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x17.ringmaster.v1.LogEntry*K\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x12\n\x0eINFRASTRUCTURE\x10\x01\x12\x08\n\x04USER\x10\x02\x32\xaa\x03\n\rWorkerService\x12H\n\x08Register\x12\x1e.ringmaster.v1.RegisterRequest\x1a\x1c.ringmaster.v1.RegisterReply\x12G\n\x0bStreamPlans\x12\x1a.ringmaster.v1.PlanRequest\x1a\x1a.ringmaster.v1.PlanMessage0\x01\x12;\n\nReportStep\x12\x19.ringmaster.v1.StepReport\x1a\x12.ringmaster.v1.Ack\x12K\n\tHeartbeat\x12\x1f.ringmaster.v1.HeartbeatRequest\x1a\x1d.ringmaster.v1.HeartbeatReply\x12\x41\n\rReportFailure\x12\x1c.ringmaster.v1.FailureReport\x1a\x12.ringmaster.v1.Ack\x12\x39\n\nReportLogs\x12\x17.ringmaster.v1.LogBatch\x1a\x12.ringmaster.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63ontroller/rpc/ringmaster.proto\x12\rringmaster.v1\"9\n\x08WorkerId\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"U\n\x0fRegisterRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\x05\"\x9d\x01\n\rRegisterReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nworld_size\x18\x03 \x01(\x05\x12\x15\n\rjob_spec_json\x18\x04 \x01(\t\x12\x12\n\nstart_step\x18\x05 \x01(\x03\x12\x16\n\x0e\x63heckpoint_dir\x18\x06 \x01(\t\x12\x13\n\x0bresume_from\x18\x07 \x01(\t\"I\n\x0bPlanRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x11\n\tfrom_step\x18\x02 \x01(\x03\"\xbb\x01\n\x0bPlanMessage\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x11\n\tplan_json\x18\x02 \x01(\t\x12\x12\n\nsample_ids\x18\x03 \x03(\x03\x12\x12\n\ndata_epoch\x18\x04 \x01(\x03\x12\x12\n\ndata_index\x18\x05 \x01(\x03\x12\x12\n\ncheckpoint\x18\x06 \x01(\x08\x12\x0c\n\x04stop\x18\x07 \x01(\x08\x12\x13\n\x0btraceparent\x18\x08 \x01(\t\x12\x18\n\x10predicted_step_s\x18\t \x01(\x01\"\xab\x02\n\nStepReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04loss\x18\x03 \x01(\x01\x12\x17\n\x0fnum_predictions\x18\x04 \x01(\x03\x12\x0e\n\x06tokens\x18\x05 \x01(\x03\x12\x1b\n\x13micro_batch_times_s\x18\x06 \x03(\x01\x12\x19\n\x11peak_memory_bytes\x18\x07 \x01(\x03\x12\x13\n\x0bstep_time_s\x18\x08 \x01(\x01\x12\x17\n\x0f\x63heckpoint_path\x18\t \x01(\t\x12\x18\n\x10predicted_step_s\x18\x14 \x01(\x01\x12\x13\n\x0bplan_groups\x18\x15 \x01(\t\x12\x1a\n\x12micro_batch_busy_s\x18\x1e \x03(\x01\"\'\n\x03\x41\x63k\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8a\x01\n\x10HeartbeatRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x10\n\x08progress\x18\x03 \x01(\x03\x12-\n\x08position\x18\n \x01(\x0b\x32\x1b.ringmaster.v1.StepPosition\"\x80\x01\n\x0cStepPosition\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x13\n\x0bmicro_batch\x18\x02 \x01(\x03\x12\x0c\n\x04ring\x18\x03 \x03(\x05\x12\r\n\x05layer\x18\x04 \x01(\x05\x12\r\n\x05phase\x18\x05 \x01(\t\x12\x10\n\x08ring_hop\x18\x06 \x01(\x05\x12\x0f\n\x07waiting\x18\x07 \x01(\x08\"@\n\x0eHeartbeatReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0c\n\x04stop\x18\x02 \x01(\x08\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xb3\x01\n\rFailureReport\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x32\n\rfailure_class\x18\x14 \x01(\x0e\x32\x1b.ringmaster.v1.FailureClass\x12\x18\n\x0b\x66\x61iled_rank\x18\x15 \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_failed_rank\"3\n\x08LogEntry\x12\n\n\x02\x61t\x18\x01 \x01(\x01\x12\r\n\x05level\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"]\n\x08LogBatch\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.ringmaster.v1.WorkerId\x12(\n\x07\x65ntries\x18\x02 \x03(\x0b\x32\x17.ringmaster.v1.LogEntry*K\n\x0c\x46\x61ilureClass\x12\x1d\n\x19\x46\x41ILURE_CLASS_UNSPECIFIED\x10\x00\x12\x12\n\x0eINFRASTRUCTURE\x10\x01\x12\x08\n\x04USER\x10\x02\x32\xaa\x03\n\rWorkerService\x12H\n\x08Register\x12\x1e.ringmaster.v1.RegisterRequest\x1a\x1c.ringmaster.v1.RegisterReply\x12G\n\x0bStreamPlans\x12\x1a.ringmaster.v1.PlanRequest\x1a\x1a.ringmaster.v1.PlanMessage0\x01\x12;\n\nReportStep\x12\x19.ringmaster.v1.StepReport\x1a\x12.ringmaster.v1.Ack\x12K\n\tHeartbeat\x12\x1f.ringmaster.v1.HeartbeatRequest\x1a\x1d.ringmaster.v1.HeartbeatReply\x12\x41\n\rReportFailure\x12\x1c.ringmaster.v1.FailureReport\x1a\x12.ringmaster.v1.Ack\x12\x39\n\nReportLogs\x12\x17.ringmaster.v1.LogBatch\x1a\x12.ringmaster.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'controller.rpc.ringmaster_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FAILURECLASS']._serialized_start=1604
-  _globals['_FAILURECLASS']._serialized_end=1679
+  _globals['_FAILURECLASS']._serialized_start=1632
+  _globals['_FAILURECLASS']._serialized_end=1707
   _globals['_WORKERID']._serialized_start=50
   _globals['_WORKERID']._serialized_end=107
   _globals['_REGISTERREQUEST']._serialized_start=109
@@ -44,21 +44,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PLANMESSAGE']._serialized_start=432
   _globals['_PLANMESSAGE']._serialized_end=619
   _globals['_STEPREPORT']._serialized_start=622
-  _globals['_STEPREPORT']._serialized_end=893
-  _globals['_ACK']._serialized_start=895
-  _globals['_ACK']._serialized_end=934
-  _globals['_HEARTBEATREQUEST']._serialized_start=937
-  _globals['_HEARTBEATREQUEST']._serialized_end=1075
-  _globals['_STEPPOSITION']._serialized_start=1078
-  _globals['_STEPPOSITION']._serialized_end=1206
-  _globals['_HEARTBEATREPLY']._serialized_start=1208
-  _globals['_HEARTBEATREPLY']._serialized_end=1272
-  _globals['_FAILUREREPORT']._serialized_start=1275
-  _globals['_FAILUREREPORT']._serialized_end=1454
-  _globals['_LOGENTRY']._serialized_start=1456
-  _globals['_LOGENTRY']._serialized_end=1507
-  _globals['_LOGBATCH']._serialized_start=1509
-  _globals['_LOGBATCH']._serialized_end=1602
-  _globals['_WORKERSERVICE']._serialized_start=1682
-  _globals['_WORKERSERVICE']._serialized_end=2108
+  _globals['_STEPREPORT']._serialized_end=921
+  _globals['_ACK']._serialized_start=923
+  _globals['_ACK']._serialized_end=962
+  _globals['_HEARTBEATREQUEST']._serialized_start=965
+  _globals['_HEARTBEATREQUEST']._serialized_end=1103
+  _globals['_STEPPOSITION']._serialized_start=1106
+  _globals['_STEPPOSITION']._serialized_end=1234
+  _globals['_HEARTBEATREPLY']._serialized_start=1236
+  _globals['_HEARTBEATREPLY']._serialized_end=1300
+  _globals['_FAILUREREPORT']._serialized_start=1303
+  _globals['_FAILUREREPORT']._serialized_end=1482
+  _globals['_LOGENTRY']._serialized_start=1484
+  _globals['_LOGENTRY']._serialized_end=1535
+  _globals['_LOGBATCH']._serialized_start=1537
+  _globals['_LOGBATCH']._serialized_end=1630
+  _globals['_WORKERSERVICE']._serialized_start=1710
+  _globals['_WORKERSERVICE']._serialized_end=2136
 # @@protoc_insertion_point(module_scope)
