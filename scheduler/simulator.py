@@ -28,7 +28,7 @@ from scheduler.cost import CostModel
 from scheduler.errors import InfeasibleBatchError
 from scheduler.plan import RingGroup, StepPlan, group_memory
 from scheduler.sharding import OffloadPolicy, Shard, validate_lengths
-from scheduler.specs import ClusterSpec, ModelSpec
+from scheduler.specs import HARDWARE_FIELDS, ClusterSpec, ModelSpec
 from scheduler.topology import Topology
 
 
@@ -112,14 +112,33 @@ def lower_bound(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, 
     work = (cost.a * float(np.dot(s, s)) + cost.b * float(s.sum())) / float(v.sum())
     i = int(np.argmax(s))
     longest = int(s[i])
-    per_rank = max(capacity_tokens, cost.offload_capacity_tokens())
+    ring_cost, ring_topo = _best_case(cost, cluster, topo)
+    per_rank = max(capacity_tokens, ring_cost.offload_capacity_tokens())
     if longest > per_rank * topo.world_size:
         raise InfeasibleBatchError(i, longest, per_rank * topo.world_size)
     d = max(1, math.ceil(longest / per_rank))
     sh = Shard(seq_id=i, length=longest, ring_size=d, offload_ratio=1.0)
     overhead = cost.step_overhead_s(topo.world_size)
-    fastest = cost.at_speed(float(v.max()))
-    return max(work, best_ring_time(sh, fastest, topo, capacity_tokens)) + overhead
+    fastest = ring_cost.at_speed(float(v.max()))
+    return max(work, best_ring_time(sh, fastest, ring_topo, capacity_tokens)) + overhead
+
+
+def _best_case(cost: CostModel, cluster: ClusterSpec, topo: Topology
+               ) -> tuple[CostModel, Topology]:
+    """What the longest sequence's ring term is computed on: `cost` and `topo`, or in a
+    cluster of node pools a uniform cluster with the best of every pool's figures (most
+    memory, host memory and bandwidth; a ring may sit in any pool, and none is faster
+    than that), with `cost`'s coefficients (its precision, sharding and refit)."""
+    if cluster.pools is None:
+        return cost, topo
+    best = {f: max(getattr(p, f) for p in cluster.pools) for f in HARDWARE_FIELDS}
+    uniform = ClusterSpec(num_nodes=cluster.num_nodes, gpus_per_node=cluster.gpus_per_node,
+                          **best)
+    out = CostModel(cost.model, uniform, precision=cost.precision,
+                    optimizer_sharding=cost.optimizer_sharding,
+                    memory_fraction=cost.memory_fraction)
+    out.a, out.b, out.c, out.flops_per_s = cost.a, cost.b, cost.c, cost.flops_per_s
+    return out, Topology(uniform, topo.world_size)
 
 
 def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,

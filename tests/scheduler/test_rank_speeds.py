@@ -205,3 +205,23 @@ def test_bad_speeds_are_refused(speeds):
     cluster = ClusterSpec(num_nodes=1, gpus_per_node=4, **CPU)
     with pytest.raises(ValueError, match="speeds: expected 4 finite values > 0"):
         plan_batch([10, 20], cluster, TINY, capacity_tokens=100, speeds=speeds)
+
+
+def test_the_bound_on_pools_holds_for_a_ring_in_the_best_pool():
+    # 1.8M tokens need a ring under MEMO offload. The A100 pool's smaller host memory
+    # allows less offload per rank than the H100 pool's: a bound built on the smallest
+    # pool's figures (rings of >= 2x as many ranks) exceeded a real plan's makespan by 2x.
+    llama = model_preset("llama-7b")
+    cluster = ClusterSpec(pools=[{"preset": "h100", "num_nodes": 64},
+                                 {"preset": "a100", "num_nodes": 64}])
+    lengths = [1_800_000] + [8000] * 1000
+    plan = plan_batch(lengths, cluster, llama, policy="pow2", time_limit_s=0.05,
+                      predictions=False)
+    plan.check(lengths)
+    bound = lower_bound(lengths, cluster, llama, capacity_tokens=plan.capacity_tokens)
+    assert bound <= simulate(plan, cluster, llama).makespan_s
+    # Still a bound on the pools' own figures: no lower than the H100-only cluster's
+    # (every rank there at least as able).
+    h100 = ClusterSpec(pools=[{"preset": "h100", "num_nodes": 128}])
+    assert bound >= lower_bound(lengths, h100, llama, capacity_tokens=plan.capacity_tokens,
+                                speeds=[1.0] * 1024) - 1e-9
