@@ -444,7 +444,9 @@ def _ring_choice(sh: Shard, d0: int, views: SpeedViews, cost: CostModel, topo: T
         at = cost.at_speed(v)
         for d in candidate_sizes(sh, d0, view, cost, topo):
             x = resize(sh, d, capacity_tokens, cost)
-            options.append((view.start(d) + at.c + ring_time(x, d, at, topo), d, level, x))
+            end = view.start(d) + at.c + ring_time(x, d, at, topo)
+            if math.isfinite(end):  # a class with fewer than d ranks cannot hold the ring
+                options.append((end, d, level, x))
     under = [o for o in options if o[0] <= target_s * (1 + 1e-9)]
     if under:
         return min(under, key=lambda o: (o[1], o[2]))

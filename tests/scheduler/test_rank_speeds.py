@@ -14,7 +14,14 @@ from scheduler import CostModel, lower_bound, plan_batch, simulate
 from scheduler.errors import InfeasibleBatchError
 from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan
 from scheduler.rank_memory import RankMemory
-from scheduler.specs import CLUSTER_PRESETS, ClusterSpec, SpecError, model_preset, parse_spec
+from scheduler.specs import (
+    CLUSTER_PRESETS,
+    ClusterSpec,
+    SpecError,
+    cluster_preset,
+    model_preset,
+    parse_spec,
+)
 from scheduler.work import PLAIN
 from scheduler.zigzag import all_local_tokens
 
@@ -225,3 +232,19 @@ def test_the_bound_on_pools_holds_for_a_ring_in_the_best_pool():
     h100 = ClusterSpec(pools=[{"preset": "h100", "num_nodes": 128}])
     assert bound >= lower_bound(lengths, h100, llama, capacity_tokens=plan.capacity_tokens,
                                 speeds=[1.0] * 1024) - 1e-9
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+@pytest.mark.parametrize("lengths", [[3000, 50, 60], [5000]])
+def test_a_ring_wider_than_the_fast_class_goes_on_all_ranks(lengths):
+    # Two ranks, one at half speed: a sequence that needs both cannot sit in the class of
+    # ranks at speed 1 (one rank). That class's "start" is infinite; it must not be
+    # chosen (it once was, under the "every ring at D(s)" target, with NaN placement).
+    cluster = cluster_preset("cpu", num_ranks=2)
+    plan = plan_batch(lengths, cluster, TINY, capacity_tokens=2048, speeds=[1.0, 0.5],
+                      time_limit_s=0.05)
+    plan.check(lengths)
+    (ring,) = [g for _, g in plan.groups() if g.ring_size > 1]
+    assert sorted(ring.ranks) == [0, 1]
+    assert plan.predicted.makespan_s == pytest.approx(
+        simulate(plan, cluster, TINY, speeds=[1.0, 0.5]).makespan_s, rel=1e-12)
