@@ -83,12 +83,13 @@ class RankState:
     # the step its plan stream ended at (sent ahead of the steps before it): once the rank
     # has finished every step before it, it is no longer watched
     stream_end: int | None = None
+    position: RankPosition | None = None  # where in its step the last heartbeat said it is
+    heard_at: float = 0.0  # monotonic time of its last heartbeat
 
     @property
     def finished(self) -> bool:
+        """Its plan stream has ended and it finished every step before the end."""
         return self.stream_end is not None and self.done_step >= self.stream_end - 1
-    position: RankPosition | None = None  # where in its step the last heartbeat said it is
-    heard_at: float = 0.0  # monotonic time of its last heartbeat
 
 
 @dataclass(kw_only=True)
