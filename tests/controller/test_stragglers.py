@@ -68,10 +68,11 @@ class RecordingPlanner(ThreadPoolExecutor):
         super().__init__(max_workers=1)
         self.make_plan = make_plan
 
-    def submit(self, fn, lengths, spec_json, coefficients, seed, speeds=None) -> Future:
+    def submit(self, fn, lengths, spec_json, coefficients, seed, pairs=None,
+               speeds=None) -> Future:
         assert fn is plan_in_process
         if self.make_plan is None:
-            return super().submit(fn, lengths, spec_json, coefficients, seed, speeds)
+            return super().submit(fn, lengths, spec_json, coefficients, seed, pairs, speeds)
         return super().submit(lambda: (self.make_plan(lengths).model_dump_json(), 0.0))
 
 
