@@ -299,7 +299,12 @@ class ClusterSpec(_Spec):
             derived.setdefault(name, min(getattr(p, name) for p in pools))
         for name, value in derived.items():
             given = data.get(name)
-            if given is not None and not math.isclose(given, value, rel_tol=1e-9):
+            if given is None:
+                continue
+            if isinstance(given, bool) or not isinstance(given, int | float):
+                raise ValueError(f"{name}={given!r} is not a number (and with pools, leave "
+                                 f"{name} out: it is derived from them)")
+            if not math.isclose(given, value, rel_tol=1e-9):
                 raise ValueError(f"{name}={given!r} contradicts the pools ({value!r} derived "
                                  f"from them); with pools, leave {name} out")
         return {**data, **derived, "pools": tuple(pools)}

@@ -102,6 +102,8 @@ def test_node_pools_in_a_job_spec():
          "pools[0]: nvlink: unknown field"),
         (lambda d: d["resources"].update(num_ranks=32), "num_ranks=32 must equal the "
                                                         "cluster's 64 ranks"),
+        (lambda d: d["resources"]["cluster"].update(host_memory_gib=[]),
+         "host_memory_gib=[] is not a number"),
     ]:
         bad = json.loads(json.dumps(raw))
         mutate(bad)

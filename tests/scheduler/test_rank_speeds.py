@@ -202,6 +202,11 @@ def test_pools_are_validated_with_the_field_named():
                     {"preset": "a100", "num_nodes": 1, "gpus_per_node": 4}]}, "gpus_per_node"),
         ({"pools": [{"preset": "h100", "num_nodes": 1}], "achieved_tflops": 1.0},
          "achieved_tflops=1.0"),
+        # a figure of the wrong type beside pools (schemathesis found it as a 500)
+        ({"pools": [{"preset": "h100", "num_nodes": 1}], "host_memory_gib": []},
+         "host_memory_gib=[] is not a number"),
+        ({"pools": [{"preset": "h100", "num_nodes": 1}], "num_nodes": True},
+         "num_nodes=True is not a number"),
     ]:
         with pytest.raises(SpecError, match=needle.replace("[", r"\[").replace("]", r"\]")):
             parse_spec(ClusterSpec, bad, what="cluster")
