@@ -35,6 +35,7 @@ class LauncherName(StrEnum):
     ray = "ray"
     kuberay = "kuberay"
     kubernetes = "kubernetes"  # the older name of kuberay
+    external = "external"  # ranks started by someone else call back over gRPC
     fake = "fake"
 
 
@@ -121,7 +122,9 @@ def serve(
                                   "(every call needs its attempt's secret)."),
     state_dir: Path = STATE_DIR,
     launcher: LauncherName = typer.Option(LauncherName.ray, help="How job workers start "
-                                          "(fake: in memory, starts nothing; for API tests)."),
+                                          "(external: ranks started by another system call "
+                                          "back, docs/operations.md; fake: in memory, starts "
+                                          "nothing; for API tests)."),
     redis_url: str = typer.Option(None, "--redis-url", envvar="REDIS_URL",
                                   help="External Redis (default: embedded in state dir)."),
     data_root: list[Path] = typer.Option(

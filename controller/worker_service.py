@@ -32,7 +32,9 @@ with the step's plan (controller.hang) to name the rank(s) the others wait on, t
 and their place in the step: in the job's log, its WorkerLost transition, a `job.hang`
 span and the controller's log. The port may serve TLS (`serve_grpc(credentials=...)`).
 While the job store is away a call gets UNAVAILABLE (which workers retry), not an
-application error with a traceback.
+application error with a traceback. A launcher with no process of its own that exits
+when the job is done (`completes_from_reports`, the external launcher) is told COMPLETED
+once every rank has reported the last step.
 """
 
 from __future__ import annotations
@@ -419,6 +421,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         if not self.store.complete_step(job.id, metrics, checkpoint=ckpt or None):
             return
         self.store.append_logs(job.id, [step_log_line(metrics, job.spec.training.steps)])
+        if step + 1 == rt.job.spec.training.steps and \
+                getattr(self.launcher, "completes_from_reports", False):
+            self.launcher.report(LauncherEvent(job_id=rt.job.id, attempt=rt.job.attempt,
+                                               kind=EventKind.COMPLETED,
+                                               message=f"every rank reported step {step}"))
 
     def _end_invalid(self, job_id: str, attempt: int, message: str, *,
                      rank: int | None = None) -> None:
