@@ -152,11 +152,14 @@ class _Rank:
             return
         cfg = json.loads(reply.job_spec_json)
         self.step = int(reply.start_step)
+        self.train = asyncio.ensure_future(self._train())
         beat = asyncio.ensure_future(self._beat(float(cfg["heartbeat_interval_s"])))
         try:
-            await self._train()
+            await self.train
         except grpc.aio.AioRpcError as exc:
             self.log.fenced[self.rank] = f"{exc.code().name}: {exc.details()}"
+        except asyncio.CancelledError:  # fenced while it hung (the lost rank)
+            pass
         finally:
             self.done = True
             beat.cancel()
@@ -169,12 +172,14 @@ class _Rank:
                 reply = await self.stub.Heartbeat(self.pb.HeartbeatRequest(
                     worker=self.me, step=self.step, progress=self.progress),
                     metadata=self.md, timeout=600)
-            except Exception as exc:  # the stream ends the rank; record and stop beating
+            except Exception as exc:  # the controller refused or went: the rank ends
                 self.log.fenced.setdefault(self.rank, f"heartbeat: {exc}")
+                self.train.cancel()
                 return
             self.log.heartbeat_s.append(time.perf_counter() - t0)
             if not reply.accepted:
                 self.log.fenced.setdefault(self.rank, reply.reason)
+                self.train.cancel()
                 return
 
     async def _train(self) -> None:
@@ -248,7 +253,8 @@ async def _serve_ranks(ranks, env, cfg, log, slot, progress) -> None:
     options = [("grpc.max_receive_message_length", 256 << 20)]
     channels = [grpc.aio.insecure_channel(env["RINGMASTER_CONTROLLER"], options=options)
                 for _ in ranks]
-    sims = [_Rank(r, ch, env, cfg, log, plans, progress) for r, ch in zip(ranks, channels)]
+    sims = [_Rank(r, ch, env, cfg, log, plans, progress)
+            for r, ch in zip(ranks, channels, strict=True)]
     tasks = [asyncio.ensure_future(s.run()) for s in sims]
 
     async def publish() -> None:  # the slowest local rank's finished steps, for the monitor
@@ -382,7 +388,7 @@ class Result:
     window: tuple[Sample, Sample] | None
     rss_by_step: list[int]
     lost_at: float | None  # unix time the controller declared the lost rank lost
-    planning_s: float = 0.0
+    lost_message: str = ""  # that transition's message (names the rank)
 
 
 def run_control_plane(cfg: SimConfig, *, workdir: Path | None = None,
@@ -425,7 +431,8 @@ def _drive(cfg: SimConfig, tmp: Path, url: str, ctl, redis_proc, redis_url: str)
     logs = watch.until_done(procs, out)
     final = http.wait(job.id, timeout_s=max(60.0, 3 * cfg.heartbeat_timeout_s), poll_s=0.2)
     metrics = http.metrics(job.id).steps
-    lost = [t for t in final.transitions or [] if t.reason == "WorkerLost"]
+    lost = [t for t in final.transitions or []
+            if t.from_state == "Running" and t.to_state in ("Failed", "Restarting")]
     http.close()
     return Result(config=asdict(cfg), job_state=final.phase if not final.result else
                   str(final.result), job_reason=final.reason, job_message=final.message,
@@ -433,7 +440,8 @@ def _drive(cfg: SimConfig, tmp: Path, url: str, ctl, redis_proc, redis_url: str)
                   metrics_tokens={m.step: m.tokens_per_s * m.measured_step_s for m in metrics},
                   logs=logs, window_steps=watch.window_steps, window=watch.window,
                   rss_by_step=watch.rss_by_step,
-                  lost_at=lost[0].at.timestamp() if lost else None)
+                  lost_at=lost[0].at.timestamp() if lost else None,
+                  lost_message=lost[0].message if lost else "")
 
 
 class _Watcher:
@@ -498,12 +506,20 @@ def fanouts(logs: list[RankLog]) -> np.ndarray:
                      for s in log.recv_at[r] if s - 2 in last] or [0.0])
 
 
+def pct(a: np.ndarray) -> dict:
+    return {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
+            "max": float(a.max())}
+
+
+def _ms(d: dict) -> str:
+    return f"{d['p50'] * 1e3:.1f} / {d['p99'] * 1e3:.1f} / {d['max'] * 1e3:.0f}"
+
+
 def summary(res: Result) -> dict:
     cfg = res.config
-    pct = (lambda a: {"p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99)),
-                      "max": float(a.max())})
     out = {"ranks": cfg["num_ranks"], "procs": cfg["num_procs"], "steps": cfg["steps"],
            "step_time_s": cfg["step_time_s"], "job": res.job_state,
+           "job_reason": res.job_reason, "job_message": res.job_message[:300],
            "plan_wait_s": pct(plan_waits(res.logs)), "fanout_s": pct(fanouts(res.logs)),
            "heartbeat_s": pct(np.array(sum((g.heartbeat_s for g in res.logs), []) or [0.0])),
            "report_s": pct(np.array(sum((g.report_s for g in res.logs), []) or [0.0]))}
@@ -528,7 +544,7 @@ def summary(res: Result) -> dict:
 
 
 def markdown_row(s: dict) -> str:
-    ms = (lambda d: f"{d['p50'] * 1e3:.1f} / {d['p99'] * 1e3:.1f} / {d['max'] * 1e3:.0f}")
+    ms = _ms
     cpu = s.get("controller_cpu_s_per_step")
     cpu_txt = f"{cpu * 1e3:.0f} ({100 * cpu / s['step_time_s']:.1f}%)" if cpu is not None \
         else "-"

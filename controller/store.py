@@ -249,6 +249,12 @@ class JobStore:
             raise JobNotFound(job_id)
         return _decode(h)
 
+    def head(self, job_id: str) -> tuple[State, int] | None:
+        """(state, attempt) of a job, None if there is none: one cheap HMGET, no spec
+        parsing (the gRPC service fences every worker call with it)."""
+        state, attempt = self.r.hmget(self._k("job", job_id), "state", "attempt")
+        return None if state is None else (State(state), int(json.loads(attempt)))
+
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k("job", job_id)))
 

@@ -72,6 +72,11 @@ MAX_MESSAGE_CHARS = 600  # a failure is one line in the job's message
 DRIVER_RANK = -1  # the attempt's driver process registers with this rank
 PLANS_AHEAD = 2  # a rank may hold plans this many steps past the last completed one
 MAX_LOG_BATCH = 1000  # log lines one ReportLogs call may append
+# One pool thread per open plan stream (a sync gRPC server runs a stream's handler on one
+# thread for its life) plus the unary calls: threads start on demand, so the cap costs
+# nothing until a job that large connects. See docs/benchmarks.md (control plane).
+MAX_RPC_THREADS = 10_000
+STREAM_WAKE_S = 5.0  # a waiting plan stream's safety wake-up; events notify it sooner
 
 
 @dataclass(kw_only=True)
@@ -101,6 +106,9 @@ class AttemptRuntime:
     ranks: dict[int, RankState]
     plans: dict[int, tuple[PlannedStep, str]] = field(default_factory=dict)  # + traceparent
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
+    messages: dict[int, pb.PlanMessage] = field(default_factory=dict)  # built once a step
+    min_done: int = -1  # min of ranks' done_step; `_advance` keeps it (plan streams read it)
+    worker_config: str = ""  # worker_config_json of the attempt, built once
     ready_sent: bool = False
     lost_sent: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -171,10 +179,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "missing or wrong worker secret (authorization metadata)")
 
-    def _runtime(self, worker: pb.WorkerId, context) -> tuple[AttemptRuntime | None, str]:
+    def _runtime(self, worker: pb.WorkerId, context, *, full: bool = False,
+                 ) -> tuple[AttemptRuntime | None, str]:
+        """The attempt's runtime once the call is authenticated and fenced against the
+        store's current (state, attempt); `full` re-reads the whole record (Register needs
+        the last checkpoint), otherwise the spec is parsed only when the attempt changed."""
         self._authenticate(worker, context)
         try:
-            job = self.store.get(worker.job_id)
+            job = self._job(worker.job_id, full=full)
         except JobNotFound:
             return None, f"job {worker.job_id!r} not found"
         if job.state not in LIVE_STATES or job.attempt != worker.attempt:
@@ -189,8 +201,31 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if rt is None or rt.job.attempt != job.attempt:
                 rt = self._new_runtime(job)
                 self._runtimes[job.id] = rt
-            rt.job = job
-            return rt, ""
+        self._set_job(rt, job)
+        return rt, ""
+
+    def _job(self, job_id: str, *, full: bool) -> JobRecord:
+        """The job's record: one HMGET of (state, attempt) when the runtime's copy is
+        otherwise current (the spec never changes), the whole record when not."""
+        with self._lock:
+            rt = self._runtimes.get(job_id)
+        if rt is None or full:
+            return self.store.get(job_id)
+        head = self.store.head(job_id)
+        if head is None:
+            raise JobNotFound(job_id)
+        if head == (rt.job.state, rt.job.attempt):
+            return rt.job
+        return self.store.get(job_id)
+
+    @staticmethod
+    def _set_job(rt: AttemptRuntime, job: JobRecord) -> None:
+        """Keep the runtime's record; waiting plan streams wake when the state moved."""
+        moved = job.state is not rt.job.state
+        rt.job = job
+        if moved:
+            with rt.cond:
+                rt.cond.notify_all()
 
     def _new_runtime(self, job: JobRecord) -> AttemptRuntime:
         now = self.clock()
@@ -198,7 +233,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         ranks = {r: RankState(progress_at=now, done_step=resumed)
                  for r in range(job.spec.resources.num_ranks)}
         return AttemptRuntime(job=job, pipeline=PlanPipeline(job.spec, self.planner_pool),
-                              ranks=ranks)
+                              ranks=ranks, min_done=resumed,
+                              worker_config=worker_config_json(job))
 
     def _drop(self, job_id: str, attempt: int) -> None:
         with self._lock:
@@ -211,7 +247,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     # RPCs ------------------------------------------------------------------------------
     @_expected_failures
     def Register(self, request, context):
-        rt, why = self._runtime(request.worker, context)
+        rt, why = self._runtime(request.worker, context, full=True)
         if rt is None:
             return pb.RegisterReply(accepted=False, reason=why)
         job, rank = rt.job, request.worker.rank
@@ -223,7 +259,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                                             f"pid {request.pid} (attempt {job.attempt})"])
         return pb.RegisterReply(
             accepted=True, world_size=job.spec.resources.num_ranks,
-            job_spec_json=worker_config_json(job), start_step=_resume_step(job),
+            job_spec_json=rt.worker_config, start_step=_resume_step(job),
             checkpoint_dir=job.spec.training.checkpoint_dir or "",
             resume_from=job.last_checkpoint or "")
 
@@ -284,13 +320,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             st = rt.ranks[request.worker.rank]
             st.progress, st.progress_at = (request.step + 1, 0), self.clock()
             st.done_step = max(st.done_step, request.step)
-            rt.cond.notify_all()
         # Acknowledged only once stored: a report survives a controller restart, and one
         # whose ack was lost is sent again and overwrites itself.
         kept = self.store.add_step_report(rt.job.id, attempt=rt.job.attempt, step=request.step,
                                           rank=request.worker.rank,
                                           report=json_format.MessageToJson(request))
         if kept >= len(rt.ranks):
+            with rt.cond:  # every rank finished the step: plan streams may move on
+                _advance(rt)
             self._finish_step(rt, request.step)
         return pb.Ack(accepted=True)
 
@@ -302,12 +339,14 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         step = request.from_step
         with rt.cond:  # a rank (re)connecting has finished everything before from_step
             st = rt.ranks.get(request.worker.rank)
-            if st is not None:
-                st.done_step = max(st.done_step, step - 1)
+            if st is not None and step - 1 > st.done_step:
+                st.done_step = step - 1
+                _advance(rt)
         self._heard_from(rt, request.worker.rank)
         if st is None:  # the driver has no plans to follow
             return
         st.streaming = True
+        context.add_callback(functools.partial(self._wake, rt))  # the stream ended
         try:
             yield from self._stream(rt, request, context, st, step)
         finally:
@@ -316,9 +355,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
     def _stream(self, rt: AttemptRuntime, request, context, st: RankState, step: int):
         total = rt.job.spec.training.steps
         while context.is_active():
-            rt, why = self._runtime(request.worker, context)
-            if rt is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+            if not self._current(rt):  # moved on: the store says why (or a new runtime)
+                rt, why = self._runtime(request.worker, context)
+                if rt is None:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
             if rt.job.state is State.STOPPING or step >= total:
                 with rt.cond:
                     if st is not None:
@@ -358,12 +398,27 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                                                kind=EventKind.READY))
 
     def _wait_turn(self, rt: AttemptRuntime, step: int, context) -> bool:
-        """Block until `step` is within PLANS_AHEAD of the step every rank has finished."""
+        """Block until `step` is within PLANS_AHEAD of the step every rank has finished.
+
+        Woken once per step (when its last report completes it), when the job's state
+        moves, when the runtime is dropped and when the stream ends; not per report."""
         with rt.cond:
-            if step <= min(s.done_step for s in rt.ranks.values()) + PLANS_AHEAD:
+            if step <= rt.min_done + PLANS_AHEAD:
                 return True
-            rt.cond.wait(timeout=0.5)
+            rt.cond.wait(timeout=STREAM_WAKE_S)
         return False
+
+    def _current(self, rt: AttemptRuntime) -> bool:
+        """Whether `rt` is still the live runtime of its job, by what this process knows
+        (unary calls and the monitor keep it within a monitor tick of the store)."""
+        with self._lock:
+            alive = self._runtimes.get(rt.job.id) is rt
+        return alive and rt.job.state in LIVE_STATES
+
+    @staticmethod
+    def _wake(rt: AttemptRuntime) -> None:
+        with rt.cond:
+            rt.cond.notify_all()
 
     def _planned(self, rt: AttemptRuntime, step: int) -> tuple[PlannedStep, str]:
         """The step's plan and its span's traceparent, computed once for all ranks."""
@@ -391,15 +446,20 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             return rt.plans[step]
 
     def _plan_message(self, rt: AttemptRuntime, step: int) -> pb.PlanMessage:
+        """The step's message, built (plan serialised) once and sent to every rank."""
         planned, traceparent = self._planned(rt, step)
-        plan, training = planned.plan, rt.job.spec.training
-        checkpoint = bool(training.checkpoint_dir) and (
-            (step + 1) % training.checkpoint_interval == 0 or step + 1 == training.steps)
-        return pb.PlanMessage(
-            step=step, plan_json=plan.model_dump_json(), sample_ids=planned.sample_ids,
-            data_epoch=planned.next_position.epoch, data_index=planned.next_position.index,
-            checkpoint=checkpoint, traceparent=traceparent,
-            predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0)
+        with rt.plan_lock:
+            if step in rt.messages:
+                return rt.messages[step]
+            plan, training = planned.plan, rt.job.spec.training
+            checkpoint = bool(training.checkpoint_dir) and (
+                (step + 1) % training.checkpoint_interval == 0 or step + 1 == training.steps)
+            rt.messages[step] = pb.PlanMessage(
+                step=step, plan_json=plan.model_dump_json(), sample_ids=planned.sample_ids,
+                data_epoch=planned.next_position.epoch, data_index=planned.next_position.index,
+                checkpoint=checkpoint, traceparent=traceparent,
+                predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0)
+            return rt.messages[step]
 
     def _finish_step(self, rt: AttemptRuntime, step: int) -> None:
         """Every rank's report of `step` is stored: record the step (exactly once, whoever
@@ -410,7 +470,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             return
         reports = {rank: json_format.Parse(text, pb.StepReport())
                    for rank, text in stored.items()}
-        planned, _ = rt.plans.pop(step, (None, ""))
+        with rt.plan_lock:
+            planned, _ = rt.plans.pop(step, (None, ""))
+            rt.messages.pop(step, None)
         if planned is not None:  # first: the step's metrics carry the speeds it measured
             rt.pipeline.observe(planned.plan, group_seconds(planned.plan, reports),
                                 {r: list(rep.micro_batch_busy_s or rep.micro_batch_times_s)
@@ -463,7 +525,23 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             with self._lock:
                 runtimes = list(self._runtimes.values())
             for rt in runtimes:
+                self._refresh(rt)
                 self._check_liveness(rt)
+
+    def _refresh(self, rt: AttemptRuntime) -> None:
+        """Follow the store's (state, attempt) of a runtime's job (one HMGET a tick), so
+        waiting plan streams learn of a stop or a new attempt without asking Redis."""
+        try:
+            head = self.store.head(rt.job.id)
+            if head is None:
+                self._drop(rt.job.id, rt.job.attempt)
+            elif head != (rt.job.state, rt.job.attempt):
+                job = self.store.get(rt.job.id)
+                if job.state not in LIVE_STATES or job.attempt != rt.job.attempt:
+                    self._drop(job.id, rt.job.attempt)
+                self._set_job(rt, job)
+        except (redis.RedisError, JobNotFound) as exc:
+            log.debug("refreshing job %s: %s", rt.job.id, exc)
 
     def _check_liveness(self, rt: AttemptRuntime) -> None:
         if not rt.ready_sent or rt.lost_sent:
@@ -515,6 +593,15 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     "hang.ring": list(c.ring), "hang.micro_batch": c.position.micro_batch,
                     "hang.layer": c.position.layer, "hang.phase": c.position.phase,
                     "hang.ring_hop": c.position.ring_hop})
+
+
+def _advance(rt: AttemptRuntime) -> None:
+    """Recompute the step every rank has finished (caller holds rt.cond); wake the plan
+    streams when it moved. O(ranks), but only when a step completes or a rank resumes."""
+    done = min((s.done_step for s in rt.ranks.values()), default=rt.min_done)
+    if done != rt.min_done:
+        rt.min_done = done
+        rt.cond.notify_all()
 
 
 def _resume_step(job: JobRecord) -> int:
@@ -586,11 +673,14 @@ def groups_by_size(plan) -> str:
 
 def group_seconds(plan, reports: dict[int, pb.StepReport]) -> dict[tuple[int, int], float]:
     """Measured time of each (micro_batch, group): the slowest member's micro-batch time."""
+    mine: dict[int, list[tuple[int, int]]] = {}  # rank -> its (micro_batch, group), in order
+    for m, mb in enumerate(plan.micro_batches):
+        for gi, g in enumerate(mb.groups):
+            for rank in g.ranks:
+                mine.setdefault(rank, []).append((m, gi))
     out: dict[tuple[int, int], float] = {}
     for rank, rep in reports.items():
-        mine = [(m, gi) for m, mb in enumerate(plan.micro_batches)
-                for gi, g in enumerate(mb.groups) if rank in g.ranks]
-        for key, seconds in zip(mine, rep.micro_batch_times_s, strict=False):
+        for key, seconds in zip(mine.get(rank, ()), rep.micro_batch_times_s, strict=False):
             out[key] = max(out.get(key, 0.0), seconds)
     return out
 
@@ -602,7 +692,8 @@ def _method(context) -> str:
         return "RPC"
 
 
-def serve_grpc(service: WorkerService, *, host: str, port: int, max_workers: int = 64,
+def serve_grpc(service: WorkerService, *, host: str, port: int,
+               max_workers: int = MAX_RPC_THREADS,
                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `service` (TLS with `credentials`); returns it and the port."""
     from concurrent.futures import ThreadPoolExecutor

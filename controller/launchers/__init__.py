@@ -1,7 +1,8 @@
 """Launchers start and stop job worker groups; config selects one by name.
 
-`make_launcher("ray" | "kuberay" | "external" | "fake", **options)` imports the implementation lazily
-so the controller only loads the client libraries of the launcher it uses. "kubernetes" is
+`make_launcher("ray" | "kuberay" | "external" | "fake", **options)` imports the
+implementation lazily so the controller only loads the client libraries of the launcher it
+uses. "kubernetes" is
 the older name of "kuberay" (one KubeRay RayCluster per job attempt) and still accepted.
 """
 
