@@ -622,6 +622,8 @@ def worker_config_json(job: JobRecord) -> str:
                      "optimizer_sharding": spec.resolve_optimizer_sharding()},
         "objective": objective_config(spec.objective),
         "heartbeat_interval_s": max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
+        # The planner's node size: the workers place rank r on node r // ranks_per_node.
+        "ranks_per_node": spec.resolve_cluster().gpus_per_node,
     })
 
 

@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> tuple[int, str, str]:
     from scheduler.specs import ModelSpec
     from workers.agent import train_config
     from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
-    from workers.group import GroupConfig, WorkerError, WorkerGroup
+    from workers.group import GroupConfig, PlacementError, WorkerError, WorkerGroup
 
     me = ControllerClient(args.controller, WorkerIdentity(job_id=args.job, attempt=args.attempt,
                                                            rank=DRIVER_RANK))
@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> tuple[int, str, str]:
                              model_dir=cfg.get("model_dir"),
                              model_init=cfg.get("model_init") or "random",
                              train=train_config(cfg), seed=int(cfg["training"]["seed"]),
-                             env=forwarded_env())
+                             env=forwarded_env(), ranks_per_node=cfg.get("ranks_per_node"))
     except (KeyError, ValueError) as exc:
         message = f"worker config is not usable: {' '.join(str(exc).split())}"
         _report(me, message, user=True)
@@ -105,7 +105,11 @@ def run(args: argparse.Namespace) -> tuple[int, str, str]:
     _init_ray(config.num_ranks)
     try:
         with WorkerGroup(config) as group:
+            for rank, node in enumerate(group.node_ids()):
+                print(f"rank {rank} runs on ray node {node}", flush=True)
             results = group.run_agents(args.controller, args.job, args.attempt)
+    except PlacementError as exc:  # the cluster cannot hold the plan's topology
+        return EXIT_FAILED, str(exc)
     except WorkerError as exc:
         _report(me, exc.detail, user=exc.user, rank=exc.rank)
         if exc.user:

@@ -14,6 +14,11 @@ process-group timeout. A failed group is broken: `stop()` kills the actors. Ray 
 the caller's: `ray.init()` before (`RAY_ADDRESS` selects a cluster); `WorkerGroup` starts a
 local Ray only when none is running.
 
+Placement follows the planner's topology: with `ranks_per_node` (the job cluster's
+`gpus_per_node`) and a Ray cluster of more than one node, rank r runs on planner node
+r // ranks_per_node, each planner node one Ray node (one placement group, a bundle per
+node, STRICT_SPREAD), so a ring the planner kept inside a node is inside one machine.
+
 Used by `python -m workers.driver` (the job entrypoint): `train(num_steps, plan_source)`
 runs the loop from the driver with any PlanSource (the controller's plan stream, or
 workers.data.DatasetPlanSource for local runs).
@@ -77,6 +82,9 @@ class GroupConfig:
     timeout_s: float = 600.0  # process-group timeout and the longest wait on one call
     start_timeout_s: float = 120.0  # actors scheduled and process group joined
     env: dict[str, str] = field(default_factory=dict)  # environment of every rank's process
+    # The planner's node size: rank r on node r // ranks_per_node (module docstring);
+    # None, or a one-node Ray cluster: wherever Ray puts the actors.
+    ranks_per_node: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1:
@@ -85,6 +93,8 @@ class GroupConfig:
             raise ValueError(f"cpus_per_rank={self.cpus_per_rank} must be > 0 (or None)")
         if self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node={self.ranks_per_node} must be >= 1 (or None)")
         if self.model_init not in ("pretrained", "random") or (
                 self.model_init == "pretrained" and self.model_dir is None):
             raise ValueError(f"model_init={self.model_init!r} must be 'random' or "
@@ -112,6 +122,10 @@ class RankWorker:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
+
+    def node_id(self) -> str:
+        """The Ray node this rank runs on."""
+        return ray.get_runtime_context().get_node_id()
 
     def setup(self, address: str, port: int) -> int:
         """Join the global process group and build the model and trainer; returns pid."""
@@ -244,6 +258,41 @@ def _resources(config: GroupConfig) -> tuple[bool, dict]:
     return False, {"num_cpus": share}
 
 
+class PlacementError(ValueError):
+    """The Ray cluster cannot hold the planner's topology (too few or too small nodes)."""
+
+
+def _node_placement(config: GroupConfig, options: dict) -> tuple[object, list[dict]]:
+    """(placement group or None, per-rank actor options): rank r on planner node
+    r // ranks_per_node, one Ray node each, when the Ray cluster has several nodes."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    gpn, n = config.ranks_per_node, config.num_ranks
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if gpn is None or len(alive) < 2:
+        return None, [{} for _ in range(n)]
+    num_nodes = -(-n // gpn)
+    if num_nodes > len(alive):
+        raise PlacementError(f"the plan puts {n} ranks on {num_nodes} nodes of {gpn} "
+                         f"(gpus_per_node); the Ray cluster has {len(alive)} nodes")
+    if config.cpus_per_rank is None and "num_gpus" not in options:  # a node's share
+        node_cpus = min(node["Resources"].get("CPU", 1.0) for node in alive)
+        options["num_cpus"] = min(1.0, node_cpus / min(gpn, n))
+    bundle = {"CPU": options["num_cpus"] * min(gpn, n)}
+    if "num_gpus" in options:
+        bundle["GPU"] = float(options["num_gpus"] * min(gpn, n))
+    pg = placement_group([dict(bundle) for _ in range(num_nodes)], strategy="STRICT_SPREAD")
+    try:
+        ray.get(pg.ready(), timeout=config.start_timeout_s)
+    except GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise PlacementError(f"no {num_nodes} Ray nodes with {bundle} free each for the plan's "
+                         f"nodes of {gpn} ranks within {config.start_timeout_s:g} s") from None
+    return pg, [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=r // gpn)} for r in range(n)]
+
+
 class WorkerGroup:
     """One Ray actor per rank, driven together; use as a context manager or call stop()."""
 
@@ -255,8 +304,10 @@ class WorkerGroup:
         self.use_gpu, options = _resources(config)
         if config.env:  # actors start from the raylet's environment, not the driver's
             options["runtime_env"] = {"env_vars": dict(config.env)}
+        self._pg, per_rank = _node_placement(config, options)
         actor = ray.remote(RankWorker).options(max_restarts=0, **options)
-        self.actors = [actor.remote(r, config, self.use_gpu) for r in range(config.num_ranks)]
+        self.actors = [actor.options(**per_rank[r]).remote(r, config, self.use_gpu)
+                       for r in range(config.num_ranks)]
         try:
             address, port = self._gather([self.actors[0].rendezvous_address.remote()],
                                          config.start_timeout_s, ranks=[0])[0]
@@ -366,6 +417,10 @@ class WorkerGroup:
         """Every rank's parameters or gradients (CPU copies), for checks and export."""
         return self._call("state", what)
 
+    def node_ids(self) -> list[str]:
+        """The Ray node of every rank, in rank order."""
+        return self._call("node_id", timeout_s=self.config.start_timeout_s)
+
     def stop(self) -> None:
         """Leave the process group where possible, then end every actor. Idempotent."""
         actors, self.actors = getattr(self, "actors", []), []
@@ -374,6 +429,9 @@ class WorkerGroup:
             ray.wait(refs, num_returns=len(refs), timeout=10)
         for a in actors:
             ray.kill(a, no_restart=True)
+        pg, self._pg = getattr(self, "_pg", None), None
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
 
     def __enter__(self) -> WorkerGroup:
         return self
