@@ -305,9 +305,9 @@ class WorkerGroup:
         if config.env:  # actors start from the raylet's environment, not the driver's
             options["runtime_env"] = {"env_vars": dict(config.env)}
         self._pg, per_rank = _node_placement(config, options)
-        actor = ray.remote(RankWorker).options(max_restarts=0, **options)
-        self.actors = [actor.options(**per_rank[r]).remote(r, config, self.use_gpu)
-                       for r in range(config.num_ranks)]
+        actor = ray.remote(RankWorker)
+        self.actors = [actor.options(max_restarts=0, **options, **per_rank[r]).remote(
+            r, config, self.use_gpu) for r in range(config.num_ranks)]
         try:
             address, port = self._gather([self.actors[0].rendezvous_address.remote()],
                                          config.start_timeout_s, ranks=[0])[0]

@@ -15,9 +15,11 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -44,7 +46,7 @@ print(json.dumps([{{"id": n["NodeID"], "resources": n["Resources"]}}
 def ray_env(tmp: Path) -> dict[str, str]:
     """What every process of this cluster needs: `ray start` turns on Ray's token
     authentication, and this cluster's token is its own (not ~/.ray/auth_token)."""
-    return {"RAY_TMPDIR": str(tmp / "ray"), "RAY_AUTH_MODE": "token",
+    return {"RAY_TMPDIR": (tmp / "ray_dir").read_text(), "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": (tmp / "token").read_text().strip()}
 
 
@@ -88,7 +90,9 @@ def stop_node(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray2")
-    (tmp / "ray").mkdir()
+    # Ray's unix sockets live under RAY_TMPDIR and must stay under 108 bytes.
+    ray_dir = tempfile.mkdtemp(prefix="rm2n-", dir="/tmp")
+    (tmp / "ray_dir").write_text(ray_dir)
     (tmp / "token").write_text(secrets.token_hex(16))
     port = free_port()
     address = f"127.0.0.1:{port}"
@@ -108,6 +112,7 @@ def two_nodes(tmp_path_factory):
     finally:
         for p in reversed(procs):
             stop_node(p)
+        shutil.rmtree(ray_dir, ignore_errors=True)
 
 
 def test_ranks_follow_the_planned_topology_on_two_ray_nodes(two_nodes, tmp_path):
