@@ -161,15 +161,21 @@ def stop_session(proc: subprocess.Popen) -> None:
 
 
 async def run_ray(url: str, token: str, args) -> list[str]:
-    """The Ray Jobs REST API, the same clients as `run`."""
+    """The Ray Jobs REST API, the same clients as `run` (after one accepted submission:
+    the head answers 503 until its dashboard agent is up)."""
+    async with httpx.AsyncClient(base_url=url, timeout=60,
+                                 headers={"Authorization": f"Bearer {token}"}) as http:
+        deadline = time.monotonic() + 300
+        while (r := await http.post("/api/jobs/", json={"entrypoint": "true"})).is_error:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray refuses job submissions: {r.text}")
+            await asyncio.sleep(1)
+        sub = r.json()
     rows = []
     for c in args.clients:
         lat, wall = await drive(url, token, c, args.peer_submits, lambda h, k, i, c=c: h.post(
             "/api/jobs/", json={"entrypoint": "true", "submission_id": f"c{c}-{k}-{i}"}))
         rows.append(row("Ray POST /api/jobs/", c, lat, wall))
-    async with httpx.AsyncClient(base_url=url, timeout=60,
-                                 headers={"Authorization": f"Bearer {token}"}) as http:
-        sub = (await http.post("/api/jobs/", json={"entrypoint": "true"})).json()
     for c in [c for c in args.clients if c <= 10]:
         lat, wall = await drive(url, token, c, args.requests,
                                 lambda h, k, i: h.get(f"/api/jobs/{sub['submission_id']}"))
