@@ -125,8 +125,10 @@ def start_ray_head(tmp: Path, port: int, dashboard_port: int, token: str) -> sub
            "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port",
            str(dashboard_port), "--include-dashboard", "true", "--num-cpus", "2",
            "--disable-usage-stats", "--object-store-memory", "100000000"]
-    env = {**os.environ, "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", str(tmp)),
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    # A private RAY_TMPDIR: `ray start` leaves its address file there, and a later
+    # `ray.init()` of anyone sharing the directory would try to join this dead cluster.
+    env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": token}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 180
@@ -199,7 +201,8 @@ def ours(args) -> list[str]:
 
 
 def ray_peer(args) -> list[str]:
-    with tempfile.TemporaryDirectory() as tmp:
+    # Short: Ray's unix sockets under RAY_TMPDIR must stay under 108 bytes.
+    with tempfile.TemporaryDirectory(prefix="rmray-", dir="/tmp") as tmp:
         dash = args.ray_dashboard_port or free_port()
         token = secrets.token_hex(16)
         head = start_ray_head(Path(tmp), args.ray_port or free_port(), dash, token)

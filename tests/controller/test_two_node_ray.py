@@ -123,6 +123,7 @@ def test_ranks_follow_the_planned_topology_on_two_ray_nodes(two_nodes, tmp_path)
     ctl = Controller(ControllerConfig(state_dir=state, launcher="ray", port=0, grpc_port=0,
                                       token="t", reconcile_interval_s=0.2,
                                       launcher_options={"ray_address": address,
+                                                        "total_ranks": 4,  # the cluster's CPUs
                                                         "extra_env": {
                                                             **env,
                                                             "OTEL_TRACES_EXPORTER": "none"}}))
