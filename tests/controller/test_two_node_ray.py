@@ -17,6 +17,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -69,9 +70,15 @@ def ray_node(tmp: Path, name: str, *, head_port: int | None = None,
 
 
 def alive_nodes(tmp: Path, address: str) -> list[dict]:
-    out = subprocess.run([sys.executable, "-c", NODES_SCRIPT.format(address=address)],
-                         capture_output=True, text=True, timeout=120,
-                         env={**os.environ, **ray_env(tmp)})
+    """Ray's node table, read by a separate process ([] while the head is not up yet)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        out = subprocess.run([sys.executable, "-c", NODES_SCRIPT.format(address=address)],
+                             capture_output=True, text=True, timeout=180,
+                             env={**os.environ, **ray_env(tmp)})
+    except (OSError, subprocess.TimeoutExpired):
+        return []
     return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else []
 
 
@@ -98,7 +105,7 @@ def two_nodes(tmp_path_factory):
     address = f"127.0.0.1:{port}"
     procs = [ray_node(tmp, "node_head", head_port=port)]
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 600
         nodes: list[dict] = []
         while time.monotonic() < deadline and len(nodes) < 2:
             if len(procs) == 1 and alive_nodes(tmp, address):
