@@ -44,7 +44,7 @@ def test_a_rank_that_stops_progressing_is_declared_lost(tmp_path):
                                       lose_rank=5, lose_at_step=2, **SMALL),
                             workdir=tmp_path)
     assert res.job_state == "Failed", (res.job_reason, res.job_message)
-    assert "rank 5 made no progress" in res.lost_message
+    assert "rank 5 made no progress" in res.lost_message.lower()
     stalled = next(log.stalled_at for log in res.logs if 5 in log.ranks)
     # Not before the timeout has passed since its last progress (no upper bound: timing).
     assert res.lost_at is not None and res.lost_at - stalled >= 2.0 - 0.05
