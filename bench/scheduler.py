@@ -21,6 +21,14 @@ is the figure that does not depend on the neighbours' load).
                                         [--precision bf16-mixed] [--optimizer-sharding ...]
 
 Prints a markdown table (the one recorded in docs/benchmarks.md).
+
+    .venv/bin/python bench/scheduler.py --straggler [--pools] [--ranks 1024]
+
+Slow ranks instead (bench/stragglers.py): the simulated makespan of speed-aware against
+speed-blind planning, both timed at the true speeds, next to the lower bound for those
+speeds; `--straggler`: one rank at 0.5x, then 4 CPU gloo ranks with rank 1 slowed 2x by
+the slow drill (measured step time against the simulator's makespan for the same
+speeds); `--pools`: a 50/50 H100/A100 cluster of node pools.
 """
 
 from __future__ import annotations
@@ -90,13 +98,22 @@ def run(ranks: int, distribution: str, *, seed: int, time_limit_s: float,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ranks", type=int, nargs="+", default=[64, 256, 1024, 4096, 12288])
+    ap.add_argument("--ranks", type=int, nargs="+", default=None,
+                    help="default 64 256 1024 4096 12288; 1024 with --straggler / --pools")
     ap.add_argument("--dists", nargs="+", default=["byted", "github"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--time-limit", type=float, default=0.5)
     ap.add_argument("--precision", default=None)
     ap.add_argument("--optimizer-sharding", default=None)
+    ap.add_argument("--straggler", action="store_true", help="one rank at 0.5x speed")
+    ap.add_argument("--pools", action="store_true", help="a 50/50 h100/a100 cluster")
     args = ap.parse_args()
+    if args.straggler or args.pools:
+        from bench.stragglers import main as stragglers
+
+        args.ranks = args.ranks or [1024]
+        return stragglers(args)
+    args.ranks = args.ranks or [64, 256, 1024, 4096, 12288]
     cost = CostModel(model_preset("llama-7b"), cluster_preset("h100"),
                      precision=args.precision, optimizer_sharding=args.optimizer_sharding)
     print(f"<!-- {platform.node()} python {platform.python_version()}; {cost.precision}, "

@@ -2,7 +2,8 @@
 
 `create_app(...)` wires the routes to a `JobStore`, a `JobStateMachine` and the Redis
 handle given by the caller (controller.server builds the real ones; tests pass a
-FakeLauncher). Every route but /healthz and /readyz needs `Authorization: Bearer <token>`.
+FakeLauncher). Every route but /healthz and /readyz needs `Authorization: Bearer <token>`,
+/metrics (Prometheus, controller.prometheus) included.
 
 Concurrency: the job routes are plain `def` functions on FastAPI's thread pool, where the
 blocking Redis client belongs (every command bounded by a socket timeout). What can wait
@@ -26,10 +27,12 @@ from typing import Annotated
 import redis
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
+from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from opentelemetry.sdk.trace import TracerProvider
 
 from controller import preview as preview_mod
+from controller import prometheus
 from controller.edge import (
     JOB_ID_CONVERTOR,
     QueryBool,
@@ -55,9 +58,10 @@ from controller.schemas import (
     StepMetricsPublic,
     WorldPublic,
 )
-from controller.spec import JobCreate, validate_model
+from controller.spec import JobCreate
 from controller.store import JobStore
 from controller.telemetry import instrument_fastapi
+from controller.validation import validate_job
 
 API_VERSION = "v1"
 JOB_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,79}$"
@@ -110,6 +114,7 @@ def create_app(*, store: JobStore, machine: JobStateMachine, settings: ApiSettin
     app.include_router(_health_router(settings.token))
     app.include_router(_jobs_router(store, machine, settings, tracer),
                        dependencies=[Depends(_auth(settings.token))])
+    app.include_router(_metrics_router(store), dependencies=[Depends(_auth(settings.token))])
     if tracer_provider is not None:
         instrument_fastapi(app, tracer_provider)
     return app
@@ -183,6 +188,22 @@ def _health_router(token: str) -> APIRouter:
     return router
 
 
+def _metrics_router(store: JobStore) -> APIRouter:
+    router = APIRouter(tags=["metrics"])
+    registry = prometheus.make_registry(store)
+
+    @router.get("/metrics", response_class=PlainTextResponse, operation_id="prometheusMetrics",
+                responses={200: {"content": {"text/plain": {}},
+                                 "description": "Prometheus text format 0.0.4."}})
+    def metrics() -> Response:
+        """Jobs and their newest step for Prometheus (controller.prometheus lists the
+        series); needs the API token."""
+        return Response(prometheus.render(registry),
+                        media_type=prometheus.CONTENT_TYPE)
+
+    return router
+
+
 def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSettings,
                  tracer) -> APIRouter:
     router = APIRouter(prefix=f"/{API_VERSION}", tags=["jobs"], route_class=SafeJsonRoute)
@@ -195,6 +216,7 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
                     ) -> PlanPreview:
         """Dry run: plan the first global batches of the job's dataset (nothing starts)."""
         confine_paths(spec, settings.data_roots)
+        validate_job(spec, launcher=machine.launcher, store=store)  # what submit checks
         return preview_mod.preview_plan(spec, num_batches=num_batches, gantt=gantt,
                                         tracer=tracer)
 
@@ -205,15 +227,14 @@ def _jobs_router(store: JobStore, machine: JobStateMachine, settings: ApiSetting
     def submit_job(spec: JobCreate, response: Response) -> JobPublic:
         """Submit a job; with a known submission_id and the same body, return that job."""
         confine_paths(spec, settings.data_roots)
-        from controller.planning import check_job_fits
-
         with tracer.start_as_current_span("job.submit") as span:
             span.set_attribute("job.name", spec.name)
-            validate_model(spec)  # a bad model directory is a 422 now, not a failed job
-            check_job_fits(spec)  # so is a model whose states cannot fit a device
             span.set_attribute("job.num_ranks", spec.resources.num_ranks)
-            machine.launcher.check_spec(spec)  # what only the launcher knows (SpecError: 422)
-            rec, created = store.create(spec)
+            rec, created = store.find_submission(spec), False
+            if rec is None:  # a replay returns the job it made; anything new is validated
+                checked = validate_job(spec, launcher=machine.launcher, store=store)
+                resume = (checked.resume.path, checked.resume.step) if checked.resume else None
+                rec, created = store.create(spec, resume=resume)
             span.set_attribute("job.id", rec.id)
             span.set_attribute("job.created", created)
         if not created:

@@ -28,6 +28,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ringmaster {version('ringmaster')}")
+        except PackageNotFoundError:  # run from a source tree that was never installed
+            typer.echo("ringmaster (not installed: version unknown)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", is_eager=True, callback=_version,
+                                       help="Print the version and exit.")) -> None:
+    """Orchestrate long-context LLM training on dynamic Hybrid-Data-Parallel meshes."""
+
+
 app.add_typer(data_app, name="data")
 app.command("demo")(demo)
 app.command("plan")(plan)

@@ -111,6 +111,38 @@ def import_(
                   f"worker{'s' if r.workers > 1 else ''})", highlight=False)
 
 
+class LogpColumn(StrEnum):
+    ref_logps = "ref_logps"
+    old_logps = "old_logps"
+
+
+@data_app.command("ref-logps")
+def ref_logps(
+    data: Path = typer.Argument(..., help="Dataset directory or prefix."),
+    model: Path = typer.Option(..., "--model", help="Hugging Face model directory (the "
+                                                    "reference, or the sampling policy)."),
+    column: LogpColumn = typer.Option(LogpColumn.ref_logps, "--column",
+                                      help="ref_logps (DPO, GRPO's KL) or old_logps (GRPO)."),
+    num_ranks: int = typer.Option(1, "--num-ranks", min=1, help="Processes (one per GPU)."),
+    capacity_tokens: int = typer.Option(8192, "--capacity-tokens", min=1,
+                                        help="Tokens one rank holds per micro-batch."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Parameter dtype (default: the "
+                                                           "config's)."),
+):
+    """Store a model's per-token log-probs in the dataset (a forward-only HDP job)."""
+    import subprocess
+    import sys
+
+    # The job runs the workers' code by name, in its own processes (the controller's
+    # side imports no torch): python -m workers.ref_logps.
+    cmd = [sys.executable, "-m", "workers.ref_logps", str(data), "--model", str(model),
+           "--column", column.value, "--num-ranks", str(num_ranks),
+           "--capacity-tokens", str(capacity_tokens)] + (["--dtype", dtype] if dtype else [])
+    code = subprocess.run(cmd, check=False).returncode
+    if code:
+        raise typer.Exit(code)
+
+
 @data_app.command("stats")
 def stats(
     data: Path = typer.Argument(..., help="Dataset directory or prefix."),

@@ -77,7 +77,7 @@ def run_demo(*, out: Path, spec_file: Path, num_samples: int, steps: int | None,
                          period=PERIOD, min_length=16)
     console.print(f"dataset: {len(lengths)} copy-task samples, {lengths.sum():,} tokens, "
                   f"lengths {lengths.min()}..{lengths.max()} -> {out / 'data'}")
-    with _EmbeddedController(out) as ctl:
+    with _EmbeddedController(out, num_ranks=spec["resources"]["num_ranks"]) as ctl:
         return _run_job(ctl, spec, lengths, out)
 
 
@@ -91,10 +91,13 @@ def _demo_spec(spec_file: Path, out: Path, steps: int | None) -> dict:
 
 
 class _EmbeddedController:
-    """The controller, its REST server on a free loopback port, and a client to it."""
+    """The controller, its REST server on a free loopback port, and a client to it.
 
-    def __init__(self, out: Path):
-        self.out = out
+    The demo's ranks are tiny CPU processes: it runs them all even on a machine with fewer
+    CPUs (the launcher's limit is raised to the job's size, docs/operations.md#capacity)."""
+
+    def __init__(self, out: Path, *, num_ranks: int):
+        self.out, self.num_ranks = out, num_ranks
 
     def __enter__(self):
         import os
@@ -112,8 +115,12 @@ class _EmbeddedController:
         keep = lambda span: span.parent is not None or "db.system" not in span.attributes  # noqa: E731
         provider = make_tracer_provider(
             exporters=[JsonLinesSpanExporter(trace_file, keep=keep)], synchronous=True)
+        from controller.launchers.ray import local_cpu_count
+
+        ranks = max(self.num_ranks, local_cpu_count())
         self.ctl = Controller(ControllerConfig(state_dir=self.out / "state", launcher="ray",
-                                               port=0, grpc_port=0, token="demo"),
+                                               port=0, grpc_port=0, token="demo",
+                                               launcher_options={"total_ranks": ranks}),
                               tracer_provider=provider)
         self.server = uvicorn.Server(self.ctl.uvicorn_config(log_level="warning"))
         threading.Thread(target=self.server.run, daemon=True).start()
@@ -142,7 +149,7 @@ class _EmbeddedController:
 def _run_job(env: _EmbeddedController, spec: dict, lengths: np.ndarray, out: Path) -> bool:
     import base64
 
-    from controller.cli_jobs import _wait_with_progress
+    from controller.cli_watch import wait_with_progress
 
     client = env.client
     preview = client.preview(spec, num_batches=1, gantt=True)
@@ -151,7 +158,7 @@ def _run_job(env: _EmbeddedController, spec: dict, lengths: np.ndarray, out: Pat
     console.print(f"submitted job {job.id}: {spec['resources']['num_ranks']} ranks, "
                   f"{job.total_steps} steps")
     t0 = time.monotonic()
-    job = _wait_with_progress(client, job)
+    job = wait_with_progress(client, job, console)
     metrics = sorted(client.metrics(job.id).steps, key=lambda m: (m.step, m.attempt))
     console.print(_step_table(metrics))
     _plot_loss(metrics, out / "loss.png")
@@ -163,12 +170,12 @@ def _run_job(env: _EmbeddedController, spec: dict, lengths: np.ndarray, out: Pat
 
 
 def _step_table(metrics) -> Table:
-    table = Table(title="steps (groups: ring size x count)")
+    table = Table(title="steps from 1 (groups: ring size x count)")
     for col in ("step", "groups", "predicted s", "measured s", "loss", "tokens/s"):
         table.add_column(col, justify="right")
     every = max(1, len(metrics) // 15)
     for m in metrics[::every] + ([metrics[-1]] if len(metrics) % every != 1 else []):
-        table.add_row(str(m.step), m.groups, f"{m.predicted_step_s:.3f}",
+        table.add_row(str(m.step + 1), m.groups, f"{m.predicted_step_s:.3f}",
                       f"{m.measured_step_s:.3f}", f"{m.loss:.3f}", f"{m.tokens_per_s:,.0f}")
     return table
 

@@ -1,4 +1,4 @@
-"""`ringmaster serve | submit | status | list | logs | stop | preview`: the job commands.
+"""`ringmaster serve | submit | status | list | logs | stop | preview | metrics`: jobs.
 
 All but `serve` talk to a controller through controller.client (URL from --url or
 $RINGMASTER_URL or the local state directory; token from $RINGMASTER_TOKEN or the state
@@ -9,18 +9,17 @@ status 2 (a job that ends without succeeding under `submit --wait` exits 1).
 from __future__ import annotations
 
 import base64
-import json
 from enum import StrEnum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from controller.cli_watch import metrics, steps_done, wait_with_progress
 from controller.client import RingmasterClient
-from controller.schemas import JobEventPublic, JobPublic, PlanPreview
+from controller.schemas import JobEventPublic, JobList, JobPublic, PlanPreview, StepMetricsPublic
 from scheduler.errors import RingmasterError
 
 console = Console(soft_wrap=True)
@@ -36,6 +35,7 @@ class LauncherName(StrEnum):
     ray = "ray"
     kuberay = "kuberay"
     kubernetes = "kubernetes"  # the older name of kuberay
+    external = "external"  # ranks started by someone else call back over gRPC
     fake = "fake"
 
 
@@ -58,22 +58,39 @@ def _print_json(model) -> None:
     typer.echo(model.model_dump_json(indent=2))
 
 
-def job_table(jobs: list[JobPublic], title: str = "jobs") -> Table:
+def job_table(jobs: list[JobPublic], title: str = "jobs", *, wide: bool = False) -> Table:
+    """Jobs as a table that keeps every id whole (copyable) at 80 columns: id, status,
+    steps done, reason; `wide` adds attempt, creation time and message."""
     table = Table(title=title)
-    for col in ("id", "phase", "result", "attempt", "step", "reason", "created"):
-        table.add_column(col)
+    table.add_column("id", no_wrap=True, overflow="fold",
+                     min_width=max((len(j.id) for j in jobs), default=2))
+    table.add_column("status")
+    table.add_column("step", justify="right", no_wrap=True)
+    table.add_column("reason")
+    if wide:
+        for col in ("attempt", "created", "message"):
+            table.add_column(col)
     for j in jobs:
-        # A job the launcher has not admitted yet says why: "Pending (waiting for Kueue
-        # admission in queue gpu)".
-        phase = f"{j.phase} ({j.message})" if j.reason == "AwaitingAdmission" else j.phase
-        table.add_row(j.id, phase, j.result or "", str(j.attempt),
-                      f"{j.current_step}/{j.total_steps}", j.reason,
-                      j.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+        # A job the launcher has not admitted yet says why: "Pending: waiting for Kueue
+        # admission in queue gpu".
+        status = j.result or j.phase
+        if j.reason == "AwaitingAdmission" and not wide:
+            status = f"{status}: {j.message}"
+        row = [j.id, status, f"{steps_done(j)}/{j.total_steps}", j.reason]
+        if wide:
+            row += [str(j.attempt), j.created_at.strftime("%Y-%m-%d %H:%M:%S"), j.message]
+        table.add_row(*row)
     return table
 
 
-def show_job(job: JobPublic, events: list[JobEventPublic] | None = None) -> None:
+def show_job(job: JobPublic, newest: StepMetricsPublic | None = None,
+             events: list[JobEventPublic] | None = None) -> None:
     console.print(job_table([job], title=f"job {job.id}"))
+    console.print(f"attempt {job.attempt}, created {job.created_at:%Y-%m-%d %H:%M:%S}",
+                  highlight=False)
+    if newest is not None and newest.rank_speeds:
+        console.print(f"rank speeds (after step {newest.step}): "
+                      f"{speeds_summary(newest.rank_speeds)}", highlight=False)
     if job.message:
         console.print(f"message: {job.message}", highlight=False)
     if job.world is not None:
@@ -99,6 +116,21 @@ def world_line(job: JobPublic) -> str:
     return f"world {w.epoch}: {w.size}/{total} ranks {w.ranks}{extra} ({w.reason})"
 
 
+MAX_SLOW_SHOWN = 8
+
+
+def speeds_summary(speeds: list[float]) -> str:
+    """'1.00 on 6 ranks; slower: rank 1 0.50, rank 5 0.31' (the slowest first)."""
+    top = max(speeds)
+    slow = sorted((v, r) for r, v in enumerate(speeds) if v < top)
+    text = f"{top:.2f} on {len(speeds) - len(slow)} rank(s)"
+    if slow:
+        shown = ", ".join(f"rank {r} {v:.2f}" for v, r in slow[:MAX_SLOW_SHOWN])
+        more = f" (+{len(slow) - MAX_SLOW_SHOWN} more)" if len(slow) > MAX_SLOW_SHOWN else ""
+        text += f"; slower: {shown}{more}"
+    return text
+
+
 def serve(
     host: str = typer.Option("127.0.0.1", help="REST bind address."),
     port: int = typer.Option(8080, help="REST port."),
@@ -106,7 +138,9 @@ def serve(
                                   "(every call needs its attempt's secret)."),
     state_dir: Path = STATE_DIR,
     launcher: LauncherName = typer.Option(LauncherName.ray, help="How job workers start "
-                                          "(fake: in memory, starts nothing; for API tests)."),
+                                          "(external: ranks started by another system call "
+                                          "back, docs/operations.md; fake: in memory, starts "
+                                          "nothing; for API tests)."),
     redis_url: str = typer.Option(None, "--redis-url", envvar="REDIS_URL",
                                   help="External Redis (default: embedded in state dir)."),
     data_root: list[Path] = typer.Option(
@@ -121,6 +155,10 @@ def serve(
                                 "port (ca.crt; default: --tls-cert itself)."),
     max_connections: int = typer.Option(1000, "--max-connections", min=1,
                                         help="Open REST connections; more get 503."),
+    max_ranks: int = typer.Option(None, "--max-ranks", min=1, envvar="RINGMASTER_MAX_RANKS",
+                                  help="Ranks the ray launcher runs at once (default: one "
+                                  "per CPU of this machine; set it to a Ray cluster's size "
+                                  "with RAY_ADDRESS). Larger jobs are refused at submit."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning"),
 ):
     """Run the controller (REST API, job store, state machine, gRPC for workers) in the
@@ -138,6 +176,8 @@ def serve(
         config = ControllerConfig(state_dir=state_dir or default_state_dir(), host=host,
                                   port=port, grpc_port=grpc_port, redis_url=redis_url,
                                   launcher=launcher.value, data_roots=tuple(data_root or ()),
+                                  launcher_options={"total_ranks": max_ranks}
+                                  if max_ranks and launcher is LauncherName.ray else {},
                                   tls=tls, http=HttpLimits(max_connections=max_connections))
         err.print(f"state directory {config.state_dir} (API token in "
                   f"{config.state_dir / 'token'})", highlight=False)
@@ -148,7 +188,8 @@ def serve(
 
 def submit(
     file: Path = typer.Argument(..., help="Job spec (.yaml or .json)."),
-    wait: bool = typer.Option(False, "--wait", help="Follow the job until it finishes."),
+    wait: bool = typer.Option(False, "--wait", help="Follow the job until it finishes (a "
+                              "progress bar on a terminal, a line every 10 s otherwise)."),
     output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR,
 ):
     """Submit a job; with --wait show its progress until it ends."""
@@ -156,7 +197,7 @@ def submit(
         with _client(url, state_dir) as rm:
             job = rm.submit(file)
             if wait:
-                job = _wait_with_progress(rm, job)
+                job = wait_with_progress(rm, job, err)
     except (RingmasterError, ValueError) as exc:
         fail(exc)
     if output is Output.json:
@@ -167,50 +208,46 @@ def submit(
         raise typer.Exit(1)
 
 
-def _wait_with_progress(rm: RingmasterClient, job: JobPublic) -> JobPublic:
-    progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                        TextColumn("step {task.completed}/{task.total}"),
-                        TextColumn("{task.fields[extra]}"), console=err)
-    with progress:
-        task = progress.add_task(job.id, total=job.total_steps, extra="")
-
-        def update(j: JobPublic) -> None:
-            extra = j.phase if not j.result else j.result
-            steps = rm.metrics(j.id, since_step=max(j.current_step, 0), limit=1).steps
-            if steps:
-                extra += f"  loss {steps[-1].loss:.4f}  {steps[-1].tokens_per_s:,.0f} tok/s"
-            progress.update(task, completed=j.current_step, extra=extra)
-
-        return rm.wait(job.id, on_update=update, poll_s=1.0)
-
-
 def status(job_id: str = typer.Argument(..., help="Job id."), output: Output = OUTPUT,
            url: str = URL, state_dir: Path = STATE_DIR):
-    """Show one job: phase, result, attempt, step, current world, checkpoint, its
-    transitions and world changes."""
+    """Show one job: phase, result, attempt, step, current world, checkpoint, the ranks'
+    measured speeds, its transitions and world changes."""
     try:
         with _client(url, state_dir) as rm:
             job = rm.get(job_id)
-            events = rm.events(job_id, limit=50).events
+            steps = [] if output is Output.json else rm.metrics(
+                job_id, since_step=max(job.current_step, 0), limit=1).steps
+            events = [] if output is Output.json else rm.events(job_id, limit=50).events
     except RingmasterError as exc:
         fail(exc)
-    _print_json(job) if output is Output.json else show_job(job, events)
+    _print_json(job) if output is Output.json else show_job(
+        job, steps[-1] if steps else None, events)
 
 
 def list_(limit: int = typer.Option(50, help="Jobs per page."),
           all_pages: bool = typer.Option(False, "--all", help="Every page, not just one."),
+          page_token: str = typer.Option(None, "--page-token", help="next_page_token of "
+                                         "the previous page."),
+          wide: bool = typer.Option(False, "--wide", "-w", help="Also attempt, creation "
+                                    "time and message."),
           output: Output = OUTPUT, url: str = URL, state_dir: Path = STATE_DIR):
-    """List jobs, newest first."""
+    """List jobs, newest first (-o json: the API's {jobs, next_page_token, total})."""
     try:
         with _client(url, state_dir) as rm:
-            jobs = list(rm.iter_jobs(page_size=limit)) if all_pages else rm.list(
-                limit=limit).jobs
+            page = rm.list(limit=limit, page_token=page_token)
+            if all_pages:
+                while page.next_page_token:
+                    more = rm.list(limit=limit, page_token=page.next_page_token)
+                    page = JobList(jobs=[*page.jobs, *more.jobs], total=more.total,
+                                   next_page_token=more.next_page_token)
     except RingmasterError as exc:
         fail(exc)
     if output is Output.json:
-        typer.echo(json.dumps([j.model_dump(mode="json") for j in jobs], indent=2))
+        _print_json(page)
     else:
-        console.print(job_table(jobs))
+        console.print(job_table(page.jobs, wide=wide))
+        if page.next_page_token:
+            console.print(f"more: --page-token {page.next_page_token}", highlight=False)
 
 
 def logs(job_id: str = typer.Argument(..., help="Job id."),
@@ -282,5 +319,6 @@ def preview_table(p: PlanPreview) -> Table:
 def register(app: typer.Typer) -> None:
     """Add the job commands to the `ringmaster` app."""
     for fn, name in ((serve, "serve"), (submit, "submit"), (status, "status"),
-                     (list_, "list"), (logs, "logs"), (stop, "stop"), (preview, "preview")):
+                     (list_, "list"), (logs, "logs"), (stop, "stop"), (preview, "preview"),
+                     (metrics, "metrics")):
         app.command(name)(fn)

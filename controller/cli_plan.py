@@ -95,7 +95,7 @@ def plan(
     gpus_per_node: int = typer.Option(None, "--gpus-per-node",
                                       help="Ranks per node (default: the preset's, 8 on h100)."),
     model: str = typer.Option("llama-7b", help="Model preset or a HF config.json path."),
-    cluster: str = typer.Option("h100", help="Cluster preset: h100, a800 or cpu."),
+    cluster: str = typer.Option("h100", help="Cluster preset: h100, a100, a800 or cpu."),
     capacity_tokens: int = typer.Option(None, "--capacity-tokens", help="Tokens one rank may "
                                         "hold per micro-batch (default: from GPU memory)."),
     policy: PlanPolicy = typer.Option(PlanPolicy.hdp, help="hdp, pow2 (ring sizes powers of "

@@ -165,8 +165,10 @@ def spec_paths(spec: JobCreate) -> Iterator[tuple[str, str]]:
         yield "model.source", spec.model.source
     elif isinstance(spec.model, str) and _is_path(spec.model):  # a directory or config.json
         yield "model", spec.model
-    if spec.training.checkpoint_dir:
-        yield "training.checkpoint_dir", spec.training.checkpoint_dir
+    for name in ("checkpoint_dir", "resume_from", "tensorboard_dir"):
+        value = getattr(spec.training, name)
+        if value:
+            yield f"training.{name}", value
 
 
 def resolve_roots(roots: tuple[str | Path, ...]) -> tuple[Path, ...]:

@@ -25,7 +25,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from controller.states import StaleState
-from controller.store import JobNotFound, SubmissionConflict
+from controller.store import CheckpointDirInUse, JobNotFound, SubmissionConflict
 from scheduler.errors import RingmasterError
 
 log = logging.getLogger(__name__)
@@ -106,12 +106,17 @@ async def on_conflict(request: Request, exc: Exception) -> JSONResponse:
     return error_response(409, str(exc))
 
 
-async def on_user_error(request: Request, exc: Exception) -> JSONResponse:
+async def on_user_error(request: Request, exc: Exception, *, status: int = 422,
+                        ) -> JSONResponse:
     message = " ".join(str(exc).split())[:2000]
     field = getattr(exc, "field", None)
     details = [{"field": field, "message": message.removeprefix(f"{field}: ")}] if field \
         else None
-    return error_response(422, message, details=details)
+    return error_response(status, message, details=details)
+
+
+async def on_checkpoint_dir_in_use(request: Request, exc: CheckpointDirInUse) -> JSONResponse:
+    return await on_user_error(request, exc, status=409)
 
 
 # A server that is loading, out of memory, read-only or failing over: unavailable. Any
@@ -147,6 +152,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFound, on_not_found)
     app.add_exception_handler(SubmissionConflict, on_conflict)
     app.add_exception_handler(StaleState, on_conflict)
+    app.add_exception_handler(CheckpointDirInUse, on_checkpoint_dir_in_use)
     app.add_exception_handler(RingmasterError, on_user_error)
     app.add_exception_handler(ValueError, on_user_error)
     app.add_exception_handler(redis.RedisError, on_store_down)

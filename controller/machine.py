@@ -99,6 +99,12 @@ class FifoBackfill:
         return sorted(pending, key=lambda j: (j.created_at, j.id))
 
 
+def with_logs_pointer(message: str, job_id: str) -> str:
+    """A failure's message: one line, then where the whole story is."""
+    flat = " ".join(message.split())
+    return f"{flat} (logs: ringmaster logs {job_id})"
+
+
 class JobStateMachine:
     """Steps every active job; see the module docstring."""
 
@@ -288,14 +294,18 @@ class JobStateMachine:
                                                    State.STOPPING):
             self._move(job, State.SUCCEEDED, "Completed", event.message)
         elif kind is EventKind.FAILED and s in (State.SCHEDULING, State.RUNNING, State.STOPPING):
-            self._move(job, State.FAILED, "WorkersFailed", event.message)
+            self.launcher.stop(job.id)  # whatever of the group still runs
+            self._move(job, State.FAILED, event.reason or "WorkersFailed",
+                       with_logs_pointer(event.message or "the workers failed", job.id))
         elif kind in (EventKind.WORKER_LOST, EventKind.STOPPED) and s in (State.SCHEDULING,
                                                                           State.RUNNING):
             self._attempt_lost(job, event)
 
     def _attempt_lost(self, job: JobRecord, event: LauncherEvent) -> None:
-        where = f"rank {event.rank}: " if event.rank is not None else ""
-        message = f"attempt {job.attempt}: {where}{event.message or 'worker lost'}"
+        detail = event.message or "worker lost"
+        named = event.rank is None or detail.startswith(f"rank {event.rank}")
+        where = "" if named else f"rank {event.rank}: "
+        message = with_logs_pointer(f"attempt {job.attempt}: {where}{detail}", job.id)
         self.launcher.stop(job.id)  # tear the rest of the group down
         decision = self.restart_policy.decide(job, event)
         if decision.restart:

@@ -6,7 +6,11 @@ global batches from the dataset's lengths (deterministic for the job's seed, so 
 always gets the same batch, also after a restart), submits `plan_batch` for the next
 `depth` steps to a planner process pool, and feeds measured group times back into the cost
 model (`CostModel.update`), whose coefficients travel with every later planning request,
-so predictions converge to what the workers measure.
+so predictions converge to what the workers measure. Each rank's own micro-batch times
+feed a `SpeedEstimator` (scheduler/speeds.py): its per-rank speeds travel with the
+coefficients, so a slow rank gets proportionally less work from the next plans on; the
+refit sees every group's time scaled to the reference rank (times its slowest member's
+speed), so one slow rank does not make the model slow for everyone.
 """
 
 from __future__ import annotations
@@ -23,12 +27,17 @@ import numpy as np
 from controller.spec import JobCreate
 from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.cost import CostModel, Observation
-from scheduler.dataset import read_lengths, read_units
+from scheduler.dataset import read_structure
+from scheduler.dataset_meta import DatasetStructure
 from scheduler.plan import StepPlan
 from scheduler.specs import ClusterSpec
+from scheduler.speeds import SpeedEstimator
 
 MIN_OBSERVATIONS = 3  # a, b and c need three distinct profiles
 MAX_OBSERVATIONS = 512  # a sliding window: the newest measurements win
+# The attempt's first step is a warm-up (allocator, caches, kernel selection, the first
+# collective): its times say little about the steps that follow and are not used.
+WARMUP_STEPS = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +89,7 @@ def job_cost_model(spec: JobCreate, cluster: ClusterSpec | None = None) -> CostM
     precision, sharding = job_memory_settings(spec)
     return CostModel(spec.resolve_model(), cluster or spec.resolve_cluster(),
                      precision=precision, optimizer_sharding=sharding,
-                     shard_mirror=spec.resolve_shard_mirror())
+                     objective=spec.objective.type, shard_mirror=spec.resolve_shard_mirror())
 
 
 def check_job_fits(spec: JobCreate) -> None:
@@ -103,10 +112,14 @@ def cluster_of_size(cluster: ClusterSpec, world_size: int) -> ClusterSpec:
 
 
 def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | None,
-                    seed: int, world_size: int | None = None) -> tuple[str, float]:
-    """Runs in the planner process: plan one batch, return (plan JSON, seconds).
-
-    `world_size` plans for fewer (or more) ranks than the job's (elastic worlds)."""
+                    seed: int, pairs: list[tuple[int, int]] | None = None,
+                    speeds: tuple[float, ...] | None = None,
+                    world_size: int | None = None) -> tuple[str, float]:
+    """Runs in the planner process: plan one batch (its DPO `pairs` kept in one group
+    each), return (plan JSON, seconds). `coefficients` (a, b, c) and `speeds` (one per
+    rank) are what the pipeline measured; None: the model's own figures and the
+    cluster's nominal speeds. `world_size` plans for fewer (or more) ranks than the job's
+    (elastic worlds)."""
     from scheduler.planner import plan_batch
 
     spec = JobCreate.model_validate_json(spec_json)
@@ -119,19 +132,33 @@ def plan_in_process(lengths: list[int], spec_json: str, coefficients: tuple | No
     t0 = time.perf_counter()
     plan = plan_batch(lengths, cluster, model, policy=spec.planner.policy,
                       capacity_tokens=spec.resources.capacity_tokens,
-                      time_limit_s=spec.planner.time_limit_s, seed=seed, cost=cost)
+                      time_limit_s=spec.planner.time_limit_s, seed=seed, cost=cost,
+                      pairs=pairs, speeds=speeds)
     return plan.model_dump_json(), time.perf_counter() - t0
+
+
+def _refit(cost: CostModel, observations: list[Observation]) -> bool:
+    """Refit `cost` on `observations` (prior shape kept unless clearly beaten); False while
+    there are too few or too alike to fit."""
+    if len(observations) < MIN_OBSERVATIONS:
+        return False
+    try:
+        cost.update(observations, keep_prior_shape=True)
+    except ValueError:
+        return False  # not yet three distinct profiles
+    return True
 
 
 class BatchSchedule:
     """Step -> (sample ids, next position): a pure function of the job's data settings."""
 
     def __init__(self, lengths: np.ndarray, *, tokens_per_batch: int, seed: int,
-                 units: np.ndarray | None = None):
+                 units: np.ndarray | None = None, structure: DatasetStructure | None = None):
         self.lengths = lengths
         self.tokens_per_batch = tokens_per_batch
         self.seed = seed
         self.units = units  # DPO pairs move as one (scheduler.dataset.read_units)
+        self.structure = structure  # the records, for each batch's DPO pairs
         self._epochs: dict[int, list[np.ndarray]] = {}
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
@@ -149,6 +176,12 @@ class BatchSchedule:
         nxt = (epoch, index + 1) if index + 1 < len(self._epoch(epoch)) else (epoch + 1, 0)
         return self._epoch(epoch)[index], BatchPosition(epoch=nxt[0], index=nxt[1])
 
+    def pairs(self, sample_ids: np.ndarray) -> list[tuple[int, int]] | None:
+        """The batch's DPO pairs as plan ids (None without pairs in the dataset)."""
+        if self.units is None or self.structure is None:
+            return None
+        return self.structure.batch_pairs(sample_ids) or None
+
 
 class PlanPipeline:
     """Plans of one job attempt, `depth` steps ahead of the slowest consumer."""
@@ -160,25 +193,34 @@ class PlanPipeline:
         self._spec_json = spec.model_dump_json()
         self.executor = executor
         self.depth = depth
-        units = read_units(spec.dataset.path) if lengths is None else None
-        lengths = read_lengths(spec.dataset.path) if lengths is None else lengths
+        structure = read_structure(spec.dataset.path) if lengths is None else None
+        units = structure.units() if structure is not None else None
+        lengths = structure.lengths if structure is not None else lengths
         self.schedule = BatchSchedule(lengths, tokens_per_batch=spec.training.global_batch_tokens,
-                                      seed=spec.training.seed, units=units)
+                                      seed=spec.training.seed, units=units, structure=structure)
         self._cost = job_cost_model(spec, self.cluster)
         self._coefficients: tuple | None = None
         self._observations: list[Observation] = []
+        self._estimator = SpeedEstimator(self.cluster)
+        self._busy_cost = job_cost_model(spec, self.cluster)  # the ranks' busy time
+        self._busy_observations: list[Observation] = []
+        self._speeds: tuple[float, ...] | None = None  # None: the cluster's nominal speeds
+        self._observe_lock = threading.Lock()
+        self._steps_seen = 0
         self._futures: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}
+        self._taken: dict[int, tuple[Future, np.ndarray, BatchPosition]] = {}  # being got
         self._done: dict[int, PlannedStep] = {}
         self._lock = threading.Lock()
 
     def _submit(self, step: int) -> None:
-        if step in self._futures or step in self._done or step >= self.spec.training.steps:
+        if step in self._futures or step in self._taken or step in self._done \
+                or step >= self.spec.training.steps:
             return
         ids, nxt = self.schedule.batch(step)
         lengths = [int(x) for x in self.schedule.lengths[ids]]
         fut = self.executor.submit(plan_in_process, lengths, self._spec_json,
                                    self._coefficients, self.spec.training.seed + step,
-                                   self.world_size)
+                                   self.schedule.pairs(ids), self._speeds, self.world_size)
         self._futures[step] = (fut, ids, nxt)
 
     def prefetch(self, step: int) -> None:
@@ -193,33 +235,84 @@ class PlanPipeline:
         with self._lock:
             if step in self._done:
                 return self._done[step]
-            fut, ids, nxt = self._futures[step]
+            if step in self._futures:  # handed out from now on: no longer replanned
+                self._taken[step] = self._futures.pop(step)
+            fut, ids, nxt = self._taken[step]
         plan_json, seconds = fut.result(timeout=timeout_s)
         planned = PlannedStep(step=step, plan=StepPlan.model_validate_json(plan_json),
                               sample_ids=[int(i) for i in ids], next_position=nxt,
                               planning_s=seconds)
         with self._lock:
-            self._futures.pop(step, None)
+            self._taken.pop(step, None)
             self._done[step] = planned
             for old in [s for s in self._done if s < step - 2 * self.depth]:
                 del self._done[old]
         return planned
 
-    def observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float]) -> None:
-        """Measured seconds of each (micro_batch, group index) of `plan` refit the model."""
+    def observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float],
+                rank_seconds: dict[int, list[float]] | None = None) -> None:
+        """Measured seconds of each (micro_batch, group index) of `plan` refit the model;
+        each rank's own micro-batch times (`rank_seconds[r]`, in the order of
+        `plan.micro_batches_of(r)`) re-estimate the rank speeds. The attempt's first
+        WARMUP_STEPS steps are skipped."""
+        with self._observe_lock:  # two steps' last reports may arrive at once
+            self._steps_seen += 1
+            if self._steps_seen > WARMUP_STEPS:
+                self._observe(plan, group_seconds, rank_seconds)
+
+    def _observe(self, plan: StepPlan, group_seconds: dict[tuple[int, int], float],
+                 rank_seconds: dict[int, list[float]] | None) -> None:
+        speeds = self._estimator.speeds
         for (m, gi), seconds in group_seconds.items():
             g = plan.micro_batches[m].groups[gi]
+            at = float(speeds[[r for r in g.ranks if r < speeds.size]].min())
             self._observations.append(Observation(
                 lengths=tuple(s.length for s in g.sequences), ring_size=len(g.ranks),
-                seconds=seconds))
+                seconds=seconds * at))  # what the reference rank would have taken
         self._observations = self._observations[-MAX_OBSERVATIONS:]
-        if len(self._observations) < MIN_OBSERVATIONS:
-            return
-        try:
-            self._cost.update(self._observations)
-        except ValueError:
-            return  # not yet three distinct profiles
-        self._coefficients = (self._cost.a, self._cost.b, self._cost.c)
+        if _refit(self._cost, self._observations):
+            self._coefficients = (self._cost.a, self._cost.b, self._cost.c)
+        if rank_seconds:
+            self._observe_speeds(plan, rank_seconds, speeds)
+
+    def _observe_speeds(self, plan: StepPlan, rank_seconds: dict[int, list[float]],
+                        speeds: np.ndarray) -> None:
+        """Speeds are estimated against a model of the ranks' own busy times (their clock:
+        on a CPU box, CPU time, not wall), refit here at the reference speed."""
+        for rank, times in rank_seconds.items():
+            if not 0 <= rank < speeds.size:
+                continue
+            for (_, g), seconds in zip(plan.micro_batches_of(rank), times, strict=False):
+                if seconds > 0:
+                    self._busy_observations.append(Observation(
+                        lengths=tuple(s.length for s in g.sequences), ring_size=g.ring_size,
+                        seconds=seconds * float(speeds[rank])))
+        self._busy_observations = self._busy_observations[-MAX_OBSERVATIONS:]
+        _refit(self._busy_cost, self._busy_observations)
+        self._estimator.observe(plan, rank_seconds)
+        new = self._estimator.update(self._busy_cost)
+        speeds = None if np.array_equal(new, self._estimator.nominal) else \
+            tuple(float(x) for x in new)
+        with self._lock:
+            if speeds != self._speeds:
+                self._speeds = speeds
+                self._replan_pending()
+
+    def _replan_pending(self) -> None:
+        """New speeds: the steps planned ahead but not yet handed out are planned again for
+        them (a straggler found now gets less work in the next step, not `depth` steps
+        later). A superseded plan still being computed is cancelled where the executor
+        can, or left to finish unused. Caller holds `_lock`."""
+        for step, (fut, _, _) in list(self._futures.items()):
+            fut.cancel()
+            del self._futures[step]
+            self._submit(step)
+
+    @property
+    def rank_speeds(self) -> tuple[float, ...]:
+        """Each rank's estimated speed relative to the cost model's reference rank (what
+        the next plans are made for)."""
+        return tuple(float(x) for x in self._estimator.speeds)
 
     @property
     def cluster(self) -> ClusterSpec:

@@ -80,7 +80,7 @@ def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
              tracer: trace.Tracer | None) -> PlanPreview:
     from controller.planning import job_cost_model
     from scheduler.batching import epoch_batches
-    from scheduler.dataset import read_lengths, read_units
+    from scheduler.dataset import read_structure
 
     budget = num_batches * spec.planner.time_limit_s
     if budget > MAX_PREVIEW_BUDGET_S:
@@ -88,17 +88,19 @@ def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
                         f"{num_batches} = {budget:g} s exceeds the preview budget of "
                         f"{MAX_PREVIEW_BUDGET_S:g} s; lower either")
     tracer = tracer or default_tracer()
-    lengths = read_lengths(spec.dataset.path)
+    structure = read_structure(spec.dataset.path)
+    lengths = structure.lengths
     model, cluster = spec.resolve_model(), spec.resolve_cluster()
     cost = job_cost_model(spec)
     cost.memory.check_states_fit()
     capacity = spec.resources.capacity_tokens or cost.capacity_tokens(cluster.world_size)
     batches = epoch_batches(lengths, tokens_per_batch=spec.training.global_batch_tokens,
-                            seed=spec.training.seed, units=read_units(spec.dataset.path))
+                            seed=spec.training.seed, units=structure.units())
     out, first_sim = [], None
     for index, ids in enumerate(batches[:num_batches]):
         batch = [int(x) for x in lengths[ids]]
-        preview, sim = _plan_one(spec, index, batch, cluster, model, cost, capacity, tracer)
+        preview, sim = _plan_one(spec, index, batch, cluster, model, cost, capacity, tracer,
+                                 pairs=structure.batch_pairs(ids))
         out.append(preview)
         first_sim = first_sim or sim
     png = gantt_png(out[0].plan, first_sim, title=f"{spec.name}: batch 0") \
@@ -109,14 +111,14 @@ def _preview(spec: JobCreate, *, num_batches: int, gantt: bool,
 
 
 def _plan_one(spec: JobCreate, index: int, batch: list[int], cluster, model, cost, capacity,
-              tracer: trace.Tracer):
+              tracer: trace.Tracer, pairs: list[tuple[int, int]] | None = None):
     from scheduler.planner import plan_batch
     from scheduler.simulator import simulate
 
     with tracer.start_as_current_span("planner.plan_step") as span:
         plan = plan_batch(batch, cluster, model, policy=spec.planner.policy,
                           capacity_tokens=capacity, time_limit_s=spec.planner.time_limit_s,
-                          seed=spec.training.seed, cost=cost)
+                          seed=spec.training.seed, cost=cost, pairs=pairs)
         sim = simulate(plan, cluster, model, cost=cost)
         annotate_plan_span(span, plan, sim, index=index, policy=spec.planner.policy)
     peak = peak_tokens_per_rank(plan)

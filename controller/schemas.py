@@ -105,6 +105,9 @@ class JobPublic(_Public):
     message: str = Field(description="Human-readable detail of the last transition.")
     attempt: int = Field(description="Attempts started so far (fencing token).")
     current_step: int = Field(description="Last step a worker reported.")
+    steps_completed: int = Field(default=0, description="Optimizer steps done so far (the "
+                                                        "last reported step + 1, or the "
+                                                        "step resumed from).")
     total_steps: int
     last_checkpoint: str | None
     last_checkpoint_step: int | None
@@ -131,6 +134,7 @@ class JobPublic(_Public):
             id=rec.id, name=rec.spec.name, submission_id=rec.spec.submission_id,
             phase=rec.state.phase, result=rec.state.result, reason=rec.reason,
             message=rec.message, attempt=rec.attempt, current_step=rec.current_step,
+            steps_completed=rec.steps_completed,
             total_steps=rec.spec.training.steps, last_checkpoint=rec.last_checkpoint,
             last_checkpoint_step=rec.last_checkpoint_step, stop_requested=rec.stop_requested,
             created_at=_ts(rec.created_at), updated_at=_ts(rec.updated_at),
@@ -156,6 +160,13 @@ class StepMetricsPublic(_Public):
     imbalance: float = Field(description="max rank busy / mean rank busy - 1.")
     groups: str = Field(default="", description="The step plan's groups by ring size, "
                                                 "'SIZExCOUNT' words, e.g. '1x6 2x1 4x1'.")
+    peak_memory_bytes: int = Field(default=0, description="The largest peak of any rank "
+                                                          "(device memory on GPUs, the "
+                                                          "process's on CPUs).")
+    rank_speeds: list[float] = Field(
+        default_factory=list, description="Each rank's estimated speed after the step, "
+        "relative to the planner's reference rank (below 1: slower; the next plans give it "
+        "proportionally less work); empty when not measured.")
     world_size: int = Field(default=0, description="Ranks the step ran on (fewer than the "
                                                    "job's after a lost rank).")
     at: datetime
@@ -165,6 +176,7 @@ class StepMetricsPublic(_Public):
         return cls(step=m.step, attempt=m.attempt, loss=m.loss, tokens_per_s=m.tokens_per_s,
                    predicted_step_s=m.predicted_step_s, measured_step_s=m.measured_step_s,
                    imbalance=m.imbalance, groups=m.groups, world_size=m.world_size,
+                   peak_memory_bytes=m.peak_memory_bytes, rank_speeds=list(m.rank_speeds),
                    at=_ts(m.at))
 
 

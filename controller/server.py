@@ -80,7 +80,7 @@ class ControllerConfig:
     port: int = DEFAULT_PORT  # REST port (0: any free port)
     grpc_port: int = DEFAULT_GRPC_PORT  # port workers call back on (execution plane)
     redis_url: str | None = None  # external Redis; default $REDIS_URL, else embedded
-    launcher: str = "ray"  # ray | kubernetes | fake (in-memory: starts no workers)
+    launcher: str = "ray"  # ray | kuberay | external (ranks started by others) | fake
     launcher_options: dict = field(default_factory=dict)  # extra constructor keywords
     token: str | None = None  # default $RINGMASTER_TOKEN, else state_dir/token
     reconcile_interval_s: float = 0.5  # how often the state machine steps
@@ -171,8 +171,9 @@ class Controller:
             options.setdefault("worker_secret", self.worker_auth.secret_for)
             if c.tls is not None:
                 options.setdefault("controller_ca", str(c.tls.trust))
-        if c.launcher == "ray":
+        if c.launcher in ("ray", "external"):
             options.setdefault("state_dir", c.state_dir)
+        if c.launcher == "ray":
             options.setdefault("on_logs", self._worker_logs)
         return make_launcher(c.launcher, **options)
 

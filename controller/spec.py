@@ -39,6 +39,7 @@ from pydantic import (
 
 from controller.safe_yaml import YamlError, load_yaml, one_line
 from controller.spec_kubernetes import KubernetesOverrides
+from controller.spec_objective import Objective, PretrainObjective
 from scheduler.errors import DatasetError, SpecError
 from scheduler.hf_checkpoint import has_weights, inspect_checkpoint
 from scheduler.model_states import (
@@ -214,6 +215,16 @@ class Training(_Section):
                                                        "checkpoints.")
     checkpoint_interval: int = Field(default=100, ge=1, le=10_000_000,
                                      description="Steps between checkpoints.")
+    resume_from: PathStr | None = Field(
+        default=None,
+        description="Continue another run: a checkpoint directory (its newest complete "
+                    "step_<n>) or one step_<n> directory. The job restores model, optimizer, "
+                    "RNG and data position and trains on to `steps`. Naming a checkpoint_dir "
+                    "another job owns here is how a job may take it over (docs/api.md).")
+    tensorboard_dir: PathStr | None = Field(
+        default=None,
+        description="Write TensorBoard event files here (rank 0: loss, tokens/s, step time, "
+                    "peak memory, learning rate, gradient norm per step); none: no events.")
     precision: Literal[tuple(PRECISIONS)] | None = Field(  # type: ignore[valid-type]
         default=None,
         description="bf16-mixed: bfloat16 compute, float32 master weights, gradients and "
@@ -285,6 +296,12 @@ class JobCreate(_Section):
     dataset: DatasetRef
     resources: Resources
     training: Training
+    objective: Objective = Field(
+        default=PretrainObjective(),
+        description="What the step optimises: {type: pretrain} (every token), {type: sft} "
+                    "(the dataset's loss targets), {type: dpo, beta, label_smoothing} or "
+                    "{type: grpo, clip_range, kl_coef, loss_normalization}. See "
+                    "docs/objectives.md.")
     planner: PlannerSettings = PlannerSettings()
     failure: FailurePolicy = FailurePolicy()
 
@@ -341,10 +358,13 @@ class JobCreate(_Section):
         return cluster_preset(r.cluster, num_ranks=r.num_ranks, gpus_per_node=r.gpus_per_node)
 
     def resolve_precision(self) -> Precision:
-        """training.precision, or its default for the cluster (fp32 on the cpu preset)."""
+        """training.precision, or its default for the cluster (fp32 on the cpu preset and on
+        pools that are all of the cpu preset)."""
         if self.training.precision is not None:
             return self.training.precision
-        cpu = isinstance(self.resources.cluster, str) and self.resources.cluster == "cpu"
+        c = self.resources.cluster
+        cpu = c == "cpu" if isinstance(c, str) else \
+            c.pools is not None and all(p.gpu == "cpu" for p in c.pools)
         return default_precision("cpu" if cpu else "cuda")
 
     def resolve_optimizer_sharding(self) -> OptimizerSharding:

@@ -98,6 +98,7 @@ class JobRecord:
     started_at: float | None = None  # first time any attempt reached Running
     finished_at: float | None = None  # when a terminal state was reached
     current_step: int = 0  # last step a worker reported
+    steps_completed: int = 0  # optimizer steps done (the last reported step + 1, or resumed)
     last_checkpoint: str | None = None  # path of the newest checkpoint
     last_checkpoint_step: int | None = None
     stop_requested: bool = False

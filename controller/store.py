@@ -12,9 +12,13 @@ runs with append-only persistence (controller.redis_server). Keys, all under one
                               (a Restarting job's back-off end, a Scheduling or Stopping
                               job's timeout); Running jobs need nothing until an event
     {p}:sub:{submission_id}   STRING job id (idempotent submission)
+    {p}:checkpoint_dirs       HASH resolved checkpoint_dir -> the newest job given it (in
+                              use while that job is active)
     {p}:job:{id}              HASH the record (spec JSON, state, attempt, timestamps, ...)
     {p}:job:{id}:transitions  LIST of transition JSON, oldest first
-    {p}:job:{id}:metrics      ZSET step metrics JSON scored by step
+    {p}:job:{id}:metrics      ZSET step metrics JSON scored by step (one per attempt and step)
+    {p}:job:{id}:reports:{attempt}:{step}  HASH rank -> that rank's report, until every
+                              rank's is in and the step's metrics are recorded
     {p}:job:{id}:logs         STREAM of log lines (the stream id is the log cursor)
     {p}:job:{id}:events       LIST of job event JSON (rank_lost, world_shrunk, ...), oldest
                               first
@@ -33,6 +37,7 @@ User input reaching Redis is checked first: page tokens and cursors are ASCII di
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import time
@@ -44,9 +49,11 @@ from opentelemetry import propagate, trace
 
 from controller.spec import JobCreate
 from controller.states import JobRecord, StaleState, State, Transition, check_transition
+from scheduler.errors import SpecError
 
 MAX_LOG_LINES = 100_000  # per job; older lines are trimmed (approximately) on append
 MAX_LOG_LINE_CHARS = 8192
+REPORT_TTL_S = 86_400  # a step's rank reports are kept at most this long unless complete
 _CURSOR = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 _PAGE_TOKEN = re.compile(r"^[0-9]{1,20}$")
 
@@ -55,6 +62,20 @@ class JobNotFound(LookupError):
     def __init__(self, job_id: str):
         self.job_id = job_id
         super().__init__(f"job {job_id!r} not found")
+
+
+class CheckpointDirInUse(SpecError):
+    """`training.checkpoint_dir` belongs to another job (answered 409: a conflict)."""
+
+    field = "training.checkpoint_dir"
+
+    def __init__(self, message: str):
+        super().__init__(f"{self.field}: {message}")
+
+
+def _dir_key(directory: str | None) -> str | None:
+    """A checkpoint directory as the index keys it (symlinks and '..' resolved)."""
+    return os.path.realpath(os.path.abspath(directory)) if directory else None
 
 
 class SubmissionConflict(RuntimeError):
@@ -79,7 +100,15 @@ class StepMetrics:
     imbalance: float  # max rank busy time / mean rank busy time - 1 (0 = perfectly balanced)
     groups: str = ""  # the plan's groups by ring size, e.g. "2x1 5x2" (size x count)
     at: float = 0.0  # unix seconds when recorded
+    peak_memory_bytes: int = 0  # the largest device (or process) peak of any rank
+    # each rank's estimated speed after this step, relative to the cost model's reference
+    # rank (scheduler.speeds; node pools and stragglers below 1); () when not measured
+    rank_speeds: tuple[float, ...] = ()
     world_size: int = 0  # ranks the step ran on (fewer than the job's after a loss)
+
+
+def _step_metrics(d: dict) -> StepMetrics:
+    return StepMetrics(**{**d, "rank_speeds": tuple(d.get("rank_speeds", ()))})
 
 
 EVENT_KINDS = ("rank_lost", "world_shrunk", "rank_joined", "fallback_restart")
@@ -159,20 +188,26 @@ class JobStore:
 
     # --- jobs -------------------------------------------------------------------------
 
-    def create(self, spec: JobCreate) -> tuple[JobRecord, bool]:
+    def create(self, spec: JobCreate, *, resume: tuple[str, int] | None = None,
+               ) -> tuple[JobRecord, bool]:
         """Store a new Pending job; with a known submission_id return that job instead.
 
-        Returns (record, created). Raises SubmissionConflict when the submission_id names a
-        job with a different spec.
+        `resume`: (checkpoint path, step) the job starts from (training.resume_from,
+        resolved). Returns (record, created). Raises SubmissionConflict when the
+        submission_id names a job with a different spec, CheckpointDirInUse when another
+        active job has the same checkpoint_dir.
         """
         seq = self.r.incr(self._k("seq"))
         now = self.clock()
         carrier: dict[str, str] = {}
         propagate.inject(carrier)  # the submission's trace: every attempt joins it
+        path, step = resume if resume is not None else (None, None)
         rec = JobRecord(id=f"{spec.name[:48]}-{secrets.token_hex(5)}", spec=spec,
                         state=State.PENDING, created_at=now, updated_at=now, state_since=now,
-                        trace_parent=carrier.get("traceparent", ""))
+                        trace_parent=carrier.get("traceparent", ""), last_checkpoint=path,
+                        last_checkpoint_step=step, steps_completed=step or 0)
         sub_key = self._k("sub", spec.submission_id) if spec.submission_id else None
+        ckpt = _dir_key(spec.training.checkpoint_dir)
         result: list = []
 
         def txn(pipe: redis.client.Pipeline) -> None:
@@ -180,9 +215,13 @@ class JobStore:
             if existing is not None:
                 result[:] = [existing]
                 return
+            if ckpt is not None:
+                self._check_dir_free(pipe, ckpt)
             pipe.multi()
             if sub_key:
                 pipe.set(sub_key, rec.id)
+            if ckpt is not None:
+                pipe.hset(self._k("checkpoint_dirs"), ckpt, rec.id)
             pipe.hset(self._k("job", rec.id), mapping={**_encode(rec),
                                                          "fingerprint": spec.fingerprint()})
             pipe.zadd(self._k("jobs"), {rec.id: seq})
@@ -191,13 +230,35 @@ class JobStore:
             pipe.rpush(self._k("job", rec.id, "transitions"), self._transition_json(
                 Transition(src=None, dst=State.PENDING, at=now, attempt=0, reason="Submitted")))
 
+        watched = [k for k in (sub_key, ckpt and self._k("checkpoint_dirs")) if k]
         with self.tracer.start_as_current_span("job.transition") as span:
-            self.r.transaction(txn, *([sub_key] if sub_key else []))
+            self.r.transaction(txn, *watched)
             if result:
                 span.set_attribute("job.idempotent_replay", True)
                 return self._replay(result[0], spec), False
             self._annotate(span, rec.id, None, State.PENDING, "Submitted", 0)
         return rec, True
+
+    def find_submission(self, spec: JobCreate) -> JobRecord | None:
+        """The job an earlier submission with `spec`'s submission_id made (None: none);
+        SubmissionConflict when its spec differs."""
+        if not spec.submission_id:
+            return None
+        job_id = self.r.get(self._k("sub", spec.submission_id))
+        return None if job_id is None else self._replay(job_id, spec)
+
+    def _check_dir_free(self, pipe, directory: str) -> None:
+        user = pipe.hget(self._k("checkpoint_dirs"), directory)
+        if user is not None and pipe.sismember(self._k("active"), user):
+            raise CheckpointDirInUse(f"{directory!r} is the checkpoint_dir of job {user}, "
+                                     "which has not finished; stop it, or choose another "
+                                     "directory")
+
+    def checkpoint_dir_user(self, directory: str) -> str | None:
+        """The active job whose checkpoint_dir is `directory` (resolved), if any."""
+        user = self.r.hget(self._k("checkpoint_dirs"), _dir_key(directory))
+        return user if user is not None and self.r.sismember(self._k("active"), user) \
+            else None
 
     def _replay(self, job_id: str, spec: JobCreate) -> JobRecord:
         if self.r.hget(self._k("job", job_id), "fingerprint") != spec.fingerprint():
@@ -209,6 +270,12 @@ class JobStore:
         if not h:
             raise JobNotFound(job_id)
         return _decode(h)
+
+    def head(self, job_id: str) -> tuple[State, int] | None:
+        """(state, attempt) of a job, None if there is none: one cheap HMGET, no spec
+        parsing (the gRPC service fences every worker call with it)."""
+        state, attempt = self.r.hmget(self._k("job", job_id), "state", "attempt")
+        return None if state is None else (State(state), int(json.loads(attempt)))
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k("job", job_id)))
@@ -236,6 +303,21 @@ class JobStore:
 
     def active_ids(self) -> list[str]:
         return sorted(self.r.smembers(self._k("active")))
+
+    def active_records(self) -> list[JobRecord]:
+        """Every active job's record (one pipelined round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in self.active_ids():
+            pipe.hgetall(self._k("job", job_id))
+        return [_decode(h) for h in pipe.execute() if h]
+
+    def newest_step_metrics(self, job_ids: list[str]) -> dict[str, StepMetrics]:
+        """The highest step's metrics of each job that has any (one round trip)."""
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.zrevrange(self._k("job", job_id, "metrics"), 0, 0)
+        return {job_id: _step_metrics(json.loads(rows[0]))
+                for job_id, rows in zip(job_ids, pipe.execute(), strict=True) if rows}
 
     def count(self) -> int:
         return int(self.r.zcard(self._k("jobs")))
@@ -373,15 +455,21 @@ class JobStore:
             raise StaleState(f"job {job_id} is {rec.state.value}; only a finished job "
                              "(Succeeded, Failed, Stopped) can be deleted; stop it first")
         pipe = self.r.pipeline()
+        reports = list(self.r.scan_iter(match=self._k("job", job_id, "reports", "*"),
+                                        count=1000))
         pipe.delete(self._k("job", job_id), *(self._k("job", job_id, s)
                                                for s in ("transitions", "metrics", "logs",
-                                                         "events", "world")))
+                                                         "events", "world")),
+                    *reports)
         pipe.zrem(self._k("jobs"), job_id)
         pipe.srem(self._k("active"), job_id)
         pipe.zrem(self._k("pending"), job_id)
         pipe.zrem(self._k("due"), job_id)
         if rec.spec.submission_id:
             pipe.delete(self._k("sub", rec.spec.submission_id))
+        ckpt = _dir_key(rec.spec.training.checkpoint_dir)
+        if ckpt is not None and self.r.hget(self._k("checkpoint_dirs"), ckpt) == job_id:
+            pipe.hdel(self._k("checkpoint_dirs"), ckpt)
         pipe.execute()
 
     # --- what the workers report -------------------------------------------------------
@@ -394,8 +482,55 @@ class JobStore:
         m = m if m.at else replace(m, at=self.clock())
         pipe = self.r.pipeline()
         pipe.zadd(self._k("job", job_id, "metrics"), {json.dumps(asdict(m)): m.step})
-        pipe.hset(key, mapping=_encode_fields({"current_step": m.step}))
+        pipe.hset(key, mapping=_encode_fields({"current_step": m.step,
+                                               "steps_completed": m.step + 1}))
         pipe.execute()
+
+    def add_step_report(self, job_id: str, *, attempt: int, step: int, rank: int,
+                        report: str) -> int:
+        """Keep one rank's report of a step until the step is complete; returns how many
+        ranks' reports of it are kept. Idempotent per (job, attempt, rank, step): a rank
+        that retries an unacknowledged report overwrites its own."""
+        key = self._k("job", job_id, "reports", str(attempt), str(step))
+        pipe = self.r.pipeline()
+        pipe.hset(key, str(rank), report)
+        pipe.hlen(key)
+        pipe.expire(key, REPORT_TTL_S)  # reports of a step that never completes
+        return int(pipe.execute()[1])
+
+    def step_reports(self, job_id: str, *, attempt: int, step: int) -> dict[int, str]:
+        raw = self.r.hgetall(self._k("job", job_id, "reports", str(attempt), str(step)))
+        return {int(rank): text for rank, text in raw.items()}
+
+    def complete_step(self, job_id: str, m: StepMetrics, *,
+                      checkpoint: str | None = None) -> bool:
+        """Record step `m.step` of attempt `m.attempt` exactly once (its metrics, the job's
+        progress and the checkpoint it saved) and drop its reports. False when it was
+        recorded already (two callers completing the same step, or a retry after a
+        controller restart)."""
+        key, metrics = self._k("job", job_id), self._k("job", job_id, "metrics")
+        m = m if m.at else replace(m, at=self.clock())
+        fields = {"current_step": m.step, "steps_completed": m.step + 1}
+        if checkpoint:
+            fields.update(last_checkpoint=checkpoint, last_checkpoint_step=m.step + 1)
+        done: list[bool] = []
+
+        def txn(pipe: redis.client.Pipeline) -> None:
+            if not pipe.exists(key):
+                raise JobNotFound(job_id)
+            rows = pipe.zrangebyscore(metrics, m.step, m.step)
+            if any(json.loads(r).get("attempt") == m.attempt for r in rows):
+                done[:] = [False]
+                return
+            pipe.multi()
+            pipe.zadd(metrics, {json.dumps(asdict(m)): m.step})
+            pipe.hset(key, mapping={**_encode_fields(fields),
+                                    "updated_at": json.dumps(self.clock())})
+            pipe.delete(self._k("job", job_id, "reports", str(m.attempt), str(m.step)))
+            done[:] = [True]
+
+        self.r.transaction(txn, metrics)
+        return done[0]
 
     def step_metrics(self, job_id: str, *, since_step: int = 0,
                      limit: int = 1000) -> list[StepMetrics]:
@@ -403,20 +538,23 @@ class JobStore:
             raise JobNotFound(job_id)
         rows = self.r.zrangebyscore(self._k("job", job_id, "metrics"), since_step, "+inf",
                                     start=0, num=limit)
-        return [StepMetrics(**json.loads(r)) for r in rows]
+        return [_step_metrics(json.loads(r)) for r in rows]
 
     def record_checkpoint(self, job_id: str, *, step: int, path: str) -> None:
         self.update(job_id, last_checkpoint=path, last_checkpoint_step=step)
 
-    def append_logs(self, job_id: str, lines: list[str], *, rank: int | None = None) -> str:
-        """Append log lines (each cut at MAX_LOG_LINE_CHARS); returns the last cursor."""
+    def append_logs(self, job_id: str, lines: list[str], *, rank: int | None = None,
+                    times: list[float] | None = None) -> str:
+        """Append log lines (each cut at MAX_LOG_LINE_CHARS; `times`: when each was written,
+        default now); returns the last cursor."""
         if not self.exists(job_id):
             raise JobNotFound(job_id)
         now = self.clock()
         pipe = self.r.pipeline(transaction=False)
-        for text in lines:
+        for i, text in enumerate(lines):
+            at = times[i] if times is not None and 0 < times[i] <= now + 60 else now
             pipe.xadd(self._k("job", job_id, "logs"),
-                      {"at": now, "rank": "" if rank is None else rank,
+                      {"at": at, "rank": "" if rank is None else rank,
                        "text": text[:MAX_LOG_LINE_CHARS]},
                       maxlen=MAX_LOG_LINES, approximate=True)
         ids = pipe.execute()

@@ -1,27 +1,50 @@
 """The gRPC side of the execution plane: workers register, stream plans, report, beat.
 
 One `AttemptRuntime` per live (job, attempt) holds what only matters while the attempt
-runs (who registered, when each rank last made progress, the step reports not yet
-complete, the plan pipeline); everything durable goes to the store. After a controller
-restart the runtime is rebuilt lazily from the store on the first call of a worker of the
-current attempt, so workers carry on across the restart.
+runs (who registered, when each rank last made progress, the plan pipeline); everything
+durable goes to the store. After a controller restart the runtime is rebuilt lazily from
+the store on the first call of a worker of the current attempt, so workers carry on
+across the restart. A step report is acknowledged only once it is stored (keyed by job,
+attempt, step and rank, so a rank that retries an unacknowledged report overwrites its
+own); the step's metrics are recorded, exactly once, by whichever call completes its set
+of reports, on this controller or on the next one. Each recorded step adds one line to
+the job's log (loss, tokens/s, step time against the prediction, peak memory, groups);
+ranks add their own lines (ReportLogs). A step is complete once every member of the world
+it ran in that is not lost since has reported it.
+
+Failures have a class. A rank (or the driver) reporting a USER failure (its data or
+config is bad), or an RPC running into a RingmasterError (the dataset vanished after
+submit, a batch no plan can hold), ends the attempt with a FAILED event of reason
+InvalidInput: the job fails with that one line and is never retried, and the call gets
+FAILED_PRECONDITION (no traceback, here or in the log). An infrastructure failure (a
+rank lost or stalled, an actor died) is WORKER_LOST, which the job's failure policy may
+retry. A rank that has finished every plan it was sent and holds an open plan stream is
+waiting on the controller (a busy planner, a restart), not stalled.
 
 Authentication, then fencing: every call must carry the attempt's secret
 (controller.worker_auth; UNAUTHENTICATED otherwise, before anything about the job is
 looked at), and is accepted only from the job's current attempt while the job is
 Scheduling, Running or Stopping, and from a rank's current process (the incarnation its
 Register returned; a lost rank's process is fenced off for good). READY is reported to the
-launcher when the attempt's first world is formed of every rank (or, after a controller
-restart, when every rank has called in with the attempt's secret). Under `failure.mode:
-restart` a rank whose progress counter has not moved for the job's heartbeat timeout, or
-that reports a failure, ends the attempt (WORKER_LOST). Under `replan` (docs/elastic.md,
-the default) a rank the driver reports dead, or the rank whose progress stopped first, is
-lost: the survivors form a new world (controller.worlds, controller.membership) and
-re-plan the same batch; a replacement joins at a step boundary; only when re-planning
-cannot work does the attempt end (a `fallback_restart` event says why). Every change is a
-job event (REST, CLI), a `job.world_change` span and a log line. The port may serve TLS
-(`serve_grpc(credentials=...)`). While the job store is away a call gets UNAVAILABLE
-(which workers retry), not an application error with a traceback.
+launcher when the attempt's first world is announced (every rank registered), or, after a
+controller restart, when every rank has called in with the attempt's secret.
+
+Under `failure.mode: restart` a rank whose progress counter has not moved for the job's
+heartbeat timeout, or that reports a failure, ends the attempt (WORKER_LOST). Before it
+does, the ranks' last positions (heartbeats: micro-batch, layer, direction, ring hop) are
+compared with the step's plan (controller.hang) to name the rank(s) the others wait on,
+their ring and their place in the step: in the job's log, its WorkerLost transition, a
+`job.hang` span and the controller's log. Under `replan` (docs/elastic.md, the default) a
+rank the driver reports dead, or the rank whose progress stopped first among those still
+computing, is lost: the survivors form a new world (controller.world_service,
+controller.worlds, controller.membership) and re-plan the same batch; a replacement joins
+at a step boundary; only when re-planning cannot work does the attempt end (a
+`fallback_restart` event says why). Every change is a job event (REST, CLI), a
+`job.world_change` span and a log line. The port may serve TLS (`serve_grpc(credentials=...)`).
+While the job store is away a call gets UNAVAILABLE (which workers retry), not an
+application error with a traceback. A launcher with no process of its own that exits
+when the job is done (`completes_from_reports`, the external launcher) is told COMPLETED
+once every rank has reported the last step.
 """
 
 from __future__ import annotations
@@ -37,24 +60,42 @@ from dataclasses import dataclass, field
 
 import grpc
 import redis
+from google.protobuf import json_format
 from opentelemetry import propagate, trace
 
+from controller.hang import HangReport, RankPosition, localise, position_of
 from controller.launchers.base import EventKind, LauncherEvent
 from controller.membership import Membership
 from controller.planning import PlannedStep
 from controller.rpc import ringmaster_pb2 as pb
 from controller.rpc import ringmaster_pb2_grpc as pb_grpc
+from controller.spec_objective import objective_config
 from controller.states import JobRecord, State
-from controller.store import JobNotFound, JobStore, StepMetrics
+from controller.step_reports import (
+    group_seconds,
+    groups_by_size,
+    one_line,
+    step_log_line,
+    step_metrics,
+)
+from controller.store import JobNotFound, JobStore
 from controller.worker_auth import WorkerAuth
-from controller.worlds import AttemptWorlds, Change, Next, policy_of
-from scheduler.errors import InfeasibleBatchError
+from controller.world_service import WORLD_WAKE_S, WorldKeeper, changed, live_members
+from controller.worlds import AttemptWorlds, Next, policy_of
+from scheduler.errors import InfeasibleBatchError, RingmasterError
 
 log = logging.getLogger(__name__)
 
 LIVE_STATES = (State.SCHEDULING, State.RUNNING, State.STOPPING)
+INVALID_INPUT = "InvalidInput"  # the reason of a job whose data or config cannot work
 DRIVER_RANK = -1  # the attempt's driver process registers with this rank
 PLANS_AHEAD = 2  # a rank may hold plans this many steps past the last completed one
+MAX_LOG_BATCH = 1000  # log lines one ReportLogs call may append
+# One pool thread per open plan stream (a sync gRPC server runs a stream's handler on one
+# thread for its life) plus the unary calls: threads start on demand, so the cap costs
+# nothing until a job that large connects. See docs/benchmarks.md (control plane).
+MAX_RPC_THREADS = 10_000
+STREAM_WAKE_S = 5.0  # a waiting plan stream's safety wake-up; events notify it sooner
 
 
 @dataclass(kw_only=True)
@@ -62,11 +103,20 @@ class RankState:
     registered: bool = False
     progress: tuple[int, int] = (-1, -1)  # (step, progress counter) last heard
     progress_at: float = 0.0  # monotonic time the progress last changed
-    heard_at: float = 0.0  # monotonic time of its last call (a waiting replacement's pulse)
     done_step: int = -1  # newest step this rank has finished (reported or resumed past)
-    sent_step: int = -1  # newest step whose plan it was sent (it works when > done_step)
+    streamed_step: int = -1  # newest step whose plan it received (it works when > done_step)
+    streaming: bool = False  # holds an open plan stream: past streamed_step it waits on us
+    # the step its plan stream ended at (sent ahead of the steps before it): once the rank
+    # has finished every step before it, it is no longer watched
+    stream_end: int | None = None
+    position: RankPosition | None = None  # where in its step the last heartbeat said it is
+    heard_at: float = 0.0  # monotonic time of its last heartbeat (a waiting replacement's pulse)
     syncing: bool = False  # blocked on peers (the step's collectives, a ring transfer)
-    finished: bool = False  # received the end of its plan stream: no longer watched
+
+    @property
+    def finished(self) -> bool:
+        """Its plan stream has ended and it finished every step before the end."""
+        return self.stream_end is not None and self.done_step >= self.stream_end - 1
 
 
 @dataclass(kw_only=True)
@@ -74,10 +124,16 @@ class AttemptRuntime:
     job: JobRecord
     worlds: AttemptWorlds
     ranks: dict[int, RankState]
-    reports: dict[int, dict[int, pb.StepReport]] = field(default_factory=dict)
     # (world size, step) -> the plan and its span's traceparent
     plans: dict[tuple[int, int], tuple[PlannedStep, str]] = field(default_factory=dict)
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
+    # (world epoch, step) -> its message, built once and sent to every member
+    messages: dict[tuple[int, int], pb.PlanMessage] = field(default_factory=dict)
+    pending: dict[int, int] = field(default_factory=dict)  # step -> newest epoch reporting it
+    # world epoch -> min done_step of its live members, cached until a step completes or
+    # the membership moves (world_service.changed); plan streams read it
+    min_done: dict[int | None, int] = field(default_factory=dict)
+    worker_config: str = ""  # worker_config_json of the attempt, built once
     ready_sent: bool = False
     lost_sent: bool = False
     fell_back: bool = False  # a fallback_restart was decided: the attempt is ending
@@ -88,27 +144,35 @@ class AttemptRuntime:
         return self.job.spec.failure.mode == "replan"
 
 
-def _store_unavailable_is_retryable(rpc):
-    """An RPC whose Redis calls fail answers UNAVAILABLE (the workers' clients retry it)."""
-    def abort(context, exc: redis.RedisError):
-        log.warning("%s: job store unavailable (%s); answering UNAVAILABLE", rpc.__name__, exc)
-        context.abort(grpc.StatusCode.UNAVAILABLE, "job store unavailable; retry")
+def _expected_failures(rpc):
+    """What an RPC may run into without it being a bug answers without a traceback: a job
+    store outage is UNAVAILABLE (the workers' clients retry it); a job that cannot run as
+    specified (its dataset vanished, a batch no plan can hold: a RingmasterError) ends the
+    attempt as InvalidInput and the call gets FAILED_PRECONDITION, which ends the rank."""
+    def abort(self, request, context, exc: Exception):
+        if isinstance(exc, redis.RedisError):
+            log.warning("%s: job store unavailable (%s); answering UNAVAILABLE", rpc.__name__,
+                        exc)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "job store unavailable; retry")
+        message = one_line(str(exc))
+        self._end_invalid(request.worker.job_id, request.worker.attempt, message)
+        context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
 
     if inspect.isgeneratorfunction(rpc):
         @functools.wraps(rpc)
         def streaming(self, request, context):
             try:
                 yield from rpc(self, request, context)
-            except redis.RedisError as exc:
-                abort(context, exc)
+            except (redis.RedisError, RingmasterError) as exc:
+                abort(self, request, context, exc)
         return streaming
 
     @functools.wraps(rpc)
     def unary(self, request, context):
         try:
             return rpc(self, request, context)
-        except redis.RedisError as exc:
-            abort(context, exc)
+        except (redis.RedisError, RingmasterError) as exc:
+            abort(self, request, context, exc)
     return unary
 
 
@@ -125,7 +189,10 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             "controller.worker_service")
         self.clock = clock
         self._runtimes: dict[str, AttemptRuntime] = {}
+        self._ended: set[tuple[str, int]] = set()  # (job, attempt) ended as InvalidInput
         self._lock = threading.Lock()
+        self.keeper = WorldKeeper(store=store, tracer=self.tracer, clock=clock,
+                                  lose=self._lose, finish_step=self._finish_step)
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="heartbeat-monitor",
                                          daemon=True)
@@ -144,25 +211,32 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
                           "missing or wrong worker secret (authorization metadata)")
 
-    def _runtime(self, worker: pb.WorkerId, context, *, registering: bool = False
-                 ) -> tuple[AttemptRuntime | None, str]:
+    def _runtime(self, worker: pb.WorkerId, context, *, full: bool = False,
+                 registering: bool = False) -> tuple[AttemptRuntime | None, str]:
+        """The attempt's runtime once the call is authenticated and fenced against the
+        store's current (state, attempt) and the rank's current process (but when
+        `registering`); `full` re-reads the whole record (Register needs the last
+        checkpoint), otherwise the spec is parsed only when the attempt changed."""
         self._authenticate(worker, context)
-        rt, why = self._attempt_runtime(worker)
-        if rt is None or worker.rank == DRIVER_RANK or registering:
+        rt, why = self._attempt_runtime(worker, full=full)
+        if rt is None or worker.rank == DRIVER_RANK or registering \
+                or self._incarnation_current(rt, worker):
             return rt, why
-        with rt.cond:
-            current = rt.worlds.membership.current(worker.rank, worker.incarnation)
-        if current:
-            return rt, ""
         why = (f"rank {worker.rank} process (incarnation {worker.incarnation}) of job "
                f"{rt.job.id} attempt {rt.job.attempt} was fenced off: it was lost, or a newer "
                "process replaced it")
         log.info("%s", why)
         return None, why
 
-    def _attempt_runtime(self, worker: pb.WorkerId) -> tuple[AttemptRuntime | None, str]:
+    @staticmethod
+    def _incarnation_current(rt: AttemptRuntime, worker: pb.WorkerId) -> bool:
+        with rt.cond:
+            return rt.worlds.membership.current(worker.rank, worker.incarnation)
+
+    def _attempt_runtime(self, worker: pb.WorkerId, *, full: bool
+                         ) -> tuple[AttemptRuntime | None, str]:
         try:
-            job = self.store.get(worker.job_id)
+            job = self._job(worker.job_id, full=full)
         except JobNotFound:
             return None, f"job {worker.job_id!r} not found"
         if job.state not in LIVE_STATES or job.attempt != worker.attempt:
@@ -177,8 +251,31 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             if rt is None or rt.job.attempt != job.attempt:
                 rt = self._new_runtime(job)
                 self._runtimes[job.id] = rt
-            rt.job = job
-            return rt, ""
+        self._set_job(rt, job)
+        return rt, ""
+
+    def _job(self, job_id: str, *, full: bool) -> JobRecord:
+        """The job's record: one HMGET of (state, attempt) when the runtime's copy is
+        otherwise current (the spec never changes), the whole record when not."""
+        with self._lock:
+            rt = self._runtimes.get(job_id)
+        if rt is None or full:
+            return self.store.get(job_id)
+        head = self.store.head(job_id)
+        if head is None:
+            raise JobNotFound(job_id)
+        if head == (rt.job.state, rt.job.attempt):
+            return rt.job
+        return self.store.get(job_id)
+
+    @staticmethod
+    def _set_job(rt: AttemptRuntime, job: JobRecord) -> None:
+        """Keep the runtime's record; waiting plan streams wake when the state moved."""
+        moved = job.state is not rt.job.state
+        rt.job = job
+        if moved:
+            with rt.cond:
+                rt.cond.notify_all()
 
     def _new_runtime(self, job: JobRecord) -> AttemptRuntime:
         now = self.clock()
@@ -195,7 +292,9 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         worlds = AttemptWorlds(spec=job.spec, attempt=job.attempt, membership=membership,
                                planner_pool=self.planner_pool, history=history,
                                announced_at=now)
+        worlds.pipeline(job.spec.resources.num_ranks)  # reads the dataset: fail fast
         return AttemptRuntime(job=job, worlds=worlds, ranks=ranks,
+                              worker_config=worker_config_json(job),
                               ready_sent=membership.world is not None)
 
     def _drop(self, job_id: str, attempt: int) -> None:
@@ -207,36 +306,41 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                     rt.cond.notify_all()
 
     # RPCs ------------------------------------------------------------------------------
-    @_store_unavailable_is_retryable
+    @_expected_failures
     def Register(self, request, context):
-        rt, why = self._runtime(request.worker, context, registering=True)
+        rt, why = self._runtime(request.worker, context, full=True, registering=True)
         if rt is None:
             return pb.RegisterReply(accepted=False, reason=why)
         job, rank, incarnation = rt.job, request.worker.rank, 0
         if rank != DRIVER_RANK:
-            with rt.cond:
-                now = self.clock()
-                incarnation, change = rt.worlds.registered(
-                    rank, checkpoint=bool(job.last_checkpoint), now=now)
-                st = rt.ranks[rank]
-                st.registered, st.progress_at, st.heard_at, st.finished = True, now, now, False
-                everyone = rt.worlds.world is not None
-                rt.cond.notify_all()
-            self._record(rt, change)
-            if everyone and not rt.ready_sent:
-                rt.ready_sent = True
-                self.launcher.report(LauncherEvent(job_id=job.id, attempt=job.attempt,
-                                                   kind=EventKind.READY))
+            incarnation = self._register_rank(rt, rank)
             self.store.append_logs(job.id, [f"rank {rank} registered from {request.host} "
                                             f"pid {request.pid} (attempt {job.attempt}, "
                                             f"incarnation {incarnation})"])
         return pb.RegisterReply(
             accepted=True, world_size=job.spec.resources.num_ranks,
-            job_spec_json=worker_config_json(job), start_step=_resume_step(job),
+            job_spec_json=rt.worker_config, start_step=_resume_step(job),
             checkpoint_dir=job.spec.training.checkpoint_dir or "",
             resume_from=job.last_checkpoint or "", incarnation=incarnation)
 
-    @_store_unavailable_is_retryable
+    def _register_rank(self, rt: AttemptRuntime, rank: int) -> int:
+        """A rank's new process: its incarnation; READY once the first world is announced."""
+        with rt.cond:
+            now = self.clock()
+            incarnation, change = rt.worlds.registered(
+                rank, checkpoint=bool(rt.job.last_checkpoint), now=now)
+            st = rt.ranks[rank]
+            st.registered, st.progress_at, st.heard_at, st.stream_end = True, now, now, None
+            everyone = rt.worlds.world is not None
+            changed(rt)
+        self.keeper.record(rt, change)
+        if everyone and not rt.ready_sent:
+            rt.ready_sent = True
+            self.launcher.report(LauncherEvent(job_id=rt.job.id, attempt=rt.job.attempt,
+                                               kind=EventKind.READY))
+        return incarnation
+
+    @_expected_failures
     def Heartbeat(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -244,11 +348,12 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._heard_from(rt, request.worker.rank)
         with rt.cond:
             st = rt.ranks.get(request.worker.rank)
-            now = self.clock()
             if st is not None:
-                st.heard_at, st.syncing = now, request.syncing
+                st.heard_at, st.syncing = self.clock(), request.syncing
+                if request.HasField("position"):
+                    st.position = position_of(request.worker.rank, request.position)
             if st is not None and (request.step, request.progress) != st.progress:
-                st.progress, st.progress_at = (request.step, request.progress), now
+                st.progress, st.progress_at = (request.step, request.progress), self.clock()
             w = rt.worlds.world
             epoch = w.epoch if w is not None else -1
             # a world formed on a loss (not a join at a step boundary) breaks the older ones
@@ -257,26 +362,46 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return pb.HeartbeatReply(accepted=True, stop=stop, world_epoch=epoch,
                                  broken_below=broken, reason="stop requested" if stop else "")
 
-    @_store_unavailable_is_retryable
+    @_expected_failures
     def ReportFailure(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
             return pb.Ack(accepted=False, reason=why)
-        rank = request.worker.rank
-        if rt.replan and rank == DRIVER_RANK and request.lost_ranks:
+        rank = request.failed_rank if request.HasField("failed_rank") else request.worker.rank
+        where = "the driver" if rank == DRIVER_RANK else f"rank {rank}"
+        if request.step >= 0:
+            where += f" at step {request.step}"
+        cause = f"{where}: {one_line(request.error)}"
+        if request.failure_class == pb.USER:
+            self._end_invalid(rt.job.id, rt.job.attempt, cause, rank=rank)
+        elif rt.replan and rank == DRIVER_RANK and request.lost_ranks:
             ranks = sorted(set(request.lost_ranks))
             self.store.append_logs(rt.job.id, [f"the driver reports rank(s) {ranks} dead: "
-                                               f"{request.error}"])
-            self._ranks_lost(rt, ranks, f"the process of rank(s) {ranks} died")
+                                               f"{one_line(request.error)}"])
+            self.keeper.ranks_lost(rt, ranks, f"the process of rank(s) {ranks} died")
         elif rt.replan and request.recoverable:
-            self._waits_for_world(rt, rank, request.step, request.error, request.world_epoch)
+            self.keeper.waits_for_world(rt, rank, request.step, request.error,
+                                        request.world_epoch)
         elif rt.replan and request.cannot_replan:
-            self._fall_back(rt, f"rank {rank}: {request.error}", request.step)
+            self.keeper.fall_back(rt, cause, request.step)
         else:
-            self._lose(rt, rank, f"rank {rank} failed at step {request.step}: {request.error}")
+            self._lose(rt, None if rank == DRIVER_RANK else rank, cause)
         return pb.Ack(accepted=True)
 
-    @_store_unavailable_is_retryable
+    @_expected_failures
+    def ReportLogs(self, request, context):
+        rt, why = self._runtime(request.worker, context)
+        if rt is None:
+            return pb.Ack(accepted=False, reason=why)
+        entries = request.entries[:MAX_LOG_BATCH]
+        lines = [f"{e.level}: {e.text}" if e.level not in ("", "INFO") else e.text
+                 for e in entries]
+        if lines:
+            self.store.append_logs(rt.job.id, lines, rank=request.worker.rank,
+                                   times=[e.at for e in entries])
+        return pb.Ack(accepted=True)
+
+    @_expected_failures
     def ReportStep(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
@@ -286,70 +411,89 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             st = rt.ranks[request.worker.rank]
             st.progress, st.progress_at = (request.step + 1, 0), self.clock()
             st.done_step = max(st.done_step, request.step)
-            rt.cond.notify_all()
-            got = rt.reports.setdefault(request.step, {})
-            got[request.worker.rank] = request
-            complete = self._complete(rt, request.step)
-        if complete:
+        # Acknowledged only once stored: a report survives a controller restart, and one
+        # whose ack was lost is sent again and overwrites itself.
+        kept = self.store.add_step_report(rt.job.id, attempt=rt.job.attempt, step=request.step,
+                                          rank=request.worker.rank,
+                                          report=json_format.MessageToJson(request))
+        with rt.cond:
+            epoch = max(rt.pending.get(request.step, -1), request.world_epoch)
+            rt.pending[request.step] = epoch
+            maybe_complete = kept >= len(live_members(rt, epoch))
+        if maybe_complete:  # every live member may have finished it: streams may move on
             self._finish_step(rt, request.step)
         return pb.Ack(accepted=True)
 
-    @_store_unavailable_is_retryable
+    @_expected_failures
     def StreamPlans(self, request, context):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-        slot, step, total = request.worker.rank, request.from_step, rt.job.spec.training.steps
+        slot, step = request.worker.rank, request.from_step
         epoch = request.world_epoch if request.formed else None
         with rt.cond:  # a rank (re)connecting has finished everything before from_step
             st = rt.ranks.get(slot)
             if st is not None:
                 st.done_step = max(st.done_step, step - 1)
                 st.progress_at = self.clock()
-            try:
-                completed = epoch is not None and rt.worlds.formed(slot, epoch, step)
-            except ValueError as exc:  # the members disagree on where the world starts
-                completed, disagree = False, str(exc)
-            else:
-                disagree = ""
-            rt.cond.notify_all()
-        if disagree:
-            self._fall_back(rt, disagree, step)
-        if epoch is not None:
-            self._record(rt, Change(snapshot=rt.worlds.membership.snapshot()))
-        if completed:
-            self.store.append_logs(rt.job.id, [f"world {epoch} formed at step {step}: ranks "
-                                               f"{list(rt.worlds.members_of(epoch))}"])
-        self._heard_from(rt, request.worker.rank)
+        if st is not None:
+            self.keeper.stream_formed(rt, slot, epoch, step)
+        self._heard_from(rt, slot)
+        if st is None:  # the driver has no plans to follow
+            return
+        st.streaming = True
+        context.add_callback(functools.partial(self._wake, rt))  # the stream ended
+        try:
+            yield from self._stream(rt, request, context, step, epoch)
+        finally:
+            st.streaming = False
+
+    def _stream(self, rt: AttemptRuntime, request, context, step: int, epoch: int | None):
+        """One world's plans for a rank: a stop, a World to form (the rank then asks
+        again), or plans of `epoch` as their turn comes."""
+        slot = request.worker.rank
         while context.is_active():
-            rt, why = self._runtime(request.worker, context)
-            if rt is None:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
-            done = self._world_done(rt, slot)
-            if rt.job.state is State.STOPPING or step >= total or done:
-                with rt.cond:
-                    if st is not None:
-                        st.finished = True
-                yield pb.PlanMessage(step=total if done else step, stop=True)
+            if not self._current(rt) or not self._incarnation_current(rt, request.worker):
+                rt, why = self._runtime(request.worker, context)  # the store says why
+                if rt is None:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+            stop_at = self._stop_stream(rt, slot, step)
+            if stop_at is not None:
+                yield pb.PlanMessage(step=stop_at, stop=True)
                 return
-            nxt = self._next(rt, slot, epoch, request.world_epoch, step)
+            nxt = self.keeper.next(rt, slot, epoch, request.world_epoch, step)
             if nxt is Next.FENCED:
                 context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                               f"rank {slot} is no longer in the attempt's world")
             if nxt is Next.WORLD:
-                yield self._world_message(rt, slot, step)
+                yield self.keeper.world_message(rt, slot, step)
                 return
-            if nxt is Next.WAIT or not self._wait_turn(rt, step, epoch, context):
+            if nxt is Next.WAIT:
                 with rt.cond:
-                    rt.cond.wait(timeout=0.5)
+                    rt.cond.wait(timeout=WORLD_WAKE_S)
                 continue
-            msg = self._plan_message(rt, epoch, step, slot)
-            if msg is None:  # the attempt is ending (fallback): the next pass says so
+            if not self._wait_turn(rt, step, epoch):
+                continue
+            message = self._plan_message(rt, epoch, step, slot)
+            if message is None:  # the attempt is ending (fallback): the next pass says so
                 with rt.cond:
-                    rt.cond.wait(timeout=0.5)
+                    rt.cond.wait(timeout=WORLD_WAKE_S)
                 continue
-            yield msg
+            yield message
             step += 1
+
+    def _stop_stream(self, rt: AttemptRuntime, slot: int, step: int) -> int | None:
+        """The step of the stream's stop message, if it ends here (None: it goes on): a
+        stop request, the job's last step, or a replacement still waiting when the world
+        finished the job (recorded as the rank's stream end)."""
+        total = rt.job.spec.training.steps
+        done = self.keeper.world_done(rt, slot)
+        if not (rt.job.state is State.STOPPING or step >= total or done):
+            return None
+        with rt.cond:
+            st = rt.ranks[slot]
+            st.stream_end = st.done_step + 1 if done else step
+        return total if done else step
 
     # helpers ---------------------------------------------------------------------------
     def _heard_from(self, rt: AttemptRuntime, rank: int) -> None:
@@ -372,62 +516,34 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             self.launcher.report(LauncherEvent(job_id=rt.job.id, attempt=rt.job.attempt,
                                                kind=EventKind.READY))
 
-    def _next(self, rt: AttemptRuntime, slot: int, epoch: int | None, attempted: int,
-              step: int) -> Next:
-        """What the stream sends next; a replacement waiting joins when it can."""
-        with rt.cond:
-            nxt = rt.worlds.next_for(slot, epoch, attempted, step)
-            change = Change()
-            if nxt is Next.PLAN and rt.worlds.world.epoch == epoch \
-                    and rt.worlds.membership.waiting():
-                change = rt.worlds.maybe_join(epoch, self.clock())
-                if change.world is not None:
-                    self._reset_progress(rt)
-                    rt.cond.notify_all()
-                    nxt = rt.worlds.next_for(slot, epoch, attempted, step)
-        self._record(rt, change)
-        return nxt
+    def _wait_turn(self, rt: AttemptRuntime, step: int, epoch: int | None) -> bool:
+        """True once `step` is within PLANS_AHEAD of the step every live member of world
+        `epoch` has finished; else wait (up to STREAM_WAKE_S) and say False.
 
-    def _world_done(self, rt: AttemptRuntime, slot: int) -> bool:
-        """A replacement still waiting when every member has finished the job's steps."""
+        Woken once per step (when its last report completes it), when the membership or
+        the job's state moves, when the runtime is dropped and when the stream ends; not
+        per report."""
         with rt.cond:
-            members = rt.worlds.membership.members()
-            return bool(members) and slot not in members and all(
-                rt.ranks[s].finished for s in members)
+            if step <= _min_done(rt, epoch) + PLANS_AHEAD:
+                return True
+            rt.cond.wait(timeout=STREAM_WAKE_S)
+        return False
 
-    def _world_message(self, rt: AttemptRuntime, slot: int, step: int) -> pb.PlanMessage:
+    def _current(self, rt: AttemptRuntime) -> bool:
+        """Whether `rt` is still the live runtime of its job, by what this process knows
+        (unary calls and the monitor keep it within a monitor tick of the store)."""
+        with self._lock:
+            alive = self._runtimes.get(rt.job.id) is rt
+        return alive and rt.job.state in LIVE_STATES
+
+    @staticmethod
+    def _wake(rt: AttemptRuntime) -> None:
         with rt.cond:
-            w = rt.worlds.world
-            rt.worlds.world_sent(slot, self.clock())
-            rt.ranks[slot].progress_at = self.clock()
-        return pb.PlanMessage(step=step, world=pb.World(
-            epoch=w.epoch, members=list(w.members), store_prefix=w.store_prefix,
-            joining=list(w.joining), reason=w.reason,
-            checkpoint=rt.job.last_checkpoint or "",
-            start_step=w.boundary if w.boundary is not None else -1))
-
-    def _wait_turn(self, rt: AttemptRuntime, step: int, epoch: int | None, context) -> bool:
-        """True once `step` is within PLANS_AHEAD of the step every member of the rank's
-        world has finished."""
-        with rt.cond:
-            lost = {s for s, state in rt.worlds.membership.states.items() if state == "lost"}
-            members = [s for s in rt.worlds.members_of(epoch) if s not in lost] or list(
-                rt.ranks)
-            return step <= min(rt.ranks[s].done_step for s in members) + PLANS_AHEAD
-
-    def _complete(self, rt: AttemptRuntime, step: int) -> bool:
-        """Every member of the world the step's reports came from (but the lost) reported."""
-        got = rt.reports.get(step)
-        if not got:
-            return False
-        epoch = max(r.world_epoch for r in got.values())
-        lost = {s for s, state in rt.worlds.membership.states.items() if state == "lost"}
-        expected = {s for s in rt.worlds.members_of(epoch) if s not in lost} or set(rt.ranks)
-        return expected <= set(got)
+            rt.cond.notify_all()
 
     def _planned(self, rt: AttemptRuntime, size: int, step: int) -> tuple[PlannedStep, str]:
-        """The step's plan for a world of `size` ranks and its span's traceparent,
-        computed once for all ranks."""
+        """The step's plan for a world of `size` ranks and its span's traceparent, computed
+        once for all ranks."""
         with rt.plan_lock:
             if (size, step) in rt.plans:
                 return rt.plans[size, step]
@@ -453,47 +569,88 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
 
     def _plan_message(self, rt: AttemptRuntime, epoch: int, step: int,
                       slot: int) -> pb.PlanMessage | None:
+        """The step's message for world `epoch`, built (plan serialised) once and sent to
+        every member; None when its batch does not fit the smaller world (fallback)."""
         size = len(rt.worlds.members_of(epoch))
         try:
             planned, traceparent = self._planned(rt, size, step)
         except InfeasibleBatchError as exc:
             if size >= rt.job.spec.resources.num_ranks:
                 raise
-            self._fall_back(rt, f"step {step}'s batch does not fit {size} ranks: {exc}", step)
+            self.keeper.fall_back(rt, f"step {step}'s batch does not fit {size} ranks: {exc}",
+                                  step)
             return None
         with rt.cond:
             rt.worlds.plan_sent(epoch, step)
             st = rt.ranks[slot]
-            if st.sent_step <= st.done_step:  # it was waiting for us, not working
-                st.progress_at = self.clock()
-            st.sent_step = max(st.sent_step, step)
-        plan, training = planned.plan, rt.job.spec.training
-        checkpoint = bool(training.checkpoint_dir) and (
-            (step + 1) % training.checkpoint_interval == 0 or step + 1 == training.steps)
-        return pb.PlanMessage(
-            step=step, plan_json=plan.model_dump_json(), sample_ids=planned.sample_ids,
-            data_epoch=planned.next_position.epoch, data_index=planned.next_position.index,
-            checkpoint=checkpoint, traceparent=traceparent, world_epoch=epoch,
-            predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0)
+            if st.streamed_step < step:
+                if st.done_step >= st.streamed_step:  # it waited on us until now
+                    st.progress_at = self.clock()
+                st.streamed_step = step
+        with rt.plan_lock:
+            if (epoch, step) not in rt.messages:
+                rt.messages[epoch, step] = _build_message(rt, planned, traceparent, epoch, step)
+            return rt.messages[epoch, step]
 
     def _finish_step(self, rt: AttemptRuntime, step: int) -> None:
+        """Once every live member of the world `step` ran in has stored its report: record
+        the step (exactly once, whoever completes it) and log its line."""
+        job = rt.job
+        stored = self.store.step_reports(job.id, attempt=job.attempt, step=step)
+        if not stored:
+            return
+        reports = {rank: json_format.Parse(text, pb.StepReport())
+                   for rank, text in stored.items()}
+        epochs = {r.world_epoch for r in reports.values()}
         with rt.cond:
-            reports = rt.reports.pop(step, None)
-            if not reports:
+            if not set(live_members(rt, max(epochs))) <= set(reports):
                 return
-            epochs = {r.world_epoch for r in reports.values()}
-            size = len(reports)
-        planned, _ = rt.plans.pop((size, step), (None, ""))
-        metrics = step_metrics(step, rt.job.attempt, reports, planned)
-        self.store.append_step_metrics(rt.job.id, metrics)
-        ckpt = next((r.checkpoint_path for r in reports.values() if r.checkpoint_path), "")
-        if ckpt:
-            self.store.record_checkpoint(rt.job.id, step=step + 1, path=ckpt)
+            rt.pending.pop(step, None)
+            changed(rt)  # every member finished the step: plan streams may move on
+            members = rt.worlds.members_of(max(epochs)) or tuple(sorted(reports))
+        size = len(members)
+        with rt.plan_lock:
+            planned, _ = rt.plans.pop((size, step), (None, ""))
+            for key in [k for k in rt.messages if k[1] <= step]:
+                del rt.messages[key]
+        pipeline = rt.worlds.pipeline(size)
         if planned is not None and len(epochs) == 1 and planned.plan.world_size == size:
-            members = rt.worlds.members_of(epochs.pop()) or tuple(sorted(reports))
             by_rank = {members.index(s): r for s, r in reports.items() if s in members}
-            rt.worlds.pipeline(size).observe(planned.plan, group_seconds(planned.plan,
-                                                                         by_rank))
+            pipeline.observe(planned.plan, group_seconds(planned.plan, by_rank),
+                             {r: list(rep.micro_batch_busy_s or rep.micro_batch_times_s)
+                              for r, rep in by_rank.items()})
+        metrics = step_metrics(step, job.attempt, reports, planned,
+                               rank_speeds=pipeline.rank_speeds)
+        ckpt = next((r.checkpoint_path for r in reports.values() if r.checkpoint_path), "")
+        if not self.store.complete_step(job.id, metrics, checkpoint=ckpt or None):
+            return
+        self.store.append_logs(job.id, [step_log_line(metrics, job.spec.training.steps)])
+        if step + 1 == rt.job.spec.training.steps and \
+                getattr(self.launcher, "completes_from_reports", False):
+            self.launcher.report(LauncherEvent(job_id=rt.job.id, attempt=rt.job.attempt,
+                                               kind=EventKind.COMPLETED,
+                                               message=f"every rank reported step {step}"))
+
+    def _end_invalid(self, job_id: str, attempt: int, message: str, *,
+                     rank: int | None = None) -> None:
+        """The attempt cannot succeed however often it is retried: the job fails
+        (InvalidInput) with `message`, once."""
+        with self._lock:
+            if (job_id, attempt) in self._ended:
+                return
+            self._ended.add((job_id, attempt))
+            rt = self._runtimes.get(job_id)
+        if rt is not None and rt.job.attempt == attempt:
+            rt.lost_sent = True  # what follows (ranks torn down) is no worker loss
+        log.warning("job %s attempt %d cannot run: %s", job_id, attempt, message)
+        try:
+            self.store.append_logs(job_id, [f"invalid input: {message}"])
+        except JobNotFound:
+            return
+        self.launcher.report(LauncherEvent(job_id=job_id, attempt=attempt,
+                                           kind=EventKind.FAILED, reason=INVALID_INPUT,
+                                           rank=None if rank == DRIVER_RANK else rank,
+                                           message=message))
 
     def _lose(self, rt: AttemptRuntime, rank: int | None, message: str) -> None:
         if rt.lost_sent:
@@ -510,158 +667,97 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
             with self._lock:
                 runtimes = list(self._runtimes.values())
             for rt in runtimes:
+                self._refresh(rt)
                 self._check_liveness(rt)
+
+    def _refresh(self, rt: AttemptRuntime) -> None:
+        """Follow the store's (state, attempt) of a runtime's job (one HMGET a tick), so
+        waiting plan streams learn of a stop or a new attempt without asking Redis."""
+        try:
+            head = self.store.head(rt.job.id)
+            if head is None:
+                self._drop(rt.job.id, rt.job.attempt)
+            elif head != (rt.job.state, rt.job.attempt):
+                job = self.store.get(rt.job.id)
+                if job.state not in LIVE_STATES or job.attempt != rt.job.attempt:
+                    self._drop(job.id, rt.job.attempt)
+                self._set_job(rt, job)
+        except (redis.RedisError, JobNotFound) as exc:
+            log.debug("refreshing job %s: %s", rt.job.id, exc)
 
     def _check_liveness(self, rt: AttemptRuntime) -> None:
         if not rt.ready_sent or rt.lost_sent:
             return
         if rt.replan:
-            self._check_world(rt)
+            self.keeper.check(rt)
             return
         timeout = rt.job.spec.failure.heartbeat_timeout_s
         now = self.clock()
         for rank, st in rt.ranks.items():
+            if st.streaming and st.done_step >= st.streamed_step:
+                continue  # it has finished every plan it got: it waits on us, not stalled
             if not st.finished and now - st.progress_at > timeout:
-                self._lose(rt, rank, f"rank {rank} made no progress for {now - st.progress_at:.1f}"
-                                     f" s (heartbeat_timeout_s={timeout:g}); presumed stalled")
+                report = self._localise(rt, now, timeout)
+                blamed = report.culprit_ranks[0] if report and report.culprits else rank
+                idle = now - rt.ranks[blamed].progress_at
+                where = f"step {report.step} hung: {report.message}. " if report else ""
+                self._lose(rt, blamed, f"{where}Rank {blamed} made no progress for {idle:.1f} s "
+                                       f"(heartbeat_timeout_s={timeout:g}); presumed stalled")
                 return
 
-    # elastic worlds (docs/elastic.md) ---------------------------------------------------
-    def _check_world(self, rt: AttemptRuntime) -> None:
-        """Replan mode: find the rank that stopped first (the others wait on it), a world
-        that did not form in time, replacements gone silent."""
-        timeout = rt.job.spec.failure.heartbeat_timeout_s
-        now = self.clock()
+    def _localise(self, rt: AttemptRuntime, now: float, timeout: float) -> HangReport | None:
+        """Whom the stalled step's ranks wait on (controller.hang), recorded as a span; None
+        when no rank has reported a position."""
         with rt.cond:
-            verdict = _stalled(rt, now, timeout)
-        if verdict is None:
-            return
-        kind, ranks, message = verdict
-        if kind == "regroup":
-            with rt.cond:
-                change = rt.worlds.regroup_same(message, step=self._step_of(rt), now=now)
-                self._reset_progress(rt)
-                rt.cond.notify_all()
-            self._record(rt, change)
-        else:
-            self._ranks_lost(rt, ranks, message)
+            positions = {r: st.position for r, st in rt.ranks.items() if st.position}
+            silent = {r for r, st in rt.ranks.items() if now - st.heard_at > timeout}
+        if not positions:
+            return None
+        step = min((p.step for p in positions.values() if p.step >= 0), default=-1)
+        planned = rt.plans.get((len(rt.ranks), step), (None, ""))[0]
+        report = localise(planned.plan if planned else None, positions, len(rt.ranks),
+                          silent=silent)
+        self._hang_span(rt, report)
+        return report
 
-    def _step_of(self, rt: AttemptRuntime) -> int:
-        """The step the current world is working on (its members' first unfinished)."""
-        members = rt.worlds.membership.members() or tuple(rt.ranks)
-        return min(rt.ranks[s].done_step for s in members) + 1
-
-    def _reset_progress(self, rt: AttemptRuntime) -> None:
-        now = self.clock()
-        for st in rt.ranks.values():
-            st.progress_at = now
-
-    def _ranks_lost(self, rt: AttemptRuntime, ranks: list[int], reason: str) -> None:
-        """`ranks` are gone: the survivors' new world, or the fallback."""
-        with rt.cond:
-            step = self._step_of(rt)
-            change = rt.worlds.lose(ranks, reason, step=step,
-                                    checkpoint=bool(rt.job.last_checkpoint), now=self.clock())
-            self._reset_progress(rt)
-            rt.cond.notify_all()
-            done = [s for s in rt.reports if self._complete(rt, s)]
-        self._record(rt, change)
-        for s in done:  # the lost rank may have been the last one a step waited for
-            self._finish_step(rt, s)
-
-    def _waits_for_world(self, rt: AttemptRuntime, rank: int, step: int, error: str,
-                         epoch: int) -> None:
-        """A member's step broke on a vanished peer: it waits for the next world. (One of
-        an older world than the current one broke because that world did: the current
-        World is on its way to the rank, and the report says nothing about it.)"""
-        with rt.cond:
-            w = rt.worlds.world
-            if w is None or epoch >= w.epoch:
-                rt.worlds.waiting_world.add(rank)
-        self.store.append_logs(rt.job.id, [f"rank {rank} abandoned step {step} and waits for "
-                                           f"a new world: {error.splitlines()[0][:300]}"])
-
-    def _fall_back(self, rt: AttemptRuntime, reason: str, step: int) -> None:
-        """Re-planning cannot work: a fallback_restart event, then the attempt ends (once)."""
-        with rt.cond:
-            if rt.lost_sent or rt.fell_back:
-                return
-            rt.fell_back = True
-            w = rt.worlds.world
-            event = rt.worlds.fallback_event(reason, step)
-        self._record(rt, Change(events=(event,)))
-        self._lose(rt, None, f"fallback_restart: {reason} (world {w.epoch if w else '-'})")
-
-    def _record(self, rt: AttemptRuntime, change: Change) -> None:
-        """Persist and announce a membership change (outside the attempt's lock)."""
+    def _hang_span(self, rt: AttemptRuntime, report: HangReport) -> None:
         job = rt.job
-        if change.snapshot is not None:
-            with rt.cond:
-                history = {str(e): list(m) for e, m in rt.worlds.history.items()}
-            self.store.set_world(job.id, {"attempt": job.attempt, "membership": change.snapshot,
-                                          "history": history})
-        for event in change.events:
-            event = self.store.append_event(job.id, event)
-            self.store.append_logs(job.id, [f"{event.kind}: ranks {list(event.ranks)} at step "
-                                            f"{event.step}, world {event.epoch} of "
-                                            f"{event.world_size} ranks: {event.reason}"])
-            self._trace_event(job, event)
-        if change.fallback:
-            rt.fell_back = True
-            self._lose(rt, None, f"fallback_restart: {change.fallback}")
-
-    def _trace_event(self, job: JobRecord, event) -> None:
         parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
                                    else {})
-        with self.tracer.start_as_current_span("job.world_change", context=parent) as span:
+        with self.tracer.start_as_current_span("job.hang", context=parent) as span:
             span.set_attributes({
                 "ringmaster.job_id": job.id, "ringmaster.attempt": job.attempt,
-                "world.event": event.kind, "world.epoch": event.epoch,
-                "world.size": event.world_size, "world.ranks": list(event.ranks),
-                "world.step": event.step, "world.reason": event.reason})
+                "ringmaster.step": report.step, "hang.message": report.message,
+                "hang.stalled_ranks": list(report.culprit_ranks),
+                "hang.waiting_ranks": sorted({r for c in report.culprits
+                                              for r in c.ring_waiters + c.collective_waiters}),
+                "hang.stuck_rings": [str(list(r)) for r in report.stuck_rings]})
+            if report.culprits:
+                c = report.culprits[0]
+                span.set_attributes({
+                    "hang.ring": list(c.ring), "hang.micro_batch": c.position.micro_batch,
+                    "hang.layer": c.position.layer, "hang.phase": c.position.phase,
+                    "hang.ring_hop": c.position.ring_hop})
 
 
-def _stalled(rt: AttemptRuntime, now: float, timeout: float
-             ) -> tuple[str, list[int], str] | None:
-    """("lose", ranks, why), ("regroup", [], why) or None (see _check_world)."""
-    worlds = rt.worlds
-    w = worlds.world
-    if w is None:
-        return None
-    waiting = [s for s in worlds.membership.waiting() if s not in w.members]
-    silent = [s for s in waiting if not rt.ranks[s].finished
-              and now - rt.ranks[s].heard_at > timeout]
-    if silent:
-        return "lose", silent, f"replacement rank(s) {silent} went silent for {timeout:g} s"
-    forming = not w.complete and (w.boundary is None or w.epoch in worlds.offered)
-    if forming:  # members form it with collectives bounded by the process-group timeout,
-        # twice the heartbeat timeout (workers.driver.group_config): give them as long
-        if now - worlds.announced_at <= 2 * timeout:
-            return None
-        absent = [s for s in w.members if s not in w.formed and s not in worlds.waiting_world]
-        if absent:
-            return "lose", absent, (f"rank(s) {absent} did not form world {w.epoch} within "
-                                    f"2 x heartbeat_timeout_s={timeout:g}")
-        return "regroup", [], f"forming world {w.epoch} failed on every rank"
-    if w.members and all(s in worlds.waiting_world for s in w.members):
-        return "regroup", [], f"every rank of world {w.epoch} abandoned its step"
-    gone = [s for s in w.members if not rt.ranks[s].finished
-            and now - rt.ranks[s].heard_at > timeout]
-    if gone:
-        return "lose", gone, f"rank(s) {gone} went silent for {timeout:g} s (no heartbeat)"
-    # Stalled: a rank that holds a plan it has not finished, is still computing it and whose
-    # progress stopped. (Waiting for a plan, for a world to form, for a step boundary or in
-    # the step's collectives or a ring transfer for the others is not stalling.)
-    busy = [s for s in w.members if not rt.ranks[s].finished and s not in worlds.waiting_world
-            and (w.complete or s not in w.joining) and not rt.ranks[s].syncing
-            and rt.ranks[s].sent_step > rt.ranks[s].done_step]
-    late = [s for s in busy if now - rt.ranks[s].progress_at > timeout]
-    if not late:
-        return None
-    first = min(late, key=lambda s: (rt.ranks[s].progress_at, s))
-    idle = now - rt.ranks[first].progress_at
-    return "lose", [first], (f"rank {first} made no progress for {idle:.1f} s "
-                             f"(heartbeat_timeout_s={timeout:g}); presumed stalled")
+def _min_done(rt: AttemptRuntime, epoch: int | None) -> int:
+    """The newest step every live member of world `epoch` has finished (caller holds
+    rt.cond): O(members) once per completed step and world, then cached."""
+    if epoch not in rt.min_done:
+        rt.min_done[epoch] = min(rt.ranks[s].done_step for s in live_members(rt, epoch))
+    return rt.min_done[epoch]
+
+
+def _build_message(rt: AttemptRuntime, planned: PlannedStep, traceparent: str, epoch: int,
+                   step: int) -> pb.PlanMessage:
+    plan, training = planned.plan, rt.job.spec.training
+    checkpoint = bool(training.checkpoint_dir) and (
+        (step + 1) % training.checkpoint_interval == 0 or step + 1 == training.steps)
+    return pb.PlanMessage(
+        step=step, plan_json=plan.model_dump_json(), sample_ids=planned.sample_ids,
+        data_epoch=planned.next_position.epoch, data_index=planned.next_position.index,
+        checkpoint=checkpoint, traceparent=traceparent, world_epoch=epoch,
+        predicted_step_s=plan.predicted.makespan_s if plan.predicted else 0.0)
 
 
 def _resume_step(job: JobRecord) -> int:
@@ -681,42 +777,12 @@ def worker_config_json(job: JobRecord) -> str:
                      "precision": spec.resolve_precision(),
                      "optimizer_sharding": spec.resolve_optimizer_sharding(),
                      "shard_mirror": spec.resolve_shard_mirror()},
+        "objective": objective_config(spec.objective),
         "failure": spec.failure.model_dump(mode="json"),
         "heartbeat_interval_s": max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
+        # The planner's node size: the workers place rank r on node r // ranks_per_node.
+        "ranks_per_node": spec.resolve_cluster().gpus_per_node,
     })
-
-
-def step_metrics(step: int, attempt: int, reports: dict[int, pb.StepReport],
-                 planned: PlannedStep | None) -> StepMetrics:
-    """One StepMetrics from every rank's report of a step."""
-    times = [r.step_time_s for r in reports.values()]
-    busy = [sum(r.micro_batch_times_s) for r in reports.values()]
-    measured = max(times) if times else 0.0
-    mean_busy = sum(busy) / len(busy) if busy else 0.0
-    any_report = next(iter(reports.values()))
-    predicted = planned.plan.predicted.makespan_s if planned and planned.plan.predicted else 0.0
-    return StepMetrics(
-        step=step, attempt=attempt, loss=any_report.loss, world_size=len(reports),
-        tokens_per_s=sum(r.tokens for r in reports.values()) / measured if measured else 0.0,
-        predicted_step_s=predicted, measured_step_s=measured,
-        imbalance=(max(busy) / mean_busy - 1.0) if mean_busy > 0 else 0.0,
-        groups=groups_by_size(planned.plan) if planned else "")
-
-
-def groups_by_size(plan) -> str:
-    """'SIZExCOUNT' words of a plan's groups, smallest ring first (e.g. '1x6 2x1 4x1')."""
-    return " ".join(f"{size}x{count}" for size, count in plan.groups_by_size().items())
-
-
-def group_seconds(plan, reports: dict[int, pb.StepReport]) -> dict[tuple[int, int], float]:
-    """Measured time of each (micro_batch, group): the slowest member's micro-batch time."""
-    out: dict[tuple[int, int], float] = {}
-    for rank, rep in reports.items():
-        mine = [(m, gi) for m, mb in enumerate(plan.micro_batches)
-                for gi, g in enumerate(mb.groups) if rank in g.ranks]
-        for key, seconds in zip(mine, rep.micro_batch_times_s, strict=False):
-            out[key] = max(out.get(key, 0.0), seconds)
-    return out
 
 
 def _method(context) -> str:
@@ -726,7 +792,8 @@ def _method(context) -> str:
         return "RPC"
 
 
-def serve_grpc(service: WorkerService, *, host: str, port: int, max_workers: int = 64,
+def serve_grpc(service: WorkerService, *, host: str, port: int,
+               max_workers: int = MAX_RPC_THREADS,
                credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `service` (TLS with `credentials`); returns it and the port."""
     from concurrent.futures import ThreadPoolExecutor

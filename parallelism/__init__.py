@@ -6,6 +6,7 @@ from parallelism.comm import (
     RingComm,
     RingCommError,
     check_ring,
+    ring_sum,
 )
 from parallelism.grad_sync import GradBuffer, all_reduce_gradients
 from parallelism.offload import (
@@ -56,6 +57,7 @@ __all__ = [
     "ring_attention_forward",
     "ring_attention_reference",
     "ring_attention_setup",
+    "ring_sum",
     "streambp_layer_backward",
     "zigzag_chunk_bounds",
     "zigzag_index",

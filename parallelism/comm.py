@@ -33,6 +33,8 @@ from enum import Enum
 import torch
 import torch.distributed as dist
 
+from parallelism.progress import PROGRESS
+
 __all__ = [
     "CommProtocolError",
     "CommStats",
@@ -40,6 +42,7 @@ __all__ = [
     "RingCommError",
     "check_ring",
     "current_rank_and_world",
+    "ring_sum",
 ]
 
 
@@ -58,9 +61,6 @@ class CommStats:
     bytes_sent: dict[str, int] = field(default_factory=dict)
     """Payload bytes this rank sent, per channel."""
     bytes_received: dict[str, int] = field(default_factory=dict)
-    waiting: int = 0
-    """Ring waits in progress (read from another thread, e.g. a heartbeat: this rank is
-    blocked on its peers, not computing)."""
     """Payload bytes this rank received, per channel."""
     messages_sent: dict[str, int] = field(default_factory=dict)
     """Point-to-point send ops this rank issued, per channel."""
@@ -207,14 +207,13 @@ class RingComm:
         works, self._works = self._works, []
         self._state = _State.IDLE
         self._in_flight_tensors = []
-        if self.stats is not None:
-            self.stats.waiting += 1
         try:
-            for work in works:
-                if self.timeout is None:
-                    work.wait()
-                else:
-                    work.wait(self.timeout)
+            with PROGRESS.ring_wait():  # where a hang localisation sees it blocked
+                for work in works:
+                    if self.timeout is None:
+                        work.wait()
+                    else:
+                        work.wait(self.timeout)
         except RuntimeError as exc:  # gloo/NCCL timeouts and peer failures land here
             raise RingCommError(
                 f"rank {self.rank}, ring {list(self.ring)}, channel {self.channel!r}: "
@@ -222,9 +221,6 @@ class RingComm:
                 f"Do all members call with the same ring, in the same order, the same number "
                 f"of times?"
             ) from exc
-        finally:
-            if self.stats is not None:
-                self.stats.waiting -= 1
 
     @property
     def in_flight(self) -> bool:
@@ -235,3 +231,29 @@ class RingComm:
         if self._state is not _State.IDLE:
             raise CommProtocolError(f"[{self.channel}] closed with ops {self._state.value}: "
                                     f"every commit() needs a wait()")
+
+
+def ring_sum(x: torch.Tensor, ring: Sequence[int], *, channel: str = "sum",
+             group: dist.ProcessGroup | None = None, stats: CommStats | None = None
+             ) -> torch.Tensor:
+    """The sum of every ring member's `x` (same shape and dtype on each), bit-identical on
+    every member: a ring all-gather (d - 1 send/recv steps on the global group, never a new
+    group), then the blocks added in ring-position order, so no member rounds differently.
+
+    For small per-sequence figures (a DPO pair's log-probability on a ring); it moves
+    (d - 1) x numel elements per member.
+    """
+    comm = RingComm(ring, channel=channel, group=group, stats=stats)
+    blocks = {comm.position: x}
+    current = x.contiguous()
+    for step in range(comm.size - 1):
+        received = comm.send_recv(current)
+        comm.commit()
+        comm.wait()
+        blocks[(comm.position - step - 1) % comm.size] = received
+        current = received
+    comm.close()
+    total = blocks[0].clone()
+    for position in range(1, comm.size):
+        total += blocks[position]
+    return total

@@ -37,6 +37,7 @@ import torch
 from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
 
 import kernels
+from parallelism.progress import PROGRESS
 
 # --------------------------------------------------------------------------- memory meter
 
@@ -374,12 +375,14 @@ class TokenwiseOffloadStack:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.states = []
         for i, layer in enumerate(self.layers):
+            PROGRESS.layer(i, "forward")
             run = self._forward_swapped if i < self.num_offloaded else self._forward_resident
             x = run(layer, x)
         return x
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor:
         for i in reversed(range(len(self.layers))):
+            PROGRESS.layer(i, "backward")
             if i > 0 and isinstance(self.states[i - 1], _SwappedLayer):
                 self._prefetch(self.states[i - 1])  # overlaps this layer's backward (CUDA)
             state, self.states[i] = self.states[i], None

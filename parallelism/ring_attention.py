@@ -62,6 +62,7 @@ from parallelism.comm import (
     check_ring,
     current_rank_and_world,
 )
+from parallelism.progress import PROGRESS
 from parallelism.zigzag import ZigzagLayout, _lengths_from_cu
 
 __all__ = [
@@ -204,6 +205,7 @@ def _ring_forward(q, k, v, *, blocks, block_tokens, comm, scale, backend):
     kv = torch.stack([k, v])
     size = len(blocks)
     for step in range(size):
+        PROGRESS.hop(step)
         if step + 1 < size:
             nxt = comm.send_recv(kv, kv.new_empty((2, block_tokens[step + 1], *k.shape[1:])))
             comm.commit()
@@ -239,6 +241,7 @@ def _ring_backward(dout, q, k, v, out, lse, *, blocks, block_tokens, kv_comm, dk
     size = len(blocks)
     dkv_in = None
     for step in range(size):
+        PROGRESS.hop(step)
         if step + 1 < size:
             nxt = kv_comm.send_recv(kv, kv.new_empty((2, block_tokens[step + 1], *k.shape[1:])))
             kv_comm.commit()

@@ -35,6 +35,7 @@ import torch
 
 import kernels
 from parallelism.offload import HostSwapper, HostTensor, cu_seqlens_for, track_buffer
+from parallelism.progress import PROGRESS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,13 +140,15 @@ class StreamBPStack:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.inputs = []
         with torch.no_grad():
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
+                PROGRESS.layer(i, "forward")
                 self.inputs.append(self._keep(x))
                 x = layer(x, self.pos, lambda q, k, v: self.core_forward(q, k, v)[0])
         return x
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor:
         for i in reversed(range(len(self.layers))):
+            PROGRESS.layer(i, "backward")
             if i > 0 and self.inputs[i - 1][0] is not None:
                 self.swapper.prefetch(self.inputs[i - 1][0])
             host, dev = self.inputs[i]

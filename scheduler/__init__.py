@@ -11,10 +11,10 @@ from scheduler.errors import (
     SpecError,
 )
 from scheduler.plan import MicroBatch, Predicted, RingGroup, SeqSlice, StepPlan
-from scheduler.specs import ClusterSpec, ModelSpec, cluster_preset, model_preset
+from scheduler.specs import ClusterSpec, ModelSpec, NodePool, cluster_preset, model_preset
 
 __all__ = [
-    "ClusterSpec", "DatasetError", "InfeasibleBatchError", "MicroBatch", "ModelSpec",
+    "ClusterSpec", "DatasetError", "InfeasibleBatchError", "MicroBatch", "ModelSpec", "NodePool",
     "PlanValidationError", "Predicted", "RingGroup", "RingmasterError", "SeqSlice", "SpecError",
     "StepPlan", "cluster_preset", "model_preset",
 ]
@@ -26,6 +26,7 @@ _LAZY = {
     "simulate": "scheduler.simulator", "SimResult": "scheduler.simulator",
     "lower_bound": "scheduler.simulator",
     "CostModel": "scheduler.cost", "Observation": "scheduler.cost",
+    "SpeedEstimator": "scheduler.speeds",
 }
 __all__ += list(_LAZY)
 

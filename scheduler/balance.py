@@ -19,6 +19,14 @@ order, so that all ranks finish the step together. Three passes:
 
 A rank runs its rings first, then its packs; ring members start together (the scheduler
 waits for the last one). `scheduler.lns` then improves pass 3 with CP-SAT.
+
+Ranks of different speeds (node pools, measured stragglers; `CostModel.at_speed`): the
+target is the total work over the ranks' summed speed; a ring runs at its slowest
+member's speed, so pass 2 weighs, per speed class, placing the ring only on ranks at
+least that fast (a ring of fast ranks is not held back by a slow one) and keeps the
+placement that ends first; pass 3 puts each short sequence where it finishes earliest at
+that rank's speed. Each rank packs up to its own capacity (node pools of different
+memory). With every speed 1 and one capacity this is exactly the uniform scheduler.
 """
 
 from __future__ import annotations
@@ -64,16 +72,29 @@ class Schedule:
     """Rings placed in time, then per-rank lists of short sequences (packed on demand)."""
 
     world_size: int
-    capacity_tokens: int
+    capacity_tokens: int  # the smallest rank capacity (what rings are sized by)
     rings: list[Task]  # multi-rank (or enlarged) groups, each at its start time
     base_s: np.ndarray  # float64[world_size]: when each rank's ring phase ends
     items: list[list[Shard]] = field(default_factory=list)  # short sequences per rank
+    speeds: np.ndarray | None = None  # float64[world_size] rank speeds (None: all 1)
+    capacities: np.ndarray | None = None  # int64[world_size] (None: all capacity_tokens)
+
+    def speed(self, rank: int) -> float:
+        return 1.0 if self.speeds is None else float(self.speeds[rank])
+
+    def capacity(self, rank: int) -> int:
+        return self.capacity_tokens if self.capacities is None else int(self.capacities[rank])
 
     def packs_of(self, rank: int) -> list[list[Shard]]:
-        return best_fit_packs(self.items[rank], capacity_tokens=self.capacity_tokens)
+        return best_fit_packs(self.items[rank], capacity_tokens=self.capacity(rank))
+
+    def load_of(self, rank: int, items: Sequence[Shard], cost: CostModel) -> float:
+        """When `rank` would finish holding `items` after its rings (at its speed)."""
+        return self.base_s[rank] + short_load(items, cost.at_speed(self.speed(rank)),
+                                              self.capacity(rank))
 
     def rank_load(self, rank: int, cost: CostModel) -> float:
-        return self.base_s[rank] + short_load(self.items[rank], cost, self.capacity_tokens)
+        return self.load_of(rank, self.items[rank], cost)
 
     def loads(self, cost: CostModel) -> np.ndarray:
         return np.array([self.rank_load(r, cost) for r in range(self.world_size)])
@@ -83,8 +104,9 @@ class Schedule:
         out = list(self.rings)
         for r in range(self.world_size):
             t = float(self.base_s[r])
+            at = cost.at_speed(self.speed(r))
             for pack in self.packs_of(r):
-                dur = pack_time(pack, cost)
+                dur = pack_time(pack, at)
                 out.append(Task(ranks=(r,), shards=tuple(pack), start_s=t, duration_s=dur))
                 t += dur
         return out
@@ -258,12 +280,21 @@ def best_ring_time(sh: Shard, cost: CostModel, topo: Topology, capacity_tokens: 
 
 
 def balance_target(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                   capacity_tokens: int) -> float:
-    """Perfect-balance bound: total compute / ranks, and the longest sequence's best ring
-    (T(s, d) grows with s for every d, so the longest sequence has the slowest best ring)."""
-    work = sum(cost.compute_s(sh.length) for sh in shards) / topo.world_size
+                   capacity_tokens: int, speeds: np.ndarray | None = None) -> float:
+    """Perfect-balance bound: total compute / summed rank speed, and the longest sequence's
+    best ring at the fastest speed (T(s, d) grows with s for every d, so the longest
+    sequence has the slowest best ring)."""
+    total_speed, fastest = _speed_totals(speeds, topo.world_size)
+    work = sum(cost.compute_s(sh.length) for sh in shards) / total_speed
     longest = max(shards, key=lambda sh: (sh.length, -sh.ring_size, sh.seq_id))
-    return max(work, best_ring_time(longest, cost, topo, capacity_tokens))
+    return max(work, best_ring_time(longest, cost.at_speed(fastest), topo, capacity_tokens))
+
+
+def _speed_totals(speeds: np.ndarray | None, world_size: int) -> tuple[float, float]:
+    """(summed speed, fastest speed) of the ranks (all 1 without speeds)."""
+    if speeds is None:
+        return float(world_size), 1.0
+    return float(speeds.sum()), float(speeds.max())
 
 
 # -- passes 2 and 3 ---------------------------------------------------------------------
@@ -333,7 +364,7 @@ class FreeView:
     def free_counts(self, levels: int = 8) -> list[int]:
         """How many ranks are free by each of the first few node-level free times."""
         times = np.unique(self.S[self.nodes[:levels], -1])
-        return [int(np.count_nonzero(self.S <= t)) for t in times]
+        return [int(np.count_nonzero(self.S <= t)) for t in times if np.isfinite(t)]
 
 
 def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
@@ -353,61 +384,116 @@ def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
     return sorted(_snap(cand, topo))
 
 
+class SpeedViews:
+    """One FreeView per speed class: the class's view hides every slower rank (free at
+    infinity), so a ring placed through it runs at least that fast. One view over `free`
+    itself when every rank has the same speed."""
+
+    def __init__(self, free: np.ndarray, speeds: np.ndarray | None, topo: Topology):
+        self.free = free
+        self.speeds = speeds
+        levels = [1.0] if speeds is None else sorted(set(speeds.tolist()), reverse=True)
+        if len(levels) == 1:
+            self.views = [(levels[0], FreeView(free, topo))]
+        else:
+            self.views = [(v, FreeView(np.where(speeds >= v, free, np.inf), topo))
+                          for v in levels]
+
+    def occupy(self, ranks: Sequence[int], until_s: float) -> None:
+        if len(self.views) == 1:
+            self.views[0][1].occupy(ranks, until_s)
+            return
+        self.free[list(ranks)] = until_s
+        for v, view in self.views:
+            visible = [r for r in ranks if self.speeds[r] >= v]
+            if visible:
+                view.occupy(visible, until_s)
+
+    def ring_speed(self, ranks: Sequence[int]) -> float:
+        return 1.0 if self.speeds is None else float(self.speeds[list(ranks)].min())
+
+
 def place_rings(rings: Sequence[tuple[Shard, int]], free: np.ndarray, cost: CostModel,
-                topo: Topology, capacity_tokens: int, target_s: float) -> list[Task]:
+                topo: Topology, capacity_tokens: int, target_s: float,
+                speeds: np.ndarray | None = None) -> list[Task]:
     """Alg. 2 for the rings, given as (shard at D(s), ring size d0 sized to the target):
     largest work first, each onto the smallest ring that still ends by the target (leaving
-    the most ranks to the rest), or, if none can, the size and ranks that end it earliest."""
+    the most ranks to the rest; the fastest class on ties), or, if none can, the size,
+    speed class and ranks that end it earliest."""
     timed = sorted(((ring_time(sh, d0, cost, topo), sh, d0) for sh, d0 in rings),
                    key=lambda t: (-t[0] * t[2], -t[0], t[1].seq_id))
     tasks = []
-    view = FreeView(free, topo)
+    views = SpeedViews(free, speeds, topo)
     for _, sh, d0 in timed:
-        sized = {d: resize(sh, d, capacity_tokens, cost)
-                 for d in candidate_sizes(sh, d0, view, cost, topo)}
-        ends = [(view.start(d) + cost.c + ring_time(x, d, cost, topo), d)
-                for d, x in sized.items()]
-        under = [d for end, d in ends if end <= target_s * (1 + 1e-9)]
-        d = min(under) if under else min(ends)[1]
-        ranks = view.ranks(d)
+        end, d, level, x = _ring_choice(sh, d0, views, cost, topo, capacity_tokens, target_s)
+        ranks = views.views[level][1].ranks(d)
         start = float(free[ranks].max())
-        bw = topo.ring_bandwidth(ranks)
-        dur = cost.c + cost.seq_time(sh.length, d, bandwidth_gbps=bw,
-                                     offload_ratio=sized[d].offload_ratio)
-        view.occupy(ranks, start + dur)
-        tasks.append(Task(ranks=tuple(ranks), shards=(sized[d],), start_s=start,
-                          duration_s=dur))
+        at = cost.at_speed(views.ring_speed(ranks))
+        dur = at.c + at.seq_time(sh.length, d, bandwidth_gbps=topo.ring_bandwidth(ranks),
+                                 offload_ratio=x.offload_ratio)
+        views.occupy(ranks, start + dur)
+        tasks.append(Task(ranks=tuple(ranks), shards=(x,), start_s=start, duration_s=dur))
     return tasks
 
 
+def _ring_choice(sh: Shard, d0: int, views: SpeedViews, cost: CostModel, topo: Topology,
+                 capacity_tokens: int, target_s: float) -> tuple[float, int, int, Shard]:
+    """(end, ring size, speed-class index, resized shard) of where `sh` goes."""
+    options = []
+    for level, (v, view) in enumerate(views.views):
+        at = cost.at_speed(v)
+        for d in candidate_sizes(sh, d0, view, cost, topo):
+            x = resize(sh, d, capacity_tokens, cost)
+            end = view.start(d) + at.c + ring_time(x, d, at, topo)
+            if math.isfinite(end):  # a class with fewer than d ranks cannot hold the ring
+                options.append((end, d, level, x))
+    under = [o for o in options if o[0] <= target_s * (1 + 1e-9)]
+    if under:
+        return min(under, key=lambda o: (o[1], o[2]))
+    return min(options, key=lambda o: (o[0], o[1], o[2]))
+
+
 def place_shorts(shorts: Sequence[Shard], start: np.ndarray, items: list[list[Shard]],
-                 cost: CostModel, capacity_tokens: int) -> list[list[Shard]]:
-    """LPT: longest first onto the least-loaded rank, opening a pack when one is full.
+                 cost: CostModel, capacity_tokens: int, speeds: np.ndarray | None = None,
+                 capacities: np.ndarray | None = None) -> list[list[Shard]]:
+    """LPT: longest first onto the rank where it finishes earliest (the least-loaded one
+    when all run at one speed), opening a pack when one is full.
 
     `start` is when each rank's fixed groups end; `items` already holds movable sequences
-    per rank (their time counts as one open pack) and is extended in place.
+    per rank (their time counts as one open pack) and is extended in place. One heap per
+    speed class: the least-loaded rank of each class is the only one of it worth asking.
     """
-    room = np.zeros(start.size, dtype=np.int64)  # free tokens in each rank's open pack
-    heap = []
+    n = start.size
+    caps = np.full(n, capacity_tokens, dtype=np.int64) if capacities is None else capacities
+    v = np.ones(n) if speeds is None else speeds
+    room = np.zeros(n, dtype=np.int64)  # free tokens in each rank's open pack
+    heaps: dict[float, list[tuple[float, int]]] = {x: [] for x in set(v.tolist())}
     for r, t in enumerate(start.tolist()):
         if items[r]:
-            t += short_load(items[r], cost, capacity_tokens)
-            room[r] = max(0, capacity_tokens - sum(held_tokens(sh) for sh in items[r]))
-        heap.append((t, r))
-    heapq.heapify(heap)
+            t += short_load(items[r], cost.at_speed(float(v[r])), int(caps[r]))
+            room[r] = max(0, int(caps[r]) - sum(held_tokens(sh) for sh in items[r]))
+        heaps[float(v[r])].append((t, r))
+    for heap in heaps.values():
+        heapq.heapify(heap)
+    classes = sorted(heaps, reverse=True)
     ordered = sorted(shorts, key=lambda x: (-x.length, x.seq_id))
     times = cost.single_rank_times([sh.length for sh in ordered],
                                    [sh.offload_ratio for sh in ordered]).tolist()
     for sh, t in zip(ordered, times, strict=True):
-        load, r = heapq.heappop(heap)
         need = held_tokens(sh)
-        extra = t
+        best = None
+        for speed in classes:
+            load, r = heaps[speed][0]
+            extra = (t + (cost.c if room[r] < need else 0.0)) / speed
+            if best is None or load + extra < best[0]:
+                best = (load + extra, speed, r)
+        finish, speed, r = best
+        heapq.heappop(heaps[speed])
         if room[r] < need:
-            room[r] = capacity_tokens
-            extra += cost.c
+            room[r] = caps[r]
         room[r] -= need
         items[r].append(sh)
-        heapq.heappush(heap, (load + extra, r))
+        heapq.heappush(heaps[speed], (finish, r))
     return items
 
 
@@ -434,16 +520,54 @@ def split_movable(tasks: Sequence[Task], world_size: int
     return fixed, base, items
 
 
+def pack_fixed_singles(tasks: Sequence[Task], cost: CostModel, capacity_tokens: int,
+                       speeds: np.ndarray | None = None,
+                       capacities: np.ndarray | None = None) -> list[Task]:
+    """Single-rank tasks a rank runs back to back before one of its rings, packed
+    (best-fit decreasing) into as few micro-batches as fit: the same order around the
+    rings, fewer fixed costs c. The ring keeps its start time (a bound; the simulator
+    times the plan from the order alone)."""
+    by_rank: dict[int, list[Task]] = {}
+    out = []
+    for t in sorted(tasks, key=lambda t: (t.start_s, t.ranks)):
+        if len(t.ranks) == 1:
+            by_rank.setdefault(t.ranks[0], []).append(t)
+            continue
+        for r in t.ranks:
+            out += _packed_run(by_rank.pop(r, []), cost, capacity_tokens, speeds, capacities)
+        out.append(t)
+    for run in by_rank.values():
+        out += _packed_run(run, cost, capacity_tokens, speeds, capacities)
+    return out
+
+
+def _packed_run(run: list[Task], cost: CostModel, capacity_tokens: int,
+                speeds: np.ndarray | None, capacities: np.ndarray | None) -> list[Task]:
+    if len(run) < 2:
+        return run
+    r = run[0].ranks[0]
+    cap = capacity_tokens if capacities is None else int(capacities[r])
+    at = cost.at_speed(1.0 if speeds is None else float(speeds[r]))
+    t, out = run[0].start_s, []
+    for pack in best_fit_packs([sh for task in run for sh in task.shards], capacity_tokens=cap):
+        dur = pack_time(pack, at)
+        out.append(Task(ranks=(r,), shards=tuple(pack), start_s=t, duration_s=dur))
+        t += dur
+    return out
+
+
 def held_tokens(sh: Shard) -> int:
     return int(np.ceil(sh.length * (1.0 - sh.offload_ratio) - 1e-9))
 
 
 def size_rings(shards: Sequence[Shard], single: np.ndarray, target: float, cost: CostModel,
-               topo: Topology, *, beyond_hidden: bool) -> list[tuple[Shard, int]]:
+               topo: Topology, *, beyond_hidden: bool,
+               total_speed: float | None = None) -> list[tuple[Shard, int]]:
     """Pass 1: (shard at D(s), ring size for the target), longest first, the level rising
-    with the exposed communication of every ring enlarged past its hiding limit."""
+    with the exposed communication of every ring enlarged past its hiding limit
+    (`total_speed`: the ranks' summed speed, default one per rank)."""
     sized = [(sh, 1) for sh in shards]
-    level = sum(cost.compute_s(sh.length) for sh in shards) / topo.world_size
+    level = sum(cost.compute_s(sh.length) for sh in shards) / (total_speed or topo.world_size)
     for k in sorted(range(len(shards)), key=lambda k: (-shards[k].length, k)):
         sh = shards[k]
         if sh.ring_size == 1 and single[k] <= target:
@@ -456,24 +580,33 @@ def size_rings(shards: Sequence[Shard], single: np.ndarray, target: float, cost:
 
 
 def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
-                    capacity_tokens: int) -> Schedule:
+                    capacity_tokens: int, speeds: np.ndarray | None = None,
+                    capacities: np.ndarray | None = None) -> Schedule:
     """Passes 1-3: ring sizes against the balance target, rings, then short packs.
 
     Tried first with rings capped at their hiding limit, then (when the problem is small
     enough, `FASTEST_MODE_CAP`) with rings allowed up to their fastest size; passes 2 and
     3 with a few targets each (`PLACEMENT_TARGETS`). The schedule with the smallest
     makespan is kept; a mode stops early once a schedule reaches what it cannot beat.
+    `speeds` and `capacities` (float64 / int64 per rank): see the module docstring; None
+    is every rank at speed 1 with `capacity_tokens`.
     """
-    target = balance_target(shards, cost, topo, capacity_tokens)
+    speeds = _nonuniform(speeds)
+    capacities = None if capacities is None or np.all(capacities == capacity_tokens) \
+        else np.asarray(capacities, dtype=np.int64)
+    target = balance_target(shards, cost, topo, capacity_tokens, speeds)
+    total_speed, fastest = _speed_totals(speeds, topo.world_size)
     single = cost.single_rank_times([sh.length for sh in shards],
                                     [sh.offload_ratio for sh in shards])
     longest = max(shards, key=lambda sh: (sh.length, -sh.ring_size, sh.seq_id))
+    quickest = cost.at_speed(fastest)
     best = None
     for beyond_hidden in (False, True):
         if beyond_hidden and (best[0] <= target * (1 + 1e-6) or best[2] * topo.world_size
                               > FASTEST_MODE_CAP):
             break
-        sized = size_rings(shards, single, target, cost, topo, beyond_hidden=beyond_hidden)
+        sized = size_rings(shards, single, target, cost, topo, beyond_hidden=beyond_hidden,
+                           total_speed=total_speed)
         # Rings, and short sequences too coarse to fill gaps late, are placed in pass 2.
         coarse = [d > 1 or t > GRAIN * target
                   for (_, d), t in zip(sized, single.tolist(), strict=True)]
@@ -482,10 +615,12 @@ def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
         # The longest sequence on its largest ring of this mode: nothing ends before that.
         spans = (useful_ring_sizes if beyond_hidden else hidden_ring_sizes)(longest, cost, topo)
         ends = [span[-1] for span in spans] or [longest.ring_size]
-        reachable = max(target, cost.c + min(
-            ring_time(resize(longest, d, capacity_tokens, cost), d, cost, topo) for d in ends))
+        reachable = max(target, quickest.c + min(
+            ring_time(resize(longest, d, capacity_tokens, cost), d, quickest, topo)
+            for d in ends))
         for factor in PLACEMENT_TARGETS if long else (1.0,):
-            schedule = place_all(long, shorts, cost, topo, capacity_tokens, target * factor)
+            schedule = place_all(long, shorts, cost, topo, capacity_tokens, target * factor,
+                                 speeds=speeds, capacities=capacities)
             makespan = float(schedule.loads(cost).max())
             if best is None or makespan < best[0] * (1 - 1e-9):
                 best = (makespan, schedule, len(long))
@@ -495,11 +630,22 @@ def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
 
 
 def place_all(long: Sequence[tuple[Shard, int]], shorts: Sequence[Shard], cost: CostModel,
-              topo: Topology, capacity_tokens: int, target_s: float) -> Schedule:
+              topo: Topology, capacity_tokens: int, target_s: float, *,
+              speeds: np.ndarray | None = None,
+              capacities: np.ndarray | None = None) -> Schedule:
     """Passes 2 and 3 for one target."""
     free = np.zeros(topo.world_size, dtype=np.float64)
-    rings = place_rings(long, free, cost, topo, capacity_tokens, target_s)
+    rings = place_rings(long, free, cost, topo, capacity_tokens, target_s, speeds)
     fixed, base, items = split_movable(rings, topo.world_size)
-    items = place_shorts(shorts, base, items, cost, capacity_tokens)
+    fixed = pack_fixed_singles(fixed, cost, capacity_tokens, speeds, capacities)
+    items = place_shorts(shorts, base, items, cost, capacity_tokens, speeds, capacities)
     return Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens, rings=fixed,
-                    base_s=base, items=items)
+                    base_s=base, items=items, speeds=speeds, capacities=capacities)
+
+
+def _nonuniform(speeds) -> np.ndarray | None:
+    """float64 speeds, or None when every rank runs at speed 1 (the uniform scheduler)."""
+    if speeds is None:
+        return None
+    v = np.asarray(speeds, dtype=np.float64)
+    return None if np.all(v == 1.0) else v

@@ -12,7 +12,8 @@ section 4):
         b = (6 P_matmul + 7 L h B) / F
                              every projection and the LM head (forward 2, backward 4 per
                              weight), plus the kernel's diagonal tiles: a block of B queries
-                             sees all keys up to its last query (B = 256, +s B / 2 pairs)
+                             sees all keys up to its last query (B = 256, +s B / 2 pairs);
+                             objective dpo adds its no-grad head pass, 2 h V per token
     memory scheme (the group's, scheduler/plan.py GroupMemory):
         offload    MEMO: + 2 P_layer (L - 1)(1 - alpha) s / d of recompute / F, and the
                    host copies (x, o, lse and alpha of the saved activations of every
@@ -42,10 +43,19 @@ Memory (scheduler/rank_memory.py): model states for the job's precision and opti
 sharding, plus each scheme's activation peak from the model's MEMO profile.
 `capacity_tokens` is the most tokens a rank holds under the plain scheme;
 `offload_capacity_tokens` under MEMO offload.
+
+Ranks of different speeds (node pools, a throttled GPU: docs/planner.md, "Rank speeds"):
+the model describes the reference rank (the cluster's `achieved_tflops`); `at_speed(v)`
+is the same model for a rank v times as fast: compute, recompute and the fixed cost c
+take 1/v as long, the bandwidths do not change (so a slower rank hides more of its ring
+traffic). A group runs at its slowest member's speed. In a cluster of node pools each
+rank's memory is its own pool's (`rank_memory`, `rank_capacity_tokens`); `memory` and
+`capacity_tokens` are what every rank can count on (the smallest pool's figures).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -62,6 +72,8 @@ from scheduler.work import (
     PLAIN,
     Scheme,
     accumulation_bytes,
+    check_objective,
+    head_flops_per_token,
     layer_matmul_params,
 )
 
@@ -132,8 +144,10 @@ class CostModel:
     def __init__(self, model: ModelSpec, cluster: ClusterSpec, *, precision: str | None = None,
                  optimizer_sharding: str | None = None,
                  memory_fraction: float = DEFAULT_MEMORY_FRACTION,
-                 memory: RankMemory | None = None, shard_mirror: bool = False):
+                 memory: RankMemory | None = None, objective: str = "pretrain",
+                 shard_mirror: bool = False):
         self.model = model
+        self.objective = check_objective(objective)  # its loss head (scheduler.work)
         self.cluster = cluster
         self.memory = memory or RankMemory(model, cluster, precision=precision,
                                            optimizer_sharding=optimizer_sharding,
@@ -146,14 +160,19 @@ class CostModel:
         L, h_attn = model.num_layers, model.num_heads * model.head_dim
         self.p_layer = layer_matmul_params(model)
         self.a = 7.0 * L * h_attn / self.flops_per_s  # seconds per token^2 (attention)
-        self.b = (6.0 * matmul_params(model) + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) \
-            / self.flops_per_s  # seconds per token (projections, head, diagonal tiles)
+        # seconds per token (projections, head, diagonal tiles; dpo's extra head pass)
+        head_extra = head_flops_per_token(model, objective) - head_flops_per_token(model)
+        self.b = (6.0 * matmul_params(model) + head_extra
+                  + 7.0 * L * h_attn * ATTENTION_BLOCK_Q) / self.flops_per_s
         self.c = LAUNCH_S_PER_LAYER * L  # seconds per group
+        self.prior = (self.a, self.b, self.c)  # the FLOP-count figures, before any refit
         cb = self.memory.activations.cb
         row = 2 * model.num_kv_heads * model.head_dim  # K and V values per token
         self.kv_bytes_per_token = float(L * row * cb)  # one KV hand-off, every layer
         self.dkv_bytes_per_token = float(L * row * accumulation_bytes(self.memory.dtype))
         self._seq_costs: dict[tuple, SeqCost] = {}
+        self._at_speed: dict[float, CostModel] = {}
+        self._pool_memory: dict[tuple[int, int], RankMemory] = {}
 
     @property
     def precision(self) -> str:
@@ -201,6 +220,46 @@ class CostModel:
                 "activations", needed_bytes=mem.states.total + mem.activations.peak_bytes(1),
                 available_bytes=mem.budget_bytes)
         return tokens
+
+    def rank_memory(self, rank: int, world_size: int | None = None) -> RankMemory:
+        """The memory model of one rank: its pool's figures in a cluster of node pools,
+        else `memory` (for `world_size` ranks, default the cluster's)."""
+        if not self.cluster.heterogeneous:
+            return self._memory_for(world_size)
+        pool = self.cluster.pool_of(rank)
+        n = world_size or self.memory.world_size
+        if (pool, n) not in self._pool_memory:
+            self._pool_memory[pool, n] = RankMemory(
+                self.model, self.cluster.pool_cluster(pool), precision=self.memory.precision,
+                optimizer_sharding=self.memory.sharding, world_size=n,
+                memory_fraction=self.memory_fraction, shard_mirror=self._mirror_asked)
+        return self._pool_memory[pool, n]
+
+    def rank_capacity_tokens(self, world_size: int | None = None) -> list[int]:
+        """`capacity_tokens` of each of the first `world_size` ranks, from its own pool's
+        device memory (all equal on a uniform cluster)."""
+        n = world_size or self.memory.world_size
+        if not self.cluster.heterogeneous:
+            return [self.capacity_tokens(world_size)] * n
+        self.capacity_tokens(world_size)  # the smallest pool: raises when nothing fits
+        return [self.rank_memory(r, n).capacity_tokens(PLAIN) for r in range(n)]
+
+    def at_speed(self, speed: float) -> CostModel:
+        """This model for a rank `speed` times as fast as the reference (module docstring):
+        a, b, c over speed, achieved FLOP/s times speed, bandwidths and memory unchanged.
+        Cached per speed; `update` clears the cache."""
+        if speed == 1.0:
+            return self
+        if not (speed > 0 and math.isfinite(speed)):
+            raise ValueError(f"speed={speed} must be finite and > 0")
+        hit = self._at_speed.get(speed)
+        if hit is None:
+            hit = copy.copy(self)
+            hit.a, hit.b, hit.c = self.a / speed, self.b / speed, self.c / speed
+            hit.flops_per_s = self.flops_per_s * speed
+            hit._seq_costs, hit._at_speed = {}, {}
+            self._at_speed[speed] = hit
+        return hit
 
     def offload_capacity_tokens(self) -> int:
         """Tokens one rank can hold per micro-batch under MEMO offload (device and host)."""
@@ -388,13 +447,19 @@ class CostModel:
         return busy / (self.cluster.memory_bandwidth_gbps * 1e9)
 
     # -- refit --------------------------------------------------------------------------
-    def update(self, observations: Iterable) -> CostModel:
+    def update(self, observations: Iterable, *, keep_prior_shape: bool = False) -> CostModel:
         """Refit a, b, c by non-negative least squares on measured group times.
 
         Each observation is (lengths, seconds), (lengths, ring_size, seconds), a dict with
         those keys or an `Observation`; the model fitted is
         seconds = a sum(s^2)/d + b sum(s)/d + c. Needs three observations whose features
-        are not collinear. Returns self (coefficients are replaced in place).
+        are not collinear. With `keep_prior_shape` (noisy measurements of groups of similar
+        size, as a running job sees them), the FLOP-count figures `prior` scaled by one
+        factor are kept unless a fit with a free constant c, or a free fit, explains the
+        times clearly better (squared residual below FREE_FIT_MARGIN x): a free fit of
+        near-collinear noisy data can put most of the time into c and make tokens
+        nearly free.
+        Returns self (coefficients are replaced in place).
         """
         obs = [as_observation(o) for o in observations]
         if len(obs) < 3:
@@ -405,9 +470,37 @@ class CostModel:
         if np.linalg.matrix_rank(X / np.maximum(np.abs(X).max(axis=0), 1e-300)) < 3:
             raise ValueError("observations: need at least three distinct token profiles "
                              "(different sum(s^2) and sum(s)) to fit a, b and c")
-        self.a, self.b, self.c = (float(v) for v in nonneg_lstsq(X, y))
+        coef = nonneg_lstsq(X, y)
+        if keep_prior_shape:
+            coef = _prior_unless_clearly_worse(X, y, coef, np.asarray(self.prior))
+        self.a, self.b, self.c = (float(v) for v in coef)
         self._seq_costs.clear()
+        self._at_speed.clear()
         return self
+
+
+FREE_FIT_MARGIN = 0.5  # each extra free coefficient must halve the squared residual
+
+
+def _prior_unless_clearly_worse(X: np.ndarray, y: np.ndarray, free: np.ndarray,
+                                prior: np.ndarray) -> np.ndarray:
+    """The simplest of three nested fits that explains the times (see `CostModel.update`):
+    the prior scaled by one factor k (k a0, k b0, k c0); its compute shape with a fitted
+    constant (k a0, k b0, c); `free`. A fit with more coefficients is taken only where it
+    cuts the squared residual below FREE_FIT_MARGIN x the simpler one's: over groups of
+    similar size, noise alone lets a free constant absorb most of the time (a shallow
+    slope, a large intercept), which would make a slow rank's fixed cost dominate."""
+    def err(coef: np.ndarray) -> float:
+        return float(np.sum((X @ coef - y) ** 2))
+
+    whole = X @ prior
+    scaled = prior * max(0.0, float(whole @ y) / max(float(whole @ whole), 1e-300))
+    compute = X[:, :2] @ prior[:2]
+    k, c = nonneg_lstsq(np.stack([compute, X[:, 2]], axis=1), y)
+    best = scaled
+    if k > 0 and err(np.array([k * prior[0], k * prior[1], c])) < FREE_FIT_MARGIN * err(best):
+        best = np.array([k * prior[0], k * prior[1], c])
+    return free if err(free) < FREE_FIT_MARGIN * err(best) else best
 
 
 def nonneg_lstsq(X: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -9,7 +9,9 @@ they hold and let CP-SAT re-assign them, minimising the largest finish time
                       sum_r x_ir = 1,
 
 where base_r is when rank r's rings end, p_i the time of sequence i on one rank, c the
-per-micro-batch overhead and n_r the number of packs (micro-batches) of rank r. The new
+per-micro-batch overhead and n_r the number of packs (micro-batches) of rank r (with rank
+speeds v_r, p_i and c take 1/v_r as long on rank r; with per-rank capacities C is C_r).
+The new
 assignment is kept only if, re-packed exactly (best-fit decreasing), it lowers the
 neighbourhood's largest finish time, so the step makespan never increases. When the whole
 problem is small enough it is one neighbourhood and CP-SAT solves it exactly.
@@ -28,7 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 from ortools.sat.python import cp_model
 
-from scheduler.balance import Schedule, held_tokens, item_time, short_load
+from scheduler.balance import Schedule, held_tokens, item_time
 from scheduler.cost import CostModel
 
 DET_PER_SECOND = 0.2  # CP-SAT deterministic time per second of limit (~5x slower here)
@@ -100,27 +102,28 @@ def solve_neighbourhood(schedule: Schedule, hood: Sequence[int], cost: CostModel
     keep = {sh.seq_id for sh in items}
     fixed = {r: [sh for sh in schedule.items[r] if sh.seq_id not in keep] for r in hood}
     times = [item_time(sh, cost) for sh in items]
-    base = [schedule.base_s[r] + short_load(fixed[r], cost, schedule.capacity_tokens)
-            for r in hood]
-    unit = (max(base) + sum(times) + cost.c * len(hood)) / SCALE or 1.0
-    p = [max(0, round(t / unit)) for t in times]
+    base = [schedule.load_of(r, fixed[r], cost) for r in hood]
+    speed = [schedule.speed(r) for r in hood]
+    slowest = min(speed)
+    unit = (max(base) + (sum(times) + cost.c * len(hood)) / slowest) / SCALE or 1.0
+    p = [[max(0, round(t / (v * unit))) for v in speed] for t in times]
     b = [round(x / unit) for x in base]
-    c = round(cost.c / unit)
+    c = [round(cost.c / (v * unit)) for v in speed]
     tok = [held_tokens(sh) for sh in items]
-    cap = schedule.capacity_tokens
 
     m = cp_model.CpModel()
     x = [[m.new_bool_var(f"x{i}_{j}") for j in range(len(hood))] for i in range(len(items))]
     for row in x:
         m.add_exactly_one(row)
-    horizon = max(b) + sum(p) + c * (len(items) + 1)
+    horizon = max(b) + sum(max(row) for row in p) + max(c) * (len(items) + 1)
     M = m.new_int_var(0, horizon, "makespan")
     where = {sh.seq_id: j for j, r in enumerate(hood) for sh in schedule.items[r]}
     for j in range(len(hood)):
         n = m.new_int_var(0, len(items), f"packs{j}")
         fixed_tok = sum(held_tokens(sh) for sh in fixed[hood[j]])
+        cap = schedule.capacity(hood[j])
         m.add(n * cap >= fixed_tok + sum(tok[i] * x[i][j] for i in range(len(items))))
-        m.add(M >= b[j] + sum(p[i] * x[i][j] for i in range(len(items))) + c * n)
+        m.add(M >= b[j] + sum(p[i][j] * x[i][j] for i in range(len(items))) + c[j] * n)
     for i, sh in enumerate(items):
         for j in range(len(hood)):
             m.add_hint(x[i][j], int(where[sh.seq_id] == j))
@@ -145,8 +148,7 @@ def solve_neighbourhood(schedule: Schedule, hood: Sequence[int], cost: CostModel
 def apply_if_better(schedule: Schedule, hood: Sequence[int], assignment, loads: np.ndarray,
                     cost: CostModel) -> bool:
     """Keep the new assignment if, exactly re-packed, it lowers the hood's largest load."""
-    new_loads = [schedule.base_s[r] + short_load(a, cost, schedule.capacity_tokens)
-                 for r, a in zip(hood, assignment, strict=True)]
+    new_loads = [schedule.load_of(r, a, cost) for r, a in zip(hood, assignment, strict=True)]
     old_max = float(loads[list(hood)].max())
     if max(new_loads) >= old_max * (1 - 1e-9):
         return False

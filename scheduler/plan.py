@@ -14,6 +14,12 @@ workers did with it: offload at the token-weighted mean of the sequences' offloa
 when that is > 0, else layer-wise StreamBP for a packed group whose rough activation
 estimate exceeds V1_ACTIVATION_BUDGET_BYTES, else plain; its memory rule is
 sum(length * (1 - offload_ratio)) / ring_size <= capacity_tokens.
+
+DPO pairs (`StepPlan.pairs`, optional in either version): the (chosen, rejected) ids of a
+batch's preference pairs. Both sequences of a pair run in one group (one rank, or one
+ring), so the pair's loss needs no extra pass or collective across groups; a plan that
+splits a pair is a violation. `violations(pairs=...)` checks a plan against the pairs of
+the batch it is meant for, whether or not the plan lists them itself.
 """
 
 from __future__ import annotations
@@ -173,6 +179,9 @@ class Predicted(_PlanModel):
         "last micro-batch (included in makespan_s).")
     groups: list[GroupPredicted] | None = Field(
         default=None, description="Per-group predictions, in plan order (version 2).")
+    rank_speeds: list[float] | None = Field(
+        default=None, description="Speed of each rank the prediction assumed, relative to the "
+        "cost model's reference rank (node pools, measured stragglers); absent: all 1.")
 
 
 class PlanMemory(_PlanModel):
@@ -186,7 +195,11 @@ class PlanMemory(_PlanModel):
     shard_mirror: bool = Field(
         default=False, description="Each rank also holds the previous rank's optimizer "
         "shard (distributed; docs/elastic.md): counted in model_state_bytes.")
-    device_budget_bytes: int = Field(ge=1, description="Device bytes a rank may use.")
+    device_budget_bytes: int = Field(ge=1, description="Device bytes a rank may use (with "
+                                     "per-rank budgets: the smallest).")
+    device_budget_bytes_per_rank: list[int] | None = Field(
+        default=None, description="Each rank's own device budget (node pools with different "
+        "memory); absent: every rank has device_budget_bytes.")
 
 
 class StepPlan(_PlanModel):
@@ -196,9 +209,16 @@ class StepPlan(_PlanModel):
                          "or 1 (absent means 1).")
     world_size: int = Field(ge=1, description="Ranks in the job.")
     capacity_tokens: int = Field(ge=1, description="Tokens one rank may hold per micro-batch "
-                                 "(version 2: under the plain scheme).")
+                                 "(version 2: under the plain scheme; with per-rank "
+                                 "capacities: the smallest).")
+    rank_capacity_tokens: list[int] | None = Field(
+        default=None, description="Each rank's own capacity (version 2; node pools with "
+        "different memory); absent: every rank has capacity_tokens.")
     micro_batches: list[MicroBatch] = Field(description="Micro-batches, run in order.")
     memory: PlanMemory | None = Field(default=None, description="Memory settings (version 2).")
+    pairs: list[tuple[int, int]] | None = Field(
+        default=None, description="DPO pairs of the batch as (chosen id, rejected id): both "
+        "sequences of a pair run in one group.")
     predicted: Predicted | None = Field(default=None, description="Planner's predictions.")
 
     def groups(self):
@@ -221,11 +241,13 @@ class StepPlan(_PlanModel):
     def sequence_ids(self) -> list[int]:
         return sorted(s.id for _, g in self.groups() for s in g.sequences)
 
-    def violations(self, lengths: Sequence[int] | None = None) -> list[str]:
+    def violations(self, lengths: Sequence[int] | None = None,
+                   pairs: Sequence[tuple[int, int]] | None = None) -> list[str]:
         """Every rule of the format this plan breaks (empty when valid).
 
         With `lengths` (the batch's sequence lengths) it also checks that the ids are
-        exactly 0..len(lengths)-1 and that each length matches.
+        exactly 0..len(lengths)-1 and that each length matches. `pairs` (the batch's DPO
+        pairs, as plan ids) must each run in one group, as must the plan's own `pairs`.
         """
         out: list[str] = []
         if self.version not in SUPPORTED_VERSIONS:
@@ -233,6 +255,8 @@ class StepPlan(_PlanModel):
                        f"{', '.join(map(str, SUPPORTED_VERSIONS))})")
         if self.version == 1 and self.memory is not None:
             out.append("memory: plan-level memory settings need version 2")
+        out += self._per_rank_violations()
+        capacities = self.capacities()
         if not self.micro_batches:
             out.append("micro_batches: empty; a plan runs at least one micro-batch")
         seen: dict[int, str] = {}
@@ -240,7 +264,7 @@ class StepPlan(_PlanModel):
             used: dict[int, int] = {}
             for gi, g in enumerate(mb.groups):
                 where = f"micro_batches[{m}].groups[{gi}]"
-                out += _group_violations(g, where, self.world_size, self.capacity_tokens,
+                out += _group_violations(g, where, self.world_size, capacities,
                                          self.version)
                 for r in set(g.ranks):
                     if r in used:
@@ -270,7 +294,67 @@ class StepPlan(_PlanModel):
             out.append(f"predicted.per_rank_busy_s: {len(self.predicted.per_rank_busy_s)} "
                        f"entries, expected world_size={self.world_size}")
         out += self._predicted_memory_violations()
+        out += self._pair_violations(seen, pairs)
         return out
+
+    def _pair_violations(self, seen: dict[int, str],
+                         pairs: Sequence[tuple[int, int]] | None) -> list[str]:
+        """Both sequences of every pair (the plan's own and `pairs`) in one group."""
+        out = []
+        listed = [("pairs", p) for p in self.pairs or []]
+        listed += [("batch pair", tuple(p)) for p in pairs or []]
+        for what, (a, b) in listed:
+            if a == b:
+                out.append(f"{what} ({a}, {b}): a pair needs two different sequences")
+                continue
+            wa, wb = (seen.get(i, "").rsplit(".sequences", 1)[0] for i in (a, b))
+            if not wa or not wb:
+                missing = [i for i, w in ((a, wa), (b, wb)) if not w]
+                out.append(f"{what} ({a}, {b}): sequence id(s) {missing} are not in the plan")
+            elif wa != wb:
+                out.append(f"{what} ({a}, {b}): split across {wa} and {wb} (a DPO pair runs "
+                           "in one group: one rank or one ring)")
+        return out
+
+    def capacities(self) -> list[int]:
+        """Each rank's capacity under the plain scheme (`rank_capacity_tokens`, or
+        `capacity_tokens` for every rank)."""
+        if self.rank_capacity_tokens is not None and \
+                len(self.rank_capacity_tokens) == self.world_size:
+            return list(self.rank_capacity_tokens)
+        return [self.capacity_tokens] * self.world_size
+
+    def _per_rank_violations(self) -> list[str]:
+        out = []
+        lists = [("rank_capacity_tokens", self.rank_capacity_tokens, self.capacity_tokens)]
+        if self.memory is not None:
+            lists.append(("memory.device_budget_bytes_per_rank",
+                          self.memory.device_budget_bytes_per_rank,
+                          self.memory.device_budget_bytes))
+        if self.predicted is not None and self.predicted.rank_speeds is not None:
+            lists.append(("predicted.rank_speeds", self.predicted.rank_speeds, None))
+        for name, values, smallest in lists:
+            if values is None:
+                continue
+            if self.version != 2 and name != "predicted.rank_speeds":
+                out.append(f"{name}: per-rank figures need version 2")
+            if len(values) != self.world_size:
+                out.append(f"{name}: {len(values)} entries, expected world_size="
+                           f"{self.world_size}")
+            elif smallest is not None and min(values) != smallest:
+                out.append(f"{name}: the smallest entry is {min(values)}, but the plan-wide "
+                           f"figure is {smallest} (it must be the smallest)")
+            elif smallest is None and not all(v > 0 for v in values):
+                out.append(f"{name}: every speed must be > 0")
+        return out
+
+    def _budgets(self) -> list[int] | None:
+        if self.memory is None:
+            return None
+        per_rank = self.memory.device_budget_bytes_per_rank
+        if per_rank is not None and len(per_rank) == self.world_size:
+            return list(per_rank)
+        return [self.memory.device_budget_bytes] * self.world_size
 
     def _predicted_memory_violations(self) -> list[str]:
         if self.predicted is None or self.predicted.groups is None:
@@ -279,28 +363,34 @@ class StepPlan(_PlanModel):
         if len(self.predicted.groups) != len(groups):
             return [f"predicted.groups: {len(self.predicted.groups)} entries, the plan has "
                     f"{len(groups)} groups"]
-        budget = self.memory.device_budget_bytes if self.memory is not None else None
-        for k, p in enumerate(self.predicted.groups):
-            if budget is not None and p.peak_bytes_per_rank and \
-                    max(p.peak_bytes_per_rank) > budget:
-                out.append(f"predicted.groups[{k}]: peak {max(p.peak_bytes_per_rank)} bytes "
-                           f"per rank exceeds memory.device_budget_bytes={budget}")
+        budgets = self._budgets()
+        for k, (p, (_, g)) in enumerate(zip(self.predicted.groups, groups, strict=True)):
+            if budgets is None or not p.peak_bytes_per_rank:
+                continue
+            for rank, peak in zip(g.ranks, p.peak_bytes_per_rank, strict=False):
+                if 0 <= rank < self.world_size and peak > budgets[rank]:
+                    out.append(f"predicted.groups[{k}]: rank {rank} peaks at {peak} bytes, over "
+                               f"its device budget of {budgets[rank]} bytes")
+                    break
         return out
 
-    def check(self, lengths: Sequence[int] | None = None) -> StepPlan:
+    def check(self, lengths: Sequence[int] | None = None,
+              pairs: Sequence[tuple[int, int]] | None = None) -> StepPlan:
         """Raise PlanValidationError listing every violation; return self when valid."""
-        found = self.violations(lengths)
+        found = self.violations(lengths, pairs)
         if found:
             raise PlanValidationError(found)
         return self
 
 
-def _group_violations(g: RingGroup, where: str, world_size: int, capacity: int,
+def _group_violations(g: RingGroup, where: str, world_size: int, capacities: list[int],
                       version: int) -> list[str]:
     out = []
     bad = [r for r in g.ranks if not 0 <= r < world_size]
     if bad:
         out.append(f"{where}.ranks: {bad} out of range (valid 0..{world_size - 1})")
+    capacity = min((capacities[r] for r in g.ranks if 0 <= r < world_size),
+                   default=min(capacities))
     if len(set(g.ranks)) != len(g.ranks):
         out.append(f"{where}.ranks: {g.ranks} repeats a rank")
     if version != 2:
@@ -318,8 +408,23 @@ def _group_violations(g: RingGroup, where: str, world_size: int, capacity: int,
     if ratios:
         out.append(f"{where}.sequences{ratios[:5]}.offload_ratio: must be 0 in version 2 "
                    "(offload is the group's memory scheme)")
-    held = g.max_local_tokens()
-    if g.memory.scheme == "plain" and held > capacity:
-        out.append(f"{where}: a member holds {held} tokens under scheme plain, over "
-                   f"capacity_tokens={capacity}")
+    if g.memory.scheme == "plain":
+        out += _plain_capacity_violations(g, where, world_size, capacities)
     return out
+
+
+def _plain_capacity_violations(g: RingGroup, where: str, world_size: int,
+                               capacities: list[int]) -> list[str]:
+    """A plain group's members each hold at most their own capacity (zigzag, exactly)."""
+    from scheduler.zigzag import all_local_tokens
+
+    lengths = [s.length for s in g.sequences]
+    held = all_local_tokens(lengths, g.ring_size) if g.ring_size > 1 else [sum(lengths)]
+    for rank, tokens in zip(g.ranks, held, strict=True):
+        cap = capacities[rank] if 0 <= rank < world_size else min(capacities)
+        if tokens > cap:
+            word = "capacity_tokens" if len(set(capacities)) == 1 else \
+                f"rank_capacity_tokens[{rank}]"
+            return [f"{where}: a member holds {tokens} tokens under scheme plain, over "
+                    f"{word}={cap}"]
+    return []

@@ -5,7 +5,10 @@ compare fairly:
 
 - "hdp": the ByteScale planner. Data-aware sharding (Alg. 1, Eq. 3; `scheduler.sharding`),
   the greedy balance scheduler (Alg. 2; `scheduler.balance`) improved by CP-SAT
-  large-neighbourhood search under `time_limit_s` (`scheduler.lns`).
+  large-neighbourhood search under `time_limit_s` (`scheduler.lns`). Every pow2 plan is
+  an hdp plan, so hdp also builds the pow2 plan (exactly as the "pow2" policy does) and
+  keeps whichever simulates faster: free ring sizes can fragment nodes where whole-node
+  power-of-two rings are better, and hdp is never slower than the pow2 baseline.
 - "pow2": the same scheduler with ring sizes restricted to powers of two, the shape of
   Megatron-Core's dynamic context parallelism (CP groups of 1, 2, 4, 8, ... ranks chosen
   per batch).
@@ -24,6 +27,15 @@ Every plan is version 2: each group names its memory scheme (plain, or MEMO offl
 its alpha where the sharding needs memory freed), carries per-group predictions (FLOPs,
 ring bytes and peak bytes per rank) and passes `StepPlan.check(lengths)` and
 `check_plan_memory` (no member over the device budget).
+
+Ranks may differ (docs/planner.md, "Rank speeds" and "Heterogeneous clusters"): `speeds`
+(each rank's speed relative to the cost model's reference rank; default the cluster's
+nominal `rank_speeds`, 1 everywhere on a uniform cluster) make hdp and pow2 give a slow
+rank proportionally less work and keep rings off it where they can; in a cluster of node
+pools each rank packs up to its own pool's capacity and is checked against its own
+device budget. The plan records the speeds its prediction assumed (`predicted.rank_speeds`)
+and the per-rank capacities and budgets where they differ. The static baseline balances
+its replicas by speed too (its strongest version); naive ignores speeds.
 """
 
 from __future__ import annotations
@@ -31,13 +43,16 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from scheduler.balance import Task, greedy_schedule, resize
 from scheduler.cost import CostModel
+from scheduler.errors import InfeasibleBatchError
 from scheduler.lns import improve
+from scheduler.pairs import PairUnits
 from scheduler.plan import (
     PLAN_VERSION,
     GroupMemory,
@@ -58,7 +73,7 @@ from scheduler.sharding import (
     shard_sequence,
     validate_lengths,
 )
-from scheduler.simulator import default_offload, simulate
+from scheduler.simulator import default_offload, rank_speeds_of, simulate
 from scheduler.specs import ClusterSpec, ModelSpec
 from scheduler.topology import Topology
 from scheduler.work import group_flops, ring_bytes_per_position
@@ -72,19 +87,38 @@ DEFAULT_TIME_LIMIT_S = 0.5
 Group = tuple[tuple[int, ...], tuple[Shard, ...]]
 
 
+@dataclass(frozen=True, kw_only=True)
+class RankFigures:
+    """What differs between the ranks of one planning call."""
+
+    speeds: np.ndarray  # float64[world]: speed relative to the cost model's reference rank
+    capacities: np.ndarray  # int64[world]: tokens each rank holds under the plain scheme
+    budgets: list[int] | None  # each rank's device budget (node pools), None: all equal
+
+    @property
+    def uniform_speed(self) -> bool:
+        return bool(np.all(self.speeds == 1.0))
+
+
 def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *,
                policy: Policy = "hdp", capacity_tokens: int | None = None,
                time_limit_s: float = DEFAULT_TIME_LIMIT_S, seed: int = 0,
                cost: CostModel | None = None, offload: OffloadPolicy | None = None,
                precision: str | None = None, optimizer_sharding: str | None = None,
-               predictions: bool = True) -> StepPlan:
+               predictions: bool = True, speeds: Sequence[float] | None = None,
+               pairs: Sequence[Sequence[int]] | None = None) -> StepPlan:
     """Plan one global batch on all ranks of `cluster` (see the module docstring).
 
     capacity_tokens None derives it from the memory model (model states for `precision`
-    and `optimizer_sharding`, plain activations; scheduler/rank_memory.py); `cost` lets a
-    caller pass a refitted CostModel (its precision and sharding then apply); `offload`
-    overrides the cluster's default offload policy (`default_offload`); `predictions`
-    False leaves out the per-group predictions (FLOPs, bytes, peaks). Raises ValueError
+    and `optimizer_sharding`, plain activations; scheduler/rank_memory.py; per rank from
+    its pool's memory on a cluster of node pools); `cost` lets a caller pass a refitted
+    CostModel (its precision and sharding then apply); `offload` overrides the cluster's
+    default offload policy (`default_offload`); `predictions` False leaves out the
+    per-group predictions (FLOPs, bytes, peaks); `speeds` gives each rank's speed
+    relative to the cost model's reference rank (`scheduler.speeds.SpeedEstimator`
+    measures them; default: the cluster's nominal `rank_speeds`). `pairs` (DPO pairs as
+    (chosen, rejected) ids) are planned as one unit each, so both sequences of a pair
+    land in one group (scheduler/pairs.py), and the plan lists them. Raises ValueError
     for a bad argument, DeviceMemoryError when the model states do not fit a device,
     InfeasibleBatchError for a sequence that cannot fit at all and PlanMemoryError when a
     given capacity_tokens overfills a device.
@@ -95,42 +129,91 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
     if not time_limit_s >= 0:
         raise ValueError(f"time_limit_s={time_limit_s} must be >= 0 seconds")
     cost = cost or CostModel(model, cluster, precision=precision,
-                             optimizer_sharding=optimizer_sharding)
+                             optimizer_sharding=optimizer_sharding,
+                             objective="dpo" if pairs else "pretrain")
     world = cluster.world_size
+    ranks = rank_figures(cluster, cost, capacity_tokens, speeds)
+    capacity_tokens = int(ranks.capacities.min())
+    units = PairUnits.of(lengths, pairs or [])
+    try:
+        shards = shard_batch(units.unit_lengths(capacity_tokens), capacity_tokens=capacity_tokens,
+                             world_size=world, cost=cost,
+                             offload=offload or default_offload(cluster))
+    except InfeasibleBatchError as exc:
+        raise units.infeasible(exc) from None
+    if policy in ("hdp", "pow2"):
+        variants = ("pow2",) if policy == "pow2" else ("free", "pow2")
+        plans = [build_plan(units.expand(balanced_micro_batches(
+                     shards, cluster, cost, ranks, pow2=v == "pow2", time_limit_s=time_limit_s,
+                     seed=seed)), world, capacity_tokens, cost, ranks=ranks)
+                 for v in variants]
+        plan = fastest(plans, cluster, model, cost, ranks.speeds)
+    else:
+        topo = Topology(cluster)
+        micro_batches = naive_micro_batches(shards, world, capacity_tokens) \
+            if policy == "naive" else best_static_micro_batches(shards, cost, topo,
+                                                                capacity_tokens, ranks.speeds)
+        plan = build_plan(units.expand(micro_batches), world, capacity_tokens, cost,
+                          ranks=ranks)
+    plan.pairs = [tuple(m) for m in units.members if len(m) == 2] or None
+    finish_plan(plan, cluster, model, cost, predictions=predictions, ranks=ranks)
+    return plan
+
+
+def rank_figures(cluster: ClusterSpec, cost: CostModel, capacity_tokens: int | None,
+                 speeds: Sequence[float] | None) -> RankFigures:
+    """Speeds, capacities and budgets of every rank (validating the arguments)."""
+    world = cluster.world_size
+    v = rank_speeds_of(cluster, world, speeds)
     if capacity_tokens is None:
-        capacity_tokens = cost.capacity_tokens(world)
+        caps = cost.rank_capacity_tokens(world)
     elif capacity_tokens < 1:
         raise ValueError(f"capacity_tokens={capacity_tokens} must be >= 1 (or None to derive "
                          "it from the GPU memory)")
     else:
         cost.memory.check_states_fit()
-    shards = shard_batch(lengths, capacity_tokens=capacity_tokens, world_size=world, cost=cost,
-                         offload=offload or default_offload(cluster))
-    topo = Topology(cluster, pow2_rings=policy == "pow2")
-    if policy in ("hdp", "pow2"):
-        if policy == "pow2":
-            shards = [pow2_shard(sh, topo, capacity_tokens, cost) for sh in shards]
-        schedule = greedy_schedule(shards, cost=cost, topo=topo, capacity_tokens=capacity_tokens)
-        improve(schedule, cost, time_limit_s=time_limit_s, seed=seed)
-        micro_batches = layer_tasks(schedule.tasks(cost), world)
-    elif policy == "naive":
-        micro_batches = naive_micro_batches(shards, world, capacity_tokens)
-    else:
-        micro_batches = best_static_micro_batches(shards, cost, topo, capacity_tokens)
-    plan = build_plan(micro_batches, world, capacity_tokens, cost)
-    finish_plan(plan, cluster, model, cost, predictions=predictions)
-    return plan
+        caps = [capacity_tokens] * world
+    budgets = [cost.rank_memory(r, world).budget_bytes for r in range(world)] \
+        if cluster.heterogeneous else None
+    return RankFigures(speeds=v, capacities=np.asarray(caps, dtype=np.int64), budgets=budgets)
+
+
+def balanced_micro_batches(shards: Sequence[Shard], cluster: ClusterSpec, cost: CostModel,
+                           ranks: RankFigures, *, pow2: bool, time_limit_s: float,
+                           seed: int) -> list[list[Group]]:
+    """Greedy balance schedule + CP-SAT LNS, with ring sizes free or powers of two."""
+    topo = Topology(cluster, pow2_rings=pow2)
+    capacity_tokens = int(ranks.capacities.min())
+    if pow2:
+        shards = [pow2_shard(sh, topo, capacity_tokens, cost) for sh in shards]
+    schedule = greedy_schedule(shards, cost=cost, topo=topo, capacity_tokens=capacity_tokens,
+                               speeds=ranks.speeds, capacities=ranks.capacities)
+    improve(schedule, cost, time_limit_s=time_limit_s, seed=seed)
+    return layer_tasks(schedule.tasks(cost), cluster.world_size)
+
+
+def fastest(plans: Sequence[StepPlan], cluster: ClusterSpec, model: ModelSpec,
+            cost: CostModel, speeds: np.ndarray | None = None) -> StepPlan:
+    """The plan with the smallest simulated makespan (the first on ties)."""
+    if len(plans) == 1:
+        return plans[0]
+    return min(plans, key=lambda p: simulate(p, cluster, model, cost=cost,
+                                             speeds=speeds).makespan_s)
 
 
 def finish_plan(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, cost: CostModel, *,
-                predictions: bool = True) -> StepPlan:
-    """Simulate `plan` into its `predicted` figures and check it against the device budget."""
-    sim = simulate(plan, cluster, model, cost=cost)
+                predictions: bool = True, ranks: RankFigures | None = None) -> StepPlan:
+    """Simulate `plan` into its `predicted` figures (at `ranks`' speeds, default the
+    cluster's) and check it against each rank's device budget."""
+    speeds = None if ranks is None else ranks.speeds
+    sim = simulate(plan, cluster, model, cost=cost, speeds=speeds)
+    uniform = ranks is None or ranks.uniform_speed
     plan.predicted = Predicted(makespan_s=sim.makespan_s, lower_bound_s=sim.lower_bound_s,
                                per_rank_busy_s=list(sim.per_rank_busy_s),
                                step_overhead_s=sim.step_overhead_s,
-                               groups=predict_groups(plan, cost, sim) if predictions else None)
-    check_plan_memory(plan, cost.memory)
+                               groups=predict_groups(plan, cost, sim) if predictions else None,
+                               rank_speeds=None if uniform else [float(x) for x in speeds])
+    check_plan_memory(plan, cost.memory, None if ranks is None else ranks.budgets)
     return plan
 
 
@@ -159,10 +242,10 @@ def predict_groups(plan: StepPlan, cost: CostModel, sim) -> list[GroupPredicted]
             mem = cost.memory.group_prediction(seqs, d, scheme)
             out.append(GroupPredicted(
                 micro_batch=m, group=gi, seconds=timing.end_s - timing.start_s,
-                flops_per_rank=[group_flops(model, seqs, ring_size=d, position=j,
-                                            scheme=scheme).total for j in range(d)],
+                flops_per_rank=[group_flops(model, seqs, ring_size=d, position=j, scheme=scheme,
+                                            objective=cost.objective).total for j in range(d)],
                 bytes_sent_per_rank=[b.total for b in ring_bytes_per_position(
-                    model, seqs, ring_size=d, dtype=dtype)],
+                    model, seqs, ring_size=d, dtype=dtype, objective=cost.objective)],
                 peak_bytes_per_rank=list(mem.peak_bytes_per_rank),
                 host_bytes_per_rank=list(mem.host_bytes_per_rank)))
     return out
@@ -203,13 +286,14 @@ def naive_micro_batches(shards: Sequence[Shard], world_size: int,
 
 
 def static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                         capacity_tokens: int, p: int | None = None) -> list[list[Group]]:
+                         capacity_tokens: int, p: int | None = None,
+                         speeds: np.ndarray | None = None) -> list[list[Group]]:
     """The static mesh at CP degree p (default: the smallest that fits every sequence):
     floor(N / p) replicas, LPT over replicas, best-fit packs per replica whose members
     each hold at most capacity_tokens (zigzag's uneven chunks counted exactly)."""
     p = p or max(sh.ring_size for sh in shards)
     out: list[list[Group]] = []
-    for k, packs in enumerate(static_replicas(shards, cost, topo, capacity_tokens, p)):
+    for k, packs in enumerate(static_replicas(shards, cost, topo, capacity_tokens, p, speeds)):
         ranks = tuple(range(k * p, (k + 1) * p))
         for j, pack in enumerate(packs):
             if j == len(out):
@@ -218,31 +302,47 @@ def static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topolog
     return out
 
 
+def replica_speeds(speeds: np.ndarray | None, world_size: int, p: int) -> list[float]:
+    """Speed of each replica of the static mesh at degree p: its slowest member's."""
+    replicas = world_size // p
+    if speeds is None:
+        return [1.0] * replicas
+    return [float(speeds[k * p:(k + 1) * p].min()) for k in range(replicas)]
+
+
 def static_replicas(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                    capacity_tokens: int, p: int) -> list[list[list[Shard]]]:
-    """Per replica of the static mesh at degree p, its packs (micro-batches) in order."""
-    replicas = topo.world_size // p
+                    capacity_tokens: int, p: int,
+                    speeds: np.ndarray | None = None) -> list[list[list[Shard]]]:
+    """Per replica of the static mesh at degree p, its packs (micro-batches) in order:
+    LPT over replicas, each sequence onto the replica where it finishes first (at the
+    replica's speed: its slowest member's)."""
+    rs = replica_speeds(speeds, topo.world_size, p)
     bw = topo.ring_bandwidth(list(range(p)))
     on_p = [resize(sh, p, capacity_tokens, cost) for sh in shards]
     timed = sorted(((cost.seq_time(sh.length, p, bandwidth_gbps=bw,
                                    offload_ratio=sh.offload_ratio), sh) for sh in on_p),
                    key=lambda t: (-t[0], t[1].seq_id))
-    heap = [(0.0, k) for k in range(replicas)]
-    per_replica: list[list[Shard]] = [[] for _ in range(replicas)]
+    heaps = {v: [] for v in set(rs)}
+    for k, v in enumerate(rs):
+        heaps[v].append((0.0, k))
+    per_replica: list[list[Shard]] = [[] for _ in rs]
     for t, sh in timed:
-        load, k = heapq.heappop(heap)
+        v = min(heaps, key=lambda v: (heaps[v][0][0] + t / v, -v))
+        load, k = heapq.heappop(heaps[v])
         per_replica[k].append(sh)
-        heapq.heappush(heap, (load + t, k))
+        heapq.heappush(heaps[v], (load + t / v, k))
     return [ring_packs(seqs, p, capacity_tokens) for seqs in per_replica]
 
 
 def static_makespan(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                    capacity_tokens: int, p: int) -> float:
+                    capacity_tokens: int, p: int, speeds: np.ndarray | None = None) -> float:
     """What `simulate` gives the static mesh at degree p, without building the plan:
     replicas never share ranks, so the step is the slowest replica's packs in a row."""
     bw = topo.ring_bandwidth(list(range(p)))
-    slowest = max(sum(cost.group_seconds_of(pack, p, bw) for pack in packs)
-                  for packs in static_replicas(shards, cost, topo, capacity_tokens, p))
+    rs = replica_speeds(speeds, topo.world_size, p)
+    slowest = max(sum(cost.at_speed(v).group_seconds_of(pack, p, bw) for pack in packs)
+                  for v, packs in zip(rs, static_replicas(shards, cost, topo, capacity_tokens,
+                                                          p, speeds), strict=True))
     return slowest + cost.step_overhead_s(topo.world_size)
 
 
@@ -260,32 +360,36 @@ def ring_packs(shards: Sequence[Shard], ring_size: int, capacity_tokens: int
             for pack in best_fit_packs(scaled, capacity_tokens=capacity_tokens)]
 
 
-def static_bound(shards: Sequence[Shard], p: int, cost: CostModel, topo: Topology) -> float:
+def static_bound(shards: Sequence[Shard], p: int, cost: CostModel, topo: Topology,
+                 speeds: np.ndarray | None = None) -> float:
     """A lower bound on the static mesh's makespan at degree p: the replicas' average load
     and the longest sequence's time, each sequence plain (a memory scheme and the packs'
-    overhead only add to it)."""
+    overhead only add to it) and at its quickest on any replica's speed."""
     bw = topo.ring_bandwidth(list(range(p)))
-    t = cost.seq_times(np.array([sh.length for sh in shards], dtype=np.float64), p,
-                       bandwidth_gbps=bw)
+    lengths = np.array([sh.length for sh in shards], dtype=np.float64)
+    t = np.min([cost.at_speed(v).seq_times(lengths, p, bandwidth_gbps=bw)
+                for v in set(replica_speeds(speeds, topo.world_size, p))], axis=0)
     return max(float(t.sum()) / (topo.world_size // p), float(t.max()))
 
 
 def best_static_micro_batches(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                              capacity_tokens: int) -> list[list[Group]]:
+                              capacity_tokens: int,
+                              speeds: np.ndarray | None = None) -> list[list[Group]]:
     """The fastest static mesh over every CP degree: degrees in order of `static_bound`,
     each simulated exactly (`static_makespan`), until no remaining bound can beat the best."""
+    speeds = None if speeds is None or np.all(speeds == 1.0) else speeds
     p_min = max(sh.ring_size for sh in shards)
     overhead = cost.step_overhead_s(topo.world_size)
-    bounds = sorted((static_bound(shards, p, cost, topo) + overhead, p)
+    bounds = sorted((static_bound(shards, p, cost, topo, speeds) + overhead, p)
                     for p in range(p_min, topo.world_size + 1))
     best_p, best_s = p_min, math.inf
     for bound, p in bounds:
         if bound >= best_s:
             break
-        makespan = static_makespan(shards, cost, topo, capacity_tokens, p)
+        makespan = static_makespan(shards, cost, topo, capacity_tokens, p, speeds)
         if makespan < best_s:
             best_p, best_s = p, makespan
-    return static_micro_batches(shards, cost, topo, capacity_tokens, best_p)
+    return static_micro_batches(shards, cost, topo, capacity_tokens, best_p, speeds)
 
 
 def static_degree(plan: StepPlan) -> int:
@@ -294,10 +398,16 @@ def static_degree(plan: StepPlan) -> int:
 
 
 def build_plan(micro_batches: Sequence[Sequence[Group]], world_size: int,
-               capacity_tokens: int, cost: CostModel) -> StepPlan:
+               capacity_tokens: int, cost: CostModel, *,
+               ranks: RankFigures | None = None) -> StepPlan:
     """A version-2 plan: every group with its memory scheme (plain, or MEMO offload when a
-    sequence needs memory freed, at the alpha that hides its copies)."""
+    sequence needs memory freed, at the alpha that hides its copies), and each rank's
+    capacity and device budget where they differ."""
     mem = cost.memory
+    caps = None if ranks is None else [int(x) for x in ranks.capacities]
+    caps = caps if caps and len(set(caps)) > 1 else None
+    budgets = None if ranks is None or ranks.budgets is None or len(set(ranks.budgets)) < 2 \
+        else list(ranks.budgets)
     mbs = [MicroBatch(groups=[
         RingGroup(ranks=list(ranks), sequences=[
             SeqSlice(id=sh.seq_id, length=sh.length)
@@ -305,10 +415,11 @@ def build_plan(micro_batches: Sequence[Sequence[Group]], world_size: int,
             memory=group_scheme(seqs, len(ranks), cost))
         for ranks, seqs in mb]) for mb in micro_batches if mb]
     return StepPlan(version=PLAN_VERSION, world_size=world_size, capacity_tokens=capacity_tokens,
-                    micro_batches=mbs, memory=PlanMemory(
+                    rank_capacity_tokens=caps, micro_batches=mbs, memory=PlanMemory(
                         precision=mem.precision, optimizer_sharding=mem.sharding,
                         model_state_bytes=mem.states.total, shard_mirror=mem.shard_mirror,
-                        device_budget_bytes=mem.budget_bytes))
+                        device_budget_bytes=min(budgets) if budgets else mem.budget_bytes,
+                        device_budget_bytes_per_rank=budgets))
 
 
 def group_scheme(seqs: Sequence[Shard], ring_size: int, cost: CostModel) -> GroupMemory:

@@ -167,35 +167,40 @@ def _capacity(memory: RankMemory, scheme: Scheme, ring: bool) -> int:
     return memory.activations.max_tokens(memory.room_bytes, scheme, ring_size=2 if ring else 1)
 
 
-def check_plan_memory(plan, memory: RankMemory) -> None:
+def check_plan_memory(plan, memory: RankMemory,
+                      rank_budgets: Sequence[int] | None = None) -> None:
     """PlanMemoryError naming every group whose members would exceed the device budget.
 
     Peaks are recomputed with `memory` (the plan's `predicted` figures are not trusted);
     each group's scheme is the one the plan names (version 1: its meaning made explicit,
-    scheduler.plan.group_memory). DeviceMemoryError first if the states alone do not fit.
+    scheduler.plan.group_memory). `rank_budgets` gives each rank its own budget (node
+    pools: `CostModel.rank_memory`), else every rank has `memory`'s. DeviceMemoryError
+    first if the states alone do not fit.
     """
     memory.check_states_fit()
     _raise_over_budget(plan, memory.model, memory.activations, memory.states.total,
-                       memory.budget_bytes)
+                       rank_budgets or [memory.budget_bytes] * plan.world_size)
 
 
 def check_plan_fits(plan, model: ModelSpec) -> None:
     """The workers' check before any micro-batch: a version-2 plan's groups against the
-    device budget it was made for (`plan.memory`), with `model` at the dtype it really
-    runs in and the plan's precision and sharding for the model states. A version-1 plan
-    names no budget and passes."""
+    device budget it was made for (`plan.memory`: each rank's own budget where the plan
+    names one per rank), with `model` at the dtype it really runs in and the plan's
+    precision and sharding for the model states. A version-1 plan names no budget and
+    passes."""
     if plan.memory is None:
         return
     states = model_state_bytes(model, precision=plan.memory.precision,
                                sharding=plan.memory.optimizer_sharding,
                                world_size=plan.world_size,
                                shard_mirror=plan.memory.shard_mirror).total
-    _raise_over_budget(plan, model, activation_model(model, model.dtype), states,
-                       plan.memory.device_budget_bytes)
+    budgets = plan.memory.device_budget_bytes_per_rank or \
+        [plan.memory.device_budget_bytes] * plan.world_size
+    _raise_over_budget(plan, model, activation_model(model, model.dtype), states, budgets)
 
 
 def _raise_over_budget(plan, model: ModelSpec, activations: ActivationModel, states: int,
-                       budget: int) -> None:
+                       budgets: Sequence[int]) -> None:
     from scheduler.plan import group_memory
     from scheduler.zigzag import local_tokens
 
@@ -207,6 +212,7 @@ def _raise_over_budget(plan, model: ModelSpec, activations: ActivationModel, sta
             for j, rank in enumerate(g.ranks):
                 tokens = local_tokens(lengths, g.ring_size, j)
                 peak = activations.peak(tokens, scheme, ring_size=g.ring_size)
+                budget = budgets[rank] if 0 <= rank < len(budgets) else min(budgets)
                 if states + peak.bytes > budget:
                     over.append(
                         f"micro_batches[{m}].groups[{gi}] (ranks {g.ranks}, scheme "

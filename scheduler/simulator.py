@@ -3,11 +3,13 @@
 Each rank runs the micro-batches it appears in, in order; a group starts when all its
 ranks are free (ring members are synchronized) and lasts the cost model's group time at
 the bandwidth of its slowest ring hop (`Topology.ring_bandwidth`), under the memory scheme
-the plan names for it; after its last micro-batch every rank pays the step's collectives
-and optimizer update (`CostModel.step_overhead_s`). From the timeline:
-makespan, per-rank busy time and exposed communication. Beside it, the perfect-balance
-lower bound of the batch (ByteScale, arXiv 2502.21231, section 6): total compute over the
-number of ranks, and no sequence faster than its best ring.
+the plan names for it, at its slowest member's speed (`CostModel.at_speed`: node pools,
+measured stragglers); after its last micro-batch every rank pays the step's collectives
+and optimizer update (`CostModel.step_overhead_s`). From the timeline: makespan,
+per-rank busy time and exposed communication. Beside it, the perfect-balance lower bound
+of the batch (ByteScale, arXiv 2502.21231, section 6): total compute over the ranks'
+summed speed (the number of ranks when all run at the reference speed), and no sequence
+faster than its best ring at the fastest rank's speed.
 
 Single-threaded and allocation-light: one pass over the plan's groups in micro-batch
 order, which respects every rank's order.
@@ -26,7 +28,7 @@ from scheduler.cost import CostModel
 from scheduler.errors import InfeasibleBatchError
 from scheduler.plan import RingGroup, StepPlan, group_memory
 from scheduler.sharding import OffloadPolicy, Shard, validate_lengths
-from scheduler.specs import ClusterSpec, ModelSpec
+from scheduler.specs import HARDWARE_FIELDS, ClusterSpec, ModelSpec
 from scheduler.topology import Topology
 
 
@@ -74,38 +76,81 @@ def default_offload(cluster: ClusterSpec) -> OffloadPolicy:
     return "auto" if host_per_rank > cluster.gpu_memory_gib else "needed"
 
 
+def rank_speeds_of(cluster: ClusterSpec, world_size: int,
+                   speeds: Sequence[float] | None) -> np.ndarray:
+    """float64[world_size] speeds: the given ones, or the cluster's nominal
+    (`ClusterSpec.rank_speeds`: pool TFLOP/s over the reference's)."""
+    if speeds is None:
+        nominal = cluster.rank_speeds() if cluster.pools is not None else ()
+        out = np.ones(world_size)
+        n = min(world_size, len(nominal))
+        out[:n] = nominal[:n]
+        return out
+    out = np.asarray(speeds, dtype=np.float64)
+    if out.shape != (world_size,) or not np.all(np.isfinite(out)) or np.any(out <= 0):
+        raise ValueError(f"speeds: expected {world_size} finite values > 0 (one per rank), "
+                         f"got {list(out.ravel())[:8]}{'...' if out.size > 8 else ''}")
+    return out
+
+
 def lower_bound(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *,
                 capacity_tokens: int, world_size: int | None = None,
-                cost: CostModel | None = None) -> float:
-    """max(total compute / ranks, longest sequence on its best ring), seconds.
+                cost: CostModel | None = None,
+                speeds: Sequence[float] | None = None) -> float:
+    """max(total compute / summed speed, longest sequence on its best ring), seconds.
 
     Valid for every plan of the batch, whatever its offload policy: the longest sequence
-    may use any ring from the smallest one offload could ever allow. Both terms include the
-    step's collectives and optimizer update (`CostModel.step_overhead_s`), which every
-    plan of the world pays after its last micro-batch.
+    may use any ring from the smallest one offload could ever allow, at the fastest rank's
+    speed. Both terms include the step's collectives and optimizer update
+    (`CostModel.step_overhead_s`), which every plan of the world pays after its last
+    micro-batch. `speeds`: each rank's (default: the cluster's nominal `rank_speeds`).
     """
     cost = cost or CostModel(model, cluster)
     topo = Topology(cluster, world_size)
+    v = rank_speeds_of(cluster, topo.world_size, speeds)
     s = np.asarray(validate_lengths(lengths), dtype=np.float64)
-    work = (cost.a * float(np.dot(s, s)) + cost.b * float(s.sum())) / topo.world_size
+    work = (cost.a * float(np.dot(s, s)) + cost.b * float(s.sum())) / float(v.sum())
     i = int(np.argmax(s))
     longest = int(s[i])
-    per_rank = max(capacity_tokens, cost.offload_capacity_tokens())
+    ring_cost, ring_topo = _best_case(cost, cluster, topo)
+    per_rank = max(capacity_tokens, ring_cost.offload_capacity_tokens())
     if longest > per_rank * topo.world_size:
         raise InfeasibleBatchError(i, longest, per_rank * topo.world_size)
     d = max(1, math.ceil(longest / per_rank))
     sh = Shard(seq_id=i, length=longest, ring_size=d, offload_ratio=1.0)
     overhead = cost.step_overhead_s(topo.world_size)
-    return max(work, best_ring_time(sh, cost, topo, capacity_tokens)) + overhead
+    fastest = ring_cost.at_speed(float(v.max()))
+    return max(work, best_ring_time(sh, fastest, ring_topo, capacity_tokens)) + overhead
+
+
+def _best_case(cost: CostModel, cluster: ClusterSpec, topo: Topology
+               ) -> tuple[CostModel, Topology]:
+    """What the longest sequence's ring term is computed on: `cost` and `topo`, or in a
+    cluster of node pools a uniform cluster with the best of every pool's figures (most
+    memory, host memory and bandwidth; a ring may sit in any pool, and none is faster
+    than that), with `cost`'s coefficients (its precision, sharding and refit)."""
+    if cluster.pools is None:
+        return cost, topo
+    best = {f: max(getattr(p, f) for p in cluster.pools) for f in HARDWARE_FIELDS}
+    uniform = ClusterSpec(num_nodes=cluster.num_nodes, gpus_per_node=cluster.gpus_per_node,
+                          **best)
+    out = CostModel(cost.model, uniform, precision=cost.precision,
+                    optimizer_sharding=cost.optimizer_sharding,
+                    memory_fraction=cost.memory_fraction, objective=cost.objective,
+                    shard_mirror=cost.memory.shard_mirror)
+    out.a, out.b, out.c, out.flops_per_s = cost.a, cost.b, cost.c, cost.flops_per_s
+    return out, Topology(uniform, topo.world_size)
 
 
 def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,
-             cost: CostModel | None = None) -> SimResult:
+             cost: CostModel | None = None, speeds: Sequence[float] | None = None) -> SimResult:
     """Timeline of `plan` on `cluster` (whose world may be larger than the plan's): every
-    group under the memory scheme the plan names, then the step's collectives and optimizer
-    update on every rank after its last micro-batch."""
+    group under the memory scheme the plan names at its slowest member's speed, then the
+    step's collectives and optimizer update on every rank after its last micro-batch.
+    `speeds`: each rank's speed (default: the cluster's nominal `rank_speeds`)."""
     cost = cost or CostModel(model, cluster)
     topo = Topology(cluster, plan.world_size)
+    v = rank_speeds_of(cluster, plan.world_size, speeds)
     free = np.zeros(plan.world_size)
     busy = np.zeros(plan.world_size)
     exposed = np.zeros(plan.world_size)
@@ -113,7 +158,8 @@ def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,
     for m, mb in enumerate(plan.micro_batches):
         for gi, g in enumerate(mb.groups):
             ranks = list(g.ranks)
-            dur, comm = group_seconds(g, cost, topo.ring_bandwidth(ranks))
+            dur, comm = group_seconds(g, cost.at_speed(float(v[ranks].min())),
+                                      topo.ring_bandwidth(ranks))
             start = float(free[ranks].max())
             free[ranks] = start + dur
             busy[ranks] += dur
@@ -126,7 +172,7 @@ def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,
             lengths[s.id] = s.length
     present = [x for x in lengths if x > 0]
     bound = lower_bound(present, cluster, model, capacity_tokens=plan.capacity_tokens,
-                        world_size=plan.world_size, cost=cost) if present else 0.0
+                        world_size=plan.world_size, cost=cost, speeds=v) if present else 0.0
     overhead = cost.step_overhead_s(plan.world_size)
     return SimResult(makespan_s=float(free.max()) + overhead, lower_bound_s=bound,
                      per_rank_busy_s=tuple(busy.tolist()),

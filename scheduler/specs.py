@@ -197,8 +197,65 @@ def _check_family(spec: ModelSpec) -> None:
                          "output: attention_bias and attention_out_bias must be equal")
 
 
+# Figures of one kind of node: what a ClusterSpec holds for a uniform cluster and a
+# NodePool holds for one pool of a heterogeneous one.
+HARDWARE_FIELDS = ("gpu_memory_gib", "achieved_tflops", "intra_node_bandwidth_gbps",
+                   "inter_node_bandwidth_gbps", "pcie_bandwidth_gbps", "host_memory_gib",
+                   "memory_bandwidth_gbps")
+
+
+class NodePool(_Spec):
+    """Nodes of one kind in a heterogeneous cluster (docs/planner.md, "Heterogeneous
+    clusters"): `preset` fills every figure not given (an h100 pool, an a100 pool, ...)."""
+
+    preset: str | None = Field(
+        default=None, description="Cluster preset whose per-GPU figures the pool takes "
+                                  "(h100, a100, a800, cpu); fields given here override them.")
+    gpu: str = Field(default="", description="GPU model, for people (default: the preset's "
+                                             "name).")
+    num_nodes: int = Field(gt=0, description="Machines in the pool.")
+    gpus_per_node: int = Field(gt=0, description="Accelerators (ranks) per machine.")
+    gpu_memory_gib: float = Field(gt=0, description="Device memory per rank, GiB.")
+    achieved_tflops: float = Field(gt=0, description="Achieved dense TFLOP/s per rank.")
+    intra_node_bandwidth_gbps: float = Field(
+        gt=0, description="Per-rank per-direction bandwidth inside a node, GB/s (NVLink).")
+    inter_node_bandwidth_gbps: float = Field(
+        gt=0, description="Per-rank per-direction NIC bandwidth, GB/s (a link between two "
+                          "pools runs at the slower NIC).")
+    pcie_bandwidth_gbps: float = Field(gt=0, description="Host<->device copy bandwidth per "
+                                                         "rank, GB/s.")
+    host_memory_gib: float = Field(gt=0, description="Host memory per node, GiB.")
+    memory_bandwidth_gbps: float = Field(default=2000.0, gt=0,
+                                         description="Achieved device-memory bandwidth per "
+                                                     "rank, GB/s.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_preset(cls, data):
+        if not isinstance(data, dict) or data.get("preset") is None:
+            return data
+        name = data["preset"]
+        if name not in CLUSTER_PRESETS:
+            raise ValueError(f"preset={name!r} is not a cluster preset; valid: "
+                             f"{', '.join(CLUSTER_PRESETS)}")
+        base = {k: v for k, v in CLUSTER_PRESETS[name].items() if v is not None}
+        return {**base, "gpu": name, **data}
+
+    @property
+    def num_ranks(self) -> int:
+        return self.num_nodes * self.gpus_per_node
+
+
 class ClusterSpec(_Spec):
-    """The hardware a job runs on, as the cost model sees it (per-GPU achieved figures)."""
+    """The hardware a job runs on, as the cost model sees it (per-GPU achieved figures).
+
+    A uniform cluster gives the figures directly. A heterogeneous one lists `pools` (ranks
+    numbered pool by pool, node by node); the cluster's own figures are then derived from
+    them: `achieved_tflops` is the fastest pool's (the cost model's reference rank; the
+    others run at `rank_speeds`), every other figure the smallest pool's (what every rank
+    can count on). Each rank's memory and speed come from its own pool (`pool_of`,
+    `pool_cluster`). Pools share `gpus_per_node` (the topology's nodes are uniform).
+    """
 
     num_nodes: int = Field(gt=0, description="Number of machines.")
     gpus_per_node: int = Field(gt=0, description="Accelerators (ranks) per machine.")
@@ -214,6 +271,43 @@ class ClusterSpec(_Spec):
     memory_bandwidth_gbps: float = Field(
         default=2000.0, gt=0,
         description="Achieved device-memory bandwidth per rank, GB/s (the optimizer update).")
+    pools: tuple[NodePool, ...] | None = Field(
+        default=None, min_length=1,
+        description="Node pools of a heterogeneous cluster, in rank order (the fields above "
+                    "are then derived from them).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_from_pools(cls, data):
+        if not isinstance(data, dict) or not data.get("pools"):
+            return data
+        pools = []
+        for i, p in enumerate(data["pools"]):
+            try:
+                pools.append(p if isinstance(p, NodePool)
+                             else NodePool.model_validate(p, strict=True))
+            except ValidationError as exc:
+                raise ValueError(f"pools[{i}]: {format_validation_error(exc)}") from None
+        gpn = {p.gpus_per_node for p in pools}
+        if len(gpn) > 1:
+            raise ValueError(f"pools: gpus_per_node differs between pools ({sorted(gpn)}); "
+                             "every pool needs the same gpus_per_node (uniform nodes)")
+        derived = {"num_nodes": sum(p.num_nodes for p in pools),
+                   "gpus_per_node": pools[0].gpus_per_node,
+                   "achieved_tflops": max(p.achieved_tflops for p in pools)}
+        for name in HARDWARE_FIELDS:
+            derived.setdefault(name, min(getattr(p, name) for p in pools))
+        for name, value in derived.items():
+            given = data.get(name)
+            if given is None:
+                continue
+            if isinstance(given, bool) or not isinstance(given, int | float):
+                raise ValueError(f"{name}={given!r} is not a number (and with pools, leave "
+                                 f"{name} out: it is derived from them)")
+            if not math.isclose(given, value, rel_tol=1e-9):
+                raise ValueError(f"{name}={given!r} contradicts the pools ({value!r} derived "
+                                 f"from them); with pools, leave {name} out")
+        return {**data, **derived, "pools": tuple(pools)}
 
     @property
     def world_size(self) -> int:
@@ -221,6 +315,50 @@ class ClusterSpec(_Spec):
 
     def node_of(self, rank: int) -> int:
         return rank // self.gpus_per_node
+
+    @property
+    def heterogeneous(self) -> bool:
+        """Whether ranks differ in memory or speed (more than one distinct pool)."""
+        return self.pools is not None and len({_figures(p) for p in self.pools}) > 1
+
+    def pool_of(self, rank: int) -> int:
+        """Index of the pool `rank` belongs to (0 for a uniform cluster)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank={rank} is outside the cluster (valid 0.."
+                             f"{self.world_size - 1})")
+        node = self.node_of(rank)
+        for i, p in enumerate(self.pools or ()):
+            if node < p.num_nodes:
+                return i
+            node -= p.num_nodes
+        return 0
+
+    def rank_pools(self) -> tuple[int, ...]:
+        """`pool_of` of every rank, in rank order."""
+        if self.pools is None:
+            return (0,) * self.world_size
+        return tuple(i for i, p in enumerate(self.pools) for _ in range(p.num_ranks))
+
+    def pool_cluster(self, index: int) -> ClusterSpec:
+        """A uniform ClusterSpec with pool `index`'s figures (the whole cluster's size): what
+        the memory model of that pool's ranks sees."""
+        if self.pools is None:
+            return self
+        pool = self.pools[index]
+        return ClusterSpec(num_nodes=self.num_nodes, gpus_per_node=self.gpus_per_node,
+                           **{name: getattr(pool, name) for name in HARDWARE_FIELDS})
+
+    def rank_speeds(self) -> tuple[float, ...]:
+        """Each rank's achieved TFLOP/s over the reference (`achieved_tflops`): 1.0 on a
+        uniform cluster, below 1 for the ranks of slower pools."""
+        if self.pools is None:
+            return (1.0,) * self.world_size
+        per_pool = [p.achieved_tflops / self.achieved_tflops for p in self.pools]
+        return tuple(per_pool[i] for i in self.rank_pools())
+
+
+def _figures(pool: NodePool) -> tuple:
+    return tuple(getattr(pool, name) for name in HARDWARE_FIELDS)
 
 
 MODEL_PRESETS: dict[str, ModelSpec] = {
@@ -246,6 +384,10 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 #   NVLink capped at 400 GB/s bidirectional (200 per direction); 200 Gb/s NIC per GPU =
 #   25 GB/s; PCIe Gen4 ~25 GB/s achieved; 1 TiB host memory; HBM2e 2.0 TB/s peak, ~1.6
 #   achieved.
+# - a100: 80 GiB HBM2e; ~125 TFLOP/s bf16 dense achieved (40% of the 312 TFLOP/s SXM
+#   peak, the same MFU as h100); NVLink 3 is 600 GB/s bidirectional, 300 per direction;
+#   one 200 Gb/s HDR NIC per GPU = 25 GB/s; PCIe Gen4 x16 ~25 GB/s achieved; DGX A100 has
+#   1 TiB host memory; HBM2e 2.0 TB/s peak, ~1.6 achieved.
 # - cpu: this 2-core machine, measured roughly: ~0.05 TFLOP/s fp32 matmul, loopback gloo
 #   ~2 GB/s, memcpy ~5 GB/s (also the memory bandwidth); 24 GiB memory split as 12
 #   "device" + 12 host. One node holds every rank (gpus_per_node None: as many as asked).
@@ -254,6 +396,10 @@ CLUSTER_PRESETS: dict[str, dict] = {
                  intra_node_bandwidth_gbps=450.0, inter_node_bandwidth_gbps=50.0,
                  pcie_bandwidth_gbps=50.0, host_memory_gib=2048.0,
                  memory_bandwidth_gbps=2700.0),
+    "a100": dict(gpus_per_node=8, gpu_memory_gib=80.0, achieved_tflops=125.0,
+                 intra_node_bandwidth_gbps=300.0, inter_node_bandwidth_gbps=25.0,
+                 pcie_bandwidth_gbps=25.0, host_memory_gib=1024.0,
+                 memory_bandwidth_gbps=1600.0),
     "a800": dict(gpus_per_node=8, gpu_memory_gib=80.0, achieved_tflops=200.0,
                  intra_node_bandwidth_gbps=200.0, inter_node_bandwidth_gbps=25.0,
                  pcie_bandwidth_gbps=25.0, host_memory_gib=1024.0,

@@ -2,10 +2,11 @@
 
 A networkx graph with one vertex per node (machine) carrying its intra-node (NVLink)
 bandwidth, and one edge per node pair carrying the per-rank inter-node (NIC) bandwidth
-(a non-blocking fat tree: every pair is one hop). A ring's KV hand-off runs at the speed
-of the slowest hop of its ring order, so a ring inside one node runs at NVLink speed and
-one that spans nodes at NIC speed. The balance scheduler keeps rings inside one node when
-they fit and otherwise spans the fewest nodes.
+(a non-blocking fat tree: every pair is one hop). In a cluster of node pools each node has
+its pool's NVLink and NIC figures, and a link between two nodes runs at the slower NIC.
+A ring's KV hand-off runs at the speed of the slowest hop of its ring order, so a ring
+inside one node runs at NVLink speed and one that spans nodes at NIC speed. The balance
+scheduler keeps rings inside one node when they fit and otherwise spans the fewest nodes.
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ class Topology:
         self.gpus_per_node = cluster.gpus_per_node
         self.num_nodes = -(-self.world_size // self.gpus_per_node)
         self.graph = nx.Graph()
-        for n in range(self.num_nodes):
-            self.graph.add_node(n, bandwidth_gbps=cluster.intra_node_bandwidth_gbps)
+        self._nic = _node_figures(cluster, self.num_nodes, "inter_node_bandwidth_gbps")
+        for n, bw in enumerate(_node_figures(cluster, self.num_nodes,
+                                             "intra_node_bandwidth_gbps")):
+            self.graph.add_node(n, bandwidth_gbps=bw)
+        # Sizing figures (`bandwidth_for_size`): what a ring can count on in any pool.
         self._inter = cluster.inter_node_bandwidth_gbps
         self._intra = cluster.intra_node_bandwidth_gbps
         # Edges are implicit for big clusters (a complete graph of 1,536 nodes has >1M
-        # edges); `link_bandwidth` falls back to the NIC figure for absent pairs.
+        # edges); `link_bandwidth` falls back to the slower NIC for absent pairs.
         if self.num_nodes <= 64:
             for u in range(self.num_nodes):
                 for v in range(u + 1, self.num_nodes):
-                    self.graph.add_edge(u, v, bandwidth_gbps=self._inter)
+                    self.graph.add_edge(u, v, bandwidth_gbps=min(self._nic[u], self._nic[v]))
 
     def allows(self, ring_size: int) -> bool:
         """Whether a ring of this size may be formed (any size, or powers of two)."""
@@ -63,7 +67,7 @@ class Topology:
         if u == v:
             return self.graph.nodes[u]["bandwidth_gbps"]
         data = self.graph.get_edge_data(u, v)
-        return data["bandwidth_gbps"] if data else self._inter
+        return data["bandwidth_gbps"] if data else min(self._nic[u], self._nic[v])
 
     def ring_bandwidth(self, ranks: Sequence[int]) -> float:
         """Bandwidth of the slowest hop of the ring in its given order."""
@@ -74,7 +78,8 @@ class Topology:
         return min(self.link_bandwidth(a, b) for a, b in hops)
 
     def bandwidth_for_size(self, ring_size: int) -> float:
-        """Bandwidth a ring of this size gets when placed as the scheduler places it."""
+        """Bandwidth a ring of this size gets when placed as the scheduler places it (with
+        node pools: the slowest pool's, which every placement can count on)."""
         return self._intra if ring_size <= self.gpus_per_node else self._inter
 
     def nodes_spanned(self, ranks: Sequence[int]) -> int:
@@ -83,3 +88,11 @@ class Topology:
     def ring_order(self, ranks: Sequence[int]) -> list[int]:
         """Ranks sorted so that each node's members are adjacent (fewest inter-node hops)."""
         return sorted(ranks)
+
+
+def _node_figures(cluster: ClusterSpec, num_nodes: int, name: str) -> list[float]:
+    """One bandwidth figure per node: the cluster's, or each node's pool's."""
+    if cluster.pools is None:
+        return [getattr(cluster, name)] * num_nodes
+    per_node = [getattr(p, name) for p in cluster.pools for _ in range(p.num_nodes)]
+    return (per_node + per_node[-1:] * num_nodes)[:num_nodes]

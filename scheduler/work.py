@@ -20,12 +20,17 @@ FLOPs (matmuls only, as FlopCounterMode counts them; norms, RoPE and softmax are
                layer's forward (K/V once, queries and post per chunk): + 2 P_layer T per
                layer; attention runs forward once over the whole sequence (no grad) and
                then forward + backward per query chunk against its key range
+    objective  pretrain, sft and grpo run the head once (forward, dh, dW: 6 h V per
+               token); dpo first computes every sequence's log-prob without a graph
+               (workers/objectives.py, StreamBP Sec. 3.3): + 2 h V per token
 
 Ring bytes a rank sends per micro-batch (parallelism/ring_attention.py, per layer):
 forward d-1 KV blocks and backward d-1 KV blocks in the compute dtype, and d hops of the
 dK/dV accumulators in the accumulation dtype (float32; float64 for float64), plus one
 handshake per micro-batch (an 11-field int64 header and the per-sequence local lengths to
-each other member).
+each other member). A dpo ring adds its members' partial sequence log-probs once per
+micro-batch (parallelism.ring_sum, channel "dpo"): d - 1 float64 vectors of the group's
+sequences.
 
 Legend: T tokens a rank holds, P_layer matmul weights of one layer, h hidden, V vocab,
 Hq/Hkv query/kv heads, D head dim, d ring size.
@@ -52,6 +57,19 @@ ATTENTION_BLOCK_Q = 256  # query rows per tile of kernels/attention_torch.py (BL
 HANDSHAKE_HEADER_BYTES = 11 * 8  # parallelism.ring_attention._HEADER_FIELDS, int64
 NUM_RESIDENT_LAYERS = 1  # TokenwiseOffloadStack keeps the last layer on the device
 SCHEMES = ("plain", "streambp", "offload")
+OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")  # workers.loss.OBJECTIVE_TYPES
+
+
+def check_objective(objective: str) -> str:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not valid; valid: {', '.join(OBJECTIVES)}")
+    return objective
+
+
+def head_flops_per_token(model: ModelSpec, objective: str = "pretrain") -> int:
+    """Matmul FLOPs of the loss head per token held: 6 h V, + 2 h V for dpo's no-grad pass."""
+    passes = 8 if check_objective(objective) == "dpo" else 6
+    return passes * model.hidden_size * model.vocab_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,13 +158,15 @@ class GroupFlops:
 
 
 def group_flops(model: ModelSpec, lengths: Sequence[int], *, ring_size: int = 1,
-                position: int = 0, scheme: Scheme = PLAIN) -> GroupFlops:
-    """Exact matmul FLOPs of ring position `position` running whole `lengths` as a group."""
+                position: int = 0, scheme: Scheme = PLAIN,
+                objective: str = "pretrain") -> GroupFlops:
+    """Exact matmul FLOPs of ring position `position` running whole `lengths` as a group
+    under `objective` (its loss head, see the module doc)."""
     L, hq_d = model.num_layers, model.num_heads * model.head_dim
     local = local_lengths(lengths, ring_size, position) if ring_size > 1 else list(lengths)
     T = sum(local)
     p = layer_matmul_params(model)
-    dense = 6 * p * T * L + 6 * model.hidden_size * model.vocab_size * T
+    dense = 6 * p * T * L + head_flops_per_token(model, objective) * T
     pairs = ring_pairs(lengths, ring_size, position) if ring_size > 1 else \
         sum(attention_pairs(c) for c in _calls(lengths, 1, 0))
     attention = 14 * hq_d * pairs * L
@@ -171,20 +191,32 @@ class RingBytes:
     bwd_kv: int  # backward KV blocks
     bwd_dkv: int  # backward dK/dV accumulators
     handshake: int  # layout agreement, once per micro-batch
+    dpo: int = 0  # objective dpo: the members' partial sequence log-probs (ring_sum)
 
     @property
     def total(self) -> int:
-        return self.kv + self.bwd_kv + self.bwd_dkv + self.handshake
+        return self.kv + self.bwd_kv + self.bwd_dkv + self.handshake + self.dpo
 
     def by_channel(self) -> dict[str, int]:
-        return {"kv": self.kv, "bwd_kv": self.bwd_kv, "bwd_dkv": self.bwd_dkv,
-                "handshake": self.handshake}
+        out = {"kv": self.kv, "bwd_kv": self.bwd_kv, "bwd_dkv": self.bwd_dkv,
+               "handshake": self.handshake}
+        return out | ({"dpo": self.dpo} if self.dpo else {})
+
+
+def dpo_bytes(num_sequences: int, ring_size: int, objective: str = "pretrain") -> int:
+    """What each ring member sends to add up a dpo group's sequence log-probs: d - 1
+    hops of one float64 per sequence (parallelism.ring_sum); 0 for other objectives."""
+    if check_objective(objective) != "dpo" or ring_size == 1:
+        return 0
+    return (ring_size - 1) * 8 * num_sequences
 
 
 def ring_bytes(model: ModelSpec, lengths: Sequence[int], *, ring_size: int, position: int,
-               dtype: str, num_layers: int | None = None) -> RingBytes:
+               dtype: str, num_layers: int | None = None,
+               objective: str = "pretrain") -> RingBytes:
     """What ring position `position` sends for `lengths` on a ring of `ring_size` ranks,
-    in compute dtype `dtype`, over `num_layers` layers (default: the model's)."""
+    in compute dtype `dtype`, over `num_layers` layers (default: the model's), under
+    `objective`."""
     d = ring_size
     if d == 1:
         return RingBytes(kv=0, bwd_kv=0, bwd_dkv=0, handshake=0)
@@ -194,16 +226,18 @@ def ring_bytes(model: ModelSpec, lengths: Sequence[int], *, ring_size: int, posi
     kv = sum(blocks[:-1]) * row * DTYPE_BYTES[dtype]
     dkv = sum(blocks) * row * accumulation_bytes(dtype)
     handshake = (d - 1) * (HANDSHAKE_HEADER_BYTES + 8 * len(lengths))
-    return RingBytes(kv=L * kv, bwd_kv=L * kv, bwd_dkv=L * dkv, handshake=handshake)
+    return RingBytes(kv=L * kv, bwd_kv=L * kv, bwd_dkv=L * dkv, handshake=handshake,
+                     dpo=dpo_bytes(len(lengths), d, objective))
 
 
 def ring_bytes_per_position(model: ModelSpec, lengths: Sequence[int], *, ring_size: int,
-                            dtype: str) -> list[RingBytes]:
+                            dtype: str, objective: str = "pretrain") -> list[RingBytes]:
     """`ring_bytes` of every ring position at once (O(d) instead of O(d^2)): a position
     sends every block but the one it receives last, its successor's."""
     d = ring_size
     if d == 1:
         return [ring_bytes(model, lengths, ring_size=1, position=0, dtype=dtype)]
+    dpo = dpo_bytes(len(lengths), d, objective)
     L, row = model.num_layers, 2 * model.num_kv_heads * model.head_dim
     held = all_local_tokens(lengths, d)
     total = sum(held)
@@ -212,7 +246,7 @@ def ring_bytes_per_position(model: ModelSpec, lengths: Sequence[int], *, ring_si
     for i in range(d):
         kv = L * (total - held[(i + 1) % d]) * row * DTYPE_BYTES[dtype]
         out.append(RingBytes(kv=kv, bwd_kv=kv, bwd_dkv=L * total * row * accumulation_bytes(dtype),
-                             handshake=handshake))
+                             handshake=handshake, dpo=dpo))
     return out
 
 

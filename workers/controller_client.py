@@ -2,11 +2,14 @@
 
 Every call carries (job, attempt, rank, incarnation); a reply with `accepted=False` means
 this process has been fenced off (a newer attempt exists, the job ended, or the rank was
-declared lost and replaced) and raises `Fenced`, which ends the rank. `register` learns
-the process's incarnation and every later call presents it. Calls retry while the
-controller is unreachable for up to `reconnect_s`, so ranks survive a controller restart;
-the plan stream resumes from the first step not yet received. Trace context goes out as
-W3C `traceparent` metadata on every call.
+declared lost and replaced) and raises `Fenced`, which ends the rank; so does
+FAILED_PRECONDITION, the controller ending an attempt that cannot run (its dataset
+vanished, no plan can hold a batch). `register` learns the process's incarnation and
+every later call presents it. Calls retry while the controller is unreachable for up to
+`reconnect_s`, so ranks survive a controller restart (a step report is retried until it
+is acknowledged, which the controller does once it stored it); the plan stream resumes
+from the first step not yet received. Trace context goes out as W3C `traceparent`
+metadata on every call.
 
 Every call also carries the attempt's secret as `authorization: Bearer <secret>` metadata
 (from $RINGMASTER_WORKER_SECRET, which the launcher sets; never a command-line argument);
@@ -89,6 +92,8 @@ class ControllerClient:
         if exc.code() == grpc.StatusCode.UNAUTHENTICATED:
             raise Unauthenticated(f"controller refused {self.identity}: {exc.details()} (is "
                                   f"{WORKER_SECRET_ENV} this attempt's secret?)") from None
+        if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:  # the attempt cannot go on
+            raise Fenced(f"controller ended {self.identity}: {exc.details()}") from None
 
     def _call(self, fn: Callable[..., T], request) -> T:
         deadline = time.monotonic() + self._reconnect_s
@@ -118,22 +123,43 @@ class ControllerClient:
         req = pb.StepReport(worker=self.identity.to_pb(), **fields)
         self._accepted(self._call(self._stub.ReportStep, req))
 
-    def heartbeat(self, *, step: int, progress: int, syncing: bool = False
-                  ) -> pb.HeartbeatReply:
+    def heartbeat(self, *, step: int, progress: int, syncing: bool = False,
+                  position=None) -> pb.HeartbeatReply:
+        """Liveness; `syncing`: blocked on peers (the step's collectives or a ring
+        transfer); `position` (parallelism.progress.StepPosition) says where in the step
+        the rank is."""
         req = pb.HeartbeatRequest(worker=self.identity.to_pb(), step=step, progress=progress,
                                   syncing=syncing)
+        if position is not None:
+            req.position.CopyFrom(pb.StepPosition(
+                step=position.step, micro_batch=position.micro_batch, ring=list(position.ring),
+                layer=position.layer, phase=position.phase, ring_hop=position.ring_hop,
+                waiting=position.waiting))
         return self._accepted(self._call(self._stub.Heartbeat, req))
 
-    def report_failure(self, *, step: int, error: str, lost_ranks: Sequence[int] = (),
+    def report_failure(self, *, step: int, error: str, user: bool = False,
+                       failed_rank: int | None = None, lost_ranks: Sequence[int] = (),
                        recoverable: bool = False, cannot_replan: bool = False,
                        world_epoch: int = 0) -> None:
-        """A fatal error; a step of world `world_epoch` a vanished peer broke
-        (`recoverable`); a world the state cannot be rebuilt for (`cannot_replan`); or,
-        from the driver, ranks whose process died (`lost_ranks`)."""
+        """Tell the controller this attempt cannot go on: `user` for bad data or config
+        (the job fails as InvalidInput, never retried), else an infrastructure failure
+        (the job's failure policy decides). `failed_rank`: the rank at fault, when the
+        driver reports for one. Elastic jobs (docs/elastic.md): a step of world
+        `world_epoch` a vanished peer broke (`recoverable`); a world the state cannot be
+        rebuilt for (`cannot_replan`); or, from the driver, ranks whose process died
+        (`lost_ranks`). A report the controller refuses raises Fenced."""
         req = pb.FailureReport(worker=self.identity.to_pb(), step=step, error=error[:4000],
+                               failure_class=pb.USER if user else pb.INFRASTRUCTURE,
                                lost_ranks=list(lost_ranks), recoverable=recoverable,
                                cannot_replan=cannot_replan, world_epoch=world_epoch)
+        if failed_rank is not None:
+            req.failed_rank = failed_rank
         self._accepted(self._call(self._stub.ReportFailure, req))
+
+    def report_logs(self, entries: list[pb.LogEntry]) -> None:
+        """Append this rank's log lines to the job's log (one call, at most ~1000 lines)."""
+        req = pb.LogBatch(worker=self.identity.to_pb(), entries=entries)
+        self._accepted(self._call(self._stub.ReportLogs, req))
 
     def plans(self, from_step: int, *, world_epoch: int = -1,
               formed: bool = False) -> Iterator[pb.PlanMessage]:

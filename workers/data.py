@@ -32,13 +32,15 @@ import torch.distributed as dist
 
 from scheduler.batching import BatchPosition, epoch_batches
 from scheduler.dataset import TokenDataset
-from scheduler.dataset_meta import SampleMeta
+from scheduler.errors import DatasetError
 from scheduler.plan import StepPlan
+from workers.loss import BatchMeta, ObjectiveConfig
+from workers.sample import SampleData
 from workers.train import StepInput
 
 __all__ = ["BatchPosition", "BatchStream", "DatasetPlanSource", "GlobalBatch", "SampleData",
-           "batch_loss_tokens", "batch_pairs", "open_dataset", "read_sample_data",
-           "read_samples", "sequence_ids_of_rank"]
+           "batch_loss_tokens", "batch_pairs", "open_dataset", "read_plan_samples",
+           "read_sample_data", "read_samples", "sequence_ids_of_rank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,24 +121,22 @@ def read_samples(dataset: TokenDataset | str | Path, batch: GlobalBatch,
     return out
 
 
-@dataclass(frozen=True, kw_only=True)
-class SampleData:
-    """One sample for an objective: tokens, loss mask, metadata, stored log-probs."""
-
-    tokens: torch.Tensor  # int64[L]
-    loss_mask: torch.Tensor  # bool[L]: token t carries a loss (predicted from t - 1)
-    meta: SampleMeta  # kind, pair_id/role (DPO), group_id/reward/advantage (GRPO)
-    ref_logps: torch.Tensor | None  # float64[L] log p_ref(token t | tokens < t); [0] = 0
-    old_logps: torch.Tensor | None  # float64[L] same under the sampling policy (GRPO)
-
-    def target_mask(self) -> torch.Tensor:
-        """bool[L] aligned with targets: position t's target (token t + 1) carries a loss."""
-        return torch.cat([self.loss_mask[1:], self.loss_mask.new_zeros(1)])
-
-    @staticmethod
-    def to_targets(values_L: torch.Tensor) -> torch.Tensor:
-        """Per-token values (ref/old log-probs) moved to target positions; 0 at the end."""
-        return torch.cat([values_L[1:], values_L.new_zeros(1)])
+def read_plan_samples(dataset: TokenDataset, sample_ids, ids: Iterable[int], *,
+                      vocab_size: int) -> dict[int, torch.Tensor]:
+    """Plan id -> LongTensor of dataset sample `sample_ids[i]`, for `ids`; a DatasetError
+    (the job's data is bad: the job fails, no retry) for a token id the model's embedding
+    does not have, rather than an index error deep inside the step."""
+    out: dict[int, torch.Tensor] = {}
+    for i in ids:
+        sample = int(sample_ids[i])
+        tokens = dataset[sample]
+        top = int(tokens.max()) if tokens.size else -1
+        if top >= vocab_size:
+            raise DatasetError(f"dataset {dataset.prefix}: sample {sample} holds token id "
+                               f"{top}, but the model's vocab_size is {vocab_size} (valid "
+                               f"ids 0..{vocab_size - 1})")
+        out[int(i)] = torch.from_numpy(tokens.astype(np.int64))
+    return out
 
 
 def read_sample_data(dataset: TokenDataset | str | Path, batch: GlobalBatch,
@@ -179,22 +179,27 @@ class DatasetPlanSource:
     At a data position it forms the global batch, plans it with `planner(lengths)` on rank
     0 of `group` only (a planner with a time limit need not return the same plan twice, and
     every rank must run the same one), broadcasts the plan, and reads this rank's samples.
-    `rank=None` reads every sample of the batch: a driver feeding a WorkerGroup, which is
-    outside the process group and sends each actor its part.
+    A batch with DPO pairs is planned with `planner(lengths, pairs=...)` (scheduler.plan_batch
+    takes them) and its plan must keep every pair in one group. With a masked `objective`
+    (all but pretrain) the samples are SampleData and the step input carries the batch's
+    records (workers.loss.BatchMeta). `rank=None` reads every sample of the batch: a driver
+    feeding a WorkerGroup, which is outside the process group and sends each actor its part.
     """
 
     def __init__(self, dataset: TokenDataset | str | Path, *, tokens_per_batch: int,
-                 seed: int, planner: Callable[[np.ndarray], StepPlan], rank: int | None = 0,
-                 group=None):
+                 seed: int, planner: Callable[..., StepPlan], rank: int | None = 0,
+                 group=None, objective: ObjectiveConfig | None = None):
         self.stream = BatchStream(dataset, tokens_per_batch=tokens_per_batch, seed=seed)
         self.planner, self.rank, self.group = planner, rank, group
+        self.objective = objective or ObjectiveConfig()
 
-    def _plan(self, lengths: np.ndarray) -> StepPlan:
+    def _plan(self, lengths: np.ndarray, pairs: list[tuple[int, int]]) -> StepPlan:
         distributed = self.rank is not None and dist.is_available() \
             and dist.is_initialized() and dist.get_world_size(self.group) > 1
         text = [None]
         if not distributed or dist.get_rank(self.group) == 0:
-            text = [self.planner(lengths).check([int(n) for n in lengths]).model_dump_json()]
+            plan = self.planner(lengths, pairs=pairs) if pairs else self.planner(lengths)
+            text = [plan.check([int(n) for n in lengths], pairs).model_dump_json()]
         if distributed:
             dist.broadcast_object_list(text, group_src=0, group=self.group)
         return StepPlan.model_validate(json.loads(text[0]))
@@ -202,7 +207,12 @@ class DatasetPlanSource:
     def __call__(self, position: BatchPosition) -> StepInput:
         self.stream.position = position
         batch = self.stream.next_batch()
-        plan = self._plan(batch.lengths)
+        dataset = self.stream.dataset
+        meta = BatchMeta.from_structure(dataset.structure, batch.sample_ids)
+        plan = self._plan(batch.lengths, list(meta.pairs))
         ids = None if self.rank is None else sequence_ids_of_rank(plan, self.rank)
-        samples = read_samples(self.stream.dataset, batch, ids)
-        return StepInput(plan=plan, samples=samples, next_position=self.stream.position)
+        if not self.objective.masked:
+            return StepInput(plan=plan, samples=read_samples(dataset, batch, ids),
+                             next_position=self.stream.position)
+        return StepInput(plan=plan, samples=read_sample_data(dataset, batch, ids),
+                         next_position=self.stream.position, batch=meta)

@@ -14,11 +14,15 @@ a step boundary; a rank the controller fenced off (stalled) that comes back is s
 again the same way, in its own process. The driver exits when the ranks do:
 
     0  every rank finished (all steps done, or drained after a stop request)
-    1  a rank died, failed or was fenced off and the attempt is lost (the job may restart)
-    3  the job cannot run as specified (bad worker config): restarting will not help
+    1  a rank died, failed or was fenced off: the attempt is lost (the job may restart)
+    3  the job cannot run as specified (bad worker config, or a rank refused its data or
+       config: a RingmasterError): restarting will not help (reason InvalidInput)
 
-and writes `{"code": ..., "message": ...}` to `--exit-file` first, which is how the launcher
-tells these apart after a controller restart.
+and writes `{"code": ..., "message": ..., "reason": ...}` to `--exit-file` first, which is
+how the launcher tells these apart after a controller restart. The message is one line
+(the full traceback of anything unexpected goes to the driver's log). Before exiting 1 or
+3 the driver reports the failure over gRPC with its class (user or infrastructure), so the
+job's state says why without waiting for the exit to be noticed.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import traceback
 from pathlib import Path
 
 EXIT_OK, EXIT_LOST, EXIT_FAILED = 0, 1, 3
+INVALID_INPUT = "InvalidInput"
 DRIVER_RANK = -1
 FORWARDED_PREFIXES = ("RINGMASTER_", "OTEL_")
 
@@ -46,13 +51,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _write_exit(path: Path | None, code: int, message: str) -> int:
+def _write_exit(path: Path | None, code: int, message: str, reason: str = "") -> int:
+    message = " ".join(message.split())[-4000:]
     if path is not None:
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"code": code, "message": message[-4000:]}))
+        tmp.write_text(json.dumps({"code": code, "message": message, "reason": reason}))
         tmp.replace(path)
     print(f"driver exiting with status {code}: {message}", flush=True)
     return code
+
+
+def _report(me, exc, *, user: bool, rank: int | None = None) -> None:
+    try:
+        me.report_failure(step=-1, error=str(exc), user=user, failed_rank=rank)
+    except Exception:  # the controller may be away (or fenced us); the exit file tells
+        pass
 
 
 def forwarded_env() -> dict[str, str]:
@@ -71,37 +84,45 @@ def _init_ray(num_ranks: int) -> None:
                  object_store_memory=100_000_000, log_to_driver=True)
 
 
-def run(args: argparse.Namespace) -> tuple[int, str]:
-    """The attempt, start to finish; returns (exit code, message)."""
+def run(args: argparse.Namespace) -> tuple[int, str, str]:
+    """The attempt, start to finish; returns (exit code, message, reason)."""
     from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
-    from workers.group import WorkerError, WorkerGroup
+    from workers.group import PlacementError, WorkerError, WorkerGroup
 
     me = ControllerClient(args.controller, WorkerIdentity(job_id=args.job, attempt=args.attempt,
                                                            rank=DRIVER_RANK))
     try:
         cfg = json.loads(me.register(host=socket.gethostname(), pid=os.getpid()).job_spec_json)
     except Fenced as exc:
-        return EXIT_LOST, str(exc)
+        return EXIT_LOST, str(exc), ""
     try:
         config = group_config(cfg)
     except (KeyError, ValueError) as exc:
-        return EXIT_FAILED, f"worker config is not usable: {exc}"
+        message = f"worker config is not usable: {' '.join(str(exc).split())}"
+        _report(me, message, user=True)
+        return EXIT_FAILED, message, INVALID_INPUT
     _init_ray(config.num_ranks)
     try:
         with WorkerGroup(config, form_world=False) as group:
+            for rank, node in enumerate(group.node_ids()):
+                print(f"rank {rank} runs on ray node {node}", flush=True)
             if not config.elastic:
                 results = group.run_agents(args.controller, args.job, args.attempt)
             else:
                 results = serve_elastic(group, me, args)
-    except (WorkerError, Fenced) as exc:
-        try:
-            me.report_failure(step=-1, error=str(exc))
-        except Exception:  # the controller may be away (or fenced us); the exit file tells
-            pass
-        return EXIT_LOST, str(exc)
+    except PlacementError as exc:  # the cluster cannot hold the plan's topology
+        _report(me, exc, user=False)
+        return EXIT_FAILED, str(exc), ""
+    except WorkerError as exc:
+        _report(me, exc.detail, user=exc.user, rank=exc.rank)
+        if exc.user:
+            return EXIT_FAILED, str(exc), INVALID_INPUT
+        return EXIT_LOST, str(exc), ""
+    except Fenced as exc:
+        return EXIT_LOST, str(exc), ""
     stopped = any(r.stopped for r in results)
     steps = max((r.final_step for r in results), default=0)
-    return EXIT_OK, f"{'stopped' if stopped else 'finished'} at step {steps}"
+    return EXIT_OK, f"{'stopped' if stopped else 'finished'} at step {steps}", ""
 
 
 def group_config(cfg: dict):
@@ -124,7 +145,8 @@ def group_config(cfg: dict):
                        model_dir=cfg.get("model_dir"),
                        model_init=cfg.get("model_init") or "random",
                        train=train_config(cfg), seed=int(cfg["training"]["seed"]),
-                       env=forwarded_env(), timeout_s=2 * timeout if replan else 600.0,
+                       env=forwarded_env(), ranks_per_node=cfg.get("ranks_per_node"),
+                       timeout_s=2 * timeout if replan else 600.0,
                        max_actor_restarts=MAX_ACTOR_RESTARTS if replan else 0)
 
 
@@ -192,7 +214,7 @@ class _Launcher:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
-        from workers.group import WorkerError
+        from workers.group import worker_error
 
         try:
             return ray.get(ref)
@@ -206,17 +228,17 @@ class _Launcher:
                 self.now(slot)  # Ray restarts the actor: a replacement
             return None
         except RayTaskError as exc:  # the rank raised: a bug or bad input, not a loss
-            cause = exc.cause if exc.cause is not None else exc
-            raise WorkerError(slot, f"{type(cause).__name__}: {cause}") from None
+            raise worker_error(slot, exc) from None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        code, message = run(args)
-    except Exception:  # anything unexpected loses the attempt; the job's policy decides
-        code, message = EXIT_LOST, traceback.format_exc()
-    return _write_exit(args.exit_file, code, message)
+        code, message, reason = run(args)
+    except Exception as exc:  # anything unexpected loses the attempt; the policy decides
+        traceback.print_exc()  # the whole story in the driver's log; the status says one line
+        code, message, reason = EXIT_LOST, f"driver failed: {type(exc).__name__}: {exc}", ""
+    return _write_exit(args.exit_file, code, message, reason)
 
 
 if __name__ == "__main__":

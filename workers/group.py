@@ -19,9 +19,15 @@ dropped everywhere, the optimizer resharded) and `rejoin()` one with the slots w
 Ray restarted. Ray itself is the caller's: `ray.init()` before (`RAY_ADDRESS` selects a
 cluster); `WorkerGroup` starts a local Ray only when none is running.
 
+Placement follows the planner's topology: with `ranks_per_node` (the job cluster's
+`gpus_per_node`) and a Ray cluster of more than one node, rank r runs on planner node
+r // ranks_per_node, each planner node one Ray node (one placement group, a bundle per
+node, STRICT_SPREAD), so a ring the planner kept inside a node is inside one machine.
+
 Used by `python -m workers.driver` (the job entrypoint), whose ranks form their worlds as
 the controller says (`form_world=False`); `train(num_steps, plan_source)` runs the loop
-from the driver with any PlanSource (workers.data.DatasetPlanSource for local runs).
+from the driver with any PlanSource (the controller's plan stream, or
+workers.data.DatasetPlanSource for local runs).
 """
 
 from __future__ import annotations
@@ -40,21 +46,25 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from scheduler.batching import BatchPosition
+from scheduler.errors import RingmasterError
 from scheduler.plan import StepPlan
 from scheduler.specs import ModelSpec
 from workers.data import sequence_ids_of_rank
 from workers.step import StepStats
 from workers.train import PlanSource, TrainConfig, TrainStats
 
-__all__ = ["GroupConfig", "RankWorker", "WorkerDiedError", "WorkerError", "WorkerGroup"]
+__all__ = ["GroupConfig", "PlacementError", "RankWorker", "WorkerDiedError", "WorkerError",
+           "WorkerGroup", "worker_error"]
 
 
 class WorkerError(RuntimeError):
-    """A rank raised during a group call; `rank` says which."""
+    """A rank raised during a group call; `rank` says which. `user`: the cause is the
+    job's data or config (a RingmasterError: retrying cannot help); `detail` is the cause
+    without the rank."""
 
-    def __init__(self, rank: int, message: str):
+    def __init__(self, rank: int, message: str, *, user: bool = False):
         super().__init__(f"rank {rank}: {message}")
-        self.rank = rank
+        self.rank, self.detail, self.user = rank, message, user
 
 
 class WorkerDiedError(WorkerError):
@@ -84,6 +94,9 @@ class GroupConfig:
     timeout_s: float = 600.0  # process-group timeout and the longest wait on one call
     start_timeout_s: float = 120.0  # actors scheduled and process group joined
     env: dict[str, str] = field(default_factory=dict)  # environment of every rank's process
+    # The planner's node size: rank r on node r // ranks_per_node (module docstring);
+    # None, or a one-node Ray cluster: wherever Ray puts the actors.
+    ranks_per_node: int | None = None
     # Lost ranks cost a world change, not the group (workers.elastic): Ray restarts a dead
     # actor up to this many times per slot (0: a death breaks the group, as without).
     max_actor_restarts: int = 0
@@ -99,6 +112,8 @@ class GroupConfig:
             raise ValueError(f"cpus_per_rank={self.cpus_per_rank} must be > 0 (or None)")
         if self.torch_threads < 1:
             raise ValueError(f"torch_threads={self.torch_threads} must be >= 1")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node={self.ranks_per_node} must be >= 1 (or None)")
         if self.model_init not in ("pretrained", "random") or (
                 self.model_init == "pretrained" and self.model_dir is None):
             raise ValueError(f"model_init={self.model_init!r} must be 'random' or "
@@ -144,6 +159,10 @@ class RankWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this rank runs on."""
+        return ray.get_runtime_context().get_node_id()
 
     def elastic_rank(self):
         """This slot's workers.elastic.ElasticRank (connects to the attempt's store)."""
@@ -221,7 +240,7 @@ class RankWorker:
         return run_step(self.trainer.model, plan, samples, rank=self.trainer.rank)
 
     def train_step(self, plan_json: str, samples: Mapping[int, torch.Tensor],
-                   next_position: BatchPosition | None) -> TrainStats:
+                   next_position: BatchPosition | None, batch=None) -> TrainStats:
         from workers.faults import fault_at, perform, ring_victim
 
         plan = StepPlan.model_validate_json(plan_json)
@@ -236,7 +255,7 @@ class RankWorker:
         out: list[TrainStats] = []
         try:
             error = comm_failure(lambda: out.append(self.trainer.train_step(
-                plan, samples, next_position=next_position)))
+                plan, samples, next_position=next_position, batch=batch)))
         finally:
             if handle is not None:
                 handle.remove()
@@ -342,6 +361,41 @@ def host_store(timeout_s: float):
     return store, (ray.util.get_node_ip_address(), store.port)
 
 
+class PlacementError(ValueError):
+    """The Ray cluster cannot hold the planner's topology (too few or too small nodes)."""
+
+
+def _node_placement(config: GroupConfig, options: dict) -> tuple[object, list[dict]]:
+    """(placement group or None, per-rank actor options): rank r on planner node
+    r // ranks_per_node, one Ray node each, when the Ray cluster has several nodes."""
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    gpn, n = config.ranks_per_node, config.num_ranks
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    if gpn is None or len(alive) < 2:
+        return None, [{} for _ in range(n)]
+    num_nodes = -(-n // gpn)
+    if num_nodes > len(alive):
+        raise PlacementError(f"the plan puts {n} ranks on {num_nodes} nodes of {gpn} "
+                         f"(gpus_per_node); the Ray cluster has {len(alive)} nodes")
+    if config.cpus_per_rank is None and "num_gpus" not in options:  # a node's share
+        node_cpus = min(node["Resources"].get("CPU", 1.0) for node in alive)
+        options["num_cpus"] = min(1.0, node_cpus / min(gpn, n))
+    bundle = {"CPU": options["num_cpus"] * min(gpn, n)}
+    if "num_gpus" in options:
+        bundle["GPU"] = float(options["num_gpus"] * min(gpn, n))
+    pg = placement_group([dict(bundle) for _ in range(num_nodes)], strategy="STRICT_SPREAD")
+    try:
+        ray.get(pg.ready(), timeout=config.start_timeout_s)
+    except GetTimeoutError:
+        ray.util.remove_placement_group(pg)
+        raise PlacementError(f"no {num_nodes} Ray nodes with {bundle} free each for the plan's "
+                         f"nodes of {gpn} ranks within {config.start_timeout_s:g} s") from None
+    return pg, [{"scheduling_strategy": PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=r // gpn)} for r in range(n)]
+
+
 class WorkerGroup:
     """One Ray actor per rank, driven together; use as a context manager or call stop()."""
 
@@ -358,11 +412,12 @@ class WorkerGroup:
         env = _rank_env(config, self.use_gpu)
         if env:  # actors start from the raylet's environment, not the driver's
             options["runtime_env"] = {"env_vars": env}
+        self._pg, per_rank = _node_placement(config, options)
         self.store, self.store_address = host_store(config.start_timeout_s)
-        actor = ray.remote(RankWorker).options(max_restarts=config.max_actor_restarts,
-                                               max_task_retries=0, **options)
-        self.actors = [actor.remote(r, config, self.use_gpu, self.store_address)
-                       for r in range(config.num_ranks)]
+        actor = ray.remote(RankWorker)
+        self.actors = [actor.options(max_restarts=config.max_actor_restarts, max_task_retries=0,
+                                     **options, **per_rank[r]).remote(
+            r, config, self.use_gpu, self.store_address) for r in range(config.num_ranks)]
         try:
             self.pids = self._call_slots(range(config.num_ranks), "pid",
                                          timeout_s=config.start_timeout_s)
@@ -390,7 +445,7 @@ class WorkerGroup:
             try:
                 results[where[ready[0]]] = ray.get(ready[0], timeout=timeout_s)
             except (RayActorError, RayTaskError, GetTimeoutError) as exc:
-                errors.append(_worker_error(where[ready[0]], exc, timeout_s))
+                errors.append(worker_error(where[ready[0]], exc, timeout_s))
                 if not self.config.elastic:
                     break
         if errors:
@@ -401,7 +456,7 @@ class WorkerGroup:
         dead = [e.rank for e in errors if isinstance(e, WorkerDiedError)]
         first = next((e for e in errors if isinstance(e, WorkerDiedError)), errors[0])
         if dead:
-            first = WorkerDiedError(first.rank, str(first).split(": ", 1)[1], ranks=dead)
+            first = WorkerDiedError(first.rank, first.detail, ranks=dead)
         if self.config.elastic and dead:
             self.lost |= set(dead)
         else:
@@ -486,10 +541,13 @@ class WorkerGroup:
         return self._call("run_step", per_rank=lambda r: (text, subsets[r]))
 
     def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
-                   next_position: BatchPosition | None = None) -> list[TrainStats]:
-        """One optimizer step of `plan` on every rank; stats per rank."""
+                   next_position: BatchPosition | None = None,
+                   batch=None) -> list[TrainStats]:
+        """One optimizer step of `plan` on every rank; stats per rank. `samples` are tokens
+        or workers.sample.SampleData; `batch` the batch's records (workers.loss.BatchMeta)."""
         text, subsets = self._per_rank_inputs(plan, samples)
-        out = self._call("train_step", per_rank=lambda r: (text, subsets[r], next_position))
+        out = self._call("train_step", per_rank=lambda r: (text, subsets[r], next_position,
+                                                            batch))
         if next_position is not None:
             self.data_position = next_position
         return out
@@ -528,6 +586,11 @@ class WorkerGroup:
         """Every rank's parameters or gradients (CPU copies), for checks and export."""
         return self._call("state", what)
 
+    def node_ids(self) -> list[str]:
+        """The Ray node of every rank, in rank order."""
+        return self._call_slots(range(self.config.num_ranks), "node_id",
+                                timeout_s=self.config.start_timeout_s)
+
     def stop(self) -> None:
         """Leave the process group where possible, then end every actor. Idempotent."""
         actors, self.actors = getattr(self, "actors", []), []
@@ -536,6 +599,9 @@ class WorkerGroup:
             ray.wait(refs, num_returns=len(refs), timeout=10)
         for a in actors:
             ray.kill(a, no_restart=True)
+        pg, self._pg = getattr(self, "_pg", None), None
+        if pg is not None:
+            ray.util.remove_placement_group(pg)
 
     def __enter__(self) -> WorkerGroup:
         return self
@@ -555,13 +621,17 @@ def _rank_env(config: GroupConfig, use_gpu: bool) -> dict[str, str]:
     return env
 
 
-def _worker_error(rank: int, exc: Exception, timeout_s: float) -> WorkerError:
+def worker_error(rank: int, exc: Exception, timeout_s: float = 0.0) -> WorkerError:
+    """The WorkerError of a failed Ray call to `rank`'s actor: died, raised (a
+    RingmasterError is the job's data or config: `user`), or timed out."""
     if isinstance(exc, RayActorError):
         return WorkerDiedError(rank, f"actor died ({exc.__class__.__name__}: "
                                      f"{str(exc).splitlines()[0]})")
     if isinstance(exc, RayTaskError):
         cause = exc.cause if exc.cause is not None else exc
-        return WorkerError(rank, f"{type(cause).__name__}: {cause}")
+        user = isinstance(cause, RingmasterError)  # bad data or config, not a crash
+        text = str(cause) if user else f"{type(cause).__name__}: {cause}"
+        return WorkerError(rank, text, user=user)
     return WorkerError(rank, f"no result within {timeout_s} s")
 
 

@@ -38,10 +38,19 @@ from parallelism.offload import (
     local_attention_core,
     ring_attention_core,
 )
+from parallelism.progress import PROGRESS
 from parallelism.streambp import StreamBPStack
 from scheduler.specs import ModelSpec
 from workers.layers import DecoderLayer, RMSNorm
-from workers.objectives import DPO, GRPO, IGNORE_INDEX, HeadInputs, NextTokenCE, Objective
+from workers.objectives import (
+    DPO,
+    GRPO,
+    IGNORE_INDEX,
+    HeadInputs,
+    NextTokenCE,
+    Objective,
+    token_logps,
+)
 
 DEFAULT_HEAD_CHUNK = 4096  # tokens per streamed head chunk when StreamBP is off
 INIT_STD = 0.02
@@ -130,6 +139,35 @@ class Transformer(nn.Module):
             x = layer(x, pos, core)
         return self.head(self.norm(x))
 
+    # ------------------------------------------------------------------ forward only
+    @torch.no_grad()
+    def token_logprobs(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor,
+                       position_ids: torch.Tensor | None = None,
+                       targets: torch.Tensor | None = None, ring: list[int] | None = None,
+                       chunk_size: int = DEFAULT_HEAD_CHUNK, comm_stats=None) -> torch.Tensor:
+        """[T] float log p(targets[t] | tokens <= t), 0 where there is no target; no graph.
+
+        What a reference or sampling policy's stored log-probs are made of (workers/ref_logps.py).
+        The inputs are as forward_backward takes them (a zigzag shard with `ring`); each
+        layer's activations are freed as soon as the next layer has run, and the head is
+        streamed in `chunk_size` tokens, so no [T, V] logits exist at once.
+        """
+        self._check_step(ring, position_ids, targets, None, 0.0, 1.0, NextTokenCE())
+        cu, pos = self._check_batch(input_ids, cu_seqlens, position_ids)
+        targets = next_token_targets(input_ids, cu) if targets is None else targets
+        _check_same_length("targets", targets, input_ids)
+        core = self._ring_core(cu, ring, comm_stats) if ring is not None \
+            else local_attention_core(cu)
+        x = F.embedding(input_ids, self.embed.weight)
+        for layer in self.layers:
+            x = layer(x, pos, core.autograd)
+        out = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, torch.float32),
+                          device=x.device)
+        for start in range(0, x.shape[0], chunk_size):
+            sl = slice(start, start + chunk_size)
+            out[sl] = token_logps(x[sl], self.norm, self.head.weight, targets[sl])
+        return out
+
     # ------------------------------------------------------------------ fused step
     def forward_backward(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor,
                          position_ids: torch.Tensor | None = None,
@@ -160,6 +198,7 @@ class Transformer(nn.Module):
                                  scheme)
         with torch.no_grad():
             hidden = stack.forward(F.embedding(input_ids, self.embed.weight))
+        PROGRESS.phase("head")
         inputs = HeadInputs(hidden_TH=hidden, targets_T=targets,
                             seq_index_T=sequence_index(cu, input_ids.device),
                             num_sequences=len(cu) - 1,
@@ -238,10 +277,10 @@ class Transformer(nn.Module):
                                  f"{' and '.join(missing)} must be given (sharded like "
                                  "input_ids; a shard's last token predicts a token on "
                                  "another rank)")
-            if isinstance(objective, DPO):
-                raise ValueError("objective=DPO needs whole sequences (sequence log-probs); "
-                                 "with ring it is not supported: give DPO pairs to "
-                                 "single-rank groups")
+            if isinstance(objective, DPO) and objective.ring_sum is None and len(ring) > 1:
+                raise ValueError(f"objective=DPO with ring={ring} needs DPO.ring_sum (the "
+                                 "ring members' sum of the sequence log-probs, "
+                                 "parallelism.ring_sum): each member holds a shard")
         if stream_chunk_size is not None and (not isinstance(stream_chunk_size, int)
                                               or isinstance(stream_chunk_size, bool)
                                               or stream_chunk_size < 1):
@@ -282,14 +321,23 @@ class _AutogradStack:
         self.x_leaf = x.detach().requires_grad_()
         with torch.enable_grad():
             y = self.x_leaf
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
+                PROGRESS.layer(i, "forward")
                 y = layer(y, self.pos, self.core.autograd)
+                # fires as autograd reaches this layer's output: its backward starts
+                y.register_hook(_backward_marker(i))
         self.y_edge = get_gradient_edge(y)
         return y.detach()
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor:
         torch.autograd.backward([self.y_edge], [dy])
         return self.x_leaf.grad
+
+
+def _backward_marker(layer: int):
+    def mark(grad: torch.Tensor) -> None:
+        PROGRESS.layer(layer, "backward")
+    return mark
 
 
 def _check_same_length(name: str, t, input_ids: torch.Tensor) -> None:

@@ -12,16 +12,19 @@ is the exact gradient (the StreamBP paper's treatment of DPO/GRPO, Sec. 3.3).
 Objectives (all return a *sum*; the caller divides by a global count, docs/architecture.md
 "The invariant"):
   NextTokenCE  sum over predictions of -log p(target)       normalised per prediction
-  DPO          sum over pairs of -log sigmoid(beta * margin) normalised per pair
-  GRPO         sum over predictions of the clipped surrogate (Shao et al. 2024, Eq. 3, with
-               token-level sums as in DAPO) plus an optional k3 KL to a reference policy.
+  DPO          sum over pairs of -log sigmoid(beta * margin) (label-smoothed)  per pair
+  GRPO         sum over loss tokens of the clipped surrogate (Shao et al. 2024, Eq. 3) plus
+               an optional k3 KL to a reference policy, weighted per sequence for
+               per-sequence normalisation                     per token or per sequence
+Which targets carry a loss is the targets themselves: a masked target is IGNORE_INDEX.
+The global counts and why they make every plan exact: docs/objectives.md.
 
 Legend: T tokens, H hidden, V vocab, S sequences, P pairs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -110,13 +113,25 @@ class NextTokenCE:
 
 @dataclass(frozen=True, kw_only=True)
 class DPO:
-    """Direct preference optimisation over (chosen, rejected) sequence pairs of the batch."""
+    """Direct preference optimisation over (chosen, rejected) sequence pairs of the batch.
+
+    A sequence's log-probability is the sum over its loss targets (targets_T not
+    IGNORE_INDEX: the completion). On a ring every member holds a zigzag shard of both
+    sequences of a pair; `ring_sum` adds the members' partial sums (parallelism.ring_sum,
+    bit-identical everywhere), so every member sees the pair's whole margin and
+    backpropagates its own tokens: the exact gradient, one small exchange per micro-batch.
+    The loss is the sigmoid loss with label smoothing eps (Mitchell 2023, "conservative
+    DPO", the convention of TRL's `label_smoothing`):
+    -(1 - eps) log sigmoid(z) - eps log sigmoid(-z), z = beta x margin.
+    """
 
     chosen: torch.Tensor  # [P] index of each pair's chosen sequence in the packed batch
     rejected: torch.Tensor  # [P] index of each pair's rejected sequence
     ref_chosen_logps: torch.Tensor  # [P] reference policy's summed log-prob of the chosen seq
     ref_rejected_logps: torch.Tensor  # [P] same for the rejected sequence
     beta: float = 0.1  # inverse temperature of the implicit reward
+    label_smoothing: float = 0.0  # assumed share of flipped preference labels, in [0, 0.5)
+    ring_sum: Callable[[torch.Tensor], torch.Tensor] | None = None  # ring members' sum
 
     def validate(self, num_sequences: int) -> None:
         p = self.chosen.shape[0]
@@ -132,8 +147,20 @@ class DPO:
                                  f"{num_sequences} sequences (0..{num_sequences - 1})")
         if bool((self.chosen == self.rejected).any()):
             raise ValueError("DPO.chosen and DPO.rejected must differ in every pair")
-        if self.beta <= 0:
+        if not self.beta > 0:
             raise ValueError(f"DPO.beta={self.beta} must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"DPO.label_smoothing={self.label_smoothing} must be in [0, 0.5)")
+
+    def pair_loss(self, seq_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed loss, d loss / d margin per pair) from whole-sequence log-probs."""
+        z = self.beta * ((seq_logps[self.chosen] - self.ref_chosen_logps.double())
+                         - (seq_logps[self.rejected] - self.ref_rejected_logps.double()))
+        eps = self.label_smoothing
+        # softplus(-z) = -log sigmoid(z)
+        loss = ((1 - eps) * F.softplus(-z) + eps * F.softplus(z)).sum()
+        dz = -(1 - eps) * torch.sigmoid(-z) + eps * torch.sigmoid(z)
+        return loss, dz * self.beta
 
     def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
         self.validate(inputs.num_sequences)
@@ -142,12 +169,11 @@ class DPO:
                                 device=inputs.hidden_TH.device)
         for sl in head.slices():  # pass 1 (no grad): sequence log-probs
             seq_logps.index_add_(0, inputs.seq_index_T[sl], head.logps_no_grad(sl).double())
-        z = self.beta * ((seq_logps[self.chosen] - self.ref_chosen_logps.double())
-                         - (seq_logps[self.rejected] - self.ref_rejected_logps.double()))
-        loss_sum = F.softplus(-z).sum()  # -log sigmoid(z)
-        dz = -torch.sigmoid(-z) * self.beta  # d loss / d logp(chosen); rejected gets minus
-        factor = torch.zeros_like(seq_logps)
-        factor.index_add_(0, self.chosen, dz).index_add_(0, self.rejected, -dz)
+        if self.ring_sum is not None:
+            seq_logps = self.ring_sum(seq_logps)
+        loss_sum, d_margin = self.pair_loss(seq_logps)
+        factor = torch.zeros_like(seq_logps)  # d loss / d logp(seq): chosen +, rejected -
+        factor.index_add_(0, self.chosen, d_margin).index_add_(0, self.rejected, -d_margin)
         for sl in reversed(list(head.slices())):  # pass 2: factor-weighted chunk backward
             head.backward_chunk(sl, lambda lp, s: (factor[inputs.seq_index_T[s]].to(lp.dtype)
                                                    * lp).sum())
@@ -156,36 +182,54 @@ class DPO:
 
 @dataclass(frozen=True, kw_only=True)
 class GRPO:
-    """Group-relative policy optimisation: clipped ratio surrogate with per-sequence advantages."""
+    """Group-relative policy optimisation: clipped ratio surrogate with per-sequence advantages.
+
+    Per loss token t of sequence i (Shao et al. 2024, Eq. 3; the asymmetric clip of DAPO,
+    Yu et al. 2025): r_t = exp(logp_t - old_t), loss_t = -min(r_t A_i, clip(r_t, 1 - low,
+    1 + high) A_i) + kl_coef x k3_t, with the k3 estimator of KL(policy || ref)
+    k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (Schulman 2020; DeepSeekMath Eq. 4).
+    Without `old_logps` the step is on-policy: r_t = exp(logp_t - stop_grad(logp_t)) is 1
+    with the gradient of logp_t, where the clip is inactive. The sum is weighted per
+    sequence by `sequence_weights` (1 / |o_i| for per-sequence normalisation; None: 1).
+    """
 
     advantages: torch.Tensor  # [S] one advantage per sequence (see group_advantages)
-    old_logps: torch.Tensor  # [T] log-prob of each target under the sampling policy
-    clip_eps: float = 0.2  # ratio is clipped to [1 - clip_eps, 1 + clip_eps]
+    old_logps: torch.Tensor | None = None  # [T] log-prob of each target under the sampler
+    clip_low: float = 0.2  # the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2
     ref_logps: torch.Tensor | None = None  # [T] reference policy log-probs for the KL term
     kl_coef: float = 0.0  # weight of the k3 KL estimator exp(r - l) - (r - l) - 1
+    sequence_weights: torch.Tensor | None = None  # [S] weight of each sequence's tokens
 
     def validate(self, num_tokens: int, num_sequences: int) -> None:
-        if tuple(self.advantages.shape) != (num_sequences,):
-            raise ValueError(f"GRPO.advantages has shape {tuple(self.advantages.shape)}; "
-                             f"expected [{num_sequences}] (one per sequence)")
-        for name in ("old_logps", "ref_logps"):
+        per_sequence, per_token = "one per sequence", "one per token, aligned with targets"
+        for name, want, what in (("advantages", num_sequences, per_sequence),
+                                 ("sequence_weights", num_sequences, per_sequence),
+                                 ("old_logps", num_tokens, per_token),
+                                 ("ref_logps", num_tokens, per_token)):
             t = getattr(self, name)
-            if t is not None and tuple(t.shape) != (num_tokens,):
+            if t is not None and tuple(t.shape) != (want,):
                 raise ValueError(f"GRPO.{name} has shape {tuple(t.shape)}; expected "
-                                 f"[{num_tokens}] (one per token, aligned with targets)")
-        if not 0 <= self.clip_eps < 1:
-            raise ValueError(f"GRPO.clip_eps={self.clip_eps} must be in [0, 1)")
+                                 f"[{want}] ({what})")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError(f"GRPO.clip_low={self.clip_low} must be in [0, 1) and "
+                             f"GRPO.clip_high={self.clip_high} >= 0")
         if self.kl_coef and self.ref_logps is None:
             raise ValueError(f"GRPO.kl_coef={self.kl_coef} needs GRPO.ref_logps")
 
     def token_loss(self, logps: torch.Tensor, sl: slice, seq_index: torch.Tensor):
         adv = self.advantages[seq_index].to(logps.dtype)
-        ratio = torch.exp(logps - self.old_logps[sl].to(logps.dtype))
-        clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps)
-        loss = -torch.minimum(ratio * adv, clipped * adv)
+        if self.old_logps is None:  # on-policy: ratio 1, clip inactive
+            loss = -torch.exp(logps - logps.detach()) * adv
+        else:
+            ratio = torch.exp(logps - self.old_logps[sl].to(logps.dtype))
+            clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
+            loss = -torch.minimum(ratio * adv, clipped * adv)
         if self.kl_coef:
             d = self.ref_logps[sl].to(logps.dtype) - logps
             loss = loss + self.kl_coef * (torch.exp(d) - d - 1)
+        if self.sequence_weights is not None:
+            loss = loss * self.sequence_weights[seq_index].to(logps.dtype)
         return loss
 
     def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):

@@ -1,12 +1,15 @@
 """One training step of a StepPlan on one rank: forward + backward of its micro-batches,
 then one gradient reduction over the world.
 
-The loss is the one of docs/architecture.md ("The invariant"): next-token cross-entropy
-summed over every prediction of the global batch, divided by the global number of
-predictions N = sum(L_i - 1). Every rank knows N from the plan's lengths alone. In the
-training path (`grads`, the optimizer's parallelism.GradBuffer) each micro-batch's
-gradient of its summed loss is added into the flat master-dtype buffer, and after the
-rank's last micro-batch one reduction (all-reduce, or the distributed optimizer's
+The loss is the one of docs/architecture.md ("The invariant"): the objective's sum over
+the global batch (next-token cross-entropy over every prediction for pre-training; over the
+loss targets for SFT; GRPO's surrogate; DPO's pair losses) divided by one global count N
+(predictions sum(L_i - 1), loss targets, sequences or pairs: workers/loss.py,
+docs/objectives.md). Every rank knows N before its first micro-batch, from the plan's
+lengths or the batch's per-sample records. In the training path (`grads`, the
+optimizer's parallelism.GradBuffer) each micro-batch's gradient of its summed loss is
+added into the flat master-dtype buffer, and after the rank's last micro-batch one
+reduction (all-reduce, or the distributed optimizer's
 reduce-scatter) sums the ranks' partial gradients and divides by N in the buffer's dtype
 (float32 under bf16-mixed: 1/N is never rounded to bf16). Without `grads`, micro-batches
 run with grad_scale = 1 / N into the parameters' `.grad` and one SUM all-reduce
@@ -17,9 +20,9 @@ Eq. 1 = Eq. 2), and no collective runs inside a micro-batch.
 Per micro-batch a rank is in exactly one group (the plan guarantees disjoint ranks):
   - a group of one rank packs its sequences whole (varlen, cu_seqlens);
   - a group of d ranks splits every sequence zigzag over its ring (ring position j holds
-    chunks j and 2d-1-j, parallelism.zigzag_shard); targets and position ids are sharded
-    the same way, so each rank predicts exactly the tokens it holds and ring attention
-    supplies the keys/values of the other ranks.
+    chunks j and 2d-1-j, parallelism.zigzag_shard); targets (masked), position ids and
+    stored log-probs are sharded the same way, so each rank predicts exactly the tokens
+    it holds and ring attention supplies the keys/values of the other ranks.
 Memory (`memory_scheme`): each group runs exactly the memory scheme its plan names
 (scheduler/plan.py `GroupMemory`: plain autograd, layer-wise StreamBP with its chunk, or
 MEMO token-wise offload at its alpha; a version-1 plan's rule is spelled out by
@@ -27,6 +30,10 @@ MEMO token-wise offload at its alpha; a version-1 plan's rule is spelled out by
 micro-batch, every rank checks the whole plan against the device budget the plan was made
 for (scheduler.rank_memory, with this model's real dtype), so an over-budget plan is
 refused on every rank alike, before any ring starts. The LM head is always streamed.
+
+Progress: the step marks where the rank is (micro-batch and its group, then the step's
+collectives) in parallelism.progress, which the layers and ring attention refine (layer,
+forward/backward, ring hop); the heartbeat sends it for hang localisation.
 
 Legend: T tokens this rank holds in the micro-batch.
 """
@@ -43,11 +50,14 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from parallelism import CommStats, GradBuffer, all_reduce_gradients, zigzag_shard
+from parallelism import CommStats, GradBuffer, all_reduce_gradients
+from parallelism.progress import PROGRESS
 from scheduler.plan import RingGroup, StepPlan, group_memory
 from scheduler.rank_memory import check_plan_fits
 from workers.arena import ArenaCache
-from workers.model import DEFAULT_HEAD_CHUNK, next_token_targets
+from workers.loss import BatchMeta, ObjectiveConfig, global_normalizer, group_inputs
+from workers.model import DEFAULT_HEAD_CHUNK
+from workers.sample import SampleData
 
 __all__ = ["StepStats", "global_num_predictions", "memory_scheme", "run_step"]
 
@@ -59,16 +69,22 @@ _DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32", torch.float1
 class StepStats:
     """What one rank reports of a step (global figures are the same on every rank)."""
 
-    loss: float  # global loss: summed CE over the batch / num_predictions
+    loss: float  # global loss: the objective's sum over the batch / normalizer
+    objective: str = "pretrain"  # workers.loss.ObjectiveConfig.type
+    normalizer: int = 0  # N: predictions, loss targets, sequences or pairs (workers.loss)
     num_predictions: int  # global predictions, sum over sequences of (length - 1)
     num_tokens: int  # global tokens of the batch
     local_num_tokens: int  # tokens this rank held over its micro-batches (its shards)
-    local_loss_sum: float  # this rank's part of the summed CE
+    local_loss_sum: float  # this rank's part of the summed loss
     micro_batch_times_s: tuple[float, ...]  # wall time of each micro-batch this rank ran
     step_time_s: float  # the whole step on this rank, gradient reduction included
     peak_memory_bytes: int  # CUDA: peak allocated in the step; CPU: process peak RSS
     arena_bytes: int = 0  # MEMO activation arenas in use (workers.arena.ArenaCache)
-    ring_bytes_sent: int = 0  # bytes this rank's ring attention sent (all channels)
+    ring_bytes_sent: int = 0  # bytes this rank sent along its rings: attention's channels
+    # and dpo's log-prob exchange (8 (d - 1) per sequence), as scheduler.work.ring_bytes counts
+    # the device's busy time in each micro-batch (`device_clock`): what the rank's speed
+    # is estimated from (scheduler/speeds.py)
+    micro_batch_busy_s: tuple[float, ...] = ()
 
 
 def global_num_predictions(plan: StepPlan) -> int:
@@ -76,9 +92,11 @@ def global_num_predictions(plan: StepPlan) -> int:
     return sum(s.length - 1 for _, g in plan.groups() for s in g.sequences)
 
 
-def _check_inputs(plan: StepPlan, samples: Mapping[int, torch.Tensor], rank: int,
-                  group, model) -> None:
-    plan.check()  # a broken plan (a rank in two groups at once, ...) would deadlock the ring
+def _check_inputs(plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleData],
+                  rank: int, group, model, batch: BatchMeta | None) -> None:
+    # A broken plan (a rank in two groups at once, a DPO pair split over two groups, ...)
+    # would deadlock a ring or lose a pair's loss: every rank refuses it alike.
+    plan.check(pairs=batch.pairs if batch is not None else None)
     dtype = _DTYPE_NAMES[next(model.parameters()).dtype]
     check_plan_fits(plan, model.spec.model_copy(update={"dtype": dtype}))
     if not 0 <= rank < plan.world_size:
@@ -93,7 +111,8 @@ def _check_inputs(plan: StepPlan, samples: Mapping[int, torch.Tensor], rank: int
             if s.id not in samples:
                 raise ValueError(f"samples: sequence id {s.id} (in a group of ranks {g.ranks}) "
                                  f"is missing; rank {rank} needs it")
-            t = samples[s.id]
+            x = samples[s.id]
+            t = x.tokens if isinstance(x, SampleData) else x
             if t.dim() != 1 or t.numel() != s.length or t.dtype.is_floating_point:
                 raise ValueError(f"samples[{s.id}]: expected 1-D integer tokens of length "
                                  f"{s.length} (the plan's), got {t.dtype} of shape "
@@ -107,13 +126,6 @@ def _check_window(model, plan: StepPlan) -> None:
     if spec is not None and spec.sliding_window is not None:
         longest = max(s.length for _, g in plan.groups() for s in g.sequences)
         spec.check_sequence_length(longest, where="plan: a sequence")
-
-
-def _packed(g: RingGroup, samples: Mapping[int, torch.Tensor], device) -> tuple:
-    tokens = [samples[s.id] for s in g.sequences]
-    lengths = torch.tensor([0] + [len(t) for t in tokens], dtype=torch.int64)
-    cu = torch.cumsum(lengths, 0).to(torch.int32)
-    return torch.cat(tokens).to(device=device, dtype=torch.long), cu.to(device)
 
 
 def memory_scheme(g: RingGroup, num_tokens: int, spec) -> dict:
@@ -137,30 +149,28 @@ def _arena_key(g: RingGroup, num_tokens: int, scheme: dict) -> tuple | None:
 
 
 def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float,
-               arenas: ArenaCache | None = None, comm_stats: CommStats | None = None) -> tuple:
-    """forward_backward of this rank's part of one group: (loss_sum, predictions, tokens)."""
+               objective: ObjectiveConfig, arenas: ArenaCache | None = None,
+               comm_stats: CommStats | None = None) -> tuple:
+    """forward_backward of this rank's part of one group: (loss_sum, count, tokens), where
+    count is this rank's share of the global normaliser (workers.loss)."""
     device = next(model.parameters()).device
-    ids_T, cu = _packed(g, samples, device)
-    kwargs = {}
+    inp = group_inputs(g, samples, rank, objective, device=device, comm_stats=comm_stats)
+    kwargs = {"targets": inp.targets_T, "objective": inp.objective}
     if g.ring_size > 1:
-        d, j = g.ring_size, g.ranks.index(rank)
-        targets_T = next_token_targets(ids_T, cu)
-        ids_T, cu_local, pos_T = zigzag_shard(ids_T, cu, d, j)
-        targets_T = zigzag_shard(targets_T, cu, d, j)[0]
-        kwargs.update(position_ids=pos_T, targets=targets_T, ring=list(g.ranks),
-                      comm_stats=comm_stats)
-        cu = cu_local
-    kwargs.update(memory_scheme(g, ids_T.numel(), model.spec))
+        kwargs.update(position_ids=inp.position_ids, ring=list(g.ranks), comm_stats=comm_stats)
+    num_tokens = inp.ids_T.numel()
+    kwargs.update(memory_scheme(g, num_tokens, model.spec))
 
     def step():
-        return model.forward_backward(ids_T, cu_seqlens=cu, grad_scale=grad_scale, **kwargs)
+        return model.forward_backward(inp.ids_T, cu_seqlens=inp.cu_seqlens,
+                                      grad_scale=grad_scale, **kwargs)
 
-    key = _arena_key(g, ids_T.numel(), kwargs) if arenas is not None else None
+    key = _arena_key(g, num_tokens, kwargs) if arenas is not None else None
     if key is None:
-        loss_sum, num_pred = step()
+        loss_sum, _ = step()
     else:
-        loss_sum, num_pred = arenas.run(key, (ids_T.numel(), len(cu) - 1), step)
-    return float(loss_sum), int(num_pred), ids_T.numel()
+        loss_sum, _ = arenas.run(key, (num_tokens, len(inp.cu_seqlens) - 1), step)
+    return float(loss_sum) if inp.reports_loss else 0.0, inp.count, num_tokens
 
 
 def _peak_memory(device: torch.device) -> int:
@@ -170,23 +180,35 @@ def _peak_memory(device: torch.device) -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
+def device_clock(device: torch.device):
+    """The clock of the device's busy time: wall time on CUDA (each micro-batch ends with
+    a synchronize); on CPU the process's CPU time, since a shared CPU box also gives this
+    rank's core to other processes, which is not this rank being slow."""
+    return time.perf_counter if device.type == "cuda" else time.process_time
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank: int,
-             group=None, arenas: ArenaCache | None = None,
-             grads: GradBuffer | None = None, comm_stats: CommStats | None = None
-             ) -> StepStats:
+def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleData], *,
+             rank: int, group=None, arenas: ArenaCache | None = None,
+             grads: GradBuffer | None = None, objective: ObjectiveConfig | None = None,
+             batch: BatchMeta | None = None) -> StepStats:
     """Run `rank`'s share of `plan`; on return the global gradient is synchronised.
 
     With `grads` (the optimizer's GradBuffer) the gradient lands in its flat buffer (whole
     on every rank after an all-reduce, or this rank's shard after a reduce-scatter) and
     the parameters' `.grad` stay None; without, every rank's `.grad` is the global
     gradient. Either way gradients are overwritten (zeroed first), not accumulated into;
-    the optimizer is not stepped. `samples` maps plan sequence id -> 1-D integer tensor of
-    its tokens (a rank needs only the ids of the groups it is in). `group` is the world
+    the optimizer is not stepped. `samples` maps plan sequence id -> its 1-D integer
+    tokens, or its workers.sample.SampleData (tokens, loss mask, metadata, stored
+    log-probs), which every objective but pretrain needs; a rank needs only the ids of the
+    groups it is in. `objective` (default pretrain) decides the targets and the loss;
+    `batch` gives the whole batch's records (workers.loss.BatchMeta: loss-target counts
+    and DPO pairs), from which every rank computes the global normaliser before its first
+    micro-batch; without it, `samples` must hold every plan id. `group` is the world
     process group of the gradient reduction (default: the default group); ring attention
     addresses ring members by global rank with point-to-point ops on the default group
     (one global group, never a group per batch). With `arenas`
@@ -194,52 +216,63 @@ def run_step(model, plan: StepPlan, samples: Mapping[int, torch.Tensor], *, rank
     MEMO-planned offsets of one arena per micro-batch kind (exact: the same loss and
     gradients as without).
     """
-    _check_inputs(plan, samples, rank, group, model)
+    objective = objective or ObjectiveConfig()
+    if batch is None and objective.masked and len(samples) == len(plan.sequence_ids()):
+        batch = BatchMeta.from_samples(samples)
+    _check_inputs(plan, samples, rank, group, model, batch)
     _check_window(model, plan)
-    num_predictions = global_num_predictions(plan)
-    if num_predictions < 1:
-        raise ValueError("plan: every sequence has length 1, so the batch has no predictions")
+    normalizer = global_normalizer(plan, objective, batch)
+    if normalizer < 1:
+        raise ValueError(f"plan: the batch has nothing to normalise by for objective "
+                         f"{objective.type!r} (no predictions, loss targets or pairs)")
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.zero_grad(set_to_none=True)
     if grads is not None:
         grads.zero_()
-    scale = 1.0 / num_predictions if grads is None else 1.0  # grads divides after the sum
+    scale = 1.0 / normalizer if grads is None else 1.0  # grads divides after the sum
     start = time.perf_counter()
-    times, loss_sum, local_pred, local_tokens = [], 0.0, 0, 0
-    comm = CommStats() if comm_stats is None else comm_stats  # the caller's: a fresh one
+    clock = PROGRESS.clock = device_clock(device)  # the slow drill measures on it too
+    times, busy, loss_sum, local_count, local_tokens = [], [], 0.0, 0, 0
+    comm = CommStats()
     with grads.accumulating() if grads is not None else nullcontext():
-        for _, g in plan.micro_batches_of(rank):
-            t0 = time.perf_counter()
-            ls, n, tok = _run_group(model, g, samples, rank, scale, arenas, comm)
+        for m, g in plan.micro_batches_of(rank):
+            PROGRESS.micro_batch(m, tuple(g.ranks))
+            t0, b0 = time.perf_counter(), clock()
+            ls, n, tok = _run_group(model, g, samples, rank, scale, objective, arenas, comm)
             _sync(device)
+            PROGRESS.phase("after")  # inside the timing: the slow drill's last stretch
             times.append(time.perf_counter() - t0)
-            loss_sum, local_pred = loss_sum + ls, local_pred + n
+            busy.append(clock() - b0)
+            loss_sum, local_count = loss_sum + ls, local_count + n
             local_tokens += tok
+    PROGRESS.phase("reduce")  # the step's collectives: every rank must get here
     if grads is None:
         all_reduce_gradients(model.parameters(), group=group)
     else:
-        grads.sync(num_predictions)
-    totals = _global_totals(loss_sum, local_pred, device, group)
-    if int(totals[1]) != num_predictions:
-        raise RuntimeError(f"the ranks computed {int(totals[1])} predictions, the plan has "
-                           f"{num_predictions}: did every rank get the same plan?")
+        grads.sync(normalizer)
+    totals = _global_totals(loss_sum, local_count, device, group)
+    if int(totals[1]) != normalizer:
+        raise RuntimeError(f"the ranks counted {int(totals[1])} for objective "
+                           f"{objective.type!r}, the batch's records say {normalizer}: did "
+                           "every rank get the same plan and batch?")
     return StepStats(
-        loss=float(totals[0]) / num_predictions, num_predictions=num_predictions,
+        loss=float(totals[0]) / normalizer, objective=objective.type, normalizer=normalizer,
+        num_predictions=global_num_predictions(plan),
         num_tokens=sum(g.num_tokens for _, g in plan.groups()), local_num_tokens=local_tokens,
         local_loss_sum=loss_sum, micro_batch_times_s=tuple(times),
+        micro_batch_busy_s=tuple(busy),
         step_time_s=time.perf_counter() - start, peak_memory_bytes=_peak_memory(device),
         arena_bytes=arenas.nbytes if arenas is not None else 0,
         ring_bytes_sent=comm.total_sent())
 
 
-def _global_totals(loss_sum: float, num_predictions: int, device, group) -> torch.Tensor:
-    """(summed CE, predictions) over the world: one float64 all-reduce (none on one rank).
-
-    float64 keeps the summed CE exact enough to report; NCCL needs it on the device.
-    """
-    totals = torch.tensor([loss_sum, float(num_predictions)], dtype=torch.float64,
+def _global_totals(loss_sum: float, count: int, device, group) -> torch.Tensor:
+    """(summed loss, normaliser count) over the world: one float64 all-reduce (none on one
+    rank). float64 keeps the summed loss exact enough to report; NCCL needs it on the
+    device."""
+    totals = torch.tensor([loss_sum, float(count)], dtype=torch.float64,
                           device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
         dist.all_reduce(totals, group=group)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.distributed as dist
 
-from parallelism import CommStats
+from parallelism.progress import PROGRESS
 from scheduler.batching import BatchPosition
 from scheduler.model_states import (
     OPTIMIZER_SHARDINGS,
@@ -41,7 +41,9 @@ from scheduler.model_states import (
 )
 from scheduler.plan import StepPlan
 from scheduler.specs import ModelSpec
+from workers.loss import BatchMeta, ObjectiveConfig
 from workers.optim import ShardedAdamW, partition_parameters
+from workers.sample import SampleData
 from workers.step import StepStats, run_step
 
 __all__ = ["InFlightStep", "PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer",
@@ -75,6 +77,8 @@ class TrainConfig:
     # lost rank's shard survives (workers.optim, workers.elastic; job spec
     # failure.shard_mirror). Costs scheduler.model_states' StateBytes.mirror per rank.
     shard_mirror: bool = False
+    # What the step optimises (pretrain, sft, dpo, grpo and their parameters; workers.loss).
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def __post_init__(self) -> None:
         checks = [
@@ -150,8 +154,10 @@ class StepInput:
     """What a plan source hands the loop for one step."""
 
     plan: StepPlan  # the step's plan (the same on every rank)
-    samples: Mapping[int, torch.Tensor]  # plan id -> tokens, at least this rank's ids
+    # plan id -> tokens, or SampleData (masked objectives), at least this rank's ids
+    samples: Mapping[int, torch.Tensor | SampleData]
     next_position: BatchPosition  # data position after this batch (checkpointed)
+    batch: BatchMeta | None = None  # the whole batch's records (masked objectives)
 
 
 # Given the data position of the next batch, return that step's input.
@@ -211,22 +217,23 @@ class Trainer:
                             betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
                             group=self.group, shard_mirror=c.shard_mirror)
 
-    def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
+    def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleData], *,
                    next_position: BatchPosition | None = None,
-                   comm_stats: CommStats | None = None) -> TrainStats:
-        """run_step into the optimizer's gradient buffer, clip, one AdamW update.
+                   batch: BatchMeta | None = None) -> TrainStats:
+        """run_step of the config's objective into the optimizer's gradient buffer, clip,
+        one AdamW update. `batch`: the batch's records (run_step).
 
-        `comm_stats` (fresh per step) lets another thread see this rank's ring traffic and
-        whether it is blocked on peers (CommStats.waiting). `in_flight` records how far the
-        step got, so that an interrupted step can be finished or dropped consistently on
-        every rank (workers.elastic)."""
+        `in_flight` records how far the step got, so that an interrupted step can be
+        finished or dropped consistently on every rank (workers.elastic)."""
         flight = self.in_flight = InFlightStep(step=self.step, next_position=next_position)
         flight.stats = run_step(self.model, plan, samples, rank=self.rank, group=self.group,
                                 arenas=self.arenas, grads=self.optimizer.grads,
-                                comm_stats=comm_stats)
+                                objective=self.config.objective, batch=batch)
+        PROGRESS.phase("optimizer")  # the clip's norm is a collective too
         self.commit(self.optimizer.prepare())
         self.optimizer.publish()
         flight.published = True
+        PROGRESS.phase("done")
         return self.finish_step()
 
     def commit(self, norm: float) -> None:
@@ -279,7 +286,8 @@ def train(trainer: Trainer, *, num_steps: int, plan_source: PlanSource,
     out = []
     for _ in range(num_steps):
         inp = plan_source(trainer.data_position)
-        s = trainer.train_step(inp.plan, inp.samples, next_position=inp.next_position)
+        s = trainer.train_step(inp.plan, inp.samples, next_position=inp.next_position,
+                               batch=inp.batch)
         out.append(s)
         if on_step is not None:
             on_step(s)

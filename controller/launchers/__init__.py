@@ -1,7 +1,8 @@
 """Launchers start and stop job worker groups; config selects one by name.
 
-`make_launcher("ray" | "kuberay" | "fake", **options)` imports the implementation lazily
-so the controller only loads the client libraries of the launcher it uses. "kubernetes" is
+`make_launcher("ray" | "kuberay" | "external" | "fake", **options)` imports the
+implementation lazily so the controller only loads the client libraries of the launcher it
+uses. "kubernetes" is
 the older name of "kuberay" (one KubeRay RayCluster per job attempt) and still accepted.
 """
 
@@ -21,6 +22,7 @@ LAUNCHERS: dict[str, tuple[str, str]] = {
     "ray": ("controller.launchers.ray", "RayLauncher"),
     "kuberay": ("controller.launchers.kubernetes", "KubernetesLauncher"),
     "kubernetes": ("controller.launchers.kubernetes", "KubernetesLauncher"),
+    "external": ("controller.launchers.external", "ExternalLauncher"),
     "fake": ("controller.launchers.base", "FakeLauncher"),
 }
 

@@ -37,6 +37,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
 
+from controller.edge import FieldError
 from controller.spec import JobCreate
 from controller.states import JobRecord
 from scheduler.errors import SpecError
@@ -58,7 +59,9 @@ class LauncherEvent:
     attempt: int  # the attempt the event is about; stale attempts are ignored
     kind: EventKind
     rank: int | None = None  # the rank concerned, when one is
-    message: str = ""  # human-readable detail (exit code, pod event, ...)
+    message: str = ""  # human-readable detail (exit code, pod event, ...), one line
+    reason: str = ""  # the transition's reason when it says more than the kind (FAILED:
+    # InvalidInput, a user error no retry can fix; default WorkersFailed)
 
 
 class Launcher(ABC):
@@ -210,7 +213,17 @@ class FakeLauncher(Launcher):
             return events
 
     def check_spec(self, spec: JobCreate) -> None:
-        return None  # it runs nothing, so it can stand in for any launcher (dry runs)
+        """Only its capacity: it runs nothing, so it can stand in for any launcher."""
+        if spec.resources.num_ranks > self.total_ranks:
+            raise FieldError("resources.num_ranks", f"{spec.resources.num_ranks}: this controller "
+                            f"runs at most {self.total_ranks} ranks at once; it would wait "
+                            "forever")
+
+    def admission_message(self, job: JobRecord) -> str:
+        with self._lock:
+            used = self.total_ranks - self.free_ranks
+        return (f"waiting for {job.spec.resources.num_ranks} free ranks: {used} of "
+                f"{self.total_ranks} are in use")
 
     def tracks(self, job_id: str, attempt: int) -> bool:
         with self._lock:

@@ -9,9 +9,17 @@ launcher remembers every driver in `<state_dir>/ray/<job>.json` and finds them a
 What the launcher sees itself (process exits) it reports through `poll()`; what the gRPC
 service sees (all ranks registered, a rank lost or stalled) it reports with `report()`.
 Exit protocol of the driver: 0 = all steps done (COMPLETED), 3 = an error a restart will
-not fix (FAILED), anything else or a missing exit file = WORKER_LOST. The driver's output
+not fix (FAILED, with the exit file's `reason`, e.g. InvalidInput), anything else or a
+missing exit file = WORKER_LOST. The driver's output
 goes to `<state_dir>/ray/<job>-<attempt>.log`; `poll()` forwards new lines to `on_logs`.
 That directory is private (0700, files 0600): logs and records are the jobs' own.
+
+Capacity: at most `total_ranks` ranks run at once (gang admission): the constructor's
+figure (`ringmaster serve --max-ranks`), else $RINGMASTER_MAX_RANKS, else one rank per CPU
+this process may use (its affinity mask, capped by a cgroup CPU quota). A job larger than
+that is refused at submit (`check_spec`); a job that waits says for how many ranks and
+which jobs hold the rest (`admission_message`). With RAY_ADDRESS (a Ray cluster) set the
+limit to the cluster's size: the launcher does not ask Ray.
 
 The attempt's worker secret (`worker_secret(job_id, attempt)`, controller.worker_auth)
 reaches the driver in its environment, `RINGMASTER_WORKER_SECRET`, which the driver
@@ -23,6 +31,7 @@ argument.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -33,10 +42,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from controller.edge import FieldError
 from controller.launchers.base import EventKind, Launcher, LauncherEvent
+from controller.spec import JobCreate
 from controller.states import JobRecord
 
 WORKER_SECRET_ENV = "RINGMASTER_WORKER_SECRET"
+MAX_RANKS_ENV = "RINGMASTER_MAX_RANKS"
 CONTROLLER_CA_ENV = "RINGMASTER_CONTROLLER_CA"
 EXIT_COMPLETED = 0
 EXIT_FAILED = 3
@@ -56,6 +68,33 @@ class DriverRecord:
     stopping: bool = False
     kill_at: float = 0.0  # unix seconds after which a stopping driver is killed
     log_offset: int = 0
+
+
+def max_ranks_from_env() -> int | None:
+    """$RINGMASTER_MAX_RANKS as a positive integer (None when unset); ValueError otherwise."""
+    raw = os.environ.get(MAX_RANKS_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isascii() or not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{MAX_RANKS_ENV}={raw!r} must be a positive integer (ranks the "
+                         "local launcher runs at once)")
+    return int(raw)
+
+
+def local_cpu_count() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup v2 CPU quota
+    (a container's `--cpus`); one rank per CPU."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
 
 
 def _alive(pid: int) -> bool:
@@ -86,8 +125,11 @@ class RayLauncher(Launcher):
         self.worker_secret = worker_secret
         self.controller_ca = controller_ca
         self.controller_address = controller_address
-        self.total_ranks = total_ranks or int(os.environ.get("RINGMASTER_MAX_RANKS", "0")) \
-            or max(8, os.cpu_count() or 1)
+        from_env = max_ranks_from_env()
+        self.total_ranks = total_ranks or from_env or local_cpu_count()
+        self._capacity_source = ("set by the controller's configuration" if total_ranks else
+                                 f"{MAX_RANKS_ENV}" if from_env else
+                                 "one rank per CPU of this machine")
         self.ray_address = ray_address if ray_address is not None else \
             os.environ.get("RAY_ADDRESS")
         self.python = python
@@ -125,6 +167,27 @@ class RayLauncher(Launcher):
         with self._lock:
             used = sum(d.num_ranks for d in self._drivers.values() if d.job_id != job.id)
             return job.spec.resources.num_ranks <= self.total_ranks - used
+
+    def check_spec(self, spec: JobCreate) -> None:
+        super().check_spec(spec)
+        n = spec.resources.num_ranks
+        if n > self.total_ranks:
+            raise FieldError("resources.num_ranks", f"{n}: this controller runs at most "
+                            f"{self.total_ranks} ranks at once ({self._capacity_source}); "
+                            f"it would wait forever. Ask for at most {self.total_ranks}, or "
+                            f"raise the limit with {MAX_RANKS_ENV} / `ringmaster serve "
+                            "--max-ranks` where the machine (or Ray cluster) has room")
+
+    def admission_message(self, job: JobRecord) -> str:
+        with self._lock:
+            others = sorted((d.job_id, d.num_ranks) for d in self._drivers.values()
+                            if d.job_id != job.id)
+        used = sum(n for _, n in others)
+        names = ", ".join(f"{j} ({n})" for j, n in others[:5])
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        return (f"waiting for {job.spec.resources.num_ranks} free ranks: {used} of "
+                f"{self.total_ranks} are in use by {names}{more}" if others else
+                f"waiting for {job.spec.resources.num_ranks} free ranks of {self.total_ranks}")
 
     def start(self, job: JobRecord, attempt: int) -> None:
         with self._lock:
@@ -221,9 +284,11 @@ class RayLauncher(Launcher):
         if rec.stopping:
             return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=EventKind.STOPPED)
         code, message = None, "driver process vanished without an exit status"
+        reason = ""
         try:
             info = json.loads(Path(rec.exit_path).read_text())
             code, message = int(info["code"]), str(info.get("message", ""))
+            reason = str(info.get("reason", ""))
         except (FileNotFoundError, json.JSONDecodeError, KeyError, ValueError):
             child = self._children.get(rec.pid)
             if child is not None and child.returncode is not None:
@@ -231,7 +296,8 @@ class RayLauncher(Launcher):
                 message = f"driver exited with status {code} without an exit file"
         kind = {EXIT_COMPLETED: EventKind.COMPLETED, EXIT_FAILED: EventKind.FAILED}.get(
             code, EventKind.WORKER_LOST)
-        return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=kind, message=message)
+        return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=kind, message=message,
+                             reason=reason if kind is EventKind.FAILED else "")
 
     def _forget(self, rec: DriverRecord) -> None:
         self._drivers.pop(rec.job_id, None)

@@ -59,6 +59,11 @@ class WorkerServiceStub:
                 request_serializer=controller_dot_rpc_dot_ringmaster__pb2.FailureReport.SerializeToString,
                 response_deserializer=controller_dot_rpc_dot_ringmaster__pb2.Ack.FromString,
                 _registered_method=True)
+        self.ReportLogs = channel.unary_unary(
+                '/ringmaster.v1.WorkerService/ReportLogs',
+                request_serializer=controller_dot_rpc_dot_ringmaster__pb2.LogBatch.SerializeToString,
+                response_deserializer=controller_dot_rpc_dot_ringmaster__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -93,8 +98,16 @@ class WorkerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportFailure(self, request, context):
-        """A rank that hit an error it cannot recover from (ends the attempt), a rank whose step
-        a lost peer interrupted (recoverable), or the driver naming ranks whose process died.
+        """A rank that hit an error it cannot recover from (ends the attempt; a USER failure
+        ends the job: retrying cannot fix bad data or a bad config), a rank whose step a lost
+        peer interrupted (recoverable), or the driver naming ranks whose process died.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportLogs(self, request, context):
+        """A rank's own log lines (warnings, checkpoints, errors), appended to the job's log.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -126,6 +139,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             'ReportFailure': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFailure,
                     request_deserializer=controller_dot_rpc_dot_ringmaster__pb2.FailureReport.FromString,
+                    response_serializer=controller_dot_rpc_dot_ringmaster__pb2.Ack.SerializeToString,
+            ),
+            'ReportLogs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportLogs,
+                    request_deserializer=controller_dot_rpc_dot_ringmaster__pb2.LogBatch.FromString,
                     response_serializer=controller_dot_rpc_dot_ringmaster__pb2.Ack.SerializeToString,
             ),
     }
@@ -263,6 +281,33 @@ class WorkerService:
             target,
             '/ringmaster.v1.WorkerService/ReportFailure',
             controller_dot_rpc_dot_ringmaster__pb2.FailureReport.SerializeToString,
+            controller_dot_rpc_dot_ringmaster__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ringmaster.v1.WorkerService/ReportLogs',
+            controller_dot_rpc_dot_ringmaster__pb2.LogBatch.SerializeToString,
             controller_dot_rpc_dot_ringmaster__pb2.Ack.FromString,
             options,
             channel_credentials,

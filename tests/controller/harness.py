@@ -8,8 +8,11 @@ started: tests step the state machine themselves with `harness.controller.machin
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -24,10 +27,22 @@ from controller.launchers import FakeLauncher
 from controller.server import Controller, ControllerConfig
 from controller.telemetry import make_tracer_provider
 
+
+def _demo_dataset() -> str:
+    """A small real dataset for DEMO_SPEC (submit validates it); removed at exit."""
+    from scheduler.synth import synthesize
+
+    out = Path(tempfile.mkdtemp(prefix="ringmaster-demo-data-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    synthesize(out, distribution="uniform", num_samples=64, max_length=400, seed=3)
+    return str(out)
+
+
+DEMO_DATA = _demo_dataset()
 DEMO_SPEC = {
     "name": "demo",
     "model": "tiny",
-    "dataset": {"path": "/nonexistent/data"},
+    "dataset": {"path": DEMO_DATA},
     "resources": {"num_ranks": 4, "cluster": "cpu"},
     "training": {"steps": 10, "global_batch_tokens": 4096},
 }

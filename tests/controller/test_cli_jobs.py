@@ -45,7 +45,12 @@ def test_submit_status_list_stop_as_json(run, spec_file, ctl):
     status = json.loads(run("status", job["id"], "--output", "json").stdout)
     assert status["id"] == job["id"] and status["transitions"][0]["to_state"] == "Pending"
     listed = json.loads(run("list", "-o", "json", "--all", "--limit", "2").stdout)
-    assert job["id"] in [j["id"] for j in listed]
+    assert set(listed) == {"jobs", "next_page_token", "total"}  # the API's JobList
+    assert job["id"] in [j["id"] for j in listed["jobs"]] and listed["next_page_token"] is None
+    other = json.loads(run("submit", str(spec_file), "-o", "json").stdout)
+    page = json.loads(run("list", "-o", "json", "--limit", "1").stdout)
+    assert [j["id"] for j in page["jobs"]] == [other["id"]] and page["next_page_token"]
+    run("stop", other["id"])
     stopped = json.loads(run("stop", job["id"], "-o", "json").stdout)
     assert stopped["result"] == "Stopped"
 
@@ -132,3 +137,72 @@ def test_submit_wait_follows_the_job_to_its_result(run, spec_file, ctl):
     assert r.exit_code == 0, r.output
     job = json.loads(r.stdout)
     assert (job["result"], job["current_step"], job["attempt"]) == ("Succeeded", 3, 1)
+    # Without a terminal: plain lines (no bar, no control codes), the last one at N/N.
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith(f"{job['id']}: step ") for line in lines)
+    assert lines[-1].startswith(f"{job['id']}: step 3/3 Succeeded")
+    assert "\x1b" not in r.stderr
+
+
+def test_tables_keep_full_ids_at_80_columns(run, ctl):
+    spec = {**DEMO_SPEC, "name": "a-rather-long-job-name-that-users-do-write-x"}
+    job = ctl.client().post("/v1/jobs", json=spec).json()
+    for args in (("list",), ("list", "--wide"), ("status", job["id"])):
+        r = run(*args, "--limit", "5") if args[0] == "list" else run(*args)
+        assert r.exit_code == 0, r.output
+        assert all(len(line) <= 80 for line in r.stdout.splitlines()), r.stdout
+        assert any(job["id"] in line for line in r.stdout.splitlines()), r.stdout
+    ctl.client().post(f"/v1/jobs/{job['id']}:stop")
+
+
+def test_progress_on_a_terminal_ends_at_n_of_n():
+    import io
+    from datetime import UTC, datetime
+
+    from rich.console import Console
+
+    from controller.cli_watch import JobProgress
+    from controller.schemas import JobPublic
+    from controller.spec import parse_job_spec
+
+    now = datetime.now(UTC)
+    job = JobPublic(id="j-1", name="j", submission_id=None, phase="Finished",
+                    result="Succeeded", reason="Completed", message="", attempt=1,
+                    current_step=24, steps_completed=25, total_steps=25, last_checkpoint=None,
+                    last_checkpoint_step=None, stop_requested=False, created_at=now,
+                    updated_at=now, started_at=now, finished_at=now,
+                    spec=parse_job_spec({**DEMO_SPEC, "training": {
+                        "steps": 25, "global_batch_tokens": 64}}))
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=80)
+    with JobProgress(console, job) as view:
+        view.update(job, None)
+    assert "step 25/25" in out.getvalue() and "step 24/25" not in out.getvalue()
+
+
+def test_version():
+    from importlib.metadata import version
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"ringmaster {version('ringmaster')}"
+
+
+def test_metrics_table_json_and_follow(run, ctl):
+    store = ctl.controller.store
+    job = ctl.client().post("/v1/jobs", json={**DEMO_SPEC, "name": "watched"}).json()
+    for step in range(3):
+        store.append_step_metrics(job["id"], StepMetrics(
+            step=step, attempt=1, loss=2.0 - step / 4, tokens_per_s=1000.0 * (step + 1),
+            predicted_step_s=0.5, measured_step_s=0.25, imbalance=0.125, groups="1x2 2x1",
+            peak_memory_bytes=3 << 20))
+    table = run("metrics", job["id"])
+    assert table.exit_code == 0, table.output
+    assert all(len(line) <= 80 for line in table.stdout.splitlines())
+    assert "1.5000" in table.stdout and "3,000" in table.stdout and "1x2 2x1" in table.stdout
+    page = json.loads(run("metrics", job["id"], "-o", "json").stdout)
+    assert set(page) == {"job_id", "steps", "next_since_step"}  # the API's MetricsPage
+    assert [m["loss"] for m in page["steps"]] == [2.0, 1.75, 1.5]
+    ctl.client().post(f"/v1/jobs/{job['id']}:stop")  # finished: --follow ends
+    follow = run("metrics", job["id"], "--follow", "-o", "json")
+    assert follow.exit_code == 0, follow.output
+    assert [json.loads(line)["step"] for line in follow.stdout.splitlines()] == [0, 1, 2]

@@ -20,6 +20,7 @@ import httpx
 import pytest
 
 from controller.http_server import HttpLimits
+from scheduler.synth import synthesize
 from tests.controller.harness import DEMO_SPEC, running_controller
 
 
@@ -144,7 +145,7 @@ def test_connections_over_the_cap_get_503(tmp_path):
 
 def test_data_roots_confine_paths_without_telling_what_exists(tmp_path):
     root = tmp_path / "data"
-    (root / "ds").mkdir(parents=True)
+    synthesize(root / "ds", distribution="uniform", num_samples=8, max_length=64, seed=1)
     (root / "escape").symlink_to("/etc")
     with running_controller(tmp_path / "state", data_roots=(root,)) as h:
         c = h.client()
@@ -159,7 +160,11 @@ def test_data_roots_confine_paths_without_telling_what_exists(tmp_path):
 
         ok, _ = submit()
         assert ok.status_code == 201
-        assert submit(dataset=str(root / "ds" / "new" / "x"))[0].status_code == 201
+        # Inside the roots a missing dataset is the dataset's own error (a 422 naming it).
+        missing = submit(dataset=str(root / "ds" / "new" / "x"))[0]
+        assert missing.status_code == 422
+        assert missing.json()["error"]["details"][0]["field"] == "dataset.path"
+        assert "not found" in missing.json()["error"]["message"]
         outside = {"dataset": ["/etc/passwd", "/etc/no-such-file", f"{root}/../../etc/passwd",
                                str(root / "escape" / "passwd"), "relative/../../x"],
                    "model": ["/etc/config.json"], "ckpt": ["/tmp/elsewhere"]}

@@ -85,6 +85,33 @@ def test_explicit_cluster_fields_must_match_num_ranks():
         parse_job_spec(raw)
 
 
+def test_node_pools_in_a_job_spec():
+    spec = load_job_spec(EXAMPLES / "llama-7b-h100-a100.yaml")
+    cluster = spec.resolve_cluster()
+    assert cluster.heterogeneous and cluster.world_size == 64
+    assert [p.gpu for p in cluster.pools] == ["h100", "a100"]
+    assert cluster.pools[1].gpu_memory_gib == 40 and cluster.gpu_memory_gib == 40
+    assert cluster.rank_speeds()[31] == 1.0 and cluster.rank_speeds()[32] == 125 / 400
+    raw = yaml.safe_load((EXAMPLES / "llama-7b-h100-a100.yaml").read_text())
+    for mutate, fragment in [
+        (lambda d: d["resources"]["cluster"]["pools"][1].update(num_nodes=0),
+         "pools[1]: num_nodes: Input should be greater than 0"),
+        (lambda d: d["resources"]["cluster"]["pools"][0].update(preset="v100"),
+         "preset='v100' is not a cluster preset"),
+        (lambda d: d["resources"]["cluster"]["pools"][0].update(nvlink=1),
+         "pools[0]: nvlink: unknown field"),
+        (lambda d: d["resources"].update(num_ranks=32), "num_ranks=32 must equal the "
+                                                        "cluster's 64 ranks"),
+        (lambda d: d["resources"]["cluster"].update(host_memory_gib=[]),
+         "host_memory_gib=[] is not a number"),
+    ]:
+        bad = json.loads(json.dumps(raw))
+        mutate(bad)
+        with pytest.raises(SpecError, match="invalid job spec") as exc:
+            parse_job_spec(bad)
+        assert fragment in str(exc.value), (fragment, str(exc.value))
+
+
 def test_file_errors_are_one_line(tmp_path):
     with pytest.raises(SpecError, match="file not found"):
         load_job_spec(tmp_path / "missing.yaml")

@@ -62,10 +62,25 @@ def test_servicemonitor_shape(render):
     sm = r.one("ServiceMonitor")
     svc = r.one("Service", "rm-ringmaster")
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"]
-    assert "metrics" in {p["name"] for p in svc["spec"]["ports"]}
+    # /metrics is a route of the REST port; Prometheus presents the API token.
+    (endpoint,) = sm["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["path"], endpoint["scheme"]) == ("http", "/metrics",
+                                                                        "http")
+    assert "http" in {p["name"] for p in svc["spec"]["ports"]}
+    token = _controller_env(r)["RINGMASTER_TOKEN"]["valueFrom"]["secretKeyRef"]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": token}
     assert sm["metadata"]["labels"]["release"] == "prometheus"
+    tls = render("--set", "serviceMonitor.enabled=true", "--set", "tls.enabled=true",
+                 "--set", "tls.secretName=rm-cert").one("ServiceMonitor")["spec"]["endpoints"][0]
+    assert tls["scheme"] == "https"
+    assert tls["tlsConfig"]["ca"]["secret"] == {"name": "rm-cert", "key": "ca.crt"}
     assert render(values_file="embedded-redis").of_kind("ServiceMonitor") == []
+
+
+def _controller_env(r) -> dict:
+    deployment = r.one("Deployment", "rm-ringmaster")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e for e in container["env"]}
 
 
 @pytest.mark.parametrize("args, field", [

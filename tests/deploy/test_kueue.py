@@ -23,6 +23,7 @@ from controller.redis_server import open_redis
 from controller.schemas import JobPublic
 from controller.states import State
 from controller.store import JobStore
+from tests.controller.harness import DEMO_DATA
 from tests.deploy.kube_fakes import (
     NS,
     FakeKube,
@@ -36,7 +37,7 @@ from tests.deploy.kube_fakes import (
 pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
 
 QUEUE = "gpu-team-a"
-SPEC = {"name": "long-ctx", "model": "tiny", "dataset": {"path": "/data/tokens"},
+SPEC = {"name": "long-ctx", "model": "tiny", "dataset": {"path": DEMO_DATA},  # submit reads it
         "resources": {"num_ranks": 16, "cluster": "h100"},
         "training": {"steps": 10, "global_batch_tokens": 4096}}
 
@@ -104,7 +105,7 @@ def test_a_queued_job_is_pending_until_kueue_admits_its_gang(world):
     assert rc["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == QUEUE
     assert rc["spec"]["suspend"] is True and name.endswith("-a1")
     table = job_table([JobPublic.of(rec)])
-    assert f"Pending (waiting for Kueue admission in queue {QUEUE})" in \
+    assert f"Pending: waiting for Kueue admission in queue {QUEUE}" in \
         [cell for col in table.columns for cell in col._cells]
     for _ in range(3):  # still suspended: still Pending, created once
         world["clock"].now += 5

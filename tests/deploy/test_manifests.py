@@ -255,9 +255,7 @@ def test_external_url_value_goes_into_the_secret(render):
                         "OTEL_TRACES_EXPORTER": "otlp"}),
     ("kubernetes-launcher-on", {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
                                 "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=ci"}),
-    ("external-redis", {"OTEL_TRACES_EXPORTER": "none",
-                        "OTEL_METRICS_EXPORTER": "prometheus",
-                        "OTEL_EXPORTER_PROMETHEUS_PORT": "9464"}),
+    ("external-redis", {"OTEL_TRACES_EXPORTER": "none"}),
 ])
 def test_otel_settings_from_values(render, variant_name, expected):
     env = _env(_controller(render(values_file=variant_name))["containers"][0])

@@ -131,44 +131,7 @@ def _protocol(rank: int) -> dict:
     expect("wait_twice", comm.wait)
     comm.close()
     return {"got": float(got[0, 0]), "prev": comm.prev_rank, "next": comm.next_rank,
-            "errors": seen, "sent": stats.bytes_sent, "received": stats.bytes_received,
-            "waiting": _waiting(rank)}
-
-
-def _waiting(rank: int) -> list[int] | None:
-    """CommStats.waiting seen from another thread: rank 0 blocks in a ring wait on rank 2,
-    which sends only once rank 0's watcher thread has seen the wait (no clock involved)."""
-    import threading
-
-    import torch.distributed as dist
-
-    from parallelism import CommStats, RingComm
-
-    if rank == 1:
-        return None
-    store = dist.distributed_c10d._get_default_store()
-    stats = CommStats()
-    comm = RingComm([0, 2], channel="w", stats=stats)
-    comm.send_recv(torch.ones(4))
-    if rank == 2:
-        store.wait(["waiting-seen"])
-    seen: list[int] = []
-
-    def watch() -> None:
-        while stats.waiting == 0:
-            time.sleep(0.001)
-        seen.append(stats.waiting)
-        store.set("waiting-seen", "1")
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    if rank == 0:
-        watcher.start()
-    comm.commit()
-    comm.wait()
-    comm.close()
-    if rank == 0:
-        watcher.join(timeout=60)
-    return seen + [stats.waiting]
+            "errors": seen, "sent": stats.bytes_sent, "received": stats.bytes_received}
 
 
 def run_misuse_world(rank: int, world_size: int) -> dict:

@@ -189,6 +189,51 @@ def test_update_with_noise_stays_non_negative(rng):
     assert cost.a >= 0 and cost.b == pytest.approx(2e-6, rel=0.05) and cost.c >= 0
 
 
+def packs_of_similar_size(rng, n: int, seconds) -> list[Observation]:
+    """Packs of 14-18 sequences of 120-180 tokens (a running job's one pack per rank),
+    timed by `seconds(lengths)` with 10% noise."""
+    out = []
+    for _ in range(n):
+        lengths = tuple(int(x) for x in rng.integers(120, 181, int(rng.integers(14, 19))))
+        noisy = seconds(lengths) * (1 + 0.1 * rng.standard_normal())
+        out.append(Observation(lengths=lengths, seconds=max(noisy, 1e-9)))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_refit_of_similar_packs_keeps_the_prior_shape_not_a_large_constant(seed):
+    # The truth is the FLOP-count model at a third of its speed. Over these noisy packs
+    # of similar size a fitted constant takes a noise-driven share of the time (below,
+    # the unconstrained slope-and-intercept fit shows it); keep_prior_shape must come out
+    # within noise of the truth on every data set.
+    rng = np.random.default_rng(seed)
+    cost = CostModel(model_preset("tiny"), cluster_preset("cpu"))
+    a0, b0, c0 = cost.prior
+
+    def compute(ls):
+        return a0 * sum(s * s for s in ls) + b0 * sum(ls)
+    obs = packs_of_similar_size(rng, 40, lambda ls: 3 * (compute(ls) + c0))
+    cost.update(obs, keep_prior_shape=True)
+    assert (cost.a, cost.b, cost.c) == pytest.approx((3 * a0, 3 * b0, 3 * c0), rel=0.06)
+    X = np.array([[compute(o.lengths), 1.0] for o in obs])
+    y = np.array([o.seconds for o in obs])
+    _, intercept = np.linalg.lstsq(X, y, rcond=None)[0]
+    print(f"seed {seed}: a free constant would take {intercept / y.mean():+.1%} of the "
+          f"time (truth {3 * c0 / y.mean():.1%})")
+
+
+def test_refit_keeps_a_constant_the_data_clearly_show(rng):
+    # Packs of very different sizes with a real fixed cost of 2 s per group: the constant
+    # is identified and kept; the compute stays in the prior's a : b shape.
+    cost = CostModel(model_preset("tiny"), cluster_preset("cpu"))
+    a0, b0, _ = cost.prior
+    obs = [Observation(lengths=(int(s),), seconds=2.0 + 1e3 * (a0 * s * s + b0 * s))
+           for s in rng.integers(100, 20_000, 30)]
+    cost.update(obs, keep_prior_shape=True)
+    assert cost.c == pytest.approx(2.0, rel=1e-6)
+    assert (cost.a, cost.b) == pytest.approx((1e3 * a0, 1e3 * b0), rel=1e-6)
+
+
 def test_update_rejects_too_few_or_collinear_observations():
     cost = CostModel(model_preset("tiny"), cluster_preset("cpu"))
     with pytest.raises(ValueError, match="need >= 3"):

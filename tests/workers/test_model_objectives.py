@@ -83,7 +83,7 @@ def test_grpo_equals_unchunked(setup, kwargs):
     with torch.no_grad():
         lp = _token_logps(model, ids, cu)[0]
     adv = group_advantages(torch.rand(6, generator=g, dtype=torch.float64), 3)
-    obj = GRPO(advantages=adv, clip_eps=0.2, kl_coef=0.05,
+    obj = GRPO(advantages=adv, clip_low=0.2, clip_high=0.2, kl_coef=0.05,
                old_logps=lp + 0.3 * torch.randn(lp.shape, generator=g, dtype=torch.float64),
                ref_logps=lp + 0.2 * torch.randn(lp.shape, generator=g, dtype=torch.float64))
 

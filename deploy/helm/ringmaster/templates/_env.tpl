@@ -107,14 +107,6 @@
 {{- end }}
 - name: OTEL_TRACES_EXPORTER
   value: {{ ternary "otlp" "none" (ne $o.endpoint "") | quote }}
-{{- if .Values.serviceMonitor.enabled }}
-- name: OTEL_METRICS_EXPORTER
-  value: "prometheus"
-- name: OTEL_EXPORTER_PROMETHEUS_HOST
-  value: "0.0.0.0"
-- name: OTEL_EXPORTER_PROMETHEUS_PORT
-  value: {{ .Values.serviceMonitor.metricsPort | quote }}
-{{- end }}
 - name: OTEL_TRACES_SAMPLER
   value: {{ $o.tracesSampler | quote }}
 - name: OTEL_TRACES_SAMPLER_ARG
