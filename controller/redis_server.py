@@ -45,7 +45,10 @@ log = logging.getLogger(__name__)
 
 APPEND_ONLY_CONFIG = {
     "appendonly": "yes",
-    "appendfsync": "everysec",
+    # every acknowledged write is on disk: with everysec a write may wait up to 2 s behind
+    # a slow background fsync while its client already has the reply, and a server killed
+    # then loses it (a submitted job gone after the restart)
+    "appendfsync": "always",
     "appendfilename": "appendonly.aof",
 }
 COMMAND_TIMEOUT_S = 3.0  # one Redis command; the store's commands take milliseconds
