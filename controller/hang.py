@@ -26,6 +26,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from opentelemetry import propagate
+
 from scheduler.plan import StepPlan
 
 COLLECTIVE_PHASES = ("reduce", "optimizer")
@@ -254,3 +256,25 @@ def position_of(rank: int, msg) -> RankPosition:
                         ring=tuple(int(r) for r in msg.ring), layer=int(msg.layer),
                         phase=msg.phase or "start", ring_hop=int(msg.ring_hop),
                         waiting=bool(msg.waiting))
+
+
+def hang_span(tracer, job, report: HangReport) -> None:
+    """Record `report` as a `job.hang` span of `job`'s trace (parent: its trace_parent)."""
+    parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
+                               else {})
+    with tracer.start_as_current_span("job.hang", context=parent) as span:
+        span.set_attributes({
+            "ringmaster.job_id": job.id, "ringmaster.attempt": job.attempt,
+            "ringmaster.step": report.step, "hang.message": report.message,
+            "hang.stalled_ranks": list(report.culprit_ranks),
+            "hang.waiting_ranks": sorted({r for c in report.culprits
+                                          for r in c.ring_waiters + c.collective_waiters}),
+            "hang.stuck_rings": [str(list(r)) for r in report.stuck_rings]})
+        if report.culprits:
+            c = report.culprits[0]
+            span.set_attributes({
+                "hang.ring": list(c.ring), "hang.micro_batch": c.position.micro_batch,
+                "hang.layer": c.position.layer, "hang.phase": c.position.phase,
+                "hang.ring_hop": c.position.ring_hop})
+
+

@@ -63,7 +63,7 @@ import redis
 from google.protobuf import json_format
 from opentelemetry import propagate, trace
 
-from controller.hang import HangReport, RankPosition, localise, position_of
+from controller.hang import HangReport, RankPosition, hang_span, localise, position_of
 from controller.launchers.base import EventKind, LauncherEvent
 from controller.membership import Membership
 from controller.planning import PlannedStep
@@ -192,7 +192,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         self._ended: set[tuple[str, int]] = set()  # (job, attempt) ended as InvalidInput
         self._lock = threading.Lock()
         self.keeper = WorldKeeper(store=store, tracer=self.tracer, clock=clock,
-                                  lose=self._lose, finish_step=self._finish_step)
+                                  lose=self._lose, finish_step=self._finish_step,
+                                  localise=self._localise)
         self._stop = threading.Event()
         self._monitor = threading.Thread(target=self._watch, name="heartbeat-monitor",
                                          daemon=True)
@@ -717,27 +718,8 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         planned = rt.plans.get((len(rt.ranks), step), (None, ""))[0]
         report = localise(planned.plan if planned else None, positions, len(rt.ranks),
                           silent=silent)
-        self._hang_span(rt, report)
+        hang_span(self.tracer, rt.job, report)
         return report
-
-    def _hang_span(self, rt: AttemptRuntime, report: HangReport) -> None:
-        job = rt.job
-        parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent
-                                   else {})
-        with self.tracer.start_as_current_span("job.hang", context=parent) as span:
-            span.set_attributes({
-                "ringmaster.job_id": job.id, "ringmaster.attempt": job.attempt,
-                "ringmaster.step": report.step, "hang.message": report.message,
-                "hang.stalled_ranks": list(report.culprit_ranks),
-                "hang.waiting_ranks": sorted({r for c in report.culprits
-                                              for r in c.ring_waiters + c.collective_waiters}),
-                "hang.stuck_rings": [str(list(r)) for r in report.stuck_rings]})
-            if report.culprits:
-                c = report.culprits[0]
-                span.set_attributes({
-                    "hang.ring": list(c.ring), "hang.micro_batch": c.position.micro_batch,
-                    "hang.layer": c.position.layer, "hang.phase": c.position.phase,
-                    "hang.ring_hop": c.position.ring_hop})
 
 
 def _min_done(rt: AttemptRuntime, epoch: int | None) -> int:

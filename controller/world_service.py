@@ -52,9 +52,9 @@ class WorldKeeper:
     """See the module docstring."""
 
     def __init__(self, *, store: JobStore, tracer, clock: Callable[[], float],
-                 lose: Callable, finish_step: Callable):
+                 lose: Callable, finish_step: Callable, localise: Callable):
         self.store, self.tracer, self.clock = store, tracer, clock
-        self._lose, self._finish_step = lose, finish_step
+        self._lose, self._finish_step, self._localise = lose, finish_step, localise
 
     # ----------------------------------------------------------------- plan streams
     def next(self, rt, slot: int, epoch: int | None, attempted: int, step: int) -> Next:
@@ -120,6 +120,9 @@ class WorldKeeper:
         if verdict is None:
             return
         kind, ranks, message = verdict
+        if kind == "stall":
+            ranks, message = self._blame(rt, ranks, message, now, timeout)
+            kind = "lose"
         if kind == "regroup":
             with rt.cond:
                 change = rt.worlds.regroup_same(message, step=self.step_of(rt), now=now)
@@ -128,6 +131,23 @@ class WorldKeeper:
             self.record(rt, change)
         else:
             self.ranks_lost(rt, ranks, message)
+
+    def _blame(self, rt, ranks: list[int], message: str, now: float, timeout: float
+               ) -> tuple[list[int], str]:
+        """A stall: whom the ranks' positions say the others wait on (controller.hang),
+        when the world is the attempt's full one (its ranks are the slots); else the rank
+        whose progress stopped first."""
+        w = rt.worlds.world
+        if w.members != tuple(range(len(rt.ranks))):
+            return ranks, message
+        report = self._localise(rt, now, timeout)
+        if report is None or not report.culprits:
+            return ranks, message
+        blamed = report.culprit_ranks[0]
+        idle = now - rt.ranks[blamed].progress_at
+        return [blamed], (f"step {report.step} hung: {report.message}. Rank {blamed} made no "
+                          f"progress for {idle:.1f} s (heartbeat_timeout_s={timeout:g}); "
+                          "presumed stalled")
 
     def step_of(self, rt) -> int:
         """The step the current world is working on (its members' first unfinished)."""
@@ -205,7 +225,8 @@ class WorldKeeper:
 
 
 def stalled(rt, now: float, timeout: float) -> tuple[str, list[int], str] | None:
-    """("lose", ranks, why), ("regroup", [], why) or None (see WorldKeeper.check)."""
+    """("lose", ranks, why), ("stall", [rank], why): the rank whose progress stopped first
+    among those computing, ("regroup", [], why) or None (see WorldKeeper.check)."""
     worlds = rt.worlds
     w = worlds.world
     if w is None:
@@ -242,8 +263,8 @@ def stalled(rt, now: float, timeout: float) -> tuple[str, list[int], str] | None
         return None
     first = min(late, key=lambda s: (rt.ranks[s].progress_at, s))
     idle = now - rt.ranks[first].progress_at
-    return "lose", [first], (f"rank {first} made no progress for {idle:.1f} s "
-                             f"(heartbeat_timeout_s={timeout:g}); presumed stalled")
+    return "stall", [first], (f"rank {first} made no progress for {idle:.1f} s "
+                              f"(heartbeat_timeout_s={timeout:g}); presumed stalled")
 
 
 __all__ = ["WORLD_WAKE_S", "WorldKeeper", "changed", "live_members", "lost_slots", "stalled"]

@@ -39,7 +39,7 @@ import ray
 import torch
 
 from scheduler.batching import BatchPosition
-from workers.faults import fault_at
+from workers.faults import fault_at, positional_stall, slow_factor
 from workers.group import GroupConfig, WorkerDiedError, WorkerError, WorkerGroup
 from workers.optim import StateInterval, state_intervals
 from workers.reshard import plan_transfers
@@ -208,3 +208,19 @@ def test_fault_specs(monkeypatch):
     assert fault_at(job_id="a-123", attempt=2, slot=1, step=3) is None
     assert fault_at(job_id="x", attempt=1, slot=0, step=None, at="join") is None  # life 1
     assert fault_at(job_id="x", attempt=1, slot=0, step=None, at="join", life=2).kind == "kill"
+
+
+def test_one_fault_grammar_for_every_drill(monkeypatch):
+    # Positional stalls and slow ranks are not start-of-step faults (parallelism.progress
+    # acts them out); a malformed spec names itself.
+    monkeypatch.setenv("RINGMASTER_FAULT", "stall:rank=1:step=2:micro_batch=0:layer=1,"
+                                           "slow:rank=0:factor=2:step=1")
+    assert fault_at(job_id="j-1", attempt=1, slot=1, step=2) is None
+    assert fault_at(job_id="j-1", attempt=1, slot=0, step=1) is None
+    assert positional_stall(job_id="j-1", attempt=1, slot=1) is not None
+    assert positional_stall(job_id="j-1", attempt=1, slot=0) is None
+    assert slow_factor(job_id="j-1", attempt=3, slot=0, step=1) == 2.0  # every attempt
+    assert slow_factor(job_id="j-1", attempt=1, slot=0, step=0) == 1.0
+    monkeypatch.setenv("RINGMASTER_FAULT", "explode:rank=1")
+    with pytest.raises(ValueError, match="'explode:rank=1' is not KIND"):
+        fault_at(job_id="j-1", attempt=1, slot=1, step=0)
