@@ -135,15 +135,17 @@ class WorldKeeper:
     def _blame(self, rt, ranks: list[int], message: str, now: float, timeout: float
                ) -> tuple[list[int], str]:
         """A stall: whom the ranks' positions say the others wait on (controller.hang),
-        when the world is the attempt's full one (its ranks are the slots); else the rank
-        whose progress stopped first."""
+        when the world is the attempt's full one (its ranks are the slots) and that rank's
+        progress stopped too; else the rank whose progress stopped first."""
         w = rt.worlds.world
         if w.members != tuple(range(len(rt.ranks))):
             return ranks, message
         report = self._localise(rt, now, timeout)
-        if report is None or not report.culprits:
+        late = [r for r in (report.culprit_ranks if report else ())
+                if now - rt.ranks[r].progress_at > timeout]  # a culprit is stalled too
+        if not late:
             return ranks, message
-        blamed = report.culprit_ranks[0]
+        blamed = late[0]
         idle = now - rt.ranks[blamed].progress_at
         return [blamed], (f"step {report.step} hung: {report.message}. Rank {blamed} made no "
                           f"progress for {idle:.1f} s (heartbeat_timeout_s={timeout:g}); "

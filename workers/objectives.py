@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import kernels
 from parallelism.offload import track_buffer
+from parallelism.progress import PROGRESS
 
 IGNORE_INDEX = -100
 
@@ -50,6 +51,7 @@ class HeadInputs:
 
 def _chunks(num_tokens: int, chunk_size: int) -> Iterator[slice]:
     for start in range(0, num_tokens, chunk_size):
+        PROGRESS.phase("head")  # each chunk is progress (parallelism.progress)
         yield slice(start, min(start + chunk_size, num_tokens))
 
 
