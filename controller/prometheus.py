@@ -17,6 +17,7 @@ round trip for their records and newest step metrics), never the whole history:
     ringmaster_job_step_seconds{...,kind}              measured | predicted step time
     ringmaster_job_step_imbalance{...}                 max rank busy / mean - 1
     ringmaster_job_peak_memory_bytes{...}              the largest rank's peak
+    ringmaster_job_world_size{...}                     ranks its world had (elastic)
 
 plus the controller process's own `process_*` and `python_info` series. The route needs
 the API token like every other (docs/api.md); the Helm chart's ServiceMonitor sends it
@@ -49,6 +50,8 @@ _STEP_GAUGES = (  # name, help, StepMetrics field
      "imbalance"),
     ("ringmaster_job_peak_memory_bytes", "The largest rank's peak memory in the newest step.",
      "peak_memory_bytes"),
+    ("ringmaster_job_world_size", "Ranks the newest step ran on (fewer than the job's while "
+     "a lost rank is out of the world, docs/elastic.md).", "world_size"),
 )
 
 

@@ -21,7 +21,7 @@ def test_metrics_expose_jobs_and_their_newest_step(ctl):
         store.append_step_metrics(job["id"], StepMetrics(
             step=step, attempt=1, loss=3.25 - step, tokens_per_s=1234.5 * (step + 1),
             predicted_step_s=0.5, measured_step_s=0.75, imbalance=0.125,
-            peak_memory_bytes=7 << 20))
+            peak_memory_bytes=7 << 20, world_size=3))
     r = c.get("/metrics")
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -35,6 +35,7 @@ def test_metrics_expose_jobs_and_their_newest_step(ctl):
     assert got[("ringmaster_job_step_seconds", tuple(sorted((*labels, ("kind", "predicted")))))
                ] == 0.5
     assert got[("ringmaster_job_peak_memory_bytes", labels)] == 7 << 20
+    assert got[("ringmaster_job_world_size", labels)] == 3
     assert got[("ringmaster_job_steps_completed", labels)] == 2
     assert got[("ringmaster_job_steps_total", labels)] == DEMO_SPEC["training"]["steps"]
     pending = got[("ringmaster_jobs_active", (("state", "Pending"),))]
