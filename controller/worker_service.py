@@ -332,6 +332,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 rank, checkpoint=bool(rt.job.last_checkpoint), now=now)
             st = rt.ranks[rank]
             st.registered, st.progress_at, st.heard_at, st.stream_end = True, now, now, None
+            st.streamed_step = st.done_step  # a new process holds no plan yet
             everyone = rt.worlds.world is not None
             changed(rt)
         self.keeper.record(rt, change)

@@ -176,6 +176,7 @@ class RankAgent:
         PROGRESS.on_mark = positional_stall(job_id=self.identity.job_id,
                                             attempt=self.identity.attempt,
                                             slot=self.identity.rank)
+        PROGRESS.phase("done")  # not in a step (a fenced predecessor's may have stopped mid-way)
         stopped, fenced, why = False, False, ""
         try:
             self._prepare(cfg, reply)
