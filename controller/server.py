@@ -266,10 +266,12 @@ class Controller:
         except JobNotFound:
             pass  # deleted while its workers were still printing
 
-    def uvicorn_config(self, *, log_level: str = "info"):
-        """The uvicorn.Config of this controller's REST server."""
+    def uvicorn_config(self, *, log_level: str = "info", port: int | None = None):
+        """The uvicorn.Config of this controller's REST server (on `port`, default the
+        configured one)."""
         c = self.config
-        return uvicorn_config(self.app, host=c.host, port=c.port, limits=c.http,
+        return uvicorn_config(self.app, host=c.host, port=c.port if port is None else port,
+                              limits=c.http,
                               tls_cert=c.tls.cert if c.tls else None,
                               tls_key=c.tls.key if c.tls else None, log_level=log_level)
 
