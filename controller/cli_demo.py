@@ -46,7 +46,7 @@ def demo(
     seed: int = typer.Option(0, help="Data seed."),
 ):
     """Run a real job end to end: controller, planner, Ray workers, rings, metrics, trace."""
-    from controller.cli_data import fail
+    from controller.cli_errors import fail
 
     try:
         verdict = run_demo(out=out, spec_file=spec_file, num_samples=num_samples,

@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_errors import fail
 from scheduler.errors import RingmasterError
 
 GIB = 1024**3
@@ -21,12 +22,6 @@ GIB = 1024**3
 class MemoryOutput(StrEnum):
     table = "table"
     json = "json"
-
-
-def fail(exc: Exception) -> None:
-    """Show a user's mistake as one line on stderr and exit with status 2."""
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
-    raise typer.Exit(2)
 
 
 def memory(

@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_errors import fail
 from scheduler.errors import RingmasterError
 
 console = Console()
@@ -48,12 +49,6 @@ class Sharding(StrEnum):
 class PlanOutput(StrEnum):
     json = "json"
     table = "table"
-
-
-def fail(exc: Exception | str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", markup=True,
-                                               highlight=False)
-    raise typer.Exit(2)
 
 
 def read_lengths(path: Path) -> list[int]:

@@ -143,7 +143,8 @@ def metrics(job_id: str = typer.Argument(..., help="Job id."),
             ):
     """Per-step metrics of a job: loss, tokens/s, measured vs predicted step time,
     imbalance, peak memory, groups by ring size."""
-    from controller.cli_jobs import console, fail
+    from controller.cli_errors import fail
+    from controller.cli_jobs import console
 
     if output not in ("table", "json"):
         fail(ValueError(f"--output {output!r}: valid are table, json"))
