@@ -6,8 +6,8 @@ from this process with asyncio + httpx: C concurrent clients, each sending its r
 back to back. Reports p50/p99/max latency and throughput of POST /v1/jobs at 1, 10 and 50
 clients, and of GET /v1/jobs/{id} and GET /v1/jobs?limit=50 at 1 and 10 clients.
 
-    .venv/bin/python bench/controller.py [--requests 300] [--clients 1 10 50]
-    .venv/bin/python bench/controller.py --peer ray [--clients 1 10]
+    .venv/bin/python -m bench.rest_api [--requests 300] [--clients 1 10 50]
+    .venv/bin/python -m bench.rest_api --peer ray [--clients 1 10]
 
 With `--peer ray` the same run also starts a local Ray head (`ray start --head --block`,
 dashboard and its job server on loopback, in a session of its own that is terminated at
@@ -33,44 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file is named like the package it measures: drop its own folder from the import
-# path (python puts it first) so `import controller` finds the package, not this script.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import httpx
+import numpy as np
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+from controller.testing import free_port, start_controller
 
 SPEC = {"name": "bench", "model": "tiny", "dataset": {"path": "/data/none"},
         "resources": {"num_ranks": 4, "cluster": "cpu"},
         "training": {"steps": 10, "global_batch_tokens": 4096}}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_controller(state_dir: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "serve",
-           "--port", str(port), "--state-dir", str(state_dir), "--launcher", "fake",
-           "--log-level", "warning"]
-    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
-    env.pop("REDIS_URL", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("controller did not start")
 
 
 async def drive(url: str, token: str, clients: int, total: int, request) -> tuple[list, float]:
