@@ -38,9 +38,12 @@ import numpy as np
 
 from controller.testing import free_port, start_controller
 
-SPEC = {"name": "bench", "model": "tiny", "dataset": {"path": "/data/none"},
-        "resources": {"num_ranks": 4, "cluster": "cpu"},
-        "training": {"steps": 10, "global_batch_tokens": 4096}}
+
+def job_spec(dataset: Path) -> dict:
+    """The submitted job (submit validates its dataset: a small real one)."""
+    return {"name": "bench", "model": "tiny", "dataset": {"path": str(dataset)},
+            "resources": {"num_ranks": 4, "cluster": "cpu"},
+            "training": {"steps": 10, "global_batch_tokens": 4096}}
 
 
 async def drive(url: str, token: str, clients: int, total: int, request) -> tuple[list, float]:
@@ -68,15 +71,15 @@ def row(what: str, clients: int, lat: list[float], wall: float) -> str:
             f"{np.percentile(ms, 99):.1f} | {ms.max():.1f} | {len(ms) / wall:.0f} |")
 
 
-async def run(url: str, token: str, args) -> list[str]:
+async def run(url: str, token: str, args, spec: dict) -> list[str]:
     rows = []
     for c in args.clients:
         lat, wall = await drive(url, token, c, args.requests, lambda h, k, i, c=c: h.post(
-            "/v1/jobs", json={**SPEC, "submission_id": f"c{c}-{k}-{i}"}))
+            "/v1/jobs", json={**spec, "submission_id": f"c{c}-{k}-{i}"}))
         rows.append(row("POST /v1/jobs", c, lat, wall))
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}
                                  ) as http:
-        job_id = (await http.post("/v1/jobs", json=SPEC)).json()["id"]
+        job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
     for c in [c for c in args.clients if c <= 10]:
         lat, wall = await drive(url, token, c, args.requests,
                                 lambda h, k, i: h.get(f"/v1/jobs/{job_id}"))
@@ -160,11 +163,16 @@ async def run_ray(url: str, token: str, args) -> list[str]:
 
 def ours(args) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
+        from scheduler.synth import synthesize
+
+        synthesize(Path(tmp) / "data", distribution="uniform", num_samples=64, max_length=400,
+                   seed=3)
         port = args.port or free_port()
-        proc = start_controller(Path(tmp), port)
+        proc = start_controller(Path(tmp) / "state", port)
         try:
-            token = (Path(tmp) / "token").read_text().strip()
-            return asyncio.run(run(f"http://127.0.0.1:{port}", token, args))
+            token = (Path(tmp) / "state" / "token").read_text().strip()
+            return asyncio.run(run(f"http://127.0.0.1:{port}", token, args,
+                                   job_spec(Path(tmp) / "data")))
         finally:
             proc.terminate()
             proc.wait(timeout=30)
