@@ -35,8 +35,8 @@ on a queue (no lock), so no rank's RPC ever waits for the API server. Every othe
 comes from the state machine's thread. `self._lock` guards the tables (attempts, waiting
 messages, Ray job clients) and the pod tracker for readers such as `tracks` and
 `admission_message`; it is taken for snapshots and updates only and never held across a
-Kubernetes or Ray job API request (tests/deploy/test_kubernetes_launcher.py holds it to
-that with an API server that blocks).
+Kubernetes or Ray job API request (tests/deploy/test_kubernetes_launcher_locks.py holds
+it to that with an API server that blocks).
 
 The Kubernetes and Ray clients are injected (`custom_api`, `core_api`, `ray_jobs`,
 `watch_factory`): in a pod the defaults use the in-cluster service account; tests pass fakes.

@@ -137,11 +137,11 @@ def test_report_does_not_wait_for_a_poll_busy_with_io(launcher):
     rl.start(job("g"), 1)
     pid = rl._drivers["g-1"].pid
     polled: list = []
-    poller = threading.Thread(target=lambda: polled.extend(events_until(rl)), daemon=True)
+    poller = threading.Thread(target=lambda: polled.extend(events_until(rl, 60)), daemon=True)
     poller.start()
     ready = LauncherEvent(job_id="g-1", attempt=1, kind=EventKind.READY)
     try:
-        assert entered.wait(20), "the driver's output never reached on_logs"
+        assert entered.wait(60), "the driver's output never reached on_logs"
         for call, args in ((rl.report, (ready,)), (rl.tracks, ("g-1", 1)),
                            (rl.admit, (job("h"),))):
             t = threading.Thread(target=call, args=args, daemon=True)
@@ -150,7 +150,7 @@ def test_report_does_not_wait_for_a_poll_busy_with_io(launcher):
             assert not t.is_alive(), f"{call.__name__} waited for poll()'s I/O"
     finally:
         release.set()
-        poller.join(30)
+        poller.join(60)
         os.killpg(pid, 9)
         rl._children[pid].wait()
     assert polled == [ready]  # delivered by the poll that was busy, once
