@@ -278,7 +278,7 @@ class RayLauncher(Launcher):
     def poll(self) -> list[LauncherEvent]:
         with self._lock:
             drivers = list(self._drivers.values())
-        for rec in drivers:  # the records of this thread's own table: no lock needed
+        for rec in drivers:  # only the state machine's thread changes them: no lock needed
             self._forward_logs(rec)
             if rec.stopping and time.time() >= rec.kill_at:
                 self._kill(rec)
