@@ -20,7 +20,7 @@ from controller.cli_errors import err, fail
 from controller.cli_watch import metrics, steps_done, wait_with_progress
 from controller.client import RingmasterClient
 from controller.schemas import JobList, JobPublic, PlanPreview, StepMetricsPublic
-from scheduler.errors import RingmasterError
+from scheduler.errors import RingmasterError, SpecError
 
 console = Console(soft_wrap=True)
 
@@ -147,9 +147,9 @@ def serve(
 
     try:
         if (tls_cert is None) != (tls_key is None):
-            raise ValueError("--tls-cert and --tls-key: give both or neither")
+            raise SpecError("--tls-cert and --tls-key: give both or neither")
         if tls_ca is not None and tls_cert is None:
-            raise ValueError("--tls-ca: only with --tls-cert and --tls-key")
+            raise SpecError("--tls-ca: only with --tls-cert and --tls-key")
         tls = TlsFiles(cert=tls_cert, key=tls_key, ca=tls_ca) if tls_cert else None
         config = ControllerConfig(state_dir=state_dir or default_state_dir(), host=host,
                                   port=port, grpc_port=grpc_port, redis_url=redis_url,

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.cli_errors import fail
-from scheduler.errors import RingmasterError
+from scheduler.errors import RingmasterError, SpecError
 
 GIB = 1024**3
 
@@ -40,9 +40,9 @@ def memory(
 
     try:
         if tokens < 1:
-            raise ValueError(f"--tokens {tokens}: must be >= 1")
+            raise SpecError(f"--tokens {tokens}: must be >= 1")
         if layers is not None and layers < 1:
-            raise ValueError(f"--layers {layers}: must be >= 1")
+            raise SpecError(f"--layers {layers}: must be >= 1")
         spec = model_preset(model)
         spec = spec if layers is None else spec.model_copy(update={"num_layers": layers})
         profile = find_profile(spec)

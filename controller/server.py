@@ -41,6 +41,7 @@ from controller.redis_server import open_redis, private_dir
 from controller.store import JobNotFound, JobStore
 from controller.telemetry import instrument_redis, make_tracer_provider
 from controller.worker_auth import WorkerAuth
+from scheduler.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class TlsFiles:
         for name in ("cert", "key", "ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"--tls-{name} {path}: no such file")
+                raise SpecError(f"--tls-{name} {path}: no such file")
 
     @property
     def trust(self) -> Path:
