@@ -14,16 +14,21 @@ from __future__ import annotations
 
 
 class RingmasterError(Exception):
-    """Base class of all errors Ringmaster raises on purpose."""
+    """Base class of the errors Ringmaster raises on purpose about what a job asks for (its
+    spec, data, plan, size); NotFoundError and ConflictError stand apart (see there)."""
 
 
-class NotFoundError(RingmasterError, LookupError):
-    """What a request names (a job, a checkpoint) does not exist."""
+class NotFoundError(LookupError):
+    """What a request names (a job) does not exist. Not a RingmasterError: it is about the
+    system's state when asked, not about the job's inputs (code that ends a job as invalid
+    input on a RingmasterError must not end it for this)."""
 
 
-class ConflictError(RingmasterError):
+class ConflictError(Exception):
     """The request is valid but conflicts with the state the system is in (a reused
-    submission id, a stop of a finished job, a directory another job holds)."""
+    submission id, a stop of a finished job, a directory another job holds). Not a
+    RingmasterError, for NotFoundError's reason; a conflict about a job's own inputs may
+    be both (CheckpointDirInUse is also a SpecError)."""
 
 
 class CapacityError(RingmasterError, ValueError):

@@ -19,6 +19,9 @@ from scheduler.rope import DefaultRope, RopeScaling
 DType = Literal["float64", "float32", "float16", "bfloat16"]
 
 DTYPE_BYTES: dict[str, int] = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+# Per-layer lists of every tensor are built from num_layers; far beyond any real model
+# (Llama 3.1 405B has 126), a bound keeps an absurd figure a 422, not an allocation.
+MAX_LAYERS = 10_000
 
 
 class _Spec(BaseModel):
@@ -41,7 +44,7 @@ class ModelSpec(_Spec):
 
     vocab_size: int = Field(gt=0, description="Number of token ids the embedding and head cover.")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
-    num_layers: int = Field(gt=0, description="Number of decoder layers.")
+    num_layers: int = Field(gt=0, le=MAX_LAYERS, description="Number of decoder layers.")
     num_heads: int = Field(gt=0, description="Query heads per layer.")
     num_kv_heads: int = Field(gt=0, description="Key/value heads (GQA); divides num_heads.")
     ffn_hidden_size: int = Field(gt=0, description="Inner width of the SwiGLU MLP.")

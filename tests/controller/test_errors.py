@@ -166,6 +166,10 @@ def test_user_errors_are_4xx_naming_the_field_and_the_value(ctl, tmp_path):
             num_nodes=1, gpus_per_node=4, gpu_memory_gib=12, achieved_tflops=0.05,
             intra_node_bandwidth_gbps=2, inter_node_bandwidth_gbps=1, pcie_bandwidth_gbps=5,
             host_memory_gib=1e-9)})), 422, None, ["sequence id", "of length", "cannot fit"]),
+        (("post", "/v1/jobs:plan", _with(model=dict(  # not a list of 10**18 layer tensors
+            vocab_size=256, hidden_size=64, num_layers=10**18, num_heads=4, num_kv_heads=2,
+            ffn_hidden_size=128))), 422, "model.spec.num_layers",
+         ["less than or equal to 10000", str(10**18)]),
         (("get", "/v1/jobs/no-such-job", None), 404, None, ["job 'no-such-job' not found"]),
     ]
     for (method, path, body), status, field, fragments in cases:
@@ -197,3 +201,17 @@ def test_conflicts_are_409_naming_the_value(ctl):
     assert err["code"] == "conflict" and "error_id" not in err
     assert "submission_id='sub-errors-1'" in err["message"] and first.json()["id"] in \
         err["message"]
+
+
+@pytest.mark.parametrize("exc, caught_as", [
+    (SpecError("x"), ValueError), (DatasetError("x"), ValueError),
+    (InfeasibleBatchError(0, 2, 1), ValueError), (PlanValidationError(["x"]), ValueError),
+    (CheckpointDirInUse("x"), ValueError), (JobNotFound("j"), LookupError),
+    (SubmissionConflict("s", "j"), RuntimeError)], ids=lambda v: type(v).__name__)
+def test_callers_catching_the_builtin_classes_still_catch_them(exc, caught_as):
+    """The families are added bases: what callers caught before, they still catch. A job
+    that is not found or a conflict is no RingmasterError (which the worker service takes
+    for 'this job cannot run as specified' and ends the attempt for)."""
+    assert isinstance(exc, caught_as)
+    if isinstance(exc, JobNotFound | SubmissionConflict):
+        assert not isinstance(exc, RingmasterError)
