@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from scheduler.errors import SpecError
+from scheduler.errors import DatasetError, SpecError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,7 +41,7 @@ def epoch_batches(lengths: Sequence[int] | np.ndarray, *, tokens_per_batch: int,
         raise SpecError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
-        raise ValueError("lengths: the dataset has no samples")
+        raise DatasetError("lengths: the dataset has no samples")
     members = _unit_members(units, lengths.size)
     count = lengths.size if members is None else len(members)
     order = np.random.default_rng([seed, epoch]).permutation(count)
