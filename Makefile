@@ -36,7 +36,7 @@ proto: $(STAMP)
 	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. controller/rpc/ringmaster.proto
 
 bench: $(STAMP)
-	$(BIN)/python bench/scheduler.py
+	$(BIN)/python -m bench.planner
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

@@ -19,7 +19,7 @@ process and its planner process apart), Redis commands per step (INFO commandsta
 the steady window), and with `--lose-rank` the time from that rank's last progress to the
 controller declaring it lost.
 
-    .venv/bin/python bench/control_plane.py --ranks 64 256 1024 --procs 4 --steps 20 \\
+    .venv/bin/python -m bench.control_plane --ranks 64 256 1024 --procs 4 --steps 20 \\
         --step-time 10
 
 Prints one markdown row per size (the table recorded in docs/benchmarks.md); `--json`
@@ -44,14 +44,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-# This folder holds bench/controller.py, named like the package: run as a script, drop
-# the folder from the import path so `import controller` finds the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
+import numpy as np
+import psutil
 
 WINDOW_SKIP = 2  # steps before the steady window (registration, first plans)
 
@@ -272,12 +266,6 @@ async def _serve_ranks(ranks, env, cfg, log, slot, progress) -> None:
 
 
 # --- the real services ---------------------------------------------------------------
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @contextmanager
 def redis_server(workdir: Path):

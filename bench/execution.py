@@ -7,7 +7,7 @@ rank waits for its next plan after reporting (the plan delivery overhead: zero w
 pipeline planned ahead), and the controller's CPU time (its own process plus the planner
 process) per step.
 
-    .venv/bin/python bench/execution.py --ranks 4 --steps 60 --step-ms 100
+    .venv/bin/python -m bench.execution --ranks 4 --steps 60 --step-ms 100
 """
 
 from __future__ import annotations
@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # bench/scheduler.py shadows it
 
 
 def scripted_ranks(address: str, job_id: str, ranks: int, step_ms: float, out,

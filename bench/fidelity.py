@@ -15,8 +15,6 @@ with workers.memtrace (as `python -m workers.memtrace` records the presets'); th
 preset on rings of 2, 3 and 4 gloo ranks.
 
     .venv/bin/python -m bench.fidelity [--tokens 2048] [--ring-tokens 1200]
-
-(run as a module: bench/kernels.py would shadow the kernels package as a script)
 """
 
 from __future__ import annotations

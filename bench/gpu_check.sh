@@ -35,5 +35,5 @@ echo "== correctness: Triton bf16 vs float64 reference, at most 2x torch's own b
 "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/kernels/test_gpu.py
 
 echo "== timings"
-"$PY" bench/kernels.py --json "$OUT/kernels_bench.json"
+"$PY" -m bench.kernel_speed --json "$OUT/kernels_bench.json"
 echo "== done: $OUT"

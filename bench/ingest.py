@@ -8,7 +8,7 @@ side by side in one run: wall time from reading the JSONL to a finished on-disk 
 tokens/s, and the peak RSS of the contender's whole process tree (psutil, sampled every
 20 ms: the main process plus its workers).
 
-    .venv/bin/python bench/ingest.py [--rows 200000] [--words 120] [--repeat 3]
+    .venv/bin/python -m bench.ingest [--rows 200000] [--words 120] [--repeat 3]
 
 Each contender runs --repeat times in a rotating order; the table shows the median run.
 """
@@ -28,8 +28,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # children run as `python -m bench.ingest` here
 
 WORDS = ("the a of to and in is for on that with as by at from long short context ring "
          "rank sequence batch token model train step plan memory offload attention "
@@ -95,10 +94,9 @@ def run_hf(corpus: str, tok: str, work: str, workers: int) -> dict:
 def measure(which: str, corpus: Path, tok: Path, workers: int) -> dict:
     """Run one contender in a subprocess; its result plus the tree's peak RSS."""
     with tempfile.TemporaryDirectory(dir=corpus.parent) as work:
-        cmd = [sys.executable, __file__, "--run", which, "--corpus", str(corpus), "--tok",
-               str(tok), "--work", work, "--workers", str(workers)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        cmd = [sys.executable, "-m", "bench.ingest", "--run", which, "--corpus", str(corpus),
+               "--tok", str(tok), "--work", work, "--workers", str(workers)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         peak = [0]
         done = threading.Event()
 

@@ -1,7 +1,7 @@
 """What issue 21's checks cost: submit-time validation of a dataset, and storing step
 reports so that none is lost across a controller restart. Side by side in one run.
 
-    .venv/bin/python bench/lifecycle.py [--tokens 50000000] [--ranks 8] [--steps 200]
+    .venv/bin/python -m bench.lifecycle [--tokens 50000000] [--ranks 8] [--steps 200]
 
 1. `controller.validation.check_dataset` on a synthetic dataset of `--tokens` uint32 tokens:
    with its manifest (max_token_id recorded at import) and without one (a memory-mapped
@@ -15,18 +15,12 @@ reports so that none is lost across a controller restart. Side by side in one ru
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# bench/controller.py shadows the controller package: import from the repository root.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import numpy as np  # noqa: E402
-import psutil  # noqa: E402
+import numpy as np
+import psutil
 
 
 def write_dataset(out: Path, num_tokens: int) -> Path:

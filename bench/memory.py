@@ -24,8 +24,6 @@ Time: real steps on this machine's device at `--time-tokens` tokens (one sequenc
 backward (what the schemes change; checkpointing's includes its recompute).
 
     .venv/bin/python -m bench.memory [--budget-mib 1024] [--time-tokens 2048]
-
-(run as a module: bench/kernels.py would shadow the kernels package as a script)
 """
 
 from __future__ import annotations
@@ -41,8 +39,8 @@ from parallelism.offload import HostSwapper, LiveBytesMeter, TokenwiseOffloadSta
 from parallelism.offload import local_attention_core as core_of
 from parallelism.streambp import StreamBPStack
 from scheduler.specs import ModelSpec
-from workers.model import Transformer, _AutogradStack, default_position_ids, next_token_targets
-from workers.objectives import HeadInputs, _ChunkedHead
+from workers.model import AutogradStack, Transformer, default_position_ids, next_token_targets
+from workers.objectives import ChunkedHead, HeadInputs
 
 SPEC = ModelSpec(vocab_size=32000, hidden_size=256, num_layers=8, num_heads=8, num_kv_heads=4,
                  ffn_hidden_size=688, dtype="float32")
@@ -86,7 +84,7 @@ def _full_head(model, hidden, targets):
 def _streamed_head(model, hidden, targets):
     inputs = HeadInputs(hidden_TH=hidden, targets_T=targets, seq_index_T=targets,
                         num_sequences=1, chunk_size=HEAD_CHUNK, grad_scale=1.0)
-    head = _ChunkedHead(inputs, model.norm, model.head.weight)
+    head = ChunkedHead(inputs, model.norm, model.head.weight)
     for sl in reversed(list(head.slices())):
         head.backward_chunk(sl, lambda lp, s: -lp.sum())
     return head.grad_hidden
@@ -96,7 +94,7 @@ def _stacks(model, cu, pos) -> dict[str, tuple[Callable, Callable]]:
     layers, core = model.layers, core_of(cu)
     swap = HostSwapper(pos.device)
     return {
-        "plain": (lambda: _AutogradStack(layers, position_ids=pos, core=core), _full_head),
+        "plain": (lambda: AutogradStack(layers, position_ids=pos, core=core), _full_head),
         "checkpointing": (lambda: CheckpointStack(layers, position_ids=pos, core=core),
                           _full_head),
         "checkpointing+head": (lambda: CheckpointStack(layers, position_ids=pos, core=core),

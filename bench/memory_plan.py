@@ -1,7 +1,7 @@
 """MEMO memory plan quality: planned peak vs the max-live lower bound, and vs a caching
 allocator, for one decoder layer's trace and the whole model, at 4K..1M tokens.
 
-    .venv/bin/python bench/memory_plan.py [--models tiny llama-7b] [--time-limit 10]
+    .venv/bin/python -m bench.memory_plan [--models tiny llama-7b] [--time-limit 10]
                                           [--arena-gpu]
 
 Traces come from the stored token-affine profiles (scheduler/memory_profiles.json,
@@ -19,20 +19,12 @@ fused step with and without the activation arena (workers/arena.py).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-# bench/ holds scripts named like the packages they measure (bench/scheduler.py): put the
-# repository root, not this folder, first on the import path.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-from scheduler.alloc_sim import CachingAllocatorSim, simulate_caching_allocator  # noqa: E402
-from scheduler.memory import plan_offsets  # noqa: E402
-from scheduler.memory_model import find_profile, plan_model, unrolled_trace  # noqa: E402
-from scheduler.specs import model_preset  # noqa: E402
+from scheduler.alloc_sim import CachingAllocatorSim, simulate_caching_allocator
+from scheduler.memory import plan_offsets
+from scheduler.memory_model import find_profile, plan_model, unrolled_trace
+from scheduler.specs import model_preset
 
 GIB = 1024**3
 TOKENS = (4096, 16384, 65536, 262144, 1048576)

@@ -12,7 +12,7 @@ ln(15) = 2.71 nats per prediction.
 Writes a PNG of both curves (raw and a 10-step moving mean) and prints the final losses
 (mean of the last 10 steps), their relative gap and the median step-time ratio.
 
-    .venv/bin/python bench/precision.py [--steps 200] [--tokens-per-batch 1024]
+    .venv/bin/python -m bench.precision [--steps 200] [--tokens-per-batch 1024]
         [--lr 3e-3] [--out docs/img/precision-loss.png]
 
 On CPU bfloat16 matmuls are slower than float32 ones, so the time ratio here says nothing
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan  # noqa: E402
-from scheduler.specs import model_preset  # noqa: E402
-from scheduler.synth import synthesize  # noqa: E402
-from workers.data import DatasetPlanSource  # noqa: E402
-from workers.train import TrainConfig, Trainer, build_model  # noqa: E402
+from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan
+from scheduler.specs import model_preset
+from scheduler.synth import synthesize
+from workers.data import DatasetPlanSource
+from workers.train import TrainConfig, Trainer, build_model
 
 VOCAB, PERIOD, MAX_LENGTH = 16, 72, 256
 PRECISIONS = ("fp32", "bf16-mixed")

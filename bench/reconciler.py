@@ -1,7 +1,7 @@
 """CPU of one reconcile pass with many Running jobs: the index-driven pass against a scan of
 every active job (what the state machine did before issue 23), side by side in one run.
 
-    .venv/bin/python bench/reconciler.py [--jobs 1577 3094] [--passes 40]
+    .venv/bin/python -m bench.reconciler [--jobs 1577 3094] [--passes 40]
 
 For each job count: N Running jobs (FakeLauncher, embedded Redis), then `passes` reconcile
 passes of each kind; CPU seconds per pass of the controller process and of the Redis
@@ -11,17 +11,11 @@ server (psutil), and what that means at one pass every 0.5 s (share of one core)
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# bench/controller.py shadows the controller package: import from the repository root.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
-
-import psutil  # noqa: E402
+import psutil
 
 
 def scan_pass(machine) -> None:

@@ -15,7 +15,7 @@ of each (an external kill, as a node loss would be) and measures, per job:
     rejoin bytes  the same for the world the replacement joins (it receives its shard,
                   its mirror and every parameter)
 
-    .venv/bin/python bench/recovery.py --ranks 4 --steps 24 --kill-after 6
+    .venv/bin/python -m bench.recovery --ranks 4 --steps 24 --kill-after 6
 
 Absolute times here are CPU-box times (Ray actor start-up dominates a restart); the
 ratio is what the figures in docs/benchmarks.md compare.
@@ -24,45 +24,42 @@ ratio is what the figures in docs/benchmarks.md compare.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import signal
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-
-sys.path[:0] = [str(Path(__file__).resolve().parents[1])]  # bench/scheduler.py shadows it
 
 FORMED = re.compile(r"rank (\d+): formed world (\d+) of (\d+) ranks at step (\d+) .*received "
                     r"(\d+) state bytes, sent (\d+), published (\d+) parameter bytes")
 
 
-def start_controller(state: Path):
+def start_controller(state: Path, stack: contextlib.ExitStack):
+    """A real controller (Ray launcher, gRPC, embedded Redis) serving REST on a thread;
+    (controller, client). `stack` stops the REST server and the controller."""
     import ray
-    import uvicorn
 
     from controller.client import RingmasterClient
     from controller.server import Controller, ControllerConfig
-    from tests.controller.harness import free_port
+    from controller.testing import free_port, serving
 
     ray.init(include_dashboard=False, num_cpus=16, object_store_memory=100_000_000,
              log_to_driver=False)
+    stack.callback(ray.shutdown)
     ctl = Controller(ControllerConfig(
         state_dir=state, launcher="ray", port=0, grpc_port=0, token="bench",
         reconcile_interval_s=0.2,
         launcher_options={"ray_address": ray.get_runtime_context().gcs_address,
                           "extra_env": {"OTEL_TRACES_EXPORTER": "none"},
                           "drain_timeout_s": 30, "total_ranks": 16}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ctl.app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
+    stack.callback(ctl.close)
+    url = stack.enter_context(serving(ctl, free_port()))
     ctl.start()
-    return ctl, server, RingmasterClient(f"http://127.0.0.1:{port}", token="bench")
+    client = RingmasterClient(url, token="bench")
+    stack.callback(client.close)
+    return ctl, client
 
 
 def job_spec(mode: str, data: Path, ckpt: Path, args) -> dict:
@@ -123,10 +120,11 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
     synthesize(tmp / "data", distribution="uniform", num_samples=400, max_length=600, seed=4)
-    ctl, server, client = start_controller(tmp / "state")
-    try:
+    with contextlib.ExitStack() as stack:
+        ctl, client = start_controller(tmp / "state", stack)
         jobs = {mode: client.submit(job_spec(mode, tmp / "data", tmp / mode, args))
                 for mode in ("replan", "restart")}
+        stack.callback(_stop_unfinished, client, jobs)
         while min(client.get(j.id).current_step for j in jobs.values()) < args.kill_after:
             time.sleep(0.2)
         killed = {}
@@ -150,12 +148,13 @@ def main() -> None:
             if os.environ.get("BENCH_LOGS"):
                 for line in client.logs(j.id, tail=300).lines:
                     print("   ", f"{line.at:%H:%M:%S.%f}", line.text[:200])
-    finally:
-        client.close()
-        server.should_exit = True
-        for driver in list(ctl.launcher._drivers.values()):  # (jobs may end meanwhile)
-            ctl.launcher._kill(driver, grace_s=2)
-        ctl.close()
+
+
+def _stop_unfinished(client, jobs: dict) -> None:
+    """Stop what still runs (the bench failed half way): no driver outlives it."""
+    for j in jobs.values():
+        if client.get(j.id).result is None:
+            client.stop(j.id)
 
 
 if __name__ == "__main__":

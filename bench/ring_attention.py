@@ -10,7 +10,7 @@ GPU (when CUDA is available): single-device efficiency of the ring's per-step ke
 diagonal (causal, T_local x T_local) and off-diagonal (T_local x T_local/2, no mask)
 blocks, in TFLOP/s, next to one full causal call on the whole sequence.
 
-    .venv/bin/python bench/ring_attention.py [--tokens 4096] [--reps 3] [--gpu-only]
+    .venv/bin/python -m bench.ring_attention [--tokens 4096] [--reps 3] [--gpu-only]
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from parallelism import CommStats, ring_attention, zigzag_shard  # noqa: E402
-from tests.dist import run_distributed  # noqa: E402
+from parallelism import CommStats, ring_attention, zigzag_shard
+from parallelism.worlds import run_distributed
 
 HQ, HKV, HEAD_DIM = 8, 2, 64
 
@@ -88,22 +84,22 @@ def cpu_bench(lengths: list[int], reps: int) -> None:
 def _member_compute_s(cu, shards, ring_size: int, position: int, reps: int) -> float:
     """One process, no communication: the kernel calls ring position `position` makes."""
     from kernels import attention_with_lse, attention_with_lse_backward
-    from parallelism.ring_attention import _make_block, _pick
+    from parallelism.ring_attention import ring_block, select_rows
     from parallelism.zigzag import ZigzagLayout
 
     layout = ZigzagLayout.from_cu_seqlens(cu, ring_size)
     q, k, v, dout = (s[position] for s in shards)
     owners = [(position - s) % ring_size for s in range(ring_size)]
     blocks = [(b, r) for r in owners
-              if (b := _make_block(layout, position, r, True, q.device)) is not None]
+              if (b := ring_block(layout, position, r, True, q.device)) is not None]
 
     def run():
         for b, r in blocks:
-            qb, kb, vb = _pick(q, b.q_rows), _pick(shards[1][r], b.kv_rows), _pick(
-                shards[2][r], b.kv_rows)
+            qb = select_rows(q, b.q_rows)
+            kb, vb = select_rows(shards[1][r], b.kv_rows), select_rows(shards[2][r], b.kv_rows)
             kw = dict(cu_seqlens_q=b.cu_q, cu_seqlens_k=b.cu_k, causal=b.causal)
             out, lse = attention_with_lse(qb, kb, vb, **kw)
-            attention_with_lse_backward(_pick(dout, b.q_rows), qb, kb, vb, out, lse, **kw)
+            attention_with_lse_backward(select_rows(dout, b.q_rows), qb, kb, vb, out, lse, **kw)
 
     run()
     times = []

@@ -14,26 +14,22 @@ hidden (forward: QK^T and PV over the causal half, 2 * T^2 * hidden; backward tw
 that), over the measured step time and the device's bf16 dense peak (H100 SXM 989
 TFLOP/s, A100/A800 312).
 
-    .venv/bin/python bench/step.py [--ranks 1 2 4] [--steps 5] [--gpu-only]
+    .venv/bin/python -m bench.step [--ranks 1 2 4] [--steps 5] [--gpu-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan  # noqa: E402
-from scheduler.specs import ModelSpec, model_preset  # noqa: E402
-from tests.dist import run_distributed  # noqa: E402
-from workers.model import Transformer  # noqa: E402
-from workers.step import run_step  # noqa: E402
+from parallelism.worlds import run_distributed
+from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan
+from scheduler.specs import ModelSpec, model_preset
+from workers.model import Transformer
+from workers.step import run_step
 
 # A fixed batch: one long sequence, a few medium ones, many short (ByteScale-like skew).
 LENGTHS = [2048, 700, 513, 300, 255, 127, 100, 64, 33, 7]

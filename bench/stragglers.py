@@ -1,7 +1,7 @@
 """Slow ranks and node pools: speed-aware against speed-blind planning (issue: per-rank
-speeds). Run through `bench/scheduler.py --straggler` / `--pools`.
+speeds). Run through `bench/planner.py --straggler` / `--pools`.
 
-Simulated (llama-7b, h100 preset, the byted batch of bench/scheduler.py, hdp): the plan
+Simulated (llama-7b, h100 preset, the byted batch of bench/planner.py, hdp): the plan
 made for the true per-rank speeds ("aware") and the plan made as if every rank were
 nominal ("blind") are both timed by `scheduler.simulate` at the true speeds, next to
 `scheduler.lower_bound` for those speeds. `--straggler`: rank 0 at 0.5x. `--pools`: half
@@ -64,7 +64,7 @@ def _cpu_rank(rank: int, world: int, plan_json: str, steps: int) -> list[float]:
 
 
 def measured_cpu(steps: int) -> None:
-    from tests.dist import run_distributed
+    from parallelism.worlds import run_distributed
 
     cluster, model = cluster_preset("cpu", num_ranks=CPU_WORLD), model_preset("tiny")
     speeds = np.ones(CPU_WORLD)
@@ -92,7 +92,7 @@ def measured_cpu(steps: int) -> None:
 
 
 def main(args) -> None:
-    from bench.scheduler import global_batch
+    from bench.planner import global_batch
 
     print("| case | ranks | aware makespan s | blind makespan s | bound s | blind/aware "
           "| aware/bound | aware plan s (CPU) |")

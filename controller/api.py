@@ -62,6 +62,7 @@ from controller.spec import JobCreate
 from controller.store import JobStore
 from controller.telemetry import instrument_fastapi
 from controller.validation import validate_job
+from scheduler.errors import SpecError
 
 API_VERSION = "v1"
 JOB_ID_PATTERN = r"^[a-z0-9][-a-z0-9]{0,79}$"
@@ -101,7 +102,7 @@ def create_app(*, store: JobStore, machine: JobStateMachine, settings: ApiSettin
     without one they are made like the store's client.
     """
     if not settings.token:
-        raise ValueError("settings.token: an empty bearer token would let anyone in")
+        raise SpecError("settings.token: an empty bearer token would let anyone in")
     app = FastAPI(title="Ringmaster controller", version="1.0.0",
                   description="Submit, watch, stop and preview long-context training jobs.",
                   responses=ERRORS,

@@ -12,10 +12,10 @@ from enum import StrEnum
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from controller.cli_data import data_app
 from controller.cli_demo import demo
+from controller.cli_errors import print_error
 from controller.cli_jobs import register as register_job_commands
 from controller.cli_memory import memory
 from controller.cli_plan import plan
@@ -52,7 +52,6 @@ app.command("demo")(demo)
 app.command("plan")(plan)
 app.command("memory")(memory)
 register_job_commands(app)
-err = Console(stderr=True, soft_wrap=True)
 
 
 class SchemaKind(StrEnum):
@@ -101,5 +100,5 @@ def main() -> None:
     try:
         app()
     except RingmasterError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        print_error(exc)
         sys.exit(2)

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from controller.cli_errors import fail
 from controller.cli_progress import ImportProgressView
 from scheduler.errors import RingmasterError
 
@@ -29,12 +30,6 @@ class Kind(StrEnum):
 class Output(StrEnum):
     table = "table"
     json = "json"
-
-
-def fail(exc: Exception) -> None:
-    """Show a user's mistake as one line on stderr and exit with status 2."""
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
-    raise typer.Exit(2)
 
 
 def stats_table(title: str, stats: dict[str, float]) -> Table:

@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from controller.safe_yaml import load_yaml
+from scheduler.errors import SpecError
 
 console = Console(soft_wrap=True)
 
@@ -46,7 +47,7 @@ def demo(
     seed: int = typer.Option(0, help="Data seed."),
 ):
     """Run a real job end to end: controller, planner, Ray workers, rings, metrics, trace."""
-    from controller.cli_data import fail
+    from controller.cli_errors import fail
 
     try:
         verdict = run_demo(out=out, spec_file=spec_file, num_samples=num_samples,
@@ -70,8 +71,8 @@ def run_demo(*, out: Path, spec_file: Path, num_samples: int, steps: int | None,
     spec = _demo_spec(spec_file, out, steps)
     capacity = spec["resources"]["capacity_tokens"]
     if PERIOD <= capacity:
-        raise ValueError(f"resources.capacity_tokens={capacity} must be < {PERIOD} for the "
-                         "copy sources to lie outside a rank's share")
+        raise SpecError(f"resources.capacity_tokens={capacity} must be < {PERIOD} for the "
+                        "copy sources to lie outside a rank's share")
     lengths = synthesize(out / "data", distribution="uniform", num_samples=num_samples,
                          max_length=4 * capacity, vocab_size=VOCAB, seed=seed,
                          period=PERIOD, min_length=16)

@@ -14,16 +14,15 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from controller.cli_errors import err, fail
 from controller.cli_watch import metrics, steps_done, wait_with_progress
 from controller.client import RingmasterClient
 from controller.schemas import JobEventPublic, JobList, JobPublic, PlanPreview, StepMetricsPublic
-from scheduler.errors import RingmasterError
+from scheduler.errors import RingmasterError, SpecError
 
 console = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
 
 
 class Output(StrEnum):
@@ -43,11 +42,6 @@ URL = typer.Option(None, "--url", envvar="RINGMASTER_URL", help="Controller base
 STATE_DIR = typer.Option(None, "--state-dir", envvar="RINGMASTER_STATE_DIR",
                          help="Local controller state directory (default ~/.ringmaster).")
 OUTPUT = typer.Option(Output.table, "--output", "-o", help="table or json.")
-
-
-def fail(exc: Exception) -> None:
-    err.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _client(url: str | None, state_dir: Path | None) -> RingmasterClient:
@@ -169,9 +163,9 @@ def serve(
 
     try:
         if (tls_cert is None) != (tls_key is None):
-            raise ValueError("--tls-cert and --tls-key: give both or neither")
+            raise SpecError("--tls-cert and --tls-key: give both or neither")
         if tls_ca is not None and tls_cert is None:
-            raise ValueError("--tls-ca: only with --tls-cert and --tls-key")
+            raise SpecError("--tls-ca: only with --tls-cert and --tls-key")
         tls = TlsFiles(cert=tls_cert, key=tls_key, ca=tls_ca) if tls_cert else None
         config = ControllerConfig(state_dir=state_dir or default_state_dir(), host=host,
                                   port=port, grpc_port=grpc_port, redis_url=redis_url,

@@ -13,7 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scheduler.errors import RingmasterError
+from controller.cli_errors import fail
+from scheduler.errors import RingmasterError, SpecError
 
 GIB = 1024**3
 
@@ -21,12 +22,6 @@ GIB = 1024**3
 class MemoryOutput(StrEnum):
     table = "table"
     json = "json"
-
-
-def fail(exc: Exception) -> None:
-    """Show a user's mistake as one line on stderr and exit with status 2."""
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", highlight=False)
-    raise typer.Exit(2)
 
 
 def memory(
@@ -45,9 +40,9 @@ def memory(
 
     try:
         if tokens < 1:
-            raise ValueError(f"--tokens {tokens}: must be >= 1")
+            raise SpecError(f"--tokens {tokens}: must be >= 1")
         if layers is not None and layers < 1:
-            raise ValueError(f"--layers {layers}: must be >= 1")
+            raise SpecError(f"--layers {layers}: must be >= 1")
         spec = model_preset(model)
         spec = spec if layers is None else spec.model_copy(update={"num_layers": layers})
         profile = find_profile(spec)

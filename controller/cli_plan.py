@@ -21,7 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from scheduler.errors import RingmasterError
+from controller.cli_errors import fail
+from scheduler.errors import RingmasterError, SpecError
 
 console = Console()
 
@@ -50,28 +51,22 @@ class PlanOutput(StrEnum):
     table = "table"
 
 
-def fail(exc: Exception | str) -> None:
-    Console(stderr=True, soft_wrap=True).print(f"[red]error:[/red] {exc}", markup=True,
-                                               highlight=False)
-    raise typer.Exit(2)
-
-
 def read_lengths(path: Path) -> list[int]:
     """Lengths from a .npy array, a JSON list, or one integer per line."""
     if not path.is_file():
-        raise ValueError(f"--lengths {path}: file not found")
+        raise SpecError(f"--lengths {path}: file not found")
     if path.suffix == ".npy":
         try:
             arr = np.load(path, allow_pickle=False)
         except ValueError as exc:
-            raise ValueError(f"--lengths {path}: not a numeric .npy array ({exc})") from None
+            raise SpecError(f"--lengths {path}: not a numeric .npy array ({exc})") from None
         return _as_ints(arr.reshape(-1).tolist(), path)
     text = path.read_text().strip()
     if text.startswith("["):
         try:
             return _as_ints(json.loads(text), path)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"--lengths {path}: not a valid JSON list ({exc})") from None
+            raise SpecError(f"--lengths {path}: not a valid JSON list ({exc})") from None
     return _as_ints([line for line in text.splitlines() if line.strip()], path)
 
 
@@ -81,9 +76,9 @@ def _as_ints(values: list, path: Path) -> list[int]:
         try:
             x = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"--lengths {path}: entry {i} is {v!r}, not an integer") from None
+            raise SpecError(f"--lengths {path}: entry {i} is {v!r}, not an integer") from None
         if x != int(x):
-            raise ValueError(f"--lengths {path}: entry {i} is {v!r}, not an integer")
+            raise SpecError(f"--lengths {path}: entry {i} is {v!r}, not an integer")
         out.append(int(x))
     return out
 
@@ -118,7 +113,7 @@ def plan(
 
     try:
         if ranks < 1:
-            raise ValueError(f"--ranks {ranks}: need at least one rank")
+            raise SpecError(f"--ranks {ranks}: need at least one rank")
         batch = read_lengths(lengths)
         spec = model_preset(model)
         hw = cluster_preset(cluster, num_ranks=ranks, gpus_per_node=gpus_per_node)

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from controller.client import RingmasterClient
 from controller.schemas import JobPublic, MetricsPage, StepMetricsPublic
-from scheduler.errors import RingmasterError
+from scheduler.errors import RingmasterError, SpecError
 
 
 def _extra(j: JobPublic, last: StepMetricsPublic | None) -> str:
@@ -143,10 +143,11 @@ def metrics(job_id: str = typer.Argument(..., help="Job id."),
             ):
     """Per-step metrics of a job: loss, tokens/s, measured vs predicted step time,
     imbalance, peak memory, groups by ring size."""
-    from controller.cli_jobs import console, fail
+    from controller.cli_errors import fail
+    from controller.cli_jobs import console
 
     if output not in ("table", "json"):
-        fail(ValueError(f"--output {output!r}: valid are table, json"))
+        fail(SpecError(f"--output {output!r}: valid are table, json"))
     try:
         with RingmasterClient(url, state_dir=state_dir) as rm:
             if follow:

@@ -49,20 +49,20 @@ class FieldError(SpecError):
 # --- strict query parameters --------------------------------------------------------------
 def _ascii_int(value: object) -> object:
     if isinstance(value, str) and not _INT.match(value):
-        raise ValueError("must be a decimal integer written with ASCII digits 0-9")
+        raise SpecError("must be a decimal integer written with ASCII digits 0-9")
     return value
 
 
 def _ascii_float(value: object) -> object:
     if isinstance(value, str) and not _FLOAT.match(value):
-        raise ValueError("must be a plain decimal number such as 10 or 2.5")
+        raise SpecError("must be a plain decimal number such as 10 or 2.5")
     return value
 
 
 def _strict_bool(value: object) -> object:
     if isinstance(value, str):
         if value not in ("true", "false"):
-            raise ValueError("must be true or false")
+            raise SpecError("must be true or false")
         return value == "true"
     return value
 
@@ -177,7 +177,7 @@ def resolve_roots(roots: tuple[str | Path, ...]) -> tuple[Path, ...]:
     for root in roots:
         path = Path(os.path.realpath(os.path.expanduser(str(root))))
         if not path.is_dir():
-            raise ValueError(f"--data-root {root}: not a directory")
+            raise SpecError(f"--data-root {root}: not a directory")
         out.append(path)
     return tuple(out)
 

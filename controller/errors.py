@@ -1,17 +1,24 @@
-"""How the REST API turns every failure into a 4xx (or 503) with one line naming the field.
+"""How the REST API turns every failure into a status, keyed on the error's class.
 
-Nothing a client sends may produce a 500: request validation errors become 422 with the
-dotted field path (bodies that do not parse too, see controller.edge), domain errors map
-to their status (404 unknown job, 409 conflicts, 413 body too large, 408 body too slow),
-a wrong method is a 405 whose `Allow` lists every method of that path, an unreachable or
-overloaded store is 503. A Redis error that is neither (the server refused a command we
-sent) is a controller bug like any other: the final 500 handler logs the traceback and
-returns an opaque error id.
+What a client can get wrong is a 4xx with one line naming the field and the value: request
+validation errors are 422 with the dotted field path (bodies that do not parse too, see
+controller.edge); the domain errors of scheduler.errors map by family: a spec, dataset,
+plan or capacity error is a 422, a `ConflictError` a 409 (a reused submission id, a stop of
+a finished job, a checkpoint directory another job holds), a `NotFoundError` a 404; a body
+too large is a 413, too slow a 408; a wrong method is a 405 whose `Allow` lists every method
+of that path; an unreachable or overloaded store is a 503.
+
+Anything else is a controller bug, whatever its class (a bare ValueError, KeyError or
+TypeError from inside the planner included; a Redis error reply to a command we sent): a
+500 whose body carries an error id, the traceback in the log under that id, and a
+`controller.internal_error` event on the request's span. It is never the client's fault,
+so it is never a 4xx.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import secrets
 import time
@@ -20,13 +27,19 @@ import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from controller.states import StaleState
-from controller.store import CheckpointDirInUse, JobNotFound, SubmissionConflict
-from scheduler.errors import RingmasterError
+from scheduler.errors import (
+    CapacityError,
+    ConflictError,
+    DatasetError,
+    NotFoundError,
+    PlanError,
+    SpecError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +51,11 @@ _CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_f
 
 def error_response(status: int, message: str, *, details: list[dict] | None = None,
                    headers: dict[str, str] | None = None, code: str | None = None,
-                   ) -> JSONResponse:
+                   error_id: str | None = None) -> JSONResponse:
     body = {"error": {"code": code or _CODES.get(status, "error"), "message": message,
                       "details": details or []}}
+    if error_id is not None:  # a 500 only: the id the controller log repeats
+        body["error"]["error_id"] = error_id
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -98,14 +113,6 @@ async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONRe
     return error_response(exc.status_code, str(exc.detail), headers=headers or None)
 
 
-async def on_not_found(request: Request, exc: JobNotFound) -> JSONResponse:
-    return error_response(404, str(exc))
-
-
-async def on_conflict(request: Request, exc: Exception) -> JSONResponse:
-    return error_response(409, str(exc))
-
-
 async def on_user_error(request: Request, exc: Exception, *, status: int = 422,
                         ) -> JSONResponse:
     message = " ".join(str(exc).split())[:2000]
@@ -113,10 +120,6 @@ async def on_user_error(request: Request, exc: Exception, *, status: int = 422,
     details = [{"field": field, "message": message.removeprefix(f"{field}: ")}] if field \
         else None
     return error_response(status, message, details=details)
-
-
-async def on_checkpoint_dir_in_use(request: Request, exc: CheckpointDirInUse) -> JSONResponse:
-    return await on_user_error(request, exc, status=409)
 
 
 # A server that is loading, out of memory, read-only or failing over: unavailable. Any
@@ -140,21 +143,33 @@ async def on_store_down(request: Request, exc: redis.RedisError) -> JSONResponse
 
 
 async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+    """A 500 for a controller bug: a fresh error id in the body, the traceback in the log
+    and a span event under that id (the span is the request's, see instrument_fastapi)."""
     error_id = secrets.token_hex(6)
-    log.exception("internal error %s on %s %s", error_id, request.method, request.url.path)
+    log.error("internal error %s on %s %s: %s: %s", error_id, request.method,
+              request.url.path, type(exc).__name__, exc, exc_info=exc)
+    span = trace.get_current_span()
+    span.set_attribute("error.id", error_id)
+    span.add_event("controller.internal_error", {
+        "error.id": error_id, "exception.type": type(exc).__qualname__,
+        "exception.message": str(exc)[:1000]})
     return error_response(500, f"internal error {error_id}; the controller log has details",
-                          code="internal")
+                          code="internal", error_id=error_id)
+
+
+# The client's fault, by domain family (scheduler.errors), and nothing else: a ValueError
+# that is none of these is a bug (on_bug). Starlette looks a handler up along the
+# exception's MRO, so a class in two families takes its first: CheckpointDirInUse is a
+# ConflictError before it is a SpecError.
+USER_ERRORS = {NotFoundError: 404, ConflictError: 409, SpecError: 422, DatasetError: 422,
+               PlanError: 422, CapacityError: 422}
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(JobNotFound, on_not_found)
-    app.add_exception_handler(SubmissionConflict, on_conflict)
-    app.add_exception_handler(StaleState, on_conflict)
-    app.add_exception_handler(CheckpointDirInUse, on_checkpoint_dir_in_use)
-    app.add_exception_handler(RingmasterError, on_user_error)
-    app.add_exception_handler(ValueError, on_user_error)
+    for family, status in USER_ERRORS.items():
+        app.add_exception_handler(family, functools.partial(on_user_error, status=status))
     app.add_exception_handler(redis.RedisError, on_store_down)
     app.add_exception_handler(Exception, on_bug)
 

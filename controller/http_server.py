@@ -23,6 +23,8 @@ from pathlib import Path
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from scheduler.errors import SpecError
+
 MAX_HEADER_BYTES = 16 * 1024  # request line + headers; h11's incomplete-event limit
 
 
@@ -36,7 +38,7 @@ class HttpLimits:
 
     def __post_init__(self) -> None:
         if self.max_connections < 1 or self.header_timeout_s <= 0 or self.keep_alive_s <= 0:
-            raise ValueError(f"{self}: every limit must be positive")
+            raise SpecError(f"{self}: every limit must be positive")
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -92,7 +94,7 @@ def uvicorn_config(app, *, host: str, port: int, limits: HttpLimits,
                    log_level: str = "info") -> uvicorn.Config:
     """The uvicorn.Config every REST server of the controller runs with."""
     if (tls_cert is None) != (tls_key is None):
-        raise ValueError("--tls-cert and --tls-key: give both or neither")
+        raise SpecError("--tls-cert and --tls-key: give both or neither")
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         http=guarded_protocol(limits.header_timeout_s),

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from controller.launchers.kuberay import RbacRule
+from scheduler.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -67,14 +68,14 @@ class LeaderElectionConfig:
     def __post_init__(self) -> None:
         for name in ("lease_name", "namespace", "identity"):
             if not getattr(self, name):
-                raise ValueError(f"leader election: {name} must not be empty")
+                raise SpecError(f"leader election: {name} must not be empty")
         if not 0 < self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
-            raise ValueError(
+            raise SpecError(
                 f"leader election: need 0 < retry_period_s ({self.retry_period_s:g}) < "
                 f"renew_deadline_s ({self.renew_deadline_s:g}) < lease_duration_s "
                 f"({self.lease_duration_s:g}), so a leader steps down before it is replaced")
         if self.service_name and not self.pod_ip:
-            raise ValueError("leader election: service_name needs pod_ip (RINGMASTER_POD_IP)")
+            raise SpecError("leader election: service_name needs pod_ip (RINGMASTER_POD_IP)")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> LeaderElectionConfig | None:
@@ -92,7 +93,7 @@ class LeaderElectionConfig:
                 try:
                     timing[field] = float(raw)
                 except ValueError:
-                    raise ValueError(f"{var}={raw!r} is not a number") from None
+                    raise SpecError(f"{var}={raw!r} is not a number") from None
         return cls(lease_name=lease, namespace=env.get("RINGMASTER_LEADER_ELECTION_NAMESPACE")
                    or _own_namespace(), identity=env.get("RINGMASTER_POD_NAME")
                    or socket.gethostname(), service_name=env.get("RINGMASTER_LEADER_SERVICE",
@@ -105,8 +106,8 @@ def _own_namespace() -> str:
         with open(SA_NAMESPACE_FILE) as f:
             return f.read().strip()
     except OSError:
-        raise ValueError("RINGMASTER_LEADER_ELECTION_NAMESPACE is not set and this is not a "
-                         f"pod ({SA_NAMESPACE_FILE} is missing)") from None
+        raise SpecError("RINGMASTER_LEADER_ELECTION_NAMESPACE is not set and this is not a "
+                        f"pod ({SA_NAMESPACE_FILE} is missing)") from None
 
 
 def _status(exc: Exception) -> int | None:

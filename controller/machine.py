@@ -41,6 +41,7 @@ from opentelemetry import propagate, trace
 from controller.launchers.base import EventKind, Launcher, LauncherEvent
 from controller.states import JobRecord, StaleState, State
 from controller.store import JobNotFound, JobStore
+from scheduler.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class Timeouts:
 
     def __post_init__(self) -> None:
         if self.scheduling_s <= 0 or self.stopping_s <= 0 or self.stop_attempts < 1:
-            raise ValueError(f"timeouts {self} must be positive (stop_attempts >= 1)")
+            raise SpecError(f"timeouts {self} must be positive (stop_attempts >= 1)")
 
 
 @dataclass(frozen=True, kw_only=True)

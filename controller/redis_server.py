@@ -41,6 +41,8 @@ import redis.asyncio as aioredis
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.retry import Retry
 
+from scheduler.errors import SpecError
+
 log = logging.getLogger(__name__)
 
 APPEND_ONLY_CONFIG = {
@@ -230,7 +232,7 @@ def open_redis(*, state_dir: str | Path, url: str | None = None,
         try:
             client = redis.Redis.from_url(url, **CLIENT_OPTIONS, retry=_retry())
         except ValueError as exc:
-            raise ValueError(f"REDIS_URL={_redact(url)!r} is not a redis URL ({exc})") from None
+            raise SpecError(f"REDIS_URL={_redact(url)!r} is not a redis URL ({exc})") from None
         client.ping()
         return RedisHandle(client, description=f"external {_redact(url)}", url=url,
                            max_block_s=max_block_s)

@@ -214,6 +214,9 @@ class ErrorBody(_Public):
     code: str = Field(description="Machine-readable error code, e.g. invalid_request.")
     message: str = Field(description="One line naming the field and what is valid.")
     details: list[ErrorDetail] = Field(default_factory=list)
+    error_id: str | None = Field(default=None, description=(
+        "Only on a 500 (code internal): the id under which the controller log holds the "
+        "traceback."))
 
 
 class ErrorResponse(_Public):

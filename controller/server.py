@@ -41,6 +41,7 @@ from controller.redis_server import open_redis, private_dir
 from controller.store import JobNotFound, JobStore
 from controller.telemetry import instrument_redis, make_tracer_provider
 from controller.worker_auth import WorkerAuth
+from scheduler.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class TlsFiles:
         for name in ("cert", "key", "ca"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
-                raise ValueError(f"--tls-{name} {path}: no such file")
+                raise SpecError(f"--tls-{name} {path}: no such file")
 
     @property
     def trust(self) -> Path:
@@ -266,10 +267,12 @@ class Controller:
         except JobNotFound:
             pass  # deleted while its workers were still printing
 
-    def uvicorn_config(self, *, log_level: str = "info"):
-        """The uvicorn.Config of this controller's REST server."""
+    def uvicorn_config(self, *, log_level: str = "info", port: int | None = None):
+        """The uvicorn.Config of this controller's REST server (on `port`, default the
+        configured one)."""
         c = self.config
-        return uvicorn_config(self.app, host=c.host, port=c.port, limits=c.http,
+        return uvicorn_config(self.app, host=c.host, port=c.port if port is None else port,
+                              limits=c.http,
                               tls_cert=c.tls.cert if c.tls else None,
                               tls_key=c.tls.key if c.tls else None, log_level=log_level)
 

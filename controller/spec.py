@@ -75,15 +75,15 @@ def check_path(value: str) -> str:
     try:
         raw = value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValueError("is not valid UTF-8 (a lone surrogate)") from None
+        raise SpecError("is not valid UTF-8 (a lone surrogate)") from None
     if len(raw) > MAX_PATH_BYTES:
-        raise ValueError(f"is {len(raw)} bytes long; a path may have at most "
-                         f"{MAX_PATH_BYTES}")
+        raise SpecError(f"is {len(raw)} bytes long; a path may have at most "
+                        f"{MAX_PATH_BYTES}")
     for part in raw.split(b"/"):
         if len(part) > MAX_NAME_BYTES:
             shown = part[:24].decode("utf-8", "replace")
-            raise ValueError(f"has a component of {len(part)} bytes ({shown!r}...); a file "
-                             f"name may have at most {MAX_NAME_BYTES}")
+            raise SpecError(f"has a component of {len(part)} bytes ({shown!r}...); a file "
+                            f"name may have at most {MAX_NAME_BYTES}")
     return value
 
 
@@ -193,11 +193,11 @@ class Resources(_Section):
                            gpus_per_node=self.gpus_per_node)
         else:
             if self.gpus_per_node is not None:
-                raise ValueError("gpus_per_node: only applies to a cluster preset; set "
-                                 "cluster.gpus_per_node instead")
+                raise SpecError("gpus_per_node: only applies to a cluster preset; set "
+                                "cluster.gpus_per_node instead")
             if self.num_ranks != self.cluster.world_size:
-                raise ValueError(f"num_ranks={self.num_ranks} must equal the cluster's "
-                                 f"{self.cluster.world_size} ranks (num_nodes x gpus_per_node)")
+                raise SpecError(f"num_ranks={self.num_ranks} must equal the cluster's "
+                                f"{self.cluster.world_size} ranks (num_nodes x gpus_per_node)")
         return self
 
 
@@ -382,9 +382,9 @@ class JobCreate(_Section):
             return self
         num_tensors = len(self.resolve_model().parameter_numels())
         if num_tensors < self.resources.num_ranks:
-            raise ValueError(f"training.optimizer_sharding='zero1' needs a parameter tensor per "
-                             f"rank, but the model has {num_tensors} tensors for num_ranks="
-                             f"{self.resources.num_ranks}; use 'distributed' or 'none'")
+            raise SpecError(f"training.optimizer_sharding='zero1' needs a parameter tensor per "
+                            f"rank, but the model has {num_tensors} tensors for num_ranks="
+                            f"{self.resources.num_ranks}; use 'distributed' or 'none'")
         return self
 
     @model_validator(mode="after")

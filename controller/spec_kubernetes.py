@@ -16,6 +16,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from scheduler.errors import SpecError
+
 QUANTITY_PATTERN = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$"
 _DNS_LABEL = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
 DNS_SUBDOMAIN_PATTERN = rf"^{_DNS_LABEL}(\.{_DNS_LABEL})*$"
@@ -76,29 +78,29 @@ def check_shape(value: Any, shape: Any, path: str) -> None:
     where = path or "<root>"
     if isinstance(shape, list):
         if not isinstance(value, list):
-            raise ValueError(f"{where}: must be a list (got {type(value).__name__})")
+            raise SpecError(f"{where}: must be a list (got {type(value).__name__})")
         for i, item in enumerate(value):
             check_shape(item, shape[0], f"{path}[{i}]")
     elif isinstance(shape, dict):
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: must be an object (got {type(value).__name__})")
+            raise SpecError(f"{where}: must be an object (got {type(value).__name__})")
         fields = {k.lstrip("!"): v for k, v in shape.items()}
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; valid: {', '.join(fields)}")
+            raise SpecError(f"{where}: unknown field(s) {unknown}; valid: {', '.join(fields)}")
         missing = [k[1:] for k in shape if k.startswith("!") and k[1:] not in value]
         if missing:
-            raise ValueError(f"{where}: missing required field(s) {missing}")
+            raise SpecError(f"{where}: missing required field(s) {missing}")
         for k, v in value.items():
             check_shape(v, fields[k], f"{path}.{k}" if path else k)
     elif shape == "strmap":
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
-            raise ValueError(f"{where}: must be a map of strings")
+            raise SpecError(f"{where}: must be a map of strings")
     elif shape == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: must be an integer (got {value!r})")
+            raise SpecError(f"{where}: must be an integer (got {value!r})")
     elif not isinstance(value, str):
-        raise ValueError(f"{where}: must be a string (got {value!r})")
+        raise SpecError(f"{where}: must be a string (got {value!r})")
 
 
 def _check_operators(affinity: dict, path: str) -> None:
@@ -107,11 +109,11 @@ def _check_operators(affinity: dict, path: str) -> None:
         if isinstance(node, dict):
             op = node.get("operator")
             if op is not None and "key" in node and op not in NODE_OPERATORS:
-                raise ValueError(f"{where}.operator: {op!r} is not one of "
-                                 f"{', '.join(NODE_OPERATORS)}")
+                raise SpecError(f"{where}.operator: {op!r} is not one of "
+                                f"{', '.join(NODE_OPERATORS)}")
             w = node.get("weight")
             if isinstance(w, int) and not 1 <= w <= 100:
-                raise ValueError(f"{where}.weight: {w} must be in 1..100")
+                raise SpecError(f"{where}.weight: {w} must be in 1..100")
             for k, v in node.items():
                 walk(v, f"{where}.{k}" if where else k)
         elif isinstance(node, list):
@@ -125,16 +127,16 @@ def check_toleration(t: dict, path: str) -> None:
     check_shape(t, TOLERATION_SHAPE, path)
     op = t.get("operator", "Equal")
     if op not in ("Exists", "Equal"):
-        raise ValueError(f"{path}.operator: {op!r} must be Exists or Equal")
+        raise SpecError(f"{path}.operator: {op!r} must be Exists or Equal")
     if op == "Exists" and t.get("value"):
-        raise ValueError(f"{path}.value: must be empty with operator Exists")
+        raise SpecError(f"{path}.value: must be empty with operator Exists")
     if not t.get("key") and op != "Exists":
-        raise ValueError(f"{path}.key: an empty key needs operator Exists (tolerates all)")
+        raise SpecError(f"{path}.key: an empty key needs operator Exists (tolerates all)")
     if t.get("effect", "") not in TOLERATION_EFFECTS:
-        raise ValueError(f"{path}.effect: {t['effect']!r} is not one of NoSchedule, "
-                         "PreferNoSchedule, NoExecute (or empty: all)")
+        raise SpecError(f"{path}.effect: {t['effect']!r} is not one of NoSchedule, "
+                        "PreferNoSchedule, NoExecute (or empty: all)")
     if "tolerationSeconds" in t and t.get("effect") != "NoExecute":
-        raise ValueError(f"{path}.tolerationSeconds: only applies to effect NoExecute")
+        raise SpecError(f"{path}.tolerationSeconds: only applies to effect NoExecute")
 
 
 def check_affinity(a: dict, path: str) -> None:
@@ -214,7 +216,7 @@ class KubernetesOverrides(BaseModel):
     def _env(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         for name in value or {}:
             if problem := env_name_problem(name):
-                raise ValueError(f"extra_env: {problem}")
+                raise SpecError(f"extra_env: {problem}")
         return value
 
     @field_validator("extra_resources")
@@ -222,6 +224,6 @@ class KubernetesOverrides(BaseModel):
     def _extended(cls, value: dict[str, int] | None) -> dict[str, int] | None:
         for name in value or {}:
             if "/" not in name:
-                raise ValueError(f"extra_resources: {name!r} is not an extended resource "
-                                 "(vendor/name, e.g. rdma/ib); set cpu/memory under resources")
+                raise SpecError(f"extra_resources: {name!r} is not an extended resource "
+                                "(vendor/name, e.g. rdma/ib); set cpu/memory under resources")
         return value

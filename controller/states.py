@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from controller.spec import JobCreate
+from scheduler.errors import ConflictError
 
 
 class State(StrEnum):
@@ -60,7 +61,7 @@ class IllegalTransition(RuntimeError):
     """A transition outside TRANSITIONS was attempted (a controller bug, never user input)."""
 
 
-class StaleState(RuntimeError):
+class StaleState(ConflictError, RuntimeError):
     """The job was no longer in the expected state when the transition was applied."""
 
 

@@ -49,7 +49,7 @@ from opentelemetry import propagate, trace
 
 from controller.spec import JobCreate
 from controller.states import JobRecord, StaleState, State, Transition, check_transition
-from scheduler.errors import SpecError
+from scheduler.errors import ConflictError, NotFoundError, SpecError
 
 MAX_LOG_LINES = 100_000  # per job; older lines are trimmed (approximately) on append
 MAX_LOG_LINE_CHARS = 8192
@@ -58,13 +58,13 @@ _CURSOR = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 _PAGE_TOKEN = re.compile(r"^[0-9]{1,20}$")
 
 
-class JobNotFound(LookupError):
+class JobNotFound(NotFoundError):
     def __init__(self, job_id: str):
         self.job_id = job_id
         super().__init__(f"job {job_id!r} not found")
 
 
-class CheckpointDirInUse(SpecError):
+class CheckpointDirInUse(ConflictError, SpecError):
     """`training.checkpoint_dir` belongs to another job (answered 409: a conflict)."""
 
     field = "training.checkpoint_dir"
@@ -78,7 +78,7 @@ def _dir_key(directory: str | None) -> str | None:
     return os.path.realpath(os.path.abspath(directory)) if directory else None
 
 
-class SubmissionConflict(RuntimeError):
+class SubmissionConflict(ConflictError, RuntimeError):
     """The submission_id names a job whose spec differs from this body."""
 
     def __init__(self, submission_id: str, job_id: str):
@@ -168,8 +168,8 @@ def _encode_fields(updates: dict) -> dict[str, str]:
 def check_cursor(cursor: str) -> str:
     """A log cursor is a Redis stream id 'ms-seq' (or 'ms'), both parts below 2**64."""
     if not _CURSOR.match(cursor) or any(int(p) >= 2**64 for p in cursor.split("-")):
-        raise ValueError(f"cursor={cursor!r} is not a log cursor (from a previous response's "
-                         "next_cursor, e.g. '1732600000000-0'; '0' reads from the start)")
+        raise SpecError(f"cursor={cursor!r} is not a log cursor (from a previous response's "
+                        "next_cursor, e.g. '1732600000000-0'; '0' reads from the start)")
     return cursor
 
 
@@ -284,12 +284,12 @@ class JobStore:
              ) -> tuple[list[JobRecord], str | None]:
         """Newest first; `page_token` is the previous page's next_page_token."""
         if limit < 1:
-            raise ValueError(f"limit={limit} must be >= 1")
+            raise SpecError(f"limit={limit} must be >= 1")
         top = "+inf"
         if page_token is not None:
             if not _PAGE_TOKEN.match(page_token) or int(page_token) >= 2**63:
-                raise ValueError(f"page_token={page_token!r} is not a token from a previous "
-                                 "page (a decimal number)")
+                raise SpecError(f"page_token={page_token!r} is not a token from a previous "
+                                "page (a decimal number)")
             top = f"({page_token}"
         rows = self.r.zrevrangebyscore(self._k("jobs"), top, "-inf", start=0, num=limit + 1,
                                        withscores=True)

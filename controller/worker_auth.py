@@ -19,6 +19,8 @@ import hashlib
 import hmac
 from collections.abc import Iterable
 
+from scheduler.errors import SpecError
+
 METADATA_KEY = "authorization"
 WORKER_SECRET_ENV = "RINGMASTER_WORKER_SECRET"  # where a worker process finds its secret
 CONTROLLER_CA_ENV = "RINGMASTER_CONTROLLER_CA"  # PEM (or a PEM file's path): TLS to the port
@@ -36,7 +38,7 @@ class WorkerAuth:
     @classmethod
     def from_token(cls, token: str) -> WorkerAuth:
         if not token:
-            raise ValueError("token: an empty API token cannot key worker secrets")
+            raise SpecError("token: an empty API token cannot key worker secrets")
         return cls(hmac.new(token.encode(), _KEY_LABEL, hashlib.sha256).digest())
 
     def secret_for(self, job_id: str, attempt: int) -> str:

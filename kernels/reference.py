@@ -6,7 +6,7 @@ Attention (Vaswani et al. 2017, Eq. 1) per packed sequence:
     O = softmax(S) V,
 
 with kv heads repeated for GQA; cross-entropy of ``hidden @ weight^T`` from full logits.
-Memory is O(T^2) and O(T x V): these are the "naive" baselines of bench/kernels.py and a
+Memory is O(T^2) and O(T x V): these are the "naive" baselines of bench/kernel_speed.py and a
 readable statement of what the tiled backends compute; autograd gives their gradients.
 The tests keep their own independent copy (tests/kernels/reference.py).
 """

@@ -63,14 +63,17 @@ from parallelism.comm import (
     current_rank_and_world,
 )
 from parallelism.progress import PROGRESS
-from parallelism.zigzag import ZigzagLayout, _lengths_from_cu
+from parallelism.zigzag import ZigzagLayout, lengths_from_cu
 
 __all__ = [
+    "RingBlock",
     "RingSetup",
     "ring_attention",
     "ring_attention_backward",
     "ring_attention_forward",
     "ring_attention_setup",
+    "ring_block",
+    "select_rows",
 ]
 
 _MAGIC = 0x52494E47  # "RING": a header from something else is caught, not misread
@@ -80,7 +83,7 @@ _TAG_HANDSHAKE, _TAG_KV, _TAG_BWD_KV, _TAG_BWD_DKV = 7, 1, 2, 3
 
 
 @dataclass(frozen=True, kw_only=True)
-class _Block:
+class RingBlock:
     """One ring step's kernel call: which local rows, which rows of the KV block, how."""
 
     q_rows: torch.Tensor | None
@@ -114,9 +117,11 @@ def _rows_and_cu(segs: list[tuple[int, int]], total: int, device: torch.device
     return (None if len(rows) == total else rows.to(device)), cu.to(device)
 
 
-def _make_block(layout: ZigzagLayout, i: int, r: int, causal: bool,
-                device: torch.device) -> _Block | None:
-    """The kernel call of position i against owner r's KV block (None: nothing visible)."""
+def ring_block(layout: ZigzagLayout, position: int, owner: int, causal: bool,
+               device: torch.device) -> RingBlock | None:
+    """The kernel call of ring position `position` against the KV block of ring position
+    `owner` (None: no key of it is visible)."""
+    i, r = position, owner
     if not causal or r == i:
         q_part, k_part = "both", "both"
     else:
@@ -127,11 +132,12 @@ def _make_block(layout: ZigzagLayout, i: int, r: int, causal: bool,
         return None
     q_rows, cu_q = _rows_and_cu([q_segs[s] for s in keep], sum(layout.local_lengths(i)), device)
     kv_rows, cu_k = _rows_and_cu([k_segs[s] for s in keep], sum(layout.local_lengths(r)), device)
-    return _Block(q_rows=q_rows, kv_rows=kv_rows, cu_q=cu_q, cu_k=cu_k,
-                  causal=causal and r == i)
+    return RingBlock(q_rows=q_rows, kv_rows=kv_rows, cu_q=cu_q, cu_k=cu_k,
+                     causal=causal and r == i)
 
 
-def _pick(x: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+def select_rows(x: torch.Tensor, rows: torch.Tensor | None, dim: int = 0) -> torch.Tensor:
+    """The rows of `x` along `dim` a `RingBlock` uses (`x` itself when `rows` is None)."""
     return x if rows is None else x.index_select(dim, rows)
 
 
@@ -212,10 +218,10 @@ def _ring_forward(q, k, v, *, blocks, block_tokens, comm, scale, backend):
         block = blocks[step]
         if block is not None:
             out_b, lse_b = attention_with_lse(
-                _pick(q, block.q_rows), _pick(kv[0], block.kv_rows),
-                _pick(kv[1], block.kv_rows), cu_seqlens_q=block.cu_q, cu_seqlens_k=block.cu_k,
+                select_rows(q, block.q_rows), select_rows(kv[0], block.kv_rows),
+                select_rows(kv[1], block.kv_rows), cu_seqlens_q=block.cu_q, cu_seqlens_k=block.cu_k,
                 causal=block.causal, softmax_scale=scale, backend=backend)
-            merged, merged_lse = merge_attention(_pick(out, block.q_rows), _pick(
+            merged, merged_lse = merge_attention(select_rows(out, block.q_rows), select_rows(
                 lse, block.q_rows, 1), out_b, lse_b)
             _put(out, block.q_rows, merged)
             _put(lse, block.q_rows, merged_lse, dim=1)
@@ -250,8 +256,9 @@ def _ring_backward(dout, q, k, v, out, lse, *, blocks, block_tokens, kv_comm, dk
         if block is not None:
             rows = block.q_rows
             dq_b, dk_b, dv_b = attention_with_lse_backward(
-                _pick(dout, rows), _pick(q, rows), _pick(kv[0], block.kv_rows),
-                _pick(kv[1], block.kv_rows), _pick(out, rows), _pick(lse, rows, 1),
+                select_rows(dout, rows), select_rows(q, rows),
+                select_rows(kv[0], block.kv_rows), select_rows(kv[1], block.kv_rows),
+                select_rows(out, rows), select_rows(lse, rows, 1),
                 cu_seqlens_q=block.cu_q, cu_seqlens_k=block.cu_k, causal=block.causal,
                 softmax_scale=scale, backend=backend)
             _add(dq, rows, dq_b)
@@ -296,7 +303,7 @@ class RingSetup:
     """Global ranks in ring order."""
     position: int
     """This rank's index in `ring`."""
-    blocks: tuple[_Block | None, ...]
+    blocks: tuple[RingBlock | None, ...]
     """Kernel call of each ring step (None: no visible key)."""
     block_tokens: tuple[int, ...]
     """Rows of the KV block held at each step (its owner's local token count)."""
@@ -311,7 +318,7 @@ class RingSetup:
 
 
 def _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, stats) -> RingSetup:
-    local_lengths = _lengths_from_cu(cu_seqlens, "cu_seqlens")
+    local_lengths = lengths_from_cu(cu_seqlens, "cu_seqlens")
     if sum(local_lengths) != q.shape[0]:
         raise ValueError(f"cu_seqlens[-1] must equal the local token count q.shape[0]="
                          f"{q.shape[0]}, got {sum(local_lengths)}")
@@ -326,7 +333,7 @@ def _setup(q, k, cu_seqlens, ring, causal, scale, backend, group, stats) -> Ring
     owners = [_owner(position, s, size) for s in range(size)]
     return RingSetup(
         ring=members, position=position,
-        blocks=tuple(_make_block(layout, position, r, causal, q.device) for r in owners),
+        blocks=tuple(ring_block(layout, position, r, causal, q.device) for r in owners),
         block_tokens=tuple(sum(layout.local_lengths(r)) for r in owners),
         scale=scale, backend=backend, group=group, stats=stats)
 

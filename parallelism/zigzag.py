@@ -32,6 +32,7 @@ import torch
 
 __all__ = [
     "ZigzagLayout",
+    "lengths_from_cu",
     "zigzag_chunk_bounds",
     "zigzag_index",
     "zigzag_shard",
@@ -52,7 +53,7 @@ def _check_ring(ring_size: int, ring_index: int | None = None) -> None:
         )
 
 
-def _lengths_from_cu(cu_seqlens: torch.Tensor | Sequence[int], name: str) -> tuple[int, ...]:
+def lengths_from_cu(cu_seqlens: torch.Tensor | Sequence[int], name: str) -> tuple[int, ...]:
     """Validate a cu_seqlens descriptor (0, nondecreasing, 1-D) and return its lengths."""
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
@@ -98,7 +99,7 @@ class ZigzagLayout:
     @classmethod
     def from_cu_seqlens(cls, cu_seqlens: torch.Tensor | Sequence[int], ring_size: int
                         ) -> ZigzagLayout:
-        return cls(lengths=_lengths_from_cu(cu_seqlens, "cu_seqlens"), ring_size=ring_size)
+        return cls(lengths=lengths_from_cu(cu_seqlens, "cu_seqlens"), ring_size=ring_size)
 
     @classmethod
     def from_local_lengths(cls, local_lengths: Sequence[Sequence[int]]) -> ZigzagLayout:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from scheduler.errors import DatasetError, SpecError
+
 
 @dataclass(frozen=True, kw_only=True)
 class BatchPosition:
@@ -36,10 +38,10 @@ def epoch_batches(lengths: Sequence[int] | np.ndarray, *, tokens_per_batch: int,
     unit a singleton, or None, the batches are exactly the per-sample ones.
     """
     if tokens_per_batch < 1:
-        raise ValueError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
+        raise SpecError(f"tokens_per_batch={tokens_per_batch} must be >= 1")
     lengths = np.asarray(lengths, dtype=np.int64)
     if lengths.size == 0:
-        raise ValueError("lengths: the dataset has no samples")
+        raise DatasetError("lengths: the dataset has no samples")
     members = _unit_members(units, lengths.size)
     count = lengths.size if members is None else len(members)
     order = np.random.default_rng([seed, epoch]).permutation(count)

@@ -98,10 +98,10 @@ class DatasetWriter:
         """Append one sample; returns its index. `loss_mask` defaults to all ones."""
         arr = np.asarray(tokens)
         if arr.ndim != 1 or arr.size == 0:
-            raise ValueError(f"tokens: a sample must be a non-empty 1-D sequence, got shape "
-                             f"{arr.shape}")
+            raise DatasetError(f"tokens: a sample must be a non-empty 1-D sequence, got shape "
+                               f"{arr.shape}")
         if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= 2**32)):
-            raise ValueError("tokens: ids must be integers in [0, 2**32)")
+            raise DatasetError("tokens: ids must be integers in [0, 2**32)")
         mask = _check_mask(loss_mask, arr.size)
         rec = _record(kind, pair_id=pair_id, role=role, group_id=group_id, reward=reward,
                       advantage=advantage, num_loss_tokens=int(mask[1:].sum()))
@@ -174,22 +174,22 @@ def _check_mask(loss_mask, n: int) -> np.ndarray:
         return np.ones(n, dtype=MASK_DTYPE)
     mask = np.asarray(loss_mask)
     if mask.shape != (n,) or not np.isin(mask, (0, 1)).all():
-        raise ValueError(f"loss_mask: must be {n} values of 0/1 (one per token), got shape "
-                         f"{mask.shape}")
+        raise DatasetError(f"loss_mask: must be {n} values of 0/1 (one per token), got shape "
+                           f"{mask.shape}")
     return mask.astype(MASK_DTYPE)
 
 
 def _record(kind: str, *, num_loss_tokens: int, pair_id=None, role=None, group_id=None,
             reward=None, advantage=None) -> np.ndarray:
     if kind not in KIND_CODE:
-        raise ValueError(f"kind={kind!r} is not known; valid: {', '.join(KIND_CODE)}")
+        raise DatasetError(f"kind={kind!r} is not known; valid: {', '.join(KIND_CODE)}")
     if (kind == "dpo") != (pair_id is not None and role in ("chosen", "rejected")):
-        raise ValueError("pair_id/role: dpo samples need both (role chosen or rejected); "
-                         f"other kinds neither (got kind={kind!r}, pair_id={pair_id!r}, "
-                         f"role={role!r})")
+        raise DatasetError("pair_id/role: dpo samples need both (role chosen or rejected); "
+                           f"other kinds neither (got kind={kind!r}, pair_id={pair_id!r}, "
+                           f"role={role!r})")
     if (kind == "grpo") != (group_id is not None):
-        raise ValueError(f"group_id: required for grpo samples only (kind={kind!r}, "
-                         f"group_id={group_id!r})")
+        raise DatasetError(f"group_id: required for grpo samples only (kind={kind!r}, "
+                           f"group_id={group_id!r})")
     rec = meta_records(1)
     rec["kind"], rec["num_loss_tokens"] = KIND_CODE[kind], num_loss_tokens
     if kind == "dpo":

@@ -1,20 +1,49 @@
 """Domain errors shared by every layer (torch-free so the controller can import them).
 
-Every error a user can cause names the field, the bad value and what would be valid.
+Every error a user can cause names the field, the bad value and what would be valid, and
+belongs to one of six families, which the REST API maps to a status by class
+(controller/errors.py, docs/api.md#errors): a spec (`SpecError`), a dataset
+(`DatasetError`), a plan (`PlanError`), capacity (`CapacityError`), each a 422; a
+conflict with the system's state (`ConflictError`, 409); something that does not exist
+(`NotFoundError`, 404). The first four are also `ValueError`s, so callers that catch
+ValueError keep working. Anything else raised, a bare ValueError included, is a bug: a
+500 with an error id, never the user's fault.
 """
 
 from __future__ import annotations
 
 
 class RingmasterError(Exception):
-    """Base class of all errors Ringmaster raises on purpose."""
+    """Base class of the errors Ringmaster raises on purpose about what a job asks for (its
+    spec, data, plan, size); NotFoundError and ConflictError stand apart (see there)."""
+
+
+class NotFoundError(LookupError):
+    """What a request names (a job) does not exist. Not a RingmasterError: it is about the
+    system's state when asked, not about the job's inputs (code that ends a job as invalid
+    input on a RingmasterError must not end it for this)."""
+
+
+class ConflictError(Exception):
+    """The request is valid but conflicts with the state the system is in (a reused
+    submission id, a stop of a finished job, a directory another job holds). Not a
+    RingmasterError, for NotFoundError's reason; a conflict about a job's own inputs may
+    be both (CheckpointDirInUse is also a SpecError)."""
+
+
+class CapacityError(RingmasterError, ValueError):
+    """A job or a batch is larger than the cluster, or the controller, can run."""
+
+
+class PlanError(RingmasterError, ValueError):
+    """A step plan breaks the plan format or the device memory budget."""
 
 
 class SpecError(RingmasterError, ValueError):
     """A model, cluster or job spec is invalid."""
 
 
-class PlanValidationError(RingmasterError, ValueError):
+class PlanValidationError(PlanError):
     """A StepPlan breaks one or more rules of the plan format; `violations` lists them all."""
 
     def __init__(self, violations: list[str]):
@@ -26,7 +55,7 @@ class PlanValidationError(RingmasterError, ValueError):
         return type(self), (self.violations,)
 
 
-class InfeasibleBatchError(RingmasterError, ValueError):
+class InfeasibleBatchError(CapacityError):
     """A sequence cannot fit even on every rank with full offload."""
 
     def __init__(self, seq_id: int, length: int, max_length: int):
@@ -56,7 +85,7 @@ class DeviceMemoryError(SpecError):
         super().__init__(message)
 
 
-class PlanMemoryError(RingmasterError, ValueError):
+class PlanMemoryError(PlanError):
     """A plan whose predicted per-rank peak exceeds the device budget; `violations` names
     every group, its peak and the budget."""
 

@@ -50,7 +50,7 @@ import numpy as np
 
 from scheduler.balance import Task, greedy_schedule, resize
 from scheduler.cost import CostModel
-from scheduler.errors import InfeasibleBatchError
+from scheduler.errors import InfeasibleBatchError, SpecError
 from scheduler.lns import improve
 from scheduler.pairs import PairUnits
 from scheduler.plan import (
@@ -125,9 +125,9 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
     """
     lengths = validate_lengths(lengths)
     if policy not in POLICIES:
-        raise ValueError(f"policy={policy!r} is not valid; valid: {', '.join(POLICIES)}")
+        raise SpecError(f"policy={policy!r} is not valid; valid: {', '.join(POLICIES)}")
     if not time_limit_s >= 0:
-        raise ValueError(f"time_limit_s={time_limit_s} must be >= 0 seconds")
+        raise SpecError(f"time_limit_s={time_limit_s} must be >= 0 seconds")
     cost = cost or CostModel(model, cluster, precision=precision,
                              optimizer_sharding=optimizer_sharding,
                              objective="dpo" if pairs else "pretrain")
@@ -168,8 +168,8 @@ def rank_figures(cluster: ClusterSpec, cost: CostModel, capacity_tokens: int | N
     if capacity_tokens is None:
         caps = cost.rank_capacity_tokens(world)
     elif capacity_tokens < 1:
-        raise ValueError(f"capacity_tokens={capacity_tokens} must be >= 1 (or None to derive "
-                         "it from the GPU memory)")
+        raise SpecError(f"capacity_tokens={capacity_tokens} must be >= 1 (or None to derive "
+                        "it from the GPU memory)")
     else:
         cost.memory.check_states_fit()
         caps = [capacity_tokens] * world

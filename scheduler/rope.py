@@ -29,6 +29,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from scheduler.errors import SpecError
+
 
 class _Rope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -62,8 +64,8 @@ class Llama3Rope(_Rope):
     @model_validator(mode="after")
     def _check(self) -> Llama3Rope:
         if self.high_freq_factor <= self.low_freq_factor:
-            raise ValueError(f"high_freq_factor={self.high_freq_factor} must be greater than "
-                             f"low_freq_factor={self.low_freq_factor}")
+            raise SpecError(f"high_freq_factor={self.high_freq_factor} must be greater than "
+                            f"low_freq_factor={self.low_freq_factor}")
         return self
 
 

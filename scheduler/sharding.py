@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from scheduler.cost import CostModel
-from scheduler.errors import InfeasibleBatchError
+from scheduler.errors import InfeasibleBatchError, SpecError
 
 OffloadPolicy = Literal["auto", "needed", "never"]
 OFFLOAD_POLICIES = ("auto", "needed", "never")
@@ -54,12 +54,12 @@ def validate_lengths(lengths: Sequence[int]) -> list[int]:
     """The batch as a list of ints; rejects empty batches and non-positive lengths."""
     out = [int(x) for x in lengths]
     if not out:
-        raise ValueError("lengths: the batch is empty; give at least one sequence length")
+        raise SpecError("lengths: the batch is empty; give at least one sequence length")
     bad = [(i, x) for i, x in enumerate(out) if x < 1]
     if bad:
         i, x = bad[0]
-        raise ValueError(f"lengths[{i}]={x}: every sequence length must be >= 1 "
-                         f"({len(bad)} bad value(s))")
+        raise SpecError(f"lengths[{i}]={x}: every sequence length must be >= 1 "
+                        f"({len(bad)} bad value(s))")
     return out
 
 
@@ -102,11 +102,11 @@ def shard_batch(lengths: Sequence[int], *, capacity_tokens: int, world_size: int
                 cost: CostModel, offload: OffloadPolicy = "auto") -> list[Shard]:
     """Alg. 1 over a batch: one Shard per sequence, in id order."""
     if offload not in OFFLOAD_POLICIES:
-        raise ValueError(f"offload={offload!r} is not valid; valid: {', '.join(OFFLOAD_POLICIES)}")
+        raise SpecError(f"offload={offload!r} is not valid; valid: {', '.join(OFFLOAD_POLICIES)}")
     if capacity_tokens < 1:
-        raise ValueError(f"capacity_tokens={capacity_tokens} must be >= 1")
+        raise SpecError(f"capacity_tokens={capacity_tokens} must be >= 1")
     if world_size < 1:
-        raise ValueError(f"world_size={world_size} must be >= 1 (number of ranks)")
+        raise SpecError(f"world_size={world_size} must be >= 1 (number of ranks)")
     c_off = cost.offload_capacity_tokens()
     return [shard_sequence(i, s, capacity_tokens=capacity_tokens, world_size=world_size,
                            cost=cost, offload=offload, offload_tokens=c_off)

@@ -19,6 +19,9 @@ from scheduler.rope import DefaultRope, RopeScaling
 DType = Literal["float64", "float32", "float16", "bfloat16"]
 
 DTYPE_BYTES: dict[str, int] = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
+# Per-layer lists of every tensor are built from num_layers; far beyond any real model
+# (Llama 3.1 405B has 126), a bound keeps an absurd figure a 422, not an allocation.
+MAX_LAYERS = 10_000
 
 
 class _Spec(BaseModel):
@@ -41,7 +44,7 @@ class ModelSpec(_Spec):
 
     vocab_size: int = Field(gt=0, description="Number of token ids the embedding and head cover.")
     hidden_size: int = Field(gt=0, description="Width of the residual stream.")
-    num_layers: int = Field(gt=0, description="Number of decoder layers.")
+    num_layers: int = Field(gt=0, le=MAX_LAYERS, description="Number of decoder layers.")
     num_heads: int = Field(gt=0, description="Query heads per layer.")
     num_kv_heads: int = Field(gt=0, description="Key/value heads (GQA); divides num_heads.")
     ffn_hidden_size: int = Field(gt=0, description="Inner width of the SwiGLU MLP.")
@@ -96,16 +99,16 @@ class ModelSpec(_Spec):
     @model_validator(mode="after")
     def _check_heads(self) -> ModelSpec:
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
+            raise SpecError(
                 f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
             )
         if self.head_dim is None:
-            raise ValueError(
+            raise SpecError(
                 f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size} "
                 "(or give head_dim)"
             )
         if self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+            raise SpecError(f"head_dim={self.head_dim} must be even (RoPE rotates pairs)")
         _check_family(self)
         return self
 
@@ -183,18 +186,18 @@ def _check_family(spec: ModelSpec) -> None:
     """Each model_type expresses only some options; refuse a spec its config.json cannot say."""
     t = spec.model_type
     if spec.qk_norm and t != "qwen3":
-        raise ValueError(f"qk_norm=true is the Qwen3 architecture; model_type={t!r} has no q/k "
-                         "norm (set model_type='qwen3')")
+        raise SpecError(f"qk_norm=true is the Qwen3 architecture; model_type={t!r} has no q/k "
+                        "norm (set model_type='qwen3')")
     if t == "qwen3" and not spec.qk_norm:
-        raise ValueError("model_type='qwen3' has q/k norms: qk_norm must be true")
+        raise SpecError("model_type='qwen3' has q/k norms: qk_norm must be true")
     if t == "qwen2" and not (spec.attention_bias and not spec.attention_out_bias):
-        raise ValueError("model_type='qwen2' has a bias on q/k/v and none on the output: "
-                         "attention_bias must be true and attention_out_bias false")
+        raise SpecError("model_type='qwen2' has a bias on q/k/v and none on the output: "
+                        "attention_bias must be true and attention_out_bias false")
     if t == "mistral" and (spec.attention_bias or spec.attention_out_bias):
-        raise ValueError("model_type='mistral' has no attention biases")
+        raise SpecError("model_type='mistral' has no attention biases")
     if t in ("llama", "qwen3") and spec.attention_bias != spec.attention_out_bias:
-        raise ValueError(f"model_type={t!r} has one attention_bias flag for q, k, v and the "
-                         "output: attention_bias and attention_out_bias must be equal")
+        raise SpecError(f"model_type={t!r} has one attention_bias flag for q, k, v and the "
+                        "output: attention_bias and attention_out_bias must be equal")
 
 
 # Figures of one kind of node: what a ClusterSpec holds for a uniform cluster and a
@@ -236,8 +239,8 @@ class NodePool(_Spec):
             return data
         name = data["preset"]
         if name not in CLUSTER_PRESETS:
-            raise ValueError(f"preset={name!r} is not a cluster preset; valid: "
-                             f"{', '.join(CLUSTER_PRESETS)}")
+            raise SpecError(f"preset={name!r} is not a cluster preset; valid: "
+                            f"{', '.join(CLUSTER_PRESETS)}")
         base = {k: v for k, v in CLUSTER_PRESETS[name].items() if v is not None}
         return {**base, "gpu": name, **data}
 
@@ -287,11 +290,11 @@ class ClusterSpec(_Spec):
                 pools.append(p if isinstance(p, NodePool)
                              else NodePool.model_validate(p, strict=True))
             except ValidationError as exc:
-                raise ValueError(f"pools[{i}]: {format_validation_error(exc)}") from None
+                raise SpecError(f"pools[{i}]: {format_validation_error(exc)}") from None
         gpn = {p.gpus_per_node for p in pools}
         if len(gpn) > 1:
-            raise ValueError(f"pools: gpus_per_node differs between pools ({sorted(gpn)}); "
-                             "every pool needs the same gpus_per_node (uniform nodes)")
+            raise SpecError(f"pools: gpus_per_node differs between pools ({sorted(gpn)}); "
+                            "every pool needs the same gpus_per_node (uniform nodes)")
         derived = {"num_nodes": sum(p.num_nodes for p in pools),
                    "gpus_per_node": pools[0].gpus_per_node,
                    "achieved_tflops": max(p.achieved_tflops for p in pools)}
@@ -302,11 +305,11 @@ class ClusterSpec(_Spec):
             if given is None:
                 continue
             if isinstance(given, bool) or not isinstance(given, int | float):
-                raise ValueError(f"{name}={given!r} is not a number (and with pools, leave "
-                                 f"{name} out: it is derived from them)")
+                raise SpecError(f"{name}={given!r} is not a number (and with pools, leave "
+                                f"{name} out: it is derived from them)")
             if not math.isclose(given, value, rel_tol=1e-9):
-                raise ValueError(f"{name}={given!r} contradicts the pools ({value!r} derived "
-                                 f"from them); with pools, leave {name} out")
+                raise SpecError(f"{name}={given!r} contradicts the pools ({value!r} derived "
+                                f"from them); with pools, leave {name} out")
         return {**data, **derived, "pools": tuple(pools)}
 
     @property

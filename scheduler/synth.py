@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from scheduler.dataset import DatasetWriter
+from scheduler.errors import SpecError
 
 REFERENCE_MAX = 2 * 1024 * 1024
 
@@ -78,15 +79,15 @@ def sample_lengths(distribution: str, num_samples: int, max_length: int, *,
                    seed: int = 0) -> np.ndarray:
     """int64[num_samples] lengths in [2, max_length] drawn from a named distribution."""
     if num_samples < 1:
-        raise ValueError(f"num_samples={num_samples} must be >= 1")
+        raise SpecError(f"num_samples={num_samples} must be >= 1")
     if max_length < 2:
-        raise ValueError(f"max_length={max_length} must be >= 2 (a sample needs a prediction)")
+        raise SpecError(f"max_length={max_length} must be >= 2 (a sample needs a prediction)")
     rng = np.random.default_rng(seed)
     if distribution == "uniform":
         return rng.integers(2, max_length + 1, size=num_samples, dtype=np.int64)
     if distribution not in DISTRIBUTIONS:
         valid = ", ".join([*DISTRIBUTIONS, "uniform"])
-        raise ValueError(f"distribution={distribution!r} is not known; valid: {valid}")
+        raise SpecError(f"distribution={distribution!r} is not known; valid: {valid}")
     mix = _solve(DISTRIBUTIONS[distribution], max_length)
     a_lo, a_hi, c_lo, m = mix.edges
     which = rng.choice(4, size=num_samples, p=np.asarray(mix.probs) / sum(mix.probs))
@@ -111,9 +112,9 @@ def copy_task_tokens(length: int, vocab_size: int, rng: np.random.Generator, *,
     the same task at a fixed distance, which a small model learns much sooner.
     """
     if vocab_size < 2:
-        raise ValueError(f"vocab_size={vocab_size} must be >= 2")
+        raise SpecError(f"vocab_size={vocab_size} must be >= 2")
     if period is not None and period < 1:
-        raise ValueError(f"period={period} must be >= 1 (or None for half the length)")
+        raise SpecError(f"period={period} must be >= 1 (or None for half the length)")
     block = length - length // 2 if period is None else min(period, length)
     prefix = rng.integers(1, vocab_size, size=block, dtype=np.uint32)
     return np.resize(prefix, length)
@@ -128,7 +129,7 @@ def synthesize(out: str | Path, *, distribution: str, num_samples: int, max_leng
     copy); `period` is copy_task_tokens'.
     """
     if not 2 <= min_length <= max_length:
-        raise ValueError(f"min_length={min_length} must be in [2, max_length={max_length}]")
+        raise SpecError(f"min_length={min_length} must be in [2, max_length={max_length}]")
     lengths = np.maximum(sample_lengths(distribution, num_samples, max_length, seed=seed),
                          min_length)
     rng = np.random.default_rng(seed + 1)

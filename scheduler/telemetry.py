@@ -29,6 +29,8 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 
+from scheduler.errors import SpecError
+
 SERVICE_VERSION = "0.1.0"
 EXPORTERS = ("otlp", "console", "none")
 TRACE_FILE_ENV = "RINGMASTER_TRACE_FILE"
@@ -76,8 +78,8 @@ def exporters_from_env(env: dict[str, str] | None = None) -> list[SpanExporter]:
     out: list[SpanExporter] = []
     for name in names:
         if name not in EXPORTERS:
-            raise ValueError(f"OTEL_TRACES_EXPORTER={name!r} is not supported; valid: "
-                             f"{', '.join(EXPORTERS)}")
+            raise SpecError(f"OTEL_TRACES_EXPORTER={name!r} is not supported; valid: "
+                            f"{', '.join(EXPORTERS)}")
         if name == "console":
             out.append(ConsoleSpanExporter())
         elif name == "otlp":
@@ -93,8 +95,8 @@ def _otlp_exporter(env: dict[str, str]) -> SpanExporter:
     elif protocol == "http/protobuf":
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     else:
-        raise ValueError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; valid: "
-                         "grpc, http/protobuf")
+        raise SpecError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; valid: "
+                        "grpc, http/protobuf")
     return OTLPSpanExporter()  # reads endpoint, headers, TLS from the OTEL_* variables
 
 

@@ -36,7 +36,7 @@ _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token"
                  "mask_token")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(DatasetError):
     """A conversation the template cannot render, or renders inconsistently."""
 
 

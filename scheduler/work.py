@@ -42,6 +42,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from scheduler.errors import SpecError
 from scheduler.specs import DTYPE_BYTES, ModelSpec
 from scheduler.zigzag import (
     BlockCall,
@@ -62,7 +63,7 @@ OBJECTIVES = ("pretrain", "sft", "dpo", "grpo")  # workers.loss.OBJECTIVE_TYPES
 
 def check_objective(objective: str) -> str:
     if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r} is not valid; valid: {', '.join(OBJECTIVES)}")
+        raise SpecError(f"objective={objective!r} is not valid; valid: {', '.join(OBJECTIVES)}")
     return objective
 
 

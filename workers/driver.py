@@ -35,8 +35,8 @@ import sys
 import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_LOST, EXIT_FAILED = 0, 1, 3
-INVALID_INPUT = "InvalidInput"
+from scheduler.driver_exit import EXIT_FAILED, EXIT_LOST, EXIT_OK, INVALID_INPUT
+
 DRIVER_RANK = -1
 FORWARDED_PREFIXES = ("RINGMASTER_", "OTEL_")
 

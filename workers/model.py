@@ -232,7 +232,7 @@ class Transformer(nn.Module):
         if scheme == "offload":
             return TokenwiseOffloadStack(self.layers, position_ids=pos, core=core,
                                          alpha=offload_ratio, swapper=swapper)
-        return _AutogradStack(self.layers, position_ids=pos, core=core)
+        return AutogradStack(self.layers, position_ids=pos, core=core)
 
     @staticmethod
     def _ring_core(cu: torch.Tensor, ring: list[int], comm_stats=None) -> AttentionCore:
@@ -311,7 +311,7 @@ def _check_scheme(scheme: str | None, stream_chunk_size, offload_ratio: float, r
     return scheme
 
 
-class _AutogradStack:
+class AutogradStack:
     """All layers under plain autograd (no memory scheme), forward then backward."""
 
     def __init__(self, layers, *, position_ids: torch.Tensor, core: AttentionCore):

@@ -66,7 +66,7 @@ def token_logps(hidden_TH: torch.Tensor, norm, weight_VH: torch.Tensor,
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
-class _ChunkedHead:
+class ChunkedHead:
     """Runs f(chunk's token log-probs) -> loss chunk by chunk and backprops each chunk."""
 
     def __init__(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
@@ -166,7 +166,7 @@ class DPO:
 
     def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
         self.validate(inputs.num_sequences)
-        head = _ChunkedHead(inputs, norm, weight_VH)
+        head = ChunkedHead(inputs, norm, weight_VH)
         seq_logps = torch.zeros(inputs.num_sequences, dtype=torch.float64,
                                 device=inputs.hidden_TH.device)
         for sl in head.slices():  # pass 1 (no grad): sequence log-probs
@@ -236,7 +236,7 @@ class GRPO:
 
     def streamed_backward(self, inputs: HeadInputs, norm, weight_VH: torch.Tensor):
         self.validate(inputs.hidden_TH.shape[0], inputs.num_sequences)
-        head = _ChunkedHead(inputs, norm, weight_VH)
+        head = ChunkedHead(inputs, norm, weight_VH)
         valid = inputs.targets_T != IGNORE_INDEX
         loss_sum = torch.zeros((), dtype=torch.float64)
 

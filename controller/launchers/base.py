@@ -32,6 +32,7 @@ controller replica that is not the leader holds). Config selects one by name
 
 from __future__ import annotations
 
+import queue
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -106,6 +107,18 @@ class Launcher(ABC):
         launcher prepared during `admit` for any other job not started since (a queued
         cluster of a job stopped on another replica) may be released."""
         return None
+
+
+def drain_events(events: queue.SimpleQueue) -> list[LauncherEvent]:
+    """Everything queued on `events` so far, oldest first, without waiting. Launchers
+    queue what `report()` hands them on such a queue: it takes no lock, so the gRPC
+    service's threads never wait for a launcher call that is talking to an API server."""
+    out = []
+    while True:
+        try:
+            out.append(events.get_nowait())
+        except queue.Empty:
+            return out
 
 
 def reject_kubernetes_section(spec: JobCreate, launcher: str) -> None:

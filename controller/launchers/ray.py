@@ -14,6 +14,12 @@ missing exit file = WORKER_LOST. The driver's output
 goes to `<state_dir>/ray/<job>-<attempt>.log`; `poll()` forwards new lines to `on_logs`.
 That directory is private (0700, files 0600): logs and records are the jobs' own.
 
+Concurrency: `report()` is called from the gRPC service's threads and only enqueues (a
+lock-free queue), so a rank's RPC never waits for the state machine's thread. That thread
+makes every other call; `self._lock` guards the driver table for the readers (`admit`,
+`tracks`, `admission_message`) and is never held across a kill, a process start, a file
+or the `on_logs` callback.
+
 Capacity: at most `total_ranks` ranks run at once (gang admission): the constructor's
 figure (`ringmaster serve --max-ranks`), else $RINGMASTER_MAX_RANKS, else one rank per CPU
 this process may use (its affinity mask, capped by a cgroup CPU quota). A job larger than
@@ -33,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -43,15 +50,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from controller.edge import FieldError
-from controller.launchers.base import EventKind, Launcher, LauncherEvent
+from controller.launchers.base import EventKind, Launcher, LauncherEvent, drain_events
 from controller.spec import JobCreate
 from controller.states import JobRecord
+from scheduler.driver_exit import EXIT_FAILED, EXIT_OK
 
 WORKER_SECRET_ENV = "RINGMASTER_WORKER_SECRET"
 MAX_RANKS_ENV = "RINGMASTER_MAX_RANKS"
 CONTROLLER_CA_ENV = "RINGMASTER_CONTROLLER_CA"
-EXIT_COMPLETED = 0
-EXIT_FAILED = 3
 _LOG_CHUNK = 256 * 1024  # bytes of driver output forwarded per poll and job
 
 
@@ -136,8 +142,8 @@ class RayLauncher(Launcher):
         self.extra_env = dict(extra_env or {})
         self.on_logs = on_logs
         self.drain_timeout_s = drain_timeout_s
-        self._lock = threading.Lock()
-        self._events: list[LauncherEvent] = []
+        self._lock = threading.Lock()  # the driver table; never held across I/O
+        self._events: queue.SimpleQueue[LauncherEvent] = queue.SimpleQueue()
         self._children: dict[int, subprocess.Popen] = {}
         self._drivers: dict[str, DriverRecord] = self._load()
 
@@ -192,26 +198,27 @@ class RayLauncher(Launcher):
     def start(self, job: JobRecord, attempt: int) -> None:
         with self._lock:
             old = self._drivers.get(job.id)
-            if old is not None and _alive(old.pid):
-                self._kill(old)
-            log_path = self.dir / f"{job.id}-{attempt}.log"
-            exit_path = self.dir / f"{job.id}-{attempt}.exit"
-            exit_path.unlink(missing_ok=True)
-            cmd = [self.python, "-m", "workers.driver", "--job", job.id, "--attempt",
-                   str(attempt), "--controller", self.controller_address,
-                   "--exit-file", str(exit_path)]
-            env = self._driver_env(job.id, attempt)
-            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            with open(fd, "ab") as log:
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env,
-                                        start_new_session=True)
+        if old is not None and _alive(old.pid):
+            self._kill(old)
+        log_path = self.dir / f"{job.id}-{attempt}.log"
+        exit_path = self.dir / f"{job.id}-{attempt}.exit"
+        exit_path.unlink(missing_ok=True)
+        cmd = [self.python, "-m", "workers.driver", "--job", job.id, "--attempt",
+               str(attempt), "--controller", self.controller_address,
+               "--exit-file", str(exit_path)]
+        env = self._driver_env(job.id, attempt)
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with open(fd, "ab") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        rec = DriverRecord(job_id=job.id, attempt=attempt, pid=proc.pid,
+                           num_ranks=job.spec.resources.num_ranks,
+                           log_path=str(log_path), exit_path=str(exit_path))
+        with self._lock:
             self._children[proc.pid] = proc
-            rec = DriverRecord(job_id=job.id, attempt=attempt, pid=proc.pid,
-                               num_ranks=job.spec.resources.num_ranks,
-                               log_path=str(log_path), exit_path=str(exit_path))
             self._drivers[job.id] = rec
-            self._save(rec)
+        self._save(rec)
 
     def _driver_env(self, job_id: str, attempt: int) -> dict[str, str]:
         env = {**os.environ, **self.extra_env, "PYTHONUNBUFFERED": "1"}
@@ -235,13 +242,14 @@ class RayLauncher(Launcher):
         with self._lock:
             rec = self._drivers.get(job_id)
             if rec is None:
-                self._events.append(LauncherEvent(job_id=job_id, attempt=0,
-                                                  kind=EventKind.STOPPED))
+                self._events.put(LauncherEvent(job_id=job_id, attempt=0,
+                                               kind=EventKind.STOPPED))
                 return
-            if not rec.stopping:
-                rec.stopping = True
-                rec.kill_at = time.time() + self.drain_timeout_s
-                self._save(rec)
+            if rec.stopping:
+                return
+            rec.stopping = True
+            rec.kill_at = time.time() + self.drain_timeout_s
+        self._save(rec)
 
     def _kill(self, rec: DriverRecord, grace_s: float = 5.0) -> None:
         """SIGTERM the driver's session (driver, its Ray, its actors), SIGKILL if it lingers."""
@@ -263,22 +271,22 @@ class RayLauncher(Launcher):
         return _alive(pid)
 
     def report(self, event: LauncherEvent) -> None:
-        """Queue an event observed elsewhere (the gRPC service) for the next poll."""
-        with self._lock:
-            self._events.append(event)
+        """Queue an event observed elsewhere (the gRPC service) for the next poll; takes
+        no lock, so it returns at once whatever the state machine's thread is doing."""
+        self._events.put(event)
 
     def poll(self) -> list[LauncherEvent]:
         with self._lock:
-            for rec in list(self._drivers.values()):
-                self._forward_logs(rec)
-                if rec.stopping and time.time() >= rec.kill_at:
-                    self._kill(rec)
-                if self._running(rec.pid):
-                    continue
-                self._events.append(self._exit_event(rec))
-                self._forget(rec)
-            events, self._events = self._events, []
-            return events
+            drivers = list(self._drivers.values())
+        for rec in drivers:  # only the state machine's thread changes them: no lock needed
+            self._forward_logs(rec)
+            if rec.stopping and time.time() >= rec.kill_at:
+                self._kill(rec)
+            if self._running(rec.pid):
+                continue
+            self._events.put(self._exit_event(rec))
+            self._forget(rec)
+        return drain_events(self._events)
 
     def _exit_event(self, rec: DriverRecord) -> LauncherEvent:
         if rec.stopping:
@@ -294,14 +302,16 @@ class RayLauncher(Launcher):
             if child is not None and child.returncode is not None:
                 code = child.returncode
                 message = f"driver exited with status {code} without an exit file"
-        kind = {EXIT_COMPLETED: EventKind.COMPLETED, EXIT_FAILED: EventKind.FAILED}.get(
+        kind = {EXIT_OK: EventKind.COMPLETED, EXIT_FAILED: EventKind.FAILED}.get(
             code, EventKind.WORKER_LOST)
         return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=kind, message=message,
                              reason=reason if kind is EventKind.FAILED else "")
 
     def _forget(self, rec: DriverRecord) -> None:
-        self._drivers.pop(rec.job_id, None)
-        self._children.pop(rec.pid, None)
+        with self._lock:
+            if self._drivers.get(rec.job_id) is rec:
+                del self._drivers[rec.job_id]
+            self._children.pop(rec.pid, None)
         self._record_path(rec.job_id).unlink(missing_ok=True)
 
     def _forward_logs(self, rec: DriverRecord) -> None:

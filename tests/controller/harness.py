@@ -11,21 +11,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import shutil
-import socket
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import uvicorn
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from controller.launchers import FakeLauncher
 from controller.server import Controller, ControllerConfig
 from controller.telemetry import make_tracer_provider
+from controller.testing import free_port, serving
 
 
 def _demo_dataset() -> str:
@@ -46,12 +43,6 @@ DEMO_SPEC = {
     "resources": {"num_ranks": 4, "cluster": "cpu"},
     "training": {"steps": 10, "global_batch_tokens": 4096},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -79,18 +70,8 @@ def running_controller(state_dir: Path, *, total_ranks: int = 64, token: str = "
     ctl = Controller(ControllerConfig(state_dir=state_dir, launcher="fake", token=token,
                                       redis_url="", port=port, **config),
                      launcher=launcher, tracer_provider=provider)
-    server = uvicorn.Server(ctl.uvicorn_config(log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
     try:
-        yield Harness(url=f"http://127.0.0.1:{port}", token=token, controller=ctl,
-                      launcher=launcher, spans=spans)
+        with serving(ctl) as url:
+            yield Harness(url=url, token=token, controller=ctl, launcher=launcher, spans=spans)
     finally:
-        server.should_exit = True
-        thread.join(timeout=10)
         ctl.close()

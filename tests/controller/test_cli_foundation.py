@@ -50,3 +50,26 @@ def test_data_import_missing_file(tmp_path):
     proc = ringmaster("data", "import", str(tmp_path / "none.jsonl"), "--out", str(tmp_path),
                       check=False)
     assert proc.returncode == 2 and "none.jsonl: file not found" in proc.stderr
+
+
+@pytest.mark.parametrize("args,literal", [
+    (["memory", "--model", "[bold]nope[/bold]"], "model='[bold]nope[/bold]'"),
+    (["plan", "--lengths", "{tmp}/[red]l[/red].txt", "--model", "tiny", "--cluster", "cpu",
+      "--ranks", "2"], "[red]l[/red].txt: file not found"),
+    (["data", "import", "{tmp}/[red]rows[/red].jsonl", "--out", "{tmp}/out"],
+     "[red]rows[/red].jsonl: file not found"),
+    (["data", "stats", "{tmp}/[red]none[/red]"], "[red]none[/red].idx"),
+    (["submit", "{tmp}/[red]spec[/red].yaml", "--url", "http://127.0.0.1:9"],
+     "[red]spec[/red].yaml: file not found"),
+])
+def test_errors_print_what_the_user_typed_literally(tmp_path, args, literal):
+    # Every command group reports through one printer (controller/cli_errors.py) that
+    # escapes rich markup: a value that looks like a markup tag is shown as typed.
+    from typer.testing import CliRunner
+
+    from controller.cli import app
+
+    res = CliRunner().invoke(app, [a.replace("{tmp}", str(tmp_path)) for a in args])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: ") and literal in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1

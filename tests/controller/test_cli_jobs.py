@@ -90,7 +90,7 @@ def test_wrong_token_and_bad_spec_are_one_line(run, spec_file, tmp_path):
 
 
 def test_unreachable_controller_is_one_line(tmp_path, spec_file):
-    from tests.controller.harness import free_port
+    from controller.testing import free_port
 
     r = CliRunner().invoke(app, ["list"], env={
         "RINGMASTER_URL": f"http://127.0.0.1:{free_port()}", "RINGMASTER_TOKEN": "x"})

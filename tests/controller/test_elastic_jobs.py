@@ -28,19 +28,16 @@ its own fault drill (workers.faults, RINGMASTER_FAULT filtered by job name):
 
 from __future__ import annotations
 
-import threading
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import uvicorn
 
 from controller.client import RingmasterClient
 from controller.server import Controller, ControllerConfig
+from controller.testing import free_port, serving
 from scheduler.synth import synthesize
-from tests.controller.harness import free_port
 from tests.controller.test_execution import final_losses
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
@@ -67,17 +64,11 @@ def plane(tmp_path_factory):
         reconcile_interval_s=0.2,
         launcher_options={"ray_address": ray.get_runtime_context().gcs_address,
                           "extra_env": env, "drain_timeout_s": 30, "total_ranks": 24}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ctl.app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    ctl.start()
-    client = RingmasterClient(f"http://127.0.0.1:{port}", token="t")
-    yield client
-    client.close()
-    server.should_exit = True
+    with serving(ctl, free_port()) as url:
+        ctl.start()
+        client = RingmasterClient(url, token="t")
+        yield client
+        client.close()
     for driver in list(ctl.launcher._drivers.values()):  # (jobs may end meanwhile)
         ctl.launcher._kill(driver, grace_s=2)
     ctl.close()

@@ -16,22 +16,20 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from controller.client import RingmasterClient
 from controller.server import Controller, ControllerConfig
 from controller.telemetry import make_tracer_provider
+from controller.testing import free_port, serving
 from scheduler.synth import synthesize
 from scheduler.telemetry import read_trace_file
-from tests.controller.harness import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
 
@@ -85,17 +83,11 @@ def plane(tmp_path_factory, ray_address):
                                                         "extra_env": env,
                                                         "drain_timeout_s": 60}),
                      tracer_provider=make_tracer_provider(exporters=[spans], synchronous=True))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ctl.app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    ctl.start()
-    client = RingmasterClient(f"http://127.0.0.1:{port}", token="t")
-    yield dict(client=client, ctl=ctl, spans=spans, trace_file=trace_file, state=state)
-    client.close()
-    server.should_exit = True
+    with serving(ctl, free_port()) as url:
+        ctl.start()
+        client = RingmasterClient(url, token="t")
+        yield dict(client=client, ctl=ctl, spans=spans, trace_file=trace_file, state=state)
+        client.close()
     for job_id in list(ctl.launcher._drivers):
         ctl.launcher._kill(ctl.launcher._drivers[job_id], grace_s=2)
     ctl.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import threading
 import time
 
 import pytest
@@ -52,9 +53,9 @@ def launcher(tmp_path, monkeypatch):
     logs: list[tuple[str, list[str]]] = []
 
     def make(**kw):
+        kw.setdefault("on_logs", lambda j, lines: logs.append((j, lines)))
         return RayLauncher(state_dir=tmp_path / "state", controller_address="127.0.0.1:1",
-                           python=str(exe), total_ranks=4, drain_timeout_s=5,
-                           on_logs=lambda j, lines: logs.append((j, lines)), **kw)
+                           python=str(exe), total_ranks=4, drain_timeout_s=5, **kw)
 
     return make, logs, monkeypatch
 
@@ -118,3 +119,38 @@ def test_gang_admission(launcher):
     ready = LauncherEvent(job_id="e-1", attempt=1, kind=EventKind.READY)
     rl.report(ready)  # what the gRPC service observed comes out of poll()
     assert rl.poll() == [ready]
+
+
+def test_report_does_not_wait_for_a_poll_busy_with_io(launcher):
+    """The gRPC service's report() must not wait while poll() forwards logs (on_logs
+    writes to the job store) or kills a driver: here on_logs blocks until released, and
+    report(), tracks() and admit() still return (10 s: "did not block" on a loaded box)."""
+    make, _, mp = launcher
+    mp.setenv("FAKE_MODE", "hang")
+    entered, release = threading.Event(), threading.Event()
+
+    def on_logs(job_id, lines):
+        entered.set()
+        release.wait(60)
+
+    rl = make(on_logs=on_logs)
+    rl.start(job("g"), 1)
+    pid = rl._drivers["g-1"].pid
+    polled: list = []
+    poller = threading.Thread(target=lambda: polled.extend(events_until(rl, 60)), daemon=True)
+    poller.start()
+    ready = LauncherEvent(job_id="g-1", attempt=1, kind=EventKind.READY)
+    try:
+        assert entered.wait(60), "the driver's output never reached on_logs"
+        for call, args in ((rl.report, (ready,)), (rl.tracks, ("g-1", 1)),
+                           (rl.admit, (job("h"),))):
+            t = threading.Thread(target=call, args=args, daemon=True)
+            t.start()
+            t.join(10)
+            assert not t.is_alive(), f"{call.__name__} waited for poll()'s I/O"
+    finally:
+        release.set()
+        poller.join(60)
+        os.killpg(pid, 9)
+        rl._children[pid].wait()
+    assert polled == [ready]  # delivered by the poll that was busy, once

@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,27 +17,8 @@ import psutil
 import pytest
 
 from controller.client import RingmasterClient
-from tests.controller.harness import DEMO_SPEC, free_port
-
-
-def start_controller(state_dir: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "serve",
-           "--port", str(port), "--state-dir", str(state_dir), "--launcher", "fake",
-           "--log-level", "warning"]
-    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
-    env.pop("REDIS_URL", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    client = RingmasterClient(f"http://127.0.0.1:{port}", state_dir=state_dir, timeout_s=2)
-    while not client.health():
-        if proc.poll() is not None:
-            raise RuntimeError(f"controller exited: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("controller did not become ready in 60 s")
-        time.sleep(0.1)
-    client.close()
-    return proc
+from controller.testing import free_port, start_controller
+from tests.controller.harness import DEMO_SPEC
 
 
 def redis_pid(state_dir: Path) -> int:

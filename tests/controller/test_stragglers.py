@@ -42,9 +42,9 @@ from controller.states import State
 from controller.store import JobStore
 from controller.worker_auth import WorkerAuth
 from controller.worker_service import WorkerService, serve_grpc
+from parallelism.worlds import DistributedRunError, run_distributed
 from scheduler.plan import MicroBatch, RingGroup, SeqSlice, StepPlan
 from scheduler.synth import synthesize
-from tests.dist import DistributedTestError, run_distributed
 from workers.controller_client import ControllerClient, WorkerIdentity
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(600)]
@@ -171,7 +171,7 @@ def run_ranks(plane, fault: str, *, timeout_s: float) -> tuple[threading.Thread,
             out.append(run_distributed(_rank_fn, WORLD, plane["address"], job.id, cfg_json,
                                        fault, timeout_s, timeout_s=timeout_s,
                                        pg_timeout_s=timeout_s))
-        except DistributedTestError as exc:
+        except DistributedRunError as exc:
             out.append(exc)
     thread = threading.Thread(target=body, daemon=True)
     thread.start()
@@ -266,6 +266,6 @@ def test_a_stall_in_a_ring_of_three_names_the_stalled_rank_not_the_packed_one(tm
             if m and int(m.group(1)) != os.getpid():
                 os.kill(int(m.group(1)), signal.SIGKILL)
         thread.join(timeout=60)
-        assert out and isinstance(out[0], DistributedTestError)
+        assert out and isinstance(out[0], DistributedRunError)
     finally:
         plane["close"]()

@@ -21,17 +21,15 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from controller.client import RingmasterClient
 from controller.server import Controller, ControllerConfig
+from controller.testing import free_port, serving
 from scheduler.synth import synthesize
-from tests.controller.harness import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -134,27 +132,20 @@ def test_ranks_follow_the_planned_topology_on_two_ray_nodes(two_nodes, tmp_path)
                                                         "extra_env": {
                                                             **env,
                                                             "OTEL_TRACES_EXPORTER": "none"}}))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(ctl.app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    ctl.start()
-    client = RingmasterClient(f"http://127.0.0.1:{port}", token="t")
     try:
-        job = client.submit({
-            "name": "two-nodes", "model": "tiny", "dataset": {"path": str(tmp_path / "data")},
-            "resources": {"num_ranks": 4, "cluster": "cpu", "gpus_per_node": 2,
-                          "capacity_tokens": 128},
-            "training": {"steps": 3, "global_batch_tokens": 900, "seed": 7},
-            "planner": {"time_limit_s": 0.2},
-            "failure": {"max_restarts": 0, "heartbeat_timeout_s": 120}})
-        done = client.wait(job.id, timeout_s=600, poll_s=1.0)
-        lines = [ln.text for ln in client.logs(job.id, tail=1000).lines]
+        with serving(ctl, free_port()) as url, RingmasterClient(url, token="t") as client:
+            ctl.start()
+            job = client.submit({
+                "name": "two-nodes", "model": "tiny",
+                "dataset": {"path": str(tmp_path / "data")},
+                "resources": {"num_ranks": 4, "cluster": "cpu", "gpus_per_node": 2,
+                              "capacity_tokens": 128},
+                "training": {"steps": 3, "global_batch_tokens": 900, "seed": 7},
+                "planner": {"time_limit_s": 0.2},
+                "failure": {"max_restarts": 0, "heartbeat_timeout_s": 120}})
+            done = client.wait(job.id, timeout_s=600, poll_s=1.0)
+            lines = [ln.text for ln in client.logs(job.id, tail=1000).lines]
     finally:
-        client.close()
-        server.should_exit = True
         for rec in list(ctl.launcher._drivers.values()):
             ctl.launcher._kill(rec, grace_s=2)
         ctl.close()

@@ -303,7 +303,7 @@ def test_the_launcher_reads_the_env_the_chart_writes(render):
     k8s_vars = {k for k in env if k.startswith("RINGMASTER_K8S_")}
     import inspect
 
-    import controller.launchers.kubernetes as module
+    import controller.launchers.kubernetes_config as module
 
     read = set(re.findall(r'"(RINGMASTER_K8S_[A-Z_]+)"', inspect.getsource(module)))
     assert k8s_vars == read

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.dist import run_distributed
+from parallelism.worlds import run_distributed
 from tests.parallelism.ring_cases import run_misuse_world
 
 

@@ -1,4 +1,4 @@
-"""Per-rank bodies of the distributed ring-attention tests (spawned by tests/dist.py).
+"""Per-rank bodies of the distributed ring-attention tests (spawned by parallelism/worlds.py).
 
 A case is a plain dict: rings (disjoint lists of global ranks, ring order), per-ring
 sequence lengths, heads, head dim, causal, seed. Every rank rebuilds the same float64

@@ -1,4 +1,4 @@
-"""tests/dist.py itself: results come back by rank, failures carry the rank's traceback,
+"""parallelism/worlds.py itself: results come back by rank, failures carry the rank's traceback,
 a hung rank is killed at the deadline instead of hanging the suite."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.dist import DistributedTestError, run_distributed
+from parallelism.worlds import DistributedRunError, run_distributed
 
 pytestmark = pytest.mark.distributed
 
@@ -38,7 +38,7 @@ def test_results_come_back_indexed_by_rank():
 
 
 def test_failure_carries_rank_and_traceback():
-    with pytest.raises(DistributedTestError) as info:
+    with pytest.raises(DistributedRunError) as info:
         run_distributed(_rank_one_fails, 2, timeout_s=60)
     text = str(info.value)
     assert "rank 1" in text and "deliberate failure on rank one" in text
@@ -47,6 +47,6 @@ def test_failure_carries_rank_and_traceback():
 
 def test_hung_rank_is_killed_at_deadline():
     start = time.monotonic()
-    with pytest.raises(DistributedTestError, match=r"ranks \[0\] did not finish within 5"):
+    with pytest.raises(DistributedRunError, match=r"ranks \[0\] did not finish within 5"):
         run_distributed(_hangs, 1, timeout_s=5)
     assert time.monotonic() - start < 40

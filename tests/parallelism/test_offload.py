@@ -12,7 +12,7 @@ import torch
 from parallelism.offload import HostSwapper, LiveBytesMeter, TokenwiseOffloadStack, _split
 from parallelism.offload import local_attention_core as core_of
 from workers.layers import DecoderLayer
-from workers.model import _AutogradStack, default_position_ids
+from workers.model import AutogradStack, default_position_ids
 
 TOL = 1e-10
 LENGTHS = [9, 1, 14, 6]
@@ -44,7 +44,7 @@ def _run(stack, layers, x, dy):
 @pytest.mark.parametrize("resident", [0, 1])
 def test_offload_stack_equals_autograd(alpha, resident):
     layers, cu, pos, x, dy = _stack_inputs()
-    want_dx, want = _run(_AutogradStack(layers, position_ids=pos, core=core_of(cu)), layers,
+    want_dx, want = _run(AutogradStack(layers, position_ids=pos, core=core_of(cu)), layers,
                          x, dy)
     stack = TokenwiseOffloadStack(layers, position_ids=pos, core=core_of(cu), alpha=alpha,
                                   swapper=HostSwapper(torch.device("cpu")),
@@ -60,7 +60,7 @@ def test_swapped_layers_hold_nothing_on_device_between_forward_and_backward():
     params = list(layers.parameters())
     plain = LiveBytesMeter(exclude=params)
     with plain.measure():
-        stack = _AutogradStack(layers, position_ids=pos, core=core_of(cu))
+        stack = AutogradStack(layers, position_ids=pos, core=core_of(cu))
         stack.forward(x)
         plain_after_forward = plain.live_bytes
         stack.backward(dy)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from parallelism import ZigzagLayout, zigzag_unshard
-from tests.dist import run_distributed
+from parallelism.worlds import run_distributed
 from tests.parallelism.attention_ref import full_attention, rel_err, sdpa_attention
 from tests.parallelism.ring_cases import batch, position_mix, run_cases
 

@@ -19,8 +19,8 @@ from parallelism.streambp import (
     streambp_layer_backward,
 )
 from workers.layers import DecoderLayer, RMSNorm
-from workers.model import _AutogradStack, default_position_ids
-from workers.objectives import HeadInputs, _ChunkedHead, token_logps
+from workers.model import AutogradStack, default_position_ids
+from workers.objectives import ChunkedHead, HeadInputs, token_logps
 
 TOL = 1e-10
 
@@ -102,7 +102,7 @@ def test_streambp_stack_saves_about_one_over_d_of_plain():
     cu, params = _cu([T]), list(layers.parameters())
     pos, core = default_position_ids(cu), local_attention_core(cu)
     x, dy = torch.randn(T, H), torch.randn(T, H)
-    plain = _stack_peak(lambda: _AutogradStack(layers, position_ids=pos, core=core), x, dy,
+    plain = _stack_peak(lambda: AutogradStack(layers, position_ids=pos, core=core), x, dy,
                         params)
     row = T * H * 4  # one [T, H] float32 tensor
     # kept inputs + (K, V, dK, dV) + dx + the K/V projection's saved normed input
@@ -135,7 +135,7 @@ def test_streamed_head_peak_is_an_eighth_of_unchunked():
     with streamed.measure():
         inputs = HeadInputs(hidden_TH=hidden, targets_T=targets, seq_index_T=targets,
                             num_sequences=1, chunk_size=chunk, grad_scale=1.0)
-        head = _ChunkedHead(inputs, norm, weight)
+        head = ChunkedHead(inputs, norm, weight)
         for sl in reversed(list(head.slices())):
             head.backward_chunk(sl, lambda lp, s: -lp.sum())
     assert unchunked.peak_bytes >= T * V * 4  # the [T, V] log-probs alone

@@ -16,8 +16,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from parallelism.worlds import run_distributed
 from scheduler.dataset import DatasetWriter
-from tests.dist import run_distributed
 from workers.data import DatasetPlanSource
 from workers.train import TrainConfig, Trainer, train
 

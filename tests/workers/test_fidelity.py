@@ -25,11 +25,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from parallelism import CommStats, zigzag_shard
+from parallelism.worlds import run_distributed
 from scheduler.activations import ActivationModel
 from scheduler.plan import GroupMemory, MicroBatch, PlanMemory, RingGroup, SeqSlice, StepPlan
 from scheduler.specs import model_preset
 from scheduler.work import Scheme, group_flops, ring_bytes
-from tests.dist import run_distributed
 from workers.memtrace import step_peak_bytes
 from workers.model import Transformer, next_token_targets
 

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from parallelism import CommStats, ring_sum, zigzag_shard
+from parallelism.worlds import run_distributed
 from scheduler import cluster_preset
 from scheduler.work import group_flops, head_flops_per_token, ring_bytes
-from tests.dist import run_distributed
 from workers.model import next_token_targets
 from workers.objectives import DPO, GRPO
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.dist import run_distributed
+from parallelism.worlds import run_distributed
 from tests.workers.hf_cases import (
     FAMILIES,
     VOCAB,

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.dist import run_distributed
+from parallelism.worlds import run_distributed
 
 TOL = 1e-10
 LENGTHS = [13, 1, 30, 6]  # not divisible by 2 x ring size; a length-1 sequence

@@ -32,13 +32,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallelism.worlds import run_distributed
 from scheduler.model_states import (
     OPTIMIZER_SHARDINGS,
     PRECISIONS,
     model_state_bytes,
     step_collectives,
 )
-from tests.dist import run_distributed
 from workers.train import TrainConfig, Trainer, build_model, lr_at
 
 from .helpers import group, plan_of, random_samples, reference_loss_and_grads, tiny_spec

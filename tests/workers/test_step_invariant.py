@@ -24,9 +24,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from parallelism.worlds import run_distributed
 from scheduler import cluster_preset
 from scheduler.plan import GroupMemory, StepPlan
-from tests.dist import run_distributed
 from workers.data import sequence_ids_of_rank
 from workers.step import run_step
 

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from parallelism.worlds import run_distributed
 from scheduler.dataset_meta import SampleMeta
 from scheduler.errors import PlanValidationError
 from scheduler.plan import GroupMemory, StepPlan
-from tests.dist import run_distributed
 from workers.data import sequence_ids_of_rank
 from workers.loss import BatchMeta, ObjectiveConfig
 from workers.sample import SampleData

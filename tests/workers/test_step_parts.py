@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from parallelism import all_reduce_gradients
+from parallelism.worlds import run_distributed
 from scheduler import plan as plan_module
 from scheduler.plan import GroupMemory, RingGroup, SeqSlice
-from tests.dist import run_distributed
 from workers.step import global_num_predictions, memory_scheme
 
 from .helpers import group, plan_of, tiny_spec

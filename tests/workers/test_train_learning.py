@@ -28,9 +28,9 @@ import torch
 import torch.distributed as dist
 
 from parallelism import ZigzagLayout, zigzag_shard
+from parallelism.worlds import run_distributed
 from scheduler.dataset import DatasetWriter
 from scheduler.synth import copy_task_tokens
-from tests.dist import run_distributed
 from workers.data import DatasetPlanSource
 from workers.model import IGNORE_INDEX
 from workers.train import TrainConfig, Trainer, train

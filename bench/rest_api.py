@@ -6,8 +6,8 @@ from this process with asyncio + httpx: C concurrent clients, each sending its r
 back to back. Reports p50/p99/max latency and throughput of POST /v1/jobs at 1, 10 and 50
 clients, and of GET /v1/jobs/{id} and GET /v1/jobs?limit=50 at 1 and 10 clients.
 
-    .venv/bin/python bench/controller.py [--requests 300] [--clients 1 10 50]
-    .venv/bin/python bench/controller.py --peer ray [--clients 1 10]
+    .venv/bin/python -m bench.rest_api [--requests 300] [--clients 1 10 50]
+    .venv/bin/python -m bench.rest_api --peer ray [--clients 1 10]
 
 With `--peer ray` the same run also starts a local Ray head (`ray start --head --block`,
 dashboard and its job server on loopback, in a session of its own that is terminated at
@@ -33,44 +33,17 @@ import tempfile
 import time
 from pathlib import Path
 
-# This file is named like the package it measures: drop its own folder from the import
-# path (python puts it first) so `import controller` finds the package, not this script.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import httpx
+import numpy as np
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-
-SPEC = {"name": "bench", "model": "tiny", "dataset": {"path": "/data/none"},
-        "resources": {"num_ranks": 4, "cluster": "cpu"},
-        "training": {"steps": 10, "global_batch_tokens": 4096}}
+from controller.testing import free_port, start_controller
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_controller(state_dir: Path, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-c", "from controller.cli import main; main()", "serve",
-           "--port", str(port), "--state-dir", str(state_dir), "--launcher", "fake",
-           "--log-level", "warning"]
-    env = {**os.environ, "OTEL_TRACES_EXPORTER": "none"}
-    env.pop("REDIS_URL", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.TransportError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("controller did not start")
+def job_spec(dataset: Path) -> dict:
+    """The submitted job (submit validates its dataset: a small real one)."""
+    return {"name": "bench", "model": "tiny", "dataset": {"path": str(dataset)},
+            "resources": {"num_ranks": 4, "cluster": "cpu"},
+            "training": {"steps": 10, "global_batch_tokens": 4096}}
 
 
 async def drive(url: str, token: str, clients: int, total: int, request) -> tuple[list, float]:
@@ -98,15 +71,15 @@ def row(what: str, clients: int, lat: list[float], wall: float) -> str:
             f"{np.percentile(ms, 99):.1f} | {ms.max():.1f} | {len(ms) / wall:.0f} |")
 
 
-async def run(url: str, token: str, args) -> list[str]:
+async def run(url: str, token: str, args, spec: dict) -> list[str]:
     rows = []
     for c in args.clients:
         lat, wall = await drive(url, token, c, args.requests, lambda h, k, i, c=c: h.post(
-            "/v1/jobs", json={**SPEC, "submission_id": f"c{c}-{k}-{i}"}))
+            "/v1/jobs", json={**spec, "submission_id": f"c{c}-{k}-{i}"}))
         rows.append(row("POST /v1/jobs", c, lat, wall))
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}
                                  ) as http:
-        job_id = (await http.post("/v1/jobs", json=SPEC)).json()["id"]
+        job_id = (await http.post("/v1/jobs", json=spec)).json()["id"]
     for c in [c for c in args.clients if c <= 10]:
         lat, wall = await drive(url, token, c, args.requests,
                                 lambda h, k, i: h.get(f"/v1/jobs/{job_id}"))
@@ -190,11 +163,16 @@ async def run_ray(url: str, token: str, args) -> list[str]:
 
 def ours(args) -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
+        from scheduler.synth import synthesize
+
+        synthesize(Path(tmp) / "data", distribution="uniform", num_samples=64, max_length=400,
+                   seed=3)
         port = args.port or free_port()
-        proc = start_controller(Path(tmp), port)
+        proc = start_controller(Path(tmp) / "state", port)
         try:
-            token = (Path(tmp) / "token").read_text().strip()
-            return asyncio.run(run(f"http://127.0.0.1:{port}", token, args))
+            token = (Path(tmp) / "state" / "token").read_text().strip()
+            return asyncio.run(run(f"http://127.0.0.1:{port}", token, args,
+                                   job_spec(Path(tmp) / "data")))
         finally:
             proc.terminate()
             proc.wait(timeout=30)

@@ -11,9 +11,9 @@ naive version at V=128K, H=4096 for T=16K and 32K tokens. FLOPs: forward
 4 * pairs * Hq * D with pairs = T(T+1)/2 causal, backward 2.5x that (FlashAttention-2
 counting).
 
-    .venv/bin/python bench/kernels.py                 # whatever device is present
-    .venv/bin/python bench/kernels.py --json out.json # also write the rows as JSON
-    .venv/bin/python bench/kernels.py --threads 2     # CPU: more intra-op threads
+    .venv/bin/python -m bench.kernel_speed                  # whatever device is present
+    .venv/bin/python -m bench.kernel_speed --json out.json  # also write the rows as JSON
+    .venv/bin/python -m bench.kernel_speed --threads 2      # CPU: more intra-op threads
 Correctness is not checked here: bench/gpu_check.sh runs tests/kernels/test_gpu.py first.
 """
 
@@ -30,9 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import kernels  # noqa: E402
+import kernels
 
 
 def _timed(fn, *, warmup: int, iters: int) -> float:
@@ -186,9 +184,9 @@ def linear_ce_cpu(rows: list[dict]) -> None:
     tokens, vocab, hidden = 16384, 32768, 256
     for mode in ("naive", "fused"):
         proc = subprocess.run(
-            [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--ce-child",
-             mode, str(tokens), str(vocab), str(hidden)],
-            capture_output=True, text=True, check=True,
+            [sys.executable, "-m", "bench.kernel_speed", "--threads", str(torch.get_num_threads()),
+             "--ce-child", mode, str(tokens), str(vocab), str(hidden)],
+            capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
         )
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         rows.append(dict(bench=f"linear CE fwd+bwd f32 T={tokens} V={vocab} H={hidden}",

@@ -1,6 +1,7 @@
-"""A tiny harness for multi-process gloo tests: `run_distributed(fn, world_size, *args)`.
+"""Spawn a gloo world on this machine: `run_distributed(fn, world_size, *args)`.
 
-Why it exists: distributed tests must never hang the suite and must say which rank failed
+The one supported way for tests and bench/ scripts to run a function on several CPU ranks.
+Why it exists: a distributed run must never hang its caller and must say which rank failed
 and where. Every launch gets a fresh rendezvous (a TCPStore owned by the parent on a port
 the OS picked, so there is no free-port race), a process-group timeout so a lost peer
 turns into an error inside the rank, and a wall-clock limit after which the parent kills
@@ -20,13 +21,13 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DistributedTestError", "run_distributed"]
+__all__ = ["DistributedRunError", "run_distributed"]
 
 _HOST = "127.0.0.1"
 _GRACE_AFTER_FAILURE_S = 5.0  # let the other ranks report their own error before killing
 
 
-class DistributedTestError(RuntimeError):
+class DistributedRunError(RuntimeError):
     """One or more ranks raised, or the launch ran past its wall-clock limit."""
 
 
@@ -77,7 +78,7 @@ def run_distributed(
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks.
 
-    Returns each rank's result, indexed by rank. Raises DistributedTestError carrying every
+    Returns each rank's result, indexed by rank. Raises DistributedRunError carrying every
     failed rank's traceback, or naming the ranks still running after `timeout_s` seconds
     (they are killed). `pg_timeout_s` (default: half of `timeout_s`, at least 5 s) bounds
     every collective and point-to-point wait inside the ranks; it starts counting once all
@@ -150,5 +151,5 @@ def _unpack(outcomes: dict[int, tuple[bool, Any]], world_size: int, timeout_s: f
     if missing:
         failures.append(f"ranks {missing} did not finish within {timeout_s} s and were killed")
     if failures:
-        raise DistributedTestError("distributed run failed:\n" + "\n".join(failures))
+        raise DistributedRunError("distributed run failed:\n" + "\n".join(failures))
     return [pickle.loads(outcomes[r][1]) for r in range(world_size)]

@@ -17,12 +17,12 @@ hdp plan time (wall clock and CPU time of the whole `plan_batch`, including shar
 simulation, per-group predictions and the memory check; on a shared machine the CPU time
 is the figure that does not depend on the neighbours' load).
 
-    .venv/bin/python bench/scheduler.py [--ranks 64 256 1024 4096 12288] [--seed 0]
+    .venv/bin/python -m bench.planner [--ranks 64 256 1024 4096 12288] [--seed 0]
                                         [--precision bf16-mixed] [--optimizer-sharding ...]
 
 Prints a markdown table (the one recorded in docs/benchmarks.md).
 
-    .venv/bin/python bench/scheduler.py --straggler [--pools] [--ranks 1024]
+    .venv/bin/python -m bench.planner --straggler [--pools] [--ranks 1024]
 
 Slow ranks instead (bench/stragglers.py): the simulated makespan of speed-aware against
 speed-blind planning, both timed at the true speeds, next to the lower bound for those
@@ -35,21 +35,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import time
-from pathlib import Path
 
-# This file is named like the package it measures: drop its own folder from the import
-# path (python puts it first) so `import scheduler` finds the package, not this script.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from scheduler import CostModel, plan_batch  # noqa: E402
-from scheduler.specs import cluster_preset, model_preset  # noqa: E402
-from scheduler.synth import sample_lengths  # noqa: E402
+from scheduler import CostModel, plan_batch
+from scheduler.specs import cluster_preset, model_preset
+from scheduler.synth import sample_lengths
 
 MAX_LENGTH = 2 * 1024 * 1024
 
