@@ -145,6 +145,7 @@ class _Rank:
             self.log.fenced[self.rank] = reply.reason
             return
         cfg = json.loads(reply.job_spec_json)
+        self.me.incarnation = reply.incarnation  # every later call presents it
         self.step = int(reply.start_step)
         self.train = asyncio.ensure_future(self._train())
         beat = asyncio.ensure_future(self._beat(float(cfg["heartbeat_interval_s"])))
@@ -177,9 +178,22 @@ class _Rank:
                 return
 
     async def _train(self) -> None:
-        stream = self.stub.StreamPlans(self.pb.PlanRequest(worker=self.me,
-                                                           from_step=self.step),
-                                       metadata=self.md)
+        """Worlds one after another (the attempt starts with one; forming it costs the
+        simulated rank nothing), each world's plans until a stop or the next World."""
+        epoch, formed = -1, False
+        while True:
+            world = await self._world_stream(epoch, formed)
+            if world is None:
+                return
+            if self.rank not in world.members:
+                return
+            epoch, formed = world.epoch, True
+
+    async def _world_stream(self, epoch: int, formed: bool):
+        """One plan stream: the World message that ends it, or None after a stop."""
+        stream = self.stub.StreamPlans(self.pb.PlanRequest(
+            worker=self.me, from_step=self.step, world_epoch=epoch, formed=formed),
+            metadata=self.md)
         queue: asyncio.Queue = asyncio.Queue()
         reader = asyncio.ensure_future(self._read(stream, queue))
         try:
@@ -190,7 +204,9 @@ class _Rank:
                     raise at
                 if msg.stop:
                     self.log.stop_received[self.rank] = True
-                    return
+                    return None
+                if msg.HasField("world"):
+                    return msg.world
                 self.log.ready_at[self.rank][msg.step] = ready
                 if self.rank == self.cfg.lose_rank and msg.step == self.cfg.lose_at_step:
                     await asyncio.Event().wait()  # hang like a rank stuck in a collective
@@ -202,10 +218,12 @@ class _Rank:
         try:
             async for msg in stream:
                 at = time.time()
-                if not msg.stop:
+                if not msg.stop and not msg.HasField("world"):
                     self.log.steps_received[self.rank].append(msg.step)
                     self.log.recv_at[self.rank][msg.step] = at
                 await queue.put((msg, at))
+                if msg.stop or msg.HasField("world"):
+                    return
         except Exception as exc:
             await queue.put((None, exc))
             return
@@ -226,7 +244,8 @@ class _Rank:
             worker=self.me, step=msg.step, loss=2.0 / (1 + msg.step),
             num_predictions=predictions, tokens=tokens,
             micro_batch_times_s=[elapsed / max(num_mb, 1)] * num_mb,
-            peak_memory_bytes=1 << 30, step_time_s=elapsed), metadata=self.md, timeout=600)
+            peak_memory_bytes=1 << 30, step_time_s=elapsed, world_epoch=msg.world_epoch),
+            metadata=self.md, timeout=600)
         self.log.report_s.append(time.perf_counter() - t1)
         if not ack.accepted:
             raise RuntimeError(f"report of step {msg.step} refused: {ack.reason}")
@@ -325,8 +344,10 @@ def job_spec(cfg: SimConfig, dataset: Path) -> dict:
             "training": {"steps": cfg.steps,
                          "global_batch_tokens": cfg.num_ranks * cfg.tokens_per_rank},
             "planner": {"time_limit_s": cfg.planner_time_limit_s},
-            "failure": {"heartbeat_timeout_s": cfg.heartbeat_timeout_s,
-                        "max_restarts": 0}}
+            # a lost rank ends the attempt (restart mode): what --lose-rank times is the
+            # detection; re-planning on the survivors is bench/recovery.py's subject
+            "failure": {"heartbeat_timeout_s": cfg.heartbeat_timeout_s, "max_restarts": 0,
+                        "mode": "restart" if cfg.lose_rank is not None else "replan"}}
 
 
 def _read_env(path: Path) -> dict:
