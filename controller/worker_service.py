@@ -82,12 +82,12 @@ from controller.store import JobNotFound, JobStore
 from controller.worker_auth import WorkerAuth
 from controller.world_service import WORLD_WAKE_S, WorldKeeper, changed, live_members
 from controller.worlds import AttemptWorlds, Next, policy_of
+from scheduler.driver_exit import INVALID_INPUT  # the reason of a job whose input cannot work
 from scheduler.errors import InfeasibleBatchError, RingmasterError
 
 log = logging.getLogger(__name__)
 
 LIVE_STATES = (State.SCHEDULING, State.RUNNING, State.STOPPING)
-INVALID_INPUT = "InvalidInput"  # the reason of a job whose data or config cannot work
 DRIVER_RANK = -1  # the attempt's driver process registers with this rank
 PLANS_AHEAD = 2  # a rank may hold plans this many steps past the last completed one
 MAX_LOG_BATCH = 1000  # log lines one ReportLogs call may append
