@@ -696,8 +696,11 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         timeout = rt.job.spec.failure.heartbeat_timeout_s
         now = self.clock()
         for rank, st in rt.ranks.items():
-            if st.streaming and st.done_step >= st.streamed_step:
-                continue  # it has finished every plan it got: it waits on us, not stalled
+            if st.done_step >= st.streamed_step:
+                # it has finished every plan it got: it waits on us (its plan stream), or
+                # forms a world (restoring the checkpoint; the process-group timeout bounds
+                # that), not stalled in a step
+                continue
             if not st.finished and now - st.progress_at > timeout:
                 report = self._localise(rt, now, timeout)
                 blamed = report.culprit_ranks[0] if report and report.culprits else rank
