@@ -12,6 +12,7 @@ import torch
 from parallelism import progress as progress_mod
 from parallelism.progress import PROGRESS, StepProgress
 from tests.workers.helpers import tiny_model
+from workers.model import DEFAULT_HEAD_CHUNK
 
 
 @pytest.fixture
@@ -32,8 +33,9 @@ def test_a_micro_batch_marks_every_layer_forward_then_backward(marks, scheme):
     model.forward_backward(ids, cu_seqlens=cu, **scheme)
     trail = [(p.phase, p.layer) for p in marks]
     L = model.spec.num_layers
-    assert trail == [("forward", -1)] + [("forward", i) for i in range(L)] + [("head", -1)] \
-        + [("backward", i) for i in reversed(range(L))]
+    chunks = -(-13 // (scheme.get("stream_chunk_size") or DEFAULT_HEAD_CHUNK))  # each marks
+    assert trail == [("forward", -1)] + [("forward", i) for i in range(L)] \
+        + [("head", -1)] * (1 + chunks) + [("backward", i) for i in reversed(range(L))]
     assert {p.micro_batch for p in marks} == {4} and {p.ring for p in marks} == {(2,)}
     assert [p.ticks for p in marks] == sorted(p.ticks for p in marks)
 
