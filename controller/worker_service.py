@@ -696,12 +696,15 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         timeout = rt.job.spec.failure.heartbeat_timeout_s
         now = self.clock()
         for rank, st in rt.ranks.items():
-            if st.done_step >= st.streamed_step:
-                # it has finished every plan it got: it waits on us (its plan stream), or
-                # forms a world (restoring the checkpoint; the process-group timeout bounds
-                # that), not stalled in a step
+            if st.finished:
                 continue
-            if not st.finished and now - st.progress_at > timeout:
+            if st.done_step >= st.streamed_step and (st.streaming
+                                                     or now - st.heard_at <= timeout):
+                # it has finished every plan it got: it waits on us (an open plan stream),
+                # or, still beating, forms a world (restoring the checkpoint; the
+                # process-group timeout bounds that); not stalled in a step
+                continue
+            if now - st.progress_at > timeout:
                 report = self._localise(rt, now, timeout)
                 blamed = report.culprit_ranks[0] if report and report.culprits else rank
                 idle = now - rt.ranks[blamed].progress_at
