@@ -365,7 +365,7 @@ class TokenwiseOffloadStack:
     activations are swapped; 0 recomputes them all, 1 swaps them all.
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module], *, position_ids: torch.Tensor,
+    def __init__(self, layers: Iterable[torch.nn.Module], *, position_ids: torch.Tensor,
                  core: AttentionCore, alpha: float, swapper: HostSwapper,
                  num_resident_layers: int = 1):
         if not 0.0 <= alpha <= 1.0:

@@ -28,7 +28,7 @@ Legend: T tokens, H hidden, Hq / Hkv query / key-value heads, D head dim.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -121,7 +121,7 @@ class StreamBPStack:
     """Forward keeps only layer inputs (a share `offload_ratio` of their tokens on host);
     backward runs `streambp_layer_backward` layer by layer, prefetching the next input."""
 
-    def __init__(self, layers: Sequence[torch.nn.Module], *, position_ids: torch.Tensor,
+    def __init__(self, layers: Iterable[torch.nn.Module], *, position_ids: torch.Tensor,
                  cu_seqlens: torch.Tensor, chunk_size: int, core_forward,
                  offload_ratio: float = 0.0, swapper: HostSwapper | None = None,
                  softmax_scale: float | None = None):

@@ -418,7 +418,7 @@ class _SpeedViews:
         self.free = free
         self.speeds = speeds
         levels = [1.0] if speeds is None else sorted(set(speeds.tolist()), reverse=True)
-        if len(levels) == 1:
+        if speeds is None or len(levels) == 1:
             self.classes = [_SpeedClass(levels[0], _FreeView(free, topo))]
         else:  # fastest first
             self.classes = [_SpeedClass(v, _FreeView(np.where(speeds >= v, free, np.inf), topo))
@@ -428,6 +428,7 @@ class _SpeedViews:
         if len(self.classes) == 1:
             self.classes[0].view.occupy(ranks, until_s)
             return
+        assert self.speeds is not None, "several speed classes come from per-rank speeds"
         self.free[list(ranks)] = until_s
         for v, view in self.classes:
             visible = [r for r in ranks if self.speeds[r] >= v]
@@ -557,7 +558,8 @@ def _split_movable(tasks: Sequence[Task], world_size: int) -> _Movable:
     for t in tasks:
         if len(t.ranks) > 1:
             last_ring[list(t.ranks)] = np.maximum(last_ring[list(t.ranks)], t.end_s)
-    fixed, items = [], [[] for _ in range(world_size)]
+    fixed: list[Task] = []
+    items: list[list[Shard]] = [[] for _ in range(world_size)]
     base = np.zeros(world_size)
     for t in tasks:
         r = t.ranks[0]
@@ -659,9 +661,11 @@ def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
     quickest = cost.at_speed(fastest)
     best: _Candidate | None = None
     for beyond_hidden in (False, True):
-        if beyond_hidden and (best.makespan_s <= target * (1 + 1e-6)
-                              or best.num_grouped * topo.world_size > FASTEST_MODE_CAP):
-            break
+        if beyond_hidden:
+            assert best is not None, "the first mode places at least once"
+            if best.makespan_s <= target * (1 + 1e-6) \
+                    or best.num_grouped * topo.world_size > FASTEST_MODE_CAP:
+                break
         sized = _size_rings(shards, single, target, cost, topo, beyond_hidden=beyond_hidden,
                             total_speed=total_speed)
         # Rings, and short sequences too coarse to fill gaps late, are placed in pass 2.
@@ -679,6 +683,7 @@ def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
                 best = _Candidate(makespan_s=makespan, schedule=schedule, num_grouped=len(long))
             if makespan <= reachable * (1 + 1e-6):
                 break  # nothing in this mode can beat it
+    assert best is not None, "every mode places at least once"
     return best.schedule
 
 

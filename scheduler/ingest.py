@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -296,7 +296,7 @@ def _auto_workers(files: list[Path]) -> int:
     return 1 if size < PARALLEL_MIN_BYTES else max(1, min(os.cpu_count() or 1, 8))
 
 
-def import_dataset(sources: list[str | Path], out: str | Path, *,
+def import_dataset(sources: Sequence[str | Path], out: str | Path, *,
                    tokenizer: str | Path | None = None, kind: str | None = None,
                    column: str | None = None, add_eos: bool = True,
                    workers: int | None = None, overwrite: bool = False,
