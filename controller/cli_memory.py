@@ -7,8 +7,8 @@ Torch-free: it plans from the stored token-affine profiles (scheduler/memory_mod
 from __future__ import annotations
 
 import json
-from typing import Any
 from enum import StrEnum
+from typing import Any
 
 import typer
 from rich.console import Console

@@ -105,7 +105,7 @@ def _suffix(path: Path) -> str:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
 
 
-def discover(sources: list[str | Path]) -> list[Path]:
+def discover(sources: Sequence[str | Path]) -> list[Path]:
     """Input files: each file as given, each directory's matching files (recursive, sorted)."""
     files = []
     for src in map(Path, sources):

@@ -60,8 +60,9 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                 "generation_config.json", "chat_template.jinja", "chat_template.json")
 
-_TORCH_DTYPES: dict[DType, torch.dtype] = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16}
+_TORCH_DTYPES: dict[DType, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+    "bfloat16": torch.bfloat16}
 _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
