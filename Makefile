@@ -17,6 +17,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 venv: $(STAMP)
 
@@ -33,7 +34,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. controller/rpc/ringmaster.proto
+	$(BIN)/python -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. \
+	  controller/rpc/ringmaster.proto
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.planner

@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import typer
@@ -83,7 +84,7 @@ def run_demo(*, out: Path, spec_file: Path, num_samples: int, steps: int | None,
 
 
 def _demo_spec(spec_file: Path, out: Path, steps: int | None) -> dict:
-    spec = load_yaml(spec_file.read_text())
+    spec: Any = load_yaml(spec_file.read_text())  # the demo's own spec file: a mapping
     spec["dataset"]["path"] = str(out / "data")
     spec["training"]["checkpoint_dir"] = str(out / "checkpoints")
     if steps is not None:
@@ -139,10 +140,13 @@ class _EmbeddedController:
 
     def __exit__(self, *exc) -> None:
         self.client.close()
+        from controller.launchers.ray import RayLauncher
+
         launcher = self.ctl.launcher
-        for job_id in list(getattr(launcher, "_drivers", {})):
-            launcher.stop(job_id)  # a demo interrupted midway leaves nothing behind
-            launcher._kill(launcher._drivers[job_id], grace_s=5)
+        if isinstance(launcher, RayLauncher):
+            for job_id in list(launcher._drivers):
+                launcher.stop(job_id)  # a demo interrupted midway leaves nothing behind
+                launcher._kill(launcher._drivers[job_id], grace_s=5)
         self.server.should_exit = True
         self.ctl.close()
 

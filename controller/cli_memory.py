@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from enum import StrEnum
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -51,7 +52,7 @@ def memory(
         fail(exc)
     sim = simulate_caching_allocator(*unrolled_trace(profile, tokens,
                                                      num_layers=spec.num_layers))
-    figures = {
+    figures: dict[str, Any] = {
         "tokens": tokens, "num_layers": spec.num_layers,
         "layer_max_live_bytes": plan.layer.plan.max_live_bytes,
         "layer_block_bytes": max(plan.layer.forward_peak, plan.layer.backward_peak),

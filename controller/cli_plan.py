@@ -142,7 +142,8 @@ def plan(
 def summary_table(step, baselines: dict, policy: str) -> Table:
     """Groups by ring size and memory scheme, makespan, bound, their ratio, the speed-ups
     over the best static mesh and power-of-two dynamic CP, and the memory figures."""
-    sizes, seqs = Counter(), Counter()
+    sizes: Counter[tuple[int, str]] = Counter()
+    seqs: Counter[tuple[int, str]] = Counter()
     for _, g in step.groups():
         key = (g.ring_size, g.memory.scheme if g.memory else "v1")
         sizes[key] += 1

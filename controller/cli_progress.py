@@ -10,7 +10,14 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 
 class ImportProgressView:
@@ -19,7 +26,7 @@ class ImportProgressView:
     def __init__(self, console: Console, *, interval_s: float = 5.0):
         self.console, self.interval_s = console, interval_s
         self._bar: Progress | None = None
-        self._task = None
+        self._task: TaskID | None = None
         self._last = 0.0
 
     def __enter__(self) -> ImportProgressView:
@@ -36,7 +43,7 @@ class ImportProgressView:
         return self
 
     def update(self, p) -> None:
-        if self._bar is not None:
+        if self._bar is not None and self._task is not None:
             self._bar.update(self._task, total=max(p.bytes_total, 1), completed=p.bytes_done,
                              rows=p.num_rows, tokens=p.num_tokens, rate=p.tokens_per_s)
             return

@@ -26,7 +26,7 @@ from scheduler.errors import RingmasterError, SpecError
 
 
 def _extra(j: JobPublic, last: StepMetricsPublic | None) -> str:
-    text = j.result or j.phase
+    text: str = j.result or j.phase
     if last is not None:
         text += f"  loss {last.loss:.4f}  {last.tokens_per_s:,.0f} tok/s"
     return text

@@ -98,7 +98,9 @@ def uvicorn_config(app, *, host: str, port: int, limits: HttpLimits,
     return uvicorn.Config(
         app, host=host, port=port, log_level=log_level, access_log=False,
         http=guarded_protocol(limits.header_timeout_s),
-        limit_concurrency=limits.max_connections, timeout_keep_alive=limits.keep_alive_s,
+        limit_concurrency=limits.max_connections,
+        # uvicorn annotates int seconds; it hands the figure to loop.call_later (a float)
+        timeout_keep_alive=limits.keep_alive_s,  # type: ignore[arg-type]
         h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         ssl_certfile=str(tls_cert) if tls_cert else None,
         ssl_keyfile=str(tls_key) if tls_key else None)

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from controller.launchers.kuberay import RbacRule
 from scheduler.errors import SpecError
@@ -119,7 +120,7 @@ def _micro_time(unix_s: float) -> str:
     return datetime.fromtimestamp(unix_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _default_apis() -> tuple[object, object, Callable[[object], object]]:
+def _default_apis() -> tuple[object, object, Callable[[Any], Any]]:
     from kubernetes import client, config
 
     try:
@@ -138,7 +139,7 @@ class LeaderElector:
     def __init__(self, config: LeaderElectionConfig, *,
                  on_change: Callable[[bool], None] = lambda leading: None,
                  coordination_api=None, discovery_api=None,
-                 serialize: Callable[[object], object] | None = None,
+                 serialize: Callable[[Any], Any] | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  wall: Callable[[], float] = time.time):
         self.config = config
@@ -213,7 +214,7 @@ class LeaderElector:
             spec["acquireTime"] = now
             spec["leaseTransitions"] = int(old.get("leaseTransitions") or 0) + (1 if lease
                                                                                  else 0)
-        meta = {"name": self.config.lease_name, "namespace": self.config.namespace,
+        meta: dict[str, Any] = {"name": self.config.lease_name, "namespace": self.config.namespace,
                 "labels": {"app.kubernetes.io/part-of": "ringmaster",
                            "app.kubernetes.io/managed-by": "ringmaster-controller"}}
         if lease is not None:
@@ -301,10 +302,10 @@ class LeaderElector:
 
 
 def publish_leader_endpoint(discovery_api, config: LeaderElectionConfig, *, port: int,
-                            serialize: Callable[[object], object] = lambda obj: obj) -> None:
+                            serialize: Callable[[Any], Any] = lambda obj: obj) -> None:
     """Point the leader Service at this replica: its one EndpointSlice lists our pod IP."""
     name, ns = config.service_name, config.namespace
-    body = {
+    body: dict[str, Any] = {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": name, "namespace": ns,
                      "labels": {"kubernetes.io/service-name": name,

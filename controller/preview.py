@@ -51,6 +51,8 @@ def peak_bytes_per_rank(plan: StepPlan) -> list[int]:
     """Per rank, the predicted device peak over its micro-batches (plan.predicted.groups);
     a rank in no group still holds its model states."""
     peak = [plan.memory.model_state_bytes if plan.memory else 0] * plan.world_size
+    if plan.predicted is None:
+        raise ValueError("peak_bytes_per_rank needs a plan with its predictions (predicted)")
     groups = [g for _, g in plan.groups()]
     for g, pred in zip(groups, plan.predicted.groups or [], strict=False):
         for r, b in zip(g.ranks, pred.peak_bytes_per_rank, strict=True):

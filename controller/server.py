@@ -24,9 +24,11 @@ import os
 import secrets
 import signal
 from collections.abc import Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -42,6 +44,11 @@ from controller.store import JobNotFound, JobStore
 from controller.telemetry import instrument_redis, make_tracer_provider
 from controller.worker_auth import WorkerAuth
 from scheduler.errors import SpecError
+
+if TYPE_CHECKING:
+    import grpc
+
+    from controller.worker_service import WorkerService
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +143,9 @@ class Controller:
         self.redis = open_redis(state_dir=config.state_dir, url=config.redis_url,
                                 max_block_s=settings.max_log_wait_s)
         self._launcher_factory = launcher_factory or (lambda: launcher or self._make_launcher())
-        self.grpc_server, self.worker_service, self._planner_pool = None, None, None
+        self.grpc_server: grpc.Server | None = None
+        self.worker_service: WorkerService | None = None
+        self._planner_pool: Executor | None = None
         self.leader: LeaderElector | None = None
         try:
             instrument_redis(self.redis.client, self.tracer_provider)
@@ -202,6 +211,7 @@ class Controller:
     def _lead(self) -> None:
         self.launcher = self._launcher_factory()  # a Kubernetes launcher adopts its clusters
         self.machine.launcher = self.launcher
+        assert self.leader is not None, "only the elector makes a replica lead"
         if hasattr(self.launcher, "report"):
             self._start_worker_service()
             self.leader.publish_endpoint(self.grpc_port)
@@ -223,22 +233,23 @@ class Controller:
         from controller.planning import make_planner_pool
         from controller.worker_service import WorkerService, serve_grpc
 
-        self._planner_pool = make_planner_pool()
-        self.worker_service = WorkerService(store=self.store, launcher=self.launcher,
-                                            planner_pool=self._planner_pool,
-                                            auth=self.worker_auth,
-                                            tracer_provider=self.tracer_provider)
+        pool = make_planner_pool()
+        service = WorkerService(store=self.store, launcher=self.launcher, planner_pool=pool,
+                                auth=self.worker_auth, tracer_provider=self.tracer_provider)
+        self._planner_pool, self.worker_service = pool, service
         tls = self.config.tls
         credentials = grpc.ssl_server_credentials(
             [(tls.key.read_bytes(), tls.cert.read_bytes())]) if tls is not None else None
         self.grpc_server, self.grpc_port = serve_grpc(
-            self.worker_service, host=self.config.host, port=self.config.grpc_port,
+            service, host=self.config.host, port=self.config.grpc_port,
             credentials=credentials)
         if hasattr(self.launcher, "controller_address"):  # grpc_port 0 picks a free port
             self.launcher.controller_address = f"{self.config.host}:{self.grpc_port}"
 
     def _stop_worker_service(self) -> None:
         if self.grpc_server is not None:
+            assert self.worker_service is not None and self._planner_pool is not None, \
+                "_start_worker_service sets all three"
             self.grpc_server.stop(grace=2).wait(5)
             self.worker_service.close()
             self._planner_pool.shutdown(wait=False, cancel_futures=True)

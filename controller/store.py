@@ -36,6 +36,7 @@ User input reaching Redis is checked first: page tokens and cursors are ASCII di
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import re
@@ -280,6 +281,7 @@ class JobStore:
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k("job", job_id)))
 
+    # Inside this class `list` names this method: the annotations below spell builtins.list.
     def list(self, *, limit: int = 50, page_token: str | None = None,
              ) -> tuple[list[JobRecord], str | None]:
         """Newest first; `page_token` is the previous page's next_page_token."""
@@ -301,17 +303,17 @@ class JobStore:
         records = [_decode(h) for h in pipe.execute() if h]
         return records, (str(int(rows[-1][1])) if more else None)
 
-    def active_ids(self) -> list[str]:
+    def active_ids(self) -> builtins.list[str]:
         return sorted(self.r.smembers(self._k("active")))
 
-    def active_records(self) -> list[JobRecord]:
+    def active_records(self) -> builtins.list[JobRecord]:
         """Every active job's record (one pipelined round trip)."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in self.active_ids():
             pipe.hgetall(self._k("job", job_id))
         return [_decode(h) for h in pipe.execute() if h]
 
-    def newest_step_metrics(self, job_ids: list[str]) -> dict[str, StepMetrics]:
+    def newest_step_metrics(self, job_ids: builtins.list[str]) -> dict[str, StepMetrics]:
         """The highest step's metrics of each job that has any (one round trip)."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in job_ids:
@@ -402,11 +404,11 @@ class JobStore:
         else:
             pipe.zadd(self._k("due"), {job_id: due_at})
 
-    def pending_ids(self) -> list[str]:
+    def pending_ids(self) -> builtins.list[str]:
         """Pending jobs, oldest first."""
         return list(self.r.zrange(self._k("pending"), 0, -1))
 
-    def due_ids(self, now: float, *, limit: int = 1000) -> list[str]:
+    def due_ids(self, now: float, *, limit: int = 1000) -> builtins.list[str]:
         """Jobs whose due time has come (earliest first)."""
         return list(self.r.zrangebyscore(self._k("due"), "-inf", now, start=0, num=limit))
 
@@ -438,7 +440,7 @@ class JobStore:
         d["dst"] = t.dst.value
         return json.dumps(d)
 
-    def transitions(self, job_id: str) -> list[Transition]:
+    def transitions(self, job_id: str) -> builtins.list[Transition]:
         if not self.exists(job_id):
             raise JobNotFound(job_id)
         out = []
@@ -533,7 +535,7 @@ class JobStore:
         return done[0]
 
     def step_metrics(self, job_id: str, *, since_step: int = 0,
-                     limit: int = 1000) -> list[StepMetrics]:
+                     limit: int = 1000) -> builtins.list[StepMetrics]:
         if not self.exists(job_id):
             raise JobNotFound(job_id)
         rows = self.r.zrangebyscore(self._k("job", job_id, "metrics"), since_step, "+inf",
@@ -543,8 +545,8 @@ class JobStore:
     def record_checkpoint(self, job_id: str, *, step: int, path: str) -> None:
         self.update(job_id, last_checkpoint=path, last_checkpoint_step=step)
 
-    def append_logs(self, job_id: str, lines: list[str], *, rank: int | None = None,
-                    times: list[float] | None = None) -> str:
+    def append_logs(self, job_id: str, lines: builtins.list[str], *, rank: int | None = None,
+                    times: builtins.list[float] | None = None) -> str:
         """Append log lines (each cut at MAX_LOG_LINE_CHARS; `times`: when each was written,
         default now); returns the last cursor."""
         if not self.exists(job_id):
@@ -561,7 +563,7 @@ class JobStore:
         return ids[-1] if ids else "0"
 
     def read_logs(self, job_id: str, *, cursor: str | None = None, tail: int | None = None,
-                  limit: int = 1000) -> tuple[list[LogLine], str]:
+                  limit: int = 1000) -> tuple[builtins.list[LogLine], str]:
         """Lines after `cursor` (or the last `tail` lines), at most `limit` of them.
 
         Returns the lines and the cursor to continue from. (Waiting for new lines is
@@ -580,7 +582,7 @@ class JobStore:
 
     async def read_logs_async(self, client, job_id: str, *, cursor: str | None = None,
                               tail: int | None = None, limit: int = 1000,
-                              block_ms: int = 0) -> tuple[list[LogLine], str, State]:
+                              block_ms: int = 0) -> tuple[builtins.list[LogLine], str, State]:
         """`read_logs` on an asyncio client; with `block_ms` > 0, a cursor and a job that
         has not finished, wait up to that long for a new line. Also returns the job's state
         after the read (a job that finished meanwhile has no more lines to come)."""

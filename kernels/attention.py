@@ -16,6 +16,7 @@ reference run is exact to ~1e-15 throughout); ``out`` has q's dtype.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -125,7 +126,10 @@ def attention_with_lse_backward(
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, causal, softmax_scale, backend):
+    def forward(
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+        cu_seqlens_k: torch.Tensor, causal: bool, softmax_scale: float | None, backend: str,
+    ) -> torch.Tensor:
         out, lse = attention_with_lse(
             q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=causal,
             softmax_scale=softmax_scale, backend=backend,
@@ -135,7 +139,9 @@ class _Attention(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(
+        ctx: Any, dout: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None, None, None, None, None]:
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         dq, dk, dv = attention_with_lse_backward(
             dout.contiguous(), q, k, v, out, lse, cu_seqlens_q=cu_seqlens_q,

@@ -73,7 +73,10 @@ def _visible_keys(i0: int, i1: int, lq: int, lk: int, causal: bool) -> tuple[int
     return end, unmasked_end
 
 
-def _forward_seq(q_s, k_s, v_s, *, causal, scale, block_q, block_k, acc):
+def _forward_seq(
+    q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor, *, causal: bool, scale: float,
+    block_q: int, block_k: int, acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence: returns out [lq, Hq, D] (acc dtype) and lse [Hq, lq]."""
     lq, hq, d = q_s.shape
     lk, hkv, _ = k_s.shape
@@ -137,7 +140,11 @@ def attention_forward(
     return out, lse
 
 
-def _backward_seq(do_s, q_s, k_s, v_s, o_s, lse_s, *, causal, scale, block_q, block_k, acc):
+def _backward_seq(
+    do_s: torch.Tensor, q_s: torch.Tensor, k_s: torch.Tensor, v_s: torch.Tensor,
+    o_s: torch.Tensor, lse_s: torch.Tensor, *, causal: bool, scale: float, block_q: int,
+    block_k: int, acc: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sequence: returns dq [lq, Hq, D], dk, dv [lk, Hkv, D], all in acc dtype."""
     lq, hq, d = q_s.shape
     lk, hkv, _ = k_s.shape

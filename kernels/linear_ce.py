@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from typing import Any
 
 import torch
 
@@ -63,7 +64,10 @@ def _accumulate_dw(dw: torch.Tensor, grad: torch.Tensor, h_c: torch.Tensor) -> N
     dw += (grad.T @ h_c).to(dw.dtype)
 
 
-def _validate(hidden, weight, targets, chunk_size, backend) -> None:
+def _validate(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int | None,
+    backend: str,
+) -> None:
     for name, t, dims in (("hidden", hidden, "[T, H]"), ("weight", weight, "[V, H]")):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -103,7 +107,9 @@ def _check_targets(targets: torch.Tensor, vocab_size: int, ignore_index: int) ->
         )
 
 
-def _chunk_torch(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_grad):
+def _chunk_torch(
+    logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, need_grad: bool
+) -> torch.Tensor:
     """Loss per row; if ``need_grad``, overwrite ``logits`` with dl/dz (0 for ignored rows)."""
     lse = torch.logsumexp(logits, dim=-1)
     tgt = torch.where(valid, targets, 0).long()
@@ -116,7 +122,10 @@ def _chunk_torch(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tenso
     return loss
 
 
-def _run_chunks(hidden, weight, targets, ignore_index, chunk_size, backend, need_dh, need_dw):
+def _run_chunks(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+    chunk_size: int, backend: str, need_dh: bool, need_dw: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     acc = accumulation_dtype(hidden.dtype)
     num_tokens = hidden.shape[0]
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -140,9 +149,9 @@ def _run_chunks(hidden, weight, targets, ignore_index, chunk_size, backend, need
         loss_sum += loss.sum(dtype=acc)
         if need_dh or need_dw:
             grad = logits.to(hidden.dtype)
-            if need_dh:
+            if dh is not None:
                 dh[c0:c1] = grad @ weight
-            if need_dw:
+            if dw is not None:
                 _accumulate_dw(dw, grad, h_c)
     return loss_sum, dh, dw
 
@@ -153,7 +162,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     They are handed over once: a second backward (``retain_graph=True``) raises."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_size, backend):
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+        ignore_index: int, chunk_size: int, backend: str,
+    ) -> torch.Tensor:
         need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         loss_sum, dh, dw = _run_chunks(
             hidden, weight, targets, ignore_index, chunk_size, backend, need_dh, need_dw
@@ -162,7 +174,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss_sum
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(
+        ctx: Any, grad_loss: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None, None]:
         if ctx.grads is None:
             raise RuntimeError(
                 "linear_cross_entropy: backward already ran; its gradients are released "

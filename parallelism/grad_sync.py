@@ -117,6 +117,7 @@ class GradBuffer:
     def _hook(self, view: torch.Tensor):
         def add_and_free(p: torch.nn.Parameter) -> None:
             if self._active:
+                assert p.grad is not None, "a post-accumulate-grad hook runs on a set grad"
                 view.add_(p.grad)  # in the buffer's dtype (bf16 grads upcast exactly)
                 p.grad = None
         return add_and_free

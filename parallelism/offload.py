@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.autograd.graph import get_gradient_edge, saved_tensors_hooks
+from torch.autograd.graph import GradientEdge, get_gradient_edge, saved_tensors_hooks
 
 import kernels
 from parallelism.progress import PROGRESS
@@ -166,7 +166,7 @@ class HostSwapper:
         meter = _METER.get()
         if meter is not None:
             meter.track_host(host)
-        if not self.is_cuda:
+        if self.stream is None:  # CPU
             host.copy_(t)
             return HostTensor(host=host, device=self.device)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -181,9 +181,10 @@ class HostSwapper:
         """Start the host->device copy (on CUDA it overlaps the current stream's work)."""
         if h.prefetched is not None:
             return
-        if not self.is_cuda:
+        if self.stream is None:  # CPU
             h.prefetched = h.host.clone()
             return
+        assert h.copied is not None, "a CUDA offload records its copy's event"
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(h.copied)
             h.prefetched = h.host.to(self.device, non_blocking=True)
@@ -194,7 +195,9 @@ class HostSwapper:
         """The device tensor (prefetching now if nobody did), safe to use on this stream."""
         self.prefetch(h)
         t, h.prefetched = h.prefetched, None
+        assert t is not None, "prefetch just filled it"
         if self.is_cuda:
+            assert h.arrived is not None, "a CUDA prefetch records its copy's event"
             torch.cuda.current_stream(self.device).wait_event(h.arrived)
             t.record_stream(torch.cuda.current_stream(self.device))
         return track_buffer(t)
@@ -340,8 +343,8 @@ class _SwappedLayer:
     o: HostTensor
     lse: HostTensor
     qkv: tuple[HostTensor, ...] = ()  # q, k, v of the swapped tokens
-    qkv_edges: tuple = ()  # autograd edges of the swapped tokens' q, k, v
-    y_edge: object = None  # autograd edge of the swapped tokens' layer output
+    qkv_edges: tuple[GradientEdge, ...] = ()  # autograd edges of the swapped tokens' q, k, v
+    y_edge: GradientEdge | None = None  # autograd edge of the swapped tokens' layer output
     boxes: dict[str, list] = field(default_factory=dict)  # grads caught at x and o
     handles: list[HostTensor] = field(default_factory=list)  # saved tensors on host
 
@@ -351,7 +354,7 @@ class _ResidentLayer:
     """A layer kept on the device: plain autograd."""
 
     x_leaf: torch.Tensor
-    y_edge: object
+    y_edge: GradientEdge
 
 
 class TokenwiseOffloadStack:
@@ -362,7 +365,7 @@ class TokenwiseOffloadStack:
     activations are swapped; 0 recomputes them all, 1 swaps them all.
     """
 
-    def __init__(self, layers: Sequence[torch.nn.Module], *, position_ids: torch.Tensor,
+    def __init__(self, layers: Iterable[torch.nn.Module], *, position_ids: torch.Tensor,
                  core: AttentionCore, alpha: float, swapper: HostSwapper,
                  num_resident_layers: int = 1):
         if not 0.0 <= alpha <= 1.0:
@@ -439,7 +442,9 @@ class TokenwiseOffloadStack:
         with torch.enable_grad():
             torch.autograd.backward([layer.post(x_r, o_r)], [dy[n_s:]])
         if n_s:
+            assert st.y_edge is not None, "a layer with swapped tokens records their edge"
             torch.autograd.backward([st.y_edge], [dy[:n_s]])
+        assert x_r.grad is not None and o_r.grad is not None, "the backward above wrote them"
         dx_post = torch.cat([_caught(st.boxes["x_post"], x[:n_s]), x_r.grad])
         do = torch.cat([_caught(st.boxes["o"], o[:n_s]), o_r.grad])
         # attention: q, k, v of swapped tokens from host, of the others recomputed
@@ -451,6 +456,7 @@ class TokenwiseOffloadStack:
         torch.autograd.backward(list(qkv_r), [g[n_s:] for g in dqkv])
         if n_s:
             torch.autograd.backward(list(st.qkv_edges), [g[:n_s] for g in dqkv])
+        assert x_r2.grad is not None, "the backward above wrote it"
         return dx_post + torch.cat([_caught(st.boxes["x_pre"], x[:n_s]), x_r2.grad])
 
 

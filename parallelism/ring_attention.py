@@ -245,7 +245,7 @@ def _ring_backward(dout, q, k, v, out, lse, *, blocks, block_tokens, kv_comm, dk
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     kv = torch.stack([k, v])
     size = len(blocks)
-    dkv_in = None
+    dkv_in: torch.Tensor | None = None
     for step in range(size):
         PROGRESS.hop(step)
         if step + 1 < size:
@@ -277,6 +277,7 @@ def _ring_backward(dout, q, k, v, out, lse, *, blocks, block_tokens, kv_comm, dk
             kv = nxt
     if size > 1:
         dkv_comm.wait()
+        assert dkv_in is not None, "every hop of a ring of size > 1 sends dkv on"
         dkv = dkv_in
     return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)
 

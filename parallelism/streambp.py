@@ -28,7 +28,7 @@ Legend: T tokens, H hidden, Hq / Hkv query / key-value heads, D head dim.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -92,6 +92,7 @@ def streambp_layer_backward(layer, x_TH: torch.Tensor, dy_TH: torch.Tensor, *,
         _chunk_backward(layer, c, x_TH, dy_TH, k_cache, v_cache, dx, dk, dv, position_ids,
                         softmax_scale)
     torch.autograd.backward([k, v], [dk, dv])
+    assert x_kv.grad is not None, "the backward above wrote it"
     return dx.add_(x_kv.grad)
 
 
@@ -110,6 +111,7 @@ def _chunk_backward(layer, c: StreamChunk, x_TH, dy_TH, k_cache, v_cache, dx, dk
                               softmax_scale=softmax_scale)
         y = layer.post(x_c, o)
     torch.autograd.backward([y], [dy_TH[c.start:c.stop]])
+    assert x_c.grad is not None and k_c.grad is not None and v_c.grad is not None
     dx[c.start:c.stop] = x_c.grad
     dk[c.key_start:c.stop] += k_c.grad
     dv[c.key_start:c.stop] += v_c.grad
@@ -119,7 +121,7 @@ class StreamBPStack:
     """Forward keeps only layer inputs (a share `offload_ratio` of their tokens on host);
     backward runs `streambp_layer_backward` layer by layer, prefetching the next input."""
 
-    def __init__(self, layers: Sequence[torch.nn.Module], *, position_ids: torch.Tensor,
+    def __init__(self, layers: Iterable[torch.nn.Module], *, position_ids: torch.Tensor,
                  cu_seqlens: torch.Tensor, chunk_size: int, core_forward,
                  offload_ratio: float = 0.0, swapper: HostSwapper | None = None,
                  softmax_scale: float | None = None):
@@ -129,13 +131,18 @@ class StreamBPStack:
         self.chunks = plan_stream_chunks(cu_seqlens.tolist(), chunk_size)
         self.offload_ratio, self.swapper = offload_ratio, swapper
         self.softmax_scale = softmax_scale
-        self.inputs: list[tuple[HostTensor | None, torch.Tensor]] = []
+        # (host part, device part) of each layer's input; None once its backward ran
+        self.inputs: list[tuple[HostTensor | None, torch.Tensor] | None] = []
 
     def _keep(self, x: torch.Tensor) -> tuple[HostTensor | None, torch.Tensor]:
         n_host = int(round(self.offload_ratio * x.shape[0]))
         if not n_host or self.swapper is None:
             return None, track_buffer(x)
         return self.swapper.offload(x[:n_host]), track_buffer(x[n_host:].clone())
+
+    def _swapper(self) -> HostSwapper:
+        assert self.swapper is not None, "_keep puts tokens on host only through a swapper"
+        return self.swapper
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.inputs = []
@@ -149,11 +156,14 @@ class StreamBPStack:
     def backward(self, dy: torch.Tensor) -> torch.Tensor:
         for i in reversed(range(len(self.layers))):
             PROGRESS.layer(i, "backward")
-            if i > 0 and self.inputs[i - 1][0] is not None:
-                self.swapper.prefetch(self.inputs[i - 1][0])
-            host, dev = self.inputs[i]
+            below = self.inputs[i - 1] if i > 0 else None
+            if below is not None and below[0] is not None:
+                self._swapper().prefetch(below[0])
+            kept = self.inputs[i]
+            assert kept is not None, "each layer's backward runs once"
+            host, dev = kept
             self.inputs[i] = None  # this layer's input dies with its backward
-            x = dev if host is None else torch.cat([self.swapper.fetch(host), dev])
+            x = dev if host is None else torch.cat([self._swapper().fetch(host), dev])
             del host, dev
             dy = streambp_layer_backward(self.layers[i], x, dy, position_ids=self.pos,
                                          chunks=self.chunks, softmax_scale=self.softmax_scale)
@@ -171,4 +181,5 @@ def reference_layer_backward(layer, x_TH: torch.Tensor, dy_TH: torch.Tensor, *,
             q, k, v, cu_seqlens_q=cu_seqlens, cu_seqlens_k=cu_seqlens, causal=True,
             softmax_scale=softmax_scale))
     torch.autograd.backward([y], [dy_TH])
+    assert x.grad is not None, "the backward above wrote it"
     return x.grad

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -128,7 +128,7 @@ class ActivationModel:
         self.lse = m.num_heads * self.acc
         self._plain = {ring: _unrolled_envelope(self, ring) for ring in (False, True)}
         layer = self.profile.layer
-        self._layer_peak = {ring: Envelope(lambda t, r=ring: self._layer_live(t, r))
+        self._layer_peak = {ring: Envelope(partial(self._layer_live, ring=ring))
                             for ring in (False, True)}
         self._no_grad = _region_envelope(self.profile.layer_no_grad)
         self._key_value = _region_envelope(self.profile.key_value)
@@ -172,7 +172,7 @@ class ActivationModel:
             phases = self._offload(num_tokens, scheme.offload_ratio, ring)
         else:
             phases = {"plain": self._plain[ring](num_tokens)}
-        phase = max(phases, key=phases.get)
+        phase = max(phases, key=lambda name: phases[name])
         return PhasePeak(bytes=int(np.ceil(phases[phase])), phase=phase)
 
     def peak_bytes(self, num_tokens: int, scheme: Scheme = PLAIN, *, ring_size: int = 1) -> int:
@@ -191,7 +191,7 @@ class ActivationModel:
         }
 
     def _streambp(self, T: int, scheme: Scheme) -> dict[str, float]:
-        L, r, c = self.model.num_layers, scheme.offload_ratio, scheme.chunk_tokens
+        L, r, c = self.model.num_layers, scheme.offload_ratio, scheme.stream_chunk
         kept = (1 - r) * L * self.x * T
         current = r * self.x * T  # the layer input being cut into device and host parts
         cache = self._kv_resident(T) + (2 * self.kv * self.cb + self.x) * T  # + dK, dV, dx

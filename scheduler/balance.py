@@ -27,6 +27,11 @@ least that fast (a ring of fast ranks is not held back by a slow one) and keeps 
 placement that ends first; pass 3 puts each short sequence where it finishes earliest at
 that rank's speed. Each rank packs up to its own capacity (node pools of different
 memory). With every speed 1 and one capacity this is exactly the uniform scheduler.
+
+Public: `greedy_schedule` (passes 1-3) and the `Schedule` / `Task` it returns, `resize`,
+and the per-sequence figures the LNS and the simulator share with it (`item_time`,
+`held_tokens`, `best_ring_time`, `pack_fixed_singles`). Everything prefixed `_` is the
+passes' own machinery.
 """
 
 from __future__ import annotations
@@ -35,12 +40,16 @@ import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
 from scheduler.cost import CostModel
 from scheduler.sharding import Shard, best_fit_packs, shard_sequence
 from scheduler.topology import Topology
+
+__all__ = ["Schedule", "Task", "best_ring_time", "greedy_schedule", "held_tokens", "item_time",
+           "pack_fixed_singles", "resize"]
 
 # Pass 2 targets, as multiples of the balance bound; 0 means "finish each ring earliest",
 # inf "every ring on its memory minimum D(s)" (best when per-group overhead dominates).
@@ -90,8 +99,8 @@ class Schedule:
 
     def load_of(self, rank: int, items: Sequence[Shard], cost: CostModel) -> float:
         """When `rank` would finish holding `items` after its rings (at its speed)."""
-        return self.base_s[rank] + short_load(items, cost.at_speed(self.speed(rank)),
-                                              self.capacity(rank))
+        return self.base_s[rank] + _short_load(items, cost.at_speed(self.speed(rank)),
+                                               self.capacity(rank))
 
     def rank_load(self, rank: int, cost: CostModel) -> float:
         return self.load_of(rank, self.items[rank], cost)
@@ -106,7 +115,7 @@ class Schedule:
             t = float(self.base_s[r])
             at = cost.at_speed(self.speed(r))
             for pack in self.packs_of(r):
-                dur = pack_time(pack, at)
+                dur = _pack_time(pack, at)
                 out.append(Task(ranks=(r,), shards=tuple(pack), start_s=t, duration_s=dur))
                 t += dur
         return out
@@ -117,35 +126,43 @@ def item_time(sh: Shard, cost: CostModel) -> float:
     return cost.seq_time(sh.length, 1, bandwidth_gbps=1.0, offload_ratio=sh.offload_ratio)
 
 
-def pack_time(pack: Sequence[Shard], cost: CostModel) -> float:
+def _pack_time(pack: Sequence[Shard], cost: CostModel) -> float:
     return cost.c + sum(item_time(sh, cost) for sh in pack)
 
 
-def short_load(items: Sequence[Shard], cost: CostModel, capacity_tokens: int) -> float:
+def _short_load(items: Sequence[Shard], cost: CostModel, capacity_tokens: int) -> float:
     if not items:
         return 0.0
     packs = best_fit_packs(items, capacity_tokens=capacity_tokens)
-    return sum(pack_time(p, cost) for p in packs)
+    return sum(_pack_time(p, cost) for p in packs)
 
 
 # -- pass 1: ring sizes -----------------------------------------------------------------
-def ring_time(sh: Shard, d: int, cost: CostModel, topo: Topology) -> float:
+def _ring_time(sh: Shard, d: int, cost: CostModel, topo: Topology) -> float:
     """Time of `sh` on a ring of d ranks placed as the scheduler places it."""
     return cost.seq_time(sh.length, d, bandwidth_gbps=topo.bandwidth_for_size(d),
                          offload_ratio=sh.offload_ratio)
 
 
-def ring_regions(sh: Shard, topo: Topology) -> list[tuple[int, int, float]]:
-    """(smallest, largest, bandwidth) ring sizes >= D(s) inside one node, then across."""
+class _Region(NamedTuple):
+    """Ring sizes of one bandwidth: inside one node, or across nodes."""
+
+    smallest: int
+    largest: int
+    bandwidth_gbps: float
+
+
+def _ring_regions(sh: Shard, topo: Topology) -> list[_Region]:
+    """The ring sizes >= D(s) inside one node, then across nodes (empty regions left out)."""
     gpn, N = topo.gpus_per_node, topo.world_size
     out = []
     for lo, hi in ((sh.ring_size, min(gpn, N)), (max(sh.ring_size, gpn + 1), N)):
         if lo <= hi:
-            out.append((lo, hi, topo.bandwidth_for_size(lo)))
+            out.append(_Region(smallest=lo, largest=hi, bandwidth_gbps=topo.bandwidth_for_size(lo)))
     return out
 
 
-def fastest_ring(length: int, lo: int, hi: int, bandwidth_gbps: float, cost: CostModel) -> int:
+def _fastest_ring(length: int, lo: int, hi: int, bandwidth_gbps: float, cost: CostModel) -> int:
     """The ring size in [lo, hi] with the least compute + exposed communication.
 
     With u = 1/d that time is (A + B) u plus, per direction, max(0, (1 - u)(K - k E u)): a
@@ -164,12 +181,12 @@ def fastest_ring(length: int, lo: int, hi: int, bandwidth_gbps: float, cost: Cos
     return min(range(lo, hi + 1), key=time)
 
 
-def hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequence[int]]:
+def _hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequence[int]]:
     """Per bandwidth region, the sizes from D(s) up to where ring communication stops
     hiding behind attention (never past the fastest size)."""
     out = []
-    for lo, hi, bw in ring_regions(sh, topo):
-        top = min(fastest_ring(sh.length, lo, hi, bw, cost),
+    for lo, hi, bw in _ring_regions(sh, topo):
+        top = min(_fastest_ring(sh.length, lo, hi, bw, cost),
                   cost.max_hidden_ring(sh.length, bandwidth_gbps=bw))
         if top >= lo:
             span = _allowed(range(lo, top + 1), hi, topo)
@@ -178,12 +195,12 @@ def hidden_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequen
     return out
 
 
-def useful_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequence[int]]:
+def _useful_ring_sizes(sh: Shard, cost: CostModel, topo: Topology) -> list[Sequence[int]]:
     """Per bandwidth region, the sizes from D(s) up to the fastest: enlarging a ring pays
     while its KV hand-off hides behind attention and a little beyond, until the exposed
     communication grows faster than the compute shrinks. T(s, d) decreases along each."""
-    return [_allowed(range(lo, fastest_ring(sh.length, lo, hi, bw, cost) + 1), hi, topo,
-                     beyond=True) for lo, hi, bw in ring_regions(sh, topo)]
+    return [_allowed(range(lo, _fastest_ring(sh.length, lo, hi, bw, cost) + 1), hi, topo,
+                     beyond=True) for lo, hi, bw in _ring_regions(sh, topo)]
 
 
 def _allowed(span: range, hi: int, topo: Topology, *, beyond: bool = False) -> Sequence[int]:
@@ -213,8 +230,8 @@ def resize(sh: Shard, d: int, capacity_tokens: int, cost: CostModel) -> Shard:
                  offload_ratio=min(need.offload_ratio, sh.offload_ratio))
 
 
-def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology, *,
-                     level_s: float = 0.0, beyond_hidden: bool = True) -> int:
+def _choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology, *,
+                      level_s: float = 0.0, beyond_hidden: bool = True) -> int:
     """Ring size for `sh` against the balance target.
 
     A ring beyond the hiding limit is faster but spends d T(s, d) - compute(s) rank-seconds
@@ -228,7 +245,7 @@ def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology
     base = cost.c + cost.compute_s(sh.length)
 
     def time(d: int) -> float:
-        return cost.c + ring_time(sh, d, cost, topo)
+        return cost.c + _ring_time(sh, d, cost, topo)
 
     def f(d: int) -> float:
         t = time(d)
@@ -236,7 +253,7 @@ def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology
 
     if time(sh.ring_size) <= target_s:
         return sh.ring_size
-    spans = (useful_ring_sizes if beyond_hidden else hidden_ring_sizes)(sh, cost, topo)
+    spans = (_useful_ring_sizes if beyond_hidden else _hidden_ring_sizes)(sh, cost, topo)
     for span in spans:
         if time(span[-1]) > target_s:
             continue
@@ -254,7 +271,7 @@ def choose_ring_size(sh: Shard, target_s: float, cost: CostModel, topo: Topology
     for span in spans:
         lo, hi = span[0], span[-1]
         grid.update(round(lo * (hi / lo) ** (k / 15)) for k in range(16))
-    grid.update(span[-1] for span in hidden_ring_sizes(sh, cost, topo))
+    grid.update(span[-1] for span in _hidden_ring_sizes(sh, cost, topo))
     return min(_snap(grid, topo), key=lambda d: (f(d), d))
 
 
@@ -267,20 +284,20 @@ def _snap(sizes, topo: Topology) -> set[int]:
 
 def best_ring_time(sh: Shard, cost: CostModel, topo: Topology, capacity_tokens: int) -> float:
     """A lower bound on one sequence's group time over every ring size d >= D(s): c plus
-    the fastest compute + exposed communication of any region (`fastest_ring`), plus the
+    the fastest compute + exposed communication of any region (`_fastest_ring`), plus the
     smallest possible memory-scheme overhead (recompute and exposed copies at d =
     world_size, where a rank holds the fewest tokens)."""
     s, N = sh.length, topo.world_size
-    best = min(cost.seq_time(s, fastest_ring(s, lo, hi, bw, cost), bandwidth_gbps=bw)
-               for lo, hi, bw in ring_regions(sh, topo))
+    best = min(cost.seq_time(s, _fastest_ring(s, lo, hi, bw, cost), bandwidth_gbps=bw)
+               for lo, hi, bw in _ring_regions(sh, topo))
     least = resize(sh, N, capacity_tokens, cost)
     at_n = cost.seq_cost(s, N, bandwidth_gbps=topo.bandwidth_for_size(N),
                          offload_ratio=least.offload_ratio)
     return cost.c + best + at_n.recompute_s + at_n.exposed_offload_s
 
 
-def balance_target(shards: Sequence[Shard], cost: CostModel, topo: Topology,
-                   capacity_tokens: int, speeds: np.ndarray | None = None) -> float:
+def _balance_target(shards: Sequence[Shard], cost: CostModel, topo: Topology,
+                    capacity_tokens: int, speeds: np.ndarray | None = None) -> float:
     """Perfect-balance bound: total compute / summed rank speed, and the longest sequence's
     best ring at the fastest speed (T(s, d) grows with s for every d, so the longest
     sequence has the slowest best ring)."""
@@ -298,7 +315,7 @@ def _speed_totals(speeds: np.ndarray | None, world_size: int) -> tuple[float, fl
 
 
 # -- passes 2 and 3 ---------------------------------------------------------------------
-class FreeView:
+class _FreeView:
     """When each rank frees up, sorted per node, to find where a ring of d ranks can start.
 
     A ring of d <= gpus_per_node ranks goes inside one node; a larger one takes the
@@ -307,73 +324,74 @@ class FreeView:
     """
 
     def __init__(self, free: np.ndarray, topo: Topology):
-        self.gpn = topo.gpus_per_node
+        self.gpus_per_node = topo.gpus_per_node
         self.topo = topo
-        self.F = free.reshape(-1, self.gpn)  # a view: updates write through to `free`
-        self.order = np.argsort(self.F, axis=1, kind="stable")
-        self.S = np.take_along_axis(self.F, self.order, axis=1)
-        self.node_sum = self.F.sum(axis=1)
+        # [node, rank in node]; a view: updates write through to `free`
+        self.free_by_node = free.reshape(-1, self.gpus_per_node)
+        self.sort_order = np.argsort(self.free_by_node, axis=1, kind="stable")
+        self.sorted_free = np.take_along_axis(self.free_by_node, self.sort_order, axis=1)
+        self.node_free_sum = self.free_by_node.sum(axis=1)
         self._nodes: np.ndarray | None = None
 
     @property
     def nodes(self) -> np.ndarray:
         """Node ids by (when the whole node is free, total busy time): sorted on demand."""
         if self._nodes is None:
-            self._nodes = np.lexsort((self.node_sum, self.S[:, -1]))
+            self._nodes = np.lexsort((self.node_free_sum, self.sorted_free[:, -1]))
         return self._nodes
 
     def occupy(self, ranks: Sequence[int], until_s: float) -> None:
         """Mark `ranks` busy until `until_s`, re-sorting only the nodes they sit on."""
-        flat = self.F.reshape(-1)
+        flat = self.free_by_node.reshape(-1)
         flat[list(ranks)] = until_s
-        touched = sorted({r // self.gpn for r in ranks})
-        rows = self.F[touched]
-        self.order[touched] = np.argsort(rows, axis=1, kind="stable")
-        self.S[touched] = np.take_along_axis(rows, self.order[touched], axis=1)
-        self.node_sum[touched] = rows.sum(axis=1)
+        touched = sorted({r // self.gpus_per_node for r in ranks})
+        rows = self.free_by_node[touched]
+        self.sort_order[touched] = np.argsort(rows, axis=1, kind="stable")
+        self.sorted_free[touched] = np.take_along_axis(rows, self.sort_order[touched], axis=1)
+        self.node_free_sum[touched] = rows.sum(axis=1)
         self._nodes = None
 
     def start(self, d: int) -> float:
         """Earliest time d ranks placed this way are all free."""
-        if d <= self.gpn:
-            return float(self.S[:, d - 1].min())
-        k, rem = divmod(d, self.gpn)
-        start = float(self.S[self.nodes[k - 1], -1])
+        if d <= self.gpus_per_node:
+            return float(self.sorted_free[:, d - 1].min())
+        k, rem = divmod(d, self.gpus_per_node)
+        start = float(self.sorted_free[self.nodes[k - 1], -1])
         if rem:
-            start = max(start, float(self.S[self.nodes[k:], rem - 1].min()))
+            start = max(start, float(self.sorted_free[self.nodes[k:], rem - 1].min()))
         return start
 
     def ranks(self, d: int) -> list[int]:
         """The ranks `start(d)` refers to, in ring order (least idle on ties)."""
-        gpn, S = self.gpn, self.S
+        gpn, S = self.gpus_per_node, self.sorted_free
         if d <= gpn:
             col = S[:, d - 1]
             tied = np.flatnonzero(col <= col.min())
             idle = d * col[tied] - S[tied, :d].sum(axis=1)
             node = int(tied[np.argmin(idle)])
-            return sorted(node * gpn + int(j) for j in self.order[node, :d])
+            return sorted(node * gpn + int(j) for j in self.sort_order[node, :d])
         k, rem = divmod(d, gpn)
         full = self.nodes[:k]
         chosen = [int(n) * gpn + j for n in full for j in range(gpn)]
         if rem:
             rest = self.nodes[k:]
             node = int(rest[np.argmin(S[rest, rem - 1])])
-            chosen += [node * gpn + int(j) for j in self.order[node, :rem]]
+            chosen += [node * gpn + int(j) for j in self.sort_order[node, :rem]]
         return self.topo.ring_order(chosen)
 
     def free_counts(self, levels: int = 8) -> list[int]:
         """How many ranks are free by each of the first few node-level free times."""
-        times = np.unique(self.S[self.nodes[:levels], -1])
-        return [int(np.count_nonzero(self.S <= t)) for t in times if np.isfinite(t)]
+        times = np.unique(self.sorted_free[self.nodes[:levels], -1])
+        return [int(np.count_nonzero(self.sorted_free <= t)) for t in times if np.isfinite(t)]
 
 
-def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
-                    topo: Topology) -> list[int]:
+def _candidate_sizes(sh: Shard, d0: int, view: _FreeView, cost: CostModel,
+                     topo: Topology) -> list[int]:
     """Ring sizes worth trying for `sh`: D(s), the target's size d0 (which may lie beyond
     the hiding limit when only such a ring meets the target), the hiding limits, a
     geometric grid between, and the numbers of ranks that free up first. Other sizes
     beyond the hiding limit would spend rank time on exposed communication."""
-    spans = hidden_ring_sizes(sh, cost, topo)
+    spans = _hidden_ring_sizes(sh, cost, topo)
     cand = {sh.ring_size, d0}
     counts = view.free_counts() if spans and spans[-1][-1] > topo.gpus_per_node else []
     for span in spans:
@@ -384,8 +402,15 @@ def candidate_sizes(sh: Shard, d0: int, view: FreeView, cost: CostModel,
     return sorted(_snap(cand, topo))
 
 
-class SpeedViews:
-    """One FreeView per speed class: the class's view hides every slower rank (free at
+class _SpeedClass(NamedTuple):
+    """The ranks at least `speed` fast, as a _FreeView (the slower ones never free)."""
+
+    speed: float
+    view: _FreeView
+
+
+class _SpeedViews:
+    """One _FreeView per speed class: the class's view hides every slower rank (free at
     infinity), so a ring placed through it runs at least that fast. One view over `free`
     itself when every rank has the same speed."""
 
@@ -393,18 +418,19 @@ class SpeedViews:
         self.free = free
         self.speeds = speeds
         levels = [1.0] if speeds is None else sorted(set(speeds.tolist()), reverse=True)
-        if len(levels) == 1:
-            self.views = [(levels[0], FreeView(free, topo))]
-        else:
-            self.views = [(v, FreeView(np.where(speeds >= v, free, np.inf), topo))
-                          for v in levels]
+        if speeds is None or len(levels) == 1:
+            self.classes = [_SpeedClass(levels[0], _FreeView(free, topo))]
+        else:  # fastest first
+            self.classes = [_SpeedClass(v, _FreeView(np.where(speeds >= v, free, np.inf), topo))
+                            for v in levels]
 
     def occupy(self, ranks: Sequence[int], until_s: float) -> None:
-        if len(self.views) == 1:
-            self.views[0][1].occupy(ranks, until_s)
+        if len(self.classes) == 1:
+            self.classes[0].view.occupy(ranks, until_s)
             return
+        assert self.speeds is not None, "several speed classes come from per-rank speeds"
         self.free[list(ranks)] = until_s
-        for v, view in self.views:
+        for v, view in self.classes:
             visible = [r for r in ranks if self.speeds[r] >= v]
             if visible:
                 view.occupy(visible, until_s)
@@ -413,49 +439,70 @@ class SpeedViews:
         return 1.0 if self.speeds is None else float(self.speeds[list(ranks)].min())
 
 
-def place_rings(rings: Sequence[tuple[Shard, int]], free: np.ndarray, cost: CostModel,
-                topo: Topology, capacity_tokens: int, target_s: float,
-                speeds: np.ndarray | None = None) -> list[Task]:
-    """Alg. 2 for the rings, given as (shard at D(s), ring size d0 sized to the target):
-    largest work first, each onto the smallest ring that still ends by the target (leaving
-    the most ranks to the rest; the fastest class on ties), or, if none can, the size,
-    speed class and ranks that end it earliest."""
-    timed = sorted(((ring_time(sh, d0, cost, topo), sh, d0) for sh, d0 in rings),
-                   key=lambda t: (-t[0] * t[2], -t[0], t[1].seq_id))
+class _SizedRing(NamedTuple):
+    """Pass 1's answer for one sequence: its shard at D(s) and its ring size for the target."""
+
+    shard: Shard
+    ring_size: int
+
+
+class _RingOption(NamedTuple):
+    """One place pass 2 could put a ring."""
+
+    end_s: float  # when the ring would end
+    ring_size: int
+    speed_class: int  # index into _SpeedViews.classes (0: the fastest)
+    shard: Shard  # the sequence resized to `ring_size` (its offload there)
+
+
+def _place_rings(rings: Sequence[_SizedRing], free: np.ndarray, cost: CostModel,
+                 topo: Topology, capacity_tokens: int, target_s: float,
+                 speeds: np.ndarray | None = None) -> list[Task]:
+    """Alg. 2 for the rings, each sized to the target by pass 1 (d0): largest work first,
+    each onto the smallest ring that still ends by the target (leaving the most ranks to
+    the rest; the fastest class on ties), or, if none can, the size, speed class and ranks
+    that end it earliest."""
+    def largest_work_first(ring: _SizedRing) -> tuple[float, float, int]:
+        t = _ring_time(ring.shard, ring.ring_size, cost, topo)
+        return -t * ring.ring_size, -t, ring.shard.seq_id
+
     tasks = []
-    views = SpeedViews(free, speeds, topo)
-    for _, sh, d0 in timed:
-        end, d, level, x = _ring_choice(sh, d0, views, cost, topo, capacity_tokens, target_s)
-        ranks = views.views[level][1].ranks(d)
+    views = _SpeedViews(free, speeds, topo)
+    for sh, d0 in sorted(rings, key=largest_work_first):
+        choice = _ring_choice(sh, d0, views, cost, topo, capacity_tokens, target_s)
+        d = choice.ring_size
+        ranks = views.classes[choice.speed_class].view.ranks(d)
         start = float(free[ranks].max())
         at = cost.at_speed(views.ring_speed(ranks))
         dur = at.c + at.seq_time(sh.length, d, bandwidth_gbps=topo.ring_bandwidth(ranks),
-                                 offload_ratio=x.offload_ratio)
+                                 offload_ratio=choice.shard.offload_ratio)
         views.occupy(ranks, start + dur)
-        tasks.append(Task(ranks=tuple(ranks), shards=(x,), start_s=start, duration_s=dur))
+        tasks.append(Task(ranks=tuple(ranks), shards=(choice.shard,), start_s=start,
+                          duration_s=dur))
     return tasks
 
 
-def _ring_choice(sh: Shard, d0: int, views: SpeedViews, cost: CostModel, topo: Topology,
-                 capacity_tokens: int, target_s: float) -> tuple[float, int, int, Shard]:
-    """(end, ring size, speed-class index, resized shard) of where `sh` goes."""
+def _ring_choice(sh: Shard, d0: int, views: _SpeedViews, cost: CostModel, topo: Topology,
+                 capacity_tokens: int, target_s: float) -> _RingOption:
+    """Where `sh` goes: the smallest ring (then the fastest class) that ends by the target,
+    else the option that ends first."""
     options = []
-    for level, (v, view) in enumerate(views.views):
+    for level, (v, view) in enumerate(views.classes):
         at = cost.at_speed(v)
-        for d in candidate_sizes(sh, d0, view, cost, topo):
+        for d in _candidate_sizes(sh, d0, view, cost, topo):
             x = resize(sh, d, capacity_tokens, cost)
-            end = view.start(d) + at.c + ring_time(x, d, at, topo)
+            end = view.start(d) + at.c + _ring_time(x, d, at, topo)
             if math.isfinite(end):  # a class with fewer than d ranks cannot hold the ring
-                options.append((end, d, level, x))
-    under = [o for o in options if o[0] <= target_s * (1 + 1e-9)]
+                options.append(_RingOption(end_s=end, ring_size=d, speed_class=level, shard=x))
+    under = [o for o in options if o.end_s <= target_s * (1 + 1e-9)]
     if under:
-        return min(under, key=lambda o: (o[1], o[2]))
-    return min(options, key=lambda o: (o[0], o[1], o[2]))
+        return min(under, key=lambda o: (o.ring_size, o.speed_class))
+    return min(options, key=lambda o: (o.end_s, o.ring_size, o.speed_class))
 
 
-def place_shorts(shorts: Sequence[Shard], start: np.ndarray, items: list[list[Shard]],
-                 cost: CostModel, capacity_tokens: int, speeds: np.ndarray | None = None,
-                 capacities: np.ndarray | None = None) -> list[list[Shard]]:
+def _place_shorts(shorts: Sequence[Shard], start: np.ndarray, items: list[list[Shard]],
+                  cost: CostModel, capacity_tokens: int, speeds: np.ndarray | None = None,
+                  capacities: np.ndarray | None = None) -> list[list[Shard]]:
     """LPT: longest first onto the rank where it finishes earliest (the least-loaded one
     when all run at one speed), opening a pack when one is full.
 
@@ -470,7 +517,7 @@ def place_shorts(shorts: Sequence[Shard], start: np.ndarray, items: list[list[Sh
     heaps: dict[float, list[tuple[float, int]]] = {x: [] for x in set(v.tolist())}
     for r, t in enumerate(start.tolist()):
         if items[r]:
-            t += short_load(items[r], cost.at_speed(float(v[r])), int(caps[r]))
+            t += _short_load(items[r], cost.at_speed(float(v[r])), int(caps[r]))
             room[r] = max(0, int(caps[r]) - sum(held_tokens(sh) for sh in items[r]))
         heaps[float(v[r])].append((t, r))
     for heap in heaps.values():
@@ -481,13 +528,12 @@ def place_shorts(shorts: Sequence[Shard], start: np.ndarray, items: list[list[Sh
                                    [sh.offload_ratio for sh in ordered]).tolist()
     for sh, t in zip(ordered, times, strict=True):
         need = held_tokens(sh)
-        best = None
-        for speed in classes:
-            load, r = heaps[speed][0]
-            extra = (t + (cost.c if room[r] < need else 0.0)) / speed
-            if best is None or load + extra < best[0]:
-                best = (load + extra, speed, r)
-        finish, speed, r = best
+        finish, speed, r = math.inf, classes[0], -1  # the earliest finish over the classes
+        for cls in classes:
+            load, rank = heaps[cls][0]
+            end = load + (t + (cost.c if room[rank] < need else 0.0)) / cls
+            if r < 0 or end < finish:
+                finish, speed, r = end, cls, rank
         heapq.heappop(heaps[speed])
         if room[r] < need:
             room[r] = caps[r]
@@ -497,18 +543,23 @@ def place_shorts(shorts: Sequence[Shard], start: np.ndarray, items: list[list[Sh
     return items
 
 
-def split_movable(tasks: Sequence[Task], world_size: int
-                  ) -> tuple[list[Task], np.ndarray, list[list[Shard]]]:
-    """Single-rank tasks after a rank's last ring become movable items of that rank.
+class _Movable(NamedTuple):
+    """Pass 2's tasks split into what stays where it is and what pass 3 / the LNS may move."""
 
-    Returns (fixed tasks, when each rank's fixed tasks end, movable items per rank), so
-    the LNS can still move sequences that pass 2 placed alone.
-    """
+    fixed: list[Task]
+    fixed_end_s: np.ndarray  # float64[world_size]: when each rank's fixed tasks end
+    items: list[list[Shard]]  # movable sequences per rank
+
+
+def _split_movable(tasks: Sequence[Task], world_size: int) -> _Movable:
+    """Single-rank tasks after a rank's last ring become movable items of that rank, so
+    the LNS can still move sequences that pass 2 placed alone."""
     last_ring = np.zeros(world_size)
     for t in tasks:
         if len(t.ranks) > 1:
             last_ring[list(t.ranks)] = np.maximum(last_ring[list(t.ranks)], t.end_s)
-    fixed, items = [], [[] for _ in range(world_size)]
+    fixed: list[Task] = []
+    items: list[list[Shard]] = [[] for _ in range(world_size)]
     base = np.zeros(world_size)
     for t in tasks:
         r = t.ranks[0]
@@ -517,7 +568,7 @@ def split_movable(tasks: Sequence[Task], world_size: int
         else:
             fixed.append(t)
             base[list(t.ranks)] = np.maximum(base[list(t.ranks)], t.end_s)
-    return fixed, base, items
+    return _Movable(fixed=fixed, fixed_end_s=base, items=items)
 
 
 def pack_fixed_singles(tasks: Sequence[Task], cost: CostModel, capacity_tokens: int,
@@ -550,7 +601,7 @@ def _packed_run(run: list[Task], cost: CostModel, capacity_tokens: int,
     at = cost.at_speed(1.0 if speeds is None else float(speeds[r]))
     t, out = run[0].start_s, []
     for pack in best_fit_packs([sh for task in run for sh in task.shards], capacity_tokens=cap):
-        dur = pack_time(pack, at)
+        dur = _pack_time(pack, at)
         out.append(Task(ranks=(r,), shards=tuple(pack), start_s=t, duration_s=dur))
         t += dur
     return out
@@ -560,23 +611,31 @@ def held_tokens(sh: Shard) -> int:
     return int(np.ceil(sh.length * (1.0 - sh.offload_ratio) - 1e-9))
 
 
-def size_rings(shards: Sequence[Shard], single: np.ndarray, target: float, cost: CostModel,
-               topo: Topology, *, beyond_hidden: bool,
-               total_speed: float | None = None) -> list[tuple[Shard, int]]:
-    """Pass 1: (shard at D(s), ring size for the target), longest first, the level rising
+def _size_rings(shards: Sequence[Shard], single: np.ndarray, target: float, cost: CostModel,
+                topo: Topology, *, beyond_hidden: bool,
+                total_speed: float | None = None) -> list[_SizedRing]:
+    """Pass 1: each sequence's ring size for the target, longest first, the level rising
     with the exposed communication of every ring enlarged past its hiding limit
     (`total_speed`: the ranks' summed speed, default one per rank)."""
-    sized = [(sh, 1) for sh in shards]
+    sized = [_SizedRing(shard=sh, ring_size=1) for sh in shards]
     level = sum(cost.compute_s(sh.length) for sh in shards) / (total_speed or topo.world_size)
     for k in sorted(range(len(shards)), key=lambda k: (-shards[k].length, k)):
         sh = shards[k]
         if sh.ring_size == 1 and single[k] <= target:
             continue
-        d = choose_ring_size(sh, target, cost, topo, level_s=level, beyond_hidden=beyond_hidden)
-        t = cost.c + ring_time(sh, d, cost, topo)
+        d = _choose_ring_size(sh, target, cost, topo, level_s=level, beyond_hidden=beyond_hidden)
+        t = cost.c + _ring_time(sh, d, cost, topo)
         level += max(0.0, d * t - cost.c - cost.compute_s(sh.length)) / topo.world_size
-        sized[k] = (sh, d)
+        sized[k] = _SizedRing(shard=sh, ring_size=d)
     return sized
+
+
+class _Candidate(NamedTuple):
+    """The schedule with the smallest makespan found so far."""
+
+    makespan_s: float
+    schedule: Schedule
+    num_grouped: int  # sequences placed in pass 2 (rings and coarse short ones)
 
 
 def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
@@ -594,51 +653,60 @@ def greedy_schedule(shards: Sequence[Shard], *, cost: CostModel, topo: Topology,
     speeds = _nonuniform(speeds)
     capacities = None if capacities is None or np.all(capacities == capacity_tokens) \
         else np.asarray(capacities, dtype=np.int64)
-    target = balance_target(shards, cost, topo, capacity_tokens, speeds)
+    target = _balance_target(shards, cost, topo, capacity_tokens, speeds)
     total_speed, fastest = _speed_totals(speeds, topo.world_size)
     single = cost.single_rank_times([sh.length for sh in shards],
                                     [sh.offload_ratio for sh in shards])
     longest = max(shards, key=lambda sh: (sh.length, -sh.ring_size, sh.seq_id))
     quickest = cost.at_speed(fastest)
-    best = None
+    best: _Candidate | None = None
     for beyond_hidden in (False, True):
-        if beyond_hidden and (best[0] <= target * (1 + 1e-6) or best[2] * topo.world_size
-                              > FASTEST_MODE_CAP):
-            break
-        sized = size_rings(shards, single, target, cost, topo, beyond_hidden=beyond_hidden,
-                           total_speed=total_speed)
+        if beyond_hidden:
+            assert best is not None, "the first mode places at least once"
+            if best.makespan_s <= target * (1 + 1e-6) \
+                    or best.num_grouped * topo.world_size > FASTEST_MODE_CAP:
+                break
+        sized = _size_rings(shards, single, target, cost, topo, beyond_hidden=beyond_hidden,
+                            total_speed=total_speed)
         # Rings, and short sequences too coarse to fill gaps late, are placed in pass 2.
         coarse = [d > 1 or t > GRAIN * target
                   for (_, d), t in zip(sized, single.tolist(), strict=True)]
         long = [x for x, big in zip(sized, coarse, strict=True) if big]
         shorts = [sh for (sh, _), big in zip(sized, coarse, strict=True) if not big]
-        # The longest sequence on its largest ring of this mode: nothing ends before that.
-        spans = (useful_ring_sizes if beyond_hidden else hidden_ring_sizes)(longest, cost, topo)
-        ends = [span[-1] for span in spans] or [longest.ring_size]
-        reachable = max(target, quickest.c + min(
-            ring_time(resize(longest, d, capacity_tokens, cost), d, quickest, topo)
-            for d in ends))
+        reachable = max(target, _mode_floor(longest, quickest, cost, topo, capacity_tokens,
+                                            beyond_hidden=beyond_hidden))
         for factor in PLACEMENT_TARGETS if long else (1.0,):
-            schedule = place_all(long, shorts, cost, topo, capacity_tokens, target * factor,
-                                 speeds=speeds, capacities=capacities)
+            schedule = _place_all(long, shorts, cost, topo, capacity_tokens, target * factor,
+                                  speeds=speeds, capacities=capacities)
             makespan = float(schedule.loads(cost).max())
-            if best is None or makespan < best[0] * (1 - 1e-9):
-                best = (makespan, schedule, len(long))
+            if best is None or makespan < best.makespan_s * (1 - 1e-9):
+                best = _Candidate(makespan_s=makespan, schedule=schedule, num_grouped=len(long))
             if makespan <= reachable * (1 + 1e-6):
                 break  # nothing in this mode can beat it
-    return best[1]
+    assert best is not None, "every mode places at least once"
+    return best.schedule
 
 
-def place_all(long: Sequence[tuple[Shard, int]], shorts: Sequence[Shard], cost: CostModel,
-              topo: Topology, capacity_tokens: int, target_s: float, *,
-              speeds: np.ndarray | None = None,
-              capacities: np.ndarray | None = None) -> Schedule:
+def _mode_floor(longest: Shard, quickest: CostModel, cost: CostModel, topo: Topology,
+                capacity_tokens: int, *, beyond_hidden: bool) -> float:
+    """The longest sequence on its largest ring of this mode at the fastest speed: no
+    schedule of the mode ends before that."""
+    spans = (_useful_ring_sizes if beyond_hidden else _hidden_ring_sizes)(longest, cost, topo)
+    ends = [span[-1] for span in spans] or [longest.ring_size]
+    return quickest.c + min(
+        _ring_time(resize(longest, d, capacity_tokens, cost), d, quickest, topo) for d in ends)
+
+
+def _place_all(long: Sequence[_SizedRing], shorts: Sequence[Shard], cost: CostModel,
+               topo: Topology, capacity_tokens: int, target_s: float, *,
+               speeds: np.ndarray | None = None,
+               capacities: np.ndarray | None = None) -> Schedule:
     """Passes 2 and 3 for one target."""
     free = np.zeros(topo.world_size, dtype=np.float64)
-    rings = place_rings(long, free, cost, topo, capacity_tokens, target_s, speeds)
-    fixed, base, items = split_movable(rings, topo.world_size)
+    rings = _place_rings(long, free, cost, topo, capacity_tokens, target_s, speeds)
+    fixed, base, items = _split_movable(rings, topo.world_size)
     fixed = pack_fixed_singles(fixed, cost, capacity_tokens, speeds, capacities)
-    items = place_shorts(shorts, base, items, cost, capacity_tokens, speeds, capacities)
+    items = _place_shorts(shorts, base, items, cost, capacity_tokens, speeds, capacities)
     return Schedule(world_size=topo.world_size, capacity_tokens=capacity_tokens, rings=fixed,
                     base_s=base, items=items, speeds=speeds, capacities=capacities)
 

@@ -46,7 +46,9 @@ def epoch_batches(lengths: Sequence[int] | np.ndarray, *, tokens_per_batch: int,
     count = lengths.size if members is None else len(members)
     order = np.random.default_rng([seed, epoch]).permutation(count)
     sizes = lengths if members is None else np.array([lengths[m].sum() for m in members])
-    batches, current, used = [], [], 0
+    batches: list[np.ndarray] = []
+    current: list[int] = []
+    used = 0
     for u, n in zip(order.tolist(), sizes[order].tolist(), strict=True):
         if current and used + n > tokens_per_batch:
             batches.append(np.asarray(current, dtype=np.int64))

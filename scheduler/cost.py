@@ -372,7 +372,8 @@ class CostModel:
                               + np.maximum(0.0, kv + dkv - 5 * block)) + dkv
         return out
 
-    def single_rank_times(self, lengths: np.ndarray, offload_ratios: np.ndarray) -> np.ndarray:
+    def single_rank_times(self, lengths: Sequence[int] | np.ndarray,
+                          offload_ratios: Sequence[float] | np.ndarray) -> np.ndarray:
         """`seq_time(s, 1, offload_ratio=r)` for many sequences at once (no ring traffic)."""
         s = np.asarray(lengths, dtype=np.float64)
         out = self.a * s * s + self.b * s

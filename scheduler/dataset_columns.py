@@ -117,8 +117,9 @@ class TokenColumnWriter:
         with os.fdopen(fd, "wb") as f:
             f.write(head)
             f.truncate(len(head) + num_tokens * np.dtype(dtype).itemsize)
-        self._values = np.memmap(self._tmp, dtype=dtype, mode="r+", offset=len(head),
-                                 shape=(num_tokens,)) if num_tokens else np.zeros(0, dtype)
+        self._values: np.ndarray | None = np.memmap(  # None once aborted
+            self._tmp, dtype=dtype, mode="r+", offset=len(head), shape=(num_tokens,)
+        ) if num_tokens else np.zeros(0, dtype)
         self._written = np.zeros(len(self._offsets) - 1, dtype=bool)
 
     def write(self, sample: int, values: np.ndarray | Iterable[float]) -> None:
@@ -135,6 +136,9 @@ class TokenColumnWriter:
             raise DatasetError(f"values of sample {sample}: token {t} is {arr[t]} (log-probs "
                                "must be finite)")
         arr[0] = 0.0  # the first token has no prediction
+        if self._values is None:
+            raise DatasetError(f"{self.path.name}: the writer was aborted; nothing more can be "
+                               "written")
         self._values[start:stop] = arr
         self._written[sample] = True
 

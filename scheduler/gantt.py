@@ -72,6 +72,7 @@ def gantt_figure(plan: StepPlan, sim: SimResult, *, title: str | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
+    from matplotlib.artist import Artist
     from matplotlib.collections import PolyCollection
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -80,7 +81,9 @@ def gantt_figure(plan: StepPlan, sim: SimResult, *, title: str | None = None):
 
     sizes = Counter(len(g.ranks) for g in sim.timeline)
     colour = size_colours(sizes)
-    fills, fill_colours, outlines = [], [], []
+    fills: list[list[tuple[float, float]]] = []
+    fill_colours: list[tuple] = []
+    outlines: list[list[tuple[float, float]]] = []
     for g in sim.timeline:
         for r in g.ranks:
             fills.append(_box(g.start_s, g.end_s, r, r))
@@ -99,7 +102,7 @@ def gantt_figure(plan: StepPlan, sim: SimResult, *, title: str | None = None):
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title or f"{plan.world_size} ranks, makespan {sim.makespan_s:.3g} s "
                  f"({sim.ratio:.3f} x bound)")
-    handles = [Patch(facecolor=colour[d], edgecolor="black", linewidth=0.8,
+    handles: list[Artist] = [Patch(facecolor=colour[d], edgecolor="black", linewidth=0.8,
                      label=f"ring of {d}{' (packed)' if d == 1 else ''}: {sizes[d]} "
                            f"group{'s' if sizes[d] != 1 else ''}") for d in sorted(sizes)]
     handles.append(Line2D([], [], color="black", linestyle="--", linewidth=1,

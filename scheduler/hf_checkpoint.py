@@ -100,7 +100,8 @@ def parameter_names(spec: ModelSpec) -> list[tuple[str, str, tuple[int, ...]]]:
     (the tied head is the embedding and has no entry of its own)."""
     shapes = layer_shapes(spec)
     v, h = spec.vocab_size, spec.hidden_size
-    out = [("embed.weight", "model.embed_tokens.weight", (v, h))]
+    out: list[tuple[str, str, tuple[int, ...]]] = [
+        ("embed.weight", "model.embed_tokens.weight", (v, h))]
     for i in range(spec.num_layers):
         out += [(f"layers.{i}.{ours}", f"model.layers.{i}.{theirs}", shapes[ours])
                 for ours, theirs in _LAYER_NAMES if ours in shapes]

@@ -23,12 +23,13 @@ import shutil
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from scheduler.dataset import DatasetWriter
 from scheduler.errors import DatasetError
@@ -42,6 +43,9 @@ from scheduler.ingest_rows import (
     shape_help,
 )
 from scheduler.tokenizer import ByteTokenizer, load_tokenizer
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
 ROWS_PER_CHUNK = 512
@@ -92,7 +96,7 @@ class _RawChunk:
     file: str
     first_row: int
     lines: list[tuple[int, bytes]] | None
-    batch: object | None  # pyarrow.RecordBatch
+    batch: pa.RecordBatch | None
     input_bytes: int
 
 
@@ -101,7 +105,7 @@ def _suffix(path: Path) -> str:
     return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), "")
 
 
-def discover(sources: list[str | Path]) -> list[Path]:
+def discover(sources: Sequence[str | Path]) -> list[Path]:
     """Input files: each file as given, each directory's matching files (recursive, sorted)."""
     files = []
     for src in map(Path, sources):
@@ -167,6 +171,7 @@ def _parse(chunk: _RawChunk) -> list[tuple[RowRef, object]]:
     if chunk.batch is not None:
         return [(RowRef(chunk.file, chunk.first_row + j), row)
                 for j, row in enumerate(chunk.batch.to_pylist())]
+    assert chunk.lines is not None, "a chunk holds JSONL lines or a Parquet batch"
     rows = []
     for j, (line_no, line) in enumerate(chunk.lines):
         ref = RowRef(chunk.file, chunk.first_row + j, line_no)
@@ -215,6 +220,7 @@ def _init_worker(tokenizer: str | None, kind: str, column: str | None, add_eos: 
 
 
 def _encode_chunk(chunk: _RawChunk) -> EncodedChunk:
+    assert _WORKER is not None, "the pool's initializer (_init_worker) sets it"
     return _WORKER.encode(_parse(chunk))
 
 
@@ -290,7 +296,7 @@ def _auto_workers(files: list[Path]) -> int:
     return 1 if size < PARALLEL_MIN_BYTES else max(1, min(os.cpu_count() or 1, 8))
 
 
-def import_dataset(sources: list[str | Path], out: str | Path, *,
+def import_dataset(sources: Sequence[str | Path], out: str | Path, *,
                    tokenizer: str | Path | None = None, kind: str | None = None,
                    column: str | None = None, add_eos: bool = True,
                    workers: int | None = None, overwrite: bool = False,

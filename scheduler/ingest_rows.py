@@ -22,9 +22,10 @@ row (from 1; JSONL also gives its line) and the field.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -93,6 +94,10 @@ class _Piece:
     loss: bool = False
     eos: bool = False  # append EOS after it
 
+    def token_ids(self) -> np.ndarray:
+        assert self.ids is not None, "a piece is tokenized (or given as ids) before it is joined"
+        return self.ids
+
 
 @dataclass
 class _Draft:
@@ -101,7 +106,8 @@ class _Draft:
     ref: RowRef
     field: str  # the field its loss comes from (named in errors)
     kind: str
-    pieces: list[_Piece] = field(default_factory=list)
+    # `field` names the attribute above, so the dataclasses function is spelled in full
+    pieces: list[_Piece] = dataclasses.field(default_factory=list)
     chat: tuple[str, list[tuple[int, int]]] | None = None  # rendered text, loss spans
     pair: int = -1
     role: str | None = None
@@ -110,6 +116,11 @@ class _Draft:
     advantage: float = math.nan
     ids: np.ndarray | None = None
     mask: np.ndarray | None = None
+
+    def encoded(self) -> tuple[np.ndarray, np.ndarray]:
+        """ids and loss mask, which _tokenize sets on every draft."""
+        assert self.ids is not None and self.mask is not None, "_tokenize ran"
+        return self.ids, self.mask
 
 
 @dataclass(frozen=True)
@@ -297,54 +308,56 @@ class ChunkEncoder:
             pieces = [p for d in drafts for p in d.pieces if p.text is not None
                       and p.special == special]
             if pieces:
-                encoded = self.tok.encode_batch([p.text for p in pieces],
-                                                add_special_tokens=special)
+                texts = [p.text for p in pieces if p.text is not None]  # all of them
+                encoded = self.tok.encode_batch(texts, add_special_tokens=special)
                 for p, ids in zip(pieces, encoded, strict=True):
                     p.ids = ids
-        chats = [d for d in drafts if d.chat is not None]
+        chats = [(d, d.chat) for d in drafts if d.chat is not None]
         if chats:
-            for d, (ids, offsets) in zip(chats, self.tok.encode_with_offsets(
-                    [d.chat[0] for d in chats]), strict=True):
-                d.ids, d.mask = ids, span_mask(offsets, d.chat[1])
+            for (d, (_, spans)), (ids, offsets) in zip(chats, self.tok.encode_with_offsets(
+                    [text for _, (text, _) in chats]), strict=True):
+                d.ids, d.mask = ids, span_mask(offsets, spans)
         for d in drafts:
             if d.chat is None:
                 d.ids, d.mask = self._join(d.pieces)
 
     def _join(self, pieces: list[_Piece]) -> tuple[np.ndarray, np.ndarray]:
         """A sample's ids and mask from its tokenized pieces (plus EOS where asked)."""
-        ids = [p.ids for p in pieces]
-        mask = [np.full(p.ids.size, p.loss, dtype=np.uint8) for p in pieces]
-        eos, last = self.tok.eos_id, pieces[-1]
-        if last.eos and eos is not None and (not last.ids.size or last.ids[-1] != eos):
+        ids = [p.token_ids() for p in pieces]
+        mask = [np.full(i.size, p.loss, dtype=np.uint8) for i, p in zip(ids, pieces, strict=True)]
+        eos, last, last_ids = self.tok.eos_id, pieces[-1], ids[-1]
+        if last.eos and eos is not None and (not last_ids.size or last_ids[-1] != eos):
             ids.append(np.array([eos], dtype=np.uint32))
             mask.append(np.array([last.loss], dtype=np.uint8))
         return np.concatenate(ids), np.concatenate(mask)
 
     def _check(self, drafts: list[_Draft]) -> None:
         for k, d in enumerate(drafts):
-            if d.ids.size == 0:
+            ids, mask = d.encoded()
+            if ids.size == 0:
                 raise d.ref.error(d.field, "tokenizes to no tokens")
-            if d.kind != "pretrain" and not d.mask[1:].any():
+            if d.kind != "pretrain" and not mask[1:].any():
                 raise d.ref.error(d.field, "leaves no token that carries a loss (a loss token "
                                   "needs a token before it: give a prompt, or a tokenizer "
                                   "that adds BOS)")
-            if d.role == "rejected" and np.array_equal(d.ids, drafts[k - 1].ids):
+            if d.role == "rejected" and np.array_equal(ids, drafts[k - 1].encoded()[0]):
                 raise d.ref.error("rejected", "tokenizes to the same ids as 'chosen' (a DPO "
                                   "pair must differ)")
 
     def _assemble(self, drafts: list[_Draft], num_rows: int) -> EncodedChunk:
         rec = meta_records(len(drafts))
+        encoded = [d.encoded() for d in drafts]
         for j, d in enumerate(drafts):
             rec[j]["kind"] = KIND_CODE[d.kind]
             rec[j]["role"] = ROLE_CODE[d.role] if d.role else 0
             rec[j]["pair_id"], rec[j]["group_id"] = d.pair, d.group
             rec[j]["reward"], rec[j]["advantage"] = d.reward, d.advantage
-            rec[j]["num_loss_tokens"] = int(d.mask[1:].sum())
+            rec[j]["num_loss_tokens"] = int(encoded[j][1][1:].sum())
         empty = np.zeros(0, dtype=np.uint32)
         return EncodedChunk(
-            tokens=np.concatenate([d.ids for d in drafts]) if drafts else empty,
-            mask=np.concatenate([d.mask for d in drafts]) if drafts else empty.astype(np.uint8),
-            lengths=np.array([d.ids.size for d in drafts], dtype=np.int64), records=rec,
+            tokens=np.concatenate([ids for ids, _ in encoded]) if drafts else empty,
+            mask=np.concatenate([m for _, m in encoded]) if drafts else empty.astype(np.uint8),
+            lengths=np.array([ids.size for ids, _ in encoded], dtype=np.int64), records=rec,
             num_rows=num_rows, num_pairs=self._pairs, num_groups=self._groups)
 
 

@@ -136,13 +136,16 @@ def solve_neighbourhood(schedule: Schedule, hood: Sequence[int], cost: CostModel
     solver.parameters.max_time_in_seconds = SOLVE_WALL_CAP_S
     status = solver.solve(m)
     det = float(solver.response_proto.deterministic_time)
-    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    # ortools' stubs type solve()'s status and the status constants apart
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):  # type: ignore[comparison-overlap]
         return None, det, False
     new = [list(fixed[r]) for r in hood]
     for i, sh in enumerate(items):
         j = next(j for j in range(len(hood)) if solver.boolean_value(x[i][j]))
         new[j].append(sh)
-    return new, det, whole and status == cp_model.OPTIMAL
+    # ortools' stubs type solve()'s status and the status constants apart
+    optimal = status == cp_model.OPTIMAL  # type: ignore[comparison-overlap]
+    return new, det, whole and optimal
 
 
 def apply_if_better(schedule: Schedule, hood: Sequence[int], assignment, loads: np.ndarray,

@@ -259,12 +259,15 @@ def _solve_cp_sat(sizes: list[int], lifetimes: list[tuple[int, int]], hint: list
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = num_workers
     code = solver.solve(model)
-    if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+    # ortools' stubs type solve()'s status and the status constants apart
+    if code not in (cp_model.OPTIMAL, cp_model.FEASIBLE):  # type: ignore[comparison-overlap]
         return hint, lower, STATUS_HEURISTIC
     found = [solver.value(x) for x in offsets]
     if _peak(found, sizes) > upper:  # never worse than the warm start
         found = hint
-    status = STATUS_OPTIMAL if code == cp_model.OPTIMAL else STATUS_FEASIBLE
+    # ortools' stubs type solve()'s status and the status constants apart
+    optimal = code == cp_model.OPTIMAL  # type: ignore[comparison-overlap]
+    status = STATUS_OPTIMAL if optimal else STATUS_FEASIBLE
     return found, max(lower, int(math.ceil(solver.best_objective_bound))), status
 
 
@@ -308,8 +311,8 @@ def _validate(sizes: Sequence[int], lifetimes: Sequence[tuple[int, int]], time_l
     if not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers={num_workers!r} must be a positive integer")
     out_sizes, out_spans = [], []
-    for i, (size, span) in enumerate(zip(sizes, lifetimes, strict=True)):
-        size = _as_int(size)
+    for i, (given, span) in enumerate(zip(sizes, lifetimes, strict=True)):
+        size = _as_int(given)
         if size is None or size < 0:
             raise ValueError(f"sizes[{i}]={sizes[i]!r} must be a non-negative integer (bytes)")
         try:
@@ -317,12 +320,12 @@ def _validate(sizes: Sequence[int], lifetimes: Sequence[tuple[int, int]], time_l
         except (TypeError, ValueError):
             raise ValueError(
                 f"lifetimes[{i}]={span!r} must be a (first_op, last_op) pair") from None
-        first, last = _as_int(first), _as_int(last)
-        if first is None or last is None or not 0 <= first <= last:
+        first_op, last_op = _as_int(first), _as_int(last)
+        if first_op is None or last_op is None or not 0 <= first_op <= last_op:
             raise ValueError(f"lifetimes[{i}]={span!r} must satisfy 0 <= first_op <= last_op "
                              "(integers, inclusive)")
         out_sizes.append(int(size))
-        out_spans.append((int(first), int(last)))
+        out_spans.append((int(first_op), int(last_op)))
     return out_sizes, out_spans
 
 
@@ -330,17 +333,17 @@ def _validate_constraints(ceilings, links, sizes: list[int], spans: list[tuple[i
                           alignment: int) -> tuple[dict[int, int], dict[int, tuple[int, int]]]:
     n = len(sizes)
     out_c: dict[int, int] = {}
-    for i, c in (ceilings or {}).items():
-        i, c = _as_int(i), _as_int(c)
+    for given_i, given_c in (ceilings or {}).items():
+        i, c = _as_int(given_i), _as_int(given_c)
         if i is None or not 0 <= i < n or c is None or c < sizes[i] or c % alignment:
             raise ValueError(f"ceilings[{i}]={c!r} must name a tensor 0..{n - 1} and be a "
                              f"multiple of alignment={alignment} at least its size")
         out_c[i] = c
     out_l: dict[int, tuple[int, int]] = {}
-    for j, (i, d) in (links or {}).items():
-        j, i, d = _as_int(j), _as_int(i), _as_int(d)
-        if None in (i, j, d) or not (0 <= i < n and 0 <= j < n) or i == j or d < 0 \
-                or d % alignment:
+    for given_j, (given_i, given_d) in (links or {}).items():
+        j, i, d = _as_int(given_j), _as_int(given_i), _as_int(given_d)
+        if i is None or j is None or d is None or not (0 <= i < n and 0 <= j < n) or i == j \
+                or d < 0 or d % alignment:
             raise ValueError(f"links[{j}]=({i}, {d}) must link two different tensors "
                              f"0..{n - 1} with a delta >= 0 that is a multiple of "
                              f"alignment={alignment}")

@@ -56,7 +56,8 @@ def solve_offload_ratio(*, bytes_always: float, bytes_rest: float, layer_forward
     by_time = (layer_forward_s * bw - bytes_always) / rest
     by_host = (host_bytes / max(num_swapped_layers, 1) - bytes_always) / rest
     alpha = min(1.0, max(0.0, min(by_time, by_host)))
-    bound = "none" if alpha >= 1.0 else ("time" if by_time <= by_host else "host")
+    bound: Literal["time", "host", "none"] = \
+        "none" if alpha >= 1.0 else ("time" if by_time <= by_host else "host")
     swap_bytes = bytes_always + alpha * bytes_rest
     stall = max(0.0, swap_bytes / bw - layer_forward_s) if alpha == 0 else 0.0  # alpha > 0 fits
     return OffloadSolution(alpha=alpha, bound=bound, swap_s=swap_bytes / bw,

@@ -301,7 +301,7 @@ class StepPlan(_PlanModel):
                          pairs: Sequence[tuple[int, int]] | None) -> list[str]:
         """Both sequences of every pair (the plan's own and `pairs`) in one group."""
         out = []
-        listed = [("pairs", p) for p in self.pairs or []]
+        listed: list[tuple[str, tuple[int, ...]]] = [("pairs", p) for p in self.pairs or []]
         listed += [("batch pair", tuple(p)) for p in pairs or []]
         for what, (a, b) in listed:
             if a == b:
@@ -326,7 +326,8 @@ class StepPlan(_PlanModel):
 
     def _per_rank_violations(self) -> list[str]:
         out = []
-        lists = [("rank_capacity_tokens", self.rank_capacity_tokens, self.capacity_tokens)]
+        lists: list[tuple[str, Sequence[float] | None, float | None]] = [
+            ("rank_capacity_tokens", self.rank_capacity_tokens, self.capacity_tokens)]
         if self.memory is not None:
             lists.append(("memory.device_budget_bytes_per_rank",
                           self.memory.device_budget_bytes_per_rank,

@@ -155,7 +155,7 @@ def plan_batch(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *
                                                                 capacity_tokens, ranks.speeds)
         plan = build_plan(units.expand(micro_batches), world, capacity_tokens, cost,
                           ranks=ranks)
-    plan.pairs = [tuple(m) for m in units.members if len(m) == 2] or None
+    plan.pairs = [(m[0], m[1]) for m in units.members if len(m) == 2] or None
     finish_plan(plan, cluster, model, cost, predictions=predictions, ranks=ranks)
     return plan
 
@@ -212,7 +212,8 @@ def finish_plan(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, cost: Co
                                per_rank_busy_s=list(sim.per_rank_busy_s),
                                step_overhead_s=sim.step_overhead_s,
                                groups=predict_groups(plan, cost, sim) if predictions else None,
-                               rank_speeds=None if uniform else [float(x) for x in speeds])
+                               rank_speeds=None if uniform or speeds is None
+                               else [float(x) for x in speeds])
     check_plan_memory(plan, cost.memory, None if ranks is None else ranks.budgets)
     return plan
 
@@ -236,6 +237,7 @@ def predict_groups(plan: StepPlan, cost: CostModel, sim) -> list[GroupPredicted]
     for m, mb in enumerate(plan.micro_batches):
         for gi, g in enumerate(mb.groups):
             timing = next(timings)
+            assert g.memory is not None, "build_plan gives every group its memory scheme"
             scheme = g.memory.as_scheme()
             seqs = [s.length for s in g.sequences]
             d = g.ring_size
@@ -322,7 +324,7 @@ def static_replicas(shards: Sequence[Shard], cost: CostModel, topo: Topology,
     timed = sorted(((cost.seq_time(sh.length, p, bandwidth_gbps=bw,
                                    offload_ratio=sh.offload_ratio), sh) for sh in on_p),
                    key=lambda t: (-t[0], t[1].seq_id))
-    heaps = {v: [] for v in set(rs)}
+    heaps: dict[float, list[tuple[float, int]]] = {v: [] for v in set(rs)}
     for k, v in enumerate(rs):
         heaps[v].append((0.0, k))
     per_replica: list[list[Shard]] = [[] for _ in rs]

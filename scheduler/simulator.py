@@ -77,7 +77,7 @@ def default_offload(cluster: ClusterSpec) -> OffloadPolicy:
 
 
 def rank_speeds_of(cluster: ClusterSpec, world_size: int,
-                   speeds: Sequence[float] | None) -> np.ndarray:
+                   speeds: Sequence[float] | np.ndarray | None) -> np.ndarray:
     """float64[world_size] speeds: the given ones, or the cluster's nominal
     (`ClusterSpec.rank_speeds`: pool TFLOP/s over the reference's)."""
     if speeds is None:
@@ -96,7 +96,7 @@ def rank_speeds_of(cluster: ClusterSpec, world_size: int,
 def lower_bound(lengths: Sequence[int], cluster: ClusterSpec, model: ModelSpec, *,
                 capacity_tokens: int, world_size: int | None = None,
                 cost: CostModel | None = None,
-                speeds: Sequence[float] | None = None) -> float:
+                speeds: Sequence[float] | np.ndarray | None = None) -> float:
     """max(total compute / summed speed, longest sequence on its best ring), seconds.
 
     Valid for every plan of the batch, whatever its offload policy: the longest sequence
@@ -143,7 +143,8 @@ def _best_case(cost: CostModel, cluster: ClusterSpec, topo: Topology
 
 
 def simulate(plan: StepPlan, cluster: ClusterSpec, model: ModelSpec, *,
-             cost: CostModel | None = None, speeds: Sequence[float] | None = None) -> SimResult:
+             cost: CostModel | None = None,
+             speeds: Sequence[float] | np.ndarray | None = None) -> SimResult:
     """Timeline of `plan` on `cluster` (whose world may be larger than the plan's): every
     group under the memory scheme the plan names at its slowest member's speed, then the
     step's collectives and optimizer update on every rank after its last micro-batch.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -48,10 +48,17 @@ class ModelSpec(_Spec):
     num_heads: int = Field(gt=0, description="Query heads per layer.")
     num_kv_heads: int = Field(gt=0, description="Key/value heads (GQA); divides num_heads.")
     ffn_hidden_size: int = Field(gt=0, description="Inner width of the SwiGLU MLP.")
-    head_dim: int | None = Field(
-        default=None, gt=0, description="Width of one attention head; None (the default): "
-                                        "hidden_size / num_heads. Qwen3 and Mistral-Nemo set "
-                                        "it explicitly (q has num_heads x head_dim features).")
+    if TYPE_CHECKING:
+        # What a constructed spec holds: _normalise derives a missing head_dim and
+        # _check_heads refuses a spec where it cannot, so no validated spec has None (the
+        # checker sees that type; 0 only marks the field optional, the runtime default is None).
+        head_dim: int = 0
+    else:
+        head_dim: int | None = Field(
+            default=None, gt=0, description="Width of one attention head; None (the default): "
+                                            "hidden_size / num_heads. Qwen3 and Mistral-Nemo "
+                                            "set it explicitly (q has num_heads x head_dim "
+                                            "features).")
     rope_theta: float = Field(default=10000.0, gt=0, description="RoPE base frequency.")
     rope_scaling: RopeScaling | None = Field(
         default=None, description="Long-context frequency schedule (scheduler.rope): linear, "

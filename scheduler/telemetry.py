@@ -90,14 +90,15 @@ def exporters_from_env(env: dict[str, str] | None = None) -> list[SpanExporter]:
 def _otlp_exporter(env: dict[str, str]) -> SpanExporter:
     protocol = env.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
                        env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"))
+    # Both exporters read endpoint, headers, TLS from the OTEL_* variables.
     if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-    elif protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    else:
-        raise SpecError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; valid: "
-                        "grpc, http/protobuf")
-    return OTLPSpanExporter()  # reads endpoint, headers, TLS from the OTEL_* variables
+        from opentelemetry.exporter.otlp.proto.grpc import trace_exporter as grpc_exporter
+        return grpc_exporter.OTLPSpanExporter()
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http import trace_exporter as http_exporter
+        return http_exporter.OTLPSpanExporter()
+    raise SpecError(f"OTEL_EXPORTER_OTLP_PROTOCOL={protocol!r} is not supported; valid: "
+                    "grpc, http/protobuf")
 
 
 def make_tracer_provider(*, exporters: Sequence[SpanExporter] | None = None,

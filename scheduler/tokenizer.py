@@ -24,12 +24,17 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from scheduler.errors import DatasetError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as TokenizerBackend
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
@@ -64,7 +69,7 @@ class ByteTokenizer:
 class HFTokenizer:
     """A `tokenizers.Tokenizer` plus the special tokens and chat template of its directory."""
 
-    backend: object  # tokenizers.Tokenizer
+    backend: TokenizerBackend
     path: str
     special_tokens: dict[str, str] = field(default_factory=dict)  # bos_token -> "<s>", ...
     chat_template: str | None = None
@@ -102,8 +107,10 @@ class HFTokenizer:
             raise ChatTemplateError(f"the tokenizer at {self.path} has no chat template "
                                     "(tokenizer_config.json 'chat_template' or "
                                     "chat_template.jinja)")
-        from transformers.utils.chat_template_utils import render_jinja_template
+        from transformers.utils import chat_template_utils
 
+        # Annotated "-> str" in transformers, it returns (rendered texts, generation spans).
+        render_jinja_template: Callable[..., Any] = chat_template_utils.render_jinja_template
         try:
             texts, spans = render_jinja_template(
                 conversations=[messages], tools=tools, chat_template=self.chat_template,

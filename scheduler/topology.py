@@ -31,7 +31,7 @@ class Topology:
             raise ValueError(f"world_size={self.world_size} must be >= 1")
         self.gpus_per_node = cluster.gpus_per_node
         self.num_nodes = -(-self.world_size // self.gpus_per_node)
-        self.graph = nx.Graph()
+        self.graph: nx.Graph[int] = nx.Graph()
         self._nic = _node_figures(cluster, self.num_nodes, "inter_node_bandwidth_gbps")
         for n, bw in enumerate(_node_figures(cluster, self.num_nodes,
                                              "intra_node_bandwidth_gbps")):

@@ -89,6 +89,13 @@ class Scheme:
                                             and self.chunk_tokens >= 1):
             raise ValueError(f"streambp needs chunk_tokens >= 1, got {self.chunk_tokens!r}")
 
+    @property
+    def stream_chunk(self) -> int:
+        """chunk_tokens of a streambp scheme (which __post_init__ requires of one)."""
+        if self.chunk_tokens is None:
+            raise ValueError(f"memory scheme {self.name!r} has no chunk_tokens")
+        return self.chunk_tokens
+
 
 PLAIN = Scheme()
 
@@ -178,7 +185,7 @@ def group_flops(model: ModelSpec, lengths: Sequence[int], *, ring_size: int = 1,
         recompute = 2 * p * kept * swapped
     elif scheme.name == "streambp":
         recompute = 2 * p * T * L
-        chunked = sum(attention_pairs(c) for calls in stream_chunk_calls(local, scheme.chunk_tokens)
+        chunked = sum(attention_pairs(c) for calls in stream_chunk_calls(local, scheme.stream_chunk)
                       for c in calls)
         attention = (4 * pairs + 14 * chunked) * hq_d * L
     return GroupFlops(dense=dense, attention=attention, recompute=recompute)

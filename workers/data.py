@@ -196,12 +196,13 @@ class DatasetPlanSource:
     def _plan(self, lengths: np.ndarray, pairs: list[tuple[int, int]]) -> StepPlan:
         distributed = self.rank is not None and dist.is_available() \
             and dist.is_initialized() and dist.get_world_size(self.group) > 1
-        text = [None]
+        text: list[str | None] = [None]
         if not distributed or dist.get_rank(self.group) == 0:
             plan = self.planner(lengths, pairs=pairs) if pairs else self.planner(lengths)
             text = [plan.check([int(n) for n in lengths], pairs).model_dump_json()]
         if distributed:
             dist.broadcast_object_list(text, group_src=0, group=self.group)
+        assert text[0] is not None, "rank 0 planned, and broadcast its plan"
         return StepPlan.model_validate(json.loads(text[0]))
 
     def __call__(self, position: BatchPosition) -> StepInput:

@@ -46,6 +46,7 @@ def checkpoint_spec(checkpoint: Path, model: str | None) -> tuple[ModelSpec, str
 def _stored_dtype(checkpoint: Path) -> str:
     """The dtype the checkpoint holds the embedding in (the model's compute dtype)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     from workers.hf import dtype_name
 
@@ -54,7 +55,12 @@ def _stored_dtype(checkpoint: Path) -> str:
     if entry is None:
         raise SpecError(f"checkpoint {checkpoint} holds no model.embed.weight; is it a "
                         "Ringmaster training checkpoint?")
-    return dtype_name(entry.properties.dtype)
+    if not isinstance(entry, TensorStorageMetadata):
+        raise SpecError(f"checkpoint {checkpoint}: model.embed.weight is not a tensor; is it "
+                        "a Ringmaster training checkpoint?")
+    name = dtype_name(entry.properties.dtype)
+    assert name is not None, "dtype_name maps a torch dtype to a name or raises"
+    return name
 
 
 def load_checkpoint_model(checkpoint: str | Path, *, model: str | None = None):

@@ -46,7 +46,7 @@ from scheduler.hf_checkpoint import (
     parameter_names,
 )
 from scheduler.hf_config import read_hf_config
-from scheduler.specs import DTYPE_BYTES, ModelSpec
+from scheduler.specs import DTYPE_BYTES, DType, ModelSpec
 from workers.model import Transformer
 
 __all__ = ["MODEL_CARD", "READ_CHUNK_BYTES", "load_pretrained", "read_model_card",
@@ -60,15 +60,20 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
                 "generation_config.json", "chat_template.jinja", "chat_template.json")
 
-_TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
-                 "bfloat16": torch.bfloat16}
+_TORCH_DTYPES: dict[DType, torch.dtype] = {
+    "float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+    "bfloat16": torch.bfloat16}
 _NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
-def dtype_name(dtype: str | torch.dtype | None) -> str | None:
+def dtype_name(dtype: str | torch.dtype | None) -> DType | None:
     """'bfloat16' for torch.bfloat16 or 'bfloat16'; None stays None."""
-    if dtype is None or isinstance(dtype, str) and dtype in DTYPE_BYTES:
-        return dtype
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        for name in _TORCH_DTYPES:  # the names of DTYPE_BYTES, as the DType literal
+            if name == dtype:
+                return name
     if isinstance(dtype, torch.dtype) and dtype in _NAMES:
         return _NAMES[dtype]
     raise SpecError(f"dtype={dtype!r} is not valid; valid: {', '.join(DTYPE_BYTES)}")
@@ -196,7 +201,7 @@ def _write_weights(model: Transformer, spec: ModelSpec, out: Path, dtype: torch.
     shards = _shards(sizes, limit)
     files = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    weight_map = {}
+    weight_map: dict[str, str] = {}
     for file, members in zip(files, shards, strict=True):
         tensors = {names[i][1]: params[names[i][0]].detach().to("cpu", dtype).contiguous()
                    for i in members}

@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,7 @@ from scheduler.memory_model import (
     profile_to_json,
 )
 from scheduler.specs import ModelSpec, model_preset
+from workers.layers import DecoderLayer
 from workers.model import DEFAULT_HEAD_CHUNK as HEAD_CHUNK_TOKENS  # the head's chunk
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -209,7 +211,7 @@ class _OpaqueAttention(torch.autograd.Function):
         return (*grads, None, None)
 
 
-def trace_layer(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0) -> RegionTrace:
+def trace_layer(layer: DecoderLayer, num_tokens: int, *, seed: int = 0) -> RegionTrace:
     """Requests of `layer(x, position_ids, core)` forward then backward on one sequence.
 
     The layer's device and dtype are its parameters'. Its input x and the incoming
@@ -233,7 +235,7 @@ def trace_layer(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0) -> Re
     return _region_trace(tracker, num_tokens, special)
 
 
-def trace_layer_no_grad(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0
+def trace_layer_no_grad(layer: DecoderLayer, num_tokens: int, *, seed: int = 0
                         ) -> RegionTrace:
     """Requests of `layer(x, position_ids, core)` under no_grad: the forward layer-wise
     StreamBP runs (parallelism/streambp.py). Everything but the output is transient."""
@@ -249,7 +251,7 @@ def trace_layer_no_grad(layer: torch.nn.Module, num_tokens: int, *, seed: int = 
     return _region_trace(tracker, num_tokens, {"output": [y], "grad_input": [], "fixed": []})
 
 
-def trace_key_value(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0) -> RegionTrace:
+def trace_key_value(layer: DecoderLayer, num_tokens: int, *, seed: int = 0) -> RegionTrace:
     """Requests of `layer.key_value(x)` forward, then its backward from given dK, dV: the
     per-layer K/V cache of layer-wise StreamBP (parallelism/streambp.py)."""
     param = next(layer.parameters())
@@ -265,8 +267,9 @@ def trace_key_value(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0) -
         tracker.mark("backward")
         torch.autograd.backward([k, v], [dk, dv])
         tracker.finish()
-    special = {"output": [k, v], "grad_input": [x.grad],
-               "fixed": [p.grad for p in layer.parameters() if p.grad is not None]}
+    special: dict[str, list[torch.Tensor | None]] = {
+        "output": [k, v], "grad_input": [x.grad],
+        "fixed": [p.grad for p in layer.parameters() if p.grad is not None]}
     return _region_trace(tracker, num_tokens, special)
 
 
@@ -319,7 +322,7 @@ def trace_head(norm: torch.nn.Module, weight: torch.Tensor, num_tokens: int, *,
                                                "fixed": fixed})
 
 
-def trace_layer_cuda(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0
+def trace_layer_cuda(layer: DecoderLayer, num_tokens: int, *, seed: int = 0
                      ) -> RegionTrace:
     """The same requests as the CUDA caching allocator saw them (one op per event)."""
     from torch.cuda import memory as cuda_memory
@@ -343,9 +346,10 @@ def trace_layer_cuda(layer: torch.nn.Module, num_tokens: int, *, seed: int = 0
         events = _device_events(cuda_memory._snapshot(), param.device)
     finally:
         cuda_memory._record_memory_history(enabled=None)
+    assert x.grad is not None, "the backward above wrote it"
     special = {"output": {y.untyped_storage().data_ptr()},
                "grad_input": {x.grad.untyped_storage().data_ptr()},
-               "fixed": {p.grad.untyped_storage().data_ptr() for p in layer.parameters()}}
+               "fixed": {_grad(p).untyped_storage().data_ptr() for p in layer.parameters()}}
     return _events_to_trace(events, boundary, special, num_tokens)
 
 
@@ -429,7 +433,12 @@ def _random(shape, device, dtype, seed: int, count: int) -> list[torch.Tensor]:
             for _ in range(count)]
 
 
-def _hidden(layer: torch.nn.Module) -> int:
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None, "the traced backward reaches every parameter"
+    return p.grad
+
+
+def _hidden(layer: DecoderLayer) -> int:
     return layer.attn_norm.weight.shape[0]
 
 
@@ -476,13 +485,10 @@ def step_peak_bytes(model: torch.nn.Module, step) -> int:
         return handle
 
     model.zero_grad(set_to_none=True)
-    HostSwapper.offload = counted_offload
-    try:
-        with tracker, opaque_attention_kernels(tracker):
-            step()
-            tracker.finish()
-    finally:
-        HostSwapper.offload = offload
+    with patch.object(HostSwapper, "offload", counted_offload), tracker, \
+            opaque_attention_kernels(tracker):
+        step()
+        tracker.finish()
     excluded = host | {tracker.storage_record(p.grad) for p in model.parameters()
                        if p.grad is not None}
     delta: dict[int, int] = {}
@@ -551,7 +557,7 @@ def record_profile(spec: ModelSpec, *, token_counts: tuple[int, ...] = (64, 128,
                f"torch {torch.__version__}")
 
 
-def _init_if_real(layer: torch.nn.Module, embed: torch.Tensor) -> None:
+def _init_if_real(layer: DecoderLayer, embed: torch.Tensor) -> None:
     if embed.is_meta:
         return
     with torch.no_grad():

@@ -123,6 +123,7 @@ class Transformer(nn.Module):
         self.embed.weight.normal_(0.0, INIT_STD)
         out_std = INIT_STD / math.sqrt(2 * self.spec.num_layers)
         for layer in self.layers:
+            assert isinstance(layer, DecoderLayer)
             layer.reset_parameters(std=INIT_STD, out_std=out_std)
         self.norm.weight.fill_(1.0)
         if not self.spec.tie_word_embeddings:
@@ -331,6 +332,7 @@ class AutogradStack:
 
     def backward(self, dy: torch.Tensor) -> torch.Tensor:
         torch.autograd.backward([self.y_edge], [dy])
+        assert self.x_leaf.grad is not None, "the backward above wrote it"
         return self.x_leaf.grad
 
 

@@ -29,6 +29,7 @@ class RankLogs(logging.Handler):
     def __init__(self, client, *, capacity: int = 1000, batch: int = 500):
         super().__init__(level=logging.INFO)
         self.client, self.batch = client, batch
+        self._capacity = capacity
         self._lines: deque[pb.LogEntry] = deque(maxlen=capacity)
         self._dropped = 0
         self._send_lock = threading.Lock()
@@ -56,7 +57,7 @@ class RankLogs(logging.Handler):
                 try:
                     self.client.report_logs(entries)
                 except Exception:  # away or fenced: keep them (bounded) and try again
-                    self._lines.extendleft(reversed(entries[-self._lines.maxlen:]))
+                    self._lines.extendleft(reversed(entries[-self._capacity:]))
                     return
 
     def attach(self) -> RankLogs:

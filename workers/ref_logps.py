@@ -32,6 +32,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -109,7 +110,8 @@ def group_logps(model, g: RingGroup, tokens: dict[int, torch.Tensor], rank: int,
 
 
 def run_batch(model, ds: TokenDataset, sample_ids: np.ndarray, plan: StepPlan, rank: int,
-              device: torch.device) -> list[tuple[int, np.ndarray, np.ndarray]]:
+              device: torch.device) -> list[tuple[tuple[int, tuple[int, ...]], np.ndarray,
+                                                  np.ndarray]]:
     """This rank's results: (micro-batch/group key, packed rows, values) per group."""
     tokens = {s.id: torch.from_numpy(ds[int(sample_ids[s.id])].astype(np.int64))
               for _, g in plan.micro_batches_of(rank) for s in g.sequences}
@@ -169,17 +171,21 @@ def _run(model, ds: TokenDataset, writer, rank: int, world: int,
     lengths = ds.lengths
     try:
         for sample_ids in batches(lengths, world * args.capacity_tokens * BATCH_CAPACITIES):
-            plan = [plan_of(lengths[sample_ids], model, args) if rank == 0 else None]
+            plans: list[StepPlan | None] = [
+                plan_of(lengths[sample_ids], model, args) if rank == 0 else None]
             if world > 1:
-                dist.broadcast_object_list(plan, src=0)
-            results = run_batch(model, ds, sample_ids, plan[0], rank, device)
-            gathered = [None] * world if rank == 0 else None
+                dist.broadcast_object_list(plans, src=0)
+            plan = plans[0]
+            assert plan is not None, "rank 0 planned, and broadcast its plan"
+            results = run_batch(model, ds, sample_ids, plan, rank, device)
+            gathered: list[Any] | None = [None] * world if rank == 0 else None
             if world > 1:
                 dist.gather_object(results, gathered, dst=0)
             else:
                 gathered = [results]
             if writer is not None:
-                write_batch(writer, ds, sample_ids, plan[0], [r for g in gathered for r in g])
+                assert gathered is not None, "the writer is rank 0's, which gathers"
+                write_batch(writer, ds, sample_ids, plan, [r for g in gathered for r in g])
     except BaseException:
         if writer is not None:
             writer.abort()

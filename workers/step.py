@@ -46,6 +46,7 @@ import time
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -155,7 +156,7 @@ def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float,
     count is this rank's share of the global normaliser (workers.loss)."""
     device = next(model.parameters()).device
     inp = group_inputs(g, samples, rank, objective, device=device, comm_stats=comm_stats)
-    kwargs = {"targets": inp.targets_T, "objective": inp.objective}
+    kwargs: dict[str, Any] = {"targets": inp.targets_T, "objective": inp.objective}
     if g.ring_size > 1:
         kwargs.update(position_ids=inp.position_ids, ring=list(g.ranks), comm_stats=comm_stats)
     num_tokens = inp.ids_T.numel()
@@ -166,7 +167,7 @@ def _run_group(model, g: RingGroup, samples, rank: int, grad_scale: float,
                                       grad_scale=grad_scale, **kwargs)
 
     key = _arena_key(g, num_tokens, kwargs) if arenas is not None else None
-    if key is None:
+    if arenas is None or key is None:
         loss_sum, _ = step()
     else:
         loss_sum, _ = arenas.run(key, (num_tokens, len(inp.cu_seqlens) - 1), step)

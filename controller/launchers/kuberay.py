@@ -31,6 +31,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import cast
 
 from controller.launchers.workerpods import (
     WorkerPodSettings,
@@ -158,7 +159,8 @@ class SharedVolume:
             raise ValueError(f"volumes: unknown field(s) {sorted(unknown)}; valid: name, "
                              "mountPath, readOnly, source")
         return cls(name=str(item.get("name", "")), mount_path=str(item.get("mountPath", "")),
-                   source=item.get("source"), read_only=bool(item.get("readOnly", False)))
+                   source=cast(Mapping, item.get("source")),  # checked by __post_init__
+                   read_only=bool(item.get("readOnly", False)))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -294,7 +296,8 @@ def _security_context(settings: ClusterSettings) -> tuple[dict, dict]:
 def _pod_template(settings: ClusterSettings, *, labels: dict, container: dict,
                   image: str) -> dict:
     pod_sc, container_sc = _security_context(settings)
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "shm", "mountPath": "/dev/shm"}]
+    mounts: list[dict[str, object]] = [{"name": "tmp", "mountPath": "/tmp"},
+                                       {"name": "shm", "mountPath": "/dev/shm"}]
     volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "shm", "emptyDir": {"medium": "Memory"}}]
     for v in settings.volumes:
         mounts.append({"name": v.name, "mountPath": v.mount_path, "readOnly": v.read_only})
@@ -380,7 +383,7 @@ def build_raycluster(*, job: JobRecord, attempt: int, namespace: str,
         env += _secret_env(worker_secret, with_ca)
     cluster_labels = {**labels, **({LABEL_KUEUE_QUEUE: pods.queue_name}
                                    if pods.queue_name else {})}
-    spec = {
+    spec: dict[str, object] = {
         "rayVersion": settings.ray_version,
         "headGroupSpec": _head_group(settings, labels, env, pods, image),
         "workerGroupSpecs": [_worker_group(settings, shape, g, labels, env, pods, image)

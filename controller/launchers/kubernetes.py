@@ -108,13 +108,16 @@ class KubernetesLauncher(Launcher):
         self.config = config or KubernetesLauncherConfig.from_env(controller_address)
         self.worker_secret = worker_secret  # (job id, attempt) -> the attempt's secret
         self.controller_ca = Path(controller_ca).read_text() if controller_ca else None
-        injected = (custom_api, core_api, ray_jobs, watch_factory)
-        defaults = default_clients() if any(x is None for x in injected) else None
-        self.clients = Clients(
-            custom=custom_api or defaults.custom, core=core_api or defaults.core,
-            ray_jobs=ray_jobs or defaults.ray_jobs,
-            watch_factory=watch_factory or defaults.watch_factory,
-            serialize=defaults.serialize if defaults else (lambda obj: obj))
+        if custom_api is None or core_api is None or ray_jobs is None or watch_factory is None:
+            defaults = default_clients()
+            self.clients = Clients(
+                custom=custom_api or defaults.custom, core=core_api or defaults.core,
+                ray_jobs=ray_jobs or defaults.ray_jobs,
+                watch_factory=watch_factory or defaults.watch_factory,
+                serialize=defaults.serialize)
+        else:
+            self.clients = Clients(custom=custom_api, core=core_api, ray_jobs=ray_jobs,
+                                   watch_factory=watch_factory)
         self.clock = clock
         self.tracker = PodTracker(self.config.cluster.owner)
         self._lock = threading.Lock()  # tables and tracker; never held across an API call
@@ -339,6 +342,7 @@ class KubernetesLauncher(Launcher):
                               namespace: str) -> None:
         """Before the pods that read it; its content is a function of (job, attempt), so
         one left by a controller that died mid-start is already right."""
+        assert self.worker_secret is not None, "secrets are made only for a launcher given one"
         body = build_worker_secret(job_id=job_id, attempt=attempt, job_name=job_name,
                                    namespace=namespace,
                                    settings=self.config.cluster,

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,12 @@ RESYNC = "RESYNC"  # a queued (kind, object) after a list: {"namespace", "pods"}
 
 @dataclass(kw_only=True)
 class Clients:
-    custom: object  # kubernetes.client.CustomObjectsApi (or a fake)
-    core: object  # kubernetes.client.CoreV1Api
-    ray_jobs: Callable[[str], object]  # dashboard URL -> JobSubmissionClient
-    watch_factory: Callable[[], object]  # -> kubernetes.watch.Watch
-    serialize: Callable[[object], object] = field(default=lambda obj: obj)
+    # Dynamic client objects (kubernetes' are untyped; tests pass fakes) and plain dicts.
+    custom: Any  # kubernetes.client.CustomObjectsApi (or a fake)
+    core: Any  # kubernetes.client.CoreV1Api
+    ray_jobs: Callable[[str], Any]  # dashboard URL -> JobSubmissionClient
+    watch_factory: Callable[[], Any]  # -> kubernetes.watch.Watch
+    serialize: Callable[[Any], Any] = field(default=lambda obj: obj)
 
 
 def default_clients() -> Clients:
@@ -77,7 +79,7 @@ class PodWatch:
         self.clients, self.selector, self.request_timeout = clients, selector, request_timeout
         self.events: queue.SimpleQueue[tuple[str, dict]] = queue.SimpleQueue()
         self.threads: list[threading.Thread] = []
-        self._watches: list[object] = []
+        self._watches: list[Any] = []
         self._closed = threading.Event()
 
     def start(self, namespaces: tuple[str, ...]) -> None:

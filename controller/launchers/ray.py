@@ -302,8 +302,9 @@ class RayLauncher(Launcher):
             if child is not None and child.returncode is not None:
                 code = child.returncode
                 message = f"driver exited with status {code} without an exit file"
-        kind = {EXIT_OK: EventKind.COMPLETED, EXIT_FAILED: EventKind.FAILED}.get(
-            code, EventKind.WORKER_LOST)
+        outcomes: dict[int | None, EventKind] = {EXIT_OK: EventKind.COMPLETED,
+                                                 EXIT_FAILED: EventKind.FAILED}
+        kind = outcomes.get(code, EventKind.WORKER_LOST)
         return LauncherEvent(job_id=rec.job_id, attempt=rec.attempt, kind=kind, message=message,
                              reason=reason if kind is EventKind.FAILED else "")
 
