@@ -136,6 +136,8 @@ class _Rank:
     async def run(self) -> None:
         import grpc
 
+        from scheduler.worker_config import WorkerConfig
+
         t0 = time.perf_counter()
         reply = await self.stub.Register(self.pb.RegisterRequest(
             worker=self.me, host=socket.gethostname(), pid=os.getpid()), metadata=self.md,
@@ -144,11 +146,11 @@ class _Rank:
         if not reply.accepted:
             self.log.fenced[self.rank] = reply.reason
             return
-        cfg = json.loads(reply.job_spec_json)
+        cfg = WorkerConfig.from_json(reply.job_spec_json)
         self.me.incarnation = reply.incarnation  # every later call presents it
         self.step = int(reply.start_step)
         self.train = asyncio.ensure_future(self._train())
-        beat = asyncio.ensure_future(self._beat(float(cfg["heartbeat_interval_s"])))
+        beat = asyncio.ensure_future(self._beat(cfg.heartbeat_interval_s))
         try:
             await self.train
         except grpc.aio.AioRpcError as exc:

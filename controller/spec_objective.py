@@ -2,93 +2,38 @@
 
 What the step optimises: `pretrain` (next-token loss on every token), `sft` (on the loss
 targets of the dataset's mask), `dpo` (preference pairs against stored reference
-log-probs) or `grpo` (group-relative policy optimisation with stored advantages). Each
-type is its own pydantic model, so a parameter of another objective (`beta` on a grpo
-objective) is refused by name. Which dataset each objective can train on is checked at
-submit from the dataset's records and columns only (`check_objective`): a dpo objective
-on a dataset without pairs is a 422 naming `objective.type`, before anything starts. The
-workers receive the objective in their config (controller.worker_service) and build
-workers.loss.ObjectiveConfig from it; docs/objectives.md has the formulas and why every
-plan gives the single-device gradient.
+log-probs) or `grpo` (group-relative policy optimisation with stored advantages). The
+models live in scheduler.objective (the workers' config, scheduler.worker_config, carries
+the same ones); each type is its own pydantic model, so a parameter of another objective
+(`beta` on a grpo objective) is refused by name. Which dataset each objective can train on
+is checked at submit from the dataset's records and columns only (`check_objective`): a
+dpo objective on a dataset without pairs is a 422 naming `objective.type`, before anything
+starts. The workers receive the objective in their config (controller.worker_service) and
+build workers.loss.ObjectiveConfig from it; docs/objectives.md has the formulas and why
+every plan gives the single-device gradient.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-
 from scheduler.errors import DatasetError
+from scheduler.objective import (
+    ClipRange,
+    DpoObjective,
+    GrpoObjective,
+    Objective,
+    PretrainObjective,
+    SftObjective,
+)
 
 __all__ = ["ClipRange", "DpoObjective", "GrpoObjective", "Objective", "PretrainObjective",
-           "SftObjective", "check_objective", "objective_config"]
+           "SftObjective", "check_objective"]
 
 # Sample kinds (scheduler.dataset_meta.KINDS) each objective trains on.
 TRAINS_ON = {"pretrain": ("pretrain", "sft", "chat"), "sft": ("pretrain", "sft", "chat"),
              "dpo": ("dpo",), "grpo": ("grpo",)}
 
 
-class _Objective(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PretrainObjective(_Objective):
-    """Next-token cross-entropy on every prediction, the loss mask ignored."""
-
-    type: Literal["pretrain"] = "pretrain"
-
-
-class SftObjective(_Objective):
-    """Next-token cross-entropy on the loss targets of the dataset's mask only."""
-
-    type: Literal["sft"]
-
-
-class DpoObjective(_Objective):
-    """Direct preference optimisation (Rafailov et al. 2023) over the dataset's pairs."""
-
-    type: Literal["dpo"]
-    beta: float = Field(default=0.1, gt=0, le=1000, allow_inf_nan=False,
-                        description="Inverse temperature of the implicit reward.")
-    label_smoothing: float = Field(
-        default=0.0, ge=0, lt=0.5, allow_inf_nan=False,
-        description="Assumed share of flipped preference labels (conservative DPO): the "
-                    "loss is -(1 - e) log sigmoid(z) - e log sigmoid(-z).")
-
-
-class ClipRange(_Objective):
-    """An asymmetric clip of the importance ratio: [1 - low, 1 + high] (DAPO)."""
-
-    low: float = Field(ge=0, lt=1, allow_inf_nan=False, description="1 - low is the floor.")
-    high: float = Field(ge=0, le=100, allow_inf_nan=False,
-                        description="1 + high is the ceiling.")
-
-
-class GrpoObjective(_Objective):
-    """Group-relative policy optimisation (Shao et al. 2024) with the stored advantages."""
-
-    type: Literal["grpo"]
-    clip_range: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] | ClipRange = Field(
-        default=0.2, description="epsilon: the ratio is clipped to [1 - epsilon, "
-                                 "1 + epsilon]; or {low, high}.")
-    kl_coef: float = Field(default=0.0, ge=0, le=1000, allow_inf_nan=False,
-                           description="Weight of the k3 KL estimator to the stored "
-                                       "reference log-probs (ref_logps); 0: no KL term.")
-    loss_normalization: Literal["token", "sequence"] = Field(
-        default="token", description="token: divide by the batch's loss tokens; sequence: "
-                                     "average each sequence's tokens, then the sequences.")
-
-
-Objective = Annotated[PretrainObjective | SftObjective | DpoObjective | GrpoObjective,
-                      Field(discriminator="type")]
-
-
-def objective_config(objective: _Objective) -> dict:
-    """The worker config's `objective` (what workers.loss.ObjectiveConfig.from_config reads)."""
-    return objective.model_dump(mode="json")
-
-
-def check_objective(objective: _Objective, dataset: str) -> None:
+def check_objective(objective: Objective, dataset: str) -> None:
     """Refuse an objective the dataset cannot train (SpecError/FieldError naming the field):
     its sample kinds, DPO pairs, GRPO advantages and the log-prob columns it needs. Reads
     the dataset's records and column headers only. A dataset that does not open is left

@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import logging
 import threading
 import time
@@ -69,7 +68,6 @@ from controller.membership import Membership
 from controller.planning import PlannedStep
 from controller.rpc import ringmaster_pb2 as pb
 from controller.rpc import ringmaster_pb2_grpc as pb_grpc
-from controller.spec_objective import objective_config
 from controller.states import JobRecord, State
 from controller.step_reports import (
     group_seconds,
@@ -84,6 +82,7 @@ from controller.world_service import WORLD_WAKE_S, WorldKeeper, changed, live_me
 from controller.worlds import AttemptWorlds, Next, policy_of
 from scheduler.driver_exit import INVALID_INPUT  # the reason of a job whose input cannot work
 from scheduler.errors import InfeasibleBatchError, RingmasterError
+from scheduler.worker_config import WorkerConfig, WorkerFailure, WorkerTraining
 
 log = logging.getLogger(__name__)
 
@@ -754,24 +753,27 @@ def _resume_step(job: JobRecord) -> int:
 
 
 def worker_config_json(job: JobRecord) -> str:
-    """What a worker needs of the job, as plain JSON (workers do not import controller)."""
+    """What a worker needs of the job: a scheduler.worker_config.WorkerConfig, as JSON
+    (workers do not import controller)."""
+    return worker_config(job).model_dump_json()
+
+
+def worker_config(job: JobRecord) -> WorkerConfig:
+    """The job's WorkerConfig, every default the planner used resolved."""
     spec = job.spec
-    return json.dumps({
-        "job_id": job.id, "attempt": job.attempt, "name": spec.name,
-        "model": spec.resolve_model().model_dump(mode="json"),
-        "model_dir": spec.model_dir(), "model_init": spec.resolve_model_init(),
-        "dataset": spec.dataset.path, "num_ranks": spec.resources.num_ranks,
+    return WorkerConfig(
+        job_id=job.id, attempt=job.attempt, name=spec.name, model=spec.resolve_model(),
+        model_dir=spec.model_dir(), model_init=spec.resolve_model_init(),
+        dataset=spec.dataset.path, num_ranks=spec.resources.num_ranks,
         # Precision and sharding resolved here, once: the planner charged these figures.
-        "training": {**spec.training.model_dump(mode="json"),
-                     "precision": spec.resolve_precision(),
-                     "optimizer_sharding": spec.resolve_optimizer_sharding(),
-                     "shard_mirror": spec.resolve_shard_mirror()},
-        "objective": objective_config(spec.objective),
-        "failure": spec.failure.model_dump(mode="json"),
-        "heartbeat_interval_s": max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
+        training=WorkerTraining.model_validate({
+            **spec.training.model_dump(), "precision": spec.resolve_precision(),
+            "optimizer_sharding": spec.resolve_optimizer_sharding(),
+            "shard_mirror": spec.resolve_shard_mirror()}),
+        objective=spec.objective, failure=WorkerFailure.model_validate(spec.failure.model_dump()),
+        heartbeat_interval_s=max(0.2, min(5.0, spec.failure.heartbeat_timeout_s / 4)),
         # The planner's node size: the workers place rank r on node r // ranks_per_node.
-        "ranks_per_node": spec.resolve_cluster().gpus_per_node,
-    })
+        ranks_per_node=spec.resolve_cluster().gpus_per_node)
 
 
 def _method(context) -> str:
@@ -798,4 +800,4 @@ def serve_grpc(service: WorkerService, *, host: str, port: int,
     return server, bound
 
 
-__all__ = ["WorkerService", "serve_grpc", "worker_config_json"]
+__all__ = ["WorkerService", "serve_grpc", "worker_config", "worker_config_json"]

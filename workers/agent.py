@@ -37,7 +37,6 @@ Fault drills: workers.faults (`RINGMASTER_FAULT`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -55,6 +54,7 @@ from scheduler.checkpoint_owner import claim
 from scheduler.dataset import TokenDataset
 from scheduler.errors import RingmasterError
 from scheduler.plan import StepPlan
+from scheduler.worker_config import WorkerConfig
 from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
 from workers.data import GlobalBatch, read_plan_samples, read_sample_data, sequence_ids_of_rank
 from workers.elastic import ElasticRank, JoinReport, Unrecoverable, World, comm_failure
@@ -79,21 +79,18 @@ class AgentResult:
     fenced: bool = False  # ended because the controller fenced this process off
 
 
-def train_config(cfg: dict) -> TrainConfig:
+def train_config(cfg: WorkerConfig) -> TrainConfig:
     """The optimizer settings of a worker config (what the controller's Register sends).
 
     `precision`, `optimizer_sharding` and `shard_mirror` come resolved by the controller
-    (the planner's memory and cost model used the same); a config without them gets the
-    workers' defaults (by device and world size). `objective` is the spec's (pretrain
-    without)."""
-    training = cfg["training"]
-    steps = int(training["steps"])
-    return TrainConfig(lr=float(training["learning_rate"]), total_steps=steps,
-                       warmup_steps=min(10, steps // 10),
-                       precision=training.get("precision"),
-                       optimizer_sharding=training.get("optimizer_sharding"),
-                       shard_mirror=bool(training.get("shard_mirror", False)),
-                       objective=ObjectiveConfig.from_config(cfg.get("objective")))
+    (the planner's memory and cost model used the same); `objective` is the spec's."""
+    training = cfg.training
+    return TrainConfig(lr=training.learning_rate, total_steps=training.steps,
+                       warmup_steps=min(10, training.steps // 10),
+                       precision=training.precision,
+                       optimizer_sharding=training.optimizer_sharding,
+                       shard_mirror=training.shard_mirror,
+                       objective=ObjectiveConfig.from_config(cfg.objective))
 
 
 def _step_samples(dataset: TokenDataset, plan: StepPlan, sample_ids, rank: int,
@@ -169,9 +166,9 @@ class RankAgent:
         except Fenced as exc:
             self.client.close()
             return self._result(elastic, stopped=False, fenced=True, why=str(exc))
-        cfg = json.loads(reply.job_spec_json)
+        cfg = WorkerConfig.from_json(reply.job_spec_json)  # a SpecError: the job's fault
         logs = RankLogs(self.client).attach()
-        self.beat = _Heartbeat(self.client, float(cfg["heartbeat_interval_s"]), logs)
+        self.beat = _Heartbeat(self.client, cfg.heartbeat_interval_s, logs)
         self.beat.interrupt = elastic.interrupt
         PROGRESS.on_mark = positional_stall(job_id=self.identity.job_id,
                                             attempt=self.identity.attempt,
@@ -196,17 +193,17 @@ class RankAgent:
             self.client.close()
         return self._result(elastic, stopped=stopped, fenced=fenced, why=why)
 
-    def _prepare(self, cfg: dict, reply) -> None:
+    def _prepare(self, cfg: WorkerConfig, reply) -> None:
         """Claim the checkpoint directory (rank 0), open the dataset and the event file."""
-        training, rank = cfg["training"], self.identity.rank
-        self.total_steps, self.ckpt_dir = int(training["steps"]), reply.checkpoint_dir
-        self.vocab_size = int(cfg["model"]["vocab_size"])
+        training, rank = cfg.training, self.identity.rank
+        self.total_steps, self.ckpt_dir = training.steps, reply.checkpoint_dir
+        self.vocab_size = cfg.model.vocab_size
         if rank == 0 and reply.checkpoint_dir:
             claim(reply.checkpoint_dir, job_id=self.identity.job_id,
-                  job_name=cfg.get("name", ""), resume_from=training.get("resume_from"))
-        self.dataset = TokenDataset(cfg["dataset"])
-        if rank == 0 and training.get("tensorboard_dir"):
-            self._events = ScalarWriter(training["tensorboard_dir"])
+                  job_name=cfg.name, resume_from=training.resume_from)
+        self.dataset = TokenDataset(cfg.dataset)
+        if rank == 0 and training.tensorboard_dir:
+            self._events = ScalarWriter(training.tensorboard_dir)
 
     def _result(self, elastic: ElasticRank, *, stopped: bool, fenced: bool, why: str
                 ) -> AgentResult:

@@ -36,6 +36,7 @@ import traceback
 from pathlib import Path
 
 from scheduler.driver_exit import EXIT_FAILED, EXIT_LOST, EXIT_OK, INVALID_INPUT
+from scheduler.worker_config import WorkerConfig
 
 DRIVER_RANK = -1
 FORWARDED_PREFIXES = ("RINGMASTER_", "OTEL_")
@@ -92,12 +93,12 @@ def run(args: argparse.Namespace) -> tuple[int, str, str]:
     me = ControllerClient(args.controller, WorkerIdentity(job_id=args.job, attempt=args.attempt,
                                                            rank=DRIVER_RANK))
     try:
-        cfg = json.loads(me.register(host=socket.gethostname(), pid=os.getpid()).job_spec_json)
+        text = me.register(host=socket.gethostname(), pid=os.getpid()).job_spec_json
     except Fenced as exc:
         return EXIT_LOST, str(exc), ""
-    try:
-        config = group_config(cfg)
-    except (KeyError, ValueError) as exc:
+    try:  # a WorkerConfigError names the fields; TrainConfig refuses what it cannot run
+        config = group_config(WorkerConfig.from_json(text))
+    except ValueError as exc:
         message = f"worker config is not usable: {' '.join(str(exc).split())}"
         _report(me, message, user=True)
         return EXIT_FAILED, message, INVALID_INPUT
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> tuple[int, str, str]:
     return EXIT_OK, f"{'stopped' if stopped else 'finished'} at step {steps}", ""
 
 
-def group_config(cfg: dict):
+def group_config(cfg: WorkerConfig):
     """The worker group of a worker config: elastic (Ray restarts lost ranks' actors,
     collectives bounded by twice the heartbeat timeout) under failure.mode replan.
 
@@ -133,20 +134,15 @@ def group_config(cfg: dict):
     new world interrupts the survivors blocked on it (ElasticRank.interrupt); their own
     timeout must not fire first, or they would abandon the step at the very moment the
     controller looks for the rank that stopped."""
-    from scheduler.specs import ModelSpec
     from workers.agent import train_config
     from workers.group import GroupConfig
 
-    failure = cfg.get("failure", {})
-    replan = failure.get("mode", "restart") == "replan"
-    timeout = float(failure.get("heartbeat_timeout_s", 600.0))
-    return GroupConfig(num_ranks=int(cfg["num_ranks"]),
-                       model=ModelSpec.model_validate(cfg["model"]),
-                       model_dir=cfg.get("model_dir"),
-                       model_init=cfg.get("model_init") or "random",
-                       train=train_config(cfg), seed=int(cfg["training"]["seed"]),
-                       env=forwarded_env(), ranks_per_node=cfg.get("ranks_per_node"),
-                       timeout_s=2 * timeout if replan else 600.0,
+    replan = cfg.failure.mode == "replan"
+    return GroupConfig(num_ranks=cfg.num_ranks, model=cfg.model, model_dir=cfg.model_dir,
+                       model_init=cfg.model_init, train=train_config(cfg),
+                       seed=cfg.training.seed, env=forwarded_env(),
+                       ranks_per_node=cfg.ranks_per_node,
+                       timeout_s=2 * cfg.failure.heartbeat_timeout_s if replan else 600.0,
                        max_actor_restarts=MAX_ACTOR_RESTARTS if replan else 0)
 
 

@@ -37,6 +37,8 @@ import torch
 
 from parallelism import CommStats, ring_sum, zigzag_shard
 from scheduler.dataset_meta import DatasetStructure
+from scheduler.objective import ClipRange, DpoObjective, GrpoObjective
+from scheduler.objective import Objective as ObjectiveSpec
 from scheduler.plan import RingGroup, StepPlan
 from workers.model import next_token_targets
 from workers.objectives import DPO, GRPO, IGNORE_INDEX, NextTokenCE, Objective
@@ -78,18 +80,19 @@ class ObjectiveConfig:
                                  f"(must be {valid})")
 
     @classmethod
-    def from_config(cls, cfg: Mapping | None) -> ObjectiveConfig:
-        """From the worker config's `objective` (controller/spec_objective.py's JSON form)."""
-        if not cfg:
-            return cls()
-        clip = cfg.get("clip_range", 0.2)
-        low, high = (clip, clip) if isinstance(clip, int | float) else (clip["low"],
-                                                                         clip["high"])
-        return cls(type=cfg["type"], beta=float(cfg.get("beta", 0.1)),
-                   label_smoothing=float(cfg.get("label_smoothing", 0.0)),
-                   clip_low=float(low), clip_high=float(high),
-                   kl_coef=float(cfg.get("kl_coef", 0.0)),
-                   loss_normalization=cfg.get("loss_normalization", "token"))
+    def from_config(cls, objective: ObjectiveSpec | None) -> ObjectiveConfig:
+        """From the worker config's `objective` (scheduler.objective, as the job spec
+        has it); None: pretrain."""
+        if isinstance(objective, DpoObjective):
+            return cls(type="dpo", beta=objective.beta,
+                       label_smoothing=objective.label_smoothing)
+        if isinstance(objective, GrpoObjective):
+            clip = objective.clip_range
+            low, high = (clip.low, clip.high) if isinstance(clip, ClipRange) else (clip, clip)
+            return cls(type="grpo", clip_low=float(low), clip_high=float(high),
+                       kl_coef=objective.kl_coef,
+                       loss_normalization=objective.loss_normalization)
+        return cls(type=objective.type if objective is not None else "pretrain")
 
     @property
     def masked(self) -> bool:

@@ -134,10 +134,13 @@ def test_worker_config_carries_the_model_directory_to_the_driver(tmp_path):
     directory and model_init, which become its GroupConfig."""
     from controller.states import JobRecord, State
     from controller.worker_service import worker_config_json
+    from scheduler.worker_config import WorkerConfig
 
     d = model_dir(tmp_path / "m")
     spec = parse_job_spec(job({"source": str(d), "rope_theta": 2e4}, tmp_path))
-    cfg = json.loads(worker_config_json(JobRecord(id="j", spec=spec, state=State.PENDING)))
-    assert (cfg["model_dir"], cfg["model_init"]) == (str(d), "pretrained")
-    model = ModelSpec.model_validate(cfg["model"])
+    cfg = WorkerConfig.from_json(worker_config_json(JobRecord(id="j", spec=spec,
+                                                              state=State.PENDING)))
+    assert (cfg.model_dir, cfg.model_init) == (str(d), "pretrained")
+    model = cfg.model
+    assert isinstance(model, ModelSpec)
     assert model.rope_theta == 2e4 and model.sliding_window == 100

@@ -14,6 +14,7 @@ from controller.states import JobRecord, State
 from controller.worker_service import worker_config_json
 from scheduler.dataset import DatasetWriter, read_lengths
 from scheduler.dataset_columns import write_token_column
+from scheduler.worker_config import WorkerConfig
 from tests.controller.harness import DEMO_SPEC
 
 
@@ -87,11 +88,12 @@ def test_accepted_objectives_reach_the_worker_config(ctl, datasets):
         r = ctl.client().post("/v1/jobs", json=_body(f"ok-{k}", datasets[data], objective))
         assert r.status_code == 201, r.text
         spec = parse_job_spec(_body(f"ok-{k}", datasets[data], objective))
-        cfg = json.loads(worker_config_json(JobRecord(id="j", spec=spec, state=State.PENDING)))
-        assert {k: v for k, v in cfg["objective"].items() if k in objective} == objective
+        text = worker_config_json(JobRecord(id="j", spec=spec, state=State.PENDING))
+        sent = json.loads(text)["objective"]
+        assert {k: v for k, v in sent.items() if k in objective} == objective
     from workers.loss import ObjectiveConfig  # the workers read exactly these figures
 
-    got = ObjectiveConfig.from_config(cfg["objective"])
+    got = ObjectiveConfig.from_config(WorkerConfig.from_json(text).objective)
     assert (got.type, got.clip_low, got.clip_high, got.loss_normalization) == (
         "grpo", 0.2, 0.28, "sequence")
     assert parse_job_spec(DEMO_SPEC).objective.type == "pretrain"  # the default

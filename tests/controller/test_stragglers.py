@@ -20,7 +20,6 @@ Nothing asserts a duration; waits are bounded by generous deadlines.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -134,19 +133,19 @@ def _rank_fn(rank: int, world: int, address: str, job_id: str, cfg_json: str, fa
     import torch
     import torch.distributed as dist
 
-    from scheduler.specs import ModelSpec
+    from scheduler.worker_config import WorkerConfig
     from workers.agent import RankAgent, train_config
     from workers.elastic import ElasticRank
     from workers.train import Trainer, build_model
 
     os.environ["RINGMASTER_WORKER_SECRET"] = AUTH.secret_for(job_id, 1)
     os.environ["RINGMASTER_FAULT"] = fault
-    cfg = json.loads(cfg_json)
+    cfg = WorkerConfig.from_json(cfg_json)
     train = train_config(cfg).resolve(device_type="cpu", world_size=world)
 
     def make_trainer(*, fresh: bool) -> Trainer:
-        torch.manual_seed(int(cfg["training"]["seed"]))
-        model = build_model(ModelSpec.model_validate(cfg["model"]), train.precision)
+        torch.manual_seed(cfg.training.seed)
+        model = build_model(cfg.model, train.precision)
         return Trainer(model, train, rank=dist.get_rank())
 
     elastic = ElasticRank(slot=rank, store=dist.distributed_c10d._get_default_store(),

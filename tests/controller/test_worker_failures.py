@@ -161,3 +161,40 @@ def test_a_rank_waiting_for_its_plan_is_not_stalled(plane):
         server.stop(grace=None)
         second.close()
         service_pool.shutdown(wait=False)
+
+
+def test_a_worker_config_the_driver_cannot_use_fails_the_job_as_invalid_input(
+        plane, monkeypatch, tmp_path):
+    """The driver parses the config Register sends once; one it cannot use (here: a field
+    missing, one it does not know) is the job's fault: exit 3, reason InvalidInput, one line
+    naming the fields, reported over gRPC so the job fails without a retry."""
+    import json
+
+    import controller.worker_service as ws
+    from scheduler.driver_exit import EXIT_FAILED, INVALID_INPUT
+    from workers import driver
+
+    good = ws.worker_config_json
+
+    def broken(job):
+        cfg = json.loads(good(job))
+        del cfg["training"]["steps"]
+        cfg["failure"]["retries"] = 9
+        return json.dumps(cfg)
+
+    monkeypatch.setattr(ws, "worker_config_json", broken)
+    job = plane["job"]
+    monkeypatch.setenv("RINGMASTER_WORKER_SECRET", AUTH.secret_for(job.id, 1))
+    exit_file = tmp_path / "exit.json"
+    code = driver.main(["--job", job.id, "--attempt", "1", "--controller", plane["address"],
+                        "--exit-file", str(exit_file)])
+    status = json.loads(exit_file.read_text())
+    assert code == status["code"] == EXIT_FAILED and status["reason"] == INVALID_INPUT
+    assert status["message"].startswith("worker config is not usable: ")
+    assert "training.steps: Field required" in status["message"]
+    assert "failure.retries: Extra inputs are not permitted" in status["message"]
+    event = next(e for e in plane["launcher"].events if e.kind is EventKind.FAILED)
+    assert event.reason == "InvalidInput" and "training.steps" in event.message
+    ended = end_job(plane, event)
+    assert (ended.state, ended.reason, ended.attempt) == (State.FAILED, "InvalidInput", 1)
+    assert "failure.retries" in ended.message and "\n" not in ended.message

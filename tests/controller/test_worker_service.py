@@ -7,7 +7,6 @@ with the same client the rank agents use, so no torch is needed here.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from controller.worker_service import WorkerService, serve_grpc, worker_config_j
 from scheduler.batching import epoch_batches
 from scheduler.plan import StepPlan
 from scheduler.synth import synthesize
+from scheduler.worker_config import WorkerConfig
 from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
 
 NUM_RANKS = 2
@@ -201,10 +201,10 @@ def test_unreachable_controller_gives_up_after_reconnect_window():
 def test_worker_config_carries_the_resolved_training_settings(plane):
     from workers.agent import train_config
 
-    cfg = json.loads(worker_config_json(plane["job"]))
+    cfg = WorkerConfig.from_json(worker_config_json(plane["job"]))
     spec = plane["job"].spec
-    assert cfg["training"]["precision"] == spec.resolve_precision() == "fp32"
-    assert cfg["training"]["optimizer_sharding"] == spec.resolve_optimizer_sharding()
+    assert cfg.training.precision == spec.resolve_precision() == "fp32"
+    assert cfg.training.optimizer_sharding == spec.resolve_optimizer_sharding()
     train = train_config(cfg)
     assert (train.precision, train.optimizer_sharding) == (
-        cfg["training"]["precision"], cfg["training"]["optimizer_sharding"])
+        cfg.training.precision, cfg.training.optimizer_sharding)
