@@ -57,7 +57,7 @@ def check_objective(objective: Objective, dataset: str) -> None:
         raise FieldError("objective.type", f"'dpo' needs the reference log-probs of dataset "
                          f"{dataset!r}; compute them with `ringmaster data ref-logps "
                          f"{dataset} --model DIR` (the reference model)")
-    if kind == "grpo":
+    if isinstance(objective, GrpoObjective):
         _check_grpo(objective, ds, dataset)
 
 

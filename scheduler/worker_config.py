@@ -21,7 +21,7 @@ resolved.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -33,7 +33,7 @@ from scheduler.specs import ModelSpec
 __all__ = ["WORKER_CONFIG_VERSION", "WorkerConfig", "WorkerConfigError", "WorkerFailure",
            "WorkerTraining"]
 
-WORKER_CONFIG_VERSION = 1
+WORKER_CONFIG_VERSION: Final = 1
 
 
 class WorkerConfigError(SpecError):
