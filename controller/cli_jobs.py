@@ -67,7 +67,7 @@ def job_table(jobs: list[JobPublic], title: str = "jobs", *, wide: bool = False)
     for j in jobs:
         # A job the launcher has not admitted yet says why: "Pending: waiting for Kueue
         # admission in queue gpu".
-        status = j.result or j.phase
+        status: str = j.result or j.phase
         if j.reason == "AwaitingAdmission" and not wide:
             status = f"{status}: {j.message}"
         row = [j.id, status, f"{steps_done(j)}/{j.total_steps}", j.reason]
@@ -103,6 +103,7 @@ def show_job(job: JobPublic, newest: StepMetricsPublic | None = None,
 def world_line(job: JobPublic) -> str:
     """'world 2: 3/4 ranks [0, 2, 3], missing [1] (rank 1 lost: ...)'."""
     w = job.world
+    assert w is not None, "called for a job that has a world"
     total = job.spec.resources.num_ranks
     extra = f", missing {w.missing}" if w.missing else ""
     extra += f", joining {w.joining}" if w.joining and not w.formed else ""

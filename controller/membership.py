@@ -125,6 +125,7 @@ class Membership:
         lost_members = [s for s in gone if s in self.members()]
         if not lost_members:
             return None
+        assert self.world is not None, "members exist only in a formed world"
         survivors = tuple(s for s in self.world.members if s not in lost_members)
         why = self._cannot_replan(survivors, checkpoint)
         if why:

@@ -151,7 +151,7 @@ def perform(fault: Fault | None, trainer=None, plan=None, rank: int = 0):
     elif fault.kind == "kill" and trainer is None:
         _die()
     elif fault.kind == "kill":
-        after = before_first_ring(plan, rank) if fault.after == "ring" else fault.after
+        after = before_first_ring(plan, rank) if fault.after == "ring" else int(fault.after)
         if after == 0:
             _die()
         return arm_kill(trainer, after=after)

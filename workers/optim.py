@@ -66,6 +66,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -240,8 +241,8 @@ class ShardedAdamW:
         self.layout = _layout([p.numel() for p in self.params], self.owners, sharding,
                               self.world_size)
         self.param_buffer = self._bind_parameters()
-        mode = "reduce_scatter" if sharding == "distributed" and self.world_size > 1 \
-            else "all_reduce"
+        mode: Literal["all_reduce", "reduce_scatter"] = "reduce_scatter" \
+            if sharding == "distributed" and self.world_size > 1 else "all_reduce"
         self.grads = GradBuffer(self.params, self.layout.grad_offsets, self.layout.numel,
                                 dtype=torch_dtype(master_dtype(precision)), mode=mode,
                                 group=group)
@@ -397,6 +398,7 @@ class ShardedAdamW:
         if not self.shard_mirror:
             return
         buf, n = self.grads.buffer, self.world_size
+        assert self.mirror_range is not None, "set with shard_mirror"
         lo, hi = self.mirror_range
         ops = [dist.P2POp(dist.isend, buf[self.grads.shard], (self.rank + 1) % n, self.group),
                dist.P2POp(dist.irecv, buf[lo:hi], (self.rank - 1) % n, self.group)]

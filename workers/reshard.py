@@ -83,7 +83,8 @@ def plan_transfers(needs: Mapping[int, Sequence[StateInterval]],
     world rank) holds of the old layout. Returns the transfers, in a deterministic order,
     and the pieces nobody holds.
     """
-    transfers, missing = [], []
+    transfers: list[Transfer] = []
+    missing: list[Missing] = []
     for dst in sorted(needs):
         for need in needs[dst]:
             pieces = [(need.lo, need.hi)]
@@ -128,10 +129,12 @@ def run_transfers(transfers: Sequence[Transfer], rank: int, *,
     sends: dict[int, list[Transfer]] = {}
     recvs: dict[int, list[Transfer]] = {}
     copied = 0
+    # `old` is None only on a rank that holds nothing, which no transfer reads from
+    sources = old if old is not None else {}
     for t in transfers:
         if t.src == rank and t.dst == rank:
             for d, s in zip(_slices(new, t.dst_part, t.dst_offset, t.numel),
-                            _slices(old, t.src_part, t.src_offset, t.numel), strict=True):
+                            _slices(sources, t.src_part, t.src_offset, t.numel), strict=True):
                 d.copy_(s)
                 copied += s.numel() * s.element_size()
         elif t.src == rank:
@@ -141,7 +144,7 @@ def run_transfers(transfers: Sequence[Transfer], rank: int, *,
     ref = next(iter(next(iter(new.values())).values()))
     ops, out_bufs, in_bufs = [], {}, {}
     for peer, ts in sorted(sends.items()):
-        out_bufs[peer] = torch.cat([x for t in ts for x in _slices(old, t.src_part,
+        out_bufs[peer] = torch.cat([x for t in ts for x in _slices(sources, t.src_part,
                                                                   t.src_offset, t.numel)])
         ops.append(dist.P2POp(dist.isend, out_bufs[peer], peer, group))
     for peer, ts in sorted(recvs.items()):
