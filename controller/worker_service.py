@@ -1,16 +1,14 @@
 """The gRPC side of the execution plane: workers register, stream plans, report, beat.
 
 One `AttemptRuntime` per live (job, attempt) holds what only matters while the attempt
-runs (who registered, when each rank last made progress, the plan pipeline); everything
-durable goes to the store. After a controller restart the runtime is rebuilt lazily from
-the store on the first call of a worker of the current attempt, so workers carry on
-across the restart. A step report is acknowledged only once it is stored (keyed by job,
-attempt, step and rank, so a rank that retries an unacknowledged report overwrites its
-own); the step's metrics are recorded, exactly once, by whichever call completes its set
-of reports, on this controller or on the next one. Each recorded step adds one line to
-the job's log (loss, tokens/s, step time against the prediction, peak memory, groups);
-ranks add their own lines (ReportLogs). A step is complete once every member of the world
-it ran in that is not lost since has reported it.
+runs (who registered, when each rank last made progress, the worlds and their plan
+pipelines); everything durable goes to the store, so after a controller restart the
+runtime is rebuilt lazily on the first call of a worker of the current attempt and the
+workers carry on. A step report is acknowledged only once it is stored (keyed by job,
+attempt, step and rank: a retried report overwrites itself); a step is complete once
+every member of its world not lost since has reported it, and its metrics are recorded
+exactly once by whichever call completes it, with a line in the job's log
+(controller.step_reports); ranks add their own lines (ReportLogs).
 
 Failures have a class. A rank (or the driver) reporting a USER failure (its data or
 config is bad), or an RPC running into a RingmasterError (the dataset vanished after
@@ -40,10 +38,9 @@ computing, is lost: the survivors form a new world (controller.world_service,
 controller.worlds, controller.membership) and re-plan the same batch; a replacement joins
 at a step boundary; only when re-planning cannot work does the attempt end (a
 `fallback_restart` event says why). Every change is a job event (REST, CLI), a
-`job.world_change` span and a log line. The port may serve TLS (`serve_grpc(credentials=...)`).
-While the job store is away a call gets UNAVAILABLE (which workers retry), not an
-application error with a traceback. A launcher with no process of its own that exits
-when the job is done (`completes_from_reports`, the external launcher) is told COMPLETED
+`job.world_change` span and a log line. TLS: `serve_grpc(credentials=...)`. While the job
+store is away a call gets UNAVAILABLE (workers retry it), not a traceback. A launcher with
+no process of its own (`completes_from_reports`, the external launcher) is told COMPLETED
 once every rank has reported the last step.
 """
 

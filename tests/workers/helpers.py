@@ -113,3 +113,33 @@ def reference_loss_and_grads(model: torch.nn.Module, samples: Mapping[int, torch
 def max_rel_err(got: Mapping[str, torch.Tensor], want: Mapping[str, torch.Tensor]) -> float:
     """max over tensors of ||got - want|| / ||want||."""
     return max(float((got[k] - want[k]).norm() / want[k].norm()) for k in want)
+
+
+def torch_adamw_run(config: Mapping, batch, num_steps: int
+                    ) -> tuple[dict[str, torch.Tensor], list[float], list[float]]:
+    """The distributed optimizer's reference: one float64 process, plain autograd on the
+    whole batch (`batch(step)`), clip_grad_norm_, torch's AdamW with decay on matrices
+    only, the trainer's schedule for `config` (workers.train.TrainConfig fields).
+    Returns the final parameters, each step's loss and each step's gradient norm."""
+    from workers.train import TrainConfig, build_model, lr_at
+
+    torch.manual_seed(0)
+    model = build_model(tiny_spec(), "fp64")
+    cfg = TrainConfig(**config)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
+                            betas=cfg.betas, eps=cfg.eps, foreach=False)
+    losses, norms = [], []
+    for s in range(num_steps):
+        loss, grads = reference_loss_and_grads(model, batch(s))
+        losses.append(float(loss))
+        for n, p in model.named_parameters():
+            p.grad = grads[n]
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                          cfg.max_grad_norm)))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, cfg)
+        opt.step()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses, norms

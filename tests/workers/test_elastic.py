@@ -35,7 +35,6 @@ The pure parts (transfer plans, state intervals, fault specs) are tested without
 from __future__ import annotations
 
 import pytest
-import ray
 import torch
 
 from scheduler.batching import BatchPosition
@@ -43,9 +42,9 @@ from workers.faults import fault_at, positional_stall, slow_factor
 from workers.group import GroupConfig, WorkerDiedError, WorkerError, WorkerGroup
 from workers.optim import StateInterval, state_intervals
 from workers.reshard import plan_transfers
-from workers.train import TrainConfig, build_model, lr_at
+from workers.train import TrainConfig
 
-from .helpers import group, plan_of, random_samples, reference_loss_and_grads, tiny_spec
+from .helpers import group, plan_of, random_samples, tiny_spec, torch_adamw_run
 
 LENGTHS = [27, 13, 7, 1, 19, 9]
 CONFIG = dict(lr=1e-2, warmup_steps=1, total_steps=10, max_grad_norm=0.5, weight_decay=0.1)
@@ -77,33 +76,8 @@ def plan(world: int):
 
 def reference(num_steps: int) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One process: plain autograd on the whole batch, clip_grad_norm_, torch AdamW."""
-    torch.manual_seed(0)
-    model = build_model(tiny_spec(), "fp64")
-    cfg = TrainConfig(**CONFIG)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=cfg.betas, eps=cfg.eps, foreach=False)
-    losses = []
-    for s in range(num_steps):
-        loss, grads = reference_loss_and_grads(model, batch(s))
-        losses.append(float(loss))
-        for n, p in model.named_parameters():
-            p.grad = grads[n]
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, cfg)
-        opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, losses
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(include_dashboard=False, object_store_memory=100_000_000, num_cpus=4,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
+    params, losses, _ = torch_adamw_run(CONFIG, batch, num_steps)
+    return params, losses
 
 
 def _step(g: WorkerGroup, step: int) -> float | None:

@@ -41,14 +41,6 @@ PLAN = plan_of(4, [
 ])
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(include_dashboard=False, object_store_memory=100_000_000, num_cpus=4,
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def _config(num_ranks: int = 4) -> GroupConfig:
     # fp64: the workers build the model in the precision's compute dtype (not the spec's).
     return GroupConfig(num_ranks=num_ranks, model=tiny_spec(), seed=3, timeout_s=60,

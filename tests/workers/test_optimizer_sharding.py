@@ -39,9 +39,9 @@ from scheduler.model_states import (
     model_state_bytes,
     step_collectives,
 )
-from workers.train import TrainConfig, Trainer, build_model, lr_at
+from workers.train import TrainConfig, Trainer, build_model
 
-from .helpers import group, plan_of, random_samples, reference_loss_and_grads, tiny_spec
+from .helpers import group, plan_of, random_samples, tiny_spec, torch_adamw_run
 
 pytestmark = pytest.mark.distributed
 
@@ -243,25 +243,8 @@ def runs(tmp_path_factory) -> dict:
 # ----------------------------------------------------------------- the reference
 def reference_adamw(num_steps: int) -> tuple[dict[str, torch.Tensor], list[float]]:
     """One process: plain autograd on the whole batch, clip_grad_norm_, torch AdamW."""
-    torch.manual_seed(0)
-    model = build_model(tiny_spec(), "fp64")
-    cfg = TrainConfig(**CONFIG)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=cfg.betas, eps=cfg.eps, foreach=False)
-    norms = []
-    for s in range(num_steps):
-        _, grads = reference_loss_and_grads(model, batch(s))
-        for n, p in model.named_parameters():
-            p.grad = grads[n]
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                          cfg.max_grad_norm)))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(s, cfg)
-        opt.step()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, norms
+    params, _, norms = torch_adamw_run(CONFIG, batch, num_steps)
+    return params, norms
 
 
 def _max_abs_diff(a: dict, b: dict) -> float:
