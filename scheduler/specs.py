@@ -214,7 +214,28 @@ HARDWARE_FIELDS = ("gpu_memory_gib", "achieved_tflops", "intra_node_bandwidth_gb
                    "memory_bandwidth_gbps")
 
 
-class NodePool(_Spec):
+class _Nodes(_Spec):
+    """Machines of one kind and the figures of each rank on them (HARDWARE_FIELDS): what
+    a uniform ClusterSpec holds, and each NodePool of a heterogeneous one."""
+
+    num_nodes: int = Field(gt=0, description="Number of machines.")
+    gpus_per_node: int = Field(gt=0, description="Accelerators (ranks) per machine.")
+    gpu_memory_gib: float = Field(gt=0, description="Device memory per rank, GiB.")
+    achieved_tflops: float = Field(gt=0, description="Achieved dense TFLOP/s per rank.")
+    intra_node_bandwidth_gbps: float = Field(
+        gt=0, description="Per-rank per-direction bandwidth inside a node, GB/s (NVLink).")
+    inter_node_bandwidth_gbps: float = Field(
+        gt=0, description="Per-rank per-direction bandwidth across nodes, GB/s (NIC; a link "
+                          "between two pools runs at the slower NIC).")
+    pcie_bandwidth_gbps: float = Field(
+        gt=0, description="Host<->device copy bandwidth per rank, GB/s (offload).")
+    host_memory_gib: float = Field(gt=0, description="Host memory per node, GiB.")
+    memory_bandwidth_gbps: float = Field(
+        default=2000.0, gt=0,
+        description="Achieved device-memory bandwidth per rank, GB/s (the optimizer update).")
+
+
+class NodePool(_Nodes):
     """Nodes of one kind in a heterogeneous cluster (docs/planner.md, "Heterogeneous
     clusters"): `preset` fills every figure not given (an h100 pool, an a100 pool, ...)."""
 
@@ -223,21 +244,6 @@ class NodePool(_Spec):
                                   "(h100, a100, a800, cpu); fields given here override them.")
     gpu: str = Field(default="", description="GPU model, for people (default: the preset's "
                                              "name).")
-    num_nodes: int = Field(gt=0, description="Machines in the pool.")
-    gpus_per_node: int = Field(gt=0, description="Accelerators (ranks) per machine.")
-    gpu_memory_gib: float = Field(gt=0, description="Device memory per rank, GiB.")
-    achieved_tflops: float = Field(gt=0, description="Achieved dense TFLOP/s per rank.")
-    intra_node_bandwidth_gbps: float = Field(
-        gt=0, description="Per-rank per-direction bandwidth inside a node, GB/s (NVLink).")
-    inter_node_bandwidth_gbps: float = Field(
-        gt=0, description="Per-rank per-direction NIC bandwidth, GB/s (a link between two "
-                          "pools runs at the slower NIC).")
-    pcie_bandwidth_gbps: float = Field(gt=0, description="Host<->device copy bandwidth per "
-                                                         "rank, GB/s.")
-    host_memory_gib: float = Field(gt=0, description="Host memory per node, GiB.")
-    memory_bandwidth_gbps: float = Field(default=2000.0, gt=0,
-                                         description="Achieved device-memory bandwidth per "
-                                                     "rank, GB/s.")
 
     @model_validator(mode="before")
     @classmethod
@@ -256,7 +262,7 @@ class NodePool(_Spec):
         return self.num_nodes * self.gpus_per_node
 
 
-class ClusterSpec(_Spec):
+class ClusterSpec(_Nodes):
     """The hardware a job runs on, as the cost model sees it (per-GPU achieved figures).
 
     A uniform cluster gives the figures directly. A heterogeneous one lists `pools` (ranks
@@ -267,20 +273,6 @@ class ClusterSpec(_Spec):
     `pool_cluster`). Pools share `gpus_per_node` (the topology's nodes are uniform).
     """
 
-    num_nodes: int = Field(gt=0, description="Number of machines.")
-    gpus_per_node: int = Field(gt=0, description="Accelerators (ranks) per machine.")
-    gpu_memory_gib: float = Field(gt=0, description="Device memory per rank, GiB.")
-    achieved_tflops: float = Field(gt=0, description="Achieved dense TFLOP/s per rank.")
-    intra_node_bandwidth_gbps: float = Field(
-        gt=0, description="Per-rank per-direction bandwidth inside a node, GB/s (NVLink).")
-    inter_node_bandwidth_gbps: float = Field(
-        gt=0, description="Per-rank per-direction bandwidth across nodes, GB/s (NIC).")
-    pcie_bandwidth_gbps: float = Field(
-        gt=0, description="Host<->device copy bandwidth per rank, GB/s (offload).")
-    host_memory_gib: float = Field(gt=0, description="Host memory per node, GiB.")
-    memory_bandwidth_gbps: float = Field(
-        default=2000.0, gt=0,
-        description="Achieved device-memory bandwidth per rank, GB/s (the optimizer update).")
     pools: tuple[NodePool, ...] | None = Field(
         default=None, min_length=1,
         description="Node pools of a heterogeneous cluster, in rank order (the fields above "
