@@ -39,9 +39,8 @@ controller.worlds, controller.membership) and re-plan the same batch; a replacem
 at a step boundary; only when re-planning cannot work does the attempt end (a
 `fallback_restart` event says why). Every change is a job event (REST, CLI), a
 `job.world_change` span and a log line. TLS: `serve_grpc(credentials=...)`. While the job
-store is away a call gets UNAVAILABLE (workers retry it), not a traceback. A launcher with
-no process of its own (`completes_from_reports`, the external launcher) is told COMPLETED
-once every rank has reported the last step.
+store is away a call gets UNAVAILABLE (workers retry it), not a traceback. The external
+launcher (`completes_from_reports`) is told COMPLETED once every rank reported the last step.
 """
 
 from __future__ import annotations
@@ -123,6 +122,7 @@ class AttemptRuntime:
     # (world size, step) -> the plan and its span's traceparent
     plans: dict[tuple[int, int], tuple[PlannedStep, str]] = field(default_factory=dict)
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
+    persist_lock: threading.Lock = field(default_factory=threading.Lock)  # world snapshots
     # (world epoch, step) -> its message, built once and sent to every member
     messages: dict[tuple[int, int], pb.PlanMessage] = field(default_factory=dict)
     pending: dict[int, int] = field(default_factory=dict)  # step -> newest epoch reporting it

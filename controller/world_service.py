@@ -201,10 +201,16 @@ class WorldKeeper:
         """Persist and announce a membership change (outside the attempt's lock)."""
         job = rt.job
         if change.snapshot is not None:
-            with rt.cond:
-                history = {str(e): list(m) for e, m in rt.worlds.history.items()}
-            self.store.set_world(job.id, {"attempt": job.attempt, "membership": change.snapshot,
-                                          "history": history})
+            # Writers take the membership as it is now, one at a time: two calls recording
+            # at once must not leave the older snapshot in the store (a restarted
+            # controller would restore a world half formed, and the ranks reconnecting to
+            # it would disagree on its start).
+            with rt.persist_lock:
+                with rt.cond:
+                    snapshot = rt.worlds.membership.snapshot()
+                    history = {str(e): list(m) for e, m in rt.worlds.history.items()}
+                self.store.set_world(job.id, {"attempt": job.attempt, "membership": snapshot,
+                                              "history": history})
         for event in change.events:
             event = self.store.append_event(job.id, event)
             self.store.append_logs(job.id, [f"{event.kind}: ranks {list(event.ranks)} at step "

@@ -264,7 +264,8 @@ def test_controller_killed_mid_run_and_restarted(ray_address, data_dir, tmp_path
         proc = start_serve(state, port, grpc_port, ray_address)
         wait_for(client.health, 300, "the restarted controller")
         done = client.wait(job.id, timeout_s=900, poll_s=0.5)
-        assert done.result == "Succeeded" and done.attempt == 1, (done.reason, done.message)
+        assert done.result == "Succeeded" and done.attempt == 1, \
+            [(t.reason, t.message) for t in client.get(job.id).transitions]
         # Reports made while the controller was down were retried until it came back.
         assert {m.step for m in client.metrics(job.id).steps} == set(range(8))
     finally:
