@@ -66,6 +66,13 @@ def token_logps(hidden_TH: torch.Tensor, norm, weight_VH: torch.Tensor,
     return torch.where(valid, picked, torch.zeros_like(picked))
 
 
+def _leaf_grad(h: torch.Tensor) -> torch.Tensor:
+    """The gradient a backward left in leaf `h`: set, since every objective's chunk loss
+    is computed from `h` (token_logps, or the fused kernel)."""
+    assert h.grad is not None, "the chunk's loss does not depend on its hidden states"
+    return h.grad
+
+
 class ChunkedHead:
     """Runs f(chunk's token log-probs) -> loss chunk by chunk and backprops each chunk."""
 
@@ -87,7 +94,7 @@ class ChunkedHead:
             h = self.inputs.hidden_TH[sl].detach().requires_grad_()
             loss = loss_fn(token_logps(h, self.norm, self.weight, self.inputs.targets_T[sl]), sl)
             (loss * self.inputs.grad_scale).backward()
-        self.grad_hidden[sl] = h.grad
+        self.grad_hidden[sl] = _leaf_grad(h)
         return loss.detach()
 
 
@@ -107,7 +114,7 @@ class NextTokenCE:
                                                        ignore_index=IGNORE_INDEX,
                                                        chunk_size=inputs.chunk_size)
                 (loss * inputs.grad_scale).backward()
-            grad_hidden[sl] = h.grad
+            grad_hidden[sl] = _leaf_grad(h)
             loss_sum += loss.detach().double()
             num += n
         return loss_sum.cpu(), int(num), grad_hidden
@@ -228,6 +235,7 @@ class GRPO:
             clipped = ratio.clamp(1 - self.clip_low, 1 + self.clip_high)
             loss = -torch.minimum(ratio * adv, clipped * adv)
         if self.kl_coef:
+            assert self.ref_logps is not None, "validate() requires ref_logps with kl_coef"
             d = self.ref_logps[sl].to(logps.dtype) - logps
             loss = loss + self.kl_coef * (torch.exp(d) - d - 1)
         if self.sequence_weights is not None:
