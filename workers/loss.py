@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -123,23 +123,25 @@ class BatchMeta:
                    pairs=tuple(structure.batch_pairs(ids)))
 
     @classmethod
-    def from_samples(cls, samples: Mapping[int, SampleData]) -> BatchMeta:
-        """From every sample of a batch (plan ids 0..n-1), e.g. one process holding all."""
+    def from_samples(cls, samples: Mapping[int, torch.Tensor | SampleData]) -> BatchMeta:
+        """From every sample of a batch (plan ids 0..n-1), e.g. one process holding all;
+        each must be SampleData (bare tokens carry no records)."""
         n = len(samples)
-        if sorted(samples) != list(range(n)) or not all(
-                isinstance(s, SampleData) for s in samples.values()):
+        records = {i: s for i, s in samples.items() if isinstance(s, SampleData)}
+        if sorted(samples) != list(range(n)) or len(records) != n:
             raise ValueError("BatchMeta.from_samples needs SampleData for every plan id "
                              f"0..{n - 1}; got ids {sorted(samples)[:10]}")
         by_pair: dict[int, dict[str, int]] = {}
-        for i, s in samples.items():
+        for i, s in records.items():
             if s.meta.pair_id is not None:
-                by_pair.setdefault(s.meta.pair_id, {})[s.meta.role] = i
+                pair, role = _pair_role(s, i)
+                by_pair.setdefault(pair, {})[role] = i
         pairs = sorted((p["chosen"], p["rejected"]) for p in by_pair.values()
                        if len(p) == 2)
         if 2 * len(pairs) != sum(len(p) for p in by_pair.values()):
             raise ValueError("samples: a DPO sequence is in the batch without its partner")
         return cls(num_loss_tokens=tuple(s.meta.num_loss_tokens for _, s in
-                                         sorted(samples.items())), pairs=tuple(pairs))
+                                         sorted(records.items())), pairs=tuple(pairs))
 
 
 def global_normalizer(plan: StepPlan, objective: ObjectiveConfig,
@@ -178,8 +180,7 @@ def group_inputs(g: RingGroup, samples: Mapping[int, torch.Tensor | SampleData],
                  objective: ObjectiveConfig, *, device: torch.device | str = "cpu",
                  comm_stats: CommStats | None = None) -> GroupInputs:
     """Tokens, masked targets and the objective of `rank`'s part of group `g`."""
-    data = [_sample(samples[s.id], s.id, objective) for s in g.sequences]
-    tokens = [d.tokens if isinstance(d, SampleData) else d for d in data]
+    tokens, data = _group_samples(g, samples, objective)
     lengths = torch.tensor([0] + [len(t) for t in tokens], dtype=torch.int64)
     cu = torch.cumsum(lengths, 0).to(torch.int32)
     ids = torch.cat(tokens).to(dtype=torch.long)
@@ -195,8 +196,8 @@ def group_inputs(g: RingGroup, samples: Mapping[int, torch.Tensor | SampleData],
     head = _head_objective(g, data, objective, per_token, rank, comm_stats)
     count = int((targets != IGNORE_INDEX).sum())
     if objective.per_sequence:  # counted once per group, by its first ring member
-        count = (len(head.chosen) if objective.type == "dpo" else
-                 sum(1 for x in data if x.meta.num_loss_tokens > 0)) if j == 0 else 0
+        count = 0 if j else (len(head.chosen) if isinstance(head, DPO) else
+                             sum(1 for x in data if x.meta.num_loss_tokens > 0))
     move = partial(torch.Tensor.to, device=device)
     return GroupInputs(ids_T=move(ids), cu_seqlens=move(cu),
                        position_ids=None if pos is None else move(pos),
@@ -204,12 +205,20 @@ def group_inputs(g: RingGroup, samples: Mapping[int, torch.Tensor | SampleData],
                        reports_loss=objective.type != "dpo" or j == 0)
 
 
-def _sample(x: torch.Tensor | SampleData, plan_id: int,
-            objective: ObjectiveConfig) -> torch.Tensor | SampleData:
-    """A sample checked against the objective: masked objectives need SampleData of a kind
-    they train on."""
+def _group_samples(g: RingGroup, samples: Mapping[int, torch.Tensor | SampleData],
+                   objective: ObjectiveConfig) -> tuple[list[torch.Tensor], list[SampleData]]:
+    """The group's token tensors, and for a masked objective its samples, each checked
+    (`_sample`; for pretrain none: only tokens are read)."""
     if not objective.masked:
-        return x
+        return [x.tokens if isinstance(x, SampleData) else x
+                for x in (samples[s.id] for s in g.sequences)], []
+    data = [_sample(samples[s.id], s.id, objective) for s in g.sequences]
+    return [d.tokens for d in data], data
+
+
+def _sample(x: torch.Tensor | SampleData, plan_id: int,
+            objective: ObjectiveConfig) -> SampleData:
+    """A sample checked against a masked objective: SampleData of a kind it trains on."""
     if not isinstance(x, SampleData):
         raise ValueError(f"samples[{plan_id}]: objective {objective.type!r} needs the loss "
                          "mask and metadata (workers.sample.SampleData), got bare tokens")
@@ -224,7 +233,8 @@ def _sample(x: torch.Tensor | SampleData, plan_id: int,
     return x
 
 
-def _per_token_columns(data: Sequence, objective: ObjectiveConfig) -> dict[str, torch.Tensor]:
+def _per_token_columns(data: Sequence[SampleData], objective: ObjectiveConfig
+                       ) -> dict[str, torch.Tensor]:
     """Target-aligned stored log-probs the objective reads (packed over the group)."""
     if objective.type != "grpo":
         return {}
@@ -242,7 +252,7 @@ def _per_token_columns(data: Sequence, objective: ObjectiveConfig) -> dict[str, 
     return out
 
 
-def _head_objective(g: RingGroup, data: Sequence, objective: ObjectiveConfig,
+def _head_objective(g: RingGroup, data: Sequence[SampleData], objective: ObjectiveConfig,
                     per_token: dict[str, torch.Tensor], rank: int,
                     comm_stats: CommStats | None) -> Objective:
     if objective.type in ("pretrain", "sft"):
@@ -278,27 +288,38 @@ def _group_pairs(g: RingGroup, data: Sequence[SampleData]):
     """(chosen, rejected) indices within the group and each sequence's reference log-prob
     (the masked sum of its stored ref_logps)."""
     where: dict[int, dict[str, int]] = {}
-    for k, d in enumerate(data):
-        where.setdefault(d.meta.pair_id, {})[d.meta.role] = k
+    for k, (d, s) in enumerate(zip(data, g.sequences, strict=True)):
+        pair, role = _pair_role(d, s.id)
+        where.setdefault(pair, {})[role] = k
     broken = [p for p, roles in where.items() if len(roles) != 2]
     if broken:
         ids = [s.id for s in g.sequences]
         raise ValueError(f"group of ranks {g.ranks} holds plan ids {ids}: DPO pair "
                          f"{broken[0]} is not whole in it (a pair runs in one group)")
-    missing = [s.id for d, s in zip(data, g.sequences, strict=True) if d.ref_logps is None]
+    stored = [d.ref_logps for d in data]
+    missing = [s.id for r, s in zip(stored, g.sequences, strict=True) if r is None]
     if missing:
         raise ValueError(f"samples {missing[:5]}: DPO needs the reference log-probs column "
                          "(ringmaster data ref-logps DATA --model DIR)")
-    refs = torch.stack([(SampleData.to_targets(d.ref_logps) * d.target_mask()).sum()
-                        for d in data]).double()
+    refs = torch.stack([(SampleData.to_targets(r) * d.target_mask()).sum()
+                        for r, d in zip(stored, data, strict=True) if r is not None]).double()
     order = sorted(where.values(), key=lambda r: r["chosen"])
     return [r["chosen"] for r in order], [r["rejected"] for r in order], refs
+
+
+def _pair_role(d: SampleData, plan_id: int) -> tuple[int, str]:
+    """A DPO sample's (pair id, role); a clear error for a record that lacks them."""
+    pair, role = d.meta.pair_id, d.meta.role
+    if pair is None or role not in ("chosen", "rejected"):
+        raise ValueError(f"samples[{plan_id}]: a DPO sample needs a pair_id and the role "
+                         f"chosen or rejected (got pair_id={pair}, role={role!r})")
+    return pair, role
 
 
 def _on(head: Objective, device) -> Objective:
     """The objective with its tensors on `device`."""
     if isinstance(head, NextTokenCE):
         return head
-    fields = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-              for k, v in vars(head).items()}
-    return type(head)(**fields)
+    moved: dict[str, Any] = {k: v.to(device) for k, v in vars(head).items()
+                             if isinstance(v, torch.Tensor)}  # fields of DPO or of GRPO
+    return replace(head, **moved)
