@@ -109,7 +109,9 @@ def _flat_chunk(t: torch.Tensor, opt: ShardedAdamW, group):
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.tensor import DTensor, Shard
 
-    mesh = DeviceMesh.from_group(group or dist.group.WORLD, t.device.type)
+    world = group or dist.group.WORLD
+    assert world is not None, "_distributed(group): the default group exists"
+    mesh = DeviceMesh.from_group(world, t.device.type)
     chunk = DTensor.from_local(local, mesh, [Shard(0)], run_check=False,
                                shape=torch.Size([num_params]), stride=(1,))
     _check_chunk(chunk, lo, local.numel())

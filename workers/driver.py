@@ -166,7 +166,7 @@ def serve_elastic(group, me, args: argparse.Namespace) -> list:
             rest = [r for r in launch.running if r not in ready]
             ready += ray.wait(rest, num_returns=len(rest), timeout=DEATH_GRACE_S)[0] \
                 if rest else []
-        dead = []
+        dead: list[tuple[int, str]] = []  # (slot, why) of the ranks found dead
         for ref in ready:
             slot = launch.running.pop(ref)
             result = launch.outcome(slot, ref, dead)
@@ -203,7 +203,7 @@ class _Launcher:
                 del self.later[slot]
                 self.now(slot)
 
-    def outcome(self, slot: int, ref, dead: list):
+    def outcome(self, slot: int, ref, dead: list[tuple[int, str]]):
         """The AgentResult of a finished call, or None (the rank died or is restarting)."""
         import time
 
