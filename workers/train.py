@@ -23,7 +23,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -46,8 +46,8 @@ from workers.optim import ShardedAdamW, partition_parameters
 from workers.sample import SampleData
 from workers.step import StepStats, run_step
 
-__all__ = ["InFlightStep", "PlanSource", "StepInput", "TrainConfig", "TrainStats", "Trainer",
-           "build_model", "lr_at", "partition_parameters", "train"]
+__all__ = ["InFlightStep", "PlanSource", "StepInput", "Stepper", "TrainConfig", "TrainStats",
+           "Trainer", "build_model", "lr_at", "partition_parameters", "run_steps", "train"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +213,8 @@ class Trainer:
         """An optimizer of this trainer's settings over the current world (the model's
         Parameters become views of its buffer; workers.elastic builds one per world)."""
         c = self.config
+        assert c.precision is not None and c.optimizer_sharding is not None, \
+            "Trainer.config is resolved in __init__"
         return ShardedAdamW(self.model, precision=c.precision, sharding=c.optimizer_sharding,
                             betas=c.betas, eps=c.eps, weight_decay=c.weight_decay,
                             group=self.group, shard_mirror=c.shard_mirror)
@@ -240,6 +242,7 @@ class Trainer:
         """Update masters and moments for the in-flight step, clipped by the global `norm`
         (local: its collectives are done here or, for workers.elastic, elsewhere)."""
         flight = self.in_flight
+        assert flight is not None, "commit without a step in flight (train_step starts one)"
         self.optimizer.commit(lr=lr_at(flight.step, self.config), step=flight.step + 1,
                               norm=norm, max_grad_norm=self.config.max_grad_norm)
         flight.norm, flight.committed = norm, True
@@ -248,6 +251,7 @@ class Trainer:
         """Count the committed in-flight step as done: step count and data position."""
         flight, self.in_flight = self.in_flight, None
         assert flight is not None and flight.committed, "finish_step without a committed step"
+        assert flight.norm is not None, "commit() sets the norm of the step it commits"
         self.step = flight.step + 1
         if flight.next_position is not None:
             self.data_position = flight.next_position
@@ -271,6 +275,37 @@ class Trainer:
         load_checkpoint(directory, self)
 
 
+StatsT = TypeVar("StatsT", covariant=True)
+
+
+class Stepper(Protocol[StatsT]):
+    """What `run_steps` drives: a Trainer (its TrainStats), or a workers.group.WorkerGroup
+    (every rank's, one list per step)."""
+
+    @property
+    def data_position(self) -> BatchPosition: ...  # next batch of the data stream
+
+    def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleData], *,
+                   next_position: BatchPosition | None = None,
+                   batch: BatchMeta | None = None) -> StatsT: ...
+
+
+def run_steps(stepper: Stepper[StatsT], *, num_steps: int, plan_source: PlanSource,
+              on_step: Callable[[StatsT], None] | None = None) -> list[StatsT]:
+    """Run `num_steps` steps of `stepper` from its data position; `on_step` sees each."""
+    if num_steps < 0:
+        raise ValueError(f"num_steps={num_steps} must be >= 0")
+    out = []
+    for _ in range(num_steps):
+        inp = plan_source(stepper.data_position)
+        s = stepper.train_step(inp.plan, inp.samples, next_position=inp.next_position,
+                               batch=inp.batch)
+        out.append(s)
+        if on_step is not None:
+            on_step(s)
+    return out
+
+
 def train(trainer: Trainer, *, num_steps: int, plan_source: PlanSource,
           on_step: Callable[[TrainStats], None] | None = None,
           checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0) -> list[TrainStats]:
@@ -283,15 +318,13 @@ def train(trainer: Trainer, *, num_steps: int, plan_source: PlanSource,
         raise ValueError(f"num_steps={num_steps} must be >= 0")
     if checkpoint_every < 0 or (checkpoint_every and checkpoint_dir is None):
         raise ValueError(f"checkpoint_every={checkpoint_every} needs checkpoint_dir and >= 0")
-    out = []
-    for _ in range(num_steps):
-        inp = plan_source(trainer.data_position)
-        s = trainer.train_step(inp.plan, inp.samples, next_position=inp.next_position,
-                               batch=inp.batch)
-        out.append(s)
+
+    def after(s: TrainStats) -> None:
         if on_step is not None:
             on_step(s)
-        if checkpoint_every and trainer.step % checkpoint_every == 0:
+        if checkpoint_every and checkpoint_dir is not None \
+                and trainer.step % checkpoint_every == 0:
             trainer.save(Path(checkpoint_dir) / f"step_{trainer.step}")
-    return out
+
+    return run_steps(trainer, num_steps=num_steps, plan_source=plan_source, on_step=after)
 
