@@ -98,6 +98,17 @@ class FlightStatus:
     next_position: tuple[int, int] | None
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """A new optimizer of `trainer` built for `layout`, not yet confirmed by the vote, and
+    the one it replaces (None: a joiner's fresh trainer, which has no older state)."""
+
+    layout: Layout
+    trainer: Trainer
+    new: ShardedAdamW
+    old: ShardedAdamW | None
+
+
 @dataclass(frozen=True, kw_only=True)
 class RankStatus:
     """What a member tells the others when a world forms."""
@@ -193,11 +204,17 @@ class ElasticRank:
         self.trainer: Trainer | None = None
         self.world: World | None = None
         self.live: Layout | None = None  # layout of the live optimizer
-        self.candidate: tuple[Layout, ShardedAdamW, ShardedAdamW | None] | None = None
+        self.candidate: _Candidate | None = None
         self.restored = False  # the last join read state from a checkpoint
         # (world epoch, the gloo group's pair connections): one tuple, so that another
         # thread (interrupt) never pairs one world's epoch with another's connections
         self._group: tuple[int, dict[int, gloo_abort.Endpoints]] = (-1, {})
+
+    def joined(self) -> tuple[Trainer, World]:
+        """The trainer and the world of the last join (a world has formed on this rank)."""
+        if self.trainer is None or self.world is None:
+            raise RuntimeError(f"slot {self.slot} has not formed a world yet (join first)")
+        return self.trainer, self.world
 
     def abandon(self) -> None:
         """Leave the current process group now (a step broke on a vanished peer): its
@@ -260,7 +277,7 @@ class ElasticRank:
         t = self.trainer
         pos = t.data_position if t is not None else BatchPosition()
         return RankStatus(slot=self.slot, live=self.live,
-                          candidate=self.candidate[0] if self.candidate else None,
+                          candidate=self.candidate.layout if self.candidate else None,
                           step=t.step if t is not None and self.live else 0,
                           position=(pos.epoch, pos.index),
                           flight=_flight_status(t) if t is not None and self.live else None)
@@ -278,8 +295,8 @@ class ElasticRank:
             self._drop_candidate()
             return None
         source = max(lives, key=lambda layout: layout.epoch)
-        if self.candidate and self.candidate[0] == source:
-            self._promote()
+        if self.candidate and self.candidate.layout == source:
+            self._promote(self.candidate)
         elif self.candidate:
             self._drop_candidate()
         if self.live is not None and self.live != source:
@@ -287,23 +304,22 @@ class ElasticRank:
                                 f"the members' newest is world {source.epoch}")
         return source
 
-    def _promote(self) -> None:
-        layout, new, old = self.candidate
-        if old is not None:
-            old.release()
-        self.trainer.optimizer, self.live, self.candidate = new, layout, None
+    def _promote(self, c: _Candidate) -> None:
+        if c.old is not None:
+            c.old.release()
+        c.trainer.optimizer, self.live, self.candidate = c.new, c.layout, None
 
     def _drop_candidate(self) -> None:
-        if not self.candidate:
+        c = self.candidate
+        if c is None:
             return
-        _, new, old = self.candidate
-        new.release()
-        if old is None:  # a joiner's fresh trainer: nothing of it is worth keeping
+        c.new.release()
+        if c.old is None:  # a joiner's fresh trainer: nothing of it is worth keeping
             self.trainer = None
         else:
-            old.rebind()
-            self.trainer.optimizer = old
-            self.trainer.rebuild_arenas()
+            c.old.rebind()
+            c.trainer.optimizer = c.old
+            c.trainer.rebuild_arenas()
         self.candidate = None
 
     # ----------------------------------------------------------------- the step in flight
@@ -312,60 +328,64 @@ class ElasticRank:
         """Finish the interrupted step everywhere or drop it everywhere."""
         flights = [s.flight for s in statuses if s.flight is not None]
         done = [f for f in flights if f.committed]
-        mine = self.trainer.in_flight if self.trainer is not None and self.live else None
-        if not done:
-            if mine is not None:
-                self.trainer.in_flight = None  # its gradients are overwritten next step
-            return None, (flights[0].step if flights else None)
-        step = max(f.step for f in done)
-        ref = next(f for f in done if f.step == step)
-        if mine is None or mine.step != step:
-            if mine is not None:
-                self.trainer.in_flight = None  # a later step that cannot have committed
-            return None, None
+        dropped = None if done else (flights[0].step if flights else None)
+        ref = max(done, key=lambda f: f.step, default=None)  # the first of the newest
+        trainer = self.trainer if self.live else None
+        mine = trainer.in_flight if trainer is not None else None
+        if trainer is None or mine is None:
+            return None, dropped
+        if ref is None or mine.step != ref.step:
+            # dropped everywhere (its gradients are overwritten next step), or a later step
+            # that cannot have committed
+            trainer.in_flight = None
+            return None, dropped
         if not mine.committed:
-            self.trainer.commit(ref.norm)
-        self.trainer.finish_step()
+            assert ref.norm is not None, "a committed step's status carries its norm"
+            trainer.commit(ref.norm)
+        trainer.finish_step()
         return replace(ref, committed=True), None
 
     # ----------------------------------------------------------------- the new layout
     def _form(self, world: World, statuses: list[RankStatus], source: Layout | None,
               checkpoint: str | None) -> JoinReport:
-        fresh = source is None
-        self.restored = bool(checkpoint) and fresh
-        if self.trainer is None:
-            self.trainer = self.make_trainer(fresh=fresh)
-            new, old = self.trainer.optimizer, None
+        self.restored = bool(checkpoint) and source is None
+        trainer = self.trainer
+        if trainer is None:
+            trainer = self.trainer = self.make_trainer(fresh=source is None)
+            new, old = trainer.optimizer, None
         else:
-            old = self.trainer.optimizer
-            new = self.trainer.build_optimizer()
-        self.candidate = (Layout(world.epoch, world.members), new, old)
-        self.trainer.rebuild_arenas()
-        if fresh:
+            old = trainer.optimizer
+            new = trainer.build_optimizer()
+        candidate = self.candidate = _Candidate(Layout(world.epoch, world.members), trainer,
+                                                new, old)
+        trainer.rebuild_arenas()
+        if source is None:
             if checkpoint:
-                self.trainer.restore(checkpoint)
+                trainer.restore(checkpoint)
             received = sent = 0
         else:
-            received, sent = self._move_state(world, statuses, source, old, new, checkpoint)
-            self._adopt_progress(statuses)
+            received, sent = self._move_state(candidate, world, statuses, source, checkpoint)
+            self._adopt_progress(trainer, statuses)
             new.params_from_masters()
             new.publish()
-        self._vote()
-        self._promote()
-        return JoinReport(world=world, step=self.trainer.step, finished=None,
+        _vote(trainer)
+        self._promote(candidate)
+        return JoinReport(world=world, step=trainer.step, finished=None,
                           dropped_step=None, from_checkpoint=self.restored,
                           bytes_received=received, bytes_sent=sent,
                           param_bytes=_publish_bytes(new), seconds=0.0)
 
-    def _move_state(self, world: World, statuses: list[RankStatus], source: Layout,
-                    old: ShardedAdamW | None, new: ShardedAdamW, checkpoint: str | None
-                    ) -> tuple[int, int]:
+    def _move_state(self, c: _Candidate, world: World, statuses: list[RankStatus],
+                    source: Layout, checkpoint: str | None) -> tuple[int, int]:
+        """The candidate's masters and moments from the live holders of `source`, or the
+        checkpoint; (bytes received, bytes sent)."""
+        trainer, old, new = c.trainer, c.old, c.new
         holders = {world.rank_of(s.slot) for s in statuses if s.live == source}
-        flag = self.trainer.config.shard_mirror
+        flag = trainer.config.shard_mirror
         transfers, missing = plan_transfers(_needs(new, world.size, flag),
                                             _holds(new, source, world, holders, flag))
         if missing:
-            self._restore_missing(missing, statuses, source, checkpoint)
+            self._restore_missing(trainer, missing, statuses, source, checkpoint)
             self.restored = True
         stats = run_transfers(transfers, world.rank_of(self.slot),
                               old=_parts(old) if old is not None else None, new=_parts(new))
@@ -373,14 +393,15 @@ class ElasticRank:
             _masters_from_params(new, [m for m in missing if m.dst == new.rank])
         return stats.bytes_received, stats.bytes_sent
 
-    def _restore_missing(self, missing: list[Missing], statuses: list[RankStatus],
-                         source: Layout, checkpoint: str | None) -> None:
+    def _restore_missing(self, trainer: Trainer, missing: list[Missing],
+                         statuses: list[RankStatus], source: Layout, checkpoint: str | None
+                         ) -> None:
         lost = sorted(set(source.members) - {s.slot for s in statuses if s.live == source})
         what = (f"{sum(m.hi - m.lo for m in missing)} optimizer elements of lost slot(s) "
                 f"{lost}")
-        opt = self.trainer.optimizer
+        opt = trainer.optimizer
         if has_mirror(sharding=opt.sharding, world_size=len(source.members),
-                      shard_mirror=self.trainer.config.shard_mirror):
+                      shard_mirror=trainer.config.shard_mirror):
             raise Unrecoverable(f"{what}: a shard and its mirror are both lost")
         if not checkpoint:
             raise Unrecoverable(f"{what} are held by no live rank and there is no "
@@ -390,9 +411,9 @@ class ElasticRank:
                                 "were never published")
         from workers.checkpoint import load_optimizer_state
 
-        load_optimizer_state(checkpoint, self.trainer)
+        load_optimizer_state(checkpoint, trainer)
 
-    def _adopt_progress(self, statuses: list[RankStatus]) -> None:
+    def _adopt_progress(self, trainer: Trainer, statuses: list[RankStatus]) -> None:
         """A joiner takes the members' step count and data position."""
         if self.live is not None:
             return
@@ -401,15 +422,16 @@ class ElasticRank:
         if ref.flight and ref.flight.committed:  # settled by the others after the exchange
             step = ref.flight.step + 1
             position = ref.flight.next_position or position
-        self.trainer.step = step
-        self.trainer.data_position = BatchPosition(epoch=position[0], index=position[1])
+        trainer.step = step
+        trainer.data_position = BatchPosition(epoch=position[0], index=position[1])
 
-    def _vote(self) -> None:
-        """Every member finished its transfers: the new layout is complete everywhere."""
-        vote = torch.ones(1, device=next(self.trainer.model.parameters()).device)
-        dist.all_reduce(vote)
-        if int(vote.item()) != dist.get_world_size():
-            raise RuntimeError(f"world vote counted {int(vote.item())} members")
+
+def _vote(trainer: Trainer) -> None:
+    """Every member finished its transfers: the new layout is complete everywhere."""
+    vote = torch.ones(1, device=next(trainer.model.parameters()).device)
+    dist.all_reduce(vote)
+    if int(vote.item()) != dist.get_world_size():
+        raise RuntimeError(f"world vote counted {int(vote.item())} members")
 
 
 def _numels(opt: ShardedAdamW) -> list[int]:
