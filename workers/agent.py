@@ -42,7 +42,9 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +59,14 @@ from scheduler.plan import StepPlan
 from scheduler.worker_config import WorkerConfig
 from workers.controller_client import ControllerClient, Fenced, WorkerIdentity
 from workers.data import GlobalBatch, read_plan_samples, read_sample_data, sequence_ids_of_rank
-from workers.elastic import ElasticRank, JoinReport, Unrecoverable, World, comm_failure
+from workers.elastic import (
+    ElasticRank,
+    FlightStatus,
+    JoinReport,
+    Unrecoverable,
+    World,
+    comm_failure,
+)
 from workers.faults import fault_at, perform, positional_stall, ring_victim, slow_factor
 from workers.loss import BatchMeta, ObjectiveConfig
 from workers.rank_logs import RankLogs
@@ -121,7 +130,8 @@ class _Heartbeat(threading.Thread):
         self.client, self.interval_s, self.logs = client, interval_s, logs
         self.step, self.progress = 0, 0
         self.world_epoch = -1  # the controller's current world, as last heard
-        self.interrupt = None  # ElasticRank.interrupt: abandon a step of a broken world
+        # ElasticRank.interrupt: abandon a step of a broken world
+        self.interrupt: Callable[[int], bool] | None = None
         self.stop_requested = threading.Event()
         self.fenced = threading.Event()
         self._done = threading.Event()
@@ -157,7 +167,8 @@ class RankAgent:
         self.identity, self.life = identity, life
         self.client = ControllerClient(controller, identity)
         self.tracer = (tracer_provider or trace.get_tracer_provider()).get_tracer("workers.agent")
-        self.steps_run, self._step, self._events = 0, -1, None
+        self.steps_run, self._step = 0, -1
+        self._events: ScalarWriter | None = None  # rank 0's TensorBoard file, if configured
 
     def run(self, elastic: ElasticRank) -> AgentResult:
         """Serve the controller's worlds and plans as this rank until the job ends."""
@@ -230,7 +241,7 @@ class RankAgent:
         """Worlds one after another; True if a stop request ended the job early."""
         epoch, formed = -1, False
         while True:
-            step = elastic.trainer.step if formed else 0
+            step = elastic.joined()[0].step if formed else 0
             kind, value = self._stream(elastic, epoch, formed, step)
             if kind == "stop":
                 return value
@@ -258,7 +269,7 @@ class RankAgent:
                                        recoverable=True, world_epoch=msg.epoch)
             return False
         report = done[0]
-        self.beat.step = self._step = elastic.trainer.step
+        self.beat.step = self._step = elastic.joined()[0].step
         self.beat.bump()
         print(f"rank {self.identity.rank}: formed world {msg.epoch} of {world.size} ranks at "
               f"step {report.step} in {report.seconds:.2f} s ({msg.reason}); received "
@@ -268,12 +279,11 @@ class RankAgent:
             log.info("world %d restored what no rank held from checkpoint %s: resuming at "
                      "step %d", msg.epoch, msg.checkpoint, report.step + 1)
         if report.finished is not None:
-            self._report_finished(report, msg.epoch)
+            self._report_finished(report.finished, msg.epoch)
         return True
 
-    def _report_finished(self, report: JoinReport, epoch: int) -> None:
+    def _report_finished(self, f: FlightStatus, epoch: int) -> None:
         """A step this rank finished while forming the world (its peers committed it)."""
-        f = report.finished
         self.client.report_step(step=f.step, loss=f.loss or 0.0,
                                 num_predictions=f.num_predictions, tokens=0,
                                 step_time_s=0.0, world_epoch=epoch)
@@ -291,7 +301,7 @@ class RankAgent:
                 return "world", msg.world
             if broken or msg.world_epoch != epoch:
                 continue  # planned for a world that broke: the next World replaces it
-            error = comm_failure(lambda m=msg: self._run_step(m, elastic, epoch))
+            error = comm_failure(partial(self._run_step, msg, elastic, epoch))
             if error:  # (outside the except block: its traceback holds the group)
                 broken = True
                 PROGRESS.phase("done")  # nothing left to compute: it waits on the others now
@@ -301,13 +311,14 @@ class RankAgent:
         raise Fenced("the plan stream ended without a stop or a new world")
 
     def _run_step(self, msg, elastic: ElasticRank, epoch: int) -> None:
-        trainer, rank = elastic.trainer, elastic.world.rank_of(self.identity.rank)
+        trainer, world = elastic.joined()
+        rank = world.rank_of(self.identity.rank)
         if msg.step != trainer.step:
             raise RuntimeError(f"rank {self.identity.rank}: controller sent step {msg.step} but "
                                f"the trainer is at step {trainer.step}")
         self._step = msg.step
         plan = StepPlan.model_validate_json(msg.plan_json)
-        kill = self._drills(msg.step, plan, elastic, epoch)
+        kill = self._drills(msg.step, plan, trainer, world, epoch)
         if self.beat.fenced.is_set():  # e.g. back from a stall the controller gave up on
             raise Fenced(f"the controller fenced this process off during step {msg.step}")
         self.beat.bump()
@@ -322,7 +333,7 @@ class RankAgent:
                                      "ringmaster.step": msg.step,
                                      "ringmaster.attempt": self.identity.attempt,
                                      "ringmaster.world_epoch": epoch,
-                                     "ringmaster.world_size": elastic.world.size})
+                                     "ringmaster.world_size": world.size})
                 stats = trainer.train_step(plan, samples, batch=batch,
                                            next_position=BatchPosition(
                                                epoch=msg.data_epoch, index=msg.data_index))
@@ -337,7 +348,7 @@ class RankAgent:
         self.beat.bump()
         self._report_step(msg, plan, stats, step_time, path, epoch)
 
-    def _drills(self, step: int, plan: StepPlan, elastic: ElasticRank, epoch: int):
+    def _drills(self, step: int, plan: StepPlan, trainer: Trainer, world: World, epoch: int):
         """Start the step's position record and act out (or arm) its fault drill, if any:
         the armed mid-step kill's handle, to remove once the step is over."""
         me = self.identity
@@ -347,9 +358,8 @@ class RankAgent:
         victim = ring_victim(plan)
         fault = fault_at(job_id=me.job_id, attempt=me.attempt, slot=me.rank, step=step,
                          life=self.life, world=epoch,
-                         ring_slot=elastic.world.members[victim] if victim is not None
-                         else None)
-        return perform(fault, elastic.trainer, plan, elastic.world.rank_of(me.rank))
+                         ring_slot=world.members[victim] if victim is not None else None)
+        return perform(fault, trainer, plan, world.rank_of(me.rank))
 
     def _report_step(self, msg, plan: StepPlan, stats, step_time: float, path: str,
                      epoch: int) -> None:
