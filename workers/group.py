@@ -39,7 +39,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import ray
 import torch
@@ -50,8 +50,13 @@ from scheduler.errors import RingmasterError
 from scheduler.plan import StepPlan
 from scheduler.specs import ModelSpec
 from workers.data import sequence_ids_of_rank
+from workers.loss import BatchMeta
+from workers.sample import SampleData
 from workers.step import StepStats
-from workers.train import PlanSource, TrainConfig, TrainStats
+from workers.train import PlanSource, TrainConfig, Trainer, TrainStats
+
+if TYPE_CHECKING:  # workers.elastic loads when a world forms (on the ranks)
+    from workers.elastic import ElasticRank, JoinReport, RankStatus, World
 
 __all__ = ["GroupConfig", "PlacementError", "RankWorker", "WorkerDiedError", "WorkerError",
            "WorkerGroup", "worker_error"]
@@ -139,7 +144,7 @@ class RankWorker:
                  store_address: tuple[str, int] | None = None):
         self.rank, self.config, self.use_gpu = rank, config, use_gpu
         self.store_address = store_address
-        self.elastic = None  # workers.elastic.ElasticRank, once the first world forms
+        self.elastic: ElasticRank | None = None  # once the first world forms
         self.job_id, self.attempt = "", 1  # the job this slot serves (fault drills)
         if use_gpu:
             torch.cuda.set_device(0)  # Ray exposes exactly this actor's GPU
@@ -147,8 +152,14 @@ class RankWorker:
             torch.set_num_threads(config.torch_threads)
 
     @property
-    def trainer(self):
-        return self.elastic.trainer if self.elastic is not None else None
+    def trainer(self) -> Trainer:
+        """This slot's trainer (a world has formed here)."""
+        return self._joined()[0]
+
+    def _joined(self) -> tuple[Trainer, World]:
+        if self.elastic is None:
+            raise WorkerError(self.rank, "no world has formed on this slot (join first)")
+        return self.elastic.joined()
 
     @property
     def life(self) -> int:
@@ -164,7 +175,7 @@ class RankWorker:
         """The Ray node this rank runs on."""
         return ray.get_runtime_context().get_node_id()
 
-    def elastic_rank(self):
+    def elastic_rank(self) -> ElasticRank:
         """This slot's workers.elastic.ElasticRank (connects to the attempt's store)."""
         import torch.distributed as dist
 
@@ -184,25 +195,27 @@ class RankWorker:
                                        on_statuses=self._join_fault)
         return self.elastic
 
-    def _join_fault(self, world, statuses) -> None:
+    def _join_fault(self, world: World, statuses: list[RankStatus]) -> None:
         """RINGMASTER_FAULT `at=join`: die in the middle of forming a world a replacement
         joins (after the process group formed, before the state moved)."""
         from workers.faults import fault_at, perform
 
+        assert self.elastic is not None, "called by self.elastic's join"
         if self.elastic.live is not None and any(s.live is None for s in statuses):
             perform(fault_at(job_id=self.job_id, attempt=self.attempt, slot=self.rank,
                              step=None, life=self.life, at="join"))
 
-    def _make_trainer(self, *, fresh: bool):
+    def _make_trainer(self, *, fresh: bool) -> Trainer:
         """This slot's trainer: everyone's at the start of an attempt (`fresh`), or a
         joiner's, whose weights and optimizer state the others then send."""
         import torch.distributed as dist
 
-        from workers.train import Trainer, build_model
+        from workers.train import build_model
 
         device = "cuda" if self.use_gpu else "cpu"
         # Resolved for the job's full world: a smaller world keeps the job's settings.
         train = self.config.train.resolve(device_type=device, world_size=self.config.num_ranks)
+        assert train.precision is not None, "resolve() decides the precision"
         if fresh:
             model = self._initial_model(train.precision, device)
         else:
@@ -220,6 +233,7 @@ class RankWorker:
 
         cfg = self.config
         if cfg.model_init == "pretrained":
+            assert cfg.model_dir is not None, "GroupConfig: pretrained needs model_dir"
             model = load_pretrained(cfg.model_dir, spec=cfg.model,
                                     dtype=compute_dtype(precision), device=device)
         else:
@@ -229,7 +243,7 @@ class RankWorker:
         _check_same_weights(model, cfg.model_dir)
         return model
 
-    def join(self, world, checkpoint: str | None = None):
+    def join(self, world: World, checkpoint: str | None = None) -> JoinReport:
         """Form `world` (workers.elastic.World) with the other members; a JoinReport."""
         return self.elastic_rank().join(world, checkpoint=checkpoint)
 
@@ -239,28 +253,30 @@ class RankWorker:
         plan = StepPlan.model_validate_json(plan_json)
         return run_step(self.trainer.model, plan, samples, rank=self.trainer.rank)
 
-    def train_step(self, plan_json: str, samples: Mapping[int, torch.Tensor],
-                   next_position: BatchPosition | None, batch=None) -> TrainStats:
+    def train_step(self, plan_json: str, samples: Mapping[int, torch.Tensor | SampleData],
+                   next_position: BatchPosition | None,
+                   batch: BatchMeta | None = None) -> TrainStats:
         from workers.faults import fault_at, perform, ring_victim
 
         plan = StepPlan.model_validate_json(plan_json)
-        members, victim = self.elastic.world.members, ring_victim(plan)
+        trainer, world = self._joined()
+        victim = ring_victim(plan)
         fault = fault_at(job_id=self.job_id, attempt=self.attempt, slot=self.rank,
-                         step=self.trainer.step, life=self.life,
-                         ring_slot=members[victim] if victim is not None else None,
-                         world=self.elastic.world.epoch)
+                         step=trainer.step, life=self.life,
+                         ring_slot=world.members[victim] if victim is not None else None,
+                         world=world.epoch)
         from workers.elastic import comm_failure
 
-        handle = perform(fault, self.trainer, plan, self.trainer.rank)
+        handle = perform(fault, trainer, plan, trainer.rank)
         out: list[TrainStats] = []
         try:
-            error = comm_failure(lambda: out.append(self.trainer.train_step(
+            error = comm_failure(lambda: out.append(trainer.train_step(
                 plan, samples, next_position=next_position, batch=batch)))
         finally:
             if handle is not None:
                 handle.remove()
         if error:  # (outside the except block: its traceback holds the process group)
-            if self.config.elastic:
+            if self.config.elastic and self.elastic is not None:
                 self.elastic.abandon()  # peers blocked on this rank fail now
             raise RuntimeError(error)
         return out[0]
@@ -404,8 +420,8 @@ class WorkerGroup:
         self.data_position = BatchPosition()  # next batch of the loop (restored by restore)
         self._broken: WorkerError | None = None
         self.lost: set[int] = set()  # slots lost since the current world formed
-        self.world = None  # workers.elastic.World of the last formed world
-        self.joins: list = []  # JoinReports of the last formed world, by rank
+        self._world: World | None = None  # the last formed world
+        self.joins: list[JoinReport] = []  # of the last formed world, by rank
         self._epochs = 0  # the next world's epoch
         _ensure_ray()
         self.use_gpu, options = _resources(config)
@@ -471,9 +487,13 @@ class WorkerGroup:
             raise WorkerError(self._broken.rank, f"the group is broken by an earlier failure "
                                                  f"({self._broken}); start a new one")
         slots = list(slots)
-        refs = [getattr(self.actors[s], method).remote(*(per_rank(i) if per_rank else args))
+        refs = [self._remote(s, method, *(per_rank(i) if per_rank else args))
                 for i, s in enumerate(slots)]
         return self._gather(refs, timeout_s or self.config.timeout_s, ranks=slots)
+
+    def _remote(self, slot: int, method: str, *args):
+        """Start RankWorker.`method` on the actor of `slot`; its ObjectRef."""
+        return getattr(self.actors[slot], method).remote(*args)
 
     def _call(self, method: str, *args, timeout_s: float | None = None,
               per_rank: Callable[[int], tuple] | None = None) -> list:
@@ -484,8 +504,16 @@ class WorkerGroup:
         return self._call_slots(self.world.members, method, *args, timeout_s=timeout_s,
                                 per_rank=per_rank)
 
+    @property
+    def world(self) -> World:
+        """The last formed world (workers.elastic.World)."""
+        if self._world is None:
+            raise WorkerError(-1, "no world has formed yet: form() first")
+        return self._world
+
     # ----------------------------------------------------------------- worlds
-    def form(self, slots: Sequence[int], *, checkpoint: str | Path | None = None) -> list:
+    def form(self, slots: Sequence[int], *, checkpoint: str | Path | None = None
+             ) -> list[JoinReport]:
         """Form a new world of `slots` (workers.elastic); every member's JoinReport."""
         from workers.elastic import World
 
@@ -495,17 +523,17 @@ class WorkerGroup:
         reports = self._call_slots(world.members, "join", world,
                                    str(checkpoint) if checkpoint else None,
                                    timeout_s=self.config.start_timeout_s + self.config.timeout_s)
-        self.world, self.joins, self.lost = world, reports, set()
+        self._world, self.joins, self.lost = world, reports, set()
         self.data_position = _position_after(reports, self.data_position)
         return reports
 
-    def regroup(self) -> list:
+    def regroup(self) -> list[JoinReport]:
         """A world of the survivors after WorkerDiedError (elastic groups only)."""
         if not self.config.elastic:
             raise WorkerError(-1, "regroup() needs GroupConfig.max_actor_restarts > 0")
         return self.form([s for s in self.world.members if s not in self.lost])
 
-    def rejoin(self, slots: Sequence[int] | None = None) -> list:
+    def rejoin(self, slots: Sequence[int] | None = None) -> list[JoinReport]:
         """A world with the slots whose actors Ray restarted (default: every missing one)."""
         missing = [s for s in range(self.config.num_ranks) if s not in self.world.members]
         slots = missing if slots is None else list(slots)
@@ -518,7 +546,7 @@ class WorkerGroup:
         deadline = time.monotonic() + self.config.start_timeout_s
         while True:
             try:
-                ray.get(self.actors[slot].pid.remote(), timeout=self.config.start_timeout_s)
+                ray.get(self._remote(slot, "pid"), timeout=self.config.start_timeout_s)
                 return
             except RayActorError as exc:  # restarting (ActorUnavailableError), or dead
                 if time.monotonic() > deadline or "restarting" not in str(exc).lower():
@@ -526,7 +554,8 @@ class WorkerGroup:
                 time.sleep(0.2)
 
     # ----------------------------------------------------------------- public API
-    def _per_rank_inputs(self, plan: StepPlan, samples: Mapping[int, torch.Tensor]):
+    def _per_rank_inputs(self, plan: StepPlan,
+                         samples: Mapping[int, torch.Tensor | SampleData]):
         if plan.world_size != self.world.size:
             raise ValueError(f"plan.world_size={plan.world_size} but the group's world has "
                              f"{self.world.size} ranks")
@@ -540,9 +569,9 @@ class WorkerGroup:
         text, subsets = self._per_rank_inputs(plan, samples)
         return self._call("run_step", per_rank=lambda r: (text, subsets[r]))
 
-    def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor], *,
+    def train_step(self, plan: StepPlan, samples: Mapping[int, torch.Tensor | SampleData], *,
                    next_position: BatchPosition | None = None,
-                   batch=None) -> list[TrainStats]:
+                   batch: BatchMeta | None = None) -> list[TrainStats]:
         """One optimizer step of `plan` on every rank; stats per rank. `samples` are tokens
         or workers.sample.SampleData; `batch` the batch's records (workers.loss.BatchMeta)."""
         text, subsets = self._per_rank_inputs(plan, samples)
@@ -556,12 +585,12 @@ class WorkerGroup:
               on_step: Callable[[list[TrainStats]], None] | None = None) -> list[list[TrainStats]]:
         """`num_steps` steps from `data_position`; plan_source returns every rank's samples.
 
-        The same loop as workers.train.train: the group is a trainer whose steps run on
-        every rank (it has `data_position` and `train_step`).
+        The loop of workers.train.train (workers.train.run_steps): the group is a
+        workers.train.Stepper whose steps run on every rank.
         """
-        from workers.train import train
+        from workers.train import run_steps
 
-        return train(self, num_steps=num_steps, plan_source=plan_source, on_step=on_step)
+        return run_steps(self, num_steps=num_steps, plan_source=plan_source, on_step=on_step)
 
     def run_agents(self, controller: str, job_id: str, attempt: int) -> list:
         """Every rank runs workers.agent.RankAgent against the controller until the job ends.
