@@ -42,12 +42,24 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import redis
+import redis.asyncio as aioredis
 from opentelemetry import propagate, trace
+from redis.typing import EncodableT
 
+from controller.redis_replies import (
+    LogEntry,
+    optional_text,
+    read_entries,
+    scored,
+    stream_entries,
+    text_hash,
+    texts,
+)
 from controller.spec import JobCreate
 from controller.states import JobRecord, StaleState, State, Transition, check_transition
 from scheduler.errors import ConflictError, NotFoundError, SpecError
@@ -139,10 +151,11 @@ class LogLine:
 
 
 _RECORD_FIELDS = {f.name for f in fields(JobRecord)}
+HashFields = dict[EncodableT, EncodableT]  # what HSET's mapping takes
 
 
-def _encode(rec: JobRecord) -> dict[str, str]:
-    out = {}
+def _encode(rec: JobRecord) -> HashFields:
+    out: HashFields = {}
     for k, v in asdict(rec).items():
         if k == "spec":
             out[k] = rec.spec.model_dump_json()
@@ -153,14 +166,15 @@ def _encode(rec: JobRecord) -> dict[str, str]:
     return out
 
 
-def _decode(h: dict[str, str]) -> JobRecord:
+def _decode(reply: Mapping[Any, object]) -> JobRecord:
+    h = text_hash(reply)
     values = {k: json.loads(v) for k, v in h.items() if k in _RECORD_FIELDS
               and k not in ("spec", "state")}
     return JobRecord(spec=JobCreate.model_validate_json(h["spec"]), state=State(h["state"]),
                      **values)
 
 
-def _encode_fields(updates: dict) -> dict[str, str]:
+def _encode_fields(updates: Mapping[str, object]) -> HashFields:
     unknown = set(updates) - _RECORD_FIELDS
     assert not unknown, f"not JobRecord fields: {unknown}"
     return {k: (v.value if isinstance(v, State) else json.dumps(v)) for k, v in updates.items()}
@@ -209,10 +223,10 @@ class JobStore:
                         last_checkpoint_step=step, steps_completed=step or 0)
         sub_key = self._k("sub", spec.submission_id) if spec.submission_id else None
         ckpt = _dir_key(spec.training.checkpoint_dir)
-        result: list = []
+        result: builtins.list[str] = []
 
         def txn(pipe: redis.client.Pipeline) -> None:
-            existing = pipe.get(sub_key) if sub_key else None
+            existing = optional_text(pipe.get(sub_key)) if sub_key else None
             if existing is not None:
                 result[:] = [existing]
                 return
@@ -245,11 +259,11 @@ class JobStore:
         SubmissionConflict when its spec differs."""
         if not spec.submission_id:
             return None
-        job_id = self.r.get(self._k("sub", spec.submission_id))
+        job_id = optional_text(self.r.get(self._k("sub", spec.submission_id)))
         return None if job_id is None else self._replay(job_id, spec)
 
-    def _check_dir_free(self, pipe, directory: str) -> None:
-        user = pipe.hget(self._k("checkpoint_dirs"), directory)
+    def _check_dir_free(self, pipe: redis.client.Pipeline, directory: str) -> None:
+        user = optional_text(pipe.hget(self._k("checkpoint_dirs"), directory))
         if user is not None and pipe.sismember(self._k("active"), user):
             raise CheckpointDirInUse(f"{directory!r} is the checkpoint_dir of job {user}, "
                                      "which has not finished; stop it, or choose another "
@@ -257,7 +271,10 @@ class JobStore:
 
     def checkpoint_dir_user(self, directory: str) -> str | None:
         """The active job whose checkpoint_dir is `directory` (resolved), if any."""
-        user = self.r.hget(self._k("checkpoint_dirs"), _dir_key(directory))
+        key = _dir_key(directory)
+        if key is None:  # no directory: nobody's
+            return None
+        user = optional_text(self.r.hget(self._k("checkpoint_dirs"), key))
         return user if user is not None and self.r.sismember(self._k("active"), user) \
             else None
 
@@ -275,8 +292,11 @@ class JobStore:
     def head(self, job_id: str) -> tuple[State, int] | None:
         """(state, attempt) of a job, None if there is none: one cheap HMGET, no spec
         parsing (the gRPC service fences every worker call with it)."""
-        state, attempt = self.r.hmget(self._k("job", job_id), "state", "attempt")
-        return None if state is None else (State(state), int(json.loads(attempt)))
+        state, attempt = map(optional_text, self.r.hmget(self._k("job", job_id), "state",
+                                                         "attempt"))
+        if state is None or attempt is None:
+            return None
+        return State(state), int(json.loads(attempt))
 
     def exists(self, job_id: str) -> bool:
         return bool(self.r.exists(self._k("job", job_id)))
@@ -293,8 +313,8 @@ class JobStore:
                 raise SpecError(f"page_token={page_token!r} is not a token from a previous "
                                 "page (a decimal number)")
             top = f"({page_token}"
-        rows = self.r.zrevrangebyscore(self._k("jobs"), top, "-inf", start=0, num=limit + 1,
-                                       withscores=True)
+        rows = scored(self.r.zrevrangebyscore(self._k("jobs"), top, "-inf", start=0,
+                                              num=limit + 1, withscores=True))
         more = len(rows) > limit
         rows = rows[:limit]
         pipe = self.r.pipeline(transaction=False)
@@ -304,7 +324,7 @@ class JobStore:
         return records, (str(int(rows[-1][1])) if more else None)
 
     def active_ids(self) -> builtins.list[str]:
-        return sorted(self.r.smembers(self._k("active")))
+        return sorted(texts(self.r.smembers(self._k("active"))))
 
     def active_records(self) -> builtins.list[JobRecord]:
         """Every active job's record (one pipelined round trip)."""
@@ -339,7 +359,7 @@ class JobStore:
         key = self._k("job", job_id)
 
         def txn(pipe: redis.client.Pipeline) -> None:
-            current = pipe.hget(key, "state")
+            current = optional_text(pipe.hget(key, "state"))
             if current is None:
                 raise JobNotFound(job_id)
             if current != state.value:
@@ -406,11 +426,11 @@ class JobStore:
 
     def pending_ids(self) -> builtins.list[str]:
         """Pending jobs, oldest first."""
-        return list(self.r.zrange(self._k("pending"), 0, -1))
+        return texts(self.r.zrange(self._k("pending"), 0, -1))
 
     def due_ids(self, now: float, *, limit: int = 1000) -> builtins.list[str]:
         """Jobs whose due time has come (earliest first)."""
-        return list(self.r.zrangebyscore(self._k("due"), "-inf", now, start=0, num=limit))
+        return texts(self.r.zrangebyscore(self._k("due"), "-inf", now, start=0, num=limit))
 
     def set_due(self, job_id: str, at: float | None) -> None:
         """When the state machine must look at an active job next (None: on events only)."""
@@ -502,7 +522,7 @@ class JobStore:
 
     def step_reports(self, job_id: str, *, attempt: int, step: int) -> dict[int, str]:
         raw = self.r.hgetall(self._k("job", job_id, "reports", str(attempt), str(step)))
-        return {int(rank): text for rank, text in raw.items()}
+        return {int(rank): report for rank, report in text_hash(raw).items()}
 
     def complete_step(self, job_id: str, m: StepMetrics, *,
                       checkpoint: str | None = None) -> bool:
@@ -512,21 +532,21 @@ class JobStore:
         controller restart)."""
         key, metrics = self._k("job", job_id), self._k("job", job_id, "metrics")
         m = m if m.at else replace(m, at=self.clock())
-        fields = {"current_step": m.step, "steps_completed": m.step + 1}
+        progress: dict[str, object] = {"current_step": m.step, "steps_completed": m.step + 1}
         if checkpoint:
-            fields.update(last_checkpoint=checkpoint, last_checkpoint_step=m.step + 1)
+            progress.update(last_checkpoint=checkpoint, last_checkpoint_step=m.step + 1)
         done: list[bool] = []
 
         def txn(pipe: redis.client.Pipeline) -> None:
             if not pipe.exists(key):
                 raise JobNotFound(job_id)
-            rows = pipe.zrangebyscore(metrics, m.step, m.step)
+            rows = texts(pipe.zrangebyscore(metrics, m.step, m.step))
             if any(json.loads(r).get("attempt") == m.attempt for r in rows):
                 done[:] = [False]
                 return
             pipe.multi()
             pipe.zadd(metrics, {json.dumps(asdict(m)): m.step})
-            pipe.hset(key, mapping={**_encode_fields(fields),
+            pipe.hset(key, mapping={**_encode_fields(progress),
                                     "updated_at": json.dumps(self.clock())})
             pipe.delete(self._k("job", job_id, "reports", str(m.attempt), str(m.step)))
             done[:] = [True]
@@ -538,8 +558,8 @@ class JobStore:
                      limit: int = 1000) -> builtins.list[StepMetrics]:
         if not self.exists(job_id):
             raise JobNotFound(job_id)
-        rows = self.r.zrangebyscore(self._k("job", job_id, "metrics"), since_step, "+inf",
-                                    start=0, num=limit)
+        rows = texts(self.r.zrangebyscore(self._k("job", job_id, "metrics"), since_step,
+                                          "+inf", start=0, num=limit))
         return [_step_metrics(json.loads(r)) for r in rows]
 
     def record_checkpoint(self, job_id: str, *, step: int, path: str) -> None:
@@ -573,37 +593,39 @@ class JobStore:
             raise JobNotFound(job_id)
         key = self._k("job", job_id, "logs")
         if cursor is None:
-            rows = list(reversed(self.r.xrevrange(key, count=min(tail or limit, limit))))
+            rows = stream_entries(self.r.xrevrange(key, count=min(tail or limit, limit)))[::-1]
             return [self._line(r) for r in rows], rows[-1][0] if rows else "0"
         check_cursor(cursor)
-        rows = self.r.xrange(key, min=f"({cursor}" if cursor != "0" else "-", count=limit)
+        rows = stream_entries(self.r.xrange(key, min=f"({cursor}" if cursor != "0" else "-",
+                                            count=limit))
         lines = [self._line(r) for r in rows]
         return lines, (lines[-1].cursor if lines else cursor)
 
-    async def read_logs_async(self, client, job_id: str, *, cursor: str | None = None,
-                              tail: int | None = None, limit: int = 1000,
-                              block_ms: int = 0) -> tuple[builtins.list[LogLine], str, State]:
+    async def read_logs_async(self, client: aioredis.Redis, job_id: str, *,
+                              cursor: str | None = None, tail: int | None = None,
+                              limit: int = 1000, block_ms: int = 0,
+                              ) -> tuple[builtins.list[LogLine], str, State]:
         """`read_logs` on an asyncio client; with `block_ms` > 0, a cursor and a job that
         has not finished, wait up to that long for a new line. Also returns the job's state
         after the read (a job that finished meanwhile has no more lines to come)."""
         job_key, key = self._k("job", job_id), self._k("job", job_id, "logs")
-        before = await client.hget(job_key, "state")
+        before = optional_text(await client.hget(job_key, "state"))
         if before is None:
             raise JobNotFound(job_id)
         if cursor is None:
-            rows = list(reversed(await client.xrevrange(key, count=min(tail or limit, limit))))
+            rows = stream_entries(await client.xrevrange(key, count=min(tail or limit,
+                                                                          limit)))[::-1]
             return [self._line(r) for r in rows], rows[-1][0] if rows else "0", State(before)
         check_cursor(cursor)
-        rows = await client.xrange(key, min=f"({cursor}" if cursor != "0" else "-",
-                                   count=limit)
+        rows = stream_entries(await client.xrange(
+            key, min=f"({cursor}" if cursor != "0" else "-", count=limit))
         if not rows and block_ms > 0 and not State(before).terminal:
-            got = await client.xread({key: cursor}, count=limit, block=block_ms)
-            rows = got[0][1] if got else []
-        after = await client.hget(job_key, "state") or before
+            rows = read_entries(await client.xread({key: cursor}, count=limit, block=block_ms))
+        after = optional_text(await client.hget(job_key, "state")) or before
         return [self._line(r) for r in rows], rows[-1][0] if rows else cursor, State(after)
 
     @staticmethod
-    def _line(row: tuple[str, dict[str, str]]) -> LogLine:
+    def _line(row: LogEntry) -> LogLine:
         cursor, f = row
         return LogLine(cursor=cursor, at=float(f.get("at", 0)),
                        rank=int(f["rank"]) if f.get("rank") else None, text=f.get("text", ""))
@@ -621,7 +643,7 @@ class JobStore:
         pipe.execute()
         return event
 
-    def events(self, job_id: str, *, limit: int = 1000) -> list[JobEvent]:
+    def events(self, job_id: str, *, limit: int = 1000) -> builtins.list[JobEvent]:
         """The newest `limit` events, oldest first."""
         if not self.exists(job_id):
             raise JobNotFound(job_id)
