@@ -8,21 +8,26 @@ responses into these same classes.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Literal, overload
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.spec import JobCreate
-from controller.states import JobRecord, Transition
+from controller.states import JobRecord, Phase, Result, Transition
 from controller.store import EVENT_KINDS, JobEvent, LogLine, StepMetrics
 from scheduler.plan import StepPlan
-
-Phase = Literal["Pending", "Scheduling", "Running", "Restarting", "Stopping", "Finished"]
-Result = Literal["Succeeded", "Failed", "Stopped"]
 
 
 class _Public(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+@overload
+def _ts(t: float) -> datetime: ...
+
+
+@overload
+def _ts(t: float | None) -> datetime | None: ...
 
 
 def _ts(t: float | None) -> datetime | None:

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Literal, cast
 
 from controller.spec import JobCreate
 from scheduler.errors import ConflictError
+
+Phase = Literal["Pending", "Scheduling", "Running", "Restarting", "Stopping", "Finished"]
+Result = Literal["Succeeded", "Failed", "Stopped"]
 
 
 class State(StrEnum):
@@ -32,13 +36,13 @@ class State(StrEnum):
         return self in _TERMINAL
 
     @property
-    def phase(self) -> str:
+    def phase(self) -> Phase:
         """Lifecycle phase as the API reports it: the state, or 'Finished' when terminal."""
-        return "Finished" if self.terminal else self.value
+        return "Finished" if self.terminal else cast(Phase, self.value)  # an active state
 
     @property
-    def result(self) -> str | None:
-        return self.value if self.terminal else None
+    def result(self) -> Result | None:
+        return cast(Result, self.value) if self.terminal else None  # a terminal state
 
 
 _TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.STOPPED})
