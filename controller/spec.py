@@ -21,7 +21,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -29,11 +29,11 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    ModelWrapValidatorHandler,
     StringConstraints,
     Tag,
     ValidationError,
     ValidationInfo,
-    ValidatorFunctionWrapHandler,
     model_validator,
 )
 
@@ -43,8 +43,6 @@ from controller.spec_objective import Objective, PretrainObjective
 from scheduler.errors import DatasetError, SpecError
 from scheduler.hf_checkpoint import has_weights, inspect_checkpoint
 from scheduler.model_states import (
-    OPTIMIZER_SHARDINGS,
-    PRECISIONS,
     OptimizerSharding,
     Precision,
     default_precision,
@@ -87,8 +85,12 @@ def check_path(value: str) -> str:
     return value
 
 
-ModelPreset = Literal[tuple(MODEL_PRESETS)]  # type: ignore[valid-type]
-ClusterPreset = Literal[tuple(CLUSTER_PRESETS)]  # type: ignore[valid-type]
+if TYPE_CHECKING:  # the preset names are known at run time: the checker sees a str
+    ModelPreset = str
+    ClusterPreset = str
+else:
+    ModelPreset = Literal[tuple(MODEL_PRESETS)]
+    ClusterPreset = Literal[tuple(CLUSTER_PRESETS)]
 PathStr = Annotated[str, StringConstraints(pattern=PATH_PATTERN, min_length=1,
                                            max_length=MAX_PATH_CHARS),
                     AfterValidator(check_path)]
@@ -225,12 +227,12 @@ class Training(_Section):
         default=None,
         description="Write TensorBoard event files here (rank 0: loss, tokens/s, step time, "
                     "peak memory, learning rate, gradient norm per step); none: no events.")
-    precision: Literal[tuple(PRECISIONS)] | None = Field(  # type: ignore[valid-type]
+    precision: Precision | None = Field(
         default=None,
         description="bf16-mixed: bfloat16 compute, float32 master weights, gradients and "
                     "AdamW moments; fp32; fp64 (exactness checks). Default: fp32 on the cpu "
                     "cluster preset, bf16-mixed on GPU clusters. See docs/precision.md.")
-    optimizer_sharding: Literal[tuple(OPTIMIZER_SHARDINGS)] | None = Field(  # type: ignore[valid-type]
+    optimizer_sharding: OptimizerSharding | None = Field(
         default=None,
         description="Where AdamW's masters and moments live: none (every rank), zero1 "
                     "(whole tensors per owner rank), distributed (contiguous shards, "
@@ -307,8 +309,8 @@ class JobCreate(_Section):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _strict(cls, data: object, handler: ValidatorFunctionWrapHandler,
-                info: ValidationInfo) -> JobCreate:
+    def _strict(cls, data: object, handler: ModelWrapValidatorHandler[Self],
+                info: ValidationInfo) -> Self:
         """Validate in strict mode however we are called (FastAPI validates bodies in lax
         mode): no bool, string or float is coerced into an int, nested sections included."""
         if not isinstance(data, dict) or (info.context or {}).get("_strict"):
@@ -437,7 +439,9 @@ def validate_model(spec: JobCreate) -> ModelSpec:
     try:
         model = spec.resolve_model()
         if spec.resolve_model_init() == "pretrained":
-            inspect_checkpoint(spec.model_dir(), model)
+            directory = spec.model_dir()
+            assert directory is not None, "pretrained means a model directory with weights"
+            inspect_checkpoint(directory, model)
     except SpecError as exc:
         raise SpecError(f"model: {exc}") from None
     except (OSError, UnicodeDecodeError) as exc:  # unreadable weights: the user's to fix
