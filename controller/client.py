@@ -127,8 +127,8 @@ class RingmasterClient:
     def _call(self, method: str, path: str, *, timeout_s: float | None = None,
               **kwargs) -> httpx.Response:
         try:
-            extra = {"timeout": timeout_s} if timeout_s is not None else {}
-            resp = self._http.request(method, path, **kwargs, **extra)
+            timeout = httpx.USE_CLIENT_DEFAULT if timeout_s is None else timeout_s
+            resp = self._http.request(method, path, timeout=timeout, **kwargs)
         except httpx.TransportError as exc:
             raise ApiError(0, f"cannot reach the controller at {self.url} ({exc}); is "
                               "`ringmaster serve` running, or RINGMASTER_URL set?") from None
