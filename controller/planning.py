@@ -193,9 +193,11 @@ class PlanPipeline:
         self._spec_json = spec.model_dump_json()
         self.executor = executor
         self.depth = depth
-        structure = read_structure(spec.dataset.path) if lengths is None else None
-        units = structure.units() if structure is not None else None
-        lengths = structure.lengths if structure is not None else lengths
+        structure: DatasetStructure | None = None  # read when no lengths are given
+        units: np.ndarray | None = None
+        if lengths is None:
+            structure = read_structure(spec.dataset.path)
+            lengths, units = structure.lengths, structure.units()
         self.schedule = BatchSchedule(lengths, tokens_per_batch=spec.training.global_batch_tokens,
                                       seed=spec.training.seed, units=units, structure=structure)
         self._cost = job_cost_model(spec, self.cluster)
@@ -291,11 +293,11 @@ class PlanPipeline:
         _refit(self._busy_cost, self._busy_observations)
         self._estimator.observe(plan, rank_seconds)
         new = self._estimator.update(self._busy_cost)
-        speeds = None if np.array_equal(new, self._estimator.nominal) else \
+        estimate = None if np.array_equal(new, self._estimator.nominal) else \
             tuple(float(x) for x in new)
         with self._lock:
-            if speeds != self._speeds:
-                self._speeds = speeds
+            if estimate != self._speeds:
+                self._speeds = estimate
                 self._replan_pending()
 
     def _replan_pending(self) -> None:
