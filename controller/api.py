@@ -22,7 +22,7 @@ import contextlib
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
@@ -80,7 +80,8 @@ class ApiSettings:
     data_roots: tuple[Path, ...] = ()  # spec paths must lie inside one (empty: anywhere)
 
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 404, 405, 408, 409, 413, 422, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {  # FastAPI's `responses`
+    code: {"model": ErrorResponse} for code in (401, 404, 405, 408, 409, 413, 422, 503)}
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN,
                                  description="Job id from POST /v1/jobs.")]
 JOB = f"/jobs/{{job_id:{JOB_ID_CONVERTOR}}}"
@@ -291,7 +292,7 @@ def _add_watch_routes(router: APIRouter, store: JobStore, settings: ApiSettings)
                                          ] = 10.0,
                        limit: Annotated[QueryInt, Query(ge=1, le=settings.max_log_lines)
                                         ] = 500,
-                       ) -> LogChunk:
+                       ) -> LogChunk | Response:
         """A bounded chunk of a job's log; follow=true waits up to wait_s for new lines."""
         if tail is not None and cursor is not None:
             return error_response(422, "tail and cursor: give one, not both", details=[
