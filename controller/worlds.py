@@ -78,6 +78,12 @@ class AttemptWorlds:
     def world(self) -> WorldRecord | None:
         return self.membership.world
 
+    def _current(self) -> WorldRecord:
+        """The world, where there must be one (a World was sent, a step ran in it)."""
+        w = self.membership.world
+        assert w is not None, "no world before every rank has registered"
+        return w
+
     def members_of(self, epoch: int) -> tuple[int, ...]:
         return self.history.get(epoch, ())
 
@@ -117,7 +123,7 @@ class AttemptWorlds:
     def world_sent(self, slot: int, now: float) -> None:
         """The current World went to `slot`. The first old member to get a join's World
         has reached its boundary: the joiners may form it, and its deadline starts."""
-        w = self.world
+        w = self._current()
         if slot not in w.joining and w.epoch not in self.offered:
             self.offered.add(w.epoch)
             if w.boundary is not None:
@@ -177,7 +183,7 @@ class AttemptWorlds:
 
     def regroup_same(self, reason: str, *, step: int, now: float) -> Change:
         """Every member's step broke and nobody is lost: the same members, a new epoch."""
-        w = self.world
+        w = self._current()
         self.membership.world = WorldRecord(epoch=w.epoch + 1, members=w.members,
                                             joining=w.joining, reason=reason)
         self._new_world(now)
@@ -188,6 +194,7 @@ class AttemptWorlds:
         w = self.world
         if w is None or w.epoch != epoch or not w.complete:
             return Change()
+        assert w.start_step is not None, "a complete world was formed at a step"
         boundary = max(self.sent.get(epoch, w.start_step - 1) + 1, w.start_step)
         joined = self.membership.plan_join(boundary)
         if joined is None:
@@ -204,7 +211,7 @@ class AttemptWorlds:
         return self.membership.formed(slot, epoch, step)
 
     def _new_world(self, now: float) -> None:
-        w = self.world
+        w = self._current()
         self.history[w.epoch] = w.members
         self.announced_at = now
         self.waiting_world.clear()
