@@ -51,14 +51,14 @@ import logging
 import threading
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
 
 import grpc
 import redis
 from google.protobuf import json_format
 from opentelemetry import propagate, trace
 
-from controller.hang import HangReport, RankPosition, hang_span, localise, position_of
+from controller.attempt_runtime import AttemptRuntime, RankState
+from controller.hang import HangReport, hang_span, localise, position_of
 from controller.launchers.base import EventKind, LauncherEvent
 from controller.membership import Membership
 from controller.planning import PlannedStep
@@ -91,53 +91,6 @@ MAX_LOG_BATCH = 1000  # log lines one ReportLogs call may append
 # nothing until a job that large connects. See docs/benchmarks.md (control plane).
 MAX_RPC_THREADS = 10_000
 STREAM_WAKE_S = 5.0  # a waiting plan stream's safety wake-up; events notify it sooner
-
-
-@dataclass(kw_only=True)
-class RankState:
-    registered: bool = False
-    progress: tuple[int, int] = (-1, -1)  # (step, progress counter) last heard
-    progress_at: float = 0.0  # monotonic time the progress last changed
-    done_step: int = -1  # newest step this rank has finished (reported or resumed past)
-    streamed_step: int = -1  # newest step whose plan it received (it works when > done_step)
-    streaming: bool = False  # holds an open plan stream: past streamed_step it waits on us
-    # the step its plan stream ended at (sent ahead of the steps before it): once the rank
-    # has finished every step before it, it is no longer watched
-    stream_end: int | None = None
-    position: RankPosition | None = None  # where in its step the last heartbeat said it is
-    heard_at: float = 0.0  # monotonic time of its last heartbeat (a waiting replacement's pulse)
-    syncing: bool = False  # blocked on peers (the step's collectives, a ring transfer)
-
-    @property
-    def finished(self) -> bool:
-        """Its plan stream has ended and it finished every step before the end."""
-        return self.stream_end is not None and self.done_step >= self.stream_end - 1
-
-
-@dataclass(kw_only=True)
-class AttemptRuntime:
-    job: JobRecord
-    worlds: AttemptWorlds
-    ranks: dict[int, RankState]
-    # (world size, step) -> the plan and its span's traceparent
-    plans: dict[tuple[int, int], tuple[PlannedStep, str]] = field(default_factory=dict)
-    plan_lock: threading.Lock = field(default_factory=threading.Lock)
-    persist_lock: threading.Lock = field(default_factory=threading.Lock)  # world snapshots
-    # (world epoch, step) -> its message, built once and sent to every member
-    messages: dict[tuple[int, int], pb.PlanMessage] = field(default_factory=dict)
-    pending: dict[int, int] = field(default_factory=dict)  # step -> newest epoch reporting it
-    # world epoch -> min done_step of its live members, cached until a step completes or
-    # the membership moves (world_service.changed); plan streams read it
-    min_done: dict[int | None, int] = field(default_factory=dict)
-    worker_config: str = ""  # worker_config_json of the attempt, built once
-    ready_sent: bool = False
-    lost_sent: bool = False
-    fell_back: bool = False  # a fallback_restart was decided: the attempt is ending
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    @property
-    def replan(self) -> bool:
-        return self.job.spec.failure.mode == "replan"
 
 
 def _expected_failures(rpc):
@@ -423,7 +376,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         return pb.Ack(accepted=True)
 
     @_expected_failures
-    def StreamPlans(self, request, context):
+    def StreamPlans(self, request: pb.PlanRequest, context: grpc.ServicerContext):
         rt, why = self._runtime(request.worker, context)
         if rt is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
@@ -446,15 +399,17 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
         finally:
             st.streaming = False
 
-    def _stream(self, rt: AttemptRuntime, request, context, step: int, epoch: int | None):
+    def _stream(self, rt: AttemptRuntime, request: pb.PlanRequest,
+                context: grpc.ServicerContext, step: int, epoch: int | None):
         """One world's plans for a rank: a stop, a World to form (the rank then asks
         again), or plans of `epoch` as their turn comes."""
         slot = request.worker.rank
         while context.is_active():
             if not self._current(rt) or not self._incarnation_current(rt, request.worker):
-                rt, why = self._runtime(request.worker, context)  # the store says why
-                if rt is None:
+                fresh, why = self._runtime(request.worker, context)  # the store says why
+                if fresh is None:
                     context.abort(grpc.StatusCode.FAILED_PRECONDITION, why)
+                rt = fresh
             stop_at = self._stop_stream(rt, slot, step)
             if stop_at is not None:
                 yield pb.PlanMessage(step=stop_at, stop=True)
@@ -470,6 +425,7 @@ class WorkerService(pb_grpc.WorkerServiceServicer):
                 with rt.cond:
                     rt.cond.wait(timeout=WORLD_WAKE_S)
                 continue
+            assert epoch is not None, "Next.PLAN: the rank has formed a world"
             if not self._wait_turn(rt, step, epoch):
                 continue
             message = self._plan_message(rt, epoch, step, slot)

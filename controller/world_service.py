@@ -1,7 +1,7 @@
 """The worker service's side of elastic worlds (docs/elastic.md): what a plan stream sends
 next, lost and stalled ranks, replacements joining, the fallback to a restart.
 
-`WorldKeeper` works on one attempt's runtime (controller.worker_service.AttemptRuntime)
+`WorldKeeper` works on one attempt's runtime (controller.attempt_runtime.AttemptRuntime)
 for the gRPC handlers: controller.worlds says what changes, this module applies it under
 the attempt's lock and records it outside (job events, the persisted membership, a log
 line and a `job.world_change` span per event). It never ends an attempt itself: the
