@@ -281,10 +281,11 @@ class PlanPipeline:
                         speeds: np.ndarray) -> None:
         """Speeds are estimated against a model of the ranks' own busy times (their clock:
         on a CPU box, CPU time, not wall), refit here at the reference speed."""
+        index = plan.by_rank()
         for rank, times in rank_seconds.items():
             if not 0 <= rank < speeds.size:
                 continue
-            for (_, g), seconds in zip(plan.micro_batches_of(rank), times, strict=False):
+            for (_, g), seconds in zip(index.get(rank, ()), times, strict=False):
                 if seconds > 0:
                     self._busy_observations.append(Observation(
                         lengths=tuple(s.length for s in g.sequences), ring_size=g.ring_size,

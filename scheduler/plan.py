@@ -231,6 +231,15 @@ class StepPlan(_PlanModel):
         """The (micro_batch_index, group) pairs `rank` takes part in, in order."""
         return [(m, g) for m, g in self.groups() if rank in g.ranks]
 
+    def by_rank(self) -> dict[int, list[tuple[int, RingGroup]]]:
+        """`micro_batches_of` of every rank that has a group, in one pass over the plan
+        (what a loop over all ranks takes: one call per rank would scan it N times)."""
+        index: dict[int, list[tuple[int, RingGroup]]] = {}
+        for m, g in self.groups():
+            for r in dict.fromkeys(g.ranks):
+                index.setdefault(r, []).append((m, g))
+        return index
+
     def groups_by_size(self) -> dict[int, int]:
         """Ring size -> number of groups of that size, smallest first."""
         sizes: dict[int, int] = {}

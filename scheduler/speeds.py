@@ -81,16 +81,20 @@ class SpeedEstimator:
                                                    for _ in range(self.world_size)]
         self._steps = 0  # steps observed
         self._baselines: dict[int, float] = {}
+        # (id of a sample's group, bandwidth) -> predicted seconds, within one update: the
+        # samples hold their groups, so the ids stay theirs while the memo lives
+        self._memo: dict[tuple[int, float], float] = {}
 
     # -- input -----------------------------------------------------------------------
     def observe(self, plan: StepPlan, rank_seconds: Mapping[int, Sequence[float]]) -> None:
         """Record one step: `rank_seconds[r]` is rank r's micro-batch times, in the order
         of `plan.micro_batches_of(r)` (what its StepReport carries)."""
         self._steps += 1
+        index = plan.by_rank()
         for rank, times in rank_seconds.items():
             if not 0 <= rank < min(self.world_size, plan.world_size):
                 continue
-            for (_, g), seconds in zip(plan.micro_batches_of(rank), times, strict=False):
+            for (_, g), seconds in zip(index.get(rank, ()), times, strict=False):
                 if seconds > 0 and math.isfinite(seconds):
                     self._samples[rank].append(GroupSample(
                         rank=rank, group=g, seconds=float(seconds),
@@ -101,6 +105,7 @@ class SpeedEstimator:
     def update(self, cost: CostModel) -> np.ndarray:
         """Re-estimate every rank's correction against `cost` (the current, refitted
         model: samples are kept raw and re-predicted each time); returns `speeds`."""
+        self._memo = {}
         self._baselines = self._step_baselines(cost)
         packed = [self._median(r, cost) for r in range(self.world_size)]
         raw = np.array([np.nan if m is None else m for m in packed])
@@ -123,8 +128,15 @@ class SpeedEstimator:
 
     def _speed(self, x: GroupSample, cost: CostModel) -> float:
         """The sample's speed (predicted / measured) relative to its step's baseline."""
-        predicted, _ = group_seconds(x.group, cost, x.bandwidth_gbps)
-        return predicted / x.seconds / self._baselines.get(x.step, 1.0)
+        return self._predicted(x, cost) / x.seconds / self._baselines.get(x.step, 1.0)
+
+    def _predicted(self, x: GroupSample, cost: CostModel) -> float:
+        """The cost model's time of the sample's group, once per group and update (every
+        member of a ring holds a sample of the same group; the model is fixed meanwhile)."""
+        key = (id(x.group), x.bandwidth_gbps)
+        if key not in self._memo:
+            self._memo[key] = group_seconds(x.group, cost, x.bandwidth_gbps)[0]
+        return self._memo[key]
 
     def _step_baselines(self, cost: CostModel) -> dict[int, float]:
         """Per observed step, the upper median over ranks of each rank's median speed
@@ -135,9 +147,8 @@ class SpeedEstimator:
             for x in samples:
                 if x.group.ring_size > 1:
                     continue
-                predicted, _ = group_seconds(x.group, cost, x.bandwidth_gbps)
                 per_step.setdefault(x.step, {}).setdefault(rank, []).append(
-                    predicted / x.seconds / self.nominal[rank])
+                    self._predicted(x, cost) / x.seconds / self.nominal[rank])
         return {step: float(np.percentile([np.median(v) for v in ranks.values()], 50,
                                           method="higher"))
                 for step, ranks in per_step.items()}

@@ -134,3 +134,17 @@ def test_version_2_rules():
     v1 = valid_plan()
     v1.micro_batches[0].groups[0].memory = GroupMemory()
     assert "needs version 2" in "\n".join(v1.violations())
+
+
+def test_by_rank_is_micro_batches_of_for_every_rank():
+    from scheduler import plan_batch
+    from scheduler.specs import cluster_preset, model_preset
+
+    lengths = [300, 9000, 120, 4000, 50, 17000, 800, 2500, 64, 7000, 1500, 90]
+    plan = plan_batch(lengths, cluster_preset("cpu", num_ranks=8), model_preset("tiny"),
+                      capacity_tokens=4096, time_limit_s=0.5, seed=0)
+    assert any(g.ring_size > 1 for _, g in plan.groups())  # a ring: one group, many ranks
+    index = plan.by_rank()
+    assert set(index) <= set(range(plan.world_size))
+    for rank in range(plan.world_size):
+        assert index.get(rank, []) == plan.micro_batches_of(rank)
