@@ -8,8 +8,8 @@ every real rank has its own). Each simulated rank does what workers/agent.py doe
 the wire: Register, StreamPlans from its start step, heartbeats every
 `heartbeat_interval_s` of its worker config carrying (step, progress), and per step a
 `step_time_s` sleep followed by a ReportStep with the payload a real rank sends (its
-micro-batch times, one per micro-batch it is in, its tokens, the global loss and
-predictions). The plan JSON is parsed once per process and step (real ranks parse it each;
+micro-batch times, one per micro-batch it is in, as the plan predicts them on a uniform
+cluster, its tokens, the global loss and predictions). The plan JSON is parsed once per process and step (real ranks parse it each;
 that cost is the ranks', not the controller's).
 
 Measured: plan wait (how long a rank ready for step s waits for its plan), plan fan-out
@@ -90,28 +90,45 @@ class RankLog:
 # --- the simulated ranks (one asyncio loop per process) --------------------------------
 
 class _PlanCache:
-    """Per step: each rank's micro-batch count and tokens, from one parse of the plan."""
+    """Per step: each rank's micro-batch times, tokens and the global predictions, from
+    one parse of the plan. A healthy rank's time in a group is what the plan predicts for
+    it (predicted.groups), scaled so that the predicted makespan takes `step_time_s`: all
+    ranks run at one speed, as on a uniform cluster (equal times per micro-batch would
+    make ranks with light groups look slow to the straggler estimator, which re-plans)."""
 
-    def __init__(self):
-        self._steps: dict[int, dict[int, tuple[int, int, int]]] = {}
+    def __init__(self, step_time_s: float):
+        self.step_time_s = step_time_s
+        self._steps: dict[int, dict[int, tuple[list[float], int, int]]] = {}
 
-    def of(self, step: int, plan_json: str, rank: int) -> tuple[int, int, int]:
-        """(micro-batches, tokens, global predictions) of `rank` in the plan of `step`."""
+    def of(self, step: int, plan_json: str, rank: int) -> tuple[list[float], int, int]:
+        """(micro-batch times, tokens, global predictions) of `rank` in the plan of `step`."""
         if step not in self._steps:
             plan = json.loads(plan_json)
-            per: dict[int, list[int]] = {}
+            predicted = plan.get("predicted") or {}
+            seconds = {(g["micro_batch"], g["group"]): g["seconds"]
+                       for g in predicted.get("groups") or ()}
+            scale = self.step_time_s / predicted["makespan_s"] \
+                if seconds and predicted.get("makespan_s") else 0.0
+            per: dict[int, tuple[list[float], list[int]]] = {}
             predictions = 0
-            for mb in plan["micro_batches"]:
-                for g in mb["groups"]:
+            for m, mb in enumerate(plan["micro_batches"]):
+                for gi, g in enumerate(mb["groups"]):
                     held = sum(s["length"] for s in g["sequences"]) // len(g["ranks"])
                     predictions += sum(s["length"] - 1 for s in g["sequences"])
                     for r in g["ranks"]:
-                        c = per.setdefault(r, [0, 0])
-                        c[0] += 1
-                        c[1] += held
+                        times, tokens = per.setdefault(r, ([], [0]))
+                        times.append(seconds.get((m, gi), 0.0) * scale)
+                        tokens[0] += held
             self._steps = {s: v for s, v in self._steps.items() if s >= step - 3}
-            self._steps[step] = {r: (c[0], c[1], predictions) for r, c in per.items()}
-        return self._steps[step].get(rank, (0, 0, 0))
+            self._steps[step] = {r: (self._spread(t), c[0], predictions)
+                                 for r, (t, c) in per.items()}
+        return self._steps[step].get(rank, ([], 0, 0))
+
+    def _spread(self, times: list[float]) -> list[float]:
+        """Without per-group predictions (a version-1 plan): the step split evenly."""
+        if not times or all(t > 0 for t in times):
+            return times
+        return [self.step_time_s / len(times)] * len(times)
 
 
 class _Rank:
@@ -232,7 +249,7 @@ class _Rank:
         await queue.put((None, RuntimeError("plan stream ended without a stop message")))
 
     async def _run_step(self, msg) -> None:
-        num_mb, tokens, predictions = self.plans.of(msg.step, msg.plan_json, self.rank)
+        times, tokens, predictions = self.plans.of(msg.step, msg.plan_json, self.rank)
         t0 = time.perf_counter()
         await asyncio.sleep(self.cfg.step_time_s)
         elapsed = time.perf_counter() - t0
@@ -245,7 +262,7 @@ class _Rank:
         ack = await self.stub.ReportStep(self.pb.StepReport(
             worker=self.me, step=msg.step, loss=2.0 / (1 + msg.step),
             num_predictions=predictions, tokens=tokens,
-            micro_batch_times_s=[elapsed / max(num_mb, 1)] * num_mb,
+            micro_batch_times_s=times,
             peak_memory_bytes=1 << 30, step_time_s=elapsed, world_epoch=msg.world_epoch),
             metadata=self.md, timeout=600)
         self.log.report_s.append(time.perf_counter() - t1)
@@ -264,7 +281,7 @@ def _process_main(ranks: list[int], env: dict, cfg: SimConfig, slot: int, progre
 async def _serve_ranks(ranks, env, cfg, log, slot, progress) -> None:
     import grpc
 
-    plans = _PlanCache()
+    plans = _PlanCache(cfg.step_time_s)
     options = [("grpc.max_receive_message_length", 256 << 20)]
     channels = [grpc.aio.insecure_channel(env["RINGMASTER_CONTROLLER"], options=options)
                 for _ in ranks]
