@@ -9,8 +9,9 @@ the wire: Register, StreamPlans from its start step, heartbeats every
 `heartbeat_interval_s` of its worker config carrying (step, progress), and per step a
 `step_time_s` sleep followed by a ReportStep with the payload a real rank sends (its
 micro-batch times, one per micro-batch it is in, as the plan predicts them on a uniform
-cluster, its tokens, the global loss and predictions). The plan JSON is parsed once per process and step (real ranks parse it each;
-that cost is the ranks', not the controller's).
+cluster, its tokens, the global loss and predictions). The plan JSON is parsed once per
+process and step (real ranks parse it each; that cost is the ranks', not the
+controller's).
 
 Measured: plan wait (how long a rank ready for step s waits for its plan), plan fan-out
 (from the last report of step s-2, which releases plan s, to each rank holding it),

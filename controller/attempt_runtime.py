@@ -48,6 +48,7 @@ class AttemptRuntime:
     plans: dict[tuple[int, int], tuple[PlannedStep, str]] = field(default_factory=dict)
     plan_lock: threading.Lock = field(default_factory=threading.Lock)
     persist_lock: threading.Lock = field(default_factory=threading.Lock)  # world snapshots
+    persisted: dict | None = None  # the world snapshot last stored (under persist_lock)
     # (world epoch, step) -> its message, built once and sent to every member
     messages: dict[tuple[int, int], pb.PlanMessage] = field(default_factory=dict)
     pending: dict[int, int] = field(default_factory=dict)  # step -> newest epoch reporting it

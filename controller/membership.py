@@ -20,6 +20,7 @@ caller adds the planner's verdict (the batch does not fit the survivors).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
@@ -59,8 +60,10 @@ class WorldRecord:
     def size(self) -> int:
         return len(self.members)
 
-    @property
+    @functools.cached_property
     def complete(self) -> bool:
+        """Every member formed it (read on every plan-stream wake-up: computed once per
+        record, which is immutable: forming makes a new one)."""
         return set(self.formed) == set(self.members)
 
 

@@ -100,11 +100,16 @@ class WorldKeeper:
                 completed, disagree = False, str(exc)
             else:
                 disagree = ""
-            changed(rt)
+            w = rt.worlds.world
+            rt.min_done.clear()  # its done step may have moved (it resumed past a step)
+            # The members waiting for this world wait for it to be complete: one member's
+            # forming wakes nobody else (N wake-ups per member would be N^2 per world).
+            if completed or w is None or w.complete or w.epoch != epoch:
+                rt.cond.notify_all()
         if disagree:
             self.fall_back(rt, disagree, step)
         if epoch is not None:
-            self.record(rt, Change(snapshot=rt.worlds.membership.snapshot()))
+            self.persist(rt)
         if completed:
             self.store.append_logs(rt.job.id, [f"world {epoch} formed at step {step}: ranks "
                                                f"{list(rt.worlds.members_of(epoch))}"])
@@ -200,17 +205,8 @@ class WorldKeeper:
     def record(self, rt, change: Change) -> None:
         """Persist and announce a membership change (outside the attempt's lock)."""
         job = rt.job
-        if change.snapshot is not None:
-            # Writers take the membership as it is now, one at a time: two calls recording
-            # at once must not leave the older snapshot in the store (a restarted
-            # controller would restore a world half formed, and the ranks reconnecting to
-            # it would disagree on its start).
-            with rt.persist_lock:
-                with rt.cond:
-                    snapshot = rt.worlds.membership.snapshot()
-                    history = {str(e): list(m) for e, m in rt.worlds.history.items()}
-                self.store.set_world(job.id, {"attempt": job.attempt, "membership": snapshot,
-                                              "history": history})
+        if change.persist:
+            self.persist(rt)
         for event in change.events:
             event = self.store.append_event(job.id, event)
             self.store.append_logs(job.id, [f"{event.kind}: ranks {list(event.ranks)} at step "
@@ -220,6 +216,23 @@ class WorldKeeper:
         if change.fallback:
             rt.fell_back = True
             self._lose(rt, None, f"fallback_restart: {change.fallback}")
+
+    def persist(self, rt) -> None:
+        """Store the membership as it is now. Writers take it one at a time: two calls
+        recording at once must not leave the older snapshot in the store (a restarted
+        controller would restore a world half formed, and the ranks reconnecting to it
+        would disagree on its start). A writer that finds the store already holding the
+        membership as it is (a concurrent writer stored its change) writes nothing: N ranks
+        forming a world at once cost far fewer than N writes of O(N) bytes."""
+        with rt.persist_lock:
+            with rt.cond:
+                record = {"attempt": rt.job.attempt,
+                          "membership": rt.worlds.membership.snapshot(),
+                          "history": {str(e): list(m) for e, m in rt.worlds.history.items()}}
+            if record == rt.persisted:
+                return
+            self.store.set_world(rt.job.id, record)
+            rt.persisted = record
 
     def _trace_event(self, job: JobRecord, event) -> None:
         parent = propagate.extract({"traceparent": job.trace_parent} if job.trace_parent

@@ -6,7 +6,7 @@ gets next (`Next`: form a world, a plan of some world, wait, or fenced off); it 
 history of worlds (which world ran which step), the planner pipelines by world size, how
 far plans were sent in each world (a join starts after the last one sent), which members
 wait for a new world after a peer vanished, and formation deadlines. Whatever changes
-the world comes back as `Change`s (job events, the snapshot to persist) for the caller
+the world comes back as `Change`s (job events, whether to persist the membership) for the caller
 to record once it has released the attempt's lock: nothing here does I/O.
 
 Thread-safety: every method is called under the attempt's condition variable.
@@ -39,7 +39,7 @@ class Change:
     """What a caller records after a membership change (outside the lock)."""
 
     events: tuple[JobEvent, ...] = ()
-    snapshot: dict | None = None  # Membership.snapshot() to persist
+    persist: bool = False  # the membership moved: store it (WorldKeeper.persist)
     fallback: str = ""  # non-empty: end the attempt (restart from the checkpoint)
     world: WorldRecord | None = None  # the new world, if one formed
 
@@ -155,7 +155,7 @@ class AttemptWorlds:
         if not had_world and self.world is not None:
             self._new_world(now)
             change = Change(world=self.world)
-        return inc, Change(events=change.events, snapshot=self.membership.snapshot(),
+        return inc, Change(events=change.events, persist=True,
                            fallback=change.fallback, world=change.world)
 
     def lose(self, slots: list[int], reason: str, *, step: int, checkpoint: bool,
@@ -169,14 +169,14 @@ class AttemptWorlds:
         events = [self._event("rank_lost", lost, reason, step)]
         if isinstance(out, Fallback):
             events.append(self._event("fallback_restart", lost, out.reason, step))
-            return Change(events=tuple(events), snapshot=self.membership.snapshot(),
+            return Change(events=tuple(events), persist=True,
                           fallback=out.reason)
         if out is None:
-            return Change(events=tuple(events), snapshot=self.membership.snapshot())
+            return Change(events=tuple(events), persist=True)
         self._new_world(now)
         self.pipeline(out.size).prefetch(step)  # the re-plan of the interrupted step
         events.append(self._event("world_shrunk", lost, reason, step))
-        return Change(events=tuple(events), snapshot=self.membership.snapshot(), world=out)
+        return Change(events=tuple(events), persist=True, world=out)
 
     def fallback_event(self, reason: str, step: int) -> JobEvent:
         return self._event("fallback_restart", (), reason, step)
@@ -187,7 +187,7 @@ class AttemptWorlds:
         self.membership.world = WorldRecord(epoch=w.epoch + 1, members=w.members,
                                             joining=w.joining, reason=reason)
         self._new_world(now)
-        return Change(snapshot=self.membership.snapshot(), world=self.world)
+        return Change(persist=True, world=self.world)
 
     def maybe_join(self, epoch: int, now: float) -> Change:
         """Replacements waiting and world `epoch` complete: a world with them."""
@@ -202,7 +202,7 @@ class AttemptWorlds:
         self._new_world(now)
         self.pipeline(joined.size).prefetch(boundary)
         event = self._event("rank_joined", joined.joining, joined.reason, boundary)
-        return Change(events=(event,), snapshot=self.membership.snapshot(), world=joined)
+        return Change(events=(event,), persist=True, world=joined)
 
     def formed(self, slot: int, epoch: int, step: int) -> bool:
         """`slot` formed world `epoch` at `step` (its stream reconnected in it); True when
