@@ -59,6 +59,12 @@ PROBE_TIMEOUT_S = 1.0  # /readyz's PING (x2 with a reconnect: under a 3 s probe 
 LONG_POLL_MARGIN_S = 10.0  # socket timeout of long-poll clients = longest block + this
 LONG_POLL_CONNECTIONS = 256  # blocking log reads held at once (uvicorn caps connections)
 SUPERVISE_INTERVAL_S = 1.0
+# Connections of the synchronous client: one per thread using the store at once (gRPC
+# calls, the reconciler, REST handlers); a thread finding none free waits up to a
+# command's timeout for one (then UNAVAILABLE, which workers retry). redis-py's plain pool
+# refuses the 101st concurrent user at once ("Too many connections"): at 256 ranks a
+# world's forming alone has more streams than that touching the store.
+SYNC_CONNECTIONS = 128
 STATE_FILES = ("redis.db", "appendonly.aof", "redis.db.settings")
 
 Purpose = Literal["long_poll", "probe"]
@@ -253,7 +259,7 @@ def open_redis(*, state_dir: str | Path, url: str | None = None,
     url = url or os.environ.get("REDIS_URL") or None
     if url:
         try:
-            client = redis.Redis.from_url(url, **CLIENT_OPTIONS, retry=_retry())
+            client = _client(redis.BlockingConnectionPool.from_url(url, **_pool_options()))
         except ValueError as exc:
             raise SpecError(f"REDIS_URL={_redact(url)!r} is not a redis URL ({exc})") from None
         client.ping()
@@ -262,11 +268,22 @@ def open_redis(*, state_dir: str | Path, url: str | None = None,
     return _open_embedded(Path(state_dir), max_block_s=max_block_s)
 
 
+def _pool_options() -> dict:
+    return {**CLIENT_OPTIONS, "max_connections": SYNC_CONNECTIONS,
+            "timeout": COMMAND_TIMEOUT_S, "retry": _retry()}
+
+
+def _client(pool: redis.BlockingConnectionPool) -> redis.Redis:
+    return redis.Redis(connection_pool=pool, retry=_retry())
+
+
 def _open_embedded(state_dir: Path, *, max_block_s: float) -> RedisHandle:
     private_dir(state_dir)
     server = _start_server(state_dir)
     # The server's `dir` is the state directory, so the AOF sits beside redis.db.
-    client = redis.Redis(unix_socket_path=server.socket_file, **CLIENT_OPTIONS, retry=_retry())
+    client = _client(redis.BlockingConnectionPool(
+        connection_class=redis.UnixDomainSocketConnection, path=server.socket_file,
+        **_pool_options()))
     client.ping()
     log.info("embedded redis (pid %s) on %s, data in %s", server.pid, server.socket_file,
              state_dir)
